@@ -1,0 +1,81 @@
+"""Exit confidence measures, one signature: ``measure(out: HeadOut, state) -> (score_B, new_state)``.
+
+A row exits when ``score >= threshold``: every measure is oriented so that larger means "more sure".
+
+* ``max_softmax``: the largest class probability (BranchyNet, MSDNet, LGViT).
+* ``margin``: top-1 minus top-2 probability (CALM's "softmax response" variant).
+* ``neg_entropy``: minus the entropy of the softmax (DeeBERT exits when entropy < S, i.e. -entropy > -S).
+* ``cosine``: cosine similarity of this exit's pooled hidden state with the previous exit's (CALM's hidden-state
+  saturation; MuE). At the first exit the previous state is zero, so the score is 0.
+* ``learned``: ``sigmoid`` of a gate the head computes from its features (CALM's learned classifier, JEI-DNN).
+* ``patience(k)``: PABEE (Zhou et al., 2020), the number of consecutive exits, ending at this one, whose argmax equals
+  the previous exit's; threshold = patience.
+
+All measures advance the same ``MeasureState`` so stateful ones (cosine, patience) compose with any policy.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class MeasureState(NamedTuple):
+    prev_pred_B: jax.Array    # argmax at the previous exit (-1 before the first)
+    unchanged_B: jax.Array    # consecutive exits with an unchanged argmax (PABEE's counter)
+    prev_hidden_BxD: jax.Array
+
+
+Measure = Callable[..., tuple[jax.Array, MeasureState]]
+
+
+def init_state(probe, zero_B: jax.Array) -> MeasureState:
+    """Initial state for a batch; ``probe`` is a HeadOut (or its shapes), ``zero_B`` an int zero per row."""
+    return MeasureState(prev_pred_B=zero_B - 1, unchanged_B=zero_B,
+                        prev_hidden_BxD=jnp.zeros(probe.hidden_BxD.shape, jnp.float32) + zero_B[:, None])
+
+
+def _advance(out, state: MeasureState) -> MeasureState:
+    pred_B = jnp.argmax(out.logits_BxC, axis=-1).astype(state.prev_pred_B.dtype)
+    unchanged_B = jnp.where(pred_B == state.prev_pred_B, state.unchanged_B + 1, 0)
+    return MeasureState(pred_B, unchanged_B, out.hidden_BxD.astype(jnp.float32))
+
+
+def max_softmax(out, state):
+    return jax.nn.softmax(out.logits_BxC.astype(jnp.float32), axis=-1).max(-1), _advance(out, state)
+
+
+def margin(out, state):
+    top2 = jax.lax.top_k(jax.nn.softmax(out.logits_BxC.astype(jnp.float32), axis=-1), 2)[0]
+    return top2[..., 0] - top2[..., 1], _advance(out, state)
+
+
+def neg_entropy(out, state):
+    logp = jax.nn.log_softmax(out.logits_BxC.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.exp(logp) * logp, axis=-1), _advance(out, state)
+
+
+def cosine(out, state):
+    a, b = out.hidden_BxD.astype(jnp.float32), state.prev_hidden_BxD
+    denom = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
+    return jnp.sum(a * b, axis=-1) / jnp.maximum(denom, 1e-9), _advance(out, state)
+
+
+def learned(out, state):
+    return jax.nn.sigmoid(out.gate_B.astype(jnp.float32)), _advance(out, state)
+
+
+def patience(out, state):
+    new = _advance(out, state)
+    return new.unchanged_B.astype(jnp.float32), new
+
+
+MEASURES: dict[str, Measure] = {"max_softmax": max_softmax, "margin": margin, "neg_entropy": neg_entropy,
+                                "cosine": cosine, "learned": learned, "patience": patience}
+
+
+def get_measure(name: str) -> Measure:
+    if name not in MEASURES:
+        raise ValueError(f"unknown confidence measure {name!r}; choose from {sorted(MEASURES)}")
+    return MEASURES[name]

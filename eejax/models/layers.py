@@ -1,0 +1,63 @@
+"""Small shared layers: multi-head self-attention, MLP, and the pre-LN transformer block.
+
+Shapes: B batch, T tokens, D width, H heads, K head dim (D = H*K), F MLP width.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class SelfAttention(nnx.Module):
+    """Bidirectional multi-head self-attention (fused QKV projection)."""
+
+    def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        if d_model % num_heads:
+            raise ValueError(f"{d_model=} not divisible by {num_heads=}")
+        self.num_heads = num_heads
+        self.qkv = nnx.Linear(d_model, 3 * d_model, rngs=rngs, dtype=dtype)
+        self.out = nnx.Linear(d_model, d_model, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        b, t, d = x_BxTxD.shape
+        qkv = self.qkv(x_BxTxD).reshape(b, t, 3, self.num_heads, d // self.num_heads)
+        q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        logits_BxHxTxT = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxTxHxK) / jnp.sqrt(q_BxTxHxK.shape[-1])
+        probs = jax.nn.softmax(logits_BxHxTxT.astype(jnp.float32), axis=-1).astype(v_BxTxHxK.dtype)
+        o_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs, v_BxTxHxK)
+        return self.out(o_BxTxHxK.reshape(b, t, d))
+
+
+class Mlp(nnx.Module):
+    def __init__(self, d_model: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.fc1 = nnx.Linear(d_model, mlp_dim, rngs=rngs, dtype=dtype)
+        self.fc2 = nnx.Linear(mlp_dim, d_model, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x)))
+
+
+class Block(nnx.Module):
+    """Pre-LN transformer block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``."""
+
+    def __init__(self, d_model: int, num_heads: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.ln1 = nnx.LayerNorm(d_model, rngs=rngs, dtype=dtype)
+        self.attn = SelfAttention(d_model, num_heads, rngs=rngs, dtype=dtype)
+        self.ln2 = nnx.LayerNorm(d_model, rngs=rngs, dtype=dtype)
+        self.mlp = Mlp(d_model, mlp_dim, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        x_BxTxD = x_BxTxD + self.attn(self.ln1(x_BxTxD))
+        return x_BxTxD + self.mlp(self.ln2(x_BxTxD))
+
+
+def stacked(make_layer, num_layers: int, rngs: nnx.Rngs):
+    """``num_layers`` independently initialised copies of a layer, as one module with a leading layer axis."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return make_layer(rngs)
+
+    return make(rngs)

@@ -1,0 +1,135 @@
+"""Vision Transformer over stacked layers, with an exit head after any set of layers.
+
+``ViT.all_exits`` runs the training path (scan, every exit) and ``ViT.dynamic`` the inference path (while-loop,
+per-sample exit) over the same parameters. Shapes: B batch, T = 1 + gh*gw tokens (CLS first), D width, C classes,
+E exits, N layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import einops
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from eejax.exits import confidence as conf_lib
+from eejax.exits import costs
+from eejax.exits import engine
+from eejax.exits import heads as heads_lib
+from eejax.models.layers import Block, stacked
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    image_size: int = 28
+    channels: int = 1
+    patch_size: int = 7
+    d_model: int = 64
+    depth: int = 6
+    num_heads: int = 4
+    mlp_dim: int = 128
+    num_classes: int = 10
+    exits: str | Sequence[int] = "from:1"     # see engine.exit_layers_from
+    head_types: str | Sequence[str] = "lgvit"  # 'lgvit' | 'linear' | 'vitee' | one kind per exit
+    pool: str = "cls"                          # pooling of linear heads
+    local_hidden: int = 64                     # channels of LGViT's local perception head
+    global_pool: int = 2                       # LGViT global head: average-pool the patch grid by this factor
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"{self.image_size=} not divisible by {self.patch_size=}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"{self.d_model=} not divisible by {self.num_heads=}")
+        self.head_kinds  # validates the head spec  # noqa: B018
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = self.image_size // self.patch_size
+        return g, g
+
+    @property
+    def tokens(self) -> int:
+        return 1 + self.grid[0] * self.grid[1]
+
+    @property
+    def exit_layers(self) -> tuple[int, ...]:
+        return engine.exit_layers_from(self.exits, self.depth)
+
+    @property
+    def head_kinds(self) -> tuple[str, ...]:
+        n = len(self.exit_layers)
+        if isinstance(self.head_types, str):
+            if self.head_types == "lgvit":
+                return heads_lib.lgvit_head_types(n)
+            if self.head_types in ("linear", "vitee"):
+                return (self.head_types,) * (n - 1) + ("linear",)
+            raise ValueError(f"head_types={self.head_types!r}: use 'lgvit', 'linear', 'vitee' or a list per exit")
+        kinds = tuple(self.head_types)
+        if len(kinds) != n or any(k not in heads_lib.HEAD_TYPES for k in kinds):
+            raise ValueError(f"head_types={kinds} must name one of {heads_lib.HEAD_TYPES} for each of {n} exits")
+        return kinds
+
+
+class ViT(nnx.Module):
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        patch_dim = cfg.patch_size ** 2 * cfg.channels
+        self.patch = nnx.Linear(patch_dim, cfg.d_model, rngs=rngs)
+        self.cls_token = nnx.Param(jnp.zeros((1, 1, cfg.d_model)))
+        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, cfg.tokens, cfg.d_model)))
+        self.layers = stacked(lambda r: Block(cfg.d_model, cfg.num_heads, cfg.mlp_dim, rngs=r), cfg.depth, rngs)
+        self.heads = nnx.List([
+            heads_lib.make_head(kind, cfg.d_model, cfg.num_classes, grid=cfg.grid, num_heads=cfg.num_heads,
+                                mlp_dim=cfg.mlp_dim, local_hidden=cfg.local_hidden, global_pool=cfg.global_pool,
+                                pool=cfg.pool, rngs=rngs)
+            for kind in cfg.head_kinds])
+
+    def embed(self, x_BxHxWxC: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        if x_BxHxWxC.shape[1:] != (cfg.image_size, cfg.image_size, cfg.channels):
+            raise ValueError(f"images of shape {x_BxHxWxC.shape[1:]}, model expects "
+                             f"{(cfg.image_size, cfg.image_size, cfg.channels)}")
+        p = cfg.patch_size
+        patches = einops.rearrange(x_BxHxWxC, "b (gh p) (gw q) c -> b (gh gw) (p q c)", p=p, q=p)
+        h_BxTxD = self.patch(patches)
+        cls = jnp.broadcast_to(self.cls_token[...], (h_BxTxD.shape[0], 1, cfg.d_model))
+        return jnp.concatenate([cls, h_BxTxD], axis=1) + self.pos[...]
+
+    def all_exits(self, x_BxHxWxC, *, layer_mask_NxB=None, remat: bool = False) -> engine.ExitOutputs:
+        return engine.scan_exits(self.layers, list(self.heads), self.embed(x_BxHxWxC), self.cfg.exit_layers,
+                                 layer_mask_NxB=layer_mask_NxB, remat=remat)
+
+    def dynamic(self, x_BxHxWxC, threshold, measure: str | conf_lib.Measure = "max_softmax"
+                ) -> engine.DynamicOutputs:
+        measure = conf_lib.get_measure(measure) if isinstance(measure, str) else measure
+        return engine.while_exits(self.layers, list(self.heads), self.embed(x_BxHxWxC), self.cfg.exit_layers,
+                                  threshold, measure=measure)
+
+    def static(self, x_BxHxWxC, exit_index: int) -> jax.Array:
+        """A truncated model: layers up to exit ``exit_index`` and only that exit's head (static-depth baseline)."""
+        n = self.cfg.exit_layers[exit_index] + 1
+        trunc = jax.tree.map(lambda p: p[:n], self.layers)
+        h_last, _ = engine.run_layers(trunc, self.embed(x_BxHxWxC))
+        return self.heads[exit_index](h_last).logits_BxC
+
+
+def flops(cfg: ViTConfig) -> costs.ExitCosts:
+    """Analytic FLOPs per exit of a ViT config, heads included (see eejax.exits.costs)."""
+    t, d = cfg.tokens, cfg.d_model
+    layer = costs.transformer_layer_flops(t, d, cfg.mlp_dim, cfg.num_heads)
+    gh, gw = cfg.grid
+    head_flops = []
+    for kind in cfg.head_kinds:
+        if kind == "linear":
+            head_flops.append(costs.linear_head_flops(d, cfg.num_classes))
+        elif kind == "local":
+            head_flops.append(costs.local_perception_head_flops(gh, gw, d, cfg.local_hidden, cfg.num_classes))
+        elif kind == "global":
+            head_flops.append(costs.global_aggregation_head_flops(gh, gw, d, cfg.global_pool, cfg.num_heads,
+                                                                  cfg.num_classes))
+        else:
+            head_flops.append(costs.vit_ee_head_flops(t, d, cfg.mlp_dim, cfg.num_heads, cfg.num_classes))
+    return costs.exit_costs(costs.patch_embed_flops(t - 1, cfg.patch_size ** 2 * cfg.channels, d),
+                            [layer] * cfg.depth, cfg.exit_layers, head_flops)

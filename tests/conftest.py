@@ -1,0 +1,26 @@
+"""Test set-up: 8 fake CPU devices, a persistent compilation cache, numpy rank promotion raises."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/eejax-jax-tests"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import pathlib  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+SHARED_DATA = pathlib.Path(
+    os.environ.get("EEJAX_DATA_DIR", pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+@pytest.fixture
+def shared_data():
+    """The shared offline data directory; tests that need it skip with a reason when absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data directory {SHARED_DATA} not found (set EEJAX_DATA_DIR)")
+    return SHARED_DATA
