@@ -1,0 +1,97 @@
+"""Multi-exit training losses. Shapes: E exits, B batch, C classes, D feature width.
+
+* ``multi_exit_ce``: weighted cross-entropy over all exits with ``exit_weights`` uniform / linear-in-depth /
+  geometric (the "weighted" strategy of SDN and DeeBERT-style training).
+* ``lgvit_stage1_weights``: LGViT's "alternating_weighted" stage 1 (Xu et al. 2023, official code): even steps train
+  the final classifier only; odd steps train every exit with weights proportional to its depth.
+* ``kd_loss``: Hinton distillation, ``T^2 * KL(softmax(teacher/T) || softmax(student/T))``, teacher stop-gradient.
+* ``lgvit_stage2_loss``: LGViT stage 2 on a frozen backbone: ``(1-alpha) * mean CE + alpha * mean KD`` from the final
+  exit, plus heterogeneous feature distillation (each head's feature towards the final layer's) and homogeneous
+  distillation (each head towards the deepest head of its own family), both weighted 0.01 in the paper.
+* ``gate_loss``: trains the learned exit gate to predict "this exit's argmax is correct" (binary cross-entropy).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array) -> jax.Array:
+    """Mean CE with integer labels (log_softmax + take_along_axis: shards cleanly, see JAX-NOTES §5)."""
+    logp = jax.nn.log_softmax(logits_BxC.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, labels_B[:, None].astype(jnp.int32), axis=-1))
+
+
+def exit_weights(exit_layers: Sequence[int], kind: str = "uniform", gamma: float = 2.0) -> np.ndarray:
+    """Per-exit loss weights summing to 1: ``uniform``, ``linear`` (proportional to depth) or ``geometric``."""
+    depth = np.asarray(exit_layers, np.float64) + 1
+    if kind == "uniform":
+        w = np.ones_like(depth)
+    elif kind == "linear":
+        w = depth
+    elif kind == "geometric":
+        w = gamma ** np.arange(len(depth), dtype=np.float64)
+    else:
+        raise ValueError(f"unknown exit weighting {kind!r}; choose from uniform, linear, geometric")
+    return w / w.sum()
+
+
+def per_exit_ce(logits_ExBxC: jax.Array, labels_B: jax.Array) -> jax.Array:
+    return jax.vmap(cross_entropy, in_axes=(0, None))(logits_ExBxC, labels_B)
+
+
+def multi_exit_ce(logits_ExBxC, labels_B, weights_E) -> tuple[jax.Array, jax.Array]:
+    """Weighted CE over exits; returns (loss, ce per exit)."""
+    ce_E = per_exit_ce(logits_ExBxC, labels_B)
+    return jnp.sum(jnp.asarray(weights_E, jnp.float32) * ce_E), ce_E
+
+
+def lgvit_stage1_weights(step: jax.Array, exit_layers: Sequence[int]) -> jax.Array:
+    """Even steps: final exit only. Odd steps: all exits, weight proportional to depth (layer index + 1)."""
+    final_only = jnp.zeros(len(exit_layers)).at[-1].set(1.0)
+    weighted = jnp.asarray(exit_weights(exit_layers, "linear"), jnp.float32)
+    return jnp.where(step % 2 == 0, final_only, weighted)
+
+
+def kd_loss(student_logits_BxC, teacher_logits_BxC, temperature: float) -> jax.Array:
+    t = temperature
+    teacher = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits_BxC).astype(jnp.float32) / t, axis=-1)
+    student = jax.nn.log_softmax(student_logits_BxC.astype(jnp.float32) / t, axis=-1)
+    return t * t * jnp.mean(jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1))
+
+
+def feature_mse(feat_BxD, target_BxD) -> jax.Array:
+    return jnp.mean((feat_BxD.astype(jnp.float32) - jax.lax.stop_gradient(target_BxD).astype(jnp.float32)) ** 2)
+
+
+class Stage2Terms(NamedTuple):
+    ce: jax.Array
+    kd: jax.Array
+    hetero: jax.Array
+    homo: jax.Array
+    total: jax.Array
+
+
+def lgvit_stage2_loss(logits_ExBxC, feat_ExBxD, final_feat_BxD, labels_B, head_kinds: Sequence[str], *,
+                      temperature: float = 2.0, alpha: float = 0.3, hetero_weight: float = 0.01,
+                      homo_weight: float = 0.01) -> Stage2Terms:
+    """LGViT stage 2 (backbone frozen): exits learn from labels, the final exit's logits, and features."""
+    num_early = logits_ExBxC.shape[0] - 1
+    ce = jnp.mean(per_exit_ce(logits_ExBxC, labels_B))
+    kd = jnp.mean(jnp.stack([kd_loss(logits_ExBxC[e], logits_ExBxC[-1], temperature) for e in range(num_early)]))
+    hetero = jnp.mean(jnp.stack([feature_mse(feat_ExBxD[e], final_feat_BxD) for e in range(num_early)]))
+    homo_terms = []
+    for kind in set(head_kinds[:num_early]):
+        members = [e for e in range(num_early) if head_kinds[e] == kind]
+        homo_terms += [feature_mse(feat_ExBxD[e], feat_ExBxD[members[-1]]) for e in members[:-1]]
+    homo = jnp.mean(jnp.stack(homo_terms)) if homo_terms else jnp.float32(0)
+    total = (1 - alpha) * ce + alpha * kd + hetero_weight * hetero + homo_weight * homo
+    return Stage2Terms(ce, kd, hetero, homo, total)
+
+
+def gate_loss(gate_ExB, logits_ExBxC, labels_B) -> jax.Array:
+    correct_ExB = (jnp.argmax(logits_ExBxC, -1) == labels_B[None]).astype(jnp.float32)
+    return jnp.mean(jnp.maximum(gate_ExB, 0) - gate_ExB * correct_ExB + jnp.log1p(jnp.exp(-jnp.abs(gate_ExB))))
