@@ -1,0 +1,94 @@
+"""Optimizers and learning-rate schedules from a config, with optional frozen parameters.
+
+        tx = make_optimizer(default_optim_config())                        # AdamW, constant lr
+        tx = make_optimizer(cfg, trainable=lambda path: "head" in path)    # stage 2: heads only
+
+The learning rate is injected with `optax.inject_hyperparams`, so the value used at each step lives in the
+optimizer state; `learning_rate(opt_state)` reads it back (the trainer logs it as `lr`).
+"""
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import optax
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
+
+
+def default_optim_config() -> ml_collections.ConfigDict:
+    """Every field `make_optimizer` reads, with defaults for a small AdamW run."""
+    return ml_collections.ConfigDict(dict(
+        name="adamw",
+        lr=1e-3,
+        weight_decay=1e-4,  # adamw: decoupled; adam/sgd: coupled L2 (added to the gradient), as in torch.
+        b1=0.9,
+        b2=0.999,
+        momentum=0.9,  # sgd only; 0 = plain SGD.
+        schedule="constant",
+        warmup_steps=0,
+        total_steps=0,  # needed by the cosine schedules.
+        grad_clip=0.0,  # global-norm clipping; 0 = off.
+    ))
+
+
+def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+    """Learning rate as a function of the update count."""
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"{cfg.schedule=} is not one of {SCHEDULES}")
+    if cfg.schedule == "constant":
+        return optax.constant_schedule(cfg.lr)
+    if cfg.total_steps <= cfg.warmup_steps:
+        raise ValueError(f"{cfg.schedule=} needs total_steps > warmup_steps: {cfg.total_steps=} {cfg.warmup_steps=}")
+    if cfg.schedule == "cosine":
+        return optax.cosine_decay_schedule(cfg.lr, cfg.total_steps)
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, cfg.total_steps)
+
+
+def _base_optimizer(cfg: ml_collections.ConfigDict) -> Callable[[Any], optax.GradientTransformation]:
+    """learning_rate -> transformation, so `inject_hyperparams` can feed it the scheduled value."""
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"{cfg.name=} is not one of {OPTIMIZERS}")
+    if cfg.name == "adamw":
+        return lambda learning_rate: optax.adamw(learning_rate, cfg.b1, cfg.b2, weight_decay=cfg.weight_decay)
+    base = {"adam": lambda lr: optax.adam(lr, cfg.b1, cfg.b2),
+            "sgd": lambda lr: optax.sgd(lr, momentum=cfg.momentum or None)}[cfg.name]
+    return lambda learning_rate: optax.chain(optax.add_decayed_weights(cfg.weight_decay), base(learning_rate))
+
+
+def trainable_labels(params: Any, trainable: Any) -> Any:
+    """Tree of "trainable"/"frozen" labels, from a bool tree shaped like params or a callable `path_str -> bool`.
+
+    The path string joins the keys with "/", e.g. "heads/0/kernel" for dicts; leaves of an `nnx.State` end in
+    "/value" (e.g. "heads/0/kernel/value"), so prefer tests like `path.startswith("heads")`.
+    """
+    to_label = lambda t: "trainable" if t else "frozen"
+    if callable(trainable):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: to_label(trainable(jax.tree_util.keystr(path, simple=True, separator="/"))), params)
+    if jax.tree.structure(trainable) != jax.tree.structure(params):
+        raise ValueError(f"trainable mask {jax.tree.structure(trainable)} != params {jax.tree.structure(params)}")
+    return jax.tree.map(to_label, trainable)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, trainable: Any = None) -> optax.GradientTransformation:
+    """Optax transformation from `cfg` (see `default_optim_config`).
+
+    `trainable`: None (all trained), a bool tree with the params' structure, or a callable `path_str -> bool`.
+    Frozen leaves get zero updates and no optimizer state (`optax.set_to_zero` inside `optax.multi_transform`).
+    """
+    tx = optax.inject_hyperparams(_base_optimizer(cfg))(learning_rate=make_schedule(cfg))
+    if cfg.grad_clip:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+    if trainable is None:
+        return tx
+    return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()},
+                                 lambda params: trainable_labels(params, trainable))
+
+
+def learning_rate(opt_state: Any) -> jax.Array | None:
+    """The learning rate of the last update, if exactly one `inject_hyperparams` state holds one, else None."""
+    has_hp = lambda x: isinstance(getattr(x, "hyperparams", None), dict)
+    found = [x.hyperparams["learning_rate"] for x in jax.tree.leaves(opt_state, is_leaf=has_hp)
+             if has_hp(x) and "learning_rate" in x.hyperparams]
+    return found[0] if len(found) == 1 else None

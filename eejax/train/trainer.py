@@ -1,0 +1,245 @@
+"""The one trainer: train state, a data-parallel step jitted once, the resumable loop, evaluation.
+
+    tx = make_optimizer(cfg.optim)
+    trainer = Trainer(loss_fn, params, tx, workdir=workdir, ckpt_every=500)
+    state = trainer.fit(batches, num_steps)          # resumes from workdir/ckpt if a checkpoint is there
+    sums = trainer.evaluate(eval_fn, eval_batches)
+
+`loss_fn(params, batch, rng[, step]) -> (loss, {name: scalar})`; `params` is any pytree (a dict, an `nnx.State` from
+`nnx.split`). `batches` yields dicts of numpy arrays with a leading batch axis B (this process's slice) and has
+`state_dict()` / `load_state_dict()`, saved with every checkpoint so a rerun continues on the same data.
+
+Step k is the k-th update: it draws the k-th batch, uses `fold_in(rng, k - 1)` and produces `state.step == k`;
+the checkpoint of step k holds that state. A run killed anywhere and rerun with the same command ends with the
+same parameters, bit for bit, as an uninterrupted run (tests/test_trainer.py checks this).
+
+Env vars: EEJAX_NO_PROGRESS=1 hides the progress bar; EEJAX_CRASH_AT_STEP=k (tests only) hard-exits the process
+with code 17 right after step k, as a kill would, to test resumption.
+"""
+import inspect
+import os
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from eejax.train.checkpoint import Checkpointer, abstract_like
+from eejax.train.metrics import MetricsWriter, Throughput
+from eejax.train.optim import learning_rate
+
+LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
+EvalFn = Callable[[Any, Mapping[str, jax.Array]], Mapping[str, jax.Array]]
+MASK_KEY = "_mask"  # float32[B] added to every eval batch: 1 for real examples, 0 for padding.
+CRASH_EXIT_CODE = 17
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32[]: updates applied so far.
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32[2] raw key (orbax saves it as a plain array); step k uses fold_in(rng, k - 1).
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A step produced a NaN/inf loss or gradient norm; that state was not checkpointed."""
+
+
+# ---------------------------------------------------------------------------------------------------- step
+
+
+def _train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, state: TrainState,
+                batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update; ordinary single-device code, XLA inserts the gradient all-reduce over the batch sharding."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    # Losses whose schedule depends on the step (LGViT's alternating stage 1, exit-weight warm-ups) declare a
+    # `step` parameter and get the number of updates applied so far.
+    extra = {"step": state.step} if "step" in inspect.signature(loss_fn).parameters else {}
+    (loss, aux), grads = jax.value_and_grad(lambda p: loss_fn(p, batch, rng, **extra), has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # grad_norm is checked with the loss: a finite loss with NaN gradients would poison the next checkpoint.
+    metrics = {**aux, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+    lr = learning_rate(opt_state)
+    if lr is not None:
+        metrics["lr"] = lr
+    return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+
+
+class _Pending(NamedTuple):
+    """A dispatched step whose metrics are not yet on the host."""
+    step: int
+    metrics: dict[str, jax.Array]
+    batch_size: int
+
+
+class Trainer:
+    """Data-parallel trainer over a 1-D ("data",) mesh: state replicated, batches sharded on their leading axis.
+
+    Files in `workdir`: `ckpt/<step>/` (orbax; `extra_metadata` in `ckpt/metadata`), `metrics.jsonl`, `tb/`.
+    """
+
+    def __init__(self, loss_fn: LossFn, params: Any, optimizer: optax.GradientTransformation, *,
+                 workdir: str | os.PathLike, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
+                 log_every: int = 50, ckpt_every: int = 500, max_to_keep: int = 2,
+                 extra_metadata: Mapping[str, Any] | None = None):
+        if log_every < 1 or ckpt_every < 1:
+            raise ValueError(f"{log_every=} and {ckpt_every=} must be >= 1")
+        if mesh is None:  # Auto axes: the jax>=0.11 default (Explicit) breaks the grad of integer-label CE.
+            mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+        self.mesh = mesh
+        if "data" not in self.mesh.axis_names:
+            raise ValueError(f"mesh needs a 'data' axis, got {self.mesh.axis_names=}")
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        self.workdir = os.path.abspath(workdir)
+        self.log_every, self.ckpt_every = log_every, ckpt_every
+        self.checkpointer = Checkpointer(os.path.join(self.workdir, "ckpt"), max_to_keep=max_to_keep,
+                                         metadata=extra_metadata)
+        self.state: TrainState | None = None  # the latest state returned by fit().
+        self._params0 = params
+        self._init = jax.jit(
+            lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p), jax.random.PRNGKey(seed)),
+            out_shardings=self.replicated)
+        self._step = jax.jit(lambda s, b: _train_step(loss_fn, optimizer, s, b),
+                             in_shardings=(self.replicated, self.batch_sharding),
+                             out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+        self._eval_fns: dict[EvalFn, Callable] = {}
+        self._is_chief = jax.process_index() == 0
+
+    # ------------------------------------------------------------------------------------------------ state
+
+    def init_state(self) -> TrainState:
+        """A fresh state from the constructor's params (not read from the checkpoint directory)."""
+        return self._init(self._params0)
+
+    def restore(self, step: int | None = None) -> TrainState:
+        """The checkpointed state of `step` (default: the latest), replicated on the mesh."""
+        return self.checkpointer.restore(self._abstract_state(), step).state
+
+    def _abstract_state(self) -> TrainState:
+        return abstract_like(jax.eval_shape(self._init, self._params0), self.replicated)
+
+    def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """Global arrays sharded on the leading axis; each process passes its local slice (multi-host ready)."""
+        n = self.mesh.shape["data"]
+
+        def put(path, x):
+            x = np.asarray(x)
+            if x.ndim == 0 or (x.shape[0] * jax.process_count()) % n:
+                raise ValueError(f"batch leaf {jax.tree_util.keystr(path)} of shape {x.shape}: the global leading "
+                                 f"dim must be divisible by the {n} devices of mesh axis 'data'")
+            return jax.make_array_from_process_local_data(self.batch_sharding, x)
+
+        return jax.tree_util.tree_map_with_path(put, dict(batch))
+
+    # ------------------------------------------------------------------------------------------------ loop
+
+    def fit(self, batches: Iterator[Mapping[str, np.ndarray]], num_steps: int, *, desc: str = "train") -> TrainState:
+        """Trains until `state.step == num_steps`, resuming from the latest checkpoint in `workdir/ckpt`."""
+        if not (hasattr(batches, "state_dict") and hasattr(batches, "load_state_dict")):
+            raise TypeError(f"{type(batches).__name__} needs state_dict()/load_state_dict() so runs can resume")
+        resumed_from = self.checkpointer.latest_step()
+        if resumed_from is None:
+            state = self.init_state()
+        else:
+            restored = self.checkpointer.restore(self._abstract_state())
+            state = restored.state
+            batches.load_state_dict(restored.data_state)
+            if self._is_chief:
+                print(f"resumed from step {resumed_from}", flush=True)
+        start = int(state.step)
+        if start >= num_steps:
+            self.state = state
+            return state
+
+        crash_at = int(os.environ.get("EEJAX_CRASH_AT_STEP", "-1"))
+        writer = MetricsWriter(self.workdir, enabled=self._is_chief)
+        bar = tqdm(total=num_steps, initial=start, desc=desc, dynamic_ncols=True,
+                   disable=not self._is_chief or os.environ.get("EEJAX_NO_PROGRESS") == "1")
+        throughput = Throughput()
+        pending: _Pending | None = None
+        try:
+            for step in range(start + 1, num_steps + 1):
+                batch = self.shard_batch(next(batches))
+                state, metrics = self._step(state, batch)
+                # Fetch the previous step's metrics now: the device already has this step queued, so never idles.
+                if pending is not None:
+                    self._finish(pending, writer, bar, throughput, num_steps)
+                pending = _Pending(step, metrics, batch_size=jax.tree.leaves(batch)[0].shape[0])
+                if step % self.ckpt_every == 0 or step == num_steps:
+                    # Only states whose losses were all finite are saved, so check this step before saving.
+                    self._finish(pending, writer, bar, throughput, num_steps)
+                    pending = None
+                    self.checkpointer.save(step, state, batches.state_dict())
+                bar.update(1)
+                if step == crash_at:  # Test-only: a hard kill after step k; the regular save above completes.
+                    self.checkpointer.wait()
+                    os._exit(CRASH_EXIT_CODE)
+        finally:
+            bar.close()
+            writer.close()
+        self.checkpointer.wait()
+        self.state = state
+        return state
+
+    def _finish(self, pending: _Pending, writer: MetricsWriter, bar, throughput: Throughput, num_steps: int):
+        """Host side of a step: the finiteness check, then metrics at log steps."""
+        metrics = jax.device_get(pending.metrics)
+        if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+            self.checkpointer.wait()
+            last = self.checkpointer.latest_step()
+            where = "no checkpoint yet" if last is None else f"last good checkpoint at step {last}"
+            raise NonFiniteLossError(f"step {pending.step}: loss={float(metrics['loss'])} grad_norm="
+                                     f"{float(metrics['grad_norm'])}; {where} in {self.checkpointer.directory}")
+        is_log_step = pending.step % self.log_every == 0 or pending.step == num_steps
+        # The clock starts at the first step of this run, so compilation is not counted in steps/s.
+        rates = throughput.rates(pending.step, pending.batch_size) if is_log_step or not throughput.started else {}
+        if is_log_step:
+            writer.write(pending.step, {**metrics, **rates})
+            bar.set_postfix({"loss": f"{float(metrics['loss']):.4g}",
+                             "steps/s": f"{rates.get('steps_per_sec', 0.0):.3g}"})
+
+    # ------------------------------------------------------------------------------------------------ eval
+
+    def evaluate(self, eval_fn: EvalFn, batches: Iterator[Mapping[str, np.ndarray]], *,
+                 params: Any = None) -> dict[str, float]:
+        """Sums `eval_fn(params, batch) -> {name: scalar sum}` over one pass of a finite iterator.
+
+        Batches whose size does not divide the devices (typically the last) are zero-padded; every batch gets
+        `batch[MASK_KEY]` (float32[B]: 1 real, 0 padding), and eval_fn must weight its sums by it. Padding keeps
+        the batch sharded, so this is also right on multi-host. `params` defaults to the state from `fit()`.
+        """
+        if params is None:
+            if self.state is None:
+                raise ValueError("evaluate() needs params=... or a previous fit()")
+            params = self.state.params
+        if eval_fn not in self._eval_fns:
+            self._eval_fns[eval_fn] = jax.jit(eval_fn, in_shardings=(self.replicated, self.batch_sharding),
+                                              out_shardings=self.replicated)
+        jitted, totals = self._eval_fns[eval_fn], None
+        local_devices = self.mesh.shape["data"] // jax.process_count()
+        for batch in batches:
+            if MASK_KEY in batch:
+                raise ValueError(f"eval batch already has the reserved key {MASK_KEY!r}")
+            b = len(next(iter(batch.values())))
+            pad = -b % local_devices
+            batch = {k: np.pad(np.asarray(x), [(0, pad)] + [(0, 0)] * (np.ndim(x) - 1)) for k, x in batch.items()}
+            batch[MASK_KEY] = (np.arange(b + pad) < b).astype(np.float32)
+            sums = jitted(params, self.shard_batch(batch))
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        if totals is None:
+            raise ValueError("evaluate() got an empty iterator")
+        return {k: float(v) for k, v in jax.device_get(totals).items()}
+
+    def close(self) -> None:
+        self.checkpointer.close()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,155 @@
+"""Tests of eejax.train: sharded step, exact resume after a kill, NaN stop, frozen leaves, metrics, eval."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import AxisType
+
+import train_script_for_tests as script
+from eejax.train import (MASK_KEY, NonFiniteLossError, default_optim_config, make_optimizer, make_schedule,
+                         read_metrics)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _params_np(state):
+    return jax.tree.map(np.asarray, state.params)
+
+
+def test_sharded_step_equals_single_device(tmp_path):
+    assert jax.device_count() == 8
+    one = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1], axis_types=(AxisType.Auto,))
+    params = nnx.split(nnx.Linear(script.D, script.C, rngs=nnx.Rngs(0)))[1]
+    out = {}
+    for name, mesh in [("eight", None), ("one", one)]:
+        with script.make_trainer(tmp_path / name, params=params, mesh=mesh) as trainer:
+            out[name] = _params_np(trainer.fit(script.Batches(), 3))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), out["eight"], out["one"])
+    # The caller's params survive the donated steps and the run moved away from them.
+    assert not np.allclose(out["eight"]["kernel"][...], np.asarray(params["kernel"][...]))
+
+
+def test_batch_not_divisible_by_devices(tmp_path):
+    with script.make_trainer(tmp_path) as trainer:
+        with pytest.raises(ValueError, match="divisible by the 8 devices"):
+            trainer.shard_batch(next(script.Batches(batch_size=6)))
+
+
+def test_resume_after_kill_is_bit_exact(tmp_path):
+    env = {**os.environ, "EEJAX_NO_PROGRESS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    cmd = [sys.executable, str(REPO / "tests" / "train_script_for_tests.py"), str(tmp_path / "killed"), "20", "5"]
+    crashed = subprocess.run(cmd, env={**env, "EEJAX_CRASH_AT_STEP": "7"}, capture_output=True, text=True)
+    assert crashed.returncode == 17, crashed.stderr[-2000:]
+    assert sorted(int(p.name) for p in (tmp_path / "killed" / "ckpt").iterdir() if p.name.isdigit()) == [5]
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resumed from step 5" in rerun.stdout
+    resumed = dict(np.load(tmp_path / "killed" / "final_params.npz"))
+    uninterrupted = script.main(str(tmp_path / "straight"), 20)
+    for k in uninterrupted:
+        np.testing.assert_array_equal(resumed[k], uninterrupted[k])
+    # The rerun appended to the log of the killed run (step 5) and logged steps 10, 15, 20.
+    assert [r["step"] for r in read_metrics(tmp_path / "killed")] == [5, 10, 15, 20]
+
+
+def test_nan_loss_stops_without_checkpointing_bad_state(tmp_path):
+    with script.make_trainer(tmp_path, extra_metadata={"config": "smoke"}) as trainer:
+        with pytest.raises(NonFiniteLossError, match=r"step 10: loss=nan .*last good checkpoint at step 5"):
+            trainer.fit(script.Batches(nan_at_step=10), 20)
+        assert trainer.checkpointer.all_steps() == [5]  # Step 10 is a checkpoint step, but its loss was NaN.
+        restored = trainer.restore()
+        assert int(restored.step) == 5
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params_np(restored)))
+        assert trainer.checkpointer.metadata() == {"config": "smoke"}
+
+
+def test_frozen_leaves_unchanged(tmp_path):
+    params = script.init_params()
+    with script.make_trainer(tmp_path / "mask", trainable={"w": False, "b": True}) as trainer:
+        state = trainer.fit(script.Batches(), 3)
+    np.testing.assert_array_equal(state.params["w"], params["w"])
+    assert not np.allclose(state.params["b"], params["b"])
+    # Frozen leaves carry no optimizer state: no moment has the shape of w.
+    assert all(np.shape(x) != params["w"].shape for x in jax.tree.leaves(state.opt_state))
+
+    linear = nnx.split(nnx.Linear(script.D, script.C, rngs=nnx.Rngs(0)))[1]
+    with script.make_trainer(tmp_path / "path", params=linear, trainable=lambda path: "bias" in path) as trainer:
+        state = trainer.fit(script.Batches(), 3)
+    np.testing.assert_array_equal(state.params["kernel"][...], linear["kernel"][...])
+    assert not np.allclose(state.params["bias"][...], linear["bias"][...])
+
+
+def test_metrics_files_and_finished_run_is_not_retrained(tmp_path, capsys):
+    with script.make_trainer(tmp_path) as trainer:
+        state = trainer.fit(script.Batches(), 10)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [5, 10]
+    assert set(records[-1]) == {"step", "loss", "accuracy", "grad_norm", "lr", "steps_per_sec", "examples_per_sec"}
+    np.testing.assert_allclose(records[-1]["lr"], make_schedule(script.optim_config())(9), rtol=1e-6)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    log_before = (tmp_path / "metrics.jsonl").read_text()
+
+    batches = script.Batches()
+    with script.make_trainer(tmp_path) as trainer:
+        again = trainer.fit(batches, 10)
+        assert trainer.checkpointer.all_steps() == [5, 10]
+    assert "resumed from step 10" in capsys.readouterr().out
+    assert int(again.step) == 10 and batches.pos == 10  # data position restored, nothing consumed.
+    jax.tree.map(np.testing.assert_array_equal, _params_np(again), _params_np(state))
+    assert (tmp_path / "metrics.jsonl").read_text() == log_before
+
+
+def test_evaluate_pads_last_batch(tmp_path):
+    with script.make_trainer(tmp_path) as trainer:
+        trainer.fit(script.Batches(), 2)
+        batches = [next(script.Batches(seed=1, batch_size=b)) for b in (16, 16, 5)]
+        sums = trainer.evaluate(script.eval_fn, iter(batches))
+        params = _params_np(trainer.state)
+    x, y = (np.concatenate([b[k] for b in batches]) for k in ("x", "y"))
+    correct = np.sum(np.argmax(x @ params["w"] + params["b"][None], -1) == y)
+    assert sums == {"count": 37.0, "correct": float(correct)}
+    with pytest.raises(ValueError, match=MASK_KEY):
+        trainer.evaluate(script.eval_fn, iter([{**batches[0], MASK_KEY: np.ones(16)}]))
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "warmup_cosine"])
+def test_optimizers_and_schedules(name, schedule):
+    cfg = default_optim_config()
+    cfg.update(name=name, schedule=schedule, warmup_steps=2, total_steps=10, grad_clip=1.0)
+    tx = make_optimizer(cfg)
+    params = {"w": jnp.ones((3,))}
+    updates, _ = jax.jit(tx.update)({"w": jnp.ones((3,))}, tx.init(params), params)
+    assert np.all(np.asarray(updates["w"]) < 0) or schedule == "warmup_cosine"  # warmup starts at lr=0.
+    lrs = [float(make_schedule(cfg)(s)) for s in (0, 2, 10)]
+    expected = {"constant": [1e-3] * 3, "cosine": [1e-3, None, 0.0], "warmup_cosine": [0.0, 1e-3, 0.0]}[schedule]
+    for got, want in zip(lrs, expected):
+        assert want is None or got == pytest.approx(want, abs=1e-9)
+
+
+def test_optimizer_config_errors():
+    for field, value, match in [("name", "lamb", "adamw"), ("schedule", "linear", "warmup_cosine")]:
+        cfg = default_optim_config()
+        cfg[field] = value
+        with pytest.raises(ValueError, match=match):
+            make_optimizer(cfg)
+    cfg = default_optim_config()
+    cfg.schedule = "cosine"
+    with pytest.raises(ValueError, match="total_steps"):
+        make_optimizer(cfg)
+    with pytest.raises(ValueError, match="trainable mask"):
+        make_optimizer(default_optim_config(), trainable={"w": True}).init({"w": jnp.ones(2), "b": jnp.ones(2)})
+
+
+def test_optax_transformation_without_injected_lr(tmp_path):
+    """Any optax optimizer works; `lr` is simply not logged when the state does not hold one."""
+    with script.Trainer(script.loss_fn, script.init_params(), optax.sgd(0.1), workdir=tmp_path, log_every=2) as t:
+        t.fit(script.Batches(), 2)
+    assert "lr" not in read_metrics(tmp_path)[-1]
