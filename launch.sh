@@ -15,8 +15,8 @@ PAPER is a file stem in configs/ (files starting with "_" are shared pieces, not
 config's get_config(arg), e.g. "smoke" for a tiny run. Everything after PAPER[:ARG] goes to the experiment as is:
   --config.a.b=v   override a config field (unknown keys are an error)
   --workdir DIR    checkpoints and metrics      --data_dir DIR   offline data
-  --outdir DIR     tables and plots             --overwrite      start over instead of resuming
-Example: ./launch.sh lgvit:smoke --config.train.steps=20 --workdir runs/lgvit-smoke
+  --outdir DIR     tables and plots             --overwrite      replace existing result files
+Example: ./launch.sh lgvit:smoke --config.stage1.steps=20 --workdir runs/lgvit-smoke
 
 Options (before PAPER or "test"):
   -h, --help       show this help and exit
