@@ -1,0 +1,167 @@
+"""Pallas kernel: one gated residual MLP step over row tiles, reading one layer of stacked weights in place.
+
+``gated_mlp(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer)`` computes, for the rows whose ``active`` is
+set, ``h + gelu(h @ w1[layer] + b1[layer]) @ w2[layer] + b2[layer]``, and returns the other rows unchanged (the
+MLP half of a transformer layer inside an early-exit loop). Reference: ``reference.gated_mlp_ref``.
+
+How it saves work and memory:
+
+* **Skipped tiles.** The grid runs over row tiles of ``block_rows``; a tile with no active row only copies ``h``
+  (``pl.when`` on the tile's active flags). Callers that sort active rows to the front (``exits.paths``) make
+  whole tiles inactive.
+* **Weights read in place.** The stacked ``L x ...`` arrays are passed whole (their BlockSpec is the full array,
+  i.e. a base pointer on GPU) and the kernel indexes ``w1_ref[layer, :, k-tile]`` with ``layer`` read from a one-
+  element int32 input: no ``w1[layer]`` slice is materialised in HBM and the layer index stays dynamic (it can be
+  a ``while_loop`` counter).
+* **F tiled.** An inner loop over ``block_k``-wide slices of the hidden width accumulates ``gelu(h @ w1_k + b1_k) @
+  w2_k`` in float32, so only ``D x block_k`` and ``block_k x D`` weight tiles are live at once (a whole ``D x F``
+  block overflows GPU shared memory at D=256, F=1024; JAX-NOTES §4).
+
+Backends: ``interpret=None`` picks interpret mode on CPU (``EEJAX_PALLAS_INTERPRET=1`` forces it, ``=0`` forbids
+it). On GPU (Triton) ``D``, ``block_rows`` and ``block_k`` must be powers of two and >= 16. On TPU the full-array
+weight BlockSpecs would copy all L layers into VMEM; a TPU variant should scalar-prefetch ``layer`` into the
+weights' ``index_map`` instead (not written; untested here).
+
+``jax.grad`` works through ``jax.custom_vjp`` with the reference's VJP (``pallas_call`` has no autodiff).
+
+Shapes: N rows, D width, F hidden width, L stacked layers, R = ``block_rows``, K = ``block_k``, T row tiles.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from eejax.kernels.gated_step.reference import gated_mlp_ref
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    """``None`` means auto: interpret on CPU; the env var ``EEJAX_PALLAS_INTERPRET`` (``1``/``0``) overrides auto."""
+    if interpret is not None:
+        return bool(interpret)
+    env = os.environ.get("EEJAX_PALLAS_INTERPRET", "")
+    if env in ("0", "1"):
+        return env == "1"
+    return jax.default_backend() == "cpu"
+
+
+def default_block_k(f: int, cap: int = 128) -> int:
+    """The largest power of two <= ``cap`` dividing ``f``; ``f`` itself when that is below 16."""
+    k = cap
+    while k >= 16 and f % k:
+        k //= 2
+    return k if k >= 16 else f
+
+
+def _kernel(layer_ref, a_ref, h_ref, w1_ref, b1_ref, w2_ref, b2_ref, o_ref, *maybe_ran_ref, block_k: int,
+            num_k: int):
+    ran_ref = maybe_ran_ref[0] if maybe_ran_ref else None   # debug output: 1 where the tile's MLP ran
+    h_RxD = h_ref[...]
+    a_Rx1 = a_ref[...]
+    o_ref[...] = h_RxD                                   # inactive rows and skipped tiles: identity
+    if ran_ref is not None:
+        ran_ref[...] = jnp.zeros(ran_ref.shape, jnp.int32)
+    active_tile = jnp.max(a_Rx1) > 0
+
+    @pl.when(active_tile)
+    def _():
+        layer = layer_ref[0]
+        f32 = jnp.float32
+
+        def k_step(k, acc_RxD):
+            start = pl.multiple_of(k * block_k, block_k)
+            w1_DxK = w1_ref[layer, :, pl.ds(start, block_k)]
+            b1_K = b1_ref[layer, pl.ds(start, block_k)]
+            x_RxK = jnp.dot(h_RxD, w1_DxK, preferred_element_type=f32) + b1_K.astype(f32)[None, :]
+            x_RxK = jax.nn.gelu(x_RxK).astype(w2_ref.dtype)
+            w2_KxD = w2_ref[layer, pl.ds(start, block_k), :]
+            return acc_RxD + jnp.dot(x_RxK, w2_KxD, preferred_element_type=f32)
+
+        acc_RxD = jax.lax.fori_loop(0, num_k, k_step, jnp.zeros(h_RxD.shape, f32))
+        y_RxD = h_RxD.astype(f32) + acc_RxD + b2_ref[layer, :].astype(f32)[None, :]
+        o_ref[...] = jnp.where(a_Rx1 > 0, y_RxD.astype(o_ref.dtype), h_RxD)
+        if ran_ref is not None:
+            ran_ref[...] = jnp.ones(ran_ref.shape, jnp.int32)
+
+
+def _check(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, block_rows, block_k):
+    n, d = h_NxD.shape
+    num_layers, d1, f = w1_LxDxF.shape
+    if (active_N.shape != (n,) or d1 != d or b1_LxF.shape != (num_layers, f) or w2_LxFxD.shape != (num_layers, f, d)
+            or b2_LxD.shape != (num_layers, d)):
+        raise ValueError(f"shapes do not fit: h {h_NxD.shape}, active {active_N.shape}, w1 {w1_LxDxF.shape}, "
+                         f"b1 {b1_LxF.shape}, w2 {w2_LxFxD.shape}, b2 {b2_LxD.shape}")
+    if block_rows < 1 or block_k < 1 or f % block_k:
+        raise ValueError(f"{block_rows=} must be >= 1 and {block_k=} must divide F={f}")
+
+
+def _pallas_forward(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, *, block_rows: int, block_k: int,
+                    interpret: bool, with_ran: bool = False):
+    _check(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, block_rows, block_k)
+    n, d = h_NxD.shape
+    num_layers, _, f = w1_LxDxF.shape
+    pad = -n % block_rows                              # padded rows are inactive, so their tiles may be skipped
+    h_pad = jnp.pad(h_NxD, ((0, pad), (0, 0))) if pad else h_NxD
+    a_pad = jnp.pad(active_N, (0, pad)) if pad else active_N
+    num_tiles = (n + pad) // block_rows
+    layer_1 = jnp.clip(jnp.asarray(layer, jnp.int32), 0, num_layers - 1).reshape(1)   # jnp indexing also clamps
+
+    whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))   # noqa: E731  (base pointer)
+    rows = pl.BlockSpec((block_rows, d), lambda i: (i, 0))
+    out_shape = [jax.ShapeDtypeStruct(h_pad.shape, h_pad.dtype)]
+    out_specs = [rows]
+    if with_ran:
+        out_shape.append(jax.ShapeDtypeStruct((num_tiles,), jnp.int32))
+        out_specs.append(pl.BlockSpec((1,), lambda i: (i,)))
+    outs = pl.pallas_call(
+        functools.partial(_kernel, block_k=block_k, num_k=f // block_k),
+        grid=(num_tiles,),
+        in_specs=[whole((1,)), pl.BlockSpec((block_rows, 1), lambda i: (i, 0)), rows,
+                  whole(w1_LxDxF.shape), whole(b1_LxF.shape), whole(w2_LxFxD.shape), whole(b2_LxD.shape)],
+        out_specs=out_specs, out_shape=out_shape, interpret=interpret,
+    )(layer_1, a_pad.astype(jnp.int32)[:, None], h_pad, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD)
+    out_NxD = outs[0][:n] if pad else outs[0]
+    return (out_NxD, outs[1]) if with_ran else out_NxD
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _gated(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, block_rows, block_k, interpret):
+    return _pallas_forward(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, block_rows=block_rows,
+                           block_k=block_k, interpret=interpret)
+
+
+def _gated_fwd(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, block_rows, block_k, interpret):
+    out = _gated(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, block_rows, block_k, interpret)
+    return out, (h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer)
+
+
+def _gated_bwd(block_rows, block_k, interpret, res, g_NxD):
+    del block_rows, block_k, interpret
+    h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer = res
+    _, vjp = jax.vjp(lambda h, w1, b1, w2, b2: gated_mlp_ref(h, active_N, w1, b1, w2, b2, layer),
+                     h_NxD, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD)
+    g_h, g_w1, g_b1, g_w2, g_b2 = vjp(g_NxD)
+    return g_h, None, g_w1, g_b1, g_w2, g_b2, None      # no cotangent for the mask and the layer index
+
+
+_gated.defvjp(_gated_fwd, _gated_bwd)
+
+
+def gated_mlp(h_NxD: jax.Array, active_N: jax.Array, w1_LxDxF: jax.Array, b1_LxF: jax.Array, w2_LxFxD: jax.Array,
+              b2_LxD: jax.Array, layer, *, block_rows: int = 32, block_k: int | None = None,
+              interpret: bool | None = None) -> jax.Array:
+    """The gated MLP step (see the module docstring); differentiable in ``h`` and the weights."""
+    block_k = default_block_k(w1_LxDxF.shape[-1]) if block_k is None else block_k
+    return _gated(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, jnp.asarray(layer, jnp.int32),
+                  block_rows, block_k, resolve_interpret(interpret))
+
+
+def gated_mlp_ran_tiles(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, *, block_rows: int = 32,
+                        block_k: int | None = None, interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+    """Debug view: the output and ``ran_T``, 1 for the row tiles whose MLP branch ran (0 where it was skipped)."""
+    block_k = default_block_k(w1_LxDxF.shape[-1]) if block_k is None else block_k
+    return _pallas_forward(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, block_rows=block_rows,
+                           block_k=block_k, interpret=resolve_interpret(interpret), with_ran=True)
