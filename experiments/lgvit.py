@@ -28,7 +28,7 @@ from eejax.data import pipeline
 from eejax.eval import budgeted, report
 from eejax.exits import costs, engine, losses
 from eejax.models import vit as vit_lib
-from eejax.train import Trainer, make_optimizer
+from eejax.train import Trainer, make_optimizer, maybe_initialize
 
 # ----------------------------------------------------------------------------------------------------- data
 
@@ -46,6 +46,11 @@ def load_data(cfg, data_dir):
     if d.test_size:
         test = test.subset(np.arange(min(d.test_size, len(test))), "test")
     return train, val, test
+
+
+def _host_slice():
+    """Each host loads its slice of every global batch (multi-host runs)."""
+    return {"process_index": jax.process_index(), "process_count": jax.process_count()}
 
 
 def eval_batches(ds, cfg):
@@ -168,7 +173,7 @@ def _mkw(cfg, head_types):
 def run_variant(variant, cfg, data, workdir, mcfg):
     train, val, test = data
     graphdef, params = build(mcfg, cfg.seed)
-    batches = pipeline.BatchIterator(train, cfg.data.batch_size, seed=cfg.seed)
+    batches = pipeline.BatchIterator(train, cfg.data.batch_size, seed=cfg.seed, **_host_slice())
     with Trainer(stage1_loss(graphdef, mcfg, cfg.stage1.weighting), params, make_optimizer(cfg.stage1.optim),
                  workdir=workdir / variant / "stage1", seed=cfg.seed, log_every=cfg.log_every,
                  ckpt_every=cfg.ckpt_every) as tr:
@@ -176,7 +181,7 @@ def run_variant(variant, cfg, data, workdir, mcfg):
     probs1 = cached_probs(graphdef, params1, test, cfg)
 
     num_exits = len(mcfg.exit_layers)
-    batches = pipeline.BatchIterator(train, cfg.data.batch_size, seed=cfg.seed + 1)
+    batches = pipeline.BatchIterator(train, cfg.data.batch_size, seed=cfg.seed + 1, **_host_slice())
     with Trainer(stage2_loss(graphdef, mcfg, cfg.stage2), params1,
                  make_optimizer(cfg.stage2.optim, trainable=early_heads_mask(params1, num_exits)),
                  workdir=workdir / variant / "stage2", seed=cfg.seed, log_every=cfg.log_every,
@@ -186,6 +191,7 @@ def run_variant(variant, cfg, data, workdir, mcfg):
 
 
 def main(argv=None):
+    maybe_initialize()  # Multi-host: before the first device query below (the Trainer would be too late).
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
     command = "python -m experiments.lgvit " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     workdir = pathlib.Path(args.workdir or f"runs/{cfg.name}")
@@ -252,6 +258,8 @@ def main(argv=None):
                             "budgeted": [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p._asdict()
                                          for p in curve]}
 
+    if jax.process_index() != 0:  # every host computed the same results; one writes them
+        return
     outdir.mkdir(parents=True, exist_ok=True)
     report.plot_accuracy_vs_flops(curves, statics, outdir / "lgvit_budgeted.png",
                                   title=f"LGViT-small on {cfg.data.name}: budgeted (MSDNet protocol)")

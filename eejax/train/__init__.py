@@ -1,5 +1,6 @@
 """The one trainer: state, data-parallel step, resumable loop, checkpoints, metrics, optimizers."""
 from eejax.train.checkpoint import Checkpointer, Restored, abstract_like
+from eejax.train.distributed import maybe_initialize
 from eejax.train.metrics import MetricsWriter, Throughput, read_metrics
 from eejax.train.optim import (OPTIMIZERS, SCHEDULES, default_optim_config, learning_rate, make_optimizer,
                                make_schedule, trainable_labels)
@@ -8,5 +9,5 @@ from eejax.train.trainer import MASK_KEY, NonFiniteLossError, Trainer, TrainStat
 __all__ = [
     "Checkpointer", "Restored", "abstract_like", "MetricsWriter", "Throughput", "read_metrics", "OPTIMIZERS",
     "SCHEDULES", "default_optim_config", "learning_rate", "make_optimizer", "make_schedule", "trainable_labels",
-    "MASK_KEY", "NonFiniteLossError", "Trainer", "TrainState",
+    "MASK_KEY", "NonFiniteLossError", "Trainer", "TrainState", "maybe_initialize",
 ]

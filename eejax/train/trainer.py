@@ -28,6 +28,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from eejax.train.checkpoint import Checkpointer, abstract_like
+from eejax.train.distributed import maybe_initialize
 from eejax.train.metrics import MetricsWriter, Throughput
 from eejax.train.optim import learning_rate
 
@@ -86,6 +87,7 @@ class Trainer:
                  workdir: str | os.PathLike, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
                  log_every: int = 50, ckpt_every: int = 500, max_to_keep: int = 2,
                  extra_metadata: Mapping[str, Any] | None = None):
+        maybe_initialize()  # Multi-host: must precede the first device query (no-op on one process).
         if log_every < 1 or ckpt_every < 1:
             raise ValueError(f"{log_every=} and {ckpt_every=} must be >= 1")
         if mesh is None:  # Auto axes: the jax>=0.11 default (Explicit) breaks the grad of integer-label CE.
