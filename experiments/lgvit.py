@@ -11,11 +11,7 @@ MSDNet budgeted curve against static truncated-depth baselines, measured latency
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
-import platform
-import shlex
-import sys
 import time
 
 import jax
@@ -53,8 +49,13 @@ def _host_slice():
     return {"process_index": jax.process_index(), "process_count": jax.process_count()}
 
 
-def eval_batches(ds, cfg):
-    return pipeline.BatchIterator(ds, cfg.data.eval_batch_size, shuffle=False, drop_remainder=False)
+def padded_eval_images(ds, cfg):
+    """One in-order pass as ``(images, n_real)``, the last batch zero-padded so one compiled program serves all."""
+    bs = cfg.data.eval_batch_size
+    for batch in pipeline.BatchIterator(ds, bs, shuffle=False, drop_remainder=False):
+        x = batch["image"]
+        n = x.shape[0]
+        yield (np.concatenate([x, np.zeros((bs - n,) + x.shape[1:], x.dtype)]) if n < bs else x), n
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -112,13 +113,7 @@ def cached_probs(graphdef, params, ds, cfg):
     def probs_fn(params, x):
         return jax.nn.softmax(nnx.merge(graphdef, params).all_exits(x).logits_ExBxC, axis=-1)
 
-    bs, chunks = cfg.data.eval_batch_size, []
-    for batch in eval_batches(ds, cfg):
-        x = batch["image"]
-        n = x.shape[0]
-        x = np.concatenate([x, np.zeros((bs - n,) + x.shape[1:], x.dtype)]) if n < bs else x
-        chunks.append(np.asarray(probs_fn(params, x))[:, :n])
-    return np.concatenate(chunks, axis=1)
+    return np.concatenate([np.asarray(probs_fn(params, x))[:, :n] for x, n in padded_eval_images(ds, cfg)], axis=1)
 
 
 def executed_exits(graphdef, params, ds, cfg, threshold):
@@ -128,11 +123,8 @@ def executed_exits(graphdef, params, ds, cfg, threshold):
         out = nnx.merge(graphdef, params).dynamic(x, thr)
         return out.exit_B, jnp.argmax(out.logits_BxC, -1)
 
-    bs, exits, preds = cfg.data.eval_batch_size, [], []
-    for batch in eval_batches(ds, cfg):
-        x = batch["image"]
-        n = x.shape[0]
-        x = np.concatenate([x, np.zeros((bs - n,) + x.shape[1:], x.dtype)]) if n < bs else x
+    exits, preds = [], []
+    for x, n in padded_eval_images(ds, cfg):
         e, p = dyn(params, x, threshold)
         exits.append(np.asarray(e)[:n])
         preds.append(np.asarray(p)[:n])
@@ -193,7 +185,6 @@ def run_variant(variant, cfg, data, workdir, mcfg):
 def main(argv=None):
     maybe_initialize()  # Multi-host: before the first device query below (the Trainer would be too late).
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    command = "python -m experiments.lgvit " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     workdir = pathlib.Path(args.workdir or f"runs/{cfg.name}")
     outdir = pathlib.Path(args.outdir or workdir / "results")
     for f in ("lgvit.md", "lgvit.json"):
@@ -265,11 +256,11 @@ def main(argv=None):
                                   title=f"LGViT-small on {cfg.data.name}: budgeted (MSDNet protocol)")
     report.plot_exit_histogram(hist, len(vit_lib.ViTConfig(**_mkw(cfg, "lgvit")).exit_layers),
                                outdir / "lgvit_exits.png", title="exit histogram at threshold 0.9 (executed)")
-    device = f"{jax.device_count()} x {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()})"
+    prov = report.provenance("experiments.lgvit", argv)
     exit_cols = list(rows_exit[0].keys())
     md = "\n\n".join([
         f"# LGViT at small scale on {cfg.data.name}",
-        f"Command: `{command}`  \nHardware: {device}, jax {jax.__version__}  \n"
+        prov.markdown() + "  \n"
         f"Data: {cfg.data.name}: train {len(train)} / val {len(val)} (carved from train) / test {len(test)}.  \n"
         f"Scale: ViT depth {cfg.model.depth}, width {cfg.model.d_model}, patch {cfg.model.patch_size}, "
         f"{cfg.stage1.steps} + {cfg.stage2.steps} steps of batch {cfg.data.batch_size}; exits after layers "
@@ -288,7 +279,7 @@ def main(argv=None):
         "static_points_beaten counts static truncated-depth models whose accuracy the dynamic curve exceeds at "
         "the same FLOPs. Plot: `lgvit_budgeted.png`; exit histogram: `lgvit_exits.png`.",
         report.markdown_table(rows_budget, list(rows_budget[0].keys()))])
-    files = report.write_results(outdir, "lgvit", md, {"command": command, "device": device, "config": cfg.to_dict(),
+    files = report.write_results(outdir, "lgvit", md, {"provenance": prov._asdict(), "config": cfg.to_dict(),
                                                        "results": results}, overwrite=args.overwrite)
     print(md)
     print(f"wrote {files.md_path}, {files.json_path} and plots to {outdir}")

@@ -121,3 +121,12 @@ def test_plots_write_png(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="num_exits"):
         report.plot_exit_histogram({"bad": np.array([3])}, 3, tmp_path / "bad.png")
+
+
+def test_provenance_names_command_device_and_commit():
+    from eejax.eval import report
+
+    prov = report.provenance("experiments.demo", ["--config=configs/demo.py:smoke", "--config.x=a b"])
+    assert prov.command == "python -m experiments.demo --config=configs/demo.py:smoke '--config.x=a b'"
+    assert "cpu" in prov.device and prov.jax_version and prov.commit and prov.date.endswith("UTC")
+    assert prov.command in prov.markdown()

@@ -5,16 +5,58 @@ never over an existing result unless asked, so a rerun cannot silently replace a
 matplotlib's object API (``Figure``, Agg canvas) so that importing this module never touches pyplot's global
 backend.
 """
+import datetime
 import json
 import numbers
 import os
 import pathlib
+import platform
+import shlex
+import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 from matplotlib.figure import Figure
+
+
+class Provenance(NamedTuple):
+    """Where a result came from: printed beside every table."""
+    command: str
+    device: str
+    jax_version: str
+    commit: str
+    date: str
+
+    def markdown(self) -> str:
+        return (f"Command: `{self.command}`  \nHardware: {self.device}, jax {self.jax_version}  \n"
+                f"Code: commit {self.commit}, run finished {self.date}")
+
+
+def provenance(module: str, argv: Sequence[str] | None = None) -> Provenance:
+    """The command that reproduces this run (``python -m module argv``), the device, the git commit (``+dirty``
+    when the tree had uncommitted changes) and the UTC date."""
+    import jax  # noqa: PLC0415 (keep this module importable without initialising jax)
+
+    argv = sys.argv[1:] if argv is None else argv
+    root = pathlib.Path(__file__).resolve().parents[2]
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    dev = jax.devices()[0]
+    device = f"{jax.device_count()} x {dev.device_kind} ({dev.platform}; {platform.machine()}, {os.cpu_count()} cpus)"
+    return Provenance(command=" ".join(["python -m", module, *map(shlex.quote, argv)]), device=device,
+                      jax_version=jax.__version__, commit=commit,
+                      date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
 
 def _cell(value: Any, floatfmt: str) -> str:
