@@ -1,0 +1,56 @@
+"""Shared pieces of the benchmark scripts: provenance, compile-then-time, JSON output.
+
+Benchmarks write JSON and are never timed tests; ``tests/test_benchmarks.py`` only checks that they run and that
+the paths they compare agree.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import platform
+import shlex
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+
+
+def provenance(argv: list[str]) -> dict[str, Any]:
+    """Who, where, what: device, versions and the exact command."""
+    import flax
+    import jaxlib
+    dev = jax.devices()[0]
+    return {
+        "command": " ".join(shlex.quote(a) for a in [pathlib.Path(sys.executable).name] + argv),
+        "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+        "python": platform.python_version(), "backend": jax.default_backend(),
+        "device_kind": dev.device_kind, "device_count": jax.device_count(), "host": platform.node(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def compile_fn(fn: Callable, *args) -> tuple[Callable, float]:
+    """``jax.jit(fn)`` lowered and compiled for ``args``; returns the executable and the seconds it took."""
+    t0 = time.perf_counter()
+    exe = jax.jit(fn).lower(*args).compile()
+    return exe, time.perf_counter() - t0
+
+
+def time_fn(exe: Callable, *args, repeats: int, warmup: int = 1) -> dict[str, Any]:
+    """Wall-clock seconds per call (``block_until_ready``), after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(exe(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(exe(*args))
+        times.append(time.perf_counter() - t0)
+    return {"time_s": statistics.median(times), "min_s": min(times), "times_s": times}
+
+
+def write_json(path: str | pathlib.Path, obj: Any) -> None:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
