@@ -167,7 +167,7 @@ def _heads_per_slot(heads, h_SxTxD, exit_S, at_exit_S, probe):
     for e, head in enumerate(heads):
         at_e_S = at_exit_S & (exit_S == e)
         out_e = jax.lax.cond(jnp.any(at_e_S), lambda h, head=head: head(h), lambda h: zeros, h_SxTxD)
-        out = engine._where_rows(at_e_S, out_e, out)
+        out = engine.where_rows(at_e_S, out_e, out)
     return out
 
 
@@ -180,7 +180,7 @@ def continuous_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], e
     ``eejax.models.layers.Block``). ``threshold`` is a scalar or one value per exit; an input exits at exit ``e``
     when ``score >= threshold[e]``, and at the last exit in any case. Every head must return the same shapes.
     """
-    num_layers = engine._check_exits(layers, heads, exit_layers)
+    num_layers = engine.check_exits(layers, heads, exit_layers)
     block_weights(layers)   # type check up front
     num_exits = len(exit_layers)
     q = h0_QxTxD.shape[0]
@@ -209,7 +209,7 @@ def continuous_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], e
         at_exit_S = c.live_S & (exit_S >= 0)
         out = _heads_per_slot(heads, h, exit_S, at_exit_S, probe)
         score_S, new_state = measure(out, c.measure)
-        state = engine._where_rows(at_exit_S, new_state, c.measure)
+        state = engine.where_rows(at_exit_S, new_state, c.measure)
         stop_S = at_exit_S & ((score_S >= thr_E[jnp.maximum(exit_S, 0)]) | (exit_S == num_exits - 1))
 
         # Write the finished inputs' results at their queue positions (other slots scatter out of bounds: dropped).
@@ -225,7 +225,7 @@ def continuous_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], e
         return SlotCarry(
             steps=c.steps + 1, next_q=c.next_q + jnp.sum(got_S.astype(jnp.int32)), h_SxTxD=h,
             layer_S=jnp.where(stop_S, 0, c.layer_S + 1), sample_S=jnp.where(got_S, new_q_S, c.sample_S),
-            live_S=jnp.where(stop_S, got_S, c.live_S), measure=engine._where_rows(got_S, fresh_state, state),
+            live_S=jnp.where(stop_S, got_S, c.live_S), measure=engine.where_rows(got_S, fresh_state, state),
             logits_QxC=logits_QxC, exit_Q=exit_Q, score_Q=score_Q)
 
     def cond(c: SlotCarry):

@@ -109,12 +109,14 @@ def exit_layers_from(spec, num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(set(layers) | {num_layers - 1}))
 
 
-def _mask_like(mask_B: jax.Array, x: jax.Array) -> jax.Array:
+def mask_like(mask_B: jax.Array, x: jax.Array) -> jax.Array:
+    """A per-row mask reshaped to broadcast against ``x`` (``B x ...``)."""
     return mask_B.reshape(mask_B.shape + (1,) * (x.ndim - 1))
 
 
-def _where_rows(mask_B, new, old):
-    return jax.tree.map(lambda n, o: jnp.where(_mask_like(mask_B, n), n, o), new, old)
+def where_rows(mask_B, new, old):
+    """Row-wise select over matching pytrees: ``new`` where ``mask_B`` is set, ``old`` elsewhere."""
+    return jax.tree.map(lambda n, o: jnp.where(mask_like(mask_B, n), n, o), new, old)
 
 
 def run_layers(layers: nnx.Module, h0: jax.Array, *, layer_fn: LayerFn = call_layer,
@@ -127,7 +129,7 @@ def run_layers(layers: nnx.Module, h0: jax.Array, *, layer_fn: LayerFn = call_la
     def body(h, xs):
         state_l, l, mask_B = xs
         new_h = layer_fn(nnx.merge(layer_def, state_l), h, l)
-        h = jnp.where(_mask_like(mask_B, h), new_h, h)
+        h = jnp.where(mask_like(mask_B, h), new_h, h)
         return h, h
 
     if remat:
@@ -135,7 +137,8 @@ def run_layers(layers: nnx.Module, h0: jax.Array, *, layer_fn: LayerFn = call_la
     return jax.lax.scan(body, h0, (stacked, jnp.arange(num_layers), mask_NxB))
 
 
-def _check_exits(layers, heads, exit_layers) -> int:
+def check_exits(layers, heads, exit_layers) -> int:
+    """One head per exit and an exit after the last layer; returns the number of layers."""
     num_layers = jax.tree.leaves(nnx.state(layers))[0].shape[0]
     if len(heads) != len(exit_layers) or exit_layers[-1] != num_layers - 1:
         raise ValueError(f"{len(heads)=} heads for {exit_layers=} with {num_layers=}: need one head per exit and an "
@@ -147,7 +150,7 @@ def scan_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], HeadOut
                exit_layers: Sequence[int], *, layer_fn: LayerFn = call_layer,
                layer_mask_NxB: jax.Array | None = None, remat: bool = False) -> ExitOutputs:
     """Training path: every layer runs under ``lax.scan``; every exit head sees its layer's output."""
-    _check_exits(layers, heads, exit_layers)
+    check_exits(layers, heads, exit_layers)
     h_last, h_Nx = run_layers(layers, h0, layer_fn=layer_fn, layer_mask_NxB=layer_mask_NxB, remat=remat)
     outs = [head(h_Nx[l]) for head, l in zip(heads, exit_layers)]
     stacked_out = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
@@ -162,7 +165,7 @@ def while_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], HeadOu
     ``threshold`` is a scalar or one value per exit; a row exits at exit e when ``score >= threshold[e]``; the last
     exit always takes every row still running. The loop stops as soon as no row is active.
     """
-    _check_exits(layers, heads, exit_layers)
+    check_exits(layers, heads, exit_layers)
     layer_def, stacked = nnx.split(layers)
     num_exits = len(exit_layers)
     ends_E = jnp.asarray(exit_layers, jnp.int32) + 1                   # segment e runs layers [starts, ends)
@@ -179,7 +182,7 @@ def while_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], HeadOu
         def layer_body(l, h):
             state_l = jax.tree.map(lambda p: p[l], stacked)
             new_h = layer_fn(nnx.merge(layer_def, state_l), h, l)
-            return jnp.where(_mask_like(active_B, h), new_h, h)
+            return jnp.where(mask_like(active_B, h), new_h, h)
         return jax.lax.fori_loop(starts_E[e], ends_E[e], layer_body, h)
 
     def cond(c: DepthCarry):
@@ -199,7 +202,7 @@ def while_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], HeadOu
 
     def measure_step(out, state, active_B):
         score_B, new_state = measure(out, state)
-        return score_B, _where_rows(active_B, new_state, state)   # exited rows keep their state
+        return score_B, where_rows(active_B, new_state, state)   # exited rows keep their state
 
     init = DepthCarry(
         e=jnp.int32(0), h=h0, active_B=zero_B == 0, exit_B=zero_B,
@@ -239,4 +242,4 @@ def take_exit(x_ExB_: jax.Array, exit_B: jax.Array) -> jax.Array:
 
 
 __all__ = ["HeadOut", "ExitOutputs", "DynamicOutputs", "DepthCarry", "call_layer", "exit_layers_from",
-           "run_layers", "scan_exits", "while_exits", "exits_from_scores", "scores_from_outputs", "take_exit"]
+           "check_exits", "where_rows", "mask_like", "run_layers", "scan_exits", "while_exits", "exits_from_scores", "scores_from_outputs", "take_exit"]

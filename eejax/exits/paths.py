@@ -56,7 +56,7 @@ def compacted_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], en
     is always added; default ``default_buckets(B)``). Every bucket size compiles its own copy of the segment and
     the heads, so keep the list short. Layers and heads must treat rows independently (no batch statistics).
     """
-    engine._check_exits(layers, heads, exit_layers)
+    engine.check_exits(layers, heads, exit_layers)
     layer_def, stacked = nnx.split(layers)
     num_exits = len(exit_layers)
     ends_E = jnp.asarray(exit_layers, jnp.int32) + 1
@@ -86,7 +86,7 @@ def compacted_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], en
         def put(full, new_S, mask_S):
             # Rows of the bucket that are not in ``mask_S`` get their own old value back (indices are unique).
             old_S = take(full)
-            merged = jnp.where(engine._mask_like(mask_S, new_S), new_S.astype(full.dtype), old_S)
+            merged = jnp.where(engine.mask_like(mask_S, new_S), new_S.astype(full.dtype), old_S)
             return full.at[idx_S].set(merged, unique_indices=True, mode="promise_in_bounds")
 
         return engine.DepthCarry(
