@@ -22,7 +22,7 @@ early exit is the special case "mask is 1 up to the exit"; skip and layer-drop m
 other patterns.
 
 Shapes: B batch, N layers, E exits, C classes, D width; ``h`` is ``B x ...`` (``BxTxD`` for a ViT, ``BxD`` for a
-decoder step).
+decoder step) or a pytree of such arrays (e.g. a hidden state plus a U-ViT's long-skip stack).
 """
 from __future__ import annotations
 
@@ -124,12 +124,13 @@ def run_layers(layers: nnx.Module, h0: jax.Array, *, layer_fn: LayerFn = call_la
     """``lax.scan`` over the stacked layers; returns the last hidden state and every layer's output (leading N)."""
     layer_def, stacked = nnx.split(layers)
     num_layers = jax.tree.leaves(stacked)[0].shape[0]
-    mask_NxB = jnp.ones((num_layers, h0.shape[0]), bool) if layer_mask_NxB is None else layer_mask_NxB
+    batch = jax.tree.leaves(h0)[0].shape[0]
+    mask_NxB = jnp.ones((num_layers, batch), bool) if layer_mask_NxB is None else layer_mask_NxB
 
     def body(h, xs):
         state_l, l, mask_B = xs
         new_h = layer_fn(nnx.merge(layer_def, state_l), h, l)
-        h = jnp.where(mask_like(mask_B, h), new_h, h)
+        h = where_rows(mask_B, new_h, h)
         return h, h
 
     if remat:
@@ -174,15 +175,16 @@ def while_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], HeadOu
 
     # Probe one head for the output shapes (trace only; nothing runs).
     probe = jax.eval_shape(heads[0], h0)
-    batch = h0.shape[0]
+    first = jax.tree.leaves(h0)[0]
+    batch = first.shape[0]
     # Initial carries derived from the data so they carry its sharding (needed under shard_map, JAX-NOTES §5).
-    zero_B = (h0.reshape(batch, -1)[:, 0] * 0).astype(jnp.int32)
+    zero_B = (first.reshape(batch, -1)[:, 0] * 0).astype(jnp.int32)
 
     def run_segment(e, h, active_B):
         def layer_body(l, h):
             state_l = jax.tree.map(lambda p: p[l], stacked)
             new_h = layer_fn(nnx.merge(layer_def, state_l), h, l)
-            return jnp.where(mask_like(active_B, h), new_h, h)
+            return where_rows(active_B, new_h, h)
         return jax.lax.fori_loop(starts_E[e], ends_E[e], layer_body, h)
 
     def cond(c: DepthCarry):
