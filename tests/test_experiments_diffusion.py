@@ -1,0 +1,38 @@
+"""Smoke run of the DeeDiff experiment: the real script end to end on tiny settings (CI runs this)."""
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_deediff_smoke(tmp_path):
+    from experiments import deediff
+
+    out = tmp_path / "results"
+    argv = [f"--config={ROOT / 'configs/deediff.py'}:smoke", f"--workdir={tmp_path / 'run'}", f"--outdir={out}",
+            "--config.train.steps=6", "--config.classifier.steps=4",
+            "--config.sample.num_samples=20"]
+    deediff.main(argv)
+    data = json.loads((out / "deediff.json").read_text())
+    res = data["results"]
+    names = {"full depth", "DeeDiff per-sample @0.6", "DeeDiff batch-mean @0.6", "uniform @0.6", "t-banded @0.6",
+             "two-depth @0.6"}
+    assert set(res) == names
+    depth = data["config"]["model"]["depth"]
+    assert res["full depth"]["layers/step"] == depth
+    for name, r in res.items():
+        assert 1 <= r["layers/step"] <= depth and np.isfinite(r["cFID"]) and r["images/s"] > 0
+        assert r["executed_layers/step"] >= r["layers/step"] - 1e-9
+        assert (out / f"samples_{name.replace(' ', '_')}.png").stat().st_size > 0
+    # Batch-mean exits the whole batch together, so the loop runs exactly the nominal depth.
+    bm = res["DeeDiff batch-mean @0.6"]
+    assert bm["executed_layers/step"] == pytest.approx(bm["layers/step"])
+    for f in ("deediff_depth_vs_t.png", "deediff_exit_mse_vs_t.png"):
+        assert (out / f).stat().st_size > 0
+    md = (out / "deediff.md").read_text()
+    assert "| policy | target |" in md and "NOT Inception FID" in md and "Command:" in md
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        deediff.main(argv)
