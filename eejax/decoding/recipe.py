@@ -1,0 +1,328 @@
+"""The shared recipe of the LM decoding experiments (experiments/per_token_exit.py, experiments/skipdecode.py).
+
+data (offline text, char/byte tokenizer) -> base model (multi-exit LM loss, LayerSkip dropout, EE-LLM warm-up, the
+one Trainer; resumable and shared between the two experiments) -> optional stages on top (CALM's learned exit
+classifier on the frozen model; SkipDecode fine-tuning under a schedule) -> a decoding *policy* evaluated on held-out
+windows: validation loss through the real decode loop (teacher forced), token agreement of free-running greedy
+generation with the full model, average layers per token, and measured tokens/s.
+
+A policy is ``(step_fn, arg)`` with ``step_fn(model, tok_B, state, i, arg)``; ``arg`` is traced, so sweeping a
+threshold or a schedule reuses one compiled program.
+"""
+from __future__ import annotations
+
+import functools
+import pathlib
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from eejax.data.lm import WindowIterator
+from eejax.data.text import ByteTokenizer, CharTokenizer, load_text
+from eejax.decoding import per_token, skipdecode
+from eejax.exits import confidence as conf_lib
+from eejax.models import lm as lm_lib
+from eejax.train import Trainer, make_optimizer
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+def device_description() -> str:
+    """The accelerator and, on CPU, the processor model and visible cores (for the provenance line of a table)."""
+    import os
+    import platform
+
+    dev = jax.devices()[0]
+    desc = f"{jax.device_count()} x {dev.device_kind}"
+    if dev.platform == "cpu":
+        model = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        desc += f" ({model}, {len(os.sched_getaffinity(0))} cores visible)"
+    return desc
+
+
+class Corpus(NamedTuple):
+    tokenizer: Any
+    train_ids: np.ndarray
+    eval_ids: np.ndarray
+    description: str
+
+
+def load_corpus(cfg, data_dir) -> Corpus:
+    """Train ids from ``cfg.data.name``'s train split; eval ids from ``eval_name/eval_split`` (default: validation
+    of the same corpus). The char tokenizer is built from the training text."""
+    d = cfg.data
+    train_text = load_text(data_dir, d.name, "train")
+    eval_name = d.eval_name or d.name
+    eval_text = load_text(data_dir, eval_name, d.eval_split)
+    if d.tokenizer == "char":
+        tok = CharTokenizer.from_text(train_text)
+        eval_text = "".join(c for c in eval_text if c in set(tok.chars))  # (none dropped for Tiny Shakespeare)
+    elif d.tokenizer == "byte":
+        tok = ByteTokenizer()
+    else:
+        raise ValueError(f"data.tokenizer={d.tokenizer!r}: use 'char' or 'byte'")
+    train_ids, eval_ids = tok.encode(train_text), tok.encode(eval_text)
+    desc = (f"{d.name} train ({len(train_ids):,} tokens), {eval_name}/{d.eval_split} ({len(eval_ids):,} tokens), "
+            f"{d.tokenizer}-level, vocabulary {tok.vocab_size}")
+    return Corpus(tok, train_ids, eval_ids, desc)
+
+
+def model_config(cfg, vocab_size: int) -> lm_lib.LMConfig:
+    return lm_lib.LMConfig(vocab_size=vocab_size, **cfg.model.to_dict())
+
+
+# -------------------------------------------------------------------------------------------------- training
+
+
+def _fit(loss_fn, params, optim_cfg, batches, steps, workdir, cfg, desc, trainable=None):
+    with Trainer(loss_fn, params, make_optimizer(optim_cfg, trainable=trainable), workdir=workdir, seed=cfg.seed,
+                 log_every=cfg.log_every, ckpt_every=cfg.ckpt_every) as tr:
+        return tr.fit(batches, steps, desc=desc).params
+
+
+def train_base(cfg, corpus: Corpus, workdir) -> tuple[Any, Any, lm_lib.LMConfig, float]:
+    """Stage 1 (resumes from ``workdir``): the multi-exit LM. Returns (graphdef, params, model config, seconds)."""
+    mcfg = model_config(cfg, corpus.tokenizer.vocab_size)
+    graphdef, params = lm_lib.build(mcfg, cfg.seed)
+    t = cfg.train
+    loss_fn = lm_lib.multi_exit_lm_loss(graphdef, mcfg, weighting=t.weighting, gamma=t.gamma,
+                                        warmup_steps=t.warmup_steps, layer_drop=t.layer_drop)
+    batches = WindowIterator(corpus.train_ids, cfg.data.batch_size, cfg.data.seq_len, seed=cfg.seed)
+    start = time.perf_counter()
+    params = _fit(loss_fn, params, t.optim, batches, t.steps, pathlib.Path(workdir) / "base", cfg, "base LM")
+    return graphdef, params, mcfg, time.perf_counter() - start
+
+
+def train_classifier(cfg, graphdef, params, mcfg, corpus: Corpus, workdir) -> dict:
+    """Stage 2 on the frozen model: CALM's learned exit classifier (label: exit argmax == final argmax)."""
+    batches = WindowIterator(corpus.train_ids, cfg.data.batch_size, cfg.data.seq_len, seed=cfg.seed + 1)
+    return _fit(lm_lib.classifier_loss(graphdef, params), lm_lib.init_classifier(mcfg), cfg.classifier.optim,
+                batches, cfg.classifier.steps, pathlib.Path(workdir) / "classifier", cfg, "exit classifier")
+
+
+def finetune_skipdecode(cfg, graphdef, params, mcfg, corpus: Corpus, layers_G, workdir, name: str):
+    """SkipDecode fine-tuning: final-exit LM loss under the schedule's per-position layer program (prompt positions
+    run every layer, as prefill does)."""
+    e = cfg.eval
+    if cfg.data.seq_len != e.prompt_len + e.new_tokens:
+        raise ValueError(f"SkipDecode fine-tuning needs data.seq_len == prompt_len + new_tokens, got "
+                         f"{cfg.data.seq_len} != {e.prompt_len} + {e.new_tokens}")
+    mask = jnp.asarray(skipdecode.sequence_mask(e.prompt_len, layers_G, mcfg.depth, cfg.skipdecode.keep_bottom))
+    loss_fn = lm_lib.multi_exit_lm_loss(graphdef, mcfg, pos_mask_NxT=mask)
+    batches = WindowIterator(corpus.train_ids, cfg.data.batch_size, cfg.data.seq_len, seed=cfg.seed + 2)
+    kb = cfg.skipdecode.keep_bottom
+    run = f"skipdecode-{name}" + (f"-keep{kb}" if kb else "")   # one checkpoint directory per schedule
+    return _fit(loss_fn, params, cfg.skipdecode.optim, batches, cfg.skipdecode.finetune_steps,
+                pathlib.Path(workdir) / run, cfg, f"SkipDecode fine-tune {name}")
+
+
+# -------------------------------------------------------------------------------------------------- policies
+
+
+def full_policy(model, tok, state, i, arg):
+    del arg
+    return per_token.full_depth_step(model, tok, state, i)
+
+
+def exit_policy(measure: str, kv: str = "propagate", tau: float = 0.0, horizon: int = 1):
+    """Per-token exit; ``arg = (threshold, classifier)`` (classifier used by the ``learned`` measure only)."""
+    return _exit_policy(measure, kv, float(tau), int(horizon))
+
+
+@functools.lru_cache(maxsize=None)   # one function object per setting, so the Decoder compiles it once
+def _exit_policy(measure: str, kv: str, tau: float, horizon: int):
+    fn = conf_lib.get_measure(measure)
+
+    def step(model, tok, state, i, arg):
+        thr, clf = arg
+        return per_token.exit_step(model, tok, state, i, thr, measure=fn, kv=kv, tau=tau, horizon=horizon,
+                                   classifier=clf if measure == "learned" else None)
+    step.__name__ = f"exit_{measure}_{kv}_{tau}"
+    return step
+
+
+@functools.lru_cache(maxsize=None)
+def skip_policy(keep_bottom: int = 0):
+    def step(model, tok, state, i, layers_G):
+        return skipdecode.skip_step(model, tok, state, i, layers_G, keep_bottom=keep_bottom)
+    step.__name__ = f"skip_{keep_bottom}"
+    return step
+
+
+class Windows(NamedTuple):
+    prompts: list           # int32[B, P] per batch
+    continuations: list     # int32[B, G] per batch
+
+
+def eval_windows(ids: np.ndarray, batch: int, prompt_len: int, new_tokens: int, first: int, count: int) -> Windows:
+    """``count`` batches of consecutive non-overlapping windows starting at batch index ``first``."""
+    it = WindowIterator(ids, batch, prompt_len + new_tokens - 1, shuffle=False)
+    it.load_state_dict({"index": first})
+    prompts, conts = [], []
+    for _ in range(count):
+        try:
+            b = next(it)
+        except StopIteration:
+            break
+        if len(b["tokens"]) < batch:
+            break
+        seq = np.concatenate([b["tokens"], b["targets"][:, -1:]], axis=1)
+        prompts.append(seq[:, :prompt_len])
+        conts.append(seq[:, prompt_len:])
+    if not prompts:
+        raise ValueError(f"no full evaluation batch at index {first} ({len(ids)} tokens)")
+    return Windows(prompts, conts)
+
+
+class Decoder:
+    """Jitted generate functions per policy (and per teacher-forced / free-running), over one graphdef."""
+
+    def __init__(self, graphdef, new_tokens: int):
+        self.graphdef, self.new_tokens, self._fns = graphdef, new_tokens, {}
+
+    def fn(self, step: Callable) -> Callable:
+        if step not in self._fns:
+            gd, g = self.graphdef, self.new_tokens
+
+            def run(params, prompt, lengths, arg, force):
+                return per_token.generate(nnx.merge(gd, params), prompt, lengths, g,
+                                          lambda m, t, s, i: step(m, t, s, i, arg), force_BxG=force)
+            self._fns[step] = jax.jit(run)
+        return self._fns[step]
+
+    def __call__(self, step, params, prompt_BxP, arg, force=None) -> per_token.Generation:
+        lengths = jnp.full((prompt_BxP.shape[0],), prompt_BxP.shape[1], jnp.int32)
+        return self.fn(step)(params, jnp.asarray(prompt_BxP), lengths, arg, force)
+
+
+def evaluate(dec: Decoder, step, params, arg, windows: Windows, ref_tokens: list | None) -> dict:
+    """Quality and compute of a policy over ``windows``.
+
+    nll / ppl: teacher forced through the decode loop, over the tokens predicted by decode steps (not the prefill).
+    agreement: fraction of free-running greedy tokens equal to the full model's at the same position; prefix: mean
+    length of the identical prefix. avg_layers: mean layers a token ran (exit depth, or the SkipDecode budget);
+    loop_layers: mean layers the batched loop executed (the deepest row) in free-running decoding.
+    """
+    nll = count = 0.0
+    agree, prefix, layers, loop_layers, tf_layers, tokens = [], [], [], [], [], []
+    for j, (prompt, cont) in enumerate(zip(windows.prompts, windows.continuations)):
+        forced = jax.device_get(dec(step, params, prompt, arg, jnp.asarray(cont)))
+        nll += -float(np.sum(forced.logprob_BxG[:, 1:]))
+        count += forced.logprob_BxG[:, 1:].size
+        tf_layers.append(_layers(forced))
+        free = jax.device_get(dec(step, params, prompt, arg))
+        tokens.append(free.tokens_BxG)
+        layers.append(_layers(free))
+        loop_layers.append(float(np.mean(free.layers_run_G[1:])))
+        if ref_tokens is not None:
+            same = free.tokens_BxG == ref_tokens[j]
+            agree.append(float(same.mean()))
+            prefix.append(float(np.mean(np.where(same.all(1), same.shape[1], np.argmin(same, axis=1)))))
+    out = {"nll": nll / count, "ppl": float(np.exp(nll / count)), "avg_layers": float(np.mean(layers)),
+           "avg_layers_teacher_forced": float(np.mean(tf_layers)), "loop_layers": float(np.mean(loop_layers)),
+           "tokens": tokens}
+    if ref_tokens is not None:
+        out.update(agreement=float(np.mean(agree)), prefix=float(np.mean(prefix)))
+    return out
+
+
+def _layers(gen) -> float:
+    """Mean layers per token over the tokens produced by decode steps (token 0 comes from the prefill)."""
+    return float(np.mean(gen.layers_BxG[:, 1:]))
+
+
+def tokens_per_second(dec: Decoder, step, params, arg, prompt_BxP, iters: int = 3) -> float:
+    """Measured wall-clock tokens/s of free-running generation (batch x new tokens / seconds), compile excluded."""
+    fn = lambda: dec(step, params, prompt_BxP, arg)
+    jax.block_until_ready(fn())
+    best = np.inf
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t0)
+    return prompt_BxP.shape[0] * dec.new_tokens / best
+
+
+def calibrate_to_layers(dec: Decoder, step, params, clf, windows: Windows, thresholds, target_layers: float
+                        ) -> tuple[float, float]:
+    """The threshold (from ``thresholds``) whose free-running average layers per token is closest to
+    ``target_layers`` on the calibration windows; returns (threshold, its average layers)."""
+    best = None
+    for t in thresholds:
+        layers = []
+        for prompt in windows.prompts:
+            gen = jax.device_get(dec(step, params, prompt, (jnp.float32(t), clf)))
+            layers.append(_layers(gen))
+        gap = abs(np.mean(layers) - target_layers)
+        if best is None or gap < best[0]:
+            best = (gap, float(t), float(np.mean(layers)))
+    return best[1], best[2]
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+
+def base_config(arg: str | None):
+    """The config both LM decoding experiments share: ``shakespeare`` (default), ``gutenberg`` (byte-level,
+    Gutenberg train / WikiText-2 validation) or ``smoke`` (a tiny model, a few steps: CI)."""
+    import ml_collections
+
+    from eejax.train import default_optim_config
+
+    arg = arg or "shakespeare"
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # The base model trains (or resumes) in model_workdir; "" = runs/<model_name>, shared by both experiments.
+    c.model_workdir = ""
+    c.model_name = f"lm-{arg}"
+    c.data = ml_collections.ConfigDict(dict(name="tiny_shakespeare", tokenizer="char", eval_name="",
+                                            eval_split="validation", seq_len=128, batch_size=32))
+    c.model = ml_collections.ConfigDict(dict(d_model=128, depth=6, num_heads=4, num_kv_heads=2, mlp_dim=512,
+                                             rope_base=10000.0, norm="pre", tie_embeddings=True, exits="all",
+                                             exit_head="shared"))
+    c.train = ml_collections.ConfigDict(dict(steps=800, weighting="uniform", gamma=2.0, warmup_steps=100,
+                                             layer_drop=0.1, optim=default_optim_config()))
+    c.train.optim.update(lr=3e-3, schedule="warmup_cosine", warmup_steps=50, total_steps=800, weight_decay=0.01,
+                         grad_clip=1.0)
+    c.classifier = ml_collections.ConfigDict(dict(steps=150, optim=default_optim_config()))
+    c.classifier.optim.update(lr=1e-2, weight_decay=0.0)
+    c.eval = ml_collections.ConfigDict(dict(batch=32, prompt_len=64, new_tokens=64, calib_batches=2,
+                                            eval_batches=4, timing_iters=3))
+    c.log_every = 100
+    c.ckpt_every = 400
+    if arg == "gutenberg":
+        c.data.update(name="gutenberg", tokenizer="byte", eval_name="wikitext2", eval_split="validation")
+    elif arg == "smoke":
+        c.model.update(d_model=32, depth=3, num_heads=4, num_kv_heads=2, mlp_dim=64)
+        c.data.update(seq_len=32, batch_size=8)
+        c.train.steps = c.train.optim.total_steps = 6
+        c.train.optim.warmup_steps = 2
+        c.train.warmup_steps = 3
+        c.classifier.steps = 4
+        c.eval.update(batch=4, prompt_len=16, new_tokens=16, calib_batches=1, eval_batches=1, timing_iters=1)
+        c.log_every = 2
+        c.ckpt_every = 100
+    elif arg != "shakespeare":
+        raise ValueError(f"unknown arg {arg!r}; use shakespeare, gutenberg or smoke")
+    return c
+
+
+def sequence_losses(dec: Decoder, step, params, arg, windows: Windows, ref_tokens: list) -> tuple[np.ndarray,
+                                                                                                   float]:
+    """Per-sequence textual inconsistency with the full model (1 - fraction of equal greedy tokens), in [0, 1], and
+    the mean layers per token, over free-running generation on ``windows`` (the LTT calibration loss)."""
+    losses, layers = [], []
+    for prompt, ref in zip(windows.prompts, ref_tokens):
+        gen = jax.device_get(dec(step, params, prompt, arg))
+        losses.append(1.0 - (gen.tokens_BxG == ref).mean(1))
+        layers.append(_layers(gen))
+    return np.concatenate(losses), float(np.mean(layers))

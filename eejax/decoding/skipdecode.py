@@ -1,0 +1,89 @@
+"""SkipDecode (Del Corro et al. 2023, arXiv:2307.02628): one layer budget per sequence position, shared by the batch.
+
+The number of layers a token runs decreases monotonically with its position; the layers dropped are the lower /
+middle ones (after ``keep_bottom`` always-run bottom layers), and every token ends at the last layer and its head.
+So the token at position t runs layers ``[0, keep_bottom) + [keep_bottom + skip_t, N)`` with ``skip_t``
+non-decreasing. Any layer the token at t runs was also run by every earlier token, so the KV cache it reads is
+complete: batching and caching work by construction, with no K/V to recompute or propagate.
+
+The same program as a per-(layer, position) mask (``position_layer_mask``) gives the teacher-forced training and
+evaluation path (``DecoderLM.all_exits(pos_mask_NxT=...)``), which equals the KV-cached decode exactly.
+
+Shapes: G generated positions, T sequence positions, N layers, B batch.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eejax.decoding import kv as kv_lib
+from eejax.decoding.per_token import StepStats
+from eejax.models.lm import DecoderLM
+
+
+def linear_schedule(num_positions: int, num_layers: int, max_layers: int, min_layers: int) -> np.ndarray:
+    """``int32[G]`` layers per generated position, decaying linearly from ``max_layers`` to ``min_layers``."""
+    if not 1 <= min_layers <= max_layers <= num_layers:
+        raise ValueError(f"need 1 <= {min_layers=} <= {max_layers=} <= {num_layers=}")
+    frac = np.linspace(0.0, 1.0, num_positions) if num_positions > 1 else np.zeros(1)
+    return np.round(max_layers + (min_layers - max_layers) * frac).astype(np.int32)
+
+
+def schedule_for_speedup(num_positions: int, num_layers: int, speedup: float) -> np.ndarray:
+    """A linear schedule whose mean is about ``num_layers / speedup`` (max = 1.5x the mean, min mirrors it).
+
+    The realised mean is rounded to whole layers per position; report ``num_layers / mean`` as the real speed-up.
+    """
+    if speedup < 1:
+        raise ValueError(f"{speedup=} must be >= 1")
+    mean = num_layers / speedup
+    hi = int(min(num_layers, max(1, math.ceil(1.5 * mean))))
+    lo = int(max(1, min(hi, round(2 * mean - hi))))
+    return linear_schedule(num_positions, num_layers, hi, lo)
+
+
+def check_schedule(layers_G, num_layers: int, keep_bottom: int = 0) -> np.ndarray:
+    layers_G = np.asarray(layers_G, np.int32)
+    if np.any(np.diff(layers_G) > 0):
+        raise ValueError(f"SkipDecode schedule must be non-increasing (KV cache correctness), got {layers_G}")
+    if layers_G.min() < max(1, keep_bottom) or layers_G.max() > num_layers:
+        raise ValueError(f"layers per position must lie in [{max(1, keep_bottom)}, {num_layers}], got {layers_G}")
+    return layers_G
+
+
+def position_layer_mask(layers_T, num_layers: int, keep_bottom: int = 0) -> np.ndarray:
+    """``bool[N, T]``: layer l runs at position t iff ``l < keep_bottom`` or ``l >= keep_bottom + skip_t``."""
+    layers_T = check_schedule(layers_T, num_layers, keep_bottom)
+    skip_T = num_layers - layers_T
+    l_N1 = np.arange(num_layers)[:, None]
+    return (l_N1 < keep_bottom) | (l_N1 >= keep_bottom + skip_T[None, :])
+
+
+def sequence_mask(prompt_len: int, layers_G, num_layers: int, keep_bottom: int = 0) -> np.ndarray:
+    """``bool[N, P + G]`` for teacher forcing: prompt positions run every layer (prefill), then the schedule."""
+    full = np.full(prompt_len, num_layers, np.int32)
+    return position_layer_mask(np.concatenate([full, np.asarray(layers_G, np.int32)]), num_layers, keep_bottom)
+
+
+def skip_step(model: DecoderLM, tok_B: jax.Array, state: kv_lib.DecodeState, i, layers_G: jax.Array, *,
+              keep_bottom: int = 0):
+    """Decode one token per row through the layers of position ``i``'s budget ``layers_G[i]`` (shared by the
+    batch): a ``while_loop`` over ``N - skip`` layers, so skipped layers cost nothing. Output: the final head."""
+    num_layers = model.cfg.depth
+    state = kv_lib.with_current_slot(state)
+    run = jnp.asarray(layers_G, jnp.int32)[i]
+    skip = num_layers - run
+
+    def body(j, carry):
+        h, cache = carry
+        l = jnp.where(j < keep_bottom, j, j + skip)
+        return kv_lib.run_layer(model, l, h, state._replace(cache=cache))
+
+    h_BxD, cache = jax.lax.fori_loop(0, run, body, (model.embed_tokens(tok_B), state.cache))
+    b = tok_B.shape[0]
+    stats = StepStats(jnp.full((b,), num_layers - 1, jnp.int32), jnp.full((b,), run, jnp.int32),
+                      jnp.zeros((b,), jnp.float32), run, h_BxD)
+    return model.exit_logits(h_BxD, model.cfg.num_exits - 1), stats, kv_lib.mark_written(state, cache)

@@ -1,0 +1,47 @@
+"""Smoke runs of the LM decoding experiments: the real scripts end to end on tiny settings (CI runs these)."""
+import json
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _argv(name, tmp_path, shared_data):
+    return [f"--config={ROOT / 'configs' / name}.py:smoke", f"--workdir={tmp_path / 'run'}",
+            f"--outdir={tmp_path / 'results'}", f"--data_dir={shared_data}",
+            f"--config.model_workdir={tmp_path / 'model'}"]
+
+
+def test_per_token_exit_smoke(tmp_path, shared_data):
+    from experiments import per_token_exit
+
+    argv = _argv("per_token_exit", tmp_path, shared_data)
+    per_token_exit.main(argv)
+    data = json.loads((tmp_path / "results" / "per_token_exit.json").read_text())
+    methods = {r["method"] for r in data["rows"]}
+    assert {"full model", "static exit L1", "per-token exit"} <= methods
+    kvs = {(r["measure"], r["kv"]) for r in data["rows"] if r["method"] == "per-token exit"}
+    assert kvs == {("max_softmax", "propagate"), ("max_softmax", "oracle"), ("learned", "propagate"),
+                   ("learned", "oracle")}
+    for r in data["rows"]:
+        assert 1 <= r["avg_layers"] <= 3 and r["tok_s"] > 0 and 0 <= r["agreement"] <= 1
+    static = next(r for r in data["rows"] if r["method"] == "static exit L1")
+    assert static["avg_layers"] == 1.0
+    assert "| method | measure |" in (tmp_path / "results" / "per_token_exit.md").read_text()
+    assert len(data["ltt"]) == 1 and data["ltt"][0]["n_calib"] == 4   # Learn-then-Test on one calibration batch
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        per_token_exit.main(argv)
+
+
+def test_skipdecode_smoke(tmp_path, shared_data):
+    from experiments import skipdecode
+
+    skipdecode.main(_argv("skipdecode", tmp_path, shared_data))
+    data = json.loads((tmp_path / "results" / "skipdecode.json").read_text())
+    methods = [r["method"] for r in data["rows"]]
+    assert methods[0] == "full model" and "SkipDecode (fine-tuned)" in methods and "static truncated" in methods
+    sched = data["schedules"]["2x"]
+    assert all(a >= b for a, b in zip(sched, sched[1:]))
+    sd = next(r for r in data["rows"] if r["method"] == "SkipDecode (fine-tuned)")
+    assert abs(sd["avg_layers"] - sum(sched[:-1]) / (len(sched) - 1)) < 1e-6
