@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from eejax import config as config_lib
+from eejax.exits import engine
 from eejax.decoding import calibration, per_token, recipe
 from eejax.eval import report
 from eejax.models import lm as lm_lib
@@ -57,6 +58,9 @@ def main(argv=None):
     device = recipe.device_description()
     print(f"data: {corpus.description}; device: {device}")
 
+    num_exits = len(engine.exit_layers_from(cfg.model.exits, cfg.model.depth))
+    if bad := [ex for ex in cfg.eval.static_exits if not 0 <= ex < num_exits]:
+        raise SystemExit(f"error: config.eval.static_exits {bad} outside the model's {num_exits} exits")
     graphdef, params, mcfg, train_s = recipe.train_base(cfg, corpus, model_dir)
     clf = recipe.train_classifier(cfg, graphdef, params, mcfg, corpus, model_dir) if "learned" in cfg.eval.measures \
         else lm_lib.init_classifier(mcfg)

@@ -323,3 +323,10 @@ def test_tfds_missing_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
     with pytest.raises(ImportError, match=r"pip install 'eejax\[tfds\]'"):
         tfds_source.load_tfds("mnist", "train")
+
+
+def test_text_loader_resolves_the_default_data_dir(shared_data, monkeypatch):
+    from eejax.data import text
+
+    monkeypatch.setenv("EEJAX_DATA_DIR", str(shared_data))
+    assert len(text.load_text(None, "tiny_shakespeare", "validation")) == 111_540

@@ -98,10 +98,12 @@ def check_sha256(path: pathlib.Path, expected: str) -> pathlib.Path:
     return path
 
 
-def verified_path(data_dir: str | os.PathLike, dataset: str, filename: str) -> pathlib.Path:
-    """`data_dir/dataset/filename`, after checking it against `CHECKSUMS[dataset][filename]`."""
+def verified_path(data_dir: str | os.PathLike | None, dataset: str, filename: str) -> pathlib.Path:
+    """`data_dir/dataset/filename`, after checking it against `CHECKSUMS[dataset][filename]`.
+
+    `data_dir=None` resolves as `resolve_data_dir` does (env `EEJAX_DATA_DIR`, then `../shared/data`)."""
     try:
         expected = CHECKSUMS[dataset][filename]
     except KeyError:
         raise DataError(f"no checksum pinned for {dataset}/{filename}; known datasets: {sorted(CHECKSUMS)}") from None
-    return check_sha256(pathlib.Path(data_dir) / dataset / filename, expected)
+    return check_sha256(resolve_data_dir(data_dir) / dataset / filename, expected)
