@@ -30,7 +30,8 @@ Options (before PAPER or "test"):
 Local mode. The Python used is, in order: $EEJAX_PYTHON; .venv/bin/python; otherwise .venv is created with
 `python3 -m venv .venv` and `pip install -e ".[dev]"` (needs Python >= 3.11 and pip; nothing else). JAX's
 persistent compilation cache is on: JAX_COMPILATION_CACHE_DIR (default ~/.cache/eejax-jax) and
-JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS (default 0) are exported unless already set.
+JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS (default 0) are exported unless already set. On a machine with no GPU
+(no nvidia-smi) and no TPU device, JAX_PLATFORMS=cpu is exported unless already set.
 
 Pod mode runs `gcloud compute tpus tpu-vm ssh NAME --zone ZONE [--project P] --worker=all --command ...` twice:
   1. install: clone the repo into ~/eejax on every worker (or fetch, if it is there), check out the commit, then
@@ -151,6 +152,12 @@ fi
 # ----------------------------------------------------------------------------------------------- local
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/eejax-jax}"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0}"
+# The dev extra installs libtpu (for ahead-of-time TPU compile tests); on a machine with no accelerator it would
+# probe for a TPU and print alarming start-up errors, so such machines run on the CPU backend unless told otherwise.
+if [[ -z "${JAX_PLATFORMS+set}" ]] && ! command -v nvidia-smi >/dev/null 2>&1 \
+   && ! compgen -G "/dev/accel*" >/dev/null && ! compgen -G "/dev/vfio/[0-9]*" >/dev/null; then
+  export JAX_PLATFORMS=cpu
+fi
 
 if [[ -n "${EEJAX_PYTHON:-}" ]]; then
   PY="$EEJAX_PYTHON"
