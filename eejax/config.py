@@ -107,3 +107,16 @@ def parse_cli(argv: Sequence[str] | None = None, *, default_config: str | None =
     for key, raw in overrides:
         override(cfg, key, raw)
     return cfg, args
+
+
+def run_dirs(cfg: ml_collections.ConfigDict, args: argparse.Namespace, result_name: str
+             ) -> tuple[pathlib.Path, pathlib.Path]:
+    """``(workdir, outdir)`` of a run: ``--workdir`` (default ``runs/<cfg.name>``) and ``--outdir`` (default
+    ``<workdir>/results``). Refuses, before any work, to overwrite existing ``<result_name>.md/.json`` results
+    unless ``--overwrite`` was given."""
+    workdir = pathlib.Path(args.workdir or f"runs/{cfg.name}")
+    outdir = pathlib.Path(args.outdir or workdir / "results")
+    for f in (f"{result_name}.md", f"{result_name}.json"):
+        if (outdir / f).exists() and not args.overwrite:
+            raise SystemExit(f"error: {outdir / f} exists; pass --overwrite to replace it or choose --outdir")
+    return workdir, outdir

@@ -211,11 +211,7 @@ def main(argv=None):
     wall0 = time.perf_counter()
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
     command = "python -m experiments.deediff " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    workdir = pathlib.Path(args.workdir or f"runs/{cfg.name}")
-    outdir = pathlib.Path(args.outdir or workdir / "results")
-    for f in ("deediff.md", "deediff.json"):
-        if (outdir / f).exists() and not args.overwrite:
-            raise SystemExit(f"error: {outdir / f} exists; pass --overwrite to replace it or choose --outdir")
+    workdir, outdir = config_lib.run_dirs(cfg, args, "deediff")
     train, test = load_data(cfg, args.data_dir)
     device = f"{jax.device_count()} x {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()})"
     print(f"data {cfg.data.name}: train {len(train)} / reference (test) {len(test)}; devices: {device}")

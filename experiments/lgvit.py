@@ -11,7 +11,6 @@ MSDNet budgeted curve against static truncated-depth baselines, measured latency
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import time
 
 import jax
@@ -185,11 +184,7 @@ def run_variant(variant, cfg, data, workdir, mcfg):
 def main(argv=None):
     maybe_initialize()  # Multi-host: before the first device query below (the Trainer would be too late).
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    workdir = pathlib.Path(args.workdir or f"runs/{cfg.name}")
-    outdir = pathlib.Path(args.outdir or workdir / "results")
-    for f in ("lgvit.md", "lgvit.json"):
-        if (outdir / f).exists() and not args.overwrite:
-            raise SystemExit(f"error: {outdir / f} exists; pass --overwrite to replace it or choose --outdir")
+    workdir, outdir = config_lib.run_dirs(cfg, args, "lgvit")
     data = load_data(cfg, args.data_dir)
     train, val, test = data
     print(f"data {cfg.data.name}: train {len(train)} / val {len(val)} / test {len(test)}; devices: "

@@ -48,11 +48,7 @@ def main(argv=None):
     maybe_initialize()
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
     command = f"python -m experiments.{NAME} " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    workdir = pathlib.Path(args.workdir or f"runs/{cfg.name}")
-    outdir = pathlib.Path(args.outdir or workdir / "results")
-    for f in (f"{NAME}.md", f"{NAME}.json"):
-        if (outdir / f).exists() and not args.overwrite:
-            raise SystemExit(f"error: {outdir / f} exists; pass --overwrite to replace it or choose --outdir")
+    workdir, outdir = config_lib.run_dirs(cfg, args, NAME)
     model_dir = pathlib.Path(cfg.model_workdir or f"runs/{cfg.model_name}")
     corpus = recipe.load_corpus(cfg, args.data_dir)
     device = recipe.device_description()
