@@ -21,7 +21,7 @@ from flax import nnx
 from eejax import config as config_lib
 from eejax.data import pipeline
 from eejax.eval import budgeted, report
-from eejax.exits import costs, engine, losses
+from eejax.exits import costs, losses
 from eejax.models import vit as vit_lib
 from eejax.train import Trainer, make_optimizer, maybe_initialize
 

@@ -11,21 +11,16 @@ with the full model's greedy continuation, average layers per token, and measure
 """
 from __future__ import annotations
 
-import pathlib
-import shlex
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax import config as config_lib
 from eejax.exits import engine
 from eejax.decoding import calibration, per_token, recipe
 from eejax.eval import report
 from eejax.models import lm as lm_lib
-from eejax.train import maybe_initialize
 
 NAME = "per_token_exit"
 
@@ -45,14 +40,7 @@ def per_exit_nll(graphdef, params, windows: recipe.Windows) -> list[float]:
 
 
 def main(argv=None):
-    maybe_initialize()
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    command = f"python -m experiments.{NAME} " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    workdir, outdir = config_lib.run_dirs(cfg, args, NAME)
-    model_dir = pathlib.Path(cfg.model_workdir or f"runs/{cfg.model_name}")
-    corpus = recipe.load_corpus(cfg, args.data_dir)
-    device = recipe.device_description()
-    print(f"data: {corpus.description}; device: {device}")
+    cfg, args, command, _, outdir, model_dir, corpus, device = recipe.setup(argv, NAME, __doc__)
 
     num_exits = len(engine.exit_layers_from(cfg.model.exits, cfg.model.depth))
     if bad := [ex for ex in cfg.eval.static_exits if not 0 <= ex < num_exits]:

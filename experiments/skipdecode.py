@@ -10,31 +10,19 @@ the decode loop (teacher forced) and token agreement with the full model's greed
 """
 from __future__ import annotations
 
-import pathlib
-import shlex
-import sys
 
 import jax
 import jax.numpy as jnp
 
-from eejax import config as config_lib
 from eejax.decoding import per_token, recipe, skipdecode
 from eejax.eval import report
 from eejax.models import lm as lm_lib
-from eejax.train import maybe_initialize
 
 NAME = "skipdecode"
 
 
 def main(argv=None):
-    maybe_initialize()
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    command = f"python -m experiments.{NAME} " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    workdir, outdir = config_lib.run_dirs(cfg, args, NAME)
-    model_dir = pathlib.Path(cfg.model_workdir or f"runs/{cfg.model_name}")
-    corpus = recipe.load_corpus(cfg, args.data_dir)
-    device = recipe.device_description()
-    print(f"data: {corpus.description}; device: {device}")
+    cfg, args, command, _, outdir, model_dir, corpus, device = recipe.setup(argv, NAME, __doc__)
 
     graphdef, params, mcfg, train_s = recipe.train_base(cfg, corpus, model_dir)
     clf = lm_lib.init_classifier(mcfg)   # unused by max_softmax

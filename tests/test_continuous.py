@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from eejax.exits import confidence, continuous, engine
+from eejax.exits import continuous, engine
 from eejax.models.vit import ViT, ViTConfig
 
 CFG = ViTConfig(image_size=16, channels=1, patch_size=4, d_model=32, depth=5, num_heads=4, mlp_dim=64,

@@ -31,6 +31,37 @@ from eejax.train import Trainer, make_optimizer
 # ------------------------------------------------------------------------------------------------------ data
 
 
+class Setup(NamedTuple):
+    """What both LM experiment scripts start from."""
+    cfg: Any
+    args: Any
+    command: str
+    workdir: pathlib.Path
+    outdir: pathlib.Path
+    model_dir: pathlib.Path
+    corpus: Any
+    device: str
+
+
+def setup(argv, name: str, description: str) -> Setup:
+    """Parse the command line, refuse to overwrite results, load the corpus and describe the device."""
+    import shlex
+    import sys
+
+    from eejax import config as config_lib
+    from eejax.train import maybe_initialize
+
+    maybe_initialize()
+    cfg, args = config_lib.parse_cli(argv, description=description)
+    command = f"python -m experiments.{name} " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    workdir, outdir = config_lib.run_dirs(cfg, args, name)
+    model_dir = pathlib.Path(cfg.model_workdir or f"runs/{cfg.model_name}")
+    corpus = load_corpus(cfg, args.data_dir)
+    device = device_description()
+    print(f"data: {corpus.description}; device: {device}")
+    return Setup(cfg, args, command, workdir, outdir, model_dir, corpus, device)
+
+
 def device_description() -> str:
     """The accelerator and, on CPU, the processor model and visible cores (for the provenance line of a table)."""
     import os

@@ -13,7 +13,6 @@ Every head also has a tiny learned exit gate (a linear map of its pooled feature
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from eejax.exits.engine import HeadOut
