@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import jax
 
+from eejax.exits import costs
+
 
 def provenance(argv: list[str]) -> dict[str, Any]:
     """Who, where, what: device, versions and the exact command."""
@@ -39,14 +41,8 @@ def compile_fn(fn: Callable, *args) -> tuple[Callable, float]:
 
 
 def time_fn(exe: Callable, *args, repeats: int, warmup: int = 1) -> dict[str, Any]:
-    """Wall-clock seconds per call (``block_until_ready``), after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        jax.block_until_ready(exe(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(exe(*args))
-        times.append(time.perf_counter() - t0)
+    """Wall-clock seconds per call (``block_until_ready``, via ``costs.measure``), after ``warmup`` untimed calls."""
+    times = list(costs.measure(exe, *args, warmup=warmup, iters=repeats).times_s)
     return {"time_s": statistics.median(times), "min_s": min(times), "times_s": times}
 
 

@@ -88,7 +88,7 @@ def test_measure_and_throughput():
     fn = jax.jit(lambda x: x @ x)
     x = jnp.ones((16, 16))
     timing = costs.measure(fn, x, warmup=1, iters=3)
-    assert timing.mean_s > 0 and timing.std_s >= 0 and timing.iters == 3
+    assert timing.mean_s > 0 and timing.std_s >= 0 and timing.iters == 3 and len(timing.times_s) == 3
     assert costs.throughput(fn, 16, x, iters=2) > 0
 
 

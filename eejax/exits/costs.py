@@ -134,6 +134,7 @@ class Timing(NamedTuple):
     mean_s: float
     std_s: float
     iters: int
+    times_s: tuple[float, ...] = ()  # every timed call, for medians and minima
 
 
 def measure(fn: Callable[..., Any], *args, warmup: int = 2, iters: int = 10) -> Timing:
@@ -147,7 +148,7 @@ def measure(fn: Callable[..., Any], *args, warmup: int = 2, iters: int = 10) -> 
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
-    return Timing(mean_s=float(np.mean(times)), std_s=float(np.std(times)), iters=iters)
+    return Timing(mean_s=float(np.mean(times)), std_s=float(np.std(times)), iters=iters, times_s=tuple(times))
 
 
 def throughput(fn: Callable[..., Any], batch_size: int, *args, warmup: int = 2, iters: int = 10) -> float:
