@@ -42,9 +42,9 @@ def get_config(arg=None):
                                              num_heads=4, mlp_dim=128, num_classes=10))
     c.diffusion = ml_collections.ConfigDict(dict(schedule="cosine", num_timesteps=1000))
     c.loss = ml_collections.ConfigDict(dict(lam=1.0, beta=1.0, detach_ual_weight=True))
-    c.train = ml_collections.ConfigDict(dict(steps=1000, batch_size=128, optim=default_optim_config()))
-    c.train.optim.update(lr=2e-3, schedule="warmup_cosine", warmup_steps=100, total_steps=1000, weight_decay=0.0,
-                         grad_clip=1.0)
+    c.train = ml_collections.ConfigDict(dict(steps=7000, batch_size=128, optim=default_optim_config()))
+    c.train.optim.update(lr=2e-3, schedule="warmup_cosine", warmup_steps=200, total_steps=7000, weight_decay=0.0,
+                         grad_clip=1.0, ema_decay=0.999)
     c.classifier = ml_collections.ConfigDict(dict(steps=400, batch_size=128, optim=default_optim_config()))
     c.classifier.optim.update(lr=2e-3)
 
@@ -64,7 +64,7 @@ def get_config(arg=None):
         c.data.name = "mnist_embedded"
         c.model.update(patch_size=7, d_model=32, depth=3, mlp_dim=64)
         c.train.steps = c.train.optim.total_steps = 20
-        c.train.optim.warmup_steps = 5
+        c.train.optim.update(warmup_steps=5, ema_decay=0.9)
         c.train.batch_size = 32
         c.classifier.steps = 20
         c.classifier.batch_size = 32

@@ -12,9 +12,6 @@ measured images/s), plots and sample grids, written with provenance and never ov
 from __future__ import annotations
 
 import pathlib
-import platform
-import shlex
-import sys
 import time
 
 import jax
@@ -28,7 +25,7 @@ from eejax import config as config_lib
 from eejax.data import pipeline
 from eejax.eval import fid, report
 from eejax.models import diffusion as D
-from eejax.train import Trainer, make_optimizer, maybe_initialize, read_metrics
+from eejax.train import Trainer, ema_params, make_optimizer, maybe_initialize, read_metrics
 
 PAPER_NOTE = ("Paper (Tang et al., arXiv:2309.17074): U-ViT-S on CIFAR-10, full-depth FID 3.11; DeeDiff reports "
               "over 40% less inference computation at a similar FID (numbers as quoted in the eejax issue, not "
@@ -88,7 +85,9 @@ def train_diffusion(cfg, mcfg, sched, train, workdir):
     t0 = time.perf_counter()
     with Trainer(loss_fn, params, make_optimizer(cfg.train.optim), workdir=workdir / "uvit", seed=cfg.seed,
                  log_every=cfg.log_every, ckpt_every=cfg.ckpt_every) as tr:
-        params = tr.fit(batches, cfg.train.steps, desc="U-ViT (DeeDiff loss)").params
+        state = tr.fit(batches, cfg.train.steps, desc="U-ViT (DeeDiff loss)")
+    # Sample and evaluate with the parameter EMA when the config keeps one (as U-ViT and DeeDiff do).
+    params = ema_params(state.opt_state) if cfg.train.optim.ema_decay else state.params
     return graphdef, params, read_metrics(workdir / "uvit"), time.perf_counter() - t0
 
 
@@ -210,11 +209,10 @@ def main(argv=None):
     maybe_initialize()
     wall0 = time.perf_counter()
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    command = "python -m experiments.deediff " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    prov = report.provenance("experiments.deediff", argv)
     workdir, outdir = config_lib.run_dirs(cfg, args, "deediff")
     train, test = load_data(cfg, args.data_dir)
-    device = f"{jax.device_count()} x {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()})"
-    print(f"data {cfg.data.name}: train {len(train)} / reference (test) {len(test)}; devices: {device}")
+    print(f"data {cfg.data.name}: train {len(train)} / reference (test) {len(test)}; devices: {prov.device}")
 
     mcfg = D.UViTConfig(**cfg.model.to_dict())
     sched = D.make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
@@ -311,14 +309,16 @@ def main(argv=None):
                 for i, t in enumerate(mse["t"])]
     md = "\n\n".join([
         f"# DeeDiff at small scale on {cfg.data.name}",
-        f"Command: `{command}`  \nHardware: {device}, jax {jax.__version__}  \n"
+        prov.markdown() + "  \n"
         f"Data: {cfg.data.name}: train {len(train)}; FID reference = {len(test)} test images.  \n"
         f"Wall-clock: {time.perf_counter() - wall0:.0f} s for the whole script (classifier, U-ViT, evaluation).  \n"
         f"Scale: U-ViT depth {n_layers} (exit after every layer), width {mcfg.d_model}, patch {mcfg.patch_size}, "
         f"class-conditional; {cfg.train.steps} steps of batch {cfg.train.batch_size} with DeeDiff's loss "
         f"(lambda={cfg.loss.lam}, beta={cfg.loss.beta}), {cfg.diffusion.schedule} schedule over "
         f"{cfg.diffusion.num_timesteps} timesteps, {train_secs:.0f} s; final logged train loss {last['loss']:.4f} "
-        f"(L_simple {last['simple']:.4f}, L_u {last['uem']:.4f}, L_UAL {last['ual']:.4f}). "
+        f"(L_simple {last['simple']:.4f}, L_u {last['uem']:.4f}, L_UAL {last['ual']:.4f}); "
+        + (f"sampled from the parameter EMA (decay {cfg.train.optim.ema_decay}). " if cfg.train.optim.ema_decay
+           else "sampled from the final parameters (no EMA). ") +
         f"DDIM {n_steps} steps, eta {cfg.sample.eta}, {cfg.sample.num_samples} samples per policy in batches of "
         f"{cfg.sample.batch_size}, the same noise for every policy.",
         "**cFID / KID are NOT Inception FID**: they use the 128-d penultimate features of a small CNN trained here "
@@ -341,7 +341,7 @@ def main(argv=None):
         "`samples_*.png` (columns are classes 0-9).",
         report.markdown_table(mse_rows, list(mse_rows[0].keys()), floatfmt=".4f")])
     files = report.write_results(outdir, "deediff", md, {
-        "command": command, "device": device, "jax": jax.__version__, "config": cfg.to_dict(),
+        "provenance": prov._asdict(), "config": cfg.to_dict(),
         "classifier_test_acc": cls_acc, "train_seconds": train_secs, "train_log": train_log,
         "calibration": calib, "exit_mse_vs_t": mse, "results": results}, overwrite=args.overwrite)
     print(md)

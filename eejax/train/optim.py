@@ -5,10 +5,15 @@
 
 The learning rate is injected with `optax.inject_hyperparams`, so the value used at each step lives in the
 optimizer state; `learning_rate(opt_state)` reads it back (the trainer logs it as `lr`).
+
+`ema_decay > 0` keeps an exponential moving average of the parameters *in the optimizer state* (`param_ema`), so
+it is checkpointed and resumed with everything else; `ema_params(opt_state)` reads it back (diffusion models
+sample from it).
 """
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -29,6 +34,7 @@ def default_optim_config() -> ml_collections.ConfigDict:
         warmup_steps=0,
         total_steps=0,  # needed by the cosine schedules.
         grad_clip=0.0,  # global-norm clipping; 0 = off.
+        ema_decay=0.0,  # > 0: keep an EMA of the parameters in the optimizer state (see `ema_params`).
     ))
 
 
@@ -56,6 +62,40 @@ def _base_optimizer(cfg: ml_collections.ConfigDict) -> Callable[[Any], optax.Gra
     return lambda learning_rate: optax.chain(optax.add_decayed_weights(cfg.weight_decay), base(learning_rate))
 
 
+class ParamEmaState(NamedTuple):
+    ema: Any  # same tree as the params
+
+
+def param_ema(decay: float) -> optax.GradientTransformation:
+    """Leaves the updates alone and tracks ``ema <- decay * ema + (1 - decay) * (params + updates)``.
+
+    Put it last in a chain, so ``params + updates`` are the parameters after this step. The average starts at the
+    initial parameters (no bias correction needed).
+    """
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"ema_decay={decay} must be in (0, 1)")
+
+    def init(params):
+        return ParamEmaState(jax.tree.map(jnp.copy, params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("param_ema needs the parameters: call optimizer.update(grads, state, params)")
+        ema = jax.tree.map(lambda e, p, u: decay * e + (1.0 - decay) * (p + u), state.ema, params, updates)
+        return updates, ParamEmaState(ema)
+
+    return optax.GradientTransformation(init, update)
+
+
+def ema_params(opt_state: Any) -> Any:
+    """The parameter EMA kept by `param_ema` in `opt_state` (exactly one must be there)."""
+    found = [x.ema for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ParamEmaState))
+             if isinstance(x, ParamEmaState)]
+    if len(found) != 1:
+        raise ValueError(f"expected one parameter EMA in the optimizer state, found {len(found)}: set ema_decay > 0")
+    return found[0]
+
+
 def trainable_labels(params: Any, trainable: Any) -> Any:
     """Tree of "trainable"/"frozen" labels, from a bool tree shaped like params or a callable `path_str -> bool`.
 
@@ -80,10 +120,11 @@ def make_optimizer(cfg: ml_collections.ConfigDict, trainable: Any = None) -> opt
     tx = optax.inject_hyperparams(_base_optimizer(cfg))(learning_rate=make_schedule(cfg))
     if cfg.grad_clip:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
-    if trainable is None:
-        return tx
-    return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()},
-                                 lambda params: trainable_labels(params, trainable))
+    if trainable is not None:
+        tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()},
+                                   lambda params: trainable_labels(params, trainable))
+    decay = cfg.get("ema_decay", 0.0)
+    return optax.chain(tx, param_ema(decay)) if decay else tx
 
 
 def learning_rate(opt_state: Any) -> jax.Array | None:
