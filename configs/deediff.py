@@ -42,8 +42,8 @@ def get_config(arg=None):
                                              num_heads=4, mlp_dim=128, num_classes=10))
     c.diffusion = ml_collections.ConfigDict(dict(schedule="cosine", num_timesteps=1000))
     c.loss = ml_collections.ConfigDict(dict(lam=1.0, beta=1.0, detach_ual_weight=True))
-    c.train = ml_collections.ConfigDict(dict(steps=7000, batch_size=128, optim=default_optim_config()))
-    c.train.optim.update(lr=2e-3, schedule="warmup_cosine", warmup_steps=200, total_steps=7000, weight_decay=0.0,
+    c.train = ml_collections.ConfigDict(dict(steps=12000, batch_size=128, optim=default_optim_config()))
+    c.train.optim.update(lr=2e-3, schedule="warmup_cosine", warmup_steps=200, total_steps=12000, weight_decay=0.0,
                          grad_clip=1.0, ema_decay=0.999)
     c.classifier = ml_collections.ConfigDict(dict(steps=400, batch_size=128, optim=default_optim_config()))
     c.classifier.optim.update(lr=2e-3)
