@@ -13,8 +13,8 @@ from flax import nnx
 from jax.sharding import AxisType
 
 import train_script_for_tests as script
-from eejax.train import (MASK_KEY, NonFiniteLossError, default_optim_config, make_optimizer, make_schedule,
-                         read_metrics)
+from eejax.train import (MASK_KEY, NonFiniteLossError, default_optim_config, ema_params, make_optimizer,
+                         make_schedule, read_metrics)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -153,3 +153,29 @@ def test_optax_transformation_without_injected_lr(tmp_path):
     with script.Trainer(script.loss_fn, script.init_params(), optax.sgd(0.1), workdir=tmp_path, log_every=2) as t:
         t.fit(script.Batches(), 2)
     assert "lr" not in read_metrics(tmp_path)[-1]
+
+
+def test_param_ema_follows_its_recurrence_and_resumes_exactly(tmp_path):
+    """`ema_decay` keeps ema <- d * ema + (1 - d) * params_after_step in the optimizer state; a resumed run has it."""
+    cfg = script.optim_config(ema_decay=0.75)
+    tx = make_optimizer(cfg)
+    params = {"w": jnp.arange(3.0)}
+    state, ema = tx.init(params), np.arange(3.0)
+    for g in (1.0, -2.0, 0.5):
+        updates, state = tx.update({"w": jnp.full((3,), g)}, state, params)
+        params = optax.apply_updates(params, updates)
+        ema = 0.75 * ema + 0.25 * np.asarray(params["w"])
+    np.testing.assert_allclose(ema_params(state)["w"], ema, rtol=1e-6)
+    with pytest.raises(ValueError, match="one parameter EMA"):
+        ema_params(make_optimizer(script.optim_config()).init(params))
+
+    def run(workdir, steps):
+        with script.Trainer(script.loss_fn, script.init_params(), make_optimizer(cfg), workdir=workdir,
+                            ckpt_every=2, log_every=2) as trainer:
+            return trainer.fit(script.Batches(), steps)
+
+    run(tmp_path / "resumed", 4)
+    resumed, straight = run(tmp_path / "resumed", 6), run(tmp_path / "straight", 6)
+    for k, v in ema_params(straight.opt_state).items():
+        np.testing.assert_array_equal(ema_params(resumed.opt_state)[k], v)
+        assert not np.array_equal(v, straight.params[k])   # the average lags the parameters
