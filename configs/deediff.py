@@ -50,7 +50,7 @@ def get_config(arg=None):
 
     c.sample = ml_collections.ConfigDict(dict(steps=50, eta=0.0, num_samples=500, batch_size=250, clip=True))
     c.eval = ml_collections.ConfigDict(dict(
-        target_ratios=(0.6,),         # DeeDiff thresholds are calibrated so that layers / N is about this
+        target_ratios=(0.4, 0.6, 0.8),  # DeeDiff thresholds are calibrated so that layers / N is about this
         calib_iters=4,                # bisection steps of that calibration (on a separate batch of noise)
         two_depth_shallow=2,          # the shallow depth of the two-depth switch
         mse_images=256, mse_timesteps=(0, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999),
@@ -81,8 +81,8 @@ def get_config(arg=None):
         c.classifier.steps = 20
         c.classifier.batch_size = 32
         c.sample.update(steps=4, num_samples=40, batch_size=20)
-        c.eval.update(calib_iters=2, mse_images=16, mse_timesteps=(0, 500, 999), kid_subsets=2, kid_subset_size=20,
-                      grid=20, timing_repeats=1)
+        c.eval.update(target_ratios=(0.5, 0.8), calib_iters=2, mse_images=16, mse_timesteps=(0, 500, 999),
+                      kid_subsets=2, kid_subset_size=20, grid=20, timing_repeats=1)
         c.log_every = 10
     elif arg != "mnist":
         raise ValueError(f"configs/deediff.py: unknown arg {arg!r}; use mnist, fashion_mnist, cifar10 or smoke")

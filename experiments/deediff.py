@@ -202,6 +202,27 @@ def plot_mse_vs_t(mse: dict, path: pathlib.Path, title: str):
     fig.savefig(path, dpi=150, bbox_inches="tight")
 
 
+def plot_quality_vs_ratio(rows: list[dict], path: pathlib.Path, title: str):
+    """cFID against the layer ratio, one line per policy family across the target ratios; full depth as a star."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    families: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        family = row["policy"].split(" @")[0]
+        families.setdefault(family, []).append((row["layer_ratio"], row["cFID"]))
+    for family, points in families.items():
+        x, y = zip(*sorted(points))
+        if family == "full depth":
+            ax.plot(x, y, "k*", markersize=12, label=family)
+        else:
+            ax.plot(x, y, marker="o", label=family)
+    ax.set(xlabel="layer ratio (mean layers per step / depth)", ylabel="classifier-FID (lower is better)",
+           title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 
@@ -301,6 +322,8 @@ def main(argv=None):
     plot_depth_vs_t(depth_curves, n_layers, outdir / "deediff_depth_vs_t.png",
                     title=f"exit depth vs t ({cfg.data.name}, DDIM {n_steps} steps)")
     plot_mse_vs_t(mse, outdir / "deediff_exit_mse_vs_t.png", title="per-exit eps MSE vs full depth")
+    plot_quality_vs_ratio(rows, outdir / "deediff_cfid_vs_ratio.png",
+                          title=f"quality vs compute ({cfg.data.name}, DDIM {n_steps} steps)")
 
     cols = ["policy", "target", "threshold", "layers/step", "layers@t>=0.7T", "layers@t<0.3T", "layer_ratio",
             "executed_layers/step", "cFID", "KIDx1e3", "class_acc%", "images/s", "measured_speedup"]
@@ -337,7 +360,8 @@ def main(argv=None):
         "DeeDiff per-sample row's layers/step.",
         report.markdown_table(rows, cols, floatfmt=".3f"),
         "## Per-exit epsilon MSE against the full-depth output, by timestep\n"
-        "Plot: `deediff_exit_mse_vs_t.png`; exit depth vs t: `deediff_depth_vs_t.png`; sample grids: "
+        "Plot: `deediff_exit_mse_vs_t.png`; exit depth vs t: `deediff_depth_vs_t.png`; cFID vs layer ratio: "
+        "`deediff_cfid_vs_ratio.png`; sample grids: "
         "`samples_*.png` (columns are classes 0-9).",
         report.markdown_table(mse_rows, list(mse_rows[0].keys()), floatfmt=".4f")])
     files = report.write_results(outdir, "deediff", md, {
