@@ -32,6 +32,8 @@ PAPER_NOTE = ("Paper (Tang et al., arXiv:2309.17074): U-ViT-S on CIFAR-10, full-
               "re-derived here). Ours: a small U-ViT on a 28x28 dataset with a classifier-feature FID, so only the "
               "orderings are comparable.")
 
+PARAM_NOTE = {"eps": "directly", "v": "through a v-style output skip (eps = sqrt(ab) v + sqrt(1-ab) x_t)"}
+
 # ----------------------------------------------------------------------------------------------------- data
 
 
@@ -80,7 +82,8 @@ def train_classifier(cfg, train, test, workdir):
 def train_diffusion(cfg, mcfg, sched, train, workdir):
     graphdef, params = D.build(mcfg, cfg.seed)
     loss_fn = D.training_loss(graphdef, sched, lam=cfg.loss.lam, beta=cfg.loss.beta,
-                              detach_ual_weight=cfg.loss.detach_ual_weight)
+                              detach_ual_weight=cfg.loss.detach_ual_weight,
+                              parameterization=cfg.diffusion.parameterization)
     batches = pipeline.BatchIterator(train, cfg.train.batch_size, seed=cfg.seed, normalization=unit_range(train))
     t0 = time.perf_counter()
     with Trainer(loss_fn, params, make_optimizer(cfg.train.optim), workdir=workdir / "uvit", seed=cfg.seed,
@@ -104,8 +107,10 @@ def exit_mse_vs_t(graphdef, params, sched, test, cfg):
     def per_t(params, t, key):
         noise = jax.random.normal(key, x0.shape)
         t_B = jnp.full((n,), t, jnp.int32)
-        outs = nnx.merge(graphdef, params).all_exits(D.q_sample(sched, x0, t_B, noise), t_B, y)
-        eps_ExBxP = outs.logits_ExBxC
+        x_t = D.q_sample(sched, x0, t_B, noise)
+        outs = nnx.merge(graphdef, params).all_exits(x_t, t_B, y)
+        eps_ExBxP = D.eps_from_output(sched, outs.logits_ExBxC, x_t.reshape(n, -1), t_B,
+                                      cfg.diffusion.parameterization)
         vs_full = jnp.mean((eps_ExBxP - eps_ExBxP[-1:]) ** 2, axis=(1, 2))
         vs_true = jnp.mean((eps_ExBxP - noise.reshape(1, n, -1)) ** 2, axis=(1, 2))
         return vs_full, vs_true, jnp.mean(jax.nn.sigmoid(-outs.gate_ExB), axis=1)
@@ -250,11 +255,10 @@ def main(argv=None):
 
     mse = exit_mse_vs_t(graphdef, params, sched, test, cfg)
 
-    samplers = {"per_sample": D.make_sampler(graphdef, sched, measure="per_sample", eta=cfg.sample.eta,
-                                             clip=cfg.sample.clip),
-                "batch_mean": D.make_sampler(graphdef, sched, measure="batch_mean", eta=cfg.sample.eta,
-                                             clip=cfg.sample.clip),
-                "full": D.make_sampler(graphdef, sched, eta=cfg.sample.eta, clip=cfg.sample.clip, static_full=True)}
+    sampler_kw = dict(eta=cfg.sample.eta, clip=cfg.sample.clip, parameterization=cfg.diffusion.parameterization)
+    samplers = {"per_sample": D.make_sampler(graphdef, sched, measure="per_sample", **sampler_kw),
+                "batch_mean": D.make_sampler(graphdef, sched, measure="batch_mean", **sampler_kw),
+                "full": D.make_sampler(graphdef, sched, static_full=True, **sampler_kw)}
     labels = np.arange(cfg.sample.num_samples) % mcfg.num_classes
     # Compile every sampler once on the calibration shapes, so the timed generation below is warm.
     warm_y = jnp.asarray((np.arange(cfg.sample.batch_size) % mcfg.num_classes).astype(np.int32))
@@ -338,7 +342,8 @@ def main(argv=None):
         f"Scale: U-ViT depth {n_layers} (exit after every layer), width {mcfg.d_model}, patch {mcfg.patch_size}, "
         f"class-conditional; {cfg.train.steps} steps of batch {cfg.train.batch_size} with DeeDiff's loss "
         f"(lambda={cfg.loss.lam}, beta={cfg.loss.beta}), {cfg.diffusion.schedule} schedule over "
-        f"{cfg.diffusion.num_timesteps} timesteps, {train_secs:.0f} s; final logged train loss {last['loss']:.4f} "
+        f"{cfg.diffusion.num_timesteps} timesteps, epsilon predicted {PARAM_NOTE[cfg.diffusion.parameterization]}, "
+        f"{train_secs:.0f} s; final logged train loss {last['loss']:.4f} "
         f"(L_simple {last['simple']:.4f}, L_u {last['uem']:.4f}, L_UAL {last['ual']:.4f}); "
         + (f"sampled from the parameter EMA (decay {cfg.train.optim.ema_decay}). " if cfg.train.optim.ema_decay
            else "sampled from the final parameters (no EMA). ") +

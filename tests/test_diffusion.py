@@ -127,9 +127,10 @@ def test_deediff_loss_hand_computation():
     assert float(g_att[0].sum()) < 0 and float(jnp.abs(g_att[1]).sum()) == 0.0   # UAL skips the last exit
 
 
-def test_training_loss_gradients(model_and_inputs):
+@pytest.mark.parametrize("parameterization", D.PARAMETERIZATIONS)
+def test_training_loss_gradients(model_and_inputs, parameterization):
     gd, p, x, t, y = model_and_inputs
-    loss_fn = D.training_loss(gd, SCHED)
+    loss_fn = D.training_loss(gd, SCHED, parameterization=parameterization)
     batch = {"image": jnp.tanh(x), "label": y}
     (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(p, batch, jax.random.key(3))
     assert np.isfinite(float(loss)) and {"simple", "uem", "ual"} <= set(metrics)
@@ -246,3 +247,22 @@ def test_ddim_update_recovers_data_with_oracle_eps():
                                noise=jnp.zeros_like(x))
         np.testing.assert_allclose(x0, x_star, atol=1e-4)
     np.testing.assert_allclose(x, x_star, atol=1e-4)
+
+
+def test_v_parameterization_recovers_epsilon():
+    """Reading the head as v: the true v gives back the true epsilon, for B x ... and E x B x ... outputs."""
+    sched = D.make_schedule("cosine", 1000)
+    k0, k1 = jax.random.split(jax.random.key(0))
+    x0 = jax.random.uniform(k0, (3, 4, 4, 1), minval=-1, maxval=1)
+    noise = jax.random.normal(k1, x0.shape)
+    t_B = jnp.asarray([0, 500, 999])
+    x_t = D.q_sample(sched, x0, t_B, noise)
+    ab = sched.alpha_bars_T[t_B][:, None, None, None]
+    v = jnp.sqrt(ab) * noise - jnp.sqrt(1 - ab) * x0
+    np.testing.assert_allclose(D.eps_from_output(sched, v, x_t, t_B, "v"), noise, atol=1e-5)
+    flat = lambda a: a.reshape(3, -1)
+    stacked = D.eps_from_output(sched, jnp.stack([flat(v), flat(v)]), flat(x_t), t_B, "v")
+    np.testing.assert_allclose(stacked, jnp.stack([flat(noise)] * 2), atol=1e-5)
+    assert D.eps_from_output(sched, v, x_t, t_B, "eps") is v
+    with pytest.raises(ValueError, match="parameterization"):
+        D.eps_from_output(sched, v, x_t, t_B, "x0")
