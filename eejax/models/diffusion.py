@@ -321,8 +321,9 @@ def eps_from_output(sched: NoiseSchedule, out: jax.Array, x_t: jax.Array, t_B: j
         return out
     if parameterization != "v":
         raise ValueError(f"unknown parameterization {parameterization!r}; use one of {PARAMETERIZATIONS}")
-    ab = sched.alpha_bars_T[t_B].reshape(t_B.shape + (1,) * (x_t.ndim - 1))
-    return jnp.sqrt(ab) * out + jnp.sqrt(1 - ab) * x_t
+    lead = (1,) * (out.ndim - x_t.ndim)              # the exit axis of E x B x ... outputs
+    ab = sched.alpha_bars_T[t_B].reshape(lead + t_B.shape + (1,) * (x_t.ndim - 1))
+    return jnp.sqrt(ab) * out + jnp.sqrt(1 - ab) * x_t.reshape(lead + x_t.shape)
 
 
 # -------------------------------------------------------------------------------------------------- losses
