@@ -88,10 +88,15 @@ def train_diffusion(cfg, mcfg, sched, train, workdir):
     t0 = time.perf_counter()
     with Trainer(loss_fn, params, make_optimizer(cfg.train.optim), workdir=workdir / "uvit", seed=cfg.seed,
                  log_every=cfg.log_every, ckpt_every=cfg.ckpt_every) as tr:
+        resumed_from = tr.checkpointer.latest_step() or 0
         state = tr.fit(batches, cfg.train.steps, desc="U-ViT (DeeDiff loss)")
     # Sample and evaluate with the parameter EMA when the config keeps one (as U-ViT and DeeDiff do).
     params = ema_params(state.opt_state) if cfg.train.optim.ema_decay else state.params
-    return graphdef, params, read_metrics(workdir / "uvit"), time.perf_counter() - t0
+    secs = time.perf_counter() - t0
+    note = (f"{secs:.0f} s" if resumed_from == 0 else
+            f"restored from an earlier invocation's checkpoint at step {resumed_from}"
+            + (f", then {secs:.0f} s" if resumed_from < cfg.train.steps else " (no training in this run)"))
+    return graphdef, params, read_metrics(workdir / "uvit"), secs, note
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -249,9 +254,9 @@ def main(argv=None):
     feat_fn, logit_fn = fid.feature_fn(cls_gd), fid.logits_fn(cls_gd)
     ref_feats = fid.apply_batched(feat_fn, cls_params, to_unit(test.images_NxHxWxC))
 
-    graphdef, params, train_log, train_secs = train_diffusion(cfg, mcfg, sched, train, workdir)
+    graphdef, params, train_log, train_secs, train_note = train_diffusion(cfg, mcfg, sched, train, workdir)
     last = train_log[-1]
-    print(f"U-ViT trained {cfg.train.steps} steps in {train_secs:.0f} s; final logged loss {last['loss']:.4f}")
+    print(f"U-ViT trained {cfg.train.steps} steps ({train_note}); final logged loss {last['loss']:.4f}")
 
     mse = exit_mse_vs_t(graphdef, params, sched, test, cfg)
 
@@ -343,7 +348,7 @@ def main(argv=None):
         f"class-conditional; {cfg.train.steps} steps of batch {cfg.train.batch_size} with DeeDiff's loss "
         f"(lambda={cfg.loss.lam}, beta={cfg.loss.beta}), {cfg.diffusion.schedule} schedule over "
         f"{cfg.diffusion.num_timesteps} timesteps, epsilon predicted {PARAM_NOTE[cfg.diffusion.parameterization]}, "
-        f"{train_secs:.0f} s; final logged train loss {last['loss']:.4f} "
+        f"{train_note}; final logged train loss {last['loss']:.4f} "
         f"(L_simple {last['simple']:.4f}, L_u {last['uem']:.4f}, L_UAL {last['ual']:.4f}); "
         + (f"sampled from the parameter EMA (decay {cfg.train.optim.ema_decay}). " if cfg.train.optim.ema_decay
            else "sampled from the final parameters (no EMA). ") +

@@ -39,3 +39,6 @@ def test_deediff_smoke(tmp_path):
     assert "| policy | target |" in md and "NOT Inception FID" in md and "Command:" in md
     with pytest.raises(SystemExit, match="exists; pass --overwrite"):
         deediff.main(argv)
+    # A rerun with --overwrite re-evaluates the finished run without training, and says so in the table.
+    deediff.main(argv + ["--overwrite"])
+    assert "no training in this run" in (out / "deediff.md").read_text()
