@@ -18,7 +18,7 @@ Model: class-conditional U-ViT (time token + class token + 4x4 patches, a 7x7 gr
     batch 128, 10,000 steps; samples from the parameter EMA (0.999).
     Why the output skip: with the head predicting epsilon directly, this small U-ViT left ~2% white error in eps at
     t ~ 800 (x_0 = (x_t - sqrt(1-ab) eps) / sqrt(ab) amplifies it ~10x there), and DDIM gave speckle, not digits,
-    even after 2,900 steps (runs kept out of the repo; see the closing note of issue 4).
+    still at step 2,500 of a 12,000-step run (runs kept out of the repo; see the closing note of issue 4).
 Sampler: DDIM, 50 steps, eta 0, one compiled loop over steps with the engine's while loop inside each step.
 Evaluation: a small CNN trained here on the same dataset gives 128-d features for a classifier-FID and KID (NOT
     Inception FID; comparable only within one table). Policies at matched average depth, at target layer ratios
