@@ -184,6 +184,7 @@ def run_variant(variant, cfg, data, workdir, mcfg):
 def main(argv=None):
     maybe_initialize()  # Multi-host: before the first device query below (the Trainer would be too late).
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
+    prov = report.provenance("experiments.lgvit", argv)
     workdir, outdir = config_lib.run_dirs(cfg, args, "lgvit")
     data = load_data(cfg, args.data_dir)
     train, val, test = data
@@ -251,7 +252,6 @@ def main(argv=None):
                                   title=f"LGViT-small on {cfg.data.name}: budgeted (MSDNet protocol)")
     report.plot_exit_histogram(hist, len(vit_lib.ViTConfig(**_mkw(cfg, "lgvit")).exit_layers),
                                outdir / "lgvit_exits.png", title="exit histogram at threshold 0.9 (executed)")
-    prov = report.provenance("experiments.lgvit", argv)
     exit_cols = list(rows_exit[0].keys())
     md = "\n\n".join([
         f"# LGViT at small scale on {cfg.data.name}",

@@ -40,7 +40,7 @@ def per_exit_nll(graphdef, params, windows: recipe.Windows) -> list[float]:
 
 
 def main(argv=None):
-    cfg, args, command, _, outdir, model_dir, corpus, device = recipe.setup(argv, NAME, __doc__)
+    cfg, args, prov, _, outdir, model_dir, corpus = recipe.setup(argv, NAME, __doc__)
 
     num_exits = len(engine.exit_layers_from(cfg.model.exits, cfg.model.depth))
     if bad := [ex for ex in cfg.eval.static_exits if not 0 <= ex < num_exits]:
@@ -127,7 +127,7 @@ def main(argv=None):
     m = cfg.model
     md = "\n\n".join([
         "# Per-token early exit in batched, KV-cached decoding",
-        f"Command: `{command}`  \nHardware: {device}, jax {jax.__version__}  \nData: {corpus.description}; "
+        prov.markdown() + f"  \nData: {corpus.description}; "
         f"reported on {len(test.prompts)} batches of {e.batch} validation windows ({e.prompt_len} prompt + "
         f"{e.new_tokens} generated tokens), after {e.calib_batches} calibration batches.  \n"
         f"Scale: decoder LM, {m.depth} layers, width {m.d_model}, {m.num_heads} query / {m.num_kv_heads} KV heads, "
@@ -159,7 +159,7 @@ def main(argv=None):
         "calibration sequences.",
         report.markdown_table(ltt_rows, list(ltt_rows[0].keys()), ".3f") if ltt_rows else "(no LTT measures)"])
     files = report.write_results(outdir, NAME, md, {"ltt": ltt_rows, "ltt_raw": ltt_raw,
-        "command": command, "device": device, "data": corpus.description, "config": cfg.to_dict(),
+        "provenance": prov._asdict(), "data": corpus.description, "config": cfg.to_dict(),
         "train_seconds": train_s, "exit_nll": exit_nll, "rows": rows, "raw": raw}, overwrite=args.overwrite)
     print(md)
     print(f"wrote {files.md_path} and {files.json_path}")

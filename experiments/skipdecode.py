@@ -11,7 +11,6 @@ the decode loop (teacher forced) and token agreement with the full model's greed
 from __future__ import annotations
 
 
-import jax
 import jax.numpy as jnp
 
 from eejax.decoding import per_token, recipe, skipdecode
@@ -22,7 +21,7 @@ NAME = "skipdecode"
 
 
 def main(argv=None):
-    cfg, args, command, _, outdir, model_dir, corpus, device = recipe.setup(argv, NAME, __doc__)
+    cfg, args, prov, _, outdir, model_dir, corpus = recipe.setup(argv, NAME, __doc__)
 
     graphdef, params, mcfg, train_s = recipe.train_base(cfg, corpus, model_dir)
     clf = lm_lib.init_classifier(mcfg)   # unused by max_softmax
@@ -82,7 +81,7 @@ def main(argv=None):
     m = cfg.model
     md = "\n\n".join([
         "# SkipDecode vs static truncation vs per-token exit",
-        f"Command: `{command}`  \nHardware: {device}, jax {jax.__version__}  \nData: {corpus.description}; "
+        prov.markdown() + f"  \nData: {corpus.description}; "
         f"reported on {len(test.prompts)} batches of {e.batch} validation windows ({e.prompt_len} prompt + "
         f"{e.new_tokens} generated tokens); thresholds fitted on the {e.calib_batches} batches before them.  \n"
         f"Scale: decoder LM, {m.depth} layers, width {m.d_model}, {m.num_heads} query / {m.num_kv_heads} KV heads, "
@@ -101,7 +100,7 @@ def main(argv=None):
         "wall_speedup = tok_s / full model tok_s (the full model's best of two timings, at the start and the end).",
         report.markdown_table(rows, list(rows[0].keys()), ".3f")])
     files = report.write_results(outdir, NAME, md, {
-        "command": command, "device": device, "data": corpus.description, "config": cfg.to_dict(),
+        "provenance": prov._asdict(), "data": corpus.description, "config": cfg.to_dict(),
         "train_seconds": train_s, "schedules": schedules, "rows": rows, "raw": raw}, overwrite=args.overwrite)
     print(md)
     print(f"wrote {files.md_path} and {files.json_path}")

@@ -35,49 +35,27 @@ class Setup(NamedTuple):
     """What both LM experiment scripts start from."""
     cfg: Any
     args: Any
-    command: str
+    prov: Any   # eejax.eval.report.Provenance: command, device, commit, date
     workdir: pathlib.Path
     outdir: pathlib.Path
     model_dir: pathlib.Path
     corpus: Any
-    device: str
 
 
 def setup(argv, name: str, description: str) -> Setup:
-    """Parse the command line, refuse to overwrite results, load the corpus and describe the device."""
-    import shlex
-    import sys
-
+    """Parse the command line, refuse to overwrite results, record the provenance and load the corpus."""
     from eejax import config as config_lib
+    from eejax.eval import report
     from eejax.train import maybe_initialize
 
     maybe_initialize()
     cfg, args = config_lib.parse_cli(argv, description=description)
-    command = f"python -m experiments.{name} " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    prov = report.provenance(f"experiments.{name}", argv)
     workdir, outdir = config_lib.run_dirs(cfg, args, name)
     model_dir = pathlib.Path(cfg.model_workdir or f"runs/{cfg.model_name}")
     corpus = load_corpus(cfg, args.data_dir)
-    device = device_description()
-    print(f"data: {corpus.description}; device: {device}")
-    return Setup(cfg, args, command, workdir, outdir, model_dir, corpus, device)
-
-
-def device_description() -> str:
-    """The accelerator and, on CPU, the processor model and visible cores (for the provenance line of a table)."""
-    import os
-    import platform
-
-    dev = jax.devices()[0]
-    desc = f"{jax.device_count()} x {dev.device_kind}"
-    if dev.platform == "cpu":
-        model = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        desc += f" ({model}, {len(os.sched_getaffinity(0))} cores visible)"
-    return desc
+    print(f"data: {corpus.description}; device: {prov.device}")
+    return Setup(cfg, args, prov, workdir, outdir, model_dir, corpus)
 
 
 class Corpus(NamedTuple):

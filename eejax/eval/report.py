@@ -32,12 +32,13 @@ class Provenance(NamedTuple):
 
     def markdown(self) -> str:
         return (f"Command: `{self.command}`  \nHardware: {self.device}, jax {self.jax_version}  \n"
-                f"Code: commit {self.commit}, run finished {self.date}")
+                f"Code: commit {self.commit}, run started {self.date}")
 
 
 def provenance(module: str, argv: Sequence[str] | None = None) -> Provenance:
     """The command that reproduces this run (``python -m module argv``), the device, the git commit (``+dirty``
-    when the tree had uncommitted changes) and the UTC date."""
+    when the tree had uncommitted changes) and the UTC date. Call it when the run starts: the commit must be the
+    code that ran, even if the tree changes while it runs."""
     import jax  # noqa: PLC0415 (keep this module importable without initialising jax)
 
     argv = sys.argv[1:] if argv is None else argv
@@ -52,11 +53,27 @@ def provenance(module: str, argv: Sequence[str] | None = None) -> Provenance:
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     if git("status", "--porcelain", "--untracked-files=no"):
         commit += "+dirty"
-    dev = jax.devices()[0]
-    device = f"{jax.device_count()} x {dev.device_kind} ({dev.platform}; {platform.machine()}, {os.cpu_count()} cpus)"
-    return Provenance(command=" ".join(["python -m", module, *map(shlex.quote, argv)]), device=device,
+    return Provenance(command=" ".join(["python -m", module, *map(shlex.quote, argv)]),
+                      device=device_description(),
                       jax_version=jax.__version__, commit=commit,
                       date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+
+def device_description() -> str:
+    """The accelerator and, on CPU, the processor model and visible cores (for the provenance line of a table)."""
+    import jax  # noqa: PLC0415
+
+    dev = jax.devices()[0]
+    desc = f"{jax.device_count()} x {dev.device_kind}"
+    if dev.platform == "cpu":
+        model = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        desc += f" ({model}, {len(os.sched_getaffinity(0))} cores visible)"
+    return desc
 
 
 def _cell(value: Any, floatfmt: str) -> str:

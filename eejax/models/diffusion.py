@@ -18,7 +18,8 @@ Pieces, each used by ``experiments/deediff.py`` and tested in ``tests/test_diffu
   exit after any layer), and a row frozen by the engine's mask keeps its skips. The price is that the
   scan path stores K slots per layer output (K ~ depth/2 times the plain activations); fine at our scale.
 * DDPM training (Ho et al., 2020) with epsilon prediction (optionally through a v-style output skip,
-  ``eps_from_output``), a linear or cosine (Nichol & Dhariwal, 2021) schedule, and DeeDiff's losses (Tang et al., arXiv:2309.17074, Sec. 3): ``L_simple + lambda * L_u + beta * L_UAL``.
+  ``eps_from_output``), a linear or cosine (Nichol & Dhariwal, 2021) schedule, and DeeDiff's losses (Tang et al.,
+  arXiv:2309.17074, Sec. 3): ``L_simple + lambda * L_u + beta * L_UAL``.
 * ``ddim_sample``: DDIM (Song et al., 2021) inside one ``lax.scan`` over steps, the engine's while loop inside each
   step. The exit policy is a threshold per (step, exit), ``thr_SxE``, on the confidence ``1 - u`` (the engine's
   convention: a row exits at exit e when ``score >= thr[e]``; DeeDiff's "exit when u <= delta" is ``thr = 1 -
