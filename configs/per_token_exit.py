@@ -25,7 +25,7 @@ Expected shape (what experiments/results/per_token_exit shows): at equal average
 Paper: CALM (Schuster et al., NeurIPS 2022, arXiv:2207.07061): up to about 3x speed-up on T5 while provably
     keeping consistency with the full model.
 """
-from eejax.decoding.recipe import base_config
+from _lm_base import base_config
 
 
 def get_config(arg=None):

@@ -31,7 +31,12 @@ def load(spec: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file not found: {path}")
     module_spec = importlib.util.spec_from_file_location(f"eejax_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    # Configs may import the shared pieces beside them (configs/_lm_base.py) by bare name.
+    sys.path.insert(0, str(file.resolve().parent))
+    try:
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(file.resolve().parent))
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config(arg)")
     cfg = module.get_config(arg or None)

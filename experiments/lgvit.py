@@ -60,13 +60,6 @@ def padded_eval_images(ds, cfg):
 # ---------------------------------------------------------------------------------------------------- model
 
 
-def build(mcfg: vit_lib.ViTConfig, seed: int):
-    """Initialise under jit (eager init is slow on CPU) and split once into (graphdef, params)."""
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: vit_lib.ViT(mcfg, rngs=nnx.Rngs(0))))
-    params = jax.jit(lambda key: nnx.state(vit_lib.ViT(mcfg, rngs=nnx.Rngs(key))))(jax.random.key(seed))
-    return graphdef, params
-
-
 def early_heads_mask(params, num_exits: int):
     """Trainable in stage 2: the heads of the early exits only (backbone and final classifier frozen)."""
     def trainable(path, _):
@@ -163,7 +156,7 @@ def _mkw(cfg, head_types):
 
 def run_variant(variant, cfg, data, workdir, mcfg):
     train, val, test = data
-    graphdef, params = build(mcfg, cfg.seed)
+    graphdef, params = vit_lib.build(mcfg, cfg.seed)
     batches = pipeline.BatchIterator(train, cfg.data.batch_size, seed=cfg.seed, **_host_slice())
     with Trainer(stage1_loss(graphdef, mcfg, cfg.stage1.weighting), params, make_optimizer(cfg.stage1.optim),
                  workdir=workdir / variant / "stage1", seed=cfg.seed, log_every=cfg.log_every,

@@ -18,7 +18,8 @@ import numpy as np
 from flax import nnx
 
 from eejax.exits import engine
-from eejax.decoding import calibration, per_token, recipe
+from eejax.decoding import calibration, per_token
+from experiments import _lm_common as recipe
 from eejax.eval import report
 from eejax.models import lm as lm_lib
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from eejax.decoding import per_token, recipe, skipdecode
+from eejax.decoding import per_token, skipdecode
+from experiments import _lm_common as recipe
 from eejax.eval import report
 from eejax.models import lm as lm_lib
 

@@ -44,7 +44,7 @@ def batches(ds: ArrayDataset) -> pipeline.BatchIterator:
 
 
 def train(workdir: str, num_steps: int, stop_at: int):
-    graphdef, params = lgvit.build(MODEL, seed=0)
+    graphdef, params = vit_lib.build(MODEL, seed=0)
     # SGD, not Adam: the key bias of attention has an exactly zero gradient, and Adam turns the rounding noise
     # left there (which depends on the all-reduce order, so differs between 1 and 2 processes) into +-lr steps.
     optim = default_optim_config()

@@ -8,7 +8,7 @@ current layer; every step applies **one layer to every slot**, whatever layer th
 input at layer 0. Everything runs in one ``lax.while_loop`` over steps that ends when the queue is empty and every
 slot is done.
 
-One step on the pre-LN block (``eejax.models.layers.Block``), with ``l_S`` the layer each slot runs next:
+One step on the pre-LN block (``eejax.nn.layers.Block``), with ``l_S`` the layer each slot runs next:
 
 1. Sort the slots by layer (stable ``argsort``; empty slots last), so that the ``T`` token rows of the slots at
    layer ``l`` are contiguous in ``rows_(S*T)xD``; group sizes are ``count_N * T``.
@@ -43,7 +43,7 @@ from flax.nnx.nn import dtypes
 
 from eejax.exits import confidence as conf_lib
 from eejax.exits import engine
-from eejax.models.layers import Block
+from eejax.nn.layers import Block
 
 
 class ContinuousOutputs(NamedTuple):
@@ -106,7 +106,7 @@ def grouped_linear(x_SxTxD: jax.Array, kernel_NxDxF: jax.Array, bias_NxF: jax.Ar
 def block_weights(layers: nnx.Module) -> BlockWeights:
     """Pull the stacked weights out of ``layers`` (an ``nnx.vmap``-stacked ``Block``); fail loudly otherwise."""
     if not isinstance(layers, Block):
-        raise TypeError(f"continuous batching implements the pre-LN eejax.models.layers.Block; got "
+        raise TypeError(f"continuous batching implements the pre-LN eejax.nn.layers.Block; got "
                         f"{type(layers).__name__}")
     a, m = layers.attn, layers.mlp
     return BlockWeights(ln1=layers.ln1, ln2=layers.ln2,
@@ -177,7 +177,7 @@ def continuous_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], e
     """Early exit over a queue of ``Q`` embedded inputs with ``num_slots`` slots (continuous batching).
 
     Arguments as ``engine.while_exits`` (``h0`` is the queue, in order; ``layers`` must be a stacked
-    ``eejax.models.layers.Block``). ``threshold`` is a scalar or one value per exit; an input exits at exit ``e``
+    ``eejax.nn.layers.Block``). ``threshold`` is a scalar or one value per exit; an input exits at exit ``e``
     when ``score >= threshold[e]``, and at the last exit in any case. Every head must return the same shapes.
     """
     num_layers = engine.check_exits(layers, heads, exit_layers)

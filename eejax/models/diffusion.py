@@ -47,7 +47,7 @@ from flax import nnx
 from eejax.exits import confidence as conf_lib
 from eejax.exits import costs
 from eejax.exits import engine
-from eejax.models.layers import Block, stacked
+from eejax.nn.layers import Block, build as nn_build, stacked
 
 # ---------------------------------------------------------------------------------------------- config, model
 
@@ -255,10 +255,8 @@ def get_measure(name: str):
 
 
 def build(cfg: UViTConfig, seed: int):
-    """Initialise under jit (eager init is slow on CPU) and split once into ``(graphdef, params)``."""
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: UViT(cfg, rngs=nnx.Rngs(0))))
-    params = jax.jit(lambda key: nnx.state(UViT(cfg, rngs=nnx.Rngs(key))))(jax.random.key(seed))
-    return graphdef, params
+    """``(graphdef, params)`` of a freshly initialised ``UViT`` (``eejax.nn.build``)."""
+    return nn_build(lambda rngs: UViT(cfg, rngs=rngs), seed)
 
 
 def flops(cfg: UViTConfig) -> costs.ExitCosts:

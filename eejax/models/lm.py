@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from eejax.exits import engine, losses
-from eejax.models.layers import Mlp, stacked
+from eejax.nn.layers import Mlp, build as nn_build, stacked
 
 EXIT_HEADS = ("shared", "own", "block")
 NORMS = ("pre", "peri")
@@ -252,10 +252,8 @@ class DecoderLM(nnx.Module):
 
 
 def build(cfg: LMConfig, seed: int):
-    """Initialise under jit (eager init is slow on CPU); returns ``(graphdef, params)``."""
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0))))
-    params = jax.jit(lambda key: nnx.state(DecoderLM(cfg, rngs=nnx.Rngs(key))))(jax.random.key(seed))
-    return graphdef, params
+    """``(graphdef, params)`` of a freshly initialised ``DecoderLM`` (``eejax.nn.build``)."""
+    return nn_build(lambda rngs: DecoderLM(cfg, rngs=rngs), seed)
 
 
 # ------------------------------------------------------------------------------------------------- training

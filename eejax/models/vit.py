@@ -17,8 +17,8 @@ from flax import nnx
 from eejax.exits import confidence as conf_lib
 from eejax.exits import costs
 from eejax.exits import engine
-from eejax.exits import heads as heads_lib
-from eejax.models.layers import Block, stacked
+from eejax.models import vit_heads as heads_lib
+from eejax.nn.layers import Block, build as nn_build, stacked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +113,11 @@ class ViT(nnx.Module):
         trunc = jax.tree.map(lambda p: p[:n], self.layers)
         h_last, _ = engine.run_layers(trunc, self.embed(x_BxHxWxC))
         return self.heads[exit_index](h_last).logits_BxC
+
+
+def build(cfg: ViTConfig, seed: int):
+    """``(graphdef, params)`` of a freshly initialised ``ViT`` (``eejax.nn.build``)."""
+    return nn_build(lambda rngs: ViT(cfg, rngs=rngs), seed)
 
 
 def flops(cfg: ViTConfig) -> costs.ExitCosts:

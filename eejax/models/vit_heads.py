@@ -16,7 +16,7 @@ import jax
 from flax import nnx
 
 from eejax.exits.engine import HeadOut
-from eejax.models.layers import Block, SelfAttention
+from eejax.nn.layers import Block, SelfAttention
 
 HEAD_TYPES = ("linear", "local", "global", "vitee")
 

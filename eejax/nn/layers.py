@@ -61,3 +61,11 @@ def stacked(make_layer, num_layers: int, rngs: nnx.Rngs):
         return make_layer(rngs)
 
     return make(rngs)
+
+
+def build(make_model, seed: int):
+    """``make_model(rngs)`` initialised under ``jit`` (eager init is slow on CPU), split once into
+    ``(graphdef, params)``. Every model's ``build(cfg, seed)`` is this with its constructor."""
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_model(nnx.Rngs(0))))
+    params = jax.jit(lambda key: nnx.state(make_model(nnx.Rngs(key))))(jax.random.key(seed))
+    return graphdef, params

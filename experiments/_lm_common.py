@@ -1,4 +1,4 @@
-"""The shared recipe of the LM decoding experiments (experiments/per_token_exit.py, experiments/skipdecode.py).
+"""Shared plumbing of the LM decoding experiments (experiments/per_token_exit.py, experiments/skipdecode.py).
 
 data (offline text, char/byte tokenizer) -> base model (multi-exit LM loss, LayerSkip dropout, EE-LLM warm-up, the
 one Trainer; resumable and shared between the two experiments) -> optional stages on top (CALM's learned exit
@@ -25,6 +25,7 @@ from eejax.data.lm import WindowIterator
 from eejax.data.text import ByteTokenizer, CharTokenizer, load_text
 from eejax.decoding import per_token, skipdecode
 from eejax.exits import confidence as conf_lib
+from eejax.exits import costs
 from eejax.models import lm as lm_lib
 from eejax.train import Trainer, make_optimizer
 
@@ -250,15 +251,9 @@ def _layers(gen) -> float:
 
 
 def tokens_per_second(dec: Decoder, step, params, arg, prompt_BxP, iters: int = 3) -> float:
-    """Measured wall-clock tokens/s of free-running generation (batch x new tokens / seconds), compile excluded."""
-    fn = lambda: dec(step, params, prompt_BxP, arg)
-    jax.block_until_ready(fn())
-    best = np.inf
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return prompt_BxP.shape[0] * dec.new_tokens / best
+    """Measured wall-clock tokens/s of free-running generation (batch x new tokens / best call), compile excluded."""
+    timing = costs.measure(lambda: dec(step, params, prompt_BxP, arg), warmup=1, iters=iters)
+    return prompt_BxP.shape[0] * dec.new_tokens / min(timing.times_s)
 
 
 def calibrate_to_layers(dec: Decoder, step, params, clf, windows: Windows, thresholds, target_layers: float
@@ -275,54 +270,6 @@ def calibrate_to_layers(dec: Decoder, step, params, clf, windows: Windows, thres
         if best is None or gap < best[0]:
             best = (gap, float(t), float(np.mean(layers)))
     return best[1], best[2]
-
-
-# ---------------------------------------------------------------------------------------------------- config
-
-
-def base_config(arg: str | None):
-    """The config both LM decoding experiments share: ``shakespeare`` (default), ``gutenberg`` (byte-level,
-    Gutenberg train / WikiText-2 validation) or ``smoke`` (a tiny model, a few steps: CI)."""
-    import ml_collections
-
-    from eejax.train import default_optim_config
-
-    arg = arg or "shakespeare"
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    # The base model trains (or resumes) in model_workdir; "" = runs/<model_name>, shared by both experiments.
-    c.model_workdir = ""
-    c.model_name = f"lm-{arg}"
-    c.data = ml_collections.ConfigDict(dict(name="tiny_shakespeare", tokenizer="char", eval_name="",
-                                            eval_split="validation", seq_len=128, batch_size=32))
-    c.model = ml_collections.ConfigDict(dict(d_model=128, depth=6, num_heads=4, num_kv_heads=2, mlp_dim=512,
-                                             rope_base=10000.0, norm="pre", tie_embeddings=True, exits="all",
-                                             exit_head="shared"))
-    c.train = ml_collections.ConfigDict(dict(steps=800, weighting="uniform", gamma=2.0, warmup_steps=100,
-                                             layer_drop=0.1, optim=default_optim_config()))
-    c.train.optim.update(lr=3e-3, schedule="warmup_cosine", warmup_steps=50, total_steps=800, weight_decay=0.01,
-                         grad_clip=1.0)
-    c.classifier = ml_collections.ConfigDict(dict(steps=150, optim=default_optim_config()))
-    c.classifier.optim.update(lr=1e-2, weight_decay=0.0)
-    c.eval = ml_collections.ConfigDict(dict(batch=32, prompt_len=64, new_tokens=64, calib_batches=2,
-                                            eval_batches=4, timing_iters=3))
-    c.log_every = 100
-    c.ckpt_every = 400
-    if arg == "gutenberg":
-        c.data.update(name="gutenberg", tokenizer="byte", eval_name="wikitext2", eval_split="validation")
-    elif arg == "smoke":
-        c.model.update(d_model=32, depth=3, num_heads=4, num_kv_heads=2, mlp_dim=64)
-        c.data.update(seq_len=32, batch_size=8)
-        c.train.steps = c.train.optim.total_steps = 6
-        c.train.optim.warmup_steps = 2
-        c.train.warmup_steps = 3
-        c.classifier.steps = 4
-        c.eval.update(batch=4, prompt_len=16, new_tokens=16, calib_batches=1, eval_batches=1, timing_iters=1)
-        c.log_every = 2
-        c.ckpt_every = 100
-    elif arg != "shakespeare":
-        raise ValueError(f"unknown arg {arg!r}; use shakespeare, gutenberg or smoke")
-    return c
 
 
 def sequence_losses(dec: Decoder, step, params, arg, windows: Windows, ref_tokens: list) -> tuple[np.ndarray,

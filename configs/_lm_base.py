@@ -1,0 +1,47 @@
+"""The config both LM decoding experiments share (configs/per_token_exit.py, configs/skipdecode.py).
+
+A shared piece, not a paper: ``launch.sh`` skips files starting with "_".
+"""
+import ml_collections
+
+from eejax.train import default_optim_config
+
+def base_config(arg: str | None):
+    """The config both LM decoding experiments share: ``shakespeare`` (default), ``gutenberg`` (byte-level,
+    Gutenberg train / WikiText-2 validation) or ``smoke`` (a tiny model, a few steps: CI)."""
+    arg = arg or "shakespeare"
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # The base model trains (or resumes) in model_workdir; "" = runs/<model_name>, shared by both experiments.
+    c.model_workdir = ""
+    c.model_name = f"lm-{arg}"
+    c.data = ml_collections.ConfigDict(dict(name="tiny_shakespeare", tokenizer="char", eval_name="",
+                                            eval_split="validation", seq_len=128, batch_size=32))
+    c.model = ml_collections.ConfigDict(dict(d_model=128, depth=6, num_heads=4, num_kv_heads=2, mlp_dim=512,
+                                             rope_base=10000.0, norm="pre", tie_embeddings=True, exits="all",
+                                             exit_head="shared"))
+    c.train = ml_collections.ConfigDict(dict(steps=800, weighting="uniform", gamma=2.0, warmup_steps=100,
+                                             layer_drop=0.1, optim=default_optim_config()))
+    c.train.optim.update(lr=3e-3, schedule="warmup_cosine", warmup_steps=50, total_steps=800, weight_decay=0.01,
+                         grad_clip=1.0)
+    c.classifier = ml_collections.ConfigDict(dict(steps=150, optim=default_optim_config()))
+    c.classifier.optim.update(lr=1e-2, weight_decay=0.0)
+    c.eval = ml_collections.ConfigDict(dict(batch=32, prompt_len=64, new_tokens=64, calib_batches=2,
+                                            eval_batches=4, timing_iters=3))
+    c.log_every = 100
+    c.ckpt_every = 400
+    if arg == "gutenberg":
+        c.data.update(name="gutenberg", tokenizer="byte", eval_name="wikitext2", eval_split="validation")
+    elif arg == "smoke":
+        c.model.update(d_model=32, depth=3, num_heads=4, num_kv_heads=2, mlp_dim=64)
+        c.data.update(seq_len=32, batch_size=8)
+        c.train.steps = c.train.optim.total_steps = 6
+        c.train.optim.warmup_steps = 2
+        c.train.warmup_steps = 3
+        c.classifier.steps = 4
+        c.eval.update(batch=4, prompt_len=16, new_tokens=16, calib_batches=1, eval_batches=1, timing_iters=1)
+        c.log_every = 2
+        c.ckpt_every = 100
+    elif arg != "shakespeare":
+        raise ValueError(f"unknown arg {arg!r}; use shakespeare, gutenberg or smoke")
+    return c
