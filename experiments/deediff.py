@@ -114,7 +114,7 @@ def exit_mse_vs_t(graphdef, params, sched, test, cfg):
         t_B = jnp.full((n,), t, jnp.int32)
         x_t = D.q_sample(sched, x0, t_B, noise)
         outs = nnx.merge(graphdef, params).all_exits(x_t, t_B, y)
-        eps_ExBxP = D.eps_from_output(sched, outs.logits_ExBxC, x_t.reshape(n, -1), t_B,
+        eps_ExBxP = D.eps_from_output(sched, outs.eps_ExBxP, x_t.reshape(n, -1), t_B,
                                       cfg.diffusion.parameterization)
         vs_full = jnp.mean((eps_ExBxP - eps_ExBxP[-1:]) ** 2, axis=(1, 2))
         vs_true = jnp.mean((eps_ExBxP - noise.reshape(1, n, -1)) ** 2, axis=(1, 2))

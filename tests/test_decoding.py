@@ -9,11 +9,12 @@ from flax import nnx
 
 from eejax.decoding import kv as kv_lib
 from eejax.decoding import per_token, skipdecode
+from eejax.exits import engine
 from eejax.models import lm
 
 CFG = lm.LMConfig(vocab_size=23, d_model=32, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=48)
 N, E = CFG.depth, CFG.num_exits
-_rng = np.random.default_rng(0)   # random prompts of different lengths (left-padded into one batch)
+_rng = np.random.default_rng(0)   # random prompts of different lengths (right-padded into one batch)
 PROMPTS = [_rng.integers(0, CFG.vocab_size, n).tolist() for n in (3, 5, 7, 2)]
 G = 6
 
@@ -29,7 +30,19 @@ def gs():
 
 @pytest.fixture(scope="module")
 def prompts():
-    return tuple(jnp.asarray(x) for x in kv_lib.left_pad(PROMPTS))
+    return tuple(jnp.asarray(x) for x in kv_lib.pad_prompts(PROMPTS))
+
+
+def _left_padded(prompt_rows, cont_BxG):
+    """The teacher-forced reference input: each row's prompt + continuation, left-padded, with its valid mask (so
+    the G continuation tokens sit at the last G positions of every row)."""
+    seqs = [list(x) + np.asarray(c).tolist() for x, c in zip(prompt_rows, cont_BxG)]
+    t = max(len(x) for x in seqs)
+    out = np.zeros((len(seqs), t), np.int32)
+    valid = np.zeros((len(seqs), t), bool)
+    for i, x in enumerate(seqs):
+        out[i, t - len(x):], valid[i, t - len(x):] = x, True
+    return jnp.asarray(out), jnp.asarray(valid)
 
 
 def _generate(gs, prompt, lengths, step_fn, force=None, **kw):
@@ -161,12 +174,12 @@ def test_propagated_and_oracle_kv(gs, prompts):
         _, prop_stats, prop = per_token.exit_step(model, tok, state, 0, thr, kv="propagate")
         _, orc_stats, orc = per_token.exit_step(model, tok, state, 0, thr, kv="oracle")
         # Hidden state after every layer of the full-depth run, and each layer's K/V projection of any state.
-        cur = kv_lib.with_current_slot(state)
-        hs, h = [], model.embed_tokens(tok)
+        aux = kv_lib.DecodeAux(state.cache, state.pos_B[:, None])
+        hs, h = [], model.embed_tokens(tok[:, None])
         for l in range(N):
-            h, cache = kv_lib.run_layer(model, l, h, cur)
-            cur = cur._replace(cache=cache)
-            hs.append(h)
+            ctx = engine.StepCtx(jnp.int32(l), jnp.int32(l), jnp.int32(0), None, aux)
+            h, aux = kv_lib.cache_layer(kv_lib.layer_at(model, l), h, ctx)
+            hs.append(h[:, 0])
         h_NxBxD = jnp.stack(hs)
         proj = [[kv_lib.layer_at(model, l).kv(h_NxBxD[j][:, None], state.pos_B[:, None])[0][:, 0]
                  for j in range(N)] for l in range(N)]
@@ -178,11 +191,11 @@ def test_propagated_and_oracle_kv(gs, prompts):
         exits = np.asarray(ps.exit_layer_B)
         if len(np.unique(exits)) >= 2:
             break
-    slot = prompt.shape[1]
     assert len(np.unique(exits)) >= 2 and exits.min() <= N - 3  # some row skips >= 2 layers
     np.testing.assert_array_equal(os_.exit_layer_B, exits)
     assert int(os_.layers_run) == N
     for b, e in enumerate(exits):
+        slot = int(lengths[b])       # the row's next position = its slot
         np.testing.assert_allclose(ps.h_BxD[b], h_NxBxD[e, b], rtol=1e-5, atol=1e-5)
         for l in range(N):
             got = prop.k_NxBxSxGxK[l, b, slot]
@@ -194,7 +207,6 @@ def test_propagated_and_oracle_kv(gs, prompts):
                     assert not np.allclose(got, full.k_NxBxSxGxK[l, b, slot], atol=1e-4)
     for a, b in ((orc.k_NxBxSxGxK, full.k_NxBxSxGxK), (orc.v_NxBxSxGxK, full.v_NxBxSxGxK)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)   # oracle K/V = the full forward's
-    np.testing.assert_array_equal(prop.valid_BxS, full.valid_BxS)
 
 
 def test_static_thresholds_exit_everyone_at_one_layer(gs, prompts):
@@ -229,9 +241,8 @@ def test_skipdecode_decode_equals_layer_program_reference(gs, prompts, keep_bott
     np.testing.assert_array_equal(gen.layers_run_G[1:], layers_G[:-1])
     np.testing.assert_array_equal(gen.layers_BxG[:, 1:], np.broadcast_to(layers_G[:-1], (len(PROMPTS), G - 1)))
     # Reference: the teacher-forced full-sequence forward that runs exactly the scheduled layers at each position.
-    p = prompt.shape[1]
-    seq = jnp.concatenate([prompt, force], 1)
-    valid = jnp.concatenate([jnp.arange(p)[None] >= (p - lengths)[:, None], jnp.ones(force.shape, bool)], 1)
+    seq, valid = _left_padded(PROMPTS, force)
+    p = seq.shape[1] - G
     pos_mask = jnp.asarray(skipdecode.sequence_mask(p, layers_G, N, keep_bottom))
     logits = jax.jit(lambda pr, s, v, m: nnx.merge(gd, pr).all_exits(s, valid_BxT=v, pos_mask_NxT=m,
                                                                      exits=[E - 1]).logits_ExBxTxV[0])(
@@ -290,9 +301,8 @@ def test_static_exit_decode_equals_teacher_forced_exit(prompts, variant):
     gen = jax.jit(lambda p, t, n, f: per_token.generate(nnx.merge(gd, p), t, n, G, step, force_BxG=f))(
         params, prompt, lengths, force)
     np.testing.assert_array_equal(gen.exit_layer_BxG[:, 1:], cfg.exit_layers[ex])
-    p = prompt.shape[1]
-    seq = jnp.concatenate([prompt, force], 1)
-    valid = jnp.concatenate([jnp.arange(p)[None] >= (p - lengths)[:, None], jnp.ones(force.shape, bool)], 1)
+    seq, valid = _left_padded(PROMPTS, force)
+    p = seq.shape[1] - G
     logits = jax.jit(lambda pr, s, v: nnx.merge(gd, pr).all_exits(s, valid_BxT=v).logits_ExBxTxV)(params, seq, valid)
     logp = jax.nn.log_softmax(logits[ex, :, p:p - 1 + G], -1)     # positions decoded by exit steps (not prefill)
     want = jnp.take_along_axis(logp, force[:, 1:, None], -1)[..., 0]

@@ -39,7 +39,7 @@ def outs(model_and_inputs):
 
 def test_shapes_and_config_checks(outs):
     e, p = CFG.depth, CFG.pixels
-    assert outs.logits_ExBxC.shape == (e, B, p) and outs.gate_ExB.shape == (e, B)
+    assert outs.eps_ExBxP.shape == (e, B, p) and outs.gate_ExB.shape == (e, B)
     assert outs.h_last.shape == (B, 1 + CFG.num_in, CFG.tokens, CFG.d_model)
     u = jax.nn.sigmoid(-outs.gate_ExB)
     assert ((u > 0) & (u < 1)).all()
@@ -75,7 +75,7 @@ def test_long_skips_match_python_reference(model_and_inputs, outs):
             eps.append(model.eps_from_hidden(h).reshape(B, -1))
         return jnp.stack(eps)
 
-    np.testing.assert_allclose(outs.logits_ExBxC, reference(p), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(outs.eps_ExBxP, reference(p), rtol=2e-5, atol=2e-5)
 
 
 def _dyn(gd, p, x, t, y, thr, measure):
@@ -90,7 +90,7 @@ def test_dynamic_equals_scan_at_exit(model_and_inputs, outs):
     want = engine.exits_from_scores(conf_ExB, thr)
     np.testing.assert_array_equal(dyn.exit_B, want)
     assert len(np.unique(np.asarray(dyn.exit_B))) >= 2, "rows should spread over exits"
-    np.testing.assert_allclose(dyn.logits_BxC, engine.take_exit(outs.logits_ExBxC, dyn.exit_B), rtol=2e-5,
+    np.testing.assert_allclose(dyn.out.eps_BxP, engine.take_exit(outs.eps_ExBxP, dyn.exit_B), rtol=2e-5,
                                atol=2e-5)
     # Batch mean: one exit for the whole batch, where the mean confidence first reaches the threshold.
     mean_thr = float(np.quantile(np.asarray(conf_ExB[:-1].mean(1)), 0.5))

@@ -59,7 +59,7 @@ def test_default_buckets():
     assert paths.default_buckets(100) == (16, 32, 56, 100)
     assert paths.default_buckets(5) == (5,)
     with pytest.raises(ValueError, match="must lie in"):
-        paths._check_buckets((0, 4), 8)
+        engine.check_buckets((0, 4), 8)
 
 
 def test_compacted_and_sharded_equal_masked(setup):

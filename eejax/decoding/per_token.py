@@ -1,7 +1,7 @@
 """Per-token early exit in batched, KV-cached decoding, and the generation loop shared by every decoding policy.
 
-For each generated token, one compiled ``lax.while_loop`` runs over the layers. Every row has its own active mask;
-at each exit its confidence (any ``eejax.exits.confidence`` measure, read through a ``HeadOut``) is compared with
+Each generated token is one ``engine.run``: the prefix program x a threshold policy x the masked executor, with the
+KV cache as the carried state (``kv.forward``). Every row has its own active mask; at each exit its confidence (any ``eejax.exits.confidence`` measure, read through a ``HeadOut``) is compared with
 the threshold, optionally decayed with the token's index as in CALM (Schuster et al. 2022, Eq. 5:
 ``clip(0.9 * lambda + 0.1 * exp(-tau * i / horizon), 0, 1)``). The loop stops when every row has exited.
 
@@ -26,8 +26,7 @@ from flax import nnx
 
 from eejax.decoding import kv as kv_lib
 from eejax.exits import confidence as conf_lib
-from eejax.exits.engine import HeadOut
-from eejax.models import lm as lm_lib
+from eejax.exits import engine, policies
 from eejax.models.lm import DecoderLM
 
 KV_MODES = ("propagate", "oracle")
@@ -41,24 +40,7 @@ class StepStats(NamedTuple):
     h_BxD: jax.Array          # the row's hidden state at its exit
 
 
-class ExitCarry(NamedTuple):
-    l: jax.Array
-    h_BxD: jax.Array          # running state: frozen at exit ("propagate") or kept running ("oracle")
-    active_B: jax.Array
-    logits_BxV: jax.Array
-    exit_layer_B: jax.Array
-    score_B: jax.Array
-    h_exit_BxD: jax.Array
-    measure: conf_lib.MeasureState
-    cache: kv_lib.KVCache
-
-
-def decayed_threshold(threshold, i, tau: float, horizon: int):
-    """CALM's position-dependent threshold; ``tau = 0`` leaves it unchanged."""
-    if tau == 0:
-        return threshold
-    decay = jnp.exp(-tau * jnp.asarray(i, jnp.float32) / horizon)
-    return jnp.clip(0.9 * threshold + 0.1 * decay, 0.0, 1.0)
+decayed_threshold = policies.calm_threshold
 
 
 def static_thresholds(num_exits: int, exit_index: int) -> jax.Array:
@@ -69,72 +51,29 @@ def static_thresholds(num_exits: int, exit_index: int) -> jax.Array:
 def exit_step(model: DecoderLM, tok_B: jax.Array, state: kv_lib.DecodeState, i, threshold, *,
               measure: conf_lib.Measure = conf_lib.max_softmax, kv: str = "propagate", tau: float = 0.0,
               horizon: int = 1, classifier: dict | None = None) -> tuple[jax.Array, StepStats, kv_lib.DecodeState]:
-    """One token per row with per-row early exit. ``threshold``: scalar or ``float[E]``; a row exits at exit e
-    when ``score >= threshold[e]``; the last exit takes every row still running."""
+    """One token per row with per-row early exit: the prefix program x a (CALM-decayed) threshold policy x the
+    masked executor (``keep_running`` for oracle K/V). ``threshold``: scalar or ``float[E]``; a row exits at exit
+    e when ``score >= threshold[e]``; the last exit takes every row still running."""
     if kv not in KV_MODES:
         raise ValueError(f"kv={kv!r}: use one of {KV_MODES}")
     cfg = model.cfg
-    num_layers, num_exits = cfg.depth, cfg.num_exits
-    exit_of_layer_N = jnp.asarray(cfg.exit_of_layer)
-    thr_E = jnp.broadcast_to(jnp.asarray(decayed_threshold(jnp.asarray(threshold, jnp.float32), i, tau, horizon),
-                                         jnp.float32), (num_exits,))
-    oracle = kv == "oracle"
-    state = kv_lib.with_current_slot(state)
-    h0 = model.embed_tokens(tok_B)
-    zero_B = tok_B * 0
+    num_layers = cfg.depth
+    policy = policies.threshold(measure, decayed_threshold(threshold, i, tau, horizon), cfg.num_exits)
+    out, new_state = kv_lib.forward(model, tok_B[:, None], state, engine.prefix(num_layers, cfg.exit_layers),
+                                    kv_lib.model_heads(model, classifier=classifier), policy,
+                                    engine.Masked(keep_running=kv == "oracle"))
+    cache = new_state.cache
+    if kv == "propagate":
+        # State propagation for the layers the loop never reached: K/V from each row's frozen exit state.
+        pos_Bx1 = state.pos_B[:, None]
 
-    def head(h_BxD, e):
-        logits = model.exit_logits(h_BxD, e)
-        gate = lm_lib.classifier_gate(classifier, h_BxD, e) if classifier is not None else zero_B.astype(
-            jnp.float32)
-        return HeadOut(logits_BxC=logits, feat_BxD=h_BxD, hidden_BxD=h_BxD, gate_B=gate)
+        def fill(l, cache):
+            k, v = kv_lib.layer_at(model, l).kv(out.h, pos_Bx1)
+            return kv_lib.write_kv(cache, l, pos_Bx1, k, v)
 
-    probe = jax.eval_shape(lambda h: head(h, 0), h0)
-
-    def cond(c: ExitCarry):
-        return (c.l < num_layers) & (jnp.any(c.active_B) | oracle)
-
-    def body(c: ExitCarry):
-        new_h, cache = kv_lib.run_layer(model, c.l, c.h_BxD, state._replace(cache=c.cache))
-        run_B = c.active_B | oracle
-        h = jnp.where(run_B[:, None], new_h, c.h_BxD)
-        e = exit_of_layer_N[c.l]
-
-        def at_exit(_):
-            out = head(h, jnp.maximum(e, 0))
-            score_B, ms = measure(out, c.measure)
-            ms = jax.tree.map(lambda n, o: jnp.where(c.active_B.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
-                              ms, c.measure)
-            stop_B = c.active_B & ((score_B >= thr_E[e]) | (e == num_exits - 1))
-            return out.logits_BxC, score_B, ms, stop_B
-
-        def no_exit(_):
-            return c.logits_BxV, c.score_B, c.measure, jnp.zeros_like(c.active_B)
-
-        logits, score_B, ms, stop_B = jax.lax.cond(e >= 0, at_exit, no_exit, None)
-        return ExitCarry(
-            l=c.l + 1, h_BxD=h, active_B=c.active_B & ~stop_B,
-            logits_BxV=jnp.where(stop_B[:, None], logits, c.logits_BxV),
-            exit_layer_B=jnp.where(stop_B, c.l, c.exit_layer_B),
-            score_B=jnp.where(stop_B, score_B, c.score_B),
-            h_exit_BxD=jnp.where(stop_B[:, None], h, c.h_exit_BxD),
-            measure=ms, cache=cache)
-
-    init = ExitCarry(
-        l=jnp.int32(0), h_BxD=h0, active_B=zero_B == 0,
-        logits_BxV=jnp.zeros(probe.logits_BxC.shape, probe.logits_BxC.dtype),
-        exit_layer_B=zero_B, score_B=zero_B.astype(jnp.float32), h_exit_BxD=jnp.zeros_like(h0),
-        measure=conf_lib.init_state(probe, zero_B), cache=state.cache)
-    final = jax.lax.while_loop(cond, body, init)
-
-    # State propagation for the layers the loop never reached: K/V from each row's frozen exit state.
-    def fill(l, cache):
-        k, v = kv_lib.layer_at(model, l).kv(final.h_BxD[:, None], state.pos_B[:, None])
-        return kv_lib.write_kv(cache, l, state.slot, k[:, 0], v[:, 0])
-
-    cache = jax.lax.fori_loop(final.l, num_layers, fill, final.cache)
-    stats = StepStats(final.exit_layer_B, final.exit_layer_B + 1, final.score_B, final.l, final.h_exit_BxD)
-    return final.logits_BxV, stats, kv_lib.mark_written(state, cache)
+        cache = jax.lax.fori_loop(out.layers_run, num_layers, fill, cache)
+    stats = StepStats(out.exit_layer_B, out.exit_layer_B + 1, out.score_B, out.layers_run, out.out.hidden_BxD)
+    return out.logits_BxC, stats, new_state._replace(cache=cache)
 
 
 def full_depth_step(model: DecoderLM, tok_B, state, i):
@@ -144,8 +83,7 @@ def full_depth_step(model: DecoderLM, tok_B, state, i):
     n = model.cfg.depth
     b = tok_B.shape[0]
     stats = StepStats(jnp.full((b,), n - 1, jnp.int32), jnp.full((b,), n, jnp.int32), jnp.zeros((b,), jnp.float32),
-                      jnp.int32(n),
-                      jnp.zeros((b, model.cfg.d_model), jnp.float32))
+                      jnp.int32(n), jnp.zeros((b, model.cfg.d_model), jnp.float32))
     return logits, stats, new_state
 
 
@@ -169,9 +107,10 @@ def generate(model: DecoderLM, prompt_BxP: jax.Array, lengths_B: jax.Array, num_
              force_BxG: jax.Array | None = None) -> Generation:
     """Prefill (full depth) then ``num_new`` tokens, each from the previous step's logits.
 
-    Token 0 comes from the prefill logits; token g > 0 from ``step_fn`` run on token g-1. With ``force_BxG`` the
-    loop feeds the given tokens instead of sampled ones (teacher forcing through the real decode path, so the
-    log-probs give a validation loss with exactly the decode's KV cache semantics).
+    Prompts are right-padded (``kv.pad_prompts``) with per-row ``lengths_B``. Token 0 comes from the prefill
+    logits; token g > 0 from ``step_fn`` run on token g-1. With ``force_BxG`` the loop feeds the given tokens
+    instead of sampled ones (teacher forcing through the real decode path, so the log-probs give a validation loss
+    with exactly the decode's KV cache semantics).
     """
     b, p = prompt_BxP.shape
     rng = jax.random.key(0) if rng is None else rng

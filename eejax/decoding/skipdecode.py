@@ -21,6 +21,7 @@ import numpy as np
 
 from eejax.decoding import kv as kv_lib
 from eejax.decoding.per_token import StepStats
+from eejax.exits import engine
 from eejax.models.lm import DecoderLM
 
 
@@ -68,22 +69,25 @@ def sequence_mask(prompt_len: int, layers_G, num_layers: int, keep_bottom: int =
     return position_layer_mask(np.concatenate([full, np.asarray(layers_G, np.int32)]), num_layers, keep_bottom)
 
 
+def skip_program(num_layers: int, run, keep_bottom: int = 0) -> engine.Program:
+    """The layer program of one position: ``run`` layers (traced), the first ``keep_bottom`` of them at the bottom,
+    the rest the top ones; one exit (the final head) after the last step."""
+    j_S = jnp.arange(num_layers, dtype=jnp.int32)
+    skip = num_layers - run
+    layer_S = jnp.minimum(jnp.where(j_S < keep_bottom, j_S, j_S + skip), num_layers - 1)
+    return engine.Program(layer_S, jnp.zeros_like(layer_S), jnp.reshape(run - 1, (1,)).astype(jnp.int32))
+
+
 def skip_step(model: DecoderLM, tok_B: jax.Array, state: kv_lib.DecodeState, i, layers_G: jax.Array, *,
               keep_bottom: int = 0):
     """Decode one token per row through the layers of position ``i``'s budget ``layers_G[i]`` (shared by the
-    batch): a ``while_loop`` over ``N - skip`` layers, so skipped layers cost nothing. Output: the final head."""
+    batch): the engine's static path over ``skip_program`` (a loop of ``layers_G[i]`` steps, so skipped layers
+    cost nothing), then the final head."""
     num_layers = model.cfg.depth
-    state = kv_lib.with_current_slot(state)
     run = jnp.asarray(layers_G, jnp.int32)[i]
-    skip = num_layers - run
-
-    def body(j, carry):
-        h, cache = carry
-        l = jnp.where(j < keep_bottom, j, j + skip)
-        return kv_lib.run_layer(model, l, h, state._replace(cache=cache))
-
-    h_BxD, cache = jax.lax.fori_loop(0, run, body, (model.embed_tokens(tok_B), state.cache))
+    out, state = kv_lib.forward(model, tok_B[:, None], state, skip_program(num_layers, run, keep_bottom),
+                                kv_lib.final_head(model))
     b = tok_B.shape[0]
     stats = StepStats(jnp.full((b,), num_layers - 1, jnp.int32), jnp.full((b,), run, jnp.int32),
-                      jnp.zeros((b,), jnp.float32), run, h_BxD)
-    return model.exit_logits(h_BxD, model.cfg.num_exits - 1), stats, kv_lib.mark_written(state, cache)
+                      jnp.zeros((b,), jnp.float32), run, out.out.hidden_BxD)
+    return out.logits_BxC, stats, state

@@ -37,7 +37,11 @@ def init_state(probe, zero_B: jax.Array) -> MeasureState:
 
 
 def _advance(out, state: MeasureState) -> MeasureState:
-    pred_B = jnp.argmax(out.logits_BxC, axis=-1).astype(state.prev_pred_B.dtype)
+    """The state after this exit; heads without class logits (a diffusion head) leave the argmax history as is."""
+    logits = getattr(out, "logits_BxC", None)
+    if logits is None:
+        return state._replace(prev_hidden_BxD=out.hidden_BxD.astype(jnp.float32))
+    pred_B = jnp.argmax(logits, axis=-1).astype(state.prev_pred_B.dtype)
     unchanged_B = jnp.where(pred_B == state.prev_pred_B, state.unchanged_B + 1, 0)
     return MeasureState(pred_B, unchanged_B, out.hidden_BxD.astype(jnp.float32))
 

@@ -42,7 +42,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes
 
 from eejax.exits import confidence as conf_lib
-from eejax.exits import engine
+from eejax.exits import engine, policies
 from eejax.nn.layers import Block
 
 
@@ -65,7 +65,7 @@ class SlotCarry(NamedTuple):
     layer_S: jax.Array        # the layer each slot runs next
     sample_S: jax.Array       # the queue index of the input a slot holds
     live_S: jax.Array         # slot holds an unfinished input
-    measure: conf_lib.MeasureState   # per slot; reset on refill
+    policy_state: object      # per slot; reset on refill
     logits_QxC: jax.Array     # output buffers, written when an input exits
     exit_Q: jax.Array
     score_Q: jax.Array
@@ -172,22 +172,24 @@ def _heads_per_slot(heads, h_SxTxD, exit_S, at_exit_S, probe):
 
 
 def continuous_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], engine.HeadOut]],
-                     h0_QxTxD: jax.Array, exit_layers: Sequence[int], threshold, *, num_slots: int,
-                     measure: conf_lib.Measure = conf_lib.max_softmax) -> ContinuousOutputs:
+                     h0_QxTxD: jax.Array, exit_layers: Sequence[int], threshold=None, *, num_slots: int,
+                     measure: conf_lib.Measure = conf_lib.max_softmax, policy=None) -> ContinuousOutputs:
     """Early exit over a queue of ``Q`` embedded inputs with ``num_slots`` slots (continuous batching).
 
     Arguments as ``engine.while_exits`` (``h0`` is the queue, in order; ``layers`` must be a stacked
-    ``eejax.nn.layers.Block``). ``threshold`` is a scalar or one value per exit; an input exits at exit ``e``
-    when ``score >= threshold[e]``, and at the last exit in any case. Every head must return the same shapes.
+    ``eejax.nn.layers.Block``). The policy is ``policy`` or ``policies.threshold(measure, threshold)``; each slot
+    is decided by the engine's one stop rule (``engine.exit_check``) at its own exit. Every head must return the
+    same shapes.
     """
     num_layers = engine.check_exits(layers, heads, exit_layers)
     block_weights(layers)   # type check up front
     num_exits = len(exit_layers)
+    if policy is None:
+        policy = policies.threshold(measure, threshold, num_exits)
     q = h0_QxTxD.shape[0]
     if q < 1 or num_slots < 1:
         raise ValueError(f"need at least one input and one slot: {h0_QxTxD.shape=}, {num_slots=}")
     s = num_slots
-    thr_E = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), (num_exits,))
     exit_of_layer = [-1] * num_layers
     for e, l in enumerate(exit_layers):
         exit_of_layer[l] = e
@@ -201,16 +203,15 @@ def continuous_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], e
         raise ValueError(f"every exit head must return the same shapes and dtypes; got {sorted(map(str, sigs))}")
     probe = probes[0]
     idx_S = jnp.arange(s, dtype=jnp.int32)
-    fresh_state = conf_lib.init_state(probe, idx_S * 0)
+    fresh_state = policy.init(probe, idx_S * 0, None)
 
     def body(c: SlotCarry) -> SlotCarry:
         h = grouped_block_step(layers, c.h_SxTxD, c.layer_S, c.live_S)
         exit_S = exit_of_layer_N[jnp.minimum(c.layer_S, num_layers - 1)]
         at_exit_S = c.live_S & (exit_S >= 0)
         out = _heads_per_slot(heads, h, exit_S, at_exit_S, probe)
-        score_S, new_state = measure(out, c.measure)
-        state = engine.where_rows(at_exit_S, new_state, c.measure)
-        stop_S = at_exit_S & ((score_S >= thr_E[jnp.maximum(exit_S, 0)]) | (exit_S == num_exits - 1))
+        stop_S, score_S, state = engine.exit_check(policy, out, c.policy_state, jnp.maximum(exit_S, 0), num_exits,
+                                                   at_exit_S)
 
         # Write the finished inputs' results at their queue positions (other slots scatter out of bounds: dropped).
         dest_S = jnp.where(stop_S, c.sample_S, q)
@@ -225,7 +226,7 @@ def continuous_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], e
         return SlotCarry(
             steps=c.steps + 1, next_q=c.next_q + jnp.sum(got_S.astype(jnp.int32)), h_SxTxD=h,
             layer_S=jnp.where(stop_S, 0, c.layer_S + 1), sample_S=jnp.where(got_S, new_q_S, c.sample_S),
-            live_S=jnp.where(stop_S, got_S, c.live_S), measure=engine.where_rows(got_S, fresh_state, state),
+            live_S=jnp.where(stop_S, got_S, c.live_S), policy_state=engine.where_rows(got_S, fresh_state, state),
             logits_QxC=logits_QxC, exit_Q=exit_Q, score_Q=score_Q)
 
     def cond(c: SlotCarry):
@@ -234,7 +235,7 @@ def continuous_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], e
     zero_Q = jnp.zeros((q,), jnp.int32)
     init = SlotCarry(
         steps=jnp.int32(0), next_q=jnp.int32(min(s, q)), h_SxTxD=h0_QxTxD[jnp.minimum(idx_S, q - 1)],
-        layer_S=idx_S * 0, sample_S=idx_S, live_S=idx_S < q, measure=fresh_state,
+        layer_S=idx_S * 0, sample_S=idx_S, live_S=idx_S < q, policy_state=fresh_state,
         logits_QxC=jnp.zeros((q,) + probe.logits_BxC.shape[1:], probe.logits_BxC.dtype),
         exit_Q=zero_Q, score_Q=zero_Q.astype(jnp.float32))
     final = jax.lax.while_loop(cond, body, init)

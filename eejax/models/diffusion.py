@@ -46,7 +46,7 @@ from flax import nnx
 
 from eejax.exits import confidence as conf_lib
 from eejax.exits import costs
-from eejax.exits import engine
+from eejax.exits import engine, policies
 from eejax.nn.layers import Block, build as nn_build, stacked
 
 # ---------------------------------------------------------------------------------------------- config, model
@@ -111,6 +111,20 @@ class Cond(NamedTuple):
     temb_BxD: jax.Array
 
 
+class EpsHeadOut(NamedTuple):
+    """One exit's output: the shared head's image and that exit's UEM."""
+    eps_BxP: jax.Array     # the output head's image, flattened (epsilon; read as v under parameterization="v")
+    hidden_BxD: jax.Array  # pooled tokens (for hidden-state measures)
+    gate_B: jax.Array      # minus the UEM logit: sigmoid(gate_B) = 1 - u, the engine's ``learned`` confidence
+
+
+class UViTExits(NamedTuple):
+    """The training path's outputs at every exit (leading E)."""
+    eps_ExBxP: jax.Array
+    gate_ExB: jax.Array
+    h_last: jax.Array
+
+
 class UViT(nnx.Module):
     """U-ViT with stacked layers, long skips carried in the engine's hidden array, and an exit after every layer."""
 
@@ -165,13 +179,14 @@ class UViT(nnx.Module):
 
     # ------------------------------------------------------------------------------------------ layers
 
-    def layer_fn(self, layer: Block, carry_BxKxTxD: jax.Array, l: jax.Array) -> jax.Array:
+    def layer_fn(self, layer: Block, carry_BxKxTxD: jax.Array, ctx: engine.StepCtx) -> jax.Array:
         """Layer ``l`` on the packed carry: in blocks store their output in a skip slot, out blocks consume one.
 
         One block call per layer (so the block is compiled once); only the cheap long-skip projection sits in a
         ``lax.cond``, so in and mid layers do not pay for it.
         """
         s = self.cfg.num_in
+        l = ctx.layer
         h = carry_BxKxTxD[:, 0]
 
         def with_skip(h):
@@ -203,28 +218,28 @@ class UViT(nnx.Module):
         return feats @ self.uem_w[...][i] + self.uem_b[...][i]
 
     def heads(self, cond: Cond) -> list:
-        """E = N head callables ``carry -> HeadOut`` for the engine: the shared eps head + exit i's UEM.
+        """E = N head callables ``carry -> EpsHeadOut`` for the engine: the shared eps head + exit i's UEM.
 
-        ``logits_BxC`` holds the flattened epsilon (``C = P`` pixels); ``gate_B = -uem_logit``, so the engine's
-        ``learned`` measure ``sigmoid(gate)`` is the confidence ``1 - u``.
+        ``gate_B = -uem_logit``, so the engine's ``learned`` measure ``sigmoid(gate)`` is the confidence ``1 - u``.
         """
         def make(i):
             def head(carry_BxKxTxD):
                 h = carry_BxKxTxD[:, 0]
                 eps = self.eps_from_hidden(h)
                 pooled = h.mean(axis=1)
-                return engine.HeadOut(logits_BxC=eps.reshape(eps.shape[0], -1), feat_BxD=pooled,
-                                      hidden_BxD=pooled, gate_B=-self.uem_logit(h, cond.temb_BxD, i))
+                return EpsHeadOut(eps_BxP=eps.reshape(eps.shape[0], -1), hidden_BxD=pooled,
+                                  gate_B=-self.uem_logit(h, cond.temb_BxD, i))
             return head
         return [make(i) for i in range(self.cfg.depth)]
 
     # ------------------------------------------------------------------------------------------ paths
 
-    def all_exits(self, x_BxHxWxC, t_B, y_B=None, *, remat: bool = False) -> engine.ExitOutputs:
-        """Training path: every layer, every exit (eps in ``logits_ExBxC`` with C = P, ``-uem`` in ``gate_ExB``)."""
+    def all_exits(self, x_BxHxWxC, t_B, y_B=None, *, remat: bool = False) -> UViTExits:
+        """Training path: every layer, every exit (the flattened head image and ``-uem`` per exit)."""
         carry, cond = self.embed(x_BxHxWxC, t_B, y_B)
-        return engine.scan_exits(self.layers, self.heads(cond), carry, self.cfg.exit_layers,
+        outs = engine.scan_exits(self.layers, self.heads(cond), carry, self.cfg.exit_layers,
                                  layer_fn=self.layer_fn, remat=remat)
+        return UViTExits(outs.out.eps_BxP, outs.out.gate_B, outs.h_last)
 
     def full(self, x_BxHxWxC, t_B, y_B=None) -> jax.Array:
         """Static full depth (no exit heads on the way): the epsilon image ``B x H x W x C``."""
@@ -232,26 +247,27 @@ class UViT(nnx.Module):
         last, _ = engine.run_layers(self.layers, carry, layer_fn=self.layer_fn)
         return self.eps_from_hidden(last[:, 0])
 
-    def dynamic(self, x_BxHxWxC, t_B, y_B, threshold, measure: str = "per_sample") -> engine.DynamicOutputs:
-        """Inference path: the engine's while loop; ``logits_BxC`` is the flattened epsilon of the exit taken."""
+    def dynamic(self, x_BxHxWxC, t_B, y_B, threshold, measure: str = "per_sample",
+                executor=engine.Masked()) -> engine.DynamicOutputs:
+        """Inference path: ``engine.run`` over the prefix program with the DeeDiff policy ``measure``
+        (``out.eps_BxP`` is the flattened head image of the exit taken)."""
         carry, cond = self.embed(x_BxHxWxC, t_B, y_B)
-        return engine.while_exits(self.layers, self.heads(cond), carry, self.cfg.exit_layers, threshold,
-                                  measure=get_measure(measure), layer_fn=self.layer_fn)
+        program = engine.prefix(self.cfg.depth, self.cfg.exit_layers)
+        return engine.run(self.layers, self.heads(cond), carry, program,
+                          get_policy(measure, threshold, self.cfg.depth), executor, layer_fn=self.layer_fn)
 
 
-def batch_mean_confidence(out: engine.HeadOut, state: conf_lib.MeasureState):
-    """DeeDiff's public-code rule: every row gets the batch mean of ``1 - u``, so the whole batch exits together."""
-    score_B, new = conf_lib.learned(out, state)
-    return jnp.broadcast_to(jnp.mean(score_B), score_B.shape), new
+MEASURES = ("per_sample", "batch_mean")
 
 
-MEASURES = {"per_sample": conf_lib.learned, "batch_mean": batch_mean_confidence}
-
-
-def get_measure(name: str):
-    if name not in MEASURES:
-        raise ValueError(f"unknown exit measure {name!r}; choose from {sorted(MEASURES)}")
-    return MEASURES[name]
+def get_policy(name: str, threshold, num_exits: int):
+    """DeeDiff's exit rule on the confidence ``1 - u``: per row (``per_sample``), or the batch mean of ``1 - u``
+    for every row (``batch_mean``, as DeeDiff's public code does: the whole batch exits together)."""
+    if name == "per_sample":
+        return policies.threshold(conf_lib.learned, threshold, num_exits)
+    if name == "batch_mean":
+        return policies.batch_mean(conf_lib.learned, threshold, num_exits)
+    raise ValueError(f"unknown exit measure {name!r}; choose from {sorted(MEASURES)}")
 
 
 def build(cfg: UViTConfig, seed: int):
@@ -381,7 +397,7 @@ def training_loss(graphdef, sched: NoiseSchedule, *, lam: float = 1.0, beta: flo
         y = batch["label"] if model.cfg.num_classes else None
         x_t = q_sample(sched, x0, t_B, noise)
         outs = model.all_exits(x_t, t_B, y, remat=remat)
-        eps_ExBxP = eps_from_output(sched, outs.logits_ExBxC, x_t.reshape(b, -1), t_B, parameterization)
+        eps_ExBxP = eps_from_output(sched, outs.eps_ExBxP, x_t.reshape(b, -1), t_B, parameterization)
         parts = deediff_loss(eps_ExBxP, -outs.gate_ExB, noise.reshape(b, -1), lam=lam, beta=beta,
                              detach_ual_weight=detach_ual_weight)
         e = parts.mse_E.shape[0]
@@ -465,7 +481,7 @@ def ddim_sample(model: UViT, sched: NoiseSchedule, key: jax.Array, y_B: jax.Arra
             layers_run = jnp.int32(cfg.depth)
         else:
             out = model.dynamic(x, t_B, y_B, thr_E, measure)
-            head = out.logits_BxC.reshape(x.shape)
+            head = out.out.eps_BxP.reshape(x.shape)
             exit_layer_B, layers_run = out.exit_layer_B, out.layers_run
         eps = eps_from_output(sched, head, x, t_B, parameterization)
         noise = (jax.random.normal(jax.random.fold_in(k_step, s), x.shape, x.dtype) if eta > 0
@@ -532,7 +548,7 @@ def two_depth(t_S: np.ndarray, num_layers: int, shallow: int, target_mean: float
     return best
 
 
-__all__ = ["UViTConfig", "UViT", "Cond", "timestep_embedding", "batch_mean_confidence", "MEASURES", "get_measure",
+__all__ = ["UViTConfig", "UViT", "Cond", "EpsHeadOut", "UViTExits", "timestep_embedding", "MEASURES", "get_policy",
            "build", "flops", "NoiseSchedule", "make_schedule", "q_sample", "PARAMETERIZATIONS", "eps_from_output",
            "DeeDiffLoss", "deediff_loss",
            "training_loss", "SampleOutputs", "ddim_timesteps", "full_thresholds", "depth_thresholds",

@@ -20,7 +20,8 @@ Paths (same parameters):
 * ``all_exits(tokens)``: the training / teacher-forced path, ``engine.run_layers`` (a ``lax.scan``) over every
   layer with every exit's logits. ``layer_mask_NxB`` is a per-(layer, sample) program (LayerSkip layer dropout:
   rows are masked, never removed); ``pos_mask_NxT`` is a per-(layer, position) program (SkipDecode's schedule).
-* the layer primitives ``Block.kv`` / ``Block.attend`` used by ``eejax.decoding`` for KV-cached decoding.
+* the layer primitives ``Block.kv`` / ``Block.attn_half`` / ``Block.mlp_half`` used by ``eejax.decoding`` for
+  KV-cached decoding on the engine (a program may run one half without the other).
 """
 from __future__ import annotations
 
@@ -137,15 +138,22 @@ class Block(nnx.Module):
         k_BxTxGxK = rope(self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim), pos_BxT, self.rope_base)
         return k_BxTxGxK, self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
 
-    def attend(self, h_BxTxD, pos_BxT, k_BxSxGxK, v_BxSxGxK, mask_BxTxS) -> jax.Array:
-        """The block's output for queries ``h`` attending to the given keys/values (the cache or the sequence)."""
+    def attn_half(self, h_BxTxD, pos_BxT, k_BxSxGxK, v_BxSxGxK, mask_BxTxS) -> jax.Array:
+        """The attention half: queries ``h`` attend to the given keys/values (the cache or the sequence)."""
         b, t, _ = h_BxTxD.shape
         x = self.norm1(h_BxTxD)
         q_BxTxHxK = rope(self.q(x).reshape(b, t, self.num_heads, self.head_dim), pos_BxT, self.rope_base)
         y = self.o(gqa_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS))
-        h_BxTxD = h_BxTxD + (self.post1(y) if self.peri else y)
+        return h_BxTxD + (self.post1(y) if self.peri else y)
+
+    def mlp_half(self, h_BxTxD) -> jax.Array:
+        """The MLP half (position-wise; no cache)."""
         y = self.mlp(self.norm2(h_BxTxD))
         return h_BxTxD + (self.post2(y) if self.peri else y)
+
+    def attend(self, h_BxTxD, pos_BxT, k_BxSxGxK, v_BxSxGxK, mask_BxTxS) -> jax.Array:
+        """The block's output for queries ``h`` attending to the given keys/values (both halves)."""
+        return self.mlp_half(self.attn_half(h_BxTxD, pos_BxT, k_BxSxGxK, v_BxSxGxK, mask_BxTxS))
 
     def __call__(self, h_BxTxD, pos_BxT, mask_BxTxT) -> jax.Array:
         k, v = self.kv(h_BxTxD, pos_BxT)
@@ -233,11 +241,11 @@ class DecoderLM(nnx.Module):
         pos_BxT = self.positions(valid_BxT)
         mask_BxTxT = causal_mask(valid_BxT)
 
-        def layer_fn(layer, h, l):
+        def layer_fn(layer, h, ctx):
             new_h = layer(h, pos_BxT, mask_BxTxT)
             if pos_mask_NxT is None:
                 return new_h
-            return jnp.where(pos_mask_NxT[l][None, :, None], new_h, h)
+            return jnp.where(pos_mask_NxT[ctx.layer][None, :, None], new_h, h)
 
         _, h_NxBxTxD = engine.run_layers(self.layers, self.embed_tokens(tokens_BxT), layer_fn=layer_fn,
                                          layer_mask_NxB=layer_mask_NxB, remat=remat)

@@ -16,7 +16,7 @@ from flax import nnx
 
 from eejax.exits import confidence as conf_lib
 from eejax.exits import costs
-from eejax.exits import engine
+from eejax.exits import engine, policies
 from eejax.models import vit_heads as heads_lib
 from eejax.nn.layers import Block, build as nn_build, stacked
 
@@ -101,11 +101,16 @@ class ViT(nnx.Module):
         return engine.scan_exits(self.layers, list(self.heads), self.embed(x_BxHxWxC), self.cfg.exit_layers,
                                  layer_mask_NxB=layer_mask_NxB, remat=remat)
 
-    def dynamic(self, x_BxHxWxC, threshold, measure: str | conf_lib.Measure = "max_softmax"
+    def dynamic(self, x_BxHxWxC, threshold=None, measure: str | conf_lib.Measure = "max_softmax", *,
+                policy=None, program: engine.Program | None = None, executor=engine.Masked()
                 ) -> engine.DynamicOutputs:
-        measure = conf_lib.get_measure(measure) if isinstance(measure, str) else measure
-        return engine.while_exits(self.layers, list(self.heads), self.embed(x_BxHxWxC), self.cfg.exit_layers,
-                                  threshold, measure=measure)
+        """Inference: ``engine.run(program, policy, executor)``; by default the prefix program and a confidence
+        threshold (scalar or one per exit) on ``measure``."""
+        cfg = self.cfg
+        program = engine.prefix(cfg.depth, cfg.exit_layers) if program is None else program
+        if policy is None:
+            policy = policies.threshold(measure, threshold, len(cfg.exit_layers))
+        return engine.run(self.layers, list(self.heads), self.embed(x_BxHxWxC), program, policy, executor)
 
     def static(self, x_BxHxWxC, exit_index: int) -> jax.Array:
         """A truncated model: layers up to exit ``exit_index`` and only that exit's head (static-depth baseline)."""

@@ -47,9 +47,14 @@ class Block(nnx.Module):
         self.ln2 = nnx.LayerNorm(d_model, rngs=rngs, dtype=dtype)
         self.mlp = Mlp(d_model, mlp_dim, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-        x_BxTxD = x_BxTxD + self.attn(self.ln1(x_BxTxD))
+    def attn_half(self, x_BxTxD: jax.Array) -> jax.Array:
+        return x_BxTxD + self.attn(self.ln1(x_BxTxD))
+
+    def mlp_half(self, x_BxTxD: jax.Array) -> jax.Array:
         return x_BxTxD + self.mlp(self.ln2(x_BxTxD))
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        return self.mlp_half(self.attn_half(x_BxTxD))
 
 
 def stacked(make_layer, num_layers: int, rngs: nnx.Rngs):

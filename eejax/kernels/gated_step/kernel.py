@@ -1,8 +1,10 @@
 """Pallas kernel: one gated residual MLP step over row tiles, reading one layer of stacked weights in place.
 
-``gated_mlp(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer)`` computes, for the rows whose ``active`` is
-set, ``h + gelu(h @ w1[layer] + b1[layer]) @ w2[layer] + b2[layer]``, and returns the other rows unchanged (the
-MLP half of a transformer layer inside an early-exit loop). Reference: ``reference.gated_mlp_ref``.
+``gated_mlp(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, residual_NxD=r)`` computes, for the rows
+whose ``active`` is set, ``r + gelu(h @ w1[layer] + b1[layer]) @ w2[layer] + b2[layer]`` (``r`` defaults to ``h``; a
+pre-LN block passes ``h = ln(r)``), and returns ``r`` for the other rows (the MLP half of a transformer layer
+inside an early-exit loop). Reference: ``reference.gated_mlp_ref``. ``gated_mlp_auto`` dispatches: the kernel on
+GPU, the reference elsewhere (the TPU/Mosaic variant, with the layer index scalar-prefetched, is not written yet).
 
 How it saves work and memory:
 
@@ -56,12 +58,13 @@ def default_block_k(f: int, cap: int = 128) -> int:
     return k if k >= 16 else f
 
 
-def _kernel(layer_ref, a_ref, h_ref, w1_ref, b1_ref, w2_ref, b2_ref, o_ref, *maybe_ran_ref, block_k: int,
+def _kernel(layer_ref, a_ref, h_ref, r_ref, w1_ref, b1_ref, w2_ref, b2_ref, o_ref, *maybe_ran_ref, block_k: int,
             num_k: int):
     ran_ref = maybe_ran_ref[0] if maybe_ran_ref else None   # debug output: 1 where the tile's MLP ran
     h_RxD = h_ref[...]
+    r_RxD = r_ref[...]
     a_Rx1 = a_ref[...]
-    o_ref[...] = h_RxD                                   # inactive rows and skipped tiles: identity
+    o_ref[...] = r_RxD                                   # inactive rows and skipped tiles: the residual
     if ran_ref is not None:
         ran_ref[...] = jnp.zeros(ran_ref.shape, jnp.int32)
     active_tile = jnp.max(a_Rx1) > 0
@@ -81,8 +84,8 @@ def _kernel(layer_ref, a_ref, h_ref, w1_ref, b1_ref, w2_ref, b2_ref, o_ref, *may
             return acc_RxD + jnp.dot(x_RxK, w2_KxD, preferred_element_type=f32)
 
         acc_RxD = jax.lax.fori_loop(0, num_k, k_step, jnp.zeros(h_RxD.shape, f32))
-        y_RxD = h_RxD.astype(f32) + acc_RxD + b2_ref[layer, :].astype(f32)[None, :]
-        o_ref[...] = jnp.where(a_Rx1 > 0, y_RxD.astype(o_ref.dtype), h_RxD)
+        y_RxD = r_RxD.astype(f32) + acc_RxD + b2_ref[layer, :].astype(f32)[None, :]
+        o_ref[...] = jnp.where(a_Rx1 > 0, y_RxD.astype(o_ref.dtype), r_RxD)
         if ran_ref is not None:
             ran_ref[...] = jnp.ones(ran_ref.shape, jnp.int32)
 
@@ -98,20 +101,23 @@ def _check(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, block_rows, bloc
         raise ValueError(f"{block_rows=} must be >= 1 and {block_k=} must divide F={f}")
 
 
-def _pallas_forward(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, *, block_rows: int, block_k: int,
-                    interpret: bool, with_ran: bool = False):
+def _pallas_forward(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, r_NxD, *, block_rows: int,
+                    block_k: int, interpret: bool, with_ran: bool = False):
     _check(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, block_rows, block_k)
+    if r_NxD.shape != h_NxD.shape:
+        raise ValueError(f"residual of shape {r_NxD.shape} for rows of shape {h_NxD.shape}")
     n, d = h_NxD.shape
     num_layers, _, f = w1_LxDxF.shape
     pad = -n % block_rows                              # padded rows are inactive, so their tiles may be skipped
     h_pad = jnp.pad(h_NxD, ((0, pad), (0, 0))) if pad else h_NxD
+    r_pad = jnp.pad(r_NxD, ((0, pad), (0, 0))) if pad else r_NxD
     a_pad = jnp.pad(active_N, (0, pad)) if pad else active_N
     num_tiles = (n + pad) // block_rows
     layer_1 = jnp.clip(jnp.asarray(layer, jnp.int32), 0, num_layers - 1).reshape(1)   # jnp indexing also clamps
 
     whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))   # noqa: E731  (base pointer)
     rows = pl.BlockSpec((block_rows, d), lambda i: (i, 0))
-    out_shape = [jax.ShapeDtypeStruct(h_pad.shape, h_pad.dtype)]
+    out_shape = [jax.ShapeDtypeStruct(r_pad.shape, r_pad.dtype)]
     out_specs = [rows]
     if with_ran:
         out_shape.append(jax.ShapeDtypeStruct((num_tiles,), jnp.int32))
@@ -119,49 +125,65 @@ def _pallas_forward(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, 
     outs = pl.pallas_call(
         functools.partial(_kernel, block_k=block_k, num_k=f // block_k),
         grid=(num_tiles,),
-        in_specs=[whole((1,)), pl.BlockSpec((block_rows, 1), lambda i: (i, 0)), rows,
+        in_specs=[whole((1,)), pl.BlockSpec((block_rows, 1), lambda i: (i, 0)), rows, rows,
                   whole(w1_LxDxF.shape), whole(b1_LxF.shape), whole(w2_LxFxD.shape), whole(b2_LxD.shape)],
         out_specs=out_specs, out_shape=out_shape, interpret=interpret,
-    )(layer_1, a_pad.astype(jnp.int32)[:, None], h_pad, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD)
+    )(layer_1, a_pad.astype(jnp.int32)[:, None], h_pad, r_pad, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD)
     out_NxD = outs[0][:n] if pad else outs[0]
     return (out_NxD, outs[1]) if with_ran else out_NxD
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _gated(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, block_rows, block_k, interpret):
-    return _pallas_forward(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, block_rows=block_rows,
-                           block_k=block_k, interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _gated(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, r_NxD, block_rows, block_k, interpret):
+    return _pallas_forward(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, r_NxD,
+                           block_rows=block_rows, block_k=block_k, interpret=interpret)
 
 
-def _gated_fwd(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, block_rows, block_k, interpret):
-    out = _gated(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, block_rows, block_k, interpret)
-    return out, (h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer)
+def _gated_fwd(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, r_NxD, block_rows, block_k, interpret):
+    out = _gated(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, r_NxD, block_rows, block_k, interpret)
+    return out, (h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, r_NxD)
 
 
 def _gated_bwd(block_rows, block_k, interpret, res, g_NxD):
     del block_rows, block_k, interpret
-    h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer = res
-    _, vjp = jax.vjp(lambda h, w1, b1, w2, b2: gated_mlp_ref(h, active_N, w1, b1, w2, b2, layer),
-                     h_NxD, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD)
-    g_h, g_w1, g_b1, g_w2, g_b2 = vjp(g_NxD)
-    return g_h, None, g_w1, g_b1, g_w2, g_b2, None      # no cotangent for the mask and the layer index
+    h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, r_NxD = res
+    _, vjp = jax.vjp(lambda h, w1, b1, w2, b2, r: gated_mlp_ref(h, active_N, w1, b1, w2, b2, layer,
+                                                                 residual_NxD=r),
+                     h_NxD, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, r_NxD)
+    g_h, g_w1, g_b1, g_w2, g_b2, g_r = vjp(g_NxD)
+    return g_h, None, g_w1, g_b1, g_w2, g_b2, None, g_r   # no cotangent for the mask and the layer index
 
 
 _gated.defvjp(_gated_fwd, _gated_bwd)
 
 
 def gated_mlp(h_NxD: jax.Array, active_N: jax.Array, w1_LxDxF: jax.Array, b1_LxF: jax.Array, w2_LxFxD: jax.Array,
-              b2_LxD: jax.Array, layer, *, block_rows: int = 32, block_k: int | None = None,
-              interpret: bool | None = None) -> jax.Array:
-    """The gated MLP step (see the module docstring); differentiable in ``h`` and the weights."""
+              b2_LxD: jax.Array, layer, *, residual_NxD: jax.Array | None = None, block_rows: int = 32,
+              block_k: int | None = None, interpret: bool | None = None) -> jax.Array:
+    """The gated MLP step (see the module docstring); differentiable in ``h``, the residual and the weights."""
     block_k = default_block_k(w1_LxDxF.shape[-1]) if block_k is None else block_k
-    return _gated(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, jnp.asarray(layer, jnp.int32),
+    r_NxD = h_NxD if residual_NxD is None else residual_NxD
+    return _gated(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, jnp.asarray(layer, jnp.int32), r_NxD,
                   block_rows, block_k, resolve_interpret(interpret))
+
+
+def kernel_backend() -> bool:
+    """Whether ``gated_mlp_auto`` uses the Pallas kernel here: on GPU (Triton), not on CPU (interpret mode is only
+    for correctness) nor on TPU (the Mosaic variant is not written)."""
+    return jax.default_backend() == "gpu"
+
+
+def gated_mlp_auto(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, *, residual_NxD=None,
+                   block_rows: int = 32, block_k: int | None = None) -> jax.Array:
+    """The executor's dispatch: the Pallas kernel where it compiles (``kernel_backend()``), the reference else."""
+    fn = gated_mlp if kernel_backend() else gated_mlp_ref
+    return fn(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, residual_NxD=residual_NxD,
+              block_rows=block_rows, block_k=block_k)
 
 
 def gated_mlp_ran_tiles(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, *, block_rows: int = 32,
                         block_k: int | None = None, interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """Debug view: the output and ``ran_T``, 1 for the row tiles whose MLP branch ran (0 where it was skipped)."""
     block_k = default_block_k(w1_LxDxF.shape[-1]) if block_k is None else block_k
-    return _pallas_forward(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, block_rows=block_rows,
+    return _pallas_forward(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, h_NxD, block_rows=block_rows,
                            block_k=block_k, interpret=resolve_interpret(interpret), with_ran=True)

@@ -1,0 +1,108 @@
+"""Exit policies: after each exit, decide per row whether it stops there.
+
+A policy has ``init(probe, zero_B, h0) -> state`` (``probe``: the head output's shapes; ``zero_B``: data-derived
+int32 zeros; ``h0``: the loop's input) and ``decide(out, state, e) -> (fire_B, score_B, new_state)``. The engine's
+one stop rule (``engine.exit_check``) turns ``fire_B`` into stops: a row stops when the policy fires *or* the exit is
+the last, and a stopped row keeps its state. States carry a leading batch axis.
+
+* ``threshold(measure, thr)``: a confidence measure (``eejax.exits.confidence``) against a threshold per exit
+  (BranchyNet, MSDNet, LGViT, DeeBERT with ``neg_entropy``, PABEE with ``patience``, CALM with a decayed threshold
+  from ``calm_threshold``).
+* ``batch_mean(measure, thr)``: every row gets the batch mean of the score, so the batch exits together (DeeDiff's
+  public code).
+* ``fixed_exit(exit_B)``: each row stops at a given exit (static truncation, a budget, a draft depth).
+* ``router(predict)``: ``predict(h0) -> exit_B`` decides the depth before anything runs (ECO-M2F-style gates,
+  depth-grouped batching), then acts as ``fixed_exit``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from eejax.exits import confidence as conf_lib
+
+
+class Threshold(NamedTuple):
+    measure: conf_lib.Measure
+    thr_E: jax.Array
+
+    def init(self, probe, zero_B, h0=None):
+        return conf_lib.init_state(probe, zero_B)
+
+    def decide(self, out, state, e):
+        score_B, new = self.measure(out, state)
+        return score_B >= self.thr_E[e], score_B, new
+
+
+class BatchMean(NamedTuple):
+    measure: conf_lib.Measure
+    thr_E: jax.Array
+
+    def init(self, probe, zero_B, h0=None):
+        return conf_lib.init_state(probe, zero_B)
+
+    def decide(self, out, state, e):
+        score_B, new = self.measure(out, state)
+        score_B = jnp.broadcast_to(jnp.mean(score_B), score_B.shape)
+        return score_B >= self.thr_E[e], score_B, new
+
+
+class FixedExit(NamedTuple):
+    exit_B: jax.Array
+
+    def init(self, probe, zero_B, h0=None):
+        return zero_B + jnp.asarray(self.exit_B, jnp.int32)
+
+    def decide(self, out, state, e):
+        return e >= state, jnp.zeros(state.shape, jnp.float32), state
+
+
+class Router(NamedTuple):
+    predict: Callable[[Any], jax.Array]
+
+    def init(self, probe, zero_B, h0=None):
+        return zero_B + jnp.asarray(self.predict(h0), jnp.int32)
+
+    def decide(self, out, state, e):
+        return e >= state, jnp.zeros(state.shape, jnp.float32), state
+
+
+def thresholds(threshold, num_exits: int) -> jax.Array:
+    """A scalar or one value per exit, as ``float32[E]``; anything else is a ValueError naming the shape."""
+    thr = jnp.asarray(threshold, jnp.float32)
+    if thr.ndim > 1 or (thr.ndim == 1 and thr.shape[0] != num_exits):
+        raise ValueError(f"threshold of shape {thr.shape}: give a scalar or one value per exit ({num_exits})")
+    return jnp.broadcast_to(thr, (num_exits,))
+
+
+def threshold(measure: str | conf_lib.Measure, thr, num_exits: int) -> Threshold:
+    measure = conf_lib.get_measure(measure) if isinstance(measure, str) else measure
+    return Threshold(measure, thresholds(thr, num_exits))
+
+
+def batch_mean(measure: str | conf_lib.Measure, thr, num_exits: int) -> BatchMean:
+    measure = conf_lib.get_measure(measure) if isinstance(measure, str) else measure
+    return BatchMean(measure, thresholds(thr, num_exits))
+
+
+def fixed_exit(exit_B) -> FixedExit:
+    return FixedExit(exit_B)
+
+
+def router(predict: Callable[[Any], jax.Array]) -> Router:
+    return Router(predict)
+
+
+def calm_threshold(threshold, i, tau: float, horizon: int):
+    """CALM's position-dependent threshold (Schuster et al. 2022, Eq. 5): ``clip(0.9 lambda + 0.1 exp(-tau i /
+    horizon), 0, 1)`` for the token at index ``i``; ``tau = 0`` leaves it unchanged."""
+    if tau == 0:
+        return threshold
+    decay = jnp.exp(-tau * jnp.asarray(i, jnp.float32) / horizon)
+    return jnp.clip(0.9 * jnp.asarray(threshold, jnp.float32) + 0.1 * decay, 0.0, 1.0)
+
+
+__all__ = ["Threshold", "BatchMean", "FixedExit", "Router", "thresholds", "threshold", "batch_mean", "fixed_exit",
+           "router", "calm_threshold"]
