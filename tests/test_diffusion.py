@@ -40,7 +40,7 @@ def outs(model_and_inputs):
 def test_shapes_and_config_checks(outs):
     e, p = CFG.depth, CFG.pixels
     assert outs.eps_ExBxP.shape == (e, B, p) and outs.gate_ExB.shape == (e, B)
-    assert outs.h_last.shape == (B, 1 + CFG.num_in, CFG.tokens, CFG.d_model)
+    assert outs.h_last.tokens_BxKxTxD.shape == (B, 1 + CFG.num_in, CFG.tokens, CFG.d_model)
     u = jax.nn.sigmoid(-outs.gate_ExB)
     assert ((u > 0) & (u < 1)).all()
     with pytest.raises(ValueError, match="odd depth"):
@@ -58,7 +58,7 @@ def test_long_skips_match_python_reference(model_and_inputs, outs):
     @jax.jit
     def reference(p):
         model = nnx.merge(gd, p)
-        carry, _ = model.embed(x, t, y)
+        carry = model.embed(x, t, y).tokens_BxKxTxD
         h, skips, eps = carry[:, 0], [], []
         s = CFG.num_in
         for l in range(CFG.depth):

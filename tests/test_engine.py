@@ -32,15 +32,25 @@ def _dyn(graph_state, x, thr, measure):
     return jax.jit(lambda gs, x, thr: nnx.merge(*gs).dynamic(x, thr, measure))(graph_state, x, thr)
 
 
+def spreading_thresholds(scores_ExB, num: int = 3) -> list[float]:
+    """Up to ``num`` thresholds (score quantiles, or the integer patience counts) under which the rows take at
+    least three distinct exits; a threshold that puts every row at one exit tests nothing."""
+    flat = np.asarray(scores_ExB[:-1]).ravel()
+    cands = sorted(set(np.round(np.quantile(flat, np.linspace(0.05, 0.95, 37)), 6).tolist()))
+    good = [t for t in cands if len(np.unique(engine.exits_from_scores(scores_ExB, t))) >= 3]
+    return [good[i] for i in np.linspace(0, len(good) - 1, min(num, len(good))).astype(int)] if good else []
+
+
 @pytest.mark.parametrize("measure", sorted(confidence.MEASURES))
 def test_dynamic_equals_scan_at_exit(model_and_x, measure):
     gs, x = model_and_x
     outs = _all(gs, x)
     scores_ExB = engine.scores_from_outputs(outs, confidence.get_measure(measure))
-    # Thresholds at score quantiles so that rows spread over the exits.
-    for q in (0.2, 0.5, 0.8):
-        thr = float(np.quantile(np.asarray(scores_ExB[:-1]), q))
+    thresholds = spreading_thresholds(scores_ExB)
+    assert thresholds, f"no threshold spreads the rows over >= 3 exits for {measure}"
+    for thr in thresholds:
         dyn = _dyn(gs, x, thr, measure)
+        assert len(np.unique(dyn.exit_B)) >= 3
         want_exit = engine.exits_from_scores(scores_ExB, thr)
         np.testing.assert_array_equal(dyn.exit_B, want_exit)
         np.testing.assert_allclose(dyn.logits_BxC, engine.take_exit(outs.logits_ExBxC, dyn.exit_B),

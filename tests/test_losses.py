@@ -20,7 +20,8 @@ def test_weights():
         losses.exit_weights([0], "cubic")
     w0 = losses.lgvit_stage1_weights(jnp.int32(0), [1, 2, 3])
     w1 = losses.lgvit_stage1_weights(jnp.int32(1), [1, 2, 3])
-    np.testing.assert_allclose(w0, [0, 0, 1]) and np.testing.assert_allclose(w1, np.array([2, 3, 4]) / 9)
+    np.testing.assert_allclose(w0, [0, 0, 1])
+    np.testing.assert_allclose(w1, np.array([2, 3, 4]) / 9)
 
 
 def test_multi_exit_ce_and_kd_against_numpy():

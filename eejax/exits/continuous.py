@@ -38,6 +38,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes
 
@@ -49,11 +50,15 @@ from eejax.nn.layers import Block
 class ContinuousOutputs(NamedTuple):
     """Per-input result of the continuous path (as ``engine.DynamicOutputs``, with ``steps`` for ``layers_run``)."""
 
-    logits_BxC: jax.Array    # logits of the exit each input took (B = Q, in queue order)
+    out: object              # head output of the exit each input took (B = Q, in queue order)
     exit_B: jax.Array        # exit index taken (0..E-1)
     exit_layer_B: jax.Array  # 0-based layer index after which the input exited
     score_B: jax.Array       # confidence score at the exit taken
     steps: jax.Array         # loop steps taken (each applies one layer to every slot)
+
+    @property
+    def logits_BxC(self) -> jax.Array:
+        return self.out.logits_BxC
 
 
 class SlotCarry(NamedTuple):
@@ -66,7 +71,7 @@ class SlotCarry(NamedTuple):
     sample_S: jax.Array       # the queue index of the input a slot holds
     live_S: jax.Array         # slot holds an unfinished input
     policy_state: object      # per slot; reset on refill
-    logits_QxC: jax.Array     # output buffers, written when an input exits
+    out_Q: object             # output buffers (the head output pytree), written when an input exits
     exit_Q: jax.Array
     score_Q: jax.Array
 
@@ -203,7 +208,8 @@ def continuous_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], e
         raise ValueError(f"every exit head must return the same shapes and dtypes; got {sorted(map(str, sigs))}")
     probe = probes[0]
     idx_S = jnp.arange(s, dtype=jnp.int32)
-    fresh_state = policy.init(probe, idx_S * 0, None)
+    # A slot's policy state starts afresh from the input it is (re)filled with (a router reads that input).
+    fresh = lambda h_SxTxD: policy.init(probe, idx_S * 0, h_SxTxD)  # noqa: E731
 
     def body(c: SlotCarry) -> SlotCarry:
         h = grouped_block_step(layers, c.h_SxTxD, c.layer_S, c.live_S)
@@ -215,19 +221,20 @@ def continuous_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], e
 
         # Write the finished inputs' results at their queue positions (other slots scatter out of bounds: dropped).
         dest_S = jnp.where(stop_S, c.sample_S, q)
-        logits_QxC = c.logits_QxC.at[dest_S].set(out.logits_BxC.astype(c.logits_QxC.dtype), mode="drop")
+        out_Q = jax.tree.map(lambda buf, o: buf.at[dest_S].set(o.astype(buf.dtype), mode="drop"), c.out_Q, out)
         exit_Q = c.exit_Q.at[dest_S].set(exit_S, mode="drop")
         score_Q = c.score_Q.at[dest_S].set(score_S, mode="drop")
 
         # Refill the finished slots, in slot order, with the next queued inputs.
         new_q_S = c.next_q + jnp.cumsum(stop_S.astype(jnp.int32)) - 1
         got_S = stop_S & (new_q_S < q)
-        h = jnp.where(got_S[:, None, None], h0_QxTxD[jnp.clip(new_q_S, 0, q - 1)], h)
+        refill_SxTxD = h0_QxTxD[jnp.clip(new_q_S, 0, q - 1)]
+        h = jnp.where(got_S[:, None, None], refill_SxTxD, h)
         return SlotCarry(
             steps=c.steps + 1, next_q=c.next_q + jnp.sum(got_S.astype(jnp.int32)), h_SxTxD=h,
             layer_S=jnp.where(stop_S, 0, c.layer_S + 1), sample_S=jnp.where(got_S, new_q_S, c.sample_S),
-            live_S=jnp.where(stop_S, got_S, c.live_S), policy_state=engine.where_rows(got_S, fresh_state, state),
-            logits_QxC=logits_QxC, exit_Q=exit_Q, score_Q=score_Q)
+            live_S=jnp.where(stop_S, got_S, c.live_S), policy_state=engine.where_rows(got_S, fresh(refill_SxTxD), state),
+            out_Q=out_Q, exit_Q=exit_Q, score_Q=score_Q)
 
     def cond(c: SlotCarry):
         return jnp.any(c.live_S)
@@ -235,12 +242,33 @@ def continuous_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], e
     zero_Q = jnp.zeros((q,), jnp.int32)
     init = SlotCarry(
         steps=jnp.int32(0), next_q=jnp.int32(min(s, q)), h_SxTxD=h0_QxTxD[jnp.minimum(idx_S, q - 1)],
-        layer_S=idx_S * 0, sample_S=idx_S, live_S=idx_S < q, policy_state=fresh_state,
-        logits_QxC=jnp.zeros((q,) + probe.logits_BxC.shape[1:], probe.logits_BxC.dtype),
+        layer_S=idx_S * 0, sample_S=idx_S, live_S=idx_S < q,
+        policy_state=fresh(h0_QxTxD[jnp.minimum(idx_S, q - 1)]),
+        out_Q=jax.tree.map(lambda a: jnp.zeros((q,) + a.shape[1:], a.dtype), probe),
         exit_Q=zero_Q, score_Q=zero_Q.astype(jnp.float32))
     final = jax.lax.while_loop(cond, body, init)
-    return ContinuousOutputs(logits_BxC=final.logits_QxC, exit_B=final.exit_Q,
+    return ContinuousOutputs(out=final.out_Q, exit_B=final.exit_Q,
                              exit_layer_B=exit_layer_E[final.exit_Q], score_B=final.score_Q, steps=final.steps)
+
+
+class Continuous(NamedTuple):
+    """The continuous-batching executor for ``engine.run``: prefix programs over stacked ``eejax.nn.Block``
+    layers, the batch streamed through ``num_slots`` slots. ``layers_run`` reports the loop's steps."""
+
+    num_slots: int
+
+    def run(self, layers, heads, h0, program, policy, *, layer_fn, aux):
+        n = engine.num_layers_of(layers)
+        steps = np.asarray(program.layer_S)
+        if (aux is not None or layer_fn is not engine.call_layer or program.row_sub_SxB is not None
+                or program.sub_S is not None or not np.array_equal(steps, np.arange(n))):
+            raise ValueError("the continuous executor runs prefix programs of whole layers, no aux state")
+        exit_layers = tuple(int(s) for s in np.asarray(program.exit_step_E))
+        if policy is None:
+            policy = policies.fixed_exit(jnp.full((jax.tree.leaves(h0)[0].shape[0],), len(exit_layers) - 1))
+        res = continuous_exits(layers, heads, h0, exit_layers, num_slots=self.num_slots, policy=policy)
+        return engine.DynamicOutputs(out=res.out, exit_B=res.exit_B, exit_layer_B=res.exit_layer_B,
+                                     score_B=res.score_B, layers_run=res.steps)
 
 
 def vit_continuous_exits(model, x_QxHxWxC: jax.Array, threshold, *, num_slots: int,
@@ -251,5 +279,5 @@ def vit_continuous_exits(model, x_QxHxWxC: jax.Array, threshold, *, num_slots: i
                             threshold, num_slots=num_slots, measure=measure)
 
 
-__all__ = ["ContinuousOutputs", "SlotCarry", "BlockWeights", "grouped_linear", "block_weights",
+__all__ = ["Continuous", "ContinuousOutputs", "SlotCarry", "BlockWeights", "grouped_linear", "block_weights",
            "grouped_block_step", "continuous_exits", "vit_continuous_exits"]

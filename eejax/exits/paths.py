@@ -48,10 +48,15 @@ class Sharded(NamedTuple):
         module_heads = all(isinstance(h, nnx.Module) for h in heads)
         graphdef, state = nnx.split((layers, tuple(heads) if module_heads else ()))
         rows = P(self.axis_name)
+        # A per-row exit list is split with the rows; other policies hold only per-exit values (replicated).
+        per_row = (isinstance(policy, policies.FixedExit)
+                   and jnp.ndim(policy.exit_B) == 1) if policy is not None else False
+        exit_B = jnp.asarray(policy.exit_B, jnp.int32) if per_row else jnp.zeros((batch,), jnp.int32)
 
-        def per_device(state, h0_local):
+        def per_device(state, h0_local, exit_local):
             layers_l, heads_l = nnx.merge(graphdef, state)
-            out = engine.run(layers_l, list(heads_l) if module_heads else heads, h0_local, program, policy,
+            pol = policies.fixed_exit(exit_local) if per_row else policy
+            out = engine.run(layers_l, list(heads_l) if module_heads else heads, h0_local, program, pol,
                              self.inner, layer_fn=layer_fn)
             return out._replace(layers_run=jnp.reshape(out.layers_run, (1,)))
 
@@ -59,7 +64,8 @@ class Sharded(NamedTuple):
         # invariant and nothing in the body communicates.
         spec = engine.DynamicOutputs(out=rows, exit_B=rows, exit_layer_B=rows, score_B=rows, layers_run=rows,
                                      h=rows, aux=None)
-        return jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), rows), out_specs=spec)(state, h0)
+        return jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), rows, rows), out_specs=spec)(state, h0,
+                                                                                                    exit_B)
 
 
 class GatedKernel(NamedTuple):

@@ -10,9 +10,10 @@ Pieces, each used by ``experiments/deediff.py`` and tested in ``tests/test_diffu
   uncertainty ``u = sigmoid(w_i . [pool(L_i), temb] + b_i)`` from the pooled tokens and the timestep embedding.
   (Eq. 5 writes ``w_t, b_t``; we read "timestep-aware" as conditioning one linear map per layer on the timestep
   embedding, as the reproduction by Gallo et al. (2024) does, not as separate weights for each of the Tn steps.)
-* Long skips over stacked layers. The engine (``eejax.exits.engine``) carries one array ``h`` per row and may stop
-  after any layer, so the skip stack lives *inside* that array: the carry is ``carry_BxKxTxD`` with K = 1 + S,
-  slot 0 the running hidden state and slot 1+i the output of in block i (zeros until it ran). ``layer_fn`` branches
+* Long skips over stacked layers. The engine (``eejax.exits.engine``) carries a per-row state and may stop after
+  any layer, so the skip stack lives *inside* that state: ``UViTCarry(tokens_BxKxTxD, temb_BxD)`` with K = 1 + S,
+  slot 0 the running hidden state and slot 1+i the output of in block i (zeros until it ran); the timestep
+  embedding the UEMs read rides along, so a row's conditioning moves with it under compaction or sharding. ``layer_fn`` branches
   on the layer index (in: run and store in slot 1 + l; mid: run; out: read slot 1 + (2S - l), project, run), so
   the same stacked parameters serve the scan path (training, every exit) and the while path (sampling, per-sample
   exit after any layer), and a row frozen by the engine's mask keeps its skips. The price is that the
@@ -106,8 +107,10 @@ def timestep_embedding(t_B: jax.Array, dim: int, max_period: float = 10000.0) ->
     return jnp.concatenate([jnp.cos(args_BxF), jnp.sin(args_BxF)], axis=-1)
 
 
-class Cond(NamedTuple):
-    """What the per-exit heads need besides the hidden state (closed over by the head callables)."""
+class UViTCarry(NamedTuple):
+    """The engine's per-row state: the packed tokens (running state + long-skip slots) and the timestep embedding
+    the UEMs read. Both travel with their row through every executor (compaction, sharding)."""
+    tokens_BxKxTxD: jax.Array
     temb_BxD: jax.Array
 
 
@@ -155,7 +158,7 @@ class UViT(nnx.Module):
     def time_embed(self, t_B: jax.Array) -> jax.Array:
         return self.time_mlp2(jax.nn.silu(self.time_mlp1(timestep_embedding(t_B, self.cfg.d_model))))
 
-    def embed(self, x_BxHxWxC: jax.Array, t_B: jax.Array, y_B: jax.Array | None) -> tuple[jax.Array, Cond]:
+    def embed(self, x_BxHxWxC: jax.Array, t_B: jax.Array, y_B: jax.Array | None) -> UViTCarry:
         """Tokens ``[time, (class), patches] + pos``, packed into the engine carry ``B x K x T x D``."""
         cfg = self.cfg
         want = (cfg.image_size, cfg.image_size, cfg.channels)
@@ -175,11 +178,11 @@ class UViT(nnx.Module):
         toks.append(self.patch(patches))
         h_BxTxD = jnp.concatenate(toks, axis=1) + self.pos[...]
         skips_BxSxTxD = jnp.zeros((b, cfg.num_in) + h_BxTxD.shape[1:], h_BxTxD.dtype)
-        return jnp.concatenate([h_BxTxD[:, None], skips_BxSxTxD], axis=1), Cond(temb_BxD)
+        return UViTCarry(jnp.concatenate([h_BxTxD[:, None], skips_BxSxTxD], axis=1), temb_BxD)
 
     # ------------------------------------------------------------------------------------------ layers
 
-    def layer_fn(self, layer: Block, carry_BxKxTxD: jax.Array, ctx: engine.StepCtx) -> jax.Array:
+    def layer_fn(self, layer: Block, state: UViTCarry, ctx: engine.StepCtx) -> UViTCarry:
         """Layer ``l`` on the packed carry: in blocks store their output in a skip slot, out blocks consume one.
 
         One block call per layer (so the block is compiled once); only the cheap long-skip projection sits in a
@@ -187,6 +190,7 @@ class UViT(nnx.Module):
         """
         s = self.cfg.num_in
         l = ctx.layer
+        carry_BxKxTxD = state.tokens_BxKxTxD
         h = carry_BxKxTxD[:, 0]
 
         def with_skip(h):
@@ -200,7 +204,7 @@ class UViT(nnx.Module):
         new = layer(jax.lax.cond(l > s, with_skip, lambda h: h, h))
         carry = carry_BxKxTxD.at[:, 0].set(new)
         slot = jnp.where(l < s, 1 + l, 0)                               # mid/out layers rewrite slot 0: a no-op
-        return jax.lax.dynamic_update_index_in_dim(carry, new, slot, axis=1)
+        return state._replace(tokens_BxKxTxD=jax.lax.dynamic_update_index_in_dim(carry, new, slot, axis=1))
 
     # ------------------------------------------------------------------------------------------ heads
 
@@ -217,18 +221,18 @@ class UViT(nnx.Module):
         feats = jnp.concatenate([pooled_BxD, temb_BxD], axis=-1)
         return feats @ self.uem_w[...][i] + self.uem_b[...][i]
 
-    def heads(self, cond: Cond) -> list:
+    def heads(self) -> list:
         """E = N head callables ``carry -> EpsHeadOut`` for the engine: the shared eps head + exit i's UEM.
 
         ``gate_B = -uem_logit``, so the engine's ``learned`` measure ``sigmoid(gate)`` is the confidence ``1 - u``.
         """
         def make(i):
-            def head(carry_BxKxTxD):
-                h = carry_BxKxTxD[:, 0]
+            def head(state: UViTCarry):
+                h = state.tokens_BxKxTxD[:, 0]
                 eps = self.eps_from_hidden(h)
                 pooled = h.mean(axis=1)
                 return EpsHeadOut(eps_BxP=eps.reshape(eps.shape[0], -1), hidden_BxD=pooled,
-                                  gate_B=-self.uem_logit(h, cond.temb_BxD, i))
+                                  gate_B=-self.uem_logit(h, state.temb_BxD, i))
             return head
         return [make(i) for i in range(self.cfg.depth)]
 
@@ -236,24 +240,21 @@ class UViT(nnx.Module):
 
     def all_exits(self, x_BxHxWxC, t_B, y_B=None, *, remat: bool = False) -> UViTExits:
         """Training path: every layer, every exit (the flattened head image and ``-uem`` per exit)."""
-        carry, cond = self.embed(x_BxHxWxC, t_B, y_B)
-        outs = engine.scan_exits(self.layers, self.heads(cond), carry, self.cfg.exit_layers,
+        outs = engine.scan_exits(self.layers, self.heads(), self.embed(x_BxHxWxC, t_B, y_B), self.cfg.exit_layers,
                                  layer_fn=self.layer_fn, remat=remat)
         return UViTExits(outs.out.eps_BxP, outs.out.gate_B, outs.h_last)
 
     def full(self, x_BxHxWxC, t_B, y_B=None) -> jax.Array:
         """Static full depth (no exit heads on the way): the epsilon image ``B x H x W x C``."""
-        carry, _ = self.embed(x_BxHxWxC, t_B, y_B)
-        last, _ = engine.run_layers(self.layers, carry, layer_fn=self.layer_fn)
-        return self.eps_from_hidden(last[:, 0])
+        last, _ = engine.run_layers(self.layers, self.embed(x_BxHxWxC, t_B, y_B), layer_fn=self.layer_fn)
+        return self.eps_from_hidden(last.tokens_BxKxTxD[:, 0])
 
     def dynamic(self, x_BxHxWxC, t_B, y_B, threshold, measure: str = "per_sample",
                 executor=engine.Masked()) -> engine.DynamicOutputs:
         """Inference path: ``engine.run`` over the prefix program with the DeeDiff policy ``measure``
         (``out.eps_BxP`` is the flattened head image of the exit taken)."""
-        carry, cond = self.embed(x_BxHxWxC, t_B, y_B)
         program = engine.prefix(self.cfg.depth, self.cfg.exit_layers)
-        return engine.run(self.layers, self.heads(cond), carry, program,
+        return engine.run(self.layers, self.heads(), self.embed(x_BxHxWxC, t_B, y_B), program,
                           get_policy(measure, threshold, self.cfg.depth), executor, layer_fn=self.layer_fn)
 
 
@@ -548,7 +549,7 @@ def two_depth(t_S: np.ndarray, num_layers: int, shallow: int, target_mean: float
     return best
 
 
-__all__ = ["UViTConfig", "UViT", "Cond", "EpsHeadOut", "UViTExits", "timestep_embedding", "MEASURES", "get_policy",
+__all__ = ["UViTConfig", "UViT", "UViTCarry", "EpsHeadOut", "UViTExits", "timestep_embedding", "MEASURES", "get_policy",
            "build", "flops", "NoiseSchedule", "make_schedule", "q_sample", "PARAMETERIZATIONS", "eps_from_output",
            "DeeDiffLoss", "deediff_loss",
            "training_loss", "SampleOutputs", "ddim_timesteps", "full_thresholds", "depth_thresholds",
