@@ -61,7 +61,7 @@ SIZES = {
                 classes=1000, repeats=10),
 }
 PATTERNS = ("bimodal", "uniform", "geometric", "full")
-PATHS = ("static", "masked", "compacted", "continuous", "continuous_triton")
+PATHS = ("static", "masked", "compacted", "gated_kernel", "continuous", "continuous_triton")
 
 
 def target_depths(pattern: str, num_layers: int, batch: int, seed: int = 0) -> np.ndarray:
@@ -147,13 +147,19 @@ def path_fns(cfg: ViTConfig, num_slots: int) -> dict:
         o = paths.compacted_exits(m.layers, heads, h0, cfg.exit_layers, thr, measure=forced_measure)
         return o.logits_BxC, o.exit_B, o.layers_run
 
+    def gated(gs, h0, thr):
+        m, heads = split(gs)
+        o = engine.while_exits(m.layers, heads, h0, cfg.exit_layers, thr, measure=forced_measure,
+                               executor=paths.GatedKernel())
+        return o.logits_BxC, o.exit_B, o.layers_run
+
     def cont(gs, h0, thr):
         m, heads = split(gs)
         o = continuous.continuous_exits(m.layers, heads, h0, cfg.exit_layers, thr, num_slots=num_slots,
                                         measure=forced_measure)
         return o.logits_BxC, o.exit_B, o.steps
 
-    return {"static": static, "masked": masked, "compacted": compacted, "continuous": cont,
+    return {"static": static, "masked": masked, "compacted": compacted, "gated_kernel": gated, "continuous": cont,
             "continuous_triton": cont}
 
 

@@ -11,7 +11,6 @@ MSDNet budgeted curve against static truncated-depth baselines, measured latency
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import jax
 import jax.numpy as jnp
@@ -133,11 +132,8 @@ def timings(graphdef, params, ds, cfg, thresholds):
     singles = [xb[i:i + 1] for i in range(min(cfg.eval.latency_examples, xb.shape[0]))]
 
     def latency(fn, *extra):
-        fn(params, singles[0], *extra).block_until_ready()
-        t0 = time.perf_counter()
-        for x in singles:
-            fn(params, x, *extra).block_until_ready()
-        return (time.perf_counter() - t0) / len(singles)
+        fn(params, singles[0], *extra).block_until_ready()   # compile
+        return float(np.mean([costs.measure(fn, params, x, *extra, warmup=0, iters=1).mean_s for x in singles]))
 
     out = {"static_full": {"latency_ms": 1e3 * latency(static),
                            "throughput": costs.throughput(static, xb.shape[0], params, xb)}}
