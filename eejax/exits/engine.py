@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from eejax import checks
 from eejax.exits import confidence as conf_lib
 
 
@@ -103,6 +104,9 @@ def exit_layers_from(spec, num_layers: int) -> tuple[int, ...]:
             raise ValueError(f"bad exit spec {spec!r}: use 'all', 'every:k', 'from:k' or a list of layer indices")
     else:
         layers = [int(i) for i in spec]
+        if not layers:
+            raise ValueError("exits=[] names no exit; give at least one layer index (the last layer is always an "
+                             "exit), or 'all' / 'every:k' / 'from:k'")
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
         raise ValueError(f"exit layers {bad} outside [0, {num_layers})")
@@ -167,6 +171,7 @@ def while_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], HeadOu
     exit always takes every row still running. The loop stops as soon as no row is active.
     """
     check_exits(layers, heads, exit_layers)
+    checks.thresholds(threshold, len(exit_layers))
     layer_def, stacked = nnx.split(layers)
     num_exits = len(exit_layers)
     ends_E = jnp.asarray(exit_layers, jnp.int32) + 1                   # segment e runs layers [starts, ends)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
+from eejax import checks
 from eejax.exits import confidence as conf_lib
 from eejax.exits import engine
 
@@ -61,6 +62,7 @@ def compacted_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], en
     num_exits = len(exit_layers)
     ends_E = jnp.asarray(exit_layers, jnp.int32) + 1
     starts_E = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends_E[:-1]])
+    checks.thresholds(threshold, num_exits)
     thr_E = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), (num_exits,))
     batch = h0.shape[0]
     sizes_K = _check_buckets(buckets, batch)
@@ -131,6 +133,7 @@ def sharded_exits(mesh: Mesh, layers: nnx.Module, heads: Sequence[nnx.Module], h
     if h0.shape[0] % ndev:
         raise ValueError(f"batch {h0.shape[0]} not divisible by the {ndev} devices of mesh axis {axis_name!r}")
     graphdef, state = nnx.split((layers, tuple(heads)))
+    checks.thresholds(threshold, len(exit_layers))
     thr_E = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), (len(exit_layers),))
     rows = P(axis_name)
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from eejax import checks
 from eejax.exits import confidence as conf_lib
 from eejax.exits import costs
 from eejax.exits import engine
@@ -72,6 +73,9 @@ class ViTConfig:
         return kinds
 
 
+PROBABILITY_MEASURES = ("max_softmax", "margin", "learned")  # scores in [0, 1], so are their thresholds
+
+
 class ViT(nnx.Module):
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -88,9 +92,7 @@ class ViT(nnx.Module):
 
     def embed(self, x_BxHxWxC: jax.Array) -> jax.Array:
         cfg = self.cfg
-        if x_BxHxWxC.shape[1:] != (cfg.image_size, cfg.image_size, cfg.channels):
-            raise ValueError(f"images of shape {x_BxHxWxC.shape[1:]}, model expects "
-                             f"{(cfg.image_size, cfg.image_size, cfg.channels)}")
+        checks.images(x_BxHxWxC, (cfg.image_size, cfg.image_size, cfg.channels), name="images")
         p = cfg.patch_size
         patches = einops.rearrange(x_BxHxWxC, "b (gh p) (gw q) c -> b (gh gw) (p q c)", p=p, q=p)
         h_BxTxD = self.patch(patches)
@@ -103,6 +105,9 @@ class ViT(nnx.Module):
 
     def dynamic(self, x_BxHxWxC, threshold, measure: str | conf_lib.Measure = "max_softmax"
                 ) -> engine.DynamicOutputs:
+        if isinstance(measure, str):
+            lo_hi = (0.0, 1.0) if measure in PROBABILITY_MEASURES else (None, None)
+            checks.thresholds(threshold, len(self.cfg.exit_layers), lo=lo_hi[0], hi=lo_hi[1])
         measure = conf_lib.get_measure(measure) if isinstance(measure, str) else measure
         return engine.while_exits(self.layers, list(self.heads), self.embed(x_BxHxWxC), self.cfg.exit_layers,
                                   threshold, measure=measure)
