@@ -47,6 +47,7 @@ class TrainState(NamedTuple):
 
 class NonFiniteLossError(FloatingPointError):
     """A step produced a NaN/inf loss or gradient norm; that state was not checkpointed."""
+    hint = "lower the learning rate or set grad_clip (a changed config needs --fresh or another --workdir)"
 
 
 # ---------------------------------------------------------------------------------------------------- step
@@ -144,15 +145,15 @@ class Trainer:
         """Trains until `state.step == num_steps`, resuming from the latest checkpoint in `workdir/ckpt`."""
         if not (hasattr(batches, "state_dict") and hasattr(batches, "load_state_dict")):
             raise TypeError(f"{type(batches).__name__} needs state_dict()/load_state_dict() so runs can resume")
-        resumed_from = self.checkpointer.latest_step()
-        if resumed_from is None:
+        # The newest checkpoint that passes its checksum and restores; bad newer ones are reported and set aside.
+        restored = self.checkpointer.restore_latest_good(self._abstract_state())
+        if restored is None:
             state = self.init_state()
         else:
-            restored = self.checkpointer.restore(self._abstract_state())
             state = restored.state
             batches.load_state_dict(restored.data_state)
             if self._is_chief:
-                print(f"resumed from step {resumed_from}", flush=True)
+                print(f"resumed from step {restored.step}", flush=True)
         start = int(state.step)
         if start >= num_steps:
             self.state = state
@@ -192,8 +193,7 @@ class Trainer:
         """Host side of a step: the finiteness check, then metrics at log steps."""
         metrics = jax.device_get(pending.metrics)
         if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-            self.checkpointer.wait()
-            last = self.checkpointer.latest_step()
+            last = self.checkpointer.latest_good_step()  # (waits for pending saves; skips corrupt steps)
             where = "no checkpoint yet" if last is None else f"last good checkpoint at step {last}"
             raise NonFiniteLossError(f"step {pending.step}: loss={float(metrics['loss'])} grad_norm="
                                      f"{float(metrics['grad_norm'])}; {where} in {self.checkpointer.directory}")
