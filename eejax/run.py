@@ -310,25 +310,22 @@ def prepare(cfg: Any, args: Any, result_name: str) -> tuple[pathlib.Path, pathli
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
+    """What a user can cause and fix: config/data/value errors (ValueError: ConfigError, DataError and the API's
+    argument checks), run-directory and checkpoint errors, a non-finite loss, file-system errors. Anything else is a
+    bug and keeps its traceback."""
     from eejax.config import ConfigError  # noqa: PLC0415
 
-    errors: list[type[BaseException]] = [ConfigError, RunError, ValueError, TypeError, OSError, FloatingPointError,
-                                         KeyError]
-    return tuple(errors)
+    errors = (ConfigError, ValueError, RunError, FloatingPointError, OSError)
+    if "eejax.train.checkpoint" in sys.modules:  # (not imported: none can have been raised)
+        errors += (sys.modules["eejax.train.checkpoint"].CheckpointError,)
+    return errors
 
 
 def _hint(e: BaseException) -> str:
     hint = getattr(e, "hint", "")
     if hint:
         return hint
-    name = type(e).__name__
-    if name == "DataError":
-        return "check --data_dir (or EEJAX_DATA_DIR) and the dataset's README for the expected files"
-    if name in ("CheckpointError", "NoGoodCheckpointError"):
-        return "remove the workdir's ckpt/ folder, choose another --workdir, or pass --fresh"
-    if name == "NonFiniteLossError":
-        return "lower the learning rate or add grad_clip; the run resumes from the last good checkpoint"
-    if isinstance(e, (ValueError, TypeError, KeyError)):
+    if isinstance(e, ValueError):
         return "fix the value (see the config's runbook and --help)"
     return "rerun with --debug for the traceback"
 
@@ -336,8 +333,6 @@ def _hint(e: BaseException) -> str:
 def error_line(e: BaseException) -> str:
     """``error: <cause>; <hint>`` on one line."""
     cause = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, KeyError) and len(e.args) == 1:
-        cause = f"missing key {e.args[0]!r}"
     hint = _hint(e)
     return f"error: {cause}" + (f"; {hint}" if hint and hint not in cause else "")
 

@@ -380,3 +380,24 @@ def test_api_data_optim_and_exits():
     for call, match in cases:
         with pytest.raises(ValueError, match=match):
             call()
+
+
+def test_cli_wrapper_one_line_for_user_errors_traceback_for_bugs(capsys, monkeypatch):
+    from eejax.train import NonFiniteLossError
+
+    monkeypatch.delenv("EEJAX_DEBUG", raising=False)
+
+    def raising(exc):
+        @run.cli
+        def main(argv=None):
+            raise exc
+        return main
+
+    line = _assert_one_line_exit_2(capsys, lambda: raising(ValueError("x=3 is\nbad"))([]), "error: x=3 is bad; ")
+    assert line.endswith("fix the value (see the config's runbook and --help)")
+    line = _assert_one_line_exit_2(capsys, lambda: raising(NonFiniteLossError("step 3: loss=nan"))([]), "loss=nan")
+    assert "grad_clip" in line
+    with pytest.raises(KeyError):  # a bug, not a bad input: the traceback stays
+        raising(KeyError("bug"))([])
+    with pytest.raises(ValueError):
+        raising(ValueError("x"))(["--debug"])
