@@ -11,7 +11,9 @@
 
 Step k is the k-th update: it draws the k-th batch, uses `fold_in(rng, k - 1)` and produces `state.step == k`;
 the checkpoint of step k holds that state. A run killed anywhere and rerun with the same command ends with the
-same parameters, bit for bit, as an uninterrupted run (tests/test_trainer.py checks this).
+same parameters, bit for bit, as an uninterrupted run (tests/test_trainer.py checks this). Checkpoints are verified
+on restore: a corrupt newest step is reported, set aside, and training resumes from the newest good one
+(eejax/train/checkpoint.py; tests/test_run_integrity.py).
 
 Env vars: EEJAX_NO_PROGRESS=1 hides the progress bar; EEJAX_CRASH_AT_STEP=k (tests only) hard-exits the process
 with code 17 right after step k, as a kill would, to test resumption.
