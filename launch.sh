@@ -16,6 +16,8 @@ config's get_config(arg), e.g. "smoke" for a tiny run. Everything after PAPER[:A
   --config.a.b=v   override a config field (unknown keys are an error)
   --workdir DIR    checkpoints and metrics      --data_dir DIR   offline data
   --outdir DIR     tables and plots             --overwrite      replace existing result files
+  --fresh          if --workdir holds a run of another config, start over in <workdir>/fresh-<k>
+  --debug          show the traceback of an error (or EEJAX_DEBUG=1); errors are one line, exit status 2
 Example: ./launch.sh lgvit:smoke --config.stage1.steps=20 --workdir runs/lgvit-smoke
 
 Options (before PAPER or "test"):

@@ -4,7 +4,11 @@ A shared piece, not a paper: ``launch.sh`` skips files starting with "_".
 """
 import ml_collections
 
+from eejax.config import Validator
 from eejax.train import default_optim_config
+
+TOKENIZERS = ("char", "byte")
+WEIGHTINGS = ("uniform", "linear", "geometric")
 
 def base_config(arg: str | None):
     """The config both LM decoding experiments share: ``shakespeare`` (default), ``gutenberg`` (byte-level,
@@ -12,7 +16,9 @@ def base_config(arg: str | None):
     arg = arg or "shakespeare"
     c = ml_collections.ConfigDict()
     c.seed = 0
-    # The base model trains (or resumes) in model_workdir; "" = runs/<model_name>, shared by both experiments.
+    # The base model trains (or resumes) in model_workdir; "" = <workdir>/base-lm, inside the run's own workdir.
+    # Set it to share one base model between experiments: that directory records (and locks) the fields the
+    # base model depends on, so a different model/data/train config is refused there too.
     c.model_workdir = ""
     c.model_name = f"lm-{arg}"
     c.data = ml_collections.ConfigDict(dict(name="tiny_shakespeare", tokenizer="char", eval_name="",
@@ -45,3 +51,37 @@ def base_config(arg: str | None):
     elif arg != "shakespeare":
         raise ValueError(f"unknown arg {arg!r}; use shakespeare, gutenberg or smoke")
     return c
+
+
+
+def validate_base(c) -> Validator:
+    """Checks of the fields both LM experiments share; returns the Validator for the experiment's own checks."""
+    from eejax.data.text import TEXT_SPLITS  # noqa: PLC0415
+    from eejax.models import lm as lm_lib  # noqa: PLC0415
+
+    v = Validator(c)
+    v.str("name")
+    v.str("model_name")
+    v.str("model_workdir", nonempty=False)
+    v.int("seed", lo=0)
+    v.choice("data.name", TEXT_SPLITS)
+    v.choice("data.tokenizer", TOKENIZERS)
+    if c.data.eval_name:
+        v.choice("data.eval_name", TEXT_SPLITS)
+    v.choice("data.eval_split", TEXT_SPLITS[c.data.eval_name or c.data.name])
+    v.int("data.seq_len", lo=2)
+    for key in ("data.batch_size", "model.d_model", "model.depth", "model.num_heads", "model.num_kv_heads",
+                "model.mlp_dim", "train.steps", "classifier.steps", "eval.batch", "eval.prompt_len",
+                "eval.new_tokens", "eval.calib_batches", "eval.eval_batches", "eval.timing_iters", "log_every",
+                "ckpt_every"):
+        v.int(key, lo=1)
+    v.float("model.rope_base", lo=0.0, lo_open=True)
+    v.bool("model.tie_embeddings")
+    v.choice("train.weighting", WEIGHTINGS)
+    v.float("train.gamma", lo=0.0, lo_open=True)
+    v.int("train.warmup_steps", lo=0)
+    v.float("train.layer_drop", 0.0, 1.0, hi_open=True)
+    v.optim("train.optim")
+    v.optim("classifier.optim")
+    v.build("config.model", lambda: lm_lib.LMConfig(vocab_size=256, **c.model.to_dict()).exit_layers)
+    return v

@@ -36,7 +36,12 @@ Paper: U-ViT-S on CIFAR-10, full-depth FID 3.11; DeeDiff reports over 40% less i
 """
 import ml_collections
 
+from eejax.config import Validator
 from eejax.train import default_optim_config
+
+# Not compared with the workdir's recorded config: sampling and evaluation settings only, so a finished run can be
+# re-evaluated with other values (eejax.run.open_workdir).
+NOT_IN_CHECKPOINTS = ("eval", "sample")
 
 
 def get_config(arg=None):
@@ -98,3 +103,41 @@ def get_config(arg=None):
     elif arg != "mnist":
         raise ValueError(f"configs/deediff.py: unknown arg {arg!r}; use mnist, fashion_mnist, cifar10 or smoke")
     return c
+
+
+def validate(c):
+    """Every value checked when the config is loaded, before any training (called by eejax.config)."""
+    from eejax.data import pipeline  # noqa: PLC0415
+    from eejax.models import diffusion as D  # noqa: PLC0415
+
+    v = Validator(c)
+    v.str("name")
+    v.int("seed", lo=0)
+    v.choice("data.name", pipeline.DATASETS)
+    v.int("data.train_size", lo=0)
+    v.int("data.ref_size", lo=0)
+    for key in ("model.image_size", "model.channels", "model.patch_size", "model.d_model", "model.depth",
+                "model.num_heads", "model.mlp_dim", "diffusion.num_timesteps", "train.steps", "train.batch_size",
+                "classifier.steps", "classifier.batch_size", "sample.steps", "sample.num_samples",
+                "sample.batch_size", "eval.calib_iters", "eval.mse_images", "eval.kid_subsets",
+                "eval.kid_subset_size", "eval.grid", "eval.timing_repeats", "log_every", "ckpt_every"):
+        v.int(key, lo=1)
+    v.int("model.num_classes", lo=0)
+    if c.data.name in pipeline.IMAGE_SHAPES and \
+            (c.model.image_size, c.model.image_size, c.model.channels) != pipeline.IMAGE_SHAPES[c.data.name]:
+        v.fail("model.image_size", f"with model.channels={c.model.channels} does not match {c.data.name} images "
+                                   f"{pipeline.IMAGE_SHAPES[c.data.name]}")
+    mcfg = v.build("config.model", lambda: D.UViTConfig(**c.model.to_dict()))
+    v.choice("diffusion.schedule", ("linear", "cosine"))
+    v.choice("diffusion.parameterization", ("eps", "v"))
+    v.float("loss.lam", lo=0.0)
+    v.float("loss.beta", lo=0.0)
+    v.bool("loss.detach_ual_weight")
+    v.optim("train.optim")
+    v.optim("classifier.optim")
+    v.int("sample.steps", lo=1, hi=c.diffusion.num_timesteps)
+    v.float("sample.eta", lo=0.0)
+    v.bool("sample.clip")
+    v.floats("eval.target_ratios", 0.0, 1.0, lo_open=True)  # layers / N: (0, 1]
+    v.int("eval.two_depth_shallow", lo=1, hi=mcfg.depth)
+    v.ints("eval.mse_timesteps", lo=0, hi=c.diffusion.num_timesteps - 1)

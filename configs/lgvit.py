@@ -20,7 +20,15 @@ Paper: ~1.8x speed-up with competitive accuracy on ViT-B/16, DeiT-B, Swin-B over
 """
 import ml_collections
 
+from eejax.config import Validator
 from eejax.train import default_optim_config
+
+HEAD_VARIANTS = ("lgvit", "linear", "vitee")
+STAGE1_WEIGHTINGS = ("alternating", "uniform", "linear", "geometric")
+
+# Not compared with the workdir's recorded config: thresholds and timing settings only, so a finished run can be
+# re-evaluated with other values (eejax.run.open_workdir).
+NOT_IN_CHECKPOINTS = ("eval",)
 
 
 def get_config(arg=None):
@@ -61,6 +69,7 @@ def get_config(arg=None):
         c.stage2.steps = c.stage2.optim.total_steps = 500
     elif arg in ("smoke", "mnist_embedded"):
         c.data.name = "mnist_embedded"
+        c.data.val_fraction = 0.125  # of the 8,000 images before the fixed 2,000-image test part: 1,000
         c.stage1.steps = c.stage1.optim.total_steps = 600 if arg == "smoke" else 2000
         c.stage1.optim.warmup_steps = 50
         c.stage2.steps = c.stage2.optim.total_steps = 200 if arg == "smoke" else 600
@@ -71,3 +80,38 @@ def get_config(arg=None):
     elif arg != "fashion_mnist":
         raise ValueError(f"configs/lgvit.py: unknown arg {arg!r}; use smoke, fashion_mnist, cifar10, mnist_embedded")
     return c
+
+
+def validate(c):
+    """Every value checked when the config is loaded, before any training (called by eejax.config)."""
+    from eejax.data import pipeline  # noqa: PLC0415
+    from eejax.models import vit as vit_lib  # noqa: PLC0415
+
+    v = Validator(c)
+    v.str("name")
+    v.int("seed", lo=0)
+    v.choices("variants", HEAD_VARIANTS)
+    v.choice("data.name", pipeline.DATASETS)
+    v.float("data.val_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
+    for key in ("data.train_size", "data.test_size"):
+        v.int(key, lo=0)
+    for key in ("data.batch_size", "data.eval_batch_size", "model.image_size", "model.channels", "model.patch_size",
+                "model.d_model", "model.depth", "model.num_heads", "model.mlp_dim", "model.local_hidden",
+                "model.global_pool", "stage1.steps", "stage2.steps", "eval.throughput_batch",
+                "eval.latency_examples", "log_every", "ckpt_every"):
+        v.int(key, lo=1)
+    v.choice("model.pool", ("cls", "mean"))
+    if (c.model.image_size, c.model.image_size, c.model.channels) != pipeline.IMAGE_SHAPES[c.data.name]:
+        v.fail("model.image_size", f"with model.channels={c.model.channels} does not match {c.data.name} images "
+                                   f"{pipeline.IMAGE_SHAPES[c.data.name]}")
+    v.choice("stage1.weighting", STAGE1_WEIGHTINGS)
+    v.float("stage2.temperature", lo=0.0, lo_open=True)
+    v.prob("stage2.alpha")
+    v.float("stage2.hetero_weight", lo=0.0)
+    v.float("stage2.homo_weight", lo=0.0)
+    v.optim("stage1.optim")
+    v.optim("stage2.optim")
+    v.floats("eval.thresholds", 0.0, 1.0)  # max-softmax confidences: probabilities
+    for variant in c.variants:             # every variant's model is checked before the first one trains
+        v.build(f"model with heads {variant!r}",
+                lambda: vit_lib.ViTConfig(**c.model.to_dict(), num_classes=10, head_types=variant).head_kinds)

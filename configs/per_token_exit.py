@@ -13,8 +13,9 @@ Data: Tiny Shakespeare (../shared/data/tiny-shakespeare; first 90% of characters
 Model: decoder LM, 6 layers, width 128, 4 query / 2 KV heads (GQA), RoPE, RMSNorm pre-LN, tied embeddings, an exit
     after every layer sharing the output head through per-exit RMSNorms; multi-exit CE (uniform weights, EE-LLM
     warm-up over 100 steps), LayerSkip layer dropout (max 0.1), 800 steps of batch 32 x 128 characters. The base
-    model is shared with configs/skipdecode.py (runs/lm-shakespeare); CALM's learned exit classifier is trained
-    for 150 steps on the frozen model.
+    model trains in <workdir>/base-lm (set --config.model_workdir=DIR to share one with configs/skipdecode.py: DIR
+    records the base model's fields and refuses another config); CALM's learned exit classifier is trained for
+    150 steps on the frozen model, in <workdir>/classifier.
 Hardware / wall-clock: 2-core CPU (AMD EPYC): base model 1188 s for 800 steps (0.5-0.85 steps/s; the CPU was
     shared with another run for most of it), classifier under a minute, the table about 5 min.
 Expected shape (what experiments/results/per_token_exit shows): at equal average layers per token, per-token exit
@@ -25,7 +26,15 @@ Expected shape (what experiments/results/per_token_exit shows): at equal average
 Paper: CALM (Schuster et al., NeurIPS 2022, arXiv:2207.07061): up to about 3x speed-up on T5 while provably
     keeping consistency with the full model.
 """
-from _lm_base import base_config
+from _lm_base import base_config, validate_base
+
+KV_MODES = ("propagate", "oracle")
+# Measures whose score is a probability (thresholds in [0, 1]); cosine similarity lies in [-1, 1].
+THRESHOLD_RANGE = {"max_softmax": (0.0, 1.0), "margin": (0.0, 1.0), "learned": (0.0, 1.0), "cosine": (-1.0, 1.0)}
+
+# Not compared with the workdir's recorded config: decoding and calibration settings only, so a finished run can be
+# re-evaluated with other values (eejax.run.open_workdir).
+NOT_IN_CHECKPOINTS = ("eval",)
 
 
 def get_config(arg=None):
@@ -55,3 +64,25 @@ def get_config(arg=None):
         c.eval.ltt_thresholds = dict(max_softmax=(0.9, 0.5), learned=(0.9,))  # (0.5 is compiled already)
         c.eval.ltt_epsilons = (0.5,)
     return c
+
+
+def validate(c):
+    """Every value checked when the config is loaded, before any training (called by eejax.config)."""
+    from eejax.exits import engine  # noqa: PLC0415
+
+    v = validate_base(c)
+    measures = v.choices("eval.measures", THRESHOLD_RANGE)
+    v.choices("eval.kv_modes", KV_MODES)
+    for m in measures:
+        if m not in c.eval.thresholds:
+            v.fail("eval.thresholds", f"has no list for measure {m!r}")
+        v.floats(f"eval.thresholds.{m}", *THRESHOLD_RANGE[m])
+    v.float("eval.decay_tau", lo=0.0)
+    num_exits = len(engine.exit_layers_from(c.model.exits, c.model.depth))
+    v.ints("eval.static_exits", lo=0, hi=num_exits - 1, nonempty=False)
+    for m in v.choices("eval.ltt_measures", ("max_softmax", "learned", "margin"), nonempty=False):
+        if m not in c.eval.ltt_thresholds:
+            v.fail("eval.ltt_thresholds", f"has no list for measure {m!r}")
+        v.floats(f"eval.ltt_thresholds.{m}", 0.0, 1.0)
+    v.floats("eval.ltt_epsilons", 0.0, 1.0, lo_open=True, hi_open=True)
+    v.float("eval.ltt_delta", 0.0, 1.0, lo_open=True, hi_open=True)

@@ -9,10 +9,10 @@ Command (args: shakespeare (default) | gutenberg | smoke):
     python -m experiments.skipdecode --config configs/skipdecode.py:smoke    # CI, about a minute
 Data: as configs/per_token_exit.py (Tiny Shakespeare, character-level, 64 prompt + 64 generated characters per
     window; calibration and report windows from the validation split).
-Model: the shared base model of configs/per_token_exit.py (runs/lm-shakespeare). For each target speed-up s the
-    schedule decays linearly over the 64 generated positions with mean about N/s layers (SkipDecode skips the lower
-    layers, always ends at the last one); the base model is fine-tuned under that schedule for
-    `skipdecode.finetune_steps` steps (final-exit loss, prompt positions at full depth).
+Model: the base model of configs/per_token_exit.py (in <workdir>/base-lm, or a shared --config.model_workdir).
+    For each target speed-up s the schedule decays linearly over the 64 generated positions with mean about N/s
+    layers (SkipDecode skips the lower layers, always ends at the last one); the base model is fine-tuned under that
+    schedule for `skipdecode.finetune_steps` steps (final-exit loss, prompt positions at full depth).
 Baselines: the full model; SkipDecode without fine-tuning; the static truncated model with round(N/s) layers
     (its exit head); per-token max-softmax exit with the threshold whose average depth on the calibration windows
     is closest to N/s.
@@ -27,7 +27,7 @@ Paper: SkipDecode reports 2x to 5x inference speed-ups with negligible regressio
 """
 import ml_collections
 
-from _lm_base import base_config
+from _lm_base import base_config, validate_base
 from eejax.train import default_optim_config
 
 
@@ -47,3 +47,17 @@ def get_config(arg=None):
         c.skipdecode.optim.warmup_steps = 1
         c.eval.exit_thresholds = (0.3, 0.9)
     return c
+
+
+def validate(c):
+    """Every value checked when the config is loaded, before any training (called by eejax.config)."""
+    v = validate_base(c)
+    v.floats("skipdecode.speedups", lo=1.0)
+    v.int("skipdecode.keep_bottom", lo=0, hi=c.model.depth - 1)
+    v.int("skipdecode.finetune_steps", lo=1)
+    v.optim("skipdecode.optim")
+    v.choice("eval.exit_measure", ("max_softmax", "margin"))
+    v.floats("eval.exit_thresholds", 0.0, 1.0)
+    if c.data.seq_len != c.eval.prompt_len + c.eval.new_tokens:
+        v.fail("data.seq_len", f"must equal eval.prompt_len + eval.new_tokens = "
+                               f"{c.eval.prompt_len + c.eval.new_tokens} (SkipDecode fine-tunes on decode windows)")

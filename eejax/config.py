@@ -5,6 +5,8 @@ The command line names a config and its argument, then overrides fields by dotte
     python -m experiments.lgvit --config configs/lgvit.py:smoke --config.model.depth=6 --config.train.steps=200
 
 An override must name an existing key and parse as that key's type; anything else is a one-line ``ConfigError``.
+After the overrides, the config file's own ``validate(cfg)`` (if it defines one) checks every value (types, ranges,
+finite numbers, known names) before any work starts; ``Validator`` below is the helper those functions use.
 """
 from __future__ import annotations
 
@@ -12,19 +14,41 @@ import argparse
 import ast
 import difflib
 import importlib.util
+import math
+import numbers
 import pathlib
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import ml_collections
 
 
 class ConfigError(ValueError):
-    pass
+    """A bad config file, value or command-line flag; the CLI prints it as one line (eejax.run.cli)."""
+    hint = "fix the value in the config file or the --config.KEY=VALUE override"
 
 
-def load(spec: str) -> ml_collections.ConfigDict:
-    """Load ``path/to/config.py[:arg]`` and call its ``get_config(arg)``."""
+def load(spec: str, *, validate: bool = True) -> ml_collections.ConfigDict:
+    """Load ``path/to/config.py[:arg]``, call its ``get_config(arg)`` and (by default) its ``validate(cfg)``."""
+    cfg, module = _load(spec)
+    if validate:
+        _validate(module, cfg, spec)
+    return cfg
+
+
+def _validate(module, cfg: ml_collections.ConfigDict, spec: str) -> None:
+    check = getattr(module, "validate", None)
+    if check is None:
+        return
+    try:
+        check(cfg)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # a model config's own __post_init__ check, say
+        raise ConfigError(f"{spec}: {e}") from e
+
+
+def _load(spec: str):
     path, _, arg = spec.partition(":")
     file = pathlib.Path(path)
     if not file.is_file():
@@ -39,9 +63,12 @@ def load(spec: str) -> ml_collections.ConfigDict:
         sys.path.remove(str(file.resolve().parent))
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config(arg)")
-    cfg = module.get_config(arg or None)
+    try:
+        cfg = module.get_config(arg or None)
+    except ValueError as e:  # e.g. an unknown config argument
+        raise ConfigError(str(e)) from e
     cfg.lock()  # no new keys from here on
-    return cfg
+    return cfg, module
 
 
 def _parse_value(key: str, raw: str, current: Any) -> Any:
@@ -100,18 +127,36 @@ def parse_cli(argv: Sequence[str] | None = None, *, default_config: str | None =
             overrides.append((key, raw))
         else:
             rest.append(a)
-    parser = argparse.ArgumentParser(description=description)
+    parser = _ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, required=default_config is None,
                         help="config file and argument, e.g. configs/lgvit.py:smoke")
     parser.add_argument("--workdir", default=None, help="run directory (checkpoints, metrics); default runs/<name>")
     parser.add_argument("--data_dir", default=None, help="offline data directory (or env EEJAX_DATA_DIR)")
     parser.add_argument("--outdir", default=None, help="where result tables/plots go; default <workdir>/results")
     parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    parser.add_argument("--fresh", action="store_true",
+                        help="if --workdir holds a run of another config, start over in a new subfolder of it")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors (or env EEJAX_DEBUG=1)")
     args = parser.parse_args(rest)
-    cfg = load(args.config)
+    cfg, module = _load(args.config)
     for key, raw in overrides:
         override(cfg, key, raw)
+    _validate(module, cfg, args.config)
+    # Top-level fields the paper declares irrelevant to its checkpoints (evaluation settings): a finished run can be
+    # re-evaluated with other values in the same workdir (eejax.run.open_workdir compares the rest).
+    args.not_in_checkpoints = tuple(getattr(module, "NOT_IN_CHECKPOINTS", ()))
+    if args.workdir is not None and pathlib.Path(args.workdir).exists() and not pathlib.Path(args.workdir).is_dir():
+        raise ConfigError(f"--workdir {args.workdir} is a file, not a directory")
+    if args.outdir is not None and pathlib.Path(args.outdir).exists() and not pathlib.Path(args.outdir).is_dir():
+        raise ConfigError(f"--outdir {args.outdir} is a file, not a directory")
     return cfg, args
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a ConfigError (one line, exit status 2 through eejax.run.cli)."""
+
+    def error(self, message):
+        raise ConfigError(f"{message} (see --help)")
 
 
 def run_dirs(cfg: ml_collections.ConfigDict, args: argparse.Namespace, result_name: str
@@ -123,5 +168,137 @@ def run_dirs(cfg: ml_collections.ConfigDict, args: argparse.Namespace, result_na
     outdir = pathlib.Path(args.outdir or workdir / "results")
     for f in (f"{result_name}.md", f"{result_name}.json"):
         if (outdir / f).exists() and not args.overwrite:
-            raise SystemExit(f"error: {outdir / f} exists; pass --overwrite to replace it or choose --outdir")
+            raise ResultsExistError(f"{outdir / f} exists")
     return workdir, outdir
+
+
+class ResultsExistError(FileExistsError):
+    hint = "pass --overwrite to replace it or choose --outdir"  # (the same as eejax.eval.report's)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def get(cfg: ml_collections.ConfigDict, key: str) -> Any:
+    """``cfg.<key>`` for a dotted key."""
+    node = cfg
+    for name in key.split("."):
+        node = node[name]
+    return node
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _range_text(lo, hi, lo_open, hi_open) -> str:
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    if hi is not None:
+        return f"{'<' if hi_open else '<='} {hi:g}"
+    return "finite"
+
+
+def _in_range(x, lo, hi, lo_open, hi_open) -> bool:
+    return ((lo is None or (x > lo if lo_open else x >= lo)) and (hi is None or (x < hi if hi_open else x <= hi)))
+
+
+class Validator:
+    """Checks on a config's fields; each raises a one-line ``ConfigError`` naming the field, its value and the rule.
+
+        v = Validator(cfg)
+        v.int("data.batch_size", lo=1)
+        v.floats("eval.thresholds", lo=0, hi=1)        # non-empty, each a finite number in [0, 1]
+        v.choice("stage1.weighting", ("alternating", "uniform"))
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict):
+        self.cfg = cfg
+
+    def __call__(self, key: str) -> Any:
+        return get(self.cfg, key)
+
+    def fail(self, key: str, rule: str):
+        raise ConfigError(f"config.{key}={get(self.cfg, key)!r}: {rule}")
+
+    def int(self, key: str, lo=None, hi=None) -> int:
+        x = get(self.cfg, key)
+        if not _is_int(x) or not _in_range(x, lo, hi, False, False):
+            self.fail(key, "must be an integer" + ("" if lo is None and hi is None else
+                                                   " " + _range_text(lo, hi, False, False)))
+        return x
+
+    def float(self, key: str, lo=None, hi=None, *, lo_open=False, hi_open=False) -> float:
+        x = get(self.cfg, key)
+        if not _is_real(x) or not math.isfinite(x) or not _in_range(x, lo, hi, lo_open, hi_open):
+            self.fail(key, "must be a finite number" + ("" if lo is None and hi is None else
+                                                        " " + _range_text(lo, hi, lo_open, hi_open)))
+        return float(x)
+
+    def prob(self, key: str) -> float:
+        return self.float(key, 0.0, 1.0)
+
+    def bool(self, key: str) -> bool:
+        x = get(self.cfg, key)
+        if not isinstance(x, bool):
+            self.fail(key, "must be true or false")
+        return x
+
+    def str(self, key: str, *, nonempty: bool = True) -> str:
+        x = get(self.cfg, key)
+        if not isinstance(x, str) or (nonempty and not x):
+            self.fail(key, "must be a non-empty string" if nonempty else "must be a string")
+        return x
+
+    def choice(self, key: str, choices: Iterable[str]) -> str:
+        x, choices = get(self.cfg, key), tuple(choices)
+        if not isinstance(x, str) or x not in choices:
+            self.fail(key, f"must be one of {', '.join(choices)}")
+        return x
+
+    def seq(self, key: str, item_ok: Callable[[Any], bool], rule: str, *, nonempty: bool = True) -> tuple:
+        x = get(self.cfg, key)
+        if not isinstance(x, (list, tuple)) or (nonempty and not x):
+            self.fail(key, f"must be a {'non-empty ' if nonempty else ''}list, each {rule}")
+        for i, item in enumerate(x):
+            if not item_ok(item):
+                raise ConfigError(f"config.{key}[{i}]={item!r}: must be {rule}")
+        return tuple(x)
+
+    def ints(self, key: str, lo=None, hi=None, *, nonempty: bool = True) -> tuple:
+        return self.seq(key, lambda i: _is_int(i) and _in_range(i, lo, hi, False, False),
+                        "an integer" + ("" if lo is None and hi is None else
+                                        " " + _range_text(lo, hi, False, False)), nonempty=nonempty)
+
+    def floats(self, key: str, lo=None, hi=None, *, lo_open=False, hi_open=False, nonempty: bool = True) -> tuple:
+        return self.seq(key, lambda f: _is_real(f) and math.isfinite(f) and _in_range(f, lo, hi, lo_open, hi_open),
+                        "a finite number" + ("" if lo is None and hi is None else
+                                             " " + _range_text(lo, hi, lo_open, hi_open)), nonempty=nonempty)
+
+    def choices(self, key: str, choices: Iterable[str], *, nonempty: bool = True) -> tuple:
+        choices = tuple(choices)
+        return self.seq(key, lambda c: isinstance(c, str) and c in choices, f"one of {', '.join(choices)}",
+                        nonempty=nonempty)
+
+    def optim(self, key: str) -> None:
+        """An optimizer sub-config (``eejax.train.default_optim_config``)."""
+        from eejax.train.optim import validate_optim_config  # noqa: PLC0415
+
+        try:
+            validate_optim_config(get(self.cfg, key))
+        except ValueError as e:
+            raise ConfigError(f"config.{key}: {e}") from None
+
+    def build(self, what: str, make: Callable[[], Any]) -> Any:
+        """``make()`` (e.g. a model config dataclass whose ``__post_init__`` checks it), its ValueError a
+        ConfigError."""
+        try:
+            return make()
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{what}: {e}") from None

@@ -1,7 +1,7 @@
 """Shared plumbing of the LM decoding experiments (experiments/per_token_exit.py, experiments/skipdecode.py).
 
 data (offline text, char/byte tokenizer) -> base model (multi-exit LM loss, LayerSkip dropout, EE-LLM warm-up, the
-one Trainer; resumable and shared between the two experiments) -> optional stages on top (CALM's learned exit
+one Trainer; resumable, in <workdir>/base-lm or a shared model_workdir) -> optional stages on top (CALM's learned exit
 classifier on the frozen model; SkipDecode fine-tuning under a schedule) -> a decoding *policy* evaluated on held-out
 windows: validation loss through the real decode loop (teacher forced), token agreement of free-running greedy
 generation with the full model, average layers per token, and measured tokens/s.
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eejax.data.files import DataError
 from eejax.data.lm import WindowIterator
 from eejax.data.text import ByteTokenizer, CharTokenizer, load_text
 from eejax.decoding import per_token, skipdecode
@@ -44,19 +45,33 @@ class Setup(NamedTuple):
 
 
 def setup(argv, name: str, description: str) -> Setup:
-    """Parse the command line, refuse to overwrite results, record the provenance and load the corpus."""
+    """Parse and validate the command line, load the corpus, lock the workdir and bind it to the config, refuse to
+    overwrite results, and record the provenance.
+
+    The base model lives in ``<workdir>/base-lm``, or in ``cfg.model_workdir`` when set (to share it between
+    experiments): that directory is then locked and bound to the fields the base model depends on.
+    """
     from eejax import config as config_lib
+    from eejax import run
     from eejax.eval import report
     from eejax.train import maybe_initialize
 
-    maybe_initialize()
-    cfg, args = config_lib.parse_cli(argv, description=description)
-    prov = report.provenance(f"experiments.{name}", argv)
-    workdir, outdir = config_lib.run_dirs(cfg, args, name)
-    model_dir = pathlib.Path(cfg.model_workdir or f"runs/{cfg.model_name}")
+    cfg, args = config_lib.parse_cli(argv, description=description)  # every value validated before any work
     corpus = load_corpus(cfg, args.data_dir)
+    maybe_initialize()
+    prov = report.provenance(f"experiments.{name}", argv)
+    workdir, outdir = run.prepare(cfg, args, name)
+    if cfg.model_workdir:
+        base = {k: cfg[k].to_dict() if hasattr(cfg[k], "to_dict") else cfg[k] for k in BASE_MODEL_FIELDS}
+        model_dir = run.open_workdir(cfg.model_workdir, cfg, fresh=args.fresh, what="model_workdir",
+                                     record=run.config_record(base))
+    else:
+        model_dir = workdir / "base-lm"
     print(f"data: {corpus.description}; device: {prov.device}")
     return Setup(cfg, args, prov, workdir, outdir, model_dir, corpus)
+
+
+BASE_MODEL_FIELDS = ("seed", "data", "model", "train")  # what the base model's checkpoints depend on
 
 
 class Corpus(NamedTuple):
@@ -70,6 +85,8 @@ def load_corpus(cfg, data_dir) -> Corpus:
     """Train ids from ``cfg.data.name``'s train split; eval ids from ``eval_name/eval_split`` (default: validation
     of the same corpus). The char tokenizer is built from the training text."""
     d = cfg.data
+    if data_dir is not None and not pathlib.Path(data_dir).is_dir():
+        raise DataError(f"--data_dir {data_dir} is not a directory")
     train_text = load_text(data_dir, d.name, "train")
     eval_name = d.eval_name or d.name
     eval_text = load_text(data_dir, eval_name, d.eval_split)

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from eejax import config as config_lib
+from eejax import run as run_lib
 from eejax.data import pipeline
 from eejax.eval import fid, report
 from eejax.models import diffusion as D
@@ -40,6 +41,9 @@ PARAM_NOTE = {"eps": "directly", "v": "through a v-style output skip (eps = sqrt
 def load_data(cfg, data_dir):
     d = cfg.data
     if d.name == "mnist_embedded":
+        if data_dir is not None:
+            raise config_lib.ConfigError("--data_dir is not used by data.name='mnist_embedded' (it ships with the "
+                                         "package); drop it or set --config.data.name to a file dataset")
         train, _, test = pipeline.split_embedded(pipeline.get_dataset("mnist_embedded", "all"), cfg.seed)
     else:
         train = pipeline.get_dataset(d.name, "train", data_dir)
@@ -236,13 +240,14 @@ def plot_quality_vs_ratio(rows: list[dict], path: pathlib.Path, title: str):
 # ---------------------------------------------------------------------------------------------------- main
 
 
+@run_lib.cli
 def main(argv=None):
-    maybe_initialize()
     wall0 = time.perf_counter()
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = report.provenance("experiments.deediff", argv)
-    workdir, outdir = config_lib.run_dirs(cfg, args, "deediff")
+    cfg, args = config_lib.parse_cli(argv, description=__doc__)  # every value validated before any work
     train, test = load_data(cfg, args.data_dir)
+    maybe_initialize()
+    prov = report.provenance("experiments.deediff", argv)
+    workdir, outdir = run_lib.prepare(cfg, args, "deediff")  # lock + config bound to the workdir
     print(f"data {cfg.data.name}: train {len(train)} / reference (test) {len(test)}; devices: {prov.device}")
 
     mcfg = D.UViTConfig(**cfg.model.to_dict())
@@ -289,12 +294,13 @@ def main(argv=None):
                          "generation_batch_seconds": res["batch_seconds"],
                          "mean_layers_per_step_S": layers_SxN.mean(1), "thresholds_SxE": np.asarray(thr_SxE)}
         depth_curves[name] = (res["t_S"], layers_SxN.mean(1))
-        save_grid(res["images"][:cfg.eval.grid], outdir / f"samples_{name.replace(' ', '_')}.png")
+        save_grid(res["images"][:cfg.eval.grid], stage.dir / f"samples_{name.replace(' ', '_')}.png")
         print(f"{name}: layers/step {row['layers/step']:.2f}, cFID {row['cFID']:.3f}, "
               f"generation {sum(res['batch_seconds']):.1f} s", flush=True)
         return row
 
-    outdir.mkdir(parents=True, exist_ok=True)
+    # Every file goes to a staging folder and replaces earlier results only once all of them are written.
+    stage = report.StagedResults(outdir, overwrite=args.overwrite)
     run("full depth", "full", D.full_thresholds(n_steps, n_layers), {"target": None, "threshold": None})
     t_S = results["full depth"]["t_S"]
     calib = {}
@@ -328,10 +334,10 @@ def main(argv=None):
     for row in rows:
         row["measured_speedup"] = row["images/s"] / rows[0]["images/s"]
         results[row["policy"]]["measured_speedup"] = row["measured_speedup"]
-    plot_depth_vs_t(depth_curves, n_layers, outdir / "deediff_depth_vs_t.png",
+    plot_depth_vs_t(depth_curves, n_layers, stage.dir / "deediff_depth_vs_t.png",
                     title=f"exit depth vs t ({cfg.data.name}, DDIM {n_steps} steps)")
-    plot_mse_vs_t(mse, outdir / "deediff_exit_mse_vs_t.png", title="per-exit eps MSE vs full depth")
-    plot_quality_vs_ratio(rows, outdir / "deediff_cfid_vs_ratio.png",
+    plot_mse_vs_t(mse, stage.dir / "deediff_exit_mse_vs_t.png", title="per-exit eps MSE vs full depth")
+    plot_quality_vs_ratio(rows, stage.dir / "deediff_cfid_vs_ratio.png",
                           title=f"quality vs compute ({cfg.data.name}, DDIM {n_steps} steps)")
 
     cols = ["policy", "target", "threshold", "layers/step", "layers@t>=0.7T", "layers@t<0.3T", "layer_ratio",
@@ -374,10 +380,11 @@ def main(argv=None):
         "`deediff_cfid_vs_ratio.png`; sample grids: "
         "`samples_*.png` (columns are classes 0-9).",
         report.markdown_table(mse_rows, list(mse_rows[0].keys()), floatfmt=".4f")])
-    files = report.write_results(outdir, "deediff", md, {
+    files = stage.write_results("deediff", md, {
         "provenance": prov._asdict(), "config": cfg.to_dict(),
         "classifier_test_acc": cls_acc, "train_seconds": train_secs, "train_log": train_log,
-        "calibration": calib, "exit_mse_vs_t": mse, "results": results}, overwrite=args.overwrite)
+        "calibration": calib, "exit_mse_vs_t": mse, "results": results})
+    stage.commit()
     print(md)
     print(f"wrote {files.md_path}, {files.json_path} and figures to {outdir}")
 

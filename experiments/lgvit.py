@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from eejax import config as config_lib
+from eejax import run
 from eejax.data import pipeline
 from eejax.eval import budgeted, report
 from eejax.exits import costs, losses
@@ -30,7 +31,12 @@ from eejax.train import Trainer, make_optimizer, maybe_initialize
 def load_data(cfg, data_dir):
     d = cfg.data
     if d.name == "mnist_embedded":
-        train, val, test = pipeline.split_embedded(pipeline.get_dataset("mnist_embedded", "all"), cfg.seed)
+        if data_dir is not None:
+            raise config_lib.ConfigError("--data_dir is not used by data.name='mnist_embedded' (it ships with the "
+                                         "package); drop it or set --config.data.name to a file dataset")
+        full = pipeline.get_dataset("mnist_embedded", "all")
+        num_val = int(round(d.val_fraction * (len(full) - 2000)))  # of the pool before the fixed test part
+        train, val, test = pipeline.split_embedded(full, cfg.seed, num_val=num_val)
     else:
         full = pipeline.get_dataset(d.name, "train", data_dir)
         train, val = pipeline.split_train_val(full, d.val_fraction, cfg.seed)
@@ -170,12 +176,13 @@ def run_variant(variant, cfg, data, workdir, mcfg):
     return graphdef, params2, probs1
 
 
+@run.cli
 def main(argv=None):
-    maybe_initialize()  # Multi-host: before the first device query below (the Trainer would be too late).
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = report.provenance("experiments.lgvit", argv)
-    workdir, outdir = config_lib.run_dirs(cfg, args, "lgvit")
+    cfg, args = config_lib.parse_cli(argv, description=__doc__)  # every value validated before any work
     data = load_data(cfg, args.data_dir)
+    maybe_initialize()  # Multi-host: before the first device query below (the Trainer would be too late).
+    prov = report.provenance("experiments.lgvit", argv)
+    workdir, outdir = run.prepare(cfg, args, "lgvit")  # lock + config bound to the workdir
     train, val, test = data
     print(f"data {cfg.data.name}: train {len(train)} / val {len(val)} / test {len(test)}; devices: "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}")
@@ -236,11 +243,12 @@ def main(argv=None):
 
     if jax.process_index() != 0:  # every host computed the same results; one writes them
         return
-    outdir.mkdir(parents=True, exist_ok=True)
-    report.plot_accuracy_vs_flops(curves, statics, outdir / "lgvit_budgeted.png",
+    # Everything goes to a staging folder and replaces earlier results only once all of it is written.
+    stage = report.StagedResults(outdir, overwrite=args.overwrite)
+    report.plot_accuracy_vs_flops(curves, statics, stage.dir / "lgvit_budgeted.png",
                                   title=f"LGViT-small on {cfg.data.name}: budgeted (MSDNet protocol)")
     report.plot_exit_histogram(hist, len(vit_lib.ViTConfig(**_mkw(cfg, "lgvit")).exit_layers),
-                               outdir / "lgvit_exits.png", title="exit histogram at threshold 0.9 (executed)")
+                               stage.dir / "lgvit_exits.png", title="exit histogram at threshold 0.9 (executed)")
     exit_cols = list(rows_exit[0].keys())
     md = "\n\n".join([
         f"# LGViT at small scale on {cfg.data.name}",
@@ -263,8 +271,9 @@ def main(argv=None):
         "static_points_beaten counts static truncated-depth models whose accuracy the dynamic curve exceeds at "
         "the same FLOPs. Plot: `lgvit_budgeted.png`; exit histogram: `lgvit_exits.png`.",
         report.markdown_table(rows_budget, list(rows_budget[0].keys()))])
-    files = report.write_results(outdir, "lgvit", md, {"provenance": prov._asdict(), "config": cfg.to_dict(),
-                                                       "results": results}, overwrite=args.overwrite)
+    files = stage.write_results("lgvit", md, {"provenance": prov._asdict(), "config": cfg.to_dict(),
+                                              "results": results})
+    stage.commit()
     print(md)
     print(f"wrote {files.md_path}, {files.json_path} and plots to {outdir}")
 

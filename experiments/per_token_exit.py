@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax.exits import engine
 from eejax.decoding import calibration, per_token
 from experiments import _lm_common as recipe
+from eejax import run
 from eejax.eval import report
 from eejax.models import lm as lm_lib
 
@@ -40,14 +40,12 @@ def per_exit_nll(graphdef, params, windows: recipe.Windows) -> list[float]:
     return (total / count).tolist()
 
 
+@run.cli
 def main(argv=None):
-    cfg, args, prov, _, outdir, model_dir, corpus = recipe.setup(argv, NAME, __doc__)
+    cfg, args, prov, workdir, outdir, model_dir, corpus = recipe.setup(argv, NAME, __doc__)
 
-    num_exits = len(engine.exit_layers_from(cfg.model.exits, cfg.model.depth))
-    if bad := [ex for ex in cfg.eval.static_exits if not 0 <= ex < num_exits]:
-        raise SystemExit(f"error: config.eval.static_exits {bad} outside the model's {num_exits} exits")
     graphdef, params, mcfg, train_s = recipe.train_base(cfg, corpus, model_dir)
-    clf = recipe.train_classifier(cfg, graphdef, params, mcfg, corpus, model_dir) if "learned" in cfg.eval.measures \
+    clf = recipe.train_classifier(cfg, graphdef, params, mcfg, corpus, workdir) if "learned" in cfg.eval.measures \
         else lm_lib.init_classifier(mcfg)
     e, n = cfg.eval, mcfg.depth
     calib = recipe.eval_windows(corpus.eval_ids, e.batch, e.prompt_len, e.new_tokens, 0, e.calib_batches)

@@ -15,14 +15,16 @@ import jax.numpy as jnp
 
 from eejax.decoding import per_token, skipdecode
 from experiments import _lm_common as recipe
+from eejax import run
 from eejax.eval import report
 from eejax.models import lm as lm_lib
 
 NAME = "skipdecode"
 
 
+@run.cli
 def main(argv=None):
-    cfg, args, prov, _, outdir, model_dir, corpus = recipe.setup(argv, NAME, __doc__)
+    cfg, args, prov, workdir, outdir, model_dir, corpus = recipe.setup(argv, NAME, __doc__)
 
     graphdef, params, mcfg, train_s = recipe.train_base(cfg, corpus, model_dir)
     clf = lm_lib.init_classifier(mcfg)   # unused by max_softmax
@@ -61,7 +63,7 @@ def main(argv=None):
         schedules[target] = layers_G.tolist()
         sched = f"layers {layers_G[0]}->{layers_G[-1]}"
         add(target, "SkipDecode (no fine-tuning)", skip, params, jnp.asarray(layers_G), sched)
-        tuned = recipe.finetune_skipdecode(cfg, graphdef, params, mcfg, corpus, layers_G, model_dir, target)
+        tuned = recipe.finetune_skipdecode(cfg, graphdef, params, mcfg, corpus, layers_G, workdir, target)
         add(target, "SkipDecode (fine-tuned)", skip, tuned, jnp.asarray(layers_G),
             f"{sched}, {sd.finetune_steps} steps")
         k = max(1, min(n, round(n / s)))

@@ -7,7 +7,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_lgvit_smoke(tmp_path):
+def test_lgvit_smoke(capsys, tmp_path):
     from experiments import lgvit
 
     out = tmp_path / "results"
@@ -26,5 +26,6 @@ def test_lgvit_smoke(tmp_path):
     assert (out / "lgvit_budgeted.png").stat().st_size > 0 and (out / "lgvit_exits.png").stat().st_size > 0
     assert "| heads | stage |" in (out / "lgvit.md").read_text()
     # Results are never overwritten silently; a rerun resumes from the finished checkpoints and refuses.
-    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+    with pytest.raises(SystemExit) as exc:
         lgvit.main(argv)
+    assert exc.value.code == 2 and "exists; pass --overwrite" in capsys.readouterr().err

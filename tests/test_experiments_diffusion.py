@@ -8,7 +8,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_deediff_smoke(tmp_path):
+def test_deediff_smoke(capsys, tmp_path):
     from experiments import deediff
 
     out = tmp_path / "results"
@@ -37,8 +37,9 @@ def test_deediff_smoke(tmp_path):
         assert (out / f).stat().st_size > 0
     md = (out / "deediff.md").read_text()
     assert "| policy | target |" in md and "NOT Inception FID" in md and "Command:" in md
-    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+    with pytest.raises(SystemExit) as exc:
         deediff.main(argv)
+    assert exc.value.code == 2 and "exists; pass --overwrite" in capsys.readouterr().err
     # A rerun with --overwrite re-evaluates the finished run without training, and says so in the table.
     deediff.main(argv + ["--overwrite"])
     assert "no training in this run" in (out / "deediff.md").read_text()

@@ -9,15 +9,18 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _argv(name, tmp_path, shared_data):
     return [f"--config={ROOT / 'configs' / name}.py:smoke", f"--workdir={tmp_path / 'run'}",
-            f"--outdir={tmp_path / 'results'}", f"--data_dir={shared_data}",
-            f"--config.model_workdir={tmp_path / 'model'}"]
+            f"--outdir={tmp_path / 'results'}", f"--data_dir={shared_data}"]
 
 
-def test_per_token_exit_smoke(tmp_path, shared_data):
+def test_per_token_exit_smoke(capsys, tmp_path, shared_data):
     from experiments import per_token_exit
 
-    argv = _argv("per_token_exit", tmp_path, shared_data)
+    # A shared base-model directory records the fields the base model depends on (and is locked while used).
+    argv = _argv("per_token_exit", tmp_path, shared_data) + [f"--config.model_workdir={tmp_path / 'model'}"]
     per_token_exit.main(argv)
+    recorded = json.loads((tmp_path / "model" / "run_config.json").read_text())["config"]
+    assert set(recorded) == {"seed", "data", "model", "train"} and not (tmp_path / "model" / ".lock").exists()
+    assert (tmp_path / "model" / "base" / "ckpt").is_dir() and (tmp_path / "run" / "classifier" / "ckpt").is_dir()
     data = json.loads((tmp_path / "results" / "per_token_exit.json").read_text())
     methods = {r["method"] for r in data["rows"]}
     assert {"full model", "static exit L1", "per-token exit"} <= methods
@@ -30,14 +33,18 @@ def test_per_token_exit_smoke(tmp_path, shared_data):
     assert static["avg_layers"] == 1.0
     assert "| method | measure |" in (tmp_path / "results" / "per_token_exit.md").read_text()
     assert len(data["ltt"]) == 1 and data["ltt"][0]["n_calib"] == 4   # Learn-then-Test on one calibration batch
-    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+    with pytest.raises(SystemExit) as exc:
         per_token_exit.main(argv)
+    assert exc.value.code == 2 and "exists; pass --overwrite" in capsys.readouterr().err
 
 
 def test_skipdecode_smoke(tmp_path, shared_data):
     from experiments import skipdecode
 
     skipdecode.main(_argv("skipdecode", tmp_path, shared_data))
+    # Every stage lives under the run's own workdir, the base model included.
+    assert (tmp_path / "run" / "base-lm" / "base" / "ckpt").is_dir()
+    assert (tmp_path / "run" / "skipdecode-2x" / "ckpt").is_dir()
     data = json.loads((tmp_path / "results" / "skipdecode.json").read_text())
     methods = [r["method"] for r in data["rows"]]
     assert methods[0] == "full model" and "SkipDecode (fine-tuned)" in methods and "static truncated" in methods

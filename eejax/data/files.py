@@ -59,6 +59,7 @@ _HASH_CACHE: dict[tuple[str, int, int], str] = {}
 
 class DataError(ValueError):
     """A data file is missing, altered, or malformed. The message is one line naming the file."""
+    hint = "check --data_dir (or EEJAX_DATA_DIR) against the dataset's README (files and sha256)"
 
 
 def resolve_data_dir(flag: str | os.PathLike | None = None) -> pathlib.Path:

@@ -16,6 +16,9 @@ import numpy as np
 class WindowIterator:
     def __init__(self, ids_N: np.ndarray, batch_size: int, seq_len: int, seed: int = 0, *, shuffle: bool = True,
                  process_index: int = 0, process_count: int = 1, max_batches: int = 0):
+        for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
         ids_N = np.asarray(ids_N, np.int32)
         if ids_N.ndim != 1 or len(ids_N) < seq_len + 1:
             raise ValueError(f"need a 1-D token stream longer than {seq_len=}, got shape {ids_N.shape}")

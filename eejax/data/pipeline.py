@@ -42,6 +42,8 @@ NORMALIZATION = {
 _FILE_LOADERS = {"mnist": vision.load_mnist, "fashion_mnist": vision.load_fashion_mnist,
                  "cifar10": vision.load_cifar10_jpeg}
 DATASETS = (*_FILE_LOADERS, "mnist_embedded")
+IMAGE_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3),
+                "mnist_embedded": (28, 28, 1)}  # H, W, C of each dataset, checked against model configs
 EMBEDDED_SPLITS = ("train", "validation", "test", "all")
 EMBEDDED_SEED = 0
 
@@ -125,6 +127,8 @@ class BatchIterator:
     def __init__(self, ds: ArrayDataset, batch_size: int, seed: int = 0, *, drop_remainder: bool = True,
                  shuffle: bool = True, process_index: int = 0, process_count: int = 1,
                  normalization: Normalization | None = None):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
         if batch_size % process_count or not 0 <= process_index < process_count:
             raise ValueError(f"{batch_size=} must divide by {process_count=} and 0 <= {process_index=} < it")
         if drop_remainder and len(ds) < batch_size:

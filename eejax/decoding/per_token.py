@@ -22,8 +22,10 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from eejax import checks
 from eejax.decoding import kv as kv_lib
 from eejax.exits import confidence as conf_lib
 from eejax.exits import engine, policies
@@ -112,6 +114,11 @@ def generate(model: DecoderLM, prompt_BxP: jax.Array, lengths_B: jax.Array, num_
     instead of sampled ones (teacher forcing through the real decode path, so the log-probs give a validation loss
     with exactly the decode's KV cache semantics).
     """
+    if np.ndim(prompt_BxP) != 2 or not isinstance(num_new, (int, np.integer)) or num_new < 1:
+        raise ValueError(f"prompt_BxP of shape {np.shape(prompt_BxP)} must be B x P and {num_new=} >= 1")
+    checks.token_ids(prompt_BxP, model.cfg.vocab_size, name="prompt_BxP")
+    if force_BxG is not None:
+        checks.token_ids(force_BxG, model.cfg.vocab_size, name="force_BxG")
     b, p = prompt_BxP.shape
     rng = jax.random.key(0) if rng is None else rng
     logits, state = kv_lib.prefill(model, prompt_BxP, lengths_B, p + num_new)

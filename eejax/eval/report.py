@@ -1,7 +1,12 @@
 """Result tables, result files and plots for the experiment scripts.
 
-Results are written as ``name.md`` (a markdown table) beside ``name.json`` (the numbers behind it), atomically and
-never over an existing result unless asked, so a rerun cannot silently replace a reported number. Plots use
+Results are written as ``name.md`` (a markdown table) beside ``name.json`` (the numbers behind it), never over an
+existing result unless asked, so a rerun cannot silently replace a reported number. Only a run that finished replaces
+results: every file of a run's results (md, json, plots) is written into a hidden staging folder of the output
+directory (``StagedResults``) and moved into place together by ``commit()``. The commit writes a journal
+(``.results-commit.json``) before its renames and removes it after, so a process killed halfway is completed by
+``recover_results`` (called when the next StagedResults opens that directory): readers never keep a half pair.
+Results files get mode 0644. Plots use
 matplotlib's object API (``Figure``, Agg canvas) so that importing this module never touches pyplot's global
 backend.
 """
@@ -12,6 +17,7 @@ import os
 import pathlib
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,6 +26,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from eejax.config import ResultsExistError
 
 
 class Provenance(NamedTuple):
@@ -126,6 +134,7 @@ def _write_atomic(path: pathlib.Path, text: str):
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -137,9 +146,132 @@ class ResultFiles(NamedTuple):
     json_path: pathlib.Path
 
 
+JOURNAL = ".results-commit.json"
+CRASH_ENV = "EEJAX_CRASH_IN_RESULTS"  # tests only: "staged" (all files written, nothing moved) or "renaming"
+_OPEN_STAGES: list["StagedResults"] = []
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_results(outdir: str | os.PathLike) -> None:
+    """Completes a commit that was killed halfway (its journal is there) and removes abandoned staging folders."""
+    outdir = pathlib.Path(outdir)
+    journal = outdir / JOURNAL
+    if journal.exists():
+        try:
+            entry = json.loads(journal.read_text())
+            stage = outdir / entry["stage"]
+            for name in entry["files"]:
+                if (stage / name).exists():
+                    os.replace(stage / name, outdir / name)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ResultsExistError(f"{journal}: an interrupted results commit cannot be completed ({e})") from e
+        print(f"note: completed an interrupted results commit in {outdir}", file=sys.stderr, flush=True)
+        journal.unlink()
+    for stage in outdir.glob(".staging-*"):
+        pid = stage.name.split("-")[1]
+        if not pid.isdigit() or not _pid_alive(int(pid)):
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def write_pair(directory: str | os.PathLike, name: str, table_md: str, data_json: Any) -> ResultFiles:
+    """Writes ``directory/name.md`` and ``name.json`` (each atomically), replacing whatever is there."""
+    directory = pathlib.Path(directory)
+    files = ResultFiles(directory / f"{name}.md", directory / f"{name}.json")
+    directory.mkdir(parents=True, exist_ok=True)
+    # Serialise before writing anything, so a bad payload leaves no half-written result behind.
+    json_text = json.dumps(_jsonable(data_json), indent=2, default=_to_json) + "\n"
+    _write_atomic(files.md_path, table_md)
+    _write_atomic(files.json_path, json_text)
+    return files
+
+
+class StagedResults:
+    """A results transaction over ``outdir``: write every file under ``stage.dir``, then ``commit()``.
+
+        with report.StagedResults(outdir, overwrite=args.overwrite) as stage:
+            report.plot_exit_histogram(..., stage.dir / "exits.png")
+            files = stage.write_results("lgvit", md, data)     # paths where they will be after the commit
+        # committed on a clean exit from the block; on an exception the staged files are dropped
+
+    ``commit`` refuses (``ResultsExistError``, nothing moved) to replace an existing file unless ``overwrite``.
+    """
+
+    def __init__(self, outdir: str | os.PathLike, *, overwrite: bool = False):
+        self.outdir, self.overwrite = pathlib.Path(outdir), overwrite
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        recover_results(self.outdir)
+        self.dir = pathlib.Path(tempfile.mkdtemp(dir=self.outdir, prefix=f".staging-{os.getpid()}-"))
+        os.chmod(self.dir, 0o755)
+        self.committed = False
+        _OPEN_STAGES.append(self)
+
+    def write_results(self, name: str, table_md: str, data_json: Any) -> ResultFiles:
+        write_pair(self.dir, name, table_md, data_json)
+        return ResultFiles(self.outdir / f"{name}.md", self.outdir / f"{name}.json")
+
+    def commit(self) -> list[pathlib.Path]:
+        """Moves the staged files into ``outdir`` (results files last, the .md after its .json)."""
+        names = sorted((p.name for p in self.dir.iterdir() if p.is_file() and not p.name.startswith(".")),
+                       key=lambda n: (n.endswith(".md"), n.endswith(".json"), n))
+        if not self.overwrite:
+            for name in names:
+                if (self.outdir / name).exists() and name.endswith((".md", ".json")):
+                    raise ResultsExistError(f"{self.outdir / name} exists")
+        for name in names:
+            if (self.dir / name).stat().st_mode & 0o777 == 0o600:
+                os.chmod(self.dir / name, 0o644)
+        if os.environ.get(CRASH_ENV) == "staged":
+            os._exit(17)
+        _write_atomic(self.outdir / JOURNAL, json.dumps({"stage": self.dir.name, "files": names}))
+        for i, name in enumerate(names):
+            os.replace(self.dir / name, self.outdir / name)
+            if i == 0 and os.environ.get(CRASH_ENV) == "renaming":
+                os._exit(17)
+        (self.outdir / JOURNAL).unlink()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.committed = True
+        self._close()
+        return [self.outdir / n for n in names]
+
+    def abort(self) -> None:
+        """Drops the staged files; the previous results stay as they were."""
+        if not self.committed:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        self._close()
+
+    def _close(self) -> None:
+        if self in _OPEN_STAGES:
+            _OPEN_STAGES.remove(self)
+
+    def __enter__(self) -> "StagedResults":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None and not self.committed:
+            self.commit()
+        else:
+            self.abort()
+
+
+def abort_open_stages() -> None:
+    """Drops the staged files of every transaction not committed (the CLI wrapper calls it when main ends)."""
+    for stage in list(_OPEN_STAGES):
+        stage.abort()
+
+
 def write_results(outdir: str | os.PathLike, name: str, table_md: str, data_json: Any,
                   overwrite: bool = False) -> ResultFiles:
-    """Writes ``outdir/name.md`` and ``outdir/name.json``; refuses to replace existing results unless asked.
+    """Writes ``outdir/name.md`` and ``outdir/name.json`` as one staged commit; refuses to replace existing results
+    unless asked.
 
     ``data_json`` may hold numpy arrays/scalars and NamedTuples (written as objects). Non-finite floats (e.g.
     the -inf threshold of the last exit) are written as JSON ``Infinity``/``NaN``, which Python reads back.
@@ -149,12 +281,9 @@ def write_results(outdir: str | os.PathLike, name: str, table_md: str, data_json
     if not overwrite:
         for path in files:
             if path.exists():
-                raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    outdir.mkdir(parents=True, exist_ok=True)
-    # Serialise before writing anything, so a bad payload leaves no half-written result behind.
-    json_text = json.dumps(_jsonable(data_json), indent=2, default=_to_json) + "\n"
-    _write_atomic(files.md_path, table_md)
-    _write_atomic(files.json_path, json_text)
+                raise ResultsExistError(f"{path} exists; pass overwrite=True to replace it")
+    with StagedResults(outdir, overwrite=overwrite) as stage:
+        stage.write_results(name, table_md, data_json)
     return files
 
 

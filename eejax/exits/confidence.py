@@ -79,6 +79,9 @@ MEASURES: dict[str, Measure] = {"max_softmax": max_softmax, "margin": margin, "n
                                 "cosine": cosine, "learned": learned, "patience": patience}
 
 
+PROBABILITY_MEASURES = ("max_softmax", "margin", "learned")   # scores in [0, 1], so are their finite thresholds
+
+
 def get_measure(name: str) -> Measure:
     if name not in MEASURES:
         raise ValueError(f"unknown confidence measure {name!r}; choose from {sorted(MEASURES)}")

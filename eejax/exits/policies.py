@@ -21,6 +21,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from eejax import checks
 from eejax.exits import confidence as conf_lib
 
 
@@ -69,22 +70,24 @@ class Router(NamedTuple):
         return e >= state, jnp.zeros(state.shape, jnp.float32), state
 
 
-def thresholds(threshold, num_exits: int) -> jax.Array:
-    """A scalar or one value per exit, as ``float32[E]``; anything else is a ValueError naming the shape."""
-    thr = jnp.asarray(threshold, jnp.float32)
-    if thr.ndim > 1 or (thr.ndim == 1 and thr.shape[0] != num_exits):
-        raise ValueError(f"threshold of shape {thr.shape}: give a scalar or one value per exit ({num_exits})")
-    return jnp.broadcast_to(thr, (num_exits,))
+def thresholds(threshold, num_exits: int, measure=None) -> jax.Array:
+    """A scalar or one value per exit, as ``float32[E]``; a wrong shape, NaN or (for a probability measure named
+    by string) a finite value outside [0, 1] is a ValueError naming it (values are checked when concrete)."""
+    prob = isinstance(measure, str) and measure in conf_lib.PROBABILITY_MEASURES
+    checks.thresholds(threshold, num_exits, lo=0.0 if prob else None, hi=1.0 if prob else None)
+    return jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), (num_exits,))
+
+
+def _measure(measure):
+    return conf_lib.get_measure(measure) if isinstance(measure, str) else measure
 
 
 def threshold(measure: str | conf_lib.Measure, thr, num_exits: int) -> Threshold:
-    measure = conf_lib.get_measure(measure) if isinstance(measure, str) else measure
-    return Threshold(measure, thresholds(thr, num_exits))
+    return Threshold(_measure(measure), thresholds(thr, num_exits, measure))
 
 
 def batch_mean(measure: str | conf_lib.Measure, thr, num_exits: int) -> BatchMean:
-    measure = conf_lib.get_measure(measure) if isinstance(measure, str) else measure
-    return BatchMean(measure, thresholds(thr, num_exits))
+    return BatchMean(_measure(measure), thresholds(thr, num_exits, measure))
 
 
 def fixed_exit(exit_B) -> FixedExit:

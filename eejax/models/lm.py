@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eejax import checks
 from eejax.exits import engine, losses
 from eejax.nn.layers import Mlp, build as nn_build, stacked
 
@@ -204,6 +205,7 @@ class DecoderLM(nnx.Module):
     # ---------------------------------------------------------------------------------------------- heads
 
     def embed_tokens(self, tokens_BxT: jax.Array) -> jax.Array:
+        checks.token_ids(tokens_BxT, self.cfg.vocab_size)
         return self.embed(tokens_BxT)
 
     def shared_head(self, x_BxTxD: jax.Array) -> jax.Array:

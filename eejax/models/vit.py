@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from eejax import checks
 from eejax.exits import confidence as conf_lib
 from eejax.exits import costs
 from eejax.exits import engine, policies
@@ -88,9 +89,7 @@ class ViT(nnx.Module):
 
     def embed(self, x_BxHxWxC: jax.Array) -> jax.Array:
         cfg = self.cfg
-        if x_BxHxWxC.shape[1:] != (cfg.image_size, cfg.image_size, cfg.channels):
-            raise ValueError(f"images of shape {x_BxHxWxC.shape[1:]}, model expects "
-                             f"{(cfg.image_size, cfg.image_size, cfg.channels)}")
+        checks.images(x_BxHxWxC, (cfg.image_size, cfg.image_size, cfg.channels), name="images")
         p = cfg.patch_size
         patches = einops.rearrange(x_BxHxWxC, "b (gh p) (gw q) c -> b (gh gw) (p q c)", p=p, q=p)
         h_BxTxD = self.patch(patches)

@@ -10,6 +10,7 @@ optimizer state; `learning_rate(opt_state)` reads it back (the trainer logs it a
 it is checkpointed and resumed with everything else; `ema_params(opt_state)` reads it back (diffusion models
 sample from it).
 """
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -36,6 +37,34 @@ def default_optim_config() -> ml_collections.ConfigDict:
         grad_clip=0.0,  # global-norm clipping; 0 = off.
         ema_decay=0.0,  # > 0: keep an EMA of the parameters in the optimizer state (see `ema_params`).
     ))
+
+
+def validate_optim_config(cfg: ml_collections.ConfigDict) -> None:
+    """ValueError naming the field for a value `make_optimizer` would accept but train wrongly with (lr <= 0 or NaN,
+    negative weight decay, betas outside [0, 1), ...). Configs call it when they are loaded (config.Validator.optim)."""
+    def number(name, ok, rule):
+        x = cfg.get(name, 0.0)
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or not ok(x):
+            raise ValueError(f"{name}={x!r} must be a finite number {rule}")
+
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"name={cfg.name!r} is not one of {OPTIMIZERS}")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"schedule={cfg.schedule!r} is not one of {SCHEDULES}")
+    number("lr", lambda x: x > 0, "> 0")
+    number("weight_decay", lambda x: x >= 0, ">= 0")
+    number("b1", lambda x: 0 <= x < 1, "in [0, 1)")
+    number("b2", lambda x: 0 <= x < 1, "in [0, 1)")
+    number("momentum", lambda x: 0 <= x < 1, "in [0, 1)")
+    number("grad_clip", lambda x: x >= 0, ">= 0 (0 = off)")
+    number("ema_decay", lambda x: 0 <= x < 1, "in [0, 1) (0 = off)")
+    for name in ("warmup_steps", "total_steps"):
+        x = cfg.get(name, 0)
+        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+            raise ValueError(f"{name}={x!r} must be an integer >= 0")
+    if cfg.schedule != "constant" and cfg.total_steps <= cfg.warmup_steps:
+        raise ValueError(f"schedule={cfg.schedule!r} needs total_steps > warmup_steps: {cfg.total_steps=} "
+                         f"{cfg.warmup_steps=}")
 
 
 def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
@@ -117,6 +146,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, trainable: Any = None) -> opt
     `trainable`: None (all trained), a bool tree with the params' structure, or a callable `path_str -> bool`.
     Frozen leaves get zero updates and no optimizer state (`optax.set_to_zero` inside `optax.multi_transform`).
     """
+    validate_optim_config(cfg)
     tx = optax.inject_hyperparams(_base_optimizer(cfg))(learning_rate=make_schedule(cfg))
     if cfg.grad_clip:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)

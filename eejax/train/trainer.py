@@ -11,7 +11,9 @@
 
 Step k is the k-th update: it draws the k-th batch, uses `fold_in(rng, k - 1)` and produces `state.step == k`;
 the checkpoint of step k holds that state. A run killed anywhere and rerun with the same command ends with the
-same parameters, bit for bit, as an uninterrupted run (tests/test_trainer.py checks this).
+same parameters, bit for bit, as an uninterrupted run (tests/test_trainer.py checks this). Checkpoints are verified
+on restore: a corrupt newest step is reported, set aside, and training resumes from the newest good one
+(eejax/train/checkpoint.py; tests/test_run_integrity.py).
 
 Env vars: EEJAX_NO_PROGRESS=1 hides the progress bar; EEJAX_CRASH_AT_STEP=k (tests only) hard-exits the process
 with code 17 right after step k, as a kill would, to test resumption.
@@ -47,6 +49,7 @@ class TrainState(NamedTuple):
 
 class NonFiniteLossError(FloatingPointError):
     """A step produced a NaN/inf loss or gradient norm; that state was not checkpointed."""
+    hint = "lower the learning rate or set grad_clip (a changed config needs --fresh or another --workdir)"
 
 
 # ---------------------------------------------------------------------------------------------------- step
@@ -144,15 +147,15 @@ class Trainer:
         """Trains until `state.step == num_steps`, resuming from the latest checkpoint in `workdir/ckpt`."""
         if not (hasattr(batches, "state_dict") and hasattr(batches, "load_state_dict")):
             raise TypeError(f"{type(batches).__name__} needs state_dict()/load_state_dict() so runs can resume")
-        resumed_from = self.checkpointer.latest_step()
-        if resumed_from is None:
+        # The newest checkpoint that passes its checksum and restores; bad newer ones are reported and set aside.
+        restored = self.checkpointer.restore_latest_good(self._abstract_state())
+        if restored is None:
             state = self.init_state()
         else:
-            restored = self.checkpointer.restore(self._abstract_state())
             state = restored.state
             batches.load_state_dict(restored.data_state)
             if self._is_chief:
-                print(f"resumed from step {resumed_from}", flush=True)
+                print(f"resumed from step {restored.step}", flush=True)
         start = int(state.step)
         if start >= num_steps:
             self.state = state
@@ -192,8 +195,7 @@ class Trainer:
         """Host side of a step: the finiteness check, then metrics at log steps."""
         metrics = jax.device_get(pending.metrics)
         if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-            self.checkpointer.wait()
-            last = self.checkpointer.latest_step()
+            last = self.checkpointer.latest_good_step()  # (waits for pending saves; skips corrupt steps)
             where = "no checkpoint yet" if last is None else f"last good checkpoint at step {last}"
             raise NonFiniteLossError(f"step {pending.step}: loss={float(metrics['loss'])} grad_norm="
                                      f"{float(metrics['grad_norm'])}; {where} in {self.checkpointer.directory}")

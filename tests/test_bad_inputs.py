@@ -1,0 +1,403 @@
+"""Bad inputs get one clear line, and nothing a user had is changed (issue 11: runs that cannot lie).
+
+Command line: every case runs an experiment's real ``main(argv)`` in-process (a subprocess costs seconds of imports
+each; a handful of true subprocess runs check the exit status and stderr end to end). Each must exit with status 2,
+print one line ``error: <cause>; <hint>`` naming the cause and no traceback, and leave an earlier run's results,
+checkpoints and recorded config byte-identical. API: a ValueError naming the argument.
+"""
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from eejax import config, run
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = {name: str(ROOT / "configs" / f"{name}.py") for name in ("lgvit", "deediff", "per_token_exit", "skipdecode")}
+
+# (paper, extra argv, a fragment the one-line message must hold)
+CLI_CASES = [
+    # LGViT: ranges, types, known names, every variant, optimizer, model/data consistency, flags.
+    ("lgvit", ["--config.data.batch_size=-4"], "config.data.batch_size=-4: must be an integer >= 1"),
+    ("lgvit", ["--config.data.batch_size=0"], "config.data.batch_size=0"),
+    ("lgvit", ["--config.data.batch_size=abc"], "expected a int"),
+    ("lgvit", ["--config.data.eval_batch_size=0"], "config.data.eval_batch_size=0"),
+    ("lgvit", ["--config.stage1.steps=0"], "config.stage1.steps=0: must be an integer >= 1"),
+    ("lgvit", ["--config.stage1.steps=-5"], "config.stage1.steps=-5"),
+    ("lgvit", ["--config.stage2.steps=0"], "config.stage2.steps=0"),
+    ("lgvit", ["--config.eval.thresholds=(1.5,)"], "config.eval.thresholds[0]=1.5: must be a finite number in [0, 1]"),
+    ("lgvit", ["--config.eval.thresholds=(-0.5, 0.9)"], "config.eval.thresholds[0]=-0.5"),
+    ("lgvit", ["--config.eval.thresholds=()"], "config.eval.thresholds=(): must be a non-empty list"),
+    ("lgvit", ["--config.eval.thresholds=(0.5, 'a')"], "config.eval.thresholds[1]='a'"),
+    ("lgvit", ["--config.eval.thresholds=nan"], "--config.eval.thresholds=nan: expected a tuple"),
+    ("lgvit", ["--config.eval.thresholds=(1e999,)"], "config.eval.thresholds[0]=inf"),
+    ("lgvit", ["--config.eval.thresholds=0.5"], "expected a tuple, got float"),
+    ("lgvit", ["--config.seed=-1"], "config.seed=-1: must be an integer >= 0"),
+    ("lgvit", ["--config.data.val_fraction=0.0"], "config.data.val_fraction=0.0: must be a finite number in (0, 1)"),
+    ("lgvit", ["--config.data.val_fraction=1.5"], "config.data.val_fraction=1.5"),
+    ("lgvit", ["--config.data.train_size=-1"], "config.data.train_size=-1"),
+    ("lgvit", ["--config.variants=('lgvit', 'bogus')"], "config.variants[1]='bogus': must be one of lgvit"),
+    ("lgvit", ["--config.variants=()"], "config.variants=(): must be a non-empty list"),
+    ("lgvit", ["--config.stage1.optim.lr=-1"], "config.stage1.optim: lr=-1.0 must be a finite number > 0"),
+    ("lgvit", ["--config.stage1.optim.lr=0"], "lr=0.0 must be a finite number > 0"),
+    ("lgvit", ["--config.stage2.optim.lr=1e999"], "lr=inf"),
+    ("lgvit", ["--config.stage1.optim.name=lamb"], "name='lamb' is not one of"),
+    ("lgvit", ["--config.stage1.optim.schedule=linear"], "schedule='linear' is not one of"),
+    ("lgvit", ["--config.stage1.optim.weight_decay=-0.1"], "weight_decay=-0.1"),
+    ("lgvit", ["--config.stage2.optim.total_steps=10", "--config.stage2.optim.warmup_steps=50"],
+     "needs total_steps > warmup_steps"),
+    ("lgvit", ["--config.model.d_model=50"], "not divisible by self.num_heads"),
+    ("lgvit", ["--config.model.patch_size=5"], "not divisible by self.patch_size"),
+    ("lgvit", ["--config.model.exits=bogus"], "bad exit spec 'bogus'"),
+    ("lgvit", ["--config.model.depth=0"], "config.model.depth=0"),
+    ("lgvit", ["--config.model.channels=3"], "does not match mnist_embedded images (28, 28, 1)"),
+    ("lgvit", ["--config.data.name=imagenet"], "config.data.name='imagenet': must be one of"),
+    ("lgvit", ["--config.stage1.weighting=bogus"], "config.stage1.weighting='bogus'"),
+    ("lgvit", ["--config.stage2.alpha=2.0"], "config.stage2.alpha=2.0"),
+    ("lgvit", ["--config.stage2.temperature=0"], "config.stage2.temperature=0.0"),
+    ("lgvit", ["--config.model.pool=max"], "config.model.pool='max'"),
+    ("lgvit", ["--config.log_every=0"], "config.log_every=0"),
+    ("lgvit", ["--config.ckpt_every=-1"], "config.ckpt_every=-1"),
+    ("lgvit", ["--config.eval.throughput_batch=0"], "config.eval.throughput_batch=0"),
+    ("lgvit", ["--config.nope=1"], "unknown config key 'nope'"),
+    ("lgvit", ["--config.data.batch_sise=4"], "did you mean 'data.batch_size'"),
+    ("lgvit", ["--config.data.batch_size"], "write overrides as --config.key=value"),
+    ("lgvit", ["--data_dir=/nonexistent"], "--data_dir is not used by data.name='mnist_embedded'"),
+    ("lgvit", ["--config.data.name=fashion_mnist", "--data_dir=/nonexistent"],
+     "data directory /nonexistent does not exist"),
+    ("lgvit", ["--bogus_flag"], "unrecognized arguments: --bogus_flag"),
+    ("lgvit", ["--config.seed=1"], "was run with a different config: seed (0 -> 1)"),
+    ("lgvit", ["--config.stage1.steps=5"], "stage1.steps (600 -> 5)"),
+    # DeeDiff
+    ("deediff", ["--config.eval.target_ratios=(1.5,)"], "config.eval.target_ratios[0]=1.5: must be a finite number "
+                                                         "in (0, 1]"),
+    ("deediff", ["--config.eval.target_ratios=(0.0,)"], "config.eval.target_ratios[0]=0.0"),
+    ("deediff", ["--config.eval.target_ratios=()"], "config.eval.target_ratios=()"),
+    ("deediff", ["--config.train.batch_size=0"], "config.train.batch_size=0"),
+    ("deediff", ["--config.train.steps=-1"], "config.train.steps=-1"),
+    ("deediff", ["--config.sample.steps=0"], "config.sample.steps=0"),
+    ("deediff", ["--config.sample.steps=5000"], "config.sample.steps=5000: must be an integer in [1, 1000]"),
+    ("deediff", ["--config.model.depth=4"], "U-ViT needs an odd depth"),
+    ("deediff", ["--config.diffusion.schedule=quadratic"], "config.diffusion.schedule='quadratic'"),
+    ("deediff", ["--config.diffusion.parameterization=x0"], "config.diffusion.parameterization='x0'"),
+    ("deediff", ["--config.train.optim.ema_decay=1.0"], "ema_decay=1.0 must be a finite number in [0, 1)"),
+    ("deediff", ["--config.eval.mse_timesteps=(0, 1000)"], "config.eval.mse_timesteps[1]=1000"),
+    ("deediff", ["--config.eval.two_depth_shallow=0"], "config.eval.two_depth_shallow=0"),
+    ("deediff", ["--config.loss.lam=-1"], "config.loss.lam=-1.0"),
+    ("deediff", ["--config.sample.eta=nan"], "--config.sample.eta=nan: expected a float"),
+    ("deediff", ["--config.seed=-3"], "config.seed=-3"),
+    ("deediff", ["--data_dir=/nonexistent"], "--data_dir is not used by data.name='mnist_embedded'"),
+    # Per-token exit (the LM experiments)
+    ("per_token_exit", ["--config.eval.prompt_len=0"], "config.eval.prompt_len=0: must be an integer >= 1"),
+    ("per_token_exit", ["--config.eval.new_tokens=0"], "config.eval.new_tokens=0"),
+    ("per_token_exit", ["--config.eval.thresholds.max_softmax=(1.5,)"], "config.eval.thresholds.max_softmax[0]=1.5"),
+    ("per_token_exit", ["--config.eval.thresholds.max_softmax=()"], "config.eval.thresholds.max_softmax=()"),
+    ("per_token_exit", ["--config.eval.thresholds.cosine=(-2.0,)", "--config.eval.measures=('cosine',)"],
+     "config.eval.thresholds.cosine[0]=-2.0: must be a finite number in [-1, 1]"),
+    ("per_token_exit", ["--config.eval.measures=('max_softmax', 'bogus')"], "config.eval.measures[1]='bogus'"),
+    ("per_token_exit", ["--config.eval.kv_modes=('teleport',)"], "config.eval.kv_modes[0]='teleport'"),
+    ("per_token_exit", ["--config.eval.static_exits=(7,)"], "config.eval.static_exits[0]=7: must be an integer in "
+                                                             "[0, 2]"),
+    ("per_token_exit", ["--config.eval.ltt_delta=0"], "config.eval.ltt_delta=0.0"),
+    ("per_token_exit", ["--config.eval.ltt_epsilons=(1.5,)"], "config.eval.ltt_epsilons[0]=1.5"),
+    ("per_token_exit", ["--config.data.tokenizer=word"], "config.data.tokenizer='word'"),
+    ("per_token_exit", ["--config.model.num_kv_heads=3"], "not divisible by self.num_kv_heads"),
+    ("per_token_exit", ["--config.train.layer_drop=1.0"], "config.train.layer_drop=1.0"),
+    ("per_token_exit", ["--config.data.seq_len=1"], "config.data.seq_len=1: must be an integer >= 2"),
+    ("per_token_exit", ["--config.seed=-1"], "config.seed=-1"),
+    ("per_token_exit", ["--config.classifier.optim.lr=-1"], "config.classifier.optim: lr=-1.0"),
+    ("per_token_exit", ["--config.data.name=imdb"], "config.data.name='imdb'"),
+    ("per_token_exit", ["--data_dir=/nonexistent"], "--data_dir /nonexistent is not a directory"),
+    # SkipDecode
+    ("skipdecode", ["--config.skipdecode.speedups=(0.5,)"], "config.skipdecode.speedups[0]=0.5"),
+    ("skipdecode", ["--config.skipdecode.keep_bottom=10"], "config.skipdecode.keep_bottom=10"),
+    ("skipdecode", ["--config.eval.exit_thresholds=(2.0,)"], "config.eval.exit_thresholds[0]=2.0"),
+    ("skipdecode", ["--config.eval.prompt_len=20"], "config.data.seq_len=32: must equal eval.prompt_len"),
+    ("skipdecode", ["--config.skipdecode.finetune_steps=0"], "config.skipdecode.finetune_steps=0"),
+    ("skipdecode", ["--config.eval.exit_measure=bogus"], "config.eval.exit_measure='bogus'"),
+]
+
+
+def _digest(root: pathlib.Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def earlier_runs(tmp_path_factory):
+    """A workdir per paper as an earlier smoke run left it: recorded config, a checkpoint, results."""
+    root = tmp_path_factory.mktemp("earlier")
+    for name, path in CONFIGS.items():
+        work = root / name
+        (work / "ckpt" / "5").mkdir(parents=True)
+        (work / "ckpt" / "5" / "state").write_bytes(os.urandom(256))
+        (work / "results").mkdir()
+        (work / "results" / f"{name}.md").write_text(f"# {name} earlier result\n")
+        (work / "results" / f"{name}.json").write_text(json.dumps({"earlier": True}))
+        cfg, args = config.parse_cli([f"--config={path}:smoke"])
+        (work / run.RUN_CONFIG).write_text(json.dumps(run.config_record(cfg, args.not_in_checkpoints)))
+    return root
+
+
+def _main(paper):
+    if paper == "lgvit":
+        from experiments import lgvit as mod
+    elif paper == "deediff":
+        from experiments import deediff as mod
+    elif paper == "per_token_exit":
+        from experiments import per_token_exit as mod
+    else:
+        from experiments import skipdecode as mod
+    return mod.main
+
+
+def _assert_one_line_exit_2(capsys, call, fragment):
+    with pytest.raises(SystemExit) as exc:
+        call()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exc.value.code == 2, err
+    assert "Traceback" not in err
+    assert lines and lines[-1].startswith("error: ") and "; " in lines[-1], err
+    assert len([line for line in lines if line.startswith("error:")]) == 1, err
+    assert fragment in lines[-1], lines[-1]
+    return lines[-1]
+
+
+@pytest.mark.parametrize("paper,extra,fragment", CLI_CASES,
+                         ids=[f"{p}:{' '.join(a)}" for p, a, _ in CLI_CASES])
+def test_cli_bad_input_is_one_line_and_changes_nothing(paper, extra, fragment, earlier_runs, capsys, request):
+    work = earlier_runs / paper
+    before = _digest(work)
+    argv = [f"--config={CONFIGS[paper]}:smoke", f"--workdir={work}"] + extra
+    if paper in ("per_token_exit", "skipdecode") and not any(a.startswith("--data_dir") for a in extra):
+        argv.append(f"--data_dir={request.getfixturevalue('shared_data')}")
+    _assert_one_line_exit_2(capsys, lambda: _main(paper)(argv), fragment)
+    assert _digest(work) == before
+    assert not (work / run.LOCK).exists()  # the refused run released its lock
+
+
+def test_cli_config_file_errors(capsys, tmp_path):
+    from experiments import lgvit
+
+    for argv, fragment in [([f"--config={ROOT / 'configs/missing.py'}"], "config file not found"),
+                           ([f"--config={CONFIGS['lgvit']}:bogus"], "unknown arg 'bogus'"),
+                           ([f"--config={CONFIGS['lgvit']}:smoke", f"--workdir={tmp_path / 'f'}"], "is a file")]:
+        (tmp_path / "f").write_text("not a directory")
+        _assert_one_line_exit_2(capsys, lambda: lgvit.main(argv), fragment)
+
+
+def test_workdir_without_record_is_refused(capsys, tmp_path):
+    from experiments import lgvit
+
+    (tmp_path / "ckpt" / "5").mkdir(parents=True)
+    before = _digest(tmp_path)
+    _assert_one_line_exit_2(capsys, lambda: lgvit.main([f"--config={CONFIGS['lgvit']}:smoke",
+                                                        f"--workdir={tmp_path}"]), "holds files but no run_config")
+    assert _digest(tmp_path) == before
+
+
+def test_config_binding_and_fresh(tmp_path):
+    cfg = config.load(f"{CONFIGS['lgvit']}:smoke")
+    assert run.open_workdir(tmp_path / "w", cfg) == tmp_path / "w"
+    run.release_locks()
+    assert run.open_workdir(tmp_path / "w", cfg) == tmp_path / "w"  # same config: the same workdir, resumable
+    run.release_locks()
+    other = config.load(f"{CONFIGS['lgvit']}:smoke")
+    with other.unlocked():
+        other.stage1.steps, other.model.depth = 5, 4
+    with pytest.raises(run.ConfigMismatchError, match=r"model.depth \(6 -> 4\), stage1.steps \(600 -> 5\)"):
+        run.open_workdir(tmp_path / "w", other)
+    run.release_locks()
+    fresh = run.open_workdir(tmp_path / "w", other, fresh=True)
+    assert fresh == tmp_path / "w" / "fresh-1" and (fresh / run.RUN_CONFIG).exists()
+    assert (fresh / run.LOCK).exists() and not (tmp_path / "w" / run.LOCK).exists()
+    run.release_locks()
+    # log_every and the runbook do not change what a checkpoint holds.
+    with other.unlocked():
+        other.log_every = 7
+    assert run.open_workdir(fresh, other) == fresh
+    run.release_locks()
+    # Nor do the fields a paper lists in NOT_IN_CHECKPOINTS (LGViT: eval), so a finished run can be re-evaluated.
+    _, args = config.parse_cli([f"--config={CONFIGS['lgvit']}:smoke"])
+    assert args.not_in_checkpoints == ("eval",)
+    assert run.open_workdir(tmp_path / "e", other, record=run.config_record(other, ("eval",))) == tmp_path / "e"
+    run.release_locks()
+    with other.unlocked():
+        other.eval.thresholds = (0.5,)
+    assert run.open_workdir(tmp_path / "e", other, record=run.config_record(other, ("eval",))) == tmp_path / "e"
+    run.release_locks()
+
+
+def test_second_run_on_a_workdir_is_refused_while_the_first_holds_it(capsys, tmp_path):
+    from experiments import lgvit
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from eejax import run; run.WorkdirLock(sys.argv[1]).acquire(); "
+                               "print('locked', flush=True); time.sleep(120)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        argv = [f"--config={CONFIGS['lgvit']}:smoke", f"--workdir={tmp_path}"]
+        line = _assert_one_line_exit_2(capsys, lambda: lgvit.main(argv), f"is in use by pid {holder.pid}")
+        assert "wait for that run to finish" in line
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without releasing: its lock is stale and the next run takes it over.
+    lock = run.WorkdirLock(tmp_path).acquire()
+    assert json.loads((tmp_path / run.LOCK).read_text())["pid"] == os.getpid()
+    assert "stale lock" in capsys.readouterr().err
+    lock.release()
+    assert not (tmp_path / run.LOCK).exists()
+
+
+# ---------------------------------------------------------------------------------------------- subprocesses
+
+
+def _python(args, env_extra=None, timeout=180):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EEJAX_NO_PROGRESS": "1", **(env_extra or {})}
+    env.pop("EEJAX_DEBUG", None) if "EEJAX_DEBUG" not in (env_extra or {}) else None
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_cli_subprocess_exit_status_and_debug(tmp_path):
+    argv = ["-m", "experiments.lgvit", f"--config={CONFIGS['lgvit']}:smoke", "--config.data.batch_size=-4",
+            f"--workdir={tmp_path}"]
+    proc = _python(argv)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: config.data.batch_size=-4: must be an integer >= 1; fix the value in the config file or the "
+        "--config.KEY=VALUE override")
+    debug = _python(argv, {"EEJAX_DEBUG": "1"})
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
+    assert "Traceback" in _python(argv + ["--debug"]).stderr
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_cli_subprocess_data_error(tmp_path):
+    proc = _python(["-m", "experiments.per_token_exit", f"--config={CONFIGS['per_token_exit']}:smoke",
+                    f"--data_dir={tmp_path}", f"--workdir={tmp_path / 'w'}"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: missing: {tmp_path}")
+
+
+# ------------------------------------------------------------------------------------------------------ API
+
+
+@pytest.fixture(scope="module")
+def vit_model():
+    from flax import nnx
+
+    from eejax.models import vit as vit_lib
+
+    cfg = vit_lib.ViTConfig(image_size=28, channels=1, patch_size=7, d_model=16, depth=2, num_heads=2, mlp_dim=16,
+                            exits="all", head_types="linear", local_hidden=8)
+    return nnx.merge(*vit_lib.build(cfg, 0))
+
+
+@pytest.fixture(scope="module")
+def lm_model():
+    from flax import nnx
+
+    from eejax.models import lm as lm_lib
+
+    cfg = lm_lib.LMConfig(vocab_size=11, d_model=16, depth=2, num_heads=2, num_kv_heads=1, mlp_dim=16)
+    return nnx.merge(*lm_lib.build(cfg, 0))
+
+
+def test_api_vit_inputs(vit_model):
+    good = np.zeros((2, 28, 28, 1), np.float32)
+    cases = [
+        (lambda: vit_model.all_exits(np.zeros((2, 28, 28, 1), np.uint8)), "images have dtype uint8"),
+        (lambda: vit_model.all_exits(np.full((2, 28, 28, 1), np.nan, np.float32)), "images contain NaN"),
+        (lambda: vit_model.all_exits(np.zeros((2, 32, 32, 1), np.float32)), r"images of shape \(2, 32, 32, 1\)"),
+        (lambda: vit_model.all_exits(np.zeros((28, 28, 1), np.float32)), r"images of shape \(28, 28, 1\)"),
+        (lambda: vit_model.dynamic(good, 1.5), r"threshold=1.5 outside \[0.0, 1.0\]"),
+        (lambda: vit_model.dynamic(good, -0.5), "threshold=-0.5 outside"),
+        (lambda: vit_model.dynamic(good, float("nan")), "threshold=nan contains NaN"),
+        (lambda: vit_model.dynamic(good, np.array([0.5, 0.5, 0.5])), r"threshold has shape \(3,\)"),
+        (lambda: vit_model.dynamic(good, "high"), "threshold must be a number"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_api_lm_token_ids(lm_model):
+    from eejax.decoding import per_token
+
+    step = lambda m, t, s, i: per_token.full_depth_step(m, t, s, i)  # noqa: E731
+    lengths = np.full((2,), 3, np.int32)
+    cases = [
+        (lambda: lm_model(np.array([[1, 2, 11]], np.int32)),
+         r"tokens hold ids in \[1, 11\]; the vocabulary is \[0, 11\)"),
+        (lambda: lm_model(np.array([[-1, 2]], np.int32)), r"ids in \[-1, 2\]"),
+        (lambda: lm_model(np.array([[1.0, 2.0]], np.float32)), "tokens must be integer token ids"),
+        (lambda: per_token.generate(lm_model, np.array([[1, 2, 50], [1, 2, 3]], np.int32), lengths, 2, step),
+         r"prompt_BxP hold ids in \[1, 50\]"),
+        (lambda: per_token.generate(lm_model, np.ones((2, 3), np.int32), lengths, 0, step), "num_new=0"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_api_data_optim_and_exits():
+    from eejax.data import pipeline
+    from eejax.data.lm import WindowIterator
+    from eejax.exits import engine
+    from eejax.train import default_optim_config, make_optimizer
+
+    ds = pipeline.get_dataset("mnist_embedded", "validation")
+
+    def optim(**kw):
+        cfg = default_optim_config()
+        cfg.update(**kw)
+        return lambda: make_optimizer(cfg)
+
+    cases = [
+        (lambda: pipeline.BatchIterator(ds, -8), "batch_size=-8 must be an integer >= 1"),
+        (lambda: pipeline.BatchIterator(ds, 0), "batch_size=0"),
+        (lambda: pipeline.BatchIterator(ds, 2.5), "batch_size=2.5"),
+        (lambda: WindowIterator(np.arange(100), -1, 8), "batch_size=-1"),
+        (lambda: WindowIterator(np.arange(100), 2, 0), "seq_len=0"),
+        (optim(lr=-1.0), "lr=-1.0 must be a finite number > 0"),
+        (optim(lr=float("nan")), "lr=nan"),
+        (optim(weight_decay=-1.0), "weight_decay=-1.0"),
+        (optim(b1=1.5), "b1=1.5"),
+        (optim(grad_clip=float("inf")), "grad_clip=inf"),
+        (lambda: engine.exit_layers_from([], 4), r"exits=\[\] names no exit"),
+        (lambda: engine.exit_layers_from([7], 4), r"exit layers \[7\] outside"),
+        (lambda: pipeline.split_train_val(pipeline.get_dataset("mnist_embedded", "train"), 1.0, 0), "val_fraction"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_cli_wrapper_one_line_for_user_errors_traceback_for_bugs(capsys, monkeypatch):
+    from eejax.train import NonFiniteLossError
+
+    monkeypatch.delenv("EEJAX_DEBUG", raising=False)
+
+    def raising(exc):
+        @run.cli
+        def main(argv=None):
+            raise exc
+        return main
+
+    line = _assert_one_line_exit_2(capsys, lambda: raising(ValueError("x=3 is\nbad"))([]), "error: x=3 is bad; ")
+    assert line.endswith("fix the value (see the config's runbook and --help)")
+    line = _assert_one_line_exit_2(capsys, lambda: raising(NonFiniteLossError("step 3: loss=nan"))([]), "loss=nan")
+    assert "grad_clip" in line
+    with pytest.raises(KeyError):  # a bug, not a bad input: the traceback stays
+        raising(KeyError("bug"))([])
+    with pytest.raises(ValueError):
+        raising(ValueError("x"))(["--debug"])

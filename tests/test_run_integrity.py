@@ -1,0 +1,139 @@
+"""Checkpoints that are verified and fall back, results replaced only by a finished run (issue 11)."""
+import json
+import os
+import pathlib
+import stat
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import train_script_for_tests as script
+from eejax.eval import report
+from eejax.train import CHECKSUM_FILE, NoGoodCheckpointError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _params(state):
+    return jax.tree.map(np.asarray, state.params)
+
+
+def _largest_file(step_dir: pathlib.Path) -> pathlib.Path:
+    files = [p for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _bit_flip(step_dir):
+    f = _largest_file(step_dir)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    f.write_bytes(bytes(data))
+
+
+def _truncate(step_dir):
+    f = _largest_file(step_dir)
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _drop_metadata(step_dir):
+    (step_dir / "state" / "_METADATA").unlink()
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """A 10-step run with checkpoints at 5 and 10, and its final params."""
+    workdir = tmp_path_factory.mktemp("straight")
+    with script.make_trainer(workdir) as trainer:
+        return workdir, _params(trainer.fit(script.Batches(), 10))
+
+
+@pytest.mark.parametrize("corrupt", [_bit_flip, _truncate, _drop_metadata], ids=["bit_flip", "truncation",
+                                                                                 "missing_metadata"])
+def test_corrupt_newest_checkpoint_falls_back_to_previous_good_step(corrupt, straight_run, tmp_path, capfd):
+    src, final = straight_run
+    subprocess.run(["cp", "-a", f"{src}/.", str(tmp_path)], check=True)
+    corrupt(tmp_path / "ckpt" / "10")
+    with script.make_trainer(tmp_path) as trainer:
+        assert trainer.checkpointer.latest_good_step() == 5  # what a NaN stop would name as "last good"
+        state = trainer.fit(script.Batches(), 10)
+        assert trainer.checkpointer.all_steps() == [5, 10]
+    out, err = capfd.readouterr()
+    assert "resumed from step 5" in out
+    warnings = [line for line in err.splitlines() if "checkpoint step 10" in line]
+    assert len(warnings) == 1 and "is unusable (corrupt: " in warnings[0]
+    assert (tmp_path / "ckpt" / "corrupt-10").is_dir()  # kept for inspection, out of orbax's way
+    # Retrained from step 5: the same parameters, bit for bit, as the uninterrupted run.
+    jax.tree.map(np.testing.assert_array_equal, _params(state), final)
+
+
+def test_no_good_checkpoint_is_one_clear_error(straight_run, tmp_path):
+    src, _ = straight_run
+    subprocess.run(["cp", "-a", f"{src}/.", str(tmp_path)], check=True)
+    _bit_flip(tmp_path / "ckpt" / "10")
+    _drop_metadata(tmp_path / "ckpt" / "5")
+    with script.make_trainer(tmp_path) as trainer:
+        with pytest.raises(NoGoodCheckpointError) as exc:
+            trainer.fit(script.Batches(), 10)
+    msg = str(exc.value)
+    assert "\n" not in msg and "step 10 corrupt: sha256 mismatch" in msg and "step 5 corrupt: missing file" in msg
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == ["10", "5"]  # untouched
+
+
+def test_checkpoints_are_sealed(straight_run):
+    src, _ = straight_run
+    for step in (5, 10):
+        sums = json.loads((src / "ckpt" / str(step) / CHECKSUM_FILE).read_text())["sha256"]
+        assert "state/_METADATA" in sums and len(sums) > 3
+
+
+# --------------------------------------------------------------------------------------------------- results
+
+
+def _write(outdir, tag, crash=None):
+    code = ("import sys; from eejax.eval import report; "
+            "report.write_results(sys.argv[1], 'res', f'# {sys.argv[2]}\\n', {'tag': sys.argv[2]}, overwrite=True)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop(report.CRASH_ENV, None)
+    if crash:
+        env[report.CRASH_ENV] = crash
+    return subprocess.run([sys.executable, "-c", code, str(outdir), tag], env=env, capture_output=True, text=True)
+
+
+def _pair(outdir):
+    return (outdir / "res.md").read_text(), json.loads((outdir / "res.json").read_text())["tag"]
+
+
+def test_killed_during_results_write_keeps_old_results(tmp_path):
+    assert _write(tmp_path, "old").returncode == 0
+    assert _pair(tmp_path) == ("# old\n", "old")
+    for f in ("res.md", "res.json"):  # results are for everyone to read
+        assert stat.S_IMODE((tmp_path / f).stat().st_mode) == 0o644
+    killed = _write(tmp_path, "new", crash="staged")  # every file written, nothing renamed yet
+    assert killed.returncode == 17
+    assert _pair(tmp_path) == ("# old\n", "old")
+    assert list(tmp_path.glob(".staging-*"))  # the dead run's staging folder ...
+    report.recover_results(tmp_path)
+    assert not list(tmp_path.glob(".staging-*")) and _pair(tmp_path) == ("# old\n", "old")  # ... is dropped
+
+
+def test_killed_between_the_renames_is_completed_never_a_half_pair(tmp_path):
+    assert _write(tmp_path, "old").returncode == 0
+    killed = _write(tmp_path, "new", crash="renaming")  # the json moved, the md not yet
+    assert killed.returncode == 17
+    assert (tmp_path / report.JOURNAL).exists()
+    report.recover_results(tmp_path)  # (done by the next run that opens this outdir)
+    assert _pair(tmp_path) == ("# new\n", "new") and not (tmp_path / report.JOURNAL).exists()
+
+
+def test_failed_run_leaves_results_alone(tmp_path):
+    report.write_results(tmp_path, "res", "# old\n", {"tag": "old"})
+    with pytest.raises(RuntimeError):
+        with report.StagedResults(tmp_path, overwrite=True) as stage:
+            stage.write_results("res", "# new\n", {"tag": "new"})
+            raise RuntimeError("evaluation failed")
+    assert _pair(tmp_path) == ("# old\n", "old") and not list(tmp_path.glob(".staging-*"))
+    with pytest.raises(FileExistsError, match="res.md exists"):
+        report.write_results(tmp_path, "res", "# new\n", {"tag": "new"})
