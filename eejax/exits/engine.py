@@ -214,6 +214,9 @@ def exit_layers_from(spec, num_layers: int) -> tuple[int, ...]:
             raise ValueError(f"bad exit spec {spec!r}: use 'all', 'every:k', 'from:k' or a list of layer indices")
     else:
         layers = [int(i) for i in spec]
+        if not layers:
+            raise ValueError("exits=[] names no exit; give at least one layer index (the last layer is always an "
+                             "exit), or 'all' / 'every:k' / 'from:k'")
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
         raise ValueError(f"exit layers {bad} outside [0, {num_layers})")
