@@ -13,6 +13,12 @@ the last, and a stopped row keeps its state. States carry a leading batch axis.
 * ``fixed_exit(exit_B)``: each row stops at a given exit (static truncation, a budget, a draft depth).
 * ``router(predict)``: ``predict(h0) -> exit_B`` decides the depth before anything runs (ECO-M2F-style gates,
   depth-grouped batching), then acts as ``fixed_exit``.
+* ``saturation(thr, first=...)``: MuE (Tang et al., CVPR 2023, arXiv:2211.11152): a row stops when the cosine
+  similarity of its hidden state with the previous exit's reaches the threshold; no classifier takes part in the
+  decision. ``first(h0)`` gives the state the first exit is compared with (MuE: the layer's input).
+* ``agreement(thr, max_exit)``: DeeR-VLA (Yue et al., NeurIPS 2024, arXiv:2411.02359): a row stops when consecutive
+  exits' outputs agree, ``||softmax_e - softmax_{e-1}||_2 < thr_E[e]``, and at ``max_exit`` at the latest (the peak
+  compute cap); the first exit has nothing to agree with and never fires below the cap.
 """
 from __future__ import annotations
 
@@ -70,6 +76,46 @@ class Router(NamedTuple):
         return e >= state, jnp.zeros(state.shape, jnp.float32), state
 
 
+class Saturation(NamedTuple):
+    thr_E: jax.Array
+    first: Callable[[Any], jax.Array] | None = None   # h0 -> float[B, D'] compared with the first exit's state
+
+    def init(self, probe, zero_B, h0=None):
+        state = conf_lib.init_state(probe, zero_B)
+        if self.first is None:     # the cosine measure's convention: score 0 at the first exit
+            return state
+        prev = jnp.asarray(self.first(h0), jnp.float32)
+        if prev.shape != probe.hidden_BxD.shape:
+            raise ValueError(f"saturation: first(h0) has shape {prev.shape} but the heads report hidden states of "
+                             f"shape {probe.hidden_BxD.shape}; they are compared by cosine similarity")
+        return state._replace(prev_hidden_BxD=prev)
+
+    def decide(self, out, state, e):
+        score_B, new = conf_lib.cosine(out, state)
+        return score_B >= self.thr_E[e], score_B, new
+
+
+class AgreementState(NamedTuple):
+    prev_BxC: jax.Array   # softmax of the previous exit
+    seen_B: jax.Array     # whether a previous exit exists
+
+
+class Agreement(NamedTuple):
+    thr_E: jax.Array       # exit e fires when the distance to exit e-1's softmax is below thr_E[e]
+    max_exit: jax.Array    # int32[]: every row stops at this exit at the latest (DeeR's max_layer)
+
+    def init(self, probe, zero_B, h0=None):
+        return AgreementState(jnp.zeros(probe.logits_BxC.shape, jnp.float32) + zero_B[:, None], zero_B > 0)
+
+    def decide(self, out, state, e):
+        p_BxC = jax.nn.softmax(out.logits_BxC.astype(jnp.float32), axis=-1)
+        dist_B = jnp.linalg.norm(p_BxC - state.prev_BxC, axis=-1)
+        # Score oriented like every measure (larger = surer): minus the distance, -inf with nothing to compare.
+        score_B = jnp.where(state.seen_B, -dist_B, -jnp.inf)
+        fire_B = (state.seen_B & (dist_B < self.thr_E[e])) | (e >= self.max_exit)
+        return fire_B, score_B, AgreementState(p_BxC, jnp.ones_like(state.seen_B))
+
+
 def thresholds(threshold, num_exits: int, measure=None) -> jax.Array:
     """A scalar or one value per exit, as ``float32[E]``; a wrong shape, NaN or (for a probability measure named
     by string) a finite value outside [0, 1] is a ValueError naming it (values are checked when concrete)."""
@@ -98,6 +144,22 @@ def router(predict: Callable[[Any], jax.Array]) -> Router:
     return Router(predict)
 
 
+def saturation(thr, num_exits: int, first: Callable[[Any], jax.Array] | None = None) -> Saturation:
+    """MuE's exit: cosine similarity of consecutive hidden states (the heads' ``hidden_BxD``) >= ``thr``."""
+    return Saturation(thresholds(thr, num_exits), first)
+
+
+def agreement(thr, num_exits: int, max_exit: int | None = None) -> Agreement:
+    """DeeR's exit: ``||softmax_e - softmax_{e-1}||_2 < thr_E[e]`` (distances: thresholds >= 0, +inf allowed), or
+    exit ``max_exit`` reached (default: the last)."""
+    thr_E = thresholds(thr, num_exits)
+    checks.thresholds(thr, num_exits, lo=0.0)
+    max_exit = num_exits - 1 if max_exit is None else int(max_exit)
+    if not 0 <= max_exit < num_exits:
+        raise ValueError(f"{max_exit=} must be an exit index in [0, {num_exits=})")
+    return Agreement(thr_E, jnp.asarray(max_exit, jnp.int32))
+
+
 def calm_threshold(threshold, i, tau: float, horizon: int):
     """CALM's position-dependent threshold (Schuster et al. 2022, Eq. 5): ``clip(0.9 lambda + 0.1 exp(-tau i /
     horizon), 0, 1)`` for the token at index ``i``; ``tau = 0`` leaves it unchanged."""
@@ -107,5 +169,5 @@ def calm_threshold(threshold, i, tau: float, horizon: int):
     return jnp.clip(0.9 * jnp.asarray(threshold, jnp.float32) + 0.1 * decay, 0.0, 1.0)
 
 
-__all__ = ["Threshold", "BatchMean", "FixedExit", "Router", "thresholds", "threshold", "batch_mean", "fixed_exit",
-           "router", "calm_threshold"]
+__all__ = ["Threshold", "BatchMean", "FixedExit", "Router", "Saturation", "Agreement", "AgreementState", "thresholds",
+           "threshold", "batch_mean", "fixed_exit", "router", "saturation", "agreement", "calm_threshold"]
