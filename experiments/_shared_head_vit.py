@@ -4,8 +4,9 @@ Both papers train every layer's output through the model's own final head (MuE: 
 output projection, label-smoothed CE summed over every layer; DeeR: exits every 2 layers with a shared action
 head). So the backbone here is a ViT with one linear head (``exits=[N-1]``) trained with the mean, over every layer,
 of the label-smoothed CE of that head applied to the layer's output; at inference the same head sits after every
-layer (``shared_heads``). The same recipe and seed give the same weights, so the MuE and DeeR scripts run the same
-backbone (each trains or resumes it in its own workdir, deterministically).
+layer (``shared_heads``). The backbone lives in ``<workdir>/backbone``, or in ``cfg.model_workdir`` when set, so the
+MuE and DeeR scripts can share one trained backbone: that directory is locked and bound to the fields the backbone
+depends on (``BACKBONE_FIELDS``), so a backbone trained with another recipe is refused, not silently reused.
 
 Shapes: B batch, N layers (= E exits, one per layer), T tokens, D width, C classes.
 """
@@ -56,13 +57,28 @@ def loss(graphdef, smoothing: float):
     return loss_fn
 
 
-def train(cfg, train_ds, workdir):
-    """Train (or resume) the backbone; returns ``(graphdef, params)``."""
+BACKBONE_FIELDS = ("seed", "data", "model", "train")   # what the backbone's checkpoints depend on
+
+
+def backbone_dir(cfg, args, workdir):
+    """``cfg.model_workdir`` (locked, bound to ``BACKBONE_FIELDS``) or ``<workdir>/backbone``."""
+    if not cfg.model_workdir:
+        return workdir / "backbone"
+    from eejax import run  # noqa: PLC0415
+
+    data = {k: v for k, v in cfg.data.to_dict().items() if k not in ("eval_batch_size", "test_size")}
+    base = {"seed": cfg.seed, "data": data, "model": cfg.model.to_dict(), "train": cfg.train.to_dict()}
+    return run.open_workdir(cfg.model_workdir, cfg, fresh=getattr(args, "fresh", False), what="model_workdir",
+                            record=run.config_record(base))
+
+
+def train(cfg, train_ds, model_dir):
+    """Train (or resume) the backbone in ``model_dir``; returns ``(graphdef, params)``."""
     mcfg = model_config(cfg)
     graphdef, params = vit_lib.build(mcfg, cfg.seed)
     batches = pipeline.BatchIterator(train_ds, cfg.data.batch_size, seed=cfg.seed, **_host_slice())
     with Trainer(loss(graphdef, cfg.train.label_smoothing), params, make_optimizer(cfg.train.optim),
-                 workdir=workdir / "backbone", seed=cfg.seed, log_every=cfg.log_every,
+                 workdir=model_dir, seed=cfg.seed, log_every=cfg.log_every,
                  ckpt_every=cfg.ckpt_every) as tr:
         params = tr.fit(batches, cfg.train.steps, desc="shared-head ViT").params
     return graphdef, params

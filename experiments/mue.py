@@ -80,7 +80,7 @@ def main(argv=None):
     mcfg = shv.model_config(cfg)
     n_layers = mcfg.depth
     ec = shv.layer_costs(mcfg)
-    graphdef, params = shv.train(cfg, train, workdir)
+    graphdef, params = shv.train(cfg, train, shv.backbone_dir(cfg, args, workdir))
     probs_val, cos_val = shv.cached_outputs(graphdef, params, val, cfg)
     probs_test, cos_test = shv.cached_outputs(graphdef, params, test, cfg)
     correct_val = probs_val.argmax(-1) == val.labels_N[None]
