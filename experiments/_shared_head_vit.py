@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eejax.data import pipeline
 from eejax.exits import costs, engine
 from eejax.models import vit as vit_lib
 from eejax.train import Trainer, make_optimizer
 from experiments.lgvit import _host_slice, padded_eval_images
-from eejax.data import pipeline
 
 
 def model_config(cfg) -> vit_lib.ViTConfig:

@@ -19,7 +19,7 @@ from flax import nnx
 from eejax import config as config_lib
 from eejax import run
 from eejax.eval import budgeted, report
-from eejax.exits import costs, engine, policies
+from eejax.exits import costs, policies
 from eejax.train import maybe_initialize
 from experiments import _shared_head_vit as shv
 from experiments.lgvit import load_data
