@@ -18,7 +18,8 @@ import pytest
 from eejax import config, run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = {name: str(ROOT / "configs" / f"{name}.py") for name in ("lgvit", "deediff", "per_token_exit", "skipdecode")}
+CONFIGS = {name: str(ROOT / "configs" / f"{name}.py") for name in ("lgvit", "deediff", "per_token_exit", "skipdecode",
+                                                                     "mue", "deer")}
 
 # (paper, extra argv, a fragment the one-line message must hold)
 CLI_CASES = [
@@ -120,6 +121,15 @@ CLI_CASES = [
     ("skipdecode", ["--config.eval.prompt_len=20"], "config.data.seq_len=32: must equal eval.prompt_len"),
     ("skipdecode", ["--config.skipdecode.finetune_steps=0"], "config.skipdecode.finetune_steps=0"),
     ("skipdecode", ["--config.eval.exit_measure=bogus"], "config.eval.exit_measure='bogus'"),
+    # MuE and DeeR (one shared-head backbone)
+    ("mue", ["--config.eval.budgets=(0.5,)"], "config.eval.budgets[0]=0.5: must be a finite number in [1, 4]"),
+    ("mue", ["--config.eval.quality=(1.5,)"], "config.eval.quality[0]=1.5"),
+    ("mue", ["--config.model.depth=1"], "config.model.depth=1: must be >= 2"),
+    ("mue", ["--config.train.label_smoothing=1.0"], "config.train.label_smoothing=1.0"),
+    ("deer", ["--config.eval.max_layers=(1,)"], "config.eval.max_layers[0]=1: must be an integer in [2, 4]"),
+    ("deer", ["--config.eval.max_layers=(9,)"], "config.eval.max_layers[0]=9"),
+    ("deer", ["--config.eval.budgets=(7.0,)"], "config.eval.budgets[0]=7.0"),
+    ("deer", ["--config.model.num_heads=3"], "not divisible by"),
 ]
 
 
@@ -151,6 +161,10 @@ def _main(paper):
         from experiments import deediff as mod
     elif paper == "per_token_exit":
         from experiments import per_token_exit as mod
+    elif paper == "mue":
+        from experiments import mue as mod
+    elif paper == "deer":
+        from experiments import deer as mod
     else:
         from experiments import skipdecode as mod
     return mod.main
