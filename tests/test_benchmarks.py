@@ -39,7 +39,7 @@ def test_schema_and_provenance(result):
     assert cfg["batch"] == 16 and cfg["depth"] == 4 and cfg["num_slots"] == 4
     assert set(cfg["patterns"]) == {"bimodal", "uniform", "geometric", "full"}
     for name, pat in cfg["patterns"].items():
-        assert set(pat["paths"]) == {"static", "masked", "compacted", "continuous"}, name
+        assert set(pat["paths"]) == {"static", "masked", "compacted", "gated_kernel", "continuous"}, name
         assert sum(pat["depth_histogram"]) == cfg["batch"]
         mean = np.dot(np.arange(1, cfg["depth"] + 1), pat["depth_histogram"]) / cfg["batch"]
         assert pat["mean_depth"] == pytest.approx(mean)
