@@ -44,6 +44,13 @@ def load_text(data_dir, dataset: str, split: str) -> str:
                      for text in texts)
 
 
+def load_tokens(data_dir, dataset: str, split: str, tokenizer, max_chars: int = 0) -> np.ndarray:
+    """int32 ids of one split of `dataset` under any tokenizer with `encode` (char, byte, or a pretrained model's
+    BPE, e.g. `eejax.models.pretrained.load(...).tokenizer`); `max_chars > 0` keeps only the first characters."""
+    text = load_text(data_dir, dataset, split)
+    return np.asarray(tokenizer.encode(text[:max_chars] if max_chars > 0 else text), np.int32)
+
+
 def _codepoints(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le"), np.uint32)
 
