@@ -14,7 +14,9 @@ Data: WikiText-2 test from the shared data directory (the tokenized wiki.test.to
 Protocol: fixed context, non-overlapping windows of `ppl.context` tokens, every token of a window scored (the
     first tokens of a window see little context, so this is pessimistic next to a sliding window), no BOS (SmolLM2
     adds none). Token-level perplexity, word-level perplexity (total NLL / whitespace words of the scored text) and
-    bits per UTF-8 byte; each for the weights in float32 and in bfloat16 (parameters and compute).
+    bits per UTF-8 byte. `ppl.runs` lists TEXT:DTYPE pairs: the file as stored or after lm-evaluation-harness's
+    WikiText detokenizer (`detokenized`, closer to the raw text published figures use; `<unk>` stays), weights in
+    float32 or bfloat16 (parameters and compute).
 Check of the rotary convention: the same perplexity with llama.cpp's Q/K row order left as stored in the GGUF
     (`load_gguf(..., qk_order="gguf")`, wrong for eejax's half-split RoPE) on the first `ppl.qk_check_tokens`.
 Greedy: `generate.new_tokens` tokens for each prompt through the KV-cached decode loop (eejax.decoding), checked
@@ -42,12 +44,13 @@ def get_config(arg=None):
     c.name = f"pretrained-smollm2-{arg}"
     c.model = ml_collections.ConfigDict(dict(name="smollm2-135m", depth=0))   # depth > 0: only the first layers
     c.ppl = ml_collections.ConfigDict(dict(dataset="wikitext2", split="test", context=512, batch=4,
-                                           max_tokens=32768, dtypes=("float32", "bfloat16"),
-                                           qk_check_tokens=4096))
+                                           max_tokens=32768, qk_check_tokens=4096,
+                                           runs=("stored:float32", "stored:bfloat16", "detokenized:float32")))
     c.generate = ml_collections.ConfigDict(dict(prompts=PROMPTS, new_tokens=32, dtype="float32"))
     if arg == "smoke":
         c.model.depth = 2     # the plumbing only: loads and compiles in seconds
-        c.ppl.update(context=64, batch=2, max_tokens=256, dtypes=("float32",), qk_check_tokens=128)
+        c.ppl.update(context=64, batch=2, max_tokens=256, qk_check_tokens=128,
+                     runs=("stored:float32", "detokenized:float32"))
         c.generate.update(prompts=PROMPTS[:2], new_tokens=4)
     elif arg != "wikitext2":
         raise ValueError(f"unknown arg {arg!r}; use wikitext2 or smoke")

@@ -16,7 +16,7 @@ from flax import nnx
 
 from eejax import config as config_lib
 from eejax.data.lm import WindowIterator
-from eejax.data.text import load_text
+from eejax.data.text import detokenize_wikitext, load_text
 from eejax.decoding import kv as kv_lib
 from eejax.decoding import per_token
 from eejax.eval import report
@@ -24,6 +24,7 @@ from eejax.models import lm as lm_lib
 from eejax.models import pretrained
 
 NAME = "pretrained_lm"
+TEXTS = ("stored", "detokenized")   # WikiText-2 as stored (word-tokenized), or after `detokenize_wikitext`
 
 
 def window_nll(graphdef):
@@ -97,35 +98,41 @@ def main(argv=None):
     p, g = cfg.ppl, cfg.generate
     print(f"device: {prov.device}")
 
+    runs = [tuple(r.split(":")) for r in p.runs]
+    if bad := [r for r in runs if len(r) != 2 or r[0] not in TEXTS]:
+        raise config_lib.ConfigError(f"ppl.runs entries are 'TEXT:DTYPE' with TEXT in {TEXTS}; got {bad}")
     start = time.perf_counter()
     depth = cfg.model.depth or None
     models = {dt: pretrained.load(cfg.model.name, dtype=dt, depth=depth)
-              for dt in dict.fromkeys([g.dtype, *p.dtypes])}
+              for dt in dict.fromkeys([g.dtype, *(dt for _, dt in runs)])}
     load_s = (time.perf_counter() - start) / len(models)
     tok = next(iter(models.values())).tokenizer
-    text = load_text(args.data_dir, p.dataset, p.split)
-    all_ids = tok.encode(text)
-    ids = all_ids[:p.max_tokens + 1]
-    print(f"{p.dataset}/{p.split}: {len(text):,} characters, {len(all_ids):,} tokens; evaluating the first "
-          f"{len(ids) - 1:,} in windows of {p.context}")
+    stored = load_text(args.data_dir, p.dataset, p.split)
+    texts = {"stored": stored, "detokenized": detokenize_wikitext(stored) if p.dataset == "wikitext2" else None}
+    all_ids = {name: tok.encode(t) for name, t in texts.items() if t is not None and name in dict(runs)}
+    ids = {name: a[:p.max_tokens + 1] for name, a in all_ids.items()}
+    for name, a in all_ids.items():
+        print(f"{p.dataset}/{p.split} ({name}): {len(texts[name]):,} characters, {len(a):,} tokens; evaluating the "
+              f"first {len(ids[name]) - 1:,} in windows of {p.context}")
 
     rows, raw = [], {}
-    for dt in p.dtypes:
-        nll_W, tok_s = window_nlls(models[dt], ids, p.context, p.batch)
-        res = summarize(tok, ids, nll_W, p.context)
-        raw[dt] = res | {"tok_s": tok_s, "window_nll": nll_W}
-        rows.append({"weights": dt, "tokens": res["tokens"], "token_ppl": res["token_ppl"],
+    for name, dt in runs:
+        nll_W, tok_s = window_nlls(models[dt], ids[name], p.context, p.batch)
+        res = summarize(tok, ids[name], nll_W, p.context)
+        raw[f"{name}:{dt}"] = res | {"tok_s": tok_s, "window_nll": nll_W}
+        rows.append({"text": name, "weights": dt, "tokens": res["tokens"], "token_ppl": res["token_ppl"],
                      "word_ppl": res["word_ppl"], "bits_per_byte": res["bits_per_byte"], "tok_s": tok_s})
         print(rows[-1], flush=True)
 
     # The rotary check: the first windows again, with the Q/K rows as stored in the GGUF (GGML's adjacent-pair
     # order) under eejax's half-split RoPE.
     wrong = pretrained.load_gguf(pretrained.weights_path(cfg.model.name), depth=depth, qk_order="gguf")
-    wrong_W, _ = window_nlls(wrong, ids[:p.qk_check_tokens + 1], p.context, p.batch)
+    first = runs[0][0]
+    wrong_W, _ = window_nlls(wrong, ids[first][:p.qk_check_tokens + 1], p.context, p.batch)
     del wrong
-    qk_rows = [{"qk_order": "GGUF as stored (wrong)"} | summarize(tok, ids, wrong_W, p.context)]
-    if "float32" in raw:
-        right = summarize(tok, ids, raw["float32"]["window_nll"][:len(wrong_W)], p.context)
+    qk_rows = [{"qk_order": "GGUF as stored (wrong)"} | summarize(tok, ids[first], wrong_W, p.context)]
+    if f"{first}:float32" in raw:
+        right = summarize(tok, ids[first], raw[f"{first}:float32"]["window_nll"][:len(wrong_W)], p.context)
         qk_rows.insert(0, {"qk_order": "HF (un-permuted, as loaded)"} | right)
     qk_rows = [{k: r[k] for k in ("qk_order", "tokens", "token_ppl", "word_ppl")} for r in qk_rows]
     print(qk_rows, flush=True)
@@ -142,12 +149,16 @@ def main(argv=None):
         f"{cfg_m.depth} layers, width {cfg_m.d_model}, {cfg_m.num_heads} query / {cfg_m.num_kv_heads} KV heads, "
         f"SwiGLU {cfg_m.mlp_dim}, RoPE base {cfg_m.rope_base:g}, RMSNorm eps {cfg_m.norm_eps:.0e}, tied "
         f"embeddings, vocabulary {cfg_m.vocab_size:,}.  \n"
-        f"Data: {p.dataset}/{p.split} as stored in the shared data directory (the tokenized `wiki.test.tokens`: "
-        f"`<unk>`, ` @-@ `, spaces around punctuation), {len(text):,} characters = {len(all_ids):,} tokens of this "
-        f"BPE; scale: the first {len(ids) - 1:,} tokens.",
+        f"Data: {p.dataset}/{p.split} from the shared data directory; text `stored`: the file as is (WikiText's "
+        "word-tokenized `wiki.test.tokens`: `<unk>`, ` @-@ `, spaces around punctuation); `detokenized`: after "
+        "lm-evaluation-harness's WikiText detokenizer (`eejax.data.text.detokenize_wikitext`; `<unk>` stays). "
+        + "; ".join(f"{name}: {len(texts[name]):,} characters = {len(a):,} tokens of this BPE"
+                    for name, a in all_ids.items())
+        + f". Scale: the first {p.max_tokens:,} tokens of each.",
         f"## Perplexity (fixed context {p.context}, non-overlapping windows)\n"
         "Every token of each window is scored, no BOS. token_ppl = exp(mean NLL per BPE token); word_ppl = "
-        "exp(total NLL / whitespace-separated words of the scored text); bits_per_byte = total NLL in bits / UTF-8 "
+        "exp(total NLL / whitespace-separated words of the scored text, so it is per stored WikiText word for "
+        "`stored` and per detokenized word, fewer, for `detokenized`); bits_per_byte = total NLL in bits / UTF-8 "
         f"bytes. tok_s: measured forward throughput (batch {p.batch} x {p.context}, compile excluded).",
         report.markdown_table(rows, list(rows[0].keys()), ".3f"),
         "## Rotary convention check\n"
@@ -163,7 +174,7 @@ def main(argv=None):
     ])
     files = report.write_results(outdir, NAME, md, {
         "provenance": prov._asdict(), "config": cfg.to_dict(), "load_seconds": load_s,
-        "eval_tokens_available": len(all_ids), "rows": rows, "qk_check": qk_rows,
+        "eval_tokens_available": {name: len(a) for name, a in all_ids.items()}, "rows": rows, "qk_check": qk_rows,
         "raw": raw,
         "greedy": gens}, overwrite=args.overwrite)
     print(f"wrote {files.md_path} and {files.json_path}")

@@ -251,8 +251,9 @@ def test_tokenizer_matches_python_bpe(shared_data):
     sample = "".join(line for line in lines if line.isascii())
     sample += "I'm sure they'll say it's 1,234.5 -- isn't it? Yes!!\n  indented   text\n"
     assert tok.encode(sample).tolist() == python_bpe(sample, vocab, ranks)
-    ids = text_lib.load_tokens(shared_data, "wikitext2", "test", tok, max_chars=5000)
-    assert ids.dtype == np.int32 and tok.decode(ids) == text_lib.load_text(shared_data, "wikitext2", "test")[:5000]
+    for dataset, split in (("wikitext2", "test"), ("gutenberg", "validation")):
+        ids = text_lib.load_tokens(shared_data, dataset, split, tok, max_chars=5000)
+        assert ids.dtype == np.int32 and tok.decode(ids) == text_lib.load_text(shared_data, dataset, split)[:5000]
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -313,9 +314,18 @@ def test_pretrained_lm_smoke(tmp_path, shared_data):
     pretrained_lm.main([f"--config={root / 'configs' / 'pretrained_lm.py'}:smoke", f"--outdir={tmp_path}",
                         f"--data_dir={shared_data}"])
     data = json.loads((tmp_path / "pretrained_lm.json").read_text())
-    (row,) = data["rows"]
+    row = data["rows"][0]
     # The smoke config keeps 2 of the 30 layers: the numbers are plumbing, not quality.
     assert row["tokens"] == 256 and np.isfinite(row["token_ppl"]) and row["tok_s"] > 0
+    assert [r["text"] for r in data["rows"]] == ["stored", "detokenized"]
     assert [r["tokens"] for r in data["qk_check"]] == [128, 128]
     assert all(g["uncached_argmax_agree"] == 1.0 and len(g["ids"]) == 4 for g in data["greedy"])
     assert "## Rotary convention check" in (tmp_path / "pretrained_lm.md").read_text()
+
+
+def test_detokenize_wikitext():
+    from eejax.data.text import detokenize_wikitext  # noqa: PLC0415
+    stored = (' = = Early life = = \n He had a guest @-@ starring role , in 1 @,@ 000 films ( 2000 ) ; '
+              '" Teddy \'s Story " .\n')
+    assert detokenize_wikitext(stored) == (' == Early life ==\nHe had a guest-starring role, in 1,000 films (2000); '
+                                           '"Teddy\'s Story" .\n')

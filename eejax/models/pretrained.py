@@ -162,13 +162,9 @@ def dequantize(reader, name: str) -> np.ndarray:
     """float32 array of one GGUF tensor, in row-major PyTorch layout (``out x in`` for a projection)."""
     from gguf import quants  # noqa: PLC0415
 
-    tensors = getattr(reader, "_eejax_tensors", None)
-    if tensors is None:
-        tensors = {t.name: t for t in reader.tensors}
-        reader._eejax_tensors = tensors
-    if name not in tensors:
+    t = next((t for t in reader.tensors if t.name == name), None)
+    if t is None:
         raise ValueError(f"{reader.data.filename}: tensor {name!r} is missing")
-    t = tensors[name]
     try:
         return np.asarray(quants.dequantize(t.data, t.tensor_type), np.float32)
     except NotImplementedError:
