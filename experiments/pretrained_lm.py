@@ -88,7 +88,8 @@ def greedy(pre: pretrained.Pretrained, prompts, new_tokens: int) -> list[dict]:
 
 
 def _md_text(s: str) -> str:
-    return s.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "\\n")
+    """One table cell: newlines shown as \\n (markdown_table escapes the pipes)."""
+    return s.replace("\n", "\\n")
 
 
 def main(argv=None):
