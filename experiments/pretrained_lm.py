@@ -182,4 +182,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, RuntimeError) as e:   # bad config, missing weight package or data file, unreadable GGUF
+        raise SystemExit(f"error: {e}") from None
