@@ -1,4 +1,4 @@
-"""Small shared layers: multi-head self-attention, MLP, and the pre-LN transformer block.
+"""Small shared layers: multi-head self-attention, MLP (GELU, or LLaMA's SwiGLU), and the pre-LN transformer block.
 
 Shapes: B batch, T tokens, D width, H heads, K head dim (D = H*K), F MLP width.
 """
@@ -36,6 +36,31 @@ class Mlp(nnx.Module):
 
     def __call__(self, x):
         return self.fc2(jax.nn.gelu(self.fc1(x)))
+
+
+class SwiGLU(nnx.Module):
+    """Gated MLP of LLaMA-family models: ``down(silu(gate(x)) * up(x))``, no biases (Shazeer 2020,
+    arXiv:2002.05202). Same call signature as ``Mlp``."""
+
+    def __init__(self, d_model: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype=None):
+        self.gate = nnx.Linear(d_model, mlp_dim, use_bias=False, rngs=rngs, dtype=dtype)
+        self.up = nnx.Linear(d_model, mlp_dim, use_bias=False, rngs=rngs, dtype=dtype)
+        self.down = nnx.Linear(mlp_dim, d_model, use_bias=False, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x_BxTxD):
+        return self.down(jax.nn.silu(self.gate(x_BxTxD)) * self.up(x_BxTxD))
+
+
+MLPS = ("gelu", "swiglu")
+
+
+def make_mlp(kind: str, d_model: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype=None):
+    """The MLP of a transformer block by name: ``"gelu"`` (``Mlp``, with biases) or ``"swiglu"`` (``SwiGLU``)."""
+    if kind == "gelu":
+        return Mlp(d_model, mlp_dim, rngs=rngs) if dtype is None else Mlp(d_model, mlp_dim, rngs=rngs, dtype=dtype)
+    if kind == "swiglu":
+        return SwiGLU(d_model, mlp_dim, rngs=rngs, dtype=dtype)
+    raise ValueError(f"mlp={kind!r}: use one of {MLPS}")
 
 
 class Block(nnx.Module):
