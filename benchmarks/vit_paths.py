@@ -214,7 +214,8 @@ def logits_tol(dtype, backend: str) -> float:
 
 
 def bench_config(cfg: ViTConfig, batch: int, dtype, *, repeats: int, slots_div: int, path_names, log,
-                 bucket_schemes=("default",)) -> dict:
+                 bucket_schemes=("default",), progress=None) -> dict:
+    """One configuration, every pattern; ``progress(result)`` is called after each pattern (partial JSON)."""
     model = build_model(cfg, dtype)
     gs = nnx.split(model)
     num_slots = max(1, batch // slots_div)
@@ -278,6 +279,8 @@ def bench_config(cfg: ViTConfig, batch: int, dtype, *, repeats: int, slots_div: 
                 if pattern == "full":
                     rec["overhead_vs_static"] = rec["time_s"] / t_static
         result["patterns"][pattern] = entry
+        if progress is not None:
+            progress(result)
         log(f"  {pattern:9s} ideal {entry['ideal_speedup']:.2f}x  " + "  ".join(
             f"{k} {v['time_s'] * 1e3:.2f}ms ({v.get('speedup', float('nan')):.2f}x{'' if v['agree'] else ' DISAGREE'})"
             for k, v in entry["paths"].items()))
@@ -341,8 +344,11 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"D={d} T={cfg.tokens} B={batch}: skipped (budget of {args.budget_s:.0f}s spent)")
                     continue
                 log(f"D={d} T={cfg.tokens} B={batch}")
+                done = list(out["configs"])
+                progress = lambda partial, done=done: _util.write_json(args.out, {**out, "configs": done + [partial]})  # noqa: E731
                 out["configs"].append(bench_config(cfg, batch, dtype, repeats=repeats, slots_div=args.slots_div,
-                                                   path_names=path_names, log=log, bucket_schemes=schemes))
+                                                   path_names=path_names, log=log, bucket_schemes=schemes,
+                                                   progress=progress))
                 _util.write_json(args.out, out)   # partial results survive a time limit
     out["all_agree"] = all(rec["agree"] for c in out["configs"] for p in c["patterns"].values()
                            for rec in p["paths"].values())
