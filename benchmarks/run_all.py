@@ -13,7 +13,8 @@ Parts, in order, each a subprocess (a crash or a time-out of one part costs only
 
 Budget: ``--budget-s`` (default 450 s) is split 30/35/35 %; time a part leaves unused passes to the next. A part
 stops starting new units (configurations, batches, candidates) after 75 % of its share and is killed at 125 % of
-it (never past the total); its JSON is written after every unit, so a killed part keeps what it finished. Only the standard library is imported here, and the benchmarks import no
+it (never past the total); its JSON is written after every unit, so a killed part keeps what it finished. Only
+the standard library is imported here, and the benchmarks import no
 tensorflow-datasets or grain (absent on the GPU machine).
 
 The summary answers, for each question, which candidate won in this run: the compacted executor's bucket list,
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
@@ -160,7 +160,9 @@ def lm_summary(res: dict) -> tuple[dict, list[str]]:
     if not batches:
         return win, md
     names = list(batches[0]["paths"])
-    md += [f"**LM decode {res['meta']['dtype']}** ({res['meta']['model']}, prompt {res['meta']['prompt']}, "
+    m = res["meta"]["model"]
+    shape = f"{m['depth']} layers, D={m['d_model']}, {m['num_heads']} heads, vocabulary {m['vocab']}"
+    md += [f"**LM decode {res['meta']['dtype']}** ({shape}, prompt {res['meta']['prompt']}, "
            f"{res['meta']['new']} new tokens): tokens/s with prefill; in brackets the decode-only speed-up over "
            "`full`", "", "| batch | prefill ms | " + " | ".join(names) + " |", "|---:|---:|" + "---:|" * len(names)]
     for b in batches:
@@ -200,7 +202,8 @@ def train_summary(res: dict) -> tuple[dict, list[str]]:
     md += [f"**Training** ViT D={meta['model']['d_model']} T={meta['model']['tokens']} B={meta['batch']}, "
            f"{meta['model']['exits']} exits, AdamW; MFU against {meta['peak_tflops']} TFLOP/s"
            + ("" if meta["mfu_meaningful"] else " (not meaningful on CPU)"), "",
-           "| candidate | img/s | steps/s | TFLOP/s | MFU | compile s | loss agrees |", "|---|---:|---:|---:|---:|---:|---|"]
+           "| candidate | img/s | steps/s | TFLOP/s | MFU | compile s | loss agrees |",
+           "|---|---:|---:|---:|---:|---:|---|"]
     for n, c in cands.items():
         md.append(f"| {n} | {_f(c.get('images_per_s'), ',.1f')} | {_f(c.get('steps_per_s'), '.3f')} | "
                   f"{_f(c.get('achieved_tflops'), '.2f')} | {_f(c.get('mfu') and 100 * c['mfu'], '.1f')}"
@@ -273,8 +276,8 @@ def summarize(out_dir: pathlib.Path, status: dict | None = None) -> dict:
     train = _load(out_dir / PARTS["train"][1])
     winners, md = {}, []
     meta = next((r["meta"] for r in (vit, lm, train) if r), {})
-    md += [f"# Benchmark suite: {meta.get('device_kind', '?')} ({meta.get('backend', '?')}), jax {meta.get('jax', '?')}, "
-           f"{meta.get('time_utc', '?')}", ""]
+    md += [f"# Benchmark suite: {meta.get('device_kind', '?')} ({meta.get('backend', '?')}), "
+           f"jax {meta.get('jax', '?')}, {meta.get('time_utc', '?')}", ""]
     if meta.get("backend") == "cpu":
         md += ["**CPU run: timings say nothing about accelerators; this checks the pipeline.**", ""]
     for part, res, fn in (("vit", vit, vit_summary), ("lm", lm, lm_summary), ("train", train, train_summary)):
@@ -328,7 +331,6 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     extra = {"train": ["--peak-tflops", str(args.peak_tflops)]} if args.peak_tflops else {}
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # parts run one after another anyway
     log(f"suite --sizes {args.sizes} into {out_dir}, budget {args.budget_s:.0f}s, parts {parts}")
     t0 = time.perf_counter()
     status = run_parts(out_dir, args.sizes, args.budget_s, parts, extra)

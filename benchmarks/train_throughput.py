@@ -180,17 +180,27 @@ def main(argv: list[str] | None = None) -> int:
         ref_loss = float(jax.jit(make_step(gd, cfg, tx, False)[1])(prm, x, y))
     out["reference_loss"] = ref_loss
 
-    # Warm-up (one step each), then rounds of `steps` steps per candidate, round-robin.
+    # Warm-up (one step each; a candidate failing at run time is recorded and dropped), then rounds of `steps`
+    # steps per candidate, round-robin.
+    for name in list(live):
+        c = live[name]
+        try:
+            params, opt_state, loss = c["exe"](*c["state"], x, y)
+            jax.block_until_ready(loss)
+            c["state"], c["last_loss"] = (params, opt_state), float(loss)
+        except Exception as err:  # noqa: BLE001
+            out["errors"][name] = f"{type(err).__name__}: {str(err)[:500]}"
+            del live[name], out["candidates"][name]
+            log(f"  {name}: failed at run time: {out['errors'][name][:200]}")
     times = {name: [] for name in live}
-    for r in range(rounds + 1):
+    for _ in range(rounds):
         for name, c in live.items():
             params, opt_state = c["state"]
             t0 = time.perf_counter()
-            for _ in range(1 if r == 0 else steps):
+            for _ in range(steps):
                 params, opt_state, loss = c["exe"](params, opt_state, x, y)
             jax.block_until_ready((params, loss))
-            if r:
-                times[name].append((time.perf_counter() - t0) / steps)
+            times[name].append((time.perf_counter() - t0) / steps)
             c["state"], c["last_loss"] = (params, opt_state), float(loss)
     for name, rec in out["candidates"].items():
         t = statistics.median(times[name])

@@ -32,9 +32,9 @@ targets and its logits the masked path's (and ``static``'s for ``full``) within 
 JSON records the measured difference and ``agree``, and the script exits with status 1 if anything disagreed.
 
 The paths of one (config, pattern) are timed round-robin (one call of each per round), so a slow spell of a
-shared machine hits them alike. Reported per (config, pattern, path): median wall-clock (``time_s``), realized speed-up over ``static``, ideal
-speed-up N / mean depth, their ratio, and for ``full`` the overhead ``time / static``. CPU timings are noisy and,
-for ``continuous``, meaningless: jax lowers ``ragged_dot`` on CPU to a masked dense dot over all N layer groups.
+shared machine hits them alike. Reported per (config, pattern, path): median wall-clock (``time_s``), realized
+speed-up over ``static``, ideal speed-up N / mean depth, their ratio, and for ``full`` the overhead
+``time / static``. CPU timings are noisy and, for ``continuous``, meaningless: jax lowers ``ragged_dot`` on CPU to a masked dense dot over all N layer groups.
 """
 from __future__ import annotations
 
@@ -345,7 +345,10 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 log(f"D={d} T={cfg.tokens} B={batch}")
                 done = list(out["configs"])
-                progress = lambda partial, done=done: _util.write_json(args.out, {**out, "configs": done + [partial]})  # noqa: E731
+
+                def progress(partial, done=done):
+                    _util.write_json(args.out, {**out, "configs": done + [partial]})
+
                 out["configs"].append(bench_config(cfg, batch, dtype, repeats=repeats, slots_div=args.slots_div,
                                                    path_names=path_names, log=log, bucket_schemes=schemes,
                                                    progress=progress))
