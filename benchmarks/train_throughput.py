@@ -13,8 +13,9 @@ Candidates (timed in the same run, round-robin): compute dtype (``float32``; ``b
 float32 parameters and optimizer state, the modules' ``dtype``), rematerialisation of each layer
 (``ViT.all_exits(remat=...)``) and the attention kind (``eejax.nn.layers.SelfAttention(attention=...)``:
 ``einsum``, ``dot_product`` = ``jax.nn.dot_product_attention`` with jax's choice, ``cudnn`` = its cuDNN kernel; GPU
-and bf16 only). Before timing, every candidate's first loss must equal the float32 einsum candidate's within a
-dtype tolerance (same parameters and batch).
+and bf16 only). Before timing, every candidate's first loss (the warm-up step's, at the initial parameters) must
+equal the float32 einsum candidate's (else the first candidate's) within a dtype tolerance (same parameters and
+batch).
 
 MFU = model FLOPs per step / step time / peak FLOP/s. Model FLOPs = 3 x the forward FLOPs of ``eejax.models.vit.flops``
 (all exit heads, matmuls only, 2 FLOPs per multiply-add; the backward counted as twice the forward, remat not
@@ -146,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
         f"B={p['batch']}  {step_flops / 1e12:.3f} TFLOP/step")
 
     live = {}
-    ref_loss = None
     for dtype_name, remat, attention in cands:
         name = cand_name(dtype_name, remat, attention)
         if attention == "cudnn" and (backend != "gpu" or dtype_name != "bfloat16"):
@@ -157,41 +157,32 @@ def main(argv: list[str] | None = None) -> int:
             continue
         dtype = jnp.dtype(dtype_name).type
         graphdef, params = build_model(cfg, dtype, attention)
-        step, loss_fn = make_step(graphdef, cfg, tx, remat)
+        step, _ = make_step(graphdef, cfg, tx, remat)
         opt_state = tx.init(params)
         try:
-            loss0 = float(jax.jit(loss_fn)(params, x, y))
             t0 = time.perf_counter()
             exe = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, x, y).compile()
             compile_s = time.perf_counter() - t0
-        except Exception as err:  # noqa: BLE001  (a candidate that fails to compile is recorded, not fatal)
+            # Warm-up step; its loss is the loss at the initial parameters (the same for every candidate).
+            params, opt_state, loss = exe(params, opt_state, x, y)
+            loss0 = float(loss)
+        except Exception as err:  # noqa: BLE001  (a candidate that fails to compile or run is recorded, not fatal)
             out["errors"][name] = f"{type(err).__name__}: {str(err)[:500]}"
             log(f"  {name}: failed: {out['errors'][name][:200]}")
             continue
-        if ref_loss is None and dtype_name == "float32" and attention == "einsum":
-            ref_loss = loss0
-        live[name] = {"exe": exe, "state": (params, opt_state)}
+        live[name] = {"exe": exe, "state": (params, opt_state), "last_loss": loss0}
         out["candidates"][name] = {"dtype": dtype_name, "remat": remat, "attention": attention,
                                    "compile_s": compile_s, "first_loss": loss0}
         log(f"  {name}: compiled in {compile_s:.1f}s, first loss {loss0:.4f}")
         _util.write_json(args.out, out)
-    if ref_loss is None and live:   # no float32 einsum candidate: compare with a float32 einsum loss computed now
-        gd, prm = build_model(cfg, jnp.float32, "einsum")
-        ref_loss = float(jax.jit(make_step(gd, cfg, tx, False)[1])(prm, x, y))
-    out["reference_loss"] = ref_loss
+    # The reference loss: the float32 einsum candidate's, else the first candidate's.
+    ref = next((n for n, c in out["candidates"].items() if c["dtype"] == "float32" and c["attention"] == "einsum"),
+               next(iter(out["candidates"]), None))
+    out["reference"] = ref
+    out["reference_loss"] = out["candidates"][ref]["first_loss"] if ref else None
+    ref_loss = out["reference_loss"]
 
-    # Warm-up (one step each; a candidate failing at run time is recorded and dropped), then rounds of `steps`
-    # steps per candidate, round-robin.
-    for name in list(live):
-        c = live[name]
-        try:
-            params, opt_state, loss = c["exe"](*c["state"], x, y)
-            jax.block_until_ready(loss)
-            c["state"], c["last_loss"] = (params, opt_state), float(loss)
-        except Exception as err:  # noqa: BLE001
-            out["errors"][name] = f"{type(err).__name__}: {str(err)[:500]}"
-            del live[name], out["candidates"][name]
-            log(f"  {name}: failed at run time: {out['errors'][name][:200]}")
+    # Rounds of `steps` steps per candidate, round-robin (the compile step above was the warm-up).
     times = {name: [] for name in live}
     for _ in range(rounds):
         for name, c in live.items():
