@@ -153,7 +153,7 @@ def scan_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], HeadOut
     """Training path: every layer runs under ``lax.scan``; every exit head sees its layer's output."""
     check_exits(layers, heads, exit_layers)
     h_last, h_Nx = run_layers(layers, h0, layer_fn=layer_fn, layer_mask_NxB=layer_mask_NxB, remat=remat)
-    outs = [head(h_Nx[l]) for head, l in zip(heads, exit_layers)]
+    outs = [head(jax.tree.map(lambda x, l=l: x[l], h_Nx)) for head, l in zip(heads, exit_layers)]  # h may be a pytree
     stacked_out = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
     return ExitOutputs(*stacked_out, h_last=h_last)
 
