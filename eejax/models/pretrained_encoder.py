@@ -93,8 +93,6 @@ def bert_to_pure_dict(w: dict[str, np.ndarray], cfg: enc.EncoderConfig) -> dict:
     """Hugging Face BERT tensor names -> the parameter tree of ``Encoder`` (backbone only; torch Linear weights
     are ``out x in`` and flax kernels ``in x out``)."""
     d, f = cfg.d_model, cfg.mlp_dim
-    if cfg.shared_layers or cfg.ponder:
-        raise PretrainedError("pretrained BERT weights need shared_layers=False and ponder=False")
 
     def dense(prefix, n_in, n_out):
         return {"kernel": _get(w, f"{prefix}.weight", (n_out, n_in)).T, "bias": _get(w, f"{prefix}.bias", (n_out,))}
@@ -122,10 +120,12 @@ def bert_to_pure_dict(w: dict[str, np.ndarray], cfg: enc.EncoderConfig) -> dict:
             "pooler": dense("pooler.dense", d, d) if "pooler.dense.weight" in w else None}
 
 
-def load_encoder(model_dir: str | pathlib.Path, seed: int = 0, **overrides):
+def load_encoder(model_dir: str | pathlib.Path, seed: int = 0, shared_from: int = 0, **overrides):
     """``(graphdef, params)`` of an ``Encoder`` with a BERT checkpoint's backbone (heads: pooler from BERT's,
     classifier random with ``seed``). ``overrides`` set ``EncoderConfig`` fields such as ``num_classes``,
-    ``exits`` or ``depth`` (a smaller depth keeps the first layers)."""
+    ``exits`` or ``depth`` (a smaller depth keeps the first layers). With ``shared_layers=True`` the one stored
+    layer starts from the checkpoint's layer ``shared_from``; PALBERT's Lambda layer (``ponder=True``) starts
+    random."""
     import jax  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
@@ -136,10 +136,17 @@ def load_encoder(model_dir: str | pathlib.Path, seed: int = 0, **overrides):
         raise PretrainedError(f"depth={cfg.depth} > the checkpoint's {full.depth} layers")
     w = read_safetensors(model_dir / "model.safetensors")
     tree = bert_to_pure_dict(w, dataclasses.replace(cfg, depth=full.depth))
-    tree["layers"] = jax.tree.map(lambda x: x[:cfg.depth], tree["layers"])
+    if cfg.shared_layers:
+        if not 0 <= shared_from < full.depth:
+            raise PretrainedError(f"shared_from={shared_from} outside the checkpoint's {full.depth} layers")
+        tree["layers"] = jax.tree.map(lambda x: x[shared_from:shared_from + 1], tree["layers"])
+    else:
+        tree["layers"] = jax.tree.map(lambda x: x[:cfg.depth], tree["layers"])
     graphdef, params = enc.build(cfg, seed)
     pure = nnx.to_pure_dict(params)
     pooler = tree.pop("pooler")
+    if cfg.ponder:   # PonderLayer = {"layer": BertLayer, "lam": LambdaLayer}
+        tree["layers"] = {"layer": tree["layers"], "lam": pure["layers"]["lam"]}
     pure.update(tree)
     if pooler is not None:
         for head in pure["heads"].values():
