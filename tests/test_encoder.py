@@ -201,3 +201,39 @@ def test_encoder_config_errors():
     model = nnx.merge(*enc.build(TINY, seed=0))
     with pytest.raises(ValueError, match="sequence length 20 > max_len 16"):
         model.all_exits(jnp.zeros((1, 20), jnp.int32), jnp.ones((1, 20), jnp.int32))
+
+
+def test_ponder_loss_reference():
+    from eejax.exits import losses
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 4, 2)).astype(np.float32)
+    labels = np.array([0, 1, 1, 0], np.int32)
+    p = rng.dirichlet(np.ones(3), size=4).T.astype(np.float32)          # E x B, columns sum to 1
+    terms = losses.ponder_loss(jnp.asarray(logits), jnp.asarray(p), jnp.asarray(labels), prior_lambda=0.3, beta=0.5)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ce = -logp[:, np.arange(4), labels]
+    prior = 0.3 * 0.7 ** np.arange(3)
+    prior /= prior.sum()
+    np.testing.assert_allclose(terms.rec, (p * ce).sum(0).mean(), rtol=1e-5)
+    np.testing.assert_allclose(terms.kl, (p * np.log(p / prior[:, None])).sum(0).mean(), rtol=1e-4)
+    np.testing.assert_allclose(terms.total, terms.rec + 0.5 * terms.kl, rtol=1e-6)
+
+
+def test_retrieval_losses_and_continuation_pairs():
+    from eejax.data import pairs
+    from eejax.exits import losses
+
+    e = jnp.eye(8, 16)
+    shuffled = e[::-1]
+    assert float(losses.info_nce(e, e, 0.05)) < 1e-3 < float(losses.info_nce(e, shuffled, 0.05))
+    rng = np.random.default_rng(0)
+    q, k = jnp.asarray(rng.normal(size=(2, 6, 4)), jnp.float32)
+    np.testing.assert_allclose(losses.similarity_distill(q, k, q, k, 0.1), 0.0, atol=1e-6)
+    assert float(losses.similarity_distill(q, k, k, q, 0.1)) > 0
+    text = "The cat sat on the mat all day. It was happy there!\nThen\nit left the house quietly at dusk.\n\nNew part."
+    assert pairs.sentences(text) == ["The cat sat on the mat all day.", "It was happy there!",
+                                     "Then it left the house quietly at dusk.", "New part."]
+    assert pairs.continuation_pairs(text, min_words=3) == (
+        ["The cat sat on the mat all day.", "It was happy there!"],
+        ["It was happy there!", "Then it left the house quietly at dusk."])
