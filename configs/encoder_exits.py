@@ -19,7 +19,7 @@ Model: sst2: MiniLM-L6-H384 (22.7M parameters), exits after all 6 layers (pooler
     trained from the same start: multi-exit CE (evaluated with PABEE's patience) and the PonderNet loss
     (evaluated with PALBERT's deterministic Q-exit).
 Hardware / wall-clock: 2-core CPU shared with other jobs: sst2 about 15 min (400 steps of batch 32 at about 1.5 s
-    each + evaluation); palbert about 30 min (two arms); smoke under a minute.
+    each + evaluation); palbert about 30 min (two arms of 300 steps); smoke under a minute.
 Expected shape: DeeBERT's entropy threshold and PABEE's patience both trade accuracy for layers; near full depth
     they match the last exit; PABEE at small patience can match or beat the last exit (its "overthinking" claim);
     PALBERT's Q-exit at matched mean layers is at least PABEE's (the paper's claim) - checked, not assumed.
@@ -60,6 +60,8 @@ def get_config(arg=None):
     if arg == "palbert":
         c.model.update(shared_layers=True, ponder=True, shared_from=0)
         c.arms = ("multi_exit", "ponder")
+        c.train.steps = c.train.optim.total_steps = 300
+        c.train.optim.warmup_steps = 30
     elif arg == "smoke":
         c.model.update(pretrained=False, d_model=32, depth=3, num_heads=2, mlp_dim=64, lambda_hidden=16,
                        shared_layers=True, ponder=True)

@@ -15,7 +15,7 @@ Model: all-MiniLM-L6-v2 with an exit after every layer. Arms, all from the same 
     probed at every exit with the same pooling), `multi_exit` (InfoNCE at every exit: MoSE's joint multi-exit
     objective), `self_distill` (multi_exit plus every earlier exit's in-batch similarity distribution distilled
     from the last exit's).
-Hardware / wall-clock: 2-core CPU shared with other jobs, about 10 min per trained arm (120 steps of 32 pairs).
+Hardware / wall-clock: 2-core CPU shared with other jobs, about 10-15 min per trained arm (120 steps of 32 pairs).
 Expected shape (PAPERS.md): multi-exit training lifts shallow-exit recall far above the same layer of the
     final-only model, final-exit quality about unchanged, recall rising with depth. Deployment truncates at a
     chosen exit (static, not per input); compute is proportional to the exit's depth.
@@ -37,7 +37,9 @@ def get_config(arg=None):
                                             eval_batch_size=128))
     c.model = ml_collections.ConfigDict(dict(pretrained=True, exits="all", d_model=384, depth=6, num_heads=12,
                                              mlp_dim=1536))
-    c.arms = ("zero_shot", "final_only", "multi_exit", "self_distill")
+    # `self_distill` (explicit similarity distillation on top of multi_exit) is an optional fourth arm:
+    # --config.arms="('zero_shot', 'final_only', 'multi_exit', 'self_distill')"
+    c.arms = ("zero_shot", "final_only", "multi_exit")
     c.train = ml_collections.ConfigDict(dict(steps=120, temperature=0.05, distill_temperature=0.05,
                                              distill_weight=1.0, freeze_word_embeddings=True,
                                              optim=default_optim_config()))
