@@ -19,7 +19,7 @@ Model: sst2: MiniLM-L6-H384 (22.7M parameters), exits after all 6 layers (masked
     trained from the same start: multi-exit CE (evaluated with PABEE's patience) and the PonderNet loss
     (evaluated with PALBERT's deterministic Q-exit).
 Hardware / wall-clock: 2-core CPU shared with other jobs: sst2 about 15 min (300 steps of batch 32 at 2-3 s
-    each + evaluation); palbert about 30 min (two arms of 300 steps); smoke under a minute.
+    each + evaluation); palbert about 30 min (two arms of 200 steps); smoke under a minute.
 Expected shape: DeeBERT's entropy threshold and PABEE's patience both trade accuracy for layers; near full depth
     they match the last exit; PABEE at small patience can match or beat the last exit (its "overthinking" claim);
     PALBERT's Q-exit at matched mean layers is at least PABEE's (the paper's claim) - checked, not assumed.
@@ -60,6 +60,9 @@ def get_config(arg=None):
     if arg == "palbert":
         c.model.update(shared_layers=True, ponder=True, shared_from=0)
         c.arms = ("multi_exit", "ponder")
+        c.train.steps = c.train.optim.total_steps = 200   # two arms on a shared 2-core CPU
+        c.train.optim.warmup_steps = 20
+        c.eval.update(entropy=(0.05, 0.2, 0.4, 0.6), latency_examples=50)
     elif arg == "smoke":
         c.model.update(pretrained=False, d_model=32, depth=3, num_heads=2, mlp_dim=64, lambda_hidden=16,
                        shared_layers=True, ponder=True)

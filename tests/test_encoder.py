@@ -237,3 +237,15 @@ def test_retrieval_losses_and_continuation_pairs():
     assert pairs.continuation_pairs(text, min_words=3) == (
         ["The cat sat on the mat all day.", "It was happy there!"],
         ["It was happy there!", "Then it left the house quietly at dusk."])
+
+
+def test_minilm_shared_layer_start(minilm):
+    model_dir, _, _ = minilm
+    graphdef, params = pe.load_encoder(model_dir, shared_layers=True, ponder=True, shared_from=2, depth=6)
+    w = pe.read_safetensors(model_dir / "model.safetensors")
+    q = np.asarray(params["layers"]["layer"]["attn"]["query"]["kernel"][...])
+    assert q.shape == (1, 384, 384)
+    np.testing.assert_array_equal(q[0], w["encoder.layer.2.attention.self.query.weight"].T)
+    assert nnx.merge(graphdef, params).cfg.shared_layers
+    with pytest.raises(pe.PretrainedError, match="shared_from=7 outside"):
+        pe.load_encoder(model_dir, shared_layers=True, shared_from=7)
