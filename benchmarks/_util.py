@@ -50,3 +50,40 @@ def write_json(path: str | pathlib.Path, obj: Any) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+def time_interleaved(calls: dict[str, tuple[Callable, tuple]], *, repeats: int, warmup: int = 1
+                     ) -> dict[str, dict[str, Any]]:
+    """Wall-clock of several ``name -> (exe, args)`` calls, run round-robin (one call of each per round, for
+    ``repeats`` rounds after ``warmup`` untimed rounds), so a slow spell of a shared machine hits every candidate
+    alike. Returns per name the median, the minimum and every time (``block_until_ready``)."""
+    for _ in range(warmup):
+        for exe, args in calls.values():
+            jax.block_until_ready(exe(*args))
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, (exe, args) in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(exe(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"time_s": statistics.median(t), "min_s": min(t), "times_s": t} for name, t in times.items()}
+
+
+def cast_floats(tree: Any, dtype) -> Any:
+    """Every floating leaf of a pytree cast to ``dtype`` (integer leaves untouched)."""
+    import jax.numpy as jnp
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+class Budget:
+    """A wall-clock budget for a benchmark: ``left()`` seconds remain; ``over()`` once it is spent (the script
+    then records what it skipped instead of starting it)."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds, self.t0 = seconds, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def over(self) -> bool:
+        return self.seconds is not None and self.elapsed() > self.seconds

@@ -7,7 +7,10 @@ Paths, all on the same embedded batch ``h0_BxTxD`` (the patch embedding is outsi
 
 * ``static``: plain ``engine.run_layers`` over all N layers + the final head (no exits): the baseline.
 * ``masked``: ``engine.while_exits`` (a row that exited is frozen but computed until the deepest row is done).
-* ``compacted``: ``paths.compacted_exits`` with its default buckets.
+* ``compacted``: ``paths.compacted_exits`` with its default buckets (``engine.default_buckets``: about B, B/2, B/4,
+  B/8); ``--buckets`` adds the same executor under other bucket lists as paths ``compacted_<scheme>``: ``eighths``
+  (every multiple of B/8), ``sixteenths`` (of B/16), or an explicit list such as ``128+512+1024``.
+* ``gated_kernel``: the masked loop with each layer's MLP half in the gated-step kernel (``paths.GatedKernel``).
 * ``continuous``: ``exits.continuous.continuous_exits``, the batch as a queue streamed through ``B // slots_div``
   slots; on GPU also ``continuous_triton``, the same with ``ragged_dot`` lowered by jax's Pallas/Triton kernel.
 
@@ -28,9 +31,10 @@ Samples are shuffled (fixed seed), so every batch mixes depths. Before timing, e
 targets and its logits the masked path's (and ``static``'s for ``full``) within a dtype/backend tolerance; the
 JSON records the measured difference and ``agree``, and the script exits with status 1 if anything disagreed.
 
-Reported per (config, pattern, path): median wall-clock (``time_s``), realized speed-up over ``static``, ideal
-speed-up N / mean depth, their ratio, and for ``full`` the overhead ``time / static``. CPU timings are noisy and,
-for ``continuous``, meaningless: jax lowers ``ragged_dot`` on CPU to a masked dense dot over all N layer groups.
+The paths of one (config, pattern) are timed round-robin (one call of each per round), so a slow spell of a
+shared machine hits them alike. Reported per (config, pattern, path): median wall-clock (``time_s``), realized
+speed-up over ``static``, ideal speed-up N / mean depth, their ratio, and for ``full`` the overhead
+``time / static``. CPU timings are noisy and, for ``continuous``, meaningless: jax lowers ``ragged_dot`` on CPU to a masked dense dot over all N layer groups.
 """
 from __future__ import annotations
 
@@ -57,11 +61,33 @@ from eejax.models.vit import ViT, ViTConfig  # noqa: E402
 SIZES = {
     "tiny": dict(depth=4, widths=(32,), head_dim=16, images=((16, 4),), batches=(16,), classes=10, repeats=2),
     "small": dict(depth=12, widths=(64,), head_dim=16, images=((32, 8),), batches=(64,), classes=10, repeats=5),
+    # CPU proxy at compute-bound sizes (benchmarks/results/cpu_proxy.json): D=256, 17 tokens, batch 64.
+    "cpu_proxy": dict(depth=12, widths=(256,), head_dim=64, images=((32, 8),), batches=(64,), classes=10, repeats=7),
     "gpu": dict(depth=12, widths=(384, 768), head_dim=64, images=((128, 16), (224, 16)), batches=(256, 1024),
                 classes=1000, repeats=10),
 }
 PATTERNS = ("bimodal", "uniform", "geometric", "full")
 PATHS = ("static", "masked", "compacted", "gated_kernel", "continuous", "continuous_triton")
+BUCKET_SCHEMES = ("default", "eighths", "sixteenths")
+
+
+def bucket_list(scheme: str, batch: int) -> tuple[int, ...] | None:
+    """Bucket sizes of a scheme for a batch (None = the engine's default): ``eighths`` / ``sixteenths`` are every
+    multiple of ceil(B/8) / ceil(B/16) up to B; ``a+b+c`` an explicit list (the full batch is always added)."""
+    if scheme == "default":
+        return None
+    if scheme in ("eighths", "sixteenths"):
+        step = -(-batch // (8 if scheme == "eighths" else 16))
+        return tuple(sorted({min(batch, step * i) for i in range(1, batch // step + 2)}))
+    try:
+        sizes = tuple(int(v) for v in scheme.split("+"))
+    except ValueError:
+        raise ValueError(f"bucket scheme {scheme!r}: use one of {BUCKET_SCHEMES} or sizes like 128+512") from None
+    return engine.check_buckets(sizes, batch)
+
+
+def compacted_name(scheme: str) -> str:
+    return "compacted" if scheme == "default" else f"compacted_{scheme}"
 
 
 def target_depths(pattern: str, num_layers: int, batch: int, seed: int = 0) -> np.ndarray:
@@ -123,7 +149,7 @@ def build_model(cfg: ViTConfig, dtype) -> ViT:
     return model
 
 
-def path_fns(cfg: ViTConfig, num_slots: int) -> dict:
+def path_fns(cfg: ViTConfig, num_slots: int, bucket_schemes=("default",), batch: int | None = None) -> dict:
     """Each path as ``fn(graphdef_state, h0, thr) -> (logits_BxC, exit_B, aux)``, ready for ``jax.jit``."""
     def split(gs):
         m = nnx.merge(*gs)
@@ -142,9 +168,10 @@ def path_fns(cfg: ViTConfig, num_slots: int) -> dict:
         o = engine.while_exits(m.layers, heads, h0, cfg.exit_layers, thr, measure=forced_measure)
         return o.logits_BxC, o.exit_B, o.layers_run
 
-    def compacted(gs, h0, thr):
+    def compacted(gs, h0, thr, buckets=None):
         m, heads = split(gs)
-        o = paths.compacted_exits(m.layers, heads, h0, cfg.exit_layers, thr, measure=forced_measure)
+        o = paths.compacted_exits(m.layers, heads, h0, cfg.exit_layers, thr, measure=forced_measure,
+                                  buckets=buckets)
         return o.logits_BxC, o.exit_B, o.layers_run
 
     def gated(gs, h0, thr):
@@ -159,8 +186,12 @@ def path_fns(cfg: ViTConfig, num_slots: int) -> dict:
                                         measure=forced_measure)
         return o.logits_BxC, o.exit_B, o.steps
 
-    return {"static": static, "masked": masked, "compacted": compacted, "gated_kernel": gated, "continuous": cont,
-            "continuous_triton": cont}
+    fns = {"static": static, "masked": masked, "compacted": compacted, "gated_kernel": gated, "continuous": cont,
+           "continuous_triton": cont}
+    for scheme in bucket_schemes:
+        if scheme != "default":
+            fns[compacted_name(scheme)] = functools.partial(compacted, buckets=bucket_list(scheme, batch))
+    return fns
 
 
 def _compile(name, fn, args):
@@ -182,19 +213,25 @@ def logits_tol(dtype, backend: str) -> float:
     return 1e-4 if backend == "cpu" else 2e-2   # f32 matmuls may run as TF32 on GPUs
 
 
-def bench_config(cfg: ViTConfig, batch: int, dtype, *, repeats: int, slots_div: int, path_names, log) -> dict:
+def bench_config(cfg: ViTConfig, batch: int, dtype, *, repeats: int, slots_div: int, path_names, log,
+                 bucket_schemes=("default",), progress=None) -> dict:
+    """One configuration, every pattern; ``progress(result)`` is called after each pattern (partial JSON)."""
     model = build_model(cfg, dtype)
     gs = nnx.split(model)
     num_slots = max(1, batch // slots_div)
     n = cfg.depth
     x = jax.random.normal(jax.random.key(1), (batch, cfg.image_size, cfg.image_size, cfg.channels), dtype)
     h_embed = jax.jit(lambda gs, x: nnx.merge(*gs).embed(x))(gs, x)
-    fns = path_fns(cfg, num_slots)
+    fns = path_fns(cfg, num_slots, bucket_schemes, batch)
+    path_names = list(path_names) + [compacted_name(s) for s in bucket_schemes
+                                     if s != "default" and "compacted" in path_names]
     tol = logits_tol(dtype, jax.default_backend())
     result = {"name": f"L{n}-D{cfg.d_model}-T{cfg.tokens}-B{batch}", "depth": n, "d_model": cfg.d_model,
               "num_heads": cfg.num_heads, "mlp_dim": cfg.mlp_dim, "patches": cfg.tokens - 1, "tokens": cfg.tokens,
               "batch": batch, "num_slots": num_slots, "num_classes": cfg.num_classes, "dtype": jnp.dtype(dtype).name,
-              "logits_tol": tol, "compile_s": {}, "errors": {}, "patterns": {}}
+              "logits_tol": tol, "compile_s": {}, "errors": {}, "patterns": {},
+              "buckets": {compacted_name(s): list(bucket_list(s, batch) or engine.default_buckets(batch))
+                          for s in bucket_schemes}}
     thr0 = jnp.float32(0.0)
     exes = {}
     for name in path_names:
@@ -230,8 +267,10 @@ def bench_config(cfg: ViTConfig, batch: int, dtype, *, repeats: int, slots_div: 
                 rec["slot_utilization"] = float(depth_B.sum() / (int(aux) * num_slots))
             elif name != "static":
                 rec["layers_run"] = int(aux)
-            rec.update(_util.time_fn(exes[name], gs, h0, thr, repeats=repeats))
             entry["paths"][name] = rec
+        timed = _util.time_interleaved({name: (exe, (gs, h0, thr)) for name, exe in exes.items()}, repeats=repeats)
+        for name, rec in entry["paths"].items():
+            rec.update(timed[name])
         if "static" in entry["paths"]:
             t_static = entry["paths"]["static"]["time_s"]
             for name, rec in entry["paths"].items():
@@ -240,6 +279,8 @@ def bench_config(cfg: ViTConfig, batch: int, dtype, *, repeats: int, slots_div: 
                 if pattern == "full":
                     rec["overhead_vs_static"] = rec["time_s"] / t_static
         result["patterns"][pattern] = entry
+        if progress is not None:
+            progress(result)
         log(f"  {pattern:9s} ideal {entry['ideal_speedup']:.2f}x  " + "  ".join(
             f"{k} {v['time_s'] * 1e3:.2f}ms ({v.get('speedup', float('nan')):.2f}x{'' if v['agree'] else ' DISAGREE'})"
             for k, v in entry["paths"].items()))
@@ -258,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paths", default=",".join(PATHS), help=f"comma list from {PATHS}")
     ap.add_argument("--repeats", type=int, help="timed calls per path (median reported); preset default")
     ap.add_argument("--slots-div", type=int, default=4, help="continuous path: slots = batch // slots_div")
+    ap.add_argument("--buckets", default="default", help="comma list of compacted bucket schemes: "
+                    f"{BUCKET_SCHEMES} or explicit sizes like 128+512 (each scheme is one path)")
+    ap.add_argument("--budget-s", type=float, help="stop starting new configurations after this many seconds")
     args = ap.parse_args(argv)
 
     preset = SIZES[args.sizes]
@@ -269,15 +313,25 @@ def main(argv: list[str] | None = None) -> int:
     bad = [p for p in path_names if p not in PATHS]
     if bad or not images:
         ap.error(f"unknown paths {bad} (choose from {PATHS})" if bad else f"no preset image has {args.patches=}")
+    schemes = [s for s in args.buckets.split(",") if s]
+    try:
+        for s in schemes:
+            for b in batches:
+                bucket_list(s, b)
+    except ValueError as err:
+        ap.error(str(err))
+    budget = _util.Budget(args.budget_s)
     dtype = jnp.dtype(args.dtype).type
     repeats = args.repeats or preset["repeats"]
     log = functools.partial(print, flush=True)
 
     out = {"meta": {**_util.provenance([sys.argv[0]] + argv), "sizes": args.sizes, "dtype": args.dtype,
                     "repeats": repeats, "slots_div": args.slots_div, "patterns": list(PATTERNS),
-                    "timing": "median wall-clock of `repeats` calls after one warm-up, block_until_ready; the "
-                              "patch embedding is outside the timing; static = run_layers + final head"},
-           "configs": []}
+                    "bucket_schemes": schemes,
+                    "timing": "median wall-clock of `repeats` round-robin rounds (one call of every path each) "
+                              "after one warm-up round, block_until_ready; the patch embedding is outside the "
+                              "timing; static = run_layers + final head"},
+           "configs": [], "skipped": []}
     log(f"{out['meta']['backend']} {out['meta']['device_kind']} jax {jax.__version__} dtype {args.dtype}")
     for d in widths:
         for image, patch in images:
@@ -285,13 +339,24 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = ViTConfig(image_size=image, channels=3, patch_size=patch, d_model=d, depth=preset["depth"],
                                 num_heads=max(1, d // preset["head_dim"]), mlp_dim=4 * d,
                                 num_classes=preset["classes"], exits="all", head_types="linear")
+                if budget.over():
+                    out["skipped"].append(f"D{d}-T{cfg.tokens}-B{batch}")
+                    log(f"D={d} T={cfg.tokens} B={batch}: skipped (budget of {args.budget_s:.0f}s spent)")
+                    continue
                 log(f"D={d} T={cfg.tokens} B={batch}")
+                done = list(out["configs"])
+
+                def progress(partial, done=done):
+                    _util.write_json(args.out, {**out, "configs": done + [partial]})
+
                 out["configs"].append(bench_config(cfg, batch, dtype, repeats=repeats, slots_div=args.slots_div,
-                                                   path_names=path_names, log=log))
+                                                   path_names=path_names, log=log, bucket_schemes=schemes,
+                                                   progress=progress))
                 _util.write_json(args.out, out)   # partial results survive a time limit
     out["all_agree"] = all(rec["agree"] for c in out["configs"] for p in c["patterns"].values()
                            for rec in p["paths"].values())
     out["errors"] = {c["name"]: c["errors"] for c in out["configs"] if c["errors"]}
+    out["elapsed_s"] = budget.elapsed()
     _util.write_json(args.out, out)
     log(f"wrote {args.out}; all paths agree: {out['all_agree']}")
     return 0 if out["all_agree"] else 1

@@ -1,35 +1,43 @@
-"""The benchmark scripts run end to end on tiny sizes, write the documented JSON, and their paths agree.
+"""The benchmark suite runs end to end on tiny sizes, writes the documented JSON, and its compared paths agree.
 
-Never a timed test: the timings are only checked to be positive numbers.
+One ``run_all.py --sizes tiny`` call (each benchmark a subprocess) feeds the schema tests. Never a timed test: the
+timings are only checked to be positive numbers. Also: the compacted executor really compiles bucket-sized shapes.
 """
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _run(tmp_path, *extra):
-    out = tmp_path / "vit_paths.json"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUMPY_RANK_PROMOTION": "raise"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vit_paths.py"), "--sizes", "tiny",
-                           "--out", str(out), *extra], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text())
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUMPY_RANK_PROMOTION": "raise"}
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("bench"))
+def suite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("suite")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--sizes", "tiny", "--out",
+                           str(out)], cwd=out, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    return out
 
 
-def test_schema_and_provenance(result):
+def _json(folder, name):
+    return json.loads((folder / name).read_text())
+
+
+# ------------------------------------------------------------------------------------------------ vit_paths
+
+
+def test_vit_schema_and_provenance(suite):
+    result = _json(suite, "vit_paths.json")
     meta = result["meta"]
     for key in ("command", "jax", "jaxlib", "flax", "backend", "device_kind", "dtype", "repeats", "time_utc"):
         assert key in meta, key
@@ -37,42 +45,42 @@ def test_schema_and_provenance(result):
     assert result["all_agree"] is True and result["errors"] == {}
     (cfg,) = result["configs"]
     assert cfg["batch"] == 16 and cfg["depth"] == 4 and cfg["num_slots"] == 4
+    assert cfg["buckets"] == {"compacted": [8, 16], "compacted_eighths": [2, 4, 6, 8, 10, 12, 14, 16]}
     assert set(cfg["patterns"]) == {"bimodal", "uniform", "geometric", "full"}
     for name, pat in cfg["patterns"].items():
-        assert set(pat["paths"]) == {"static", "masked", "compacted", "continuous"}, name
+        assert set(pat["paths"]) == {"static", "masked", "compacted", "compacted_eighths", "gated_kernel",
+                                     "continuous"}, name
         assert sum(pat["depth_histogram"]) == cfg["batch"]
         mean = np.dot(np.arange(1, cfg["depth"] + 1), pat["depth_histogram"]) / cfg["batch"]
         assert pat["mean_depth"] == pytest.approx(mean)
         assert pat["ideal_speedup"] == pytest.approx(cfg["depth"] / mean)
         for path, rec in pat["paths"].items():
-            assert rec["time_s"] > 0 and len(rec["times_s"]) == result["meta"]["repeats"], (name, path)
+            assert rec["time_s"] > 0 and len(rec["times_s"]) == meta["repeats"], (name, path)
             assert rec["speedup"] == pytest.approx(pat["paths"]["static"]["time_s"] / rec["time_s"])
             assert rec["ratio_to_ideal"] == pytest.approx(rec["speedup"] / pat["ideal_speedup"])
             assert ("overhead_vs_static" in rec) == (name == "full")
 
 
-def test_every_path_agreed(result):
+def test_vit_every_path_agreed(suite):
     """Forced exits: every dynamic path exits each sample at its target and matches the masked path's logits."""
-    cfg = result["configs"][0]
+    cfg = _json(suite, "vit_paths.json")["configs"][0]
     for name, pat in cfg["patterns"].items():
         for path, rec in pat["paths"].items():
             assert rec["agree"] is True, (name, path, rec)
             if path != "static":
                 assert rec["exits_match_target"] is True, (name, path)
-            if path in ("compacted", "continuous") or (path == "static" and name == "full"):
+            if path != "masked" and (path != "static" or name == "full"):
                 assert rec["logits_match"] is True and rec["max_abs_logit_diff"] <= 1e-4 * max(rec["logit_scale"], 1)
-        # Continuous batching: a step applies one layer to each slot.
-        cont = pat["paths"]["continuous"]
+        cont = pat["paths"]["continuous"]   # a step applies one layer to each slot
         layers_applied = np.dot(np.arange(1, cfg["depth"] + 1), pat["depth_histogram"])
         assert cont["steps"] >= layers_applied / cfg["num_slots"]
         assert cont["slot_utilization"] == pytest.approx(layers_applied / (cont["steps"] * cfg["num_slots"]))
-    # The patterns really differ: bimodal has only two depths, full only the last.
     hist = {k: np.asarray(v["depth_histogram"]) for k, v in cfg["patterns"].items()}
     assert np.count_nonzero(hist["bimodal"]) == 2 and hist["full"][-1] == cfg["batch"]
     assert np.count_nonzero(hist["uniform"]) == cfg["depth"]
 
 
-def test_forced_patterns():
+def test_forced_patterns_and_bucket_schemes():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import vit_paths
     for pattern, mean in (("bimodal", 7.5), ("uniform", 6.5), ("geometric", 4.8), ("full", 12.0)):
@@ -81,3 +89,132 @@ def test_forced_patterns():
         assert depth.mean() == pytest.approx(mean, abs=0.01), pattern
     with pytest.raises(ValueError, match="unknown pattern"):
         vit_paths.target_depths("zipf", 12, 10)
+    assert vit_paths.bucket_list("default", 1024) is None
+    assert vit_paths.bucket_list("eighths", 1024) == tuple(range(128, 1025, 128))
+    assert vit_paths.bucket_list("sixteenths", 100) == tuple(range(7, 100, 7)) + (100,)
+    assert vit_paths.bucket_list("128+512", 1024) == (128, 512, 1024)
+    with pytest.raises(ValueError, match="bucket scheme 'tenths'"):
+        vit_paths.bucket_list("tenths", 64)
+
+
+# ------------------------------------------------------------------------------------------------ lm_decode
+
+
+def test_lm_decode_schema_and_agreement(suite):
+    result = _json(suite, "lm_decode.json")
+    meta = result["meta"]
+    assert "lm_decode.py" in meta["command"] and meta["dtype"] == "float32" and result["all_agree"] is True
+    assert result["errors"] == {} and result["skipped"] == []
+    (b,) = result["batches"]
+    assert b["batch"] == 2 and set(b["prefill"]) == {"prefill", "prefill_k2"}
+    assert set(b["paths"]) == {"full", "forced_exit", "forced_exit_2exits", "skipdecode_2x", "speculative_d0_k2"}
+    new, depth = meta["new"], meta["model"]["depth"]
+    for name, rec in b["paths"].items():
+        # float32 on CPU: every token equals its teacher-forced reference (speculative: full depth's tokens).
+        assert rec["agree"] is True and rec["match_frac"] == 1.0, name
+        assert rec["time_s"] > 0 and rec["prefill_s"] > 0 and len(rec["times_s"]) == meta["repeats"]
+        assert rec["decode_s"] == pytest.approx(rec["time_s"] - rec["prefill_s"])
+        assert rec["tokens_per_s"] == pytest.approx(b["batch"] * new / rec["time_s"])
+        assert rec["speedup"] == pytest.approx(b["paths"]["full"]["time_s"] / rec["time_s"])
+    assert b["paths"]["full"]["mean_layers_per_token"] == depth
+    for name in ("forced_exit", "forced_exit_2exits"):
+        assert b["paths"][name]["mean_layers_per_token"] == meta["exit_after"]
+        assert b["paths"][name]["ideal_layer_speedup"] == pytest.approx(depth / meta["exit_after"])
+    sched = meta["skipdecode_layers_G"]
+    assert b["paths"]["skipdecode_2x"]["mean_layers_per_token"] == pytest.approx(np.mean(sched[:-1]))
+    spec = b["paths"]["speculative_d0_k2"]
+    assert 0 <= spec["acceptance_rate"] <= 1 and 1 <= spec["tokens_per_verify"] <= 3
+
+
+def test_lm_decode_rejects_bad_input():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lm_decode.py"), "--sizes", "tiny", "--out",
+                           "/dev/null", "--spec", "9:2"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "early exits of the 4-layer model" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ train_throughput
+
+
+def test_train_throughput_schema(suite):
+    from eejax.models import vit as vit_lib
+    result = _json(suite, "train_throughput.json")
+    meta = result["meta"]
+    assert "train_throughput.py" in meta["command"] and meta["mfu_meaningful"] is False
+    assert set(result["candidates"]) == {"bf16-einsum-noremat", "bf16-dot_product-noremat", "bf16-einsum-remat"}
+    assert result["errors"] == {} and result["all_agree"] is True and result["best"] in result["candidates"]
+    m = meta["model"]
+    cfg = vit_lib.ViTConfig(image_size=m["image"], channels=3, patch_size=m["patch"], d_model=m["d_model"],
+                            depth=m["depth"], num_heads=m["num_heads"], mlp_dim=m["mlp_dim"], num_classes=m["classes"],
+                            exits="all", head_types="linear")
+    assert meta["forward_flops_per_image"] == float(vit_lib.flops(cfg).cum_flops_E[-1])
+    assert meta["model_flops_per_step"] == pytest.approx(3 * meta["forward_flops_per_image"] * meta["batch"])
+    for name, c in result["candidates"].items():
+        assert c["mfu"] is None and c["steps_per_s"] > 0 and np.isfinite(c["last_loss"]), name
+        assert c["images_per_s"] == pytest.approx(meta["batch"] * c["steps_per_s"])
+        assert abs(c["first_loss"] - result["reference_loss"]) <= c["loss_tol"] * max(1, result["reference_loss"])
+    assert result["skipped"] == {}
+
+
+# ------------------------------------------------------------------------------------------------ run_all
+
+
+def test_suite_summary_names_every_winner(suite):
+    summary = _json(suite, "summary.json")
+    assert summary["all_agree"] is True
+    assert {s["returncode"] for s in summary["status"].values()} == {0}
+    keys = " | ".join(summary["winners"])
+    for question in ("compacted bucket list", "gated MLP kernel vs XLA", "train attention kind", "train remat",
+                     "LM forced exit: every exit vs only the used exit", "LM speculative candidate"):
+        assert question in keys, question
+    bucket = next(w for k, w in summary["winners"].items() if "bucket list" in k)
+    assert bucket["winner"] in ("compacted", "compacted_eighths")
+    assert any("MFU" in g["goal"] for g in summary["goals"]) is False   # MFU is not a goal result on CPU
+    md = (suite / "summary.md").read_text()
+    assert "## Winners" in md and "## Goals of issue 12" in md and "CPU run" in md
+
+
+def test_benchmarks_import_no_tfds_or_grain():
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import run_all, vit_paths, lm_decode, train_throughput; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow_datasets', 'grain', 'tensorflow')]; "
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------- compacted: compiled shapes
+
+
+def _dot_rows(hlo_text: str, width: int) -> set[int]:
+    """Leading (row) sizes of the compiled dots whose output has ``width`` columns (``f32[R,width]``)."""
+    return {int(r) for r in re.findall(rf"= f32\[(\d+),{width}\]\{{[^}}]*\}} dot\(", hlo_text)}
+
+
+def test_compacted_executor_compiles_bucket_sized_matmuls():
+    """``engine.Compacted((4, 8))`` on a batch of 16: the optimized HLO holds the QKV projection at 4, 8 and 16 rows
+    (x 5 tokens); the masked executor's only at 16. So a bucket really runs smaller matmuls, not masked full ones."""
+    from eejax.exits import engine, policies
+    from eejax.models.vit import ViT, ViTConfig
+    cfg = ViTConfig(image_size=8, channels=1, patch_size=4, d_model=32, depth=4, num_heads=2, mlp_dim=64,
+                    num_classes=5, exits="all", head_types="linear")
+    gd, state = nnx.split(ViT(cfg, rngs=nnx.Rngs(0)))
+    x = jnp.zeros((16, 8, 8, 1))
+
+    def hlo(executor):
+        def f(state, x):
+            m = nnx.merge(gd, state)
+            out = engine.run(m.layers, list(m.heads), m.embed(x), engine.prefix(cfg.depth, cfg.exit_layers),
+                             policies.threshold("max_softmax", 0.5, len(cfg.exit_layers)), executor)
+            return out.logits_BxC
+        lowered = jax.jit(f).lower(state, x)
+        return lowered.as_text(), lowered.compile().as_text()
+
+    tokens, qkv = cfg.tokens, 3 * cfg.d_model
+    stablehlo, compiled = hlo(engine.Compacted((4, 8)))
+    assert _dot_rows(compiled, qkv) == {4 * tokens, 8 * tokens, 16 * tokens}
+    assert _dot_rows(compiled, cfg.num_classes) >= {4, 8, 16}           # the heads run on the bucket too
+    lead = {int(m) for m in re.findall(r"stablehlo.dot_general[^\n]*: \(tensor<(\d+)x\d+x\d+xf32>", stablehlo)}
+    assert {4, 8, 16} <= lead
+    _, masked = hlo(engine.Masked())
+    assert _dot_rows(masked, qkv) == {16 * tokens}

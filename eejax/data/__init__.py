@@ -7,5 +7,6 @@
 from eejax.data.files import CHECKSUMS, DataError, resolve_data_dir, verified_path
 from eejax.data.pipeline import (DATASETS, NORMALIZATION, BatchIterator, Normalization, TrainVal, TrainValTest,
                                  get_dataset, split_embedded, split_train_val)
-from eejax.data.text import ByteTokenizer, CharTokenizer, load_text
+from eejax.data.bpe import BPETokenizer
+from eejax.data.text import ByteTokenizer, CharTokenizer, load_text, load_tokens
 from eejax.data.vision import ArrayDataset, load_cifar10_jpeg, load_embedded_mnist, load_fashion_mnist, load_mnist

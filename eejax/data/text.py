@@ -10,6 +10,7 @@ Splits:
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 
@@ -42,6 +43,41 @@ def load_text(data_dir, dataset: str, split: str) -> str:
     texts = (_read(data_dir, "gutenberg-books", name) for name in books)
     return "\n".join("".join(line for line in text.splitlines(keepends=True) if not line.startswith("*** "))
                      for text in texts)
+
+
+# WikiText's tokenization undone, rule for rule as lm-evaluation-harness's `wikitext_detokenizer` (after
+# Megatron-LM): (old, new) string replacements, and regexes, applied in this order.
+_WIKITEXT_RULES = (
+    ("s '", "s'"), (re.compile(r"/' [0-9]/"), r"/'[0-9]/"),
+    (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."),
+    (" : ", ": "), (" ; ", "; "), (" . ", ". "), (" ! ", "! "), (" ? ", "? "), (" , ", ", "),
+    (re.compile(r"\(\s*([^\)]*?)\s*\)"), r"(\1)"), (re.compile(r"\[\s*([^\]]*?)\s*\]"), r"[\1]"),
+    (re.compile(r"{\s*([^}]*?)\s*}"), r"{\1}"), (re.compile(r"\"\s*([^\"]*?)\s*\""), r'"\1"'),
+    (re.compile(r"'\s*([^']*?)\s*'"), r"'\1'"),
+    ("= = = =", "===="), ("= = =", "==="), ("= =", "=="), (" \u00b0 ", "\u00b0"), (" \n", "\n"), ("\n ", "\n"),
+    (" N ", " 1 "), (" 's", "'s"),
+)
+
+
+def detokenize_wikitext(text: str) -> str:
+    """WikiText's word-level tokenization (` @-@ `, spaces before punctuation, `= = Heading = =`) turned back into
+    running text, as lm-evaluation-harness does before scoring a subword LM (`<unk>` stays)."""
+    for old, new in _WIKITEXT_RULES:
+        text = old.sub(new, text) if isinstance(old, re.Pattern) else text.replace(old, new)
+    return text
+
+
+def load_tokens(data_dir, dataset: str, split: str, tokenizer, max_chars: int = 0,
+                detokenize: bool = False) -> np.ndarray:
+    """int32 ids of one split of `dataset` under any tokenizer with `encode` (char, byte, or a pretrained model's
+    BPE, e.g. `eejax.models.pretrained.load(...).tokenizer`); `max_chars > 0` keeps only the first characters;
+    `detokenize` applies `detokenize_wikitext` first (WikiText-2 only)."""
+    text = load_text(data_dir, dataset, split)
+    if detokenize:
+        if dataset != "wikitext2":
+            raise ValueError(f"detokenize=True is for wikitext2, not {dataset!r}")
+        text = detokenize_wikitext(text)
+    return np.asarray(tokenizer.encode(text[:max_chars] if max_chars > 0 else text), np.int32)
 
 
 def _codepoints(text: str) -> np.ndarray:

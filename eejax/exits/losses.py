@@ -9,6 +9,11 @@
   exit, plus heterogeneous feature distillation (each head's feature towards the final layer's) and homogeneous
   distillation (each head towards the deepest head of its own family), both weighted 0.01 in the paper.
 * ``gate_loss``: trains the learned exit gate to predict "this exit's argmax is correct" (binary cross-entropy).
+* ``info_nce``: in-batch contrastive retrieval loss (query i's positive is key i, the other keys are negatives).
+* ``similarity_distill``: a shallow exit's query-key similarity distribution pulled towards a deeper exit's
+  (teacher stop-gradient): the "higher layers guide earlier layers" self-distillation of MODULARSTARENCODER.
+* ``ponder_loss``: PonderNet / PALBERT (arXiv:2204.03276): expected task loss under the halting distribution
+  ``p_ExB`` plus ``beta * KL(p || truncated geometric prior)``.
 """
 from __future__ import annotations
 
@@ -95,3 +100,43 @@ def lgvit_stage2_loss(logits_ExBxC, feat_ExBxD, final_feat_BxD, labels_B, head_k
 def gate_loss(gate_ExB, logits_ExBxC, labels_B) -> jax.Array:
     correct_ExB = (jnp.argmax(logits_ExBxC, -1) == labels_B[None]).astype(jnp.float32)
     return jnp.mean(jnp.maximum(gate_ExB, 0) - gate_ExB * correct_ExB + jnp.log1p(jnp.exp(-jnp.abs(gate_ExB))))
+
+
+class PonderTerms(NamedTuple):
+    rec: jax.Array    # expected CE under the halting distribution
+    kl: jax.Array     # KL(p || geometric prior), mean over the batch
+    total: jax.Array
+
+
+def ponder_loss(logits_ExBxC, p_ExB, labels_B, *, prior_lambda: float, beta: float) -> PonderTerms:
+    """PonderNet's loss as PALBERT trains it: ``sum_l p_l CE_l + beta * KL(p || Geometric(prior_lambda))``, the
+    prior truncated to the E exits and renormalised."""
+    if not 0.0 < prior_lambda < 1.0:
+        raise ValueError(f"{prior_lambda=} must be in (0, 1)")
+    num_exits = logits_ExBxC.shape[0]
+    logp = jax.nn.log_softmax(logits_ExBxC.astype(jnp.float32), axis=-1)
+    ce_ExB = -jnp.take_along_axis(logp, labels_B[None, :, None].astype(jnp.int32), axis=-1)[..., 0]
+    rec = jnp.mean(jnp.sum(p_ExB * ce_ExB, axis=0))
+    prior_E = prior_lambda * (1.0 - prior_lambda) ** np.arange(num_exits)
+    prior_E = jnp.asarray(prior_E / prior_E.sum(), jnp.float32)
+    kl = jnp.mean(jnp.sum(p_ExB * (jnp.log(p_ExB + 1e-9) - jnp.log(prior_E)[:, None]), axis=0))
+    return PonderTerms(rec, kl, rec + beta * kl)
+
+
+def info_nce(q_BxD, k_BxD, temperature: float) -> jax.Array:
+    """Symmetric in-batch InfoNCE on L2-normalised embeddings: row i of ``q`` matches row i of ``k``."""
+    q = q_BxD / jnp.linalg.norm(q_BxD, axis=-1, keepdims=True)
+    k = k_BxD / jnp.linalg.norm(k_BxD, axis=-1, keepdims=True)
+    logits_BxB = (q @ k.T).astype(jnp.float32) / temperature
+    labels_B = jnp.arange(q.shape[0])
+    return 0.5 * (cross_entropy(logits_BxB, labels_B) + cross_entropy(logits_BxB.T, labels_B))
+
+
+def similarity_distill(student_q_BxD, student_k_BxD, teacher_q_BxD, teacher_k_BxD, temperature: float) -> jax.Array:
+    """KL(teacher || student) between the in-batch retrieval distributions (rows: queries over keys)."""
+    def sim(q, k):
+        q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+        k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+        return (q @ k.T).astype(jnp.float32)
+    return kd_loss(sim(student_q_BxD, student_k_BxD) / temperature, sim(teacher_q_BxD, teacher_k_BxD) / temperature,
+                   1.0)

@@ -1,16 +1,21 @@
 """Exit-aware decoder-only language model over stacked layers, and its multi-exit training loss.
 
-Architecture: token embedding -> N pre-LN blocks (RMSNorm, grouped-query attention with RoPE, GELU MLP; with
-``norm="peri"`` each sublayer's output is also normalised before the residual add, Peri-LN, Kim et al. 2025) ->
-an exit after any set of layers. Every exit maps its hidden state to logits through its own RMSNorm and then the
-output head, which is shared by all exits (tied to the embedding or untied). ``exit_head`` picks what an early exit
-adds on top of that:
+Architecture: token embedding -> N pre-LN blocks (RMSNorm, grouped-query attention with RoPE, GELU MLP or with
+``mlp="swiglu"`` LLaMA's gated SiLU MLP; with ``norm="peri"`` each sublayer's output is also normalised before the
+residual add, Peri-LN, Kim et al. 2025) -> an exit after any set of layers. Every exit maps its hidden state to
+logits through its own RMSNorm and then the output head, which is shared by all exits (tied to the embedding or
+untied). ``exit_head`` picks what an early exit adds on top of that:
 
 * ``"shared"``: per-exit RMSNorm + the shared output head (CALM, LayerSkip);
 * ``"own"``: per-exit RMSNorm + the exit's own output matrix;
 * ``"block"``: one extra position-wise residual MLP block, then per-exit RMSNorm + the shared head. The extra block
   has no attention, so it needs no KV cache of its own and decoding stays exact.
 The last exit is always the model's final norm + shared head.
+
+Compute dtype: ``dtype=None`` (default) computes in the parameters' dtype (float32 when freshly built); e.g.
+``dtype="bfloat16"`` makes every projection, norm and the output head compute in bfloat16 whatever the
+parameters' dtype (attention logits, softmax and norm statistics stay float32). ``eejax.models.pretrained`` loads
+SmolLM2 into this model (``mlp="swiglu"``, ``norm_eps=1e-5``, ``rope_base=1e5``).
 
 Shapes: B batch, T (query) tokens, S key/cache slots, D width, H query heads, G key/value heads (GQA), K head dim,
 F MLP width, V vocabulary, N layers, E exits.
@@ -36,7 +41,7 @@ from flax import nnx
 
 from eejax import checks
 from eejax.exits import engine, losses
-from eejax.nn.layers import Mlp, build as nn_build, stacked
+from eejax.nn.layers import MLPS, build as nn_build, make_mlp, stacked
 
 EXIT_HEADS = ("shared", "own", "block")
 NORMS = ("pre", "peri")
@@ -55,6 +60,13 @@ class LMConfig:
     tie_embeddings: bool = True
     exits: str | Sequence[int] = "all"       # see engine.exit_layers_from
     exit_head: str = "shared"                # "shared" | "own" | "block"
+    mlp: str = "gelu"                        # "gelu" (with biases) | "swiglu" (LLaMA: no biases)
+    norm_eps: float = 1e-6                   # epsilon of every RMSNorm
+    dtype: str | None = None                 # compute dtype; None = the parameters' dtype
+
+    @property
+    def compute_dtype(self):
+        return None if self.dtype is None else jnp.dtype(self.dtype)
 
     def __post_init__(self):
         if self.d_model % self.num_heads:
@@ -67,6 +79,13 @@ class LMConfig:
             raise ValueError(f"norm={self.norm!r}: use one of {NORMS}")
         if self.exit_head not in EXIT_HEADS:
             raise ValueError(f"exit_head={self.exit_head!r}: use one of {EXIT_HEADS}")
+        if self.mlp not in MLPS:
+            raise ValueError(f"mlp={self.mlp!r}: use one of {MLPS}")
+        if self.dtype is not None:
+            try:
+                jnp.dtype(self.dtype)
+            except TypeError:
+                raise ValueError(f"dtype={self.dtype!r} is not a dtype name (e.g. 'float32', 'bfloat16')") from None
         self.exit_layers  # validates the exit spec  # noqa: B018
 
     @property
@@ -90,6 +109,14 @@ class LMConfig:
 
 
 # ------------------------------------------------------------------------------------------------- layers
+
+
+def _norm(cfg: LMConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
+    return nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, rngs=rngs)
+
+
+def _linear(cfg: LMConfig, d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, use_bias=False, dtype=cfg.compute_dtype, rngs=rngs)
 
 
 def rope(x_BxTxHxK: jax.Array, pos_BxT: jax.Array, base: float) -> jax.Array:
@@ -121,16 +148,16 @@ class Block(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, k
         self.rope_base = cfg.rope_base
         self.peri = cfg.norm == "peri"
-        self.norm1 = nnx.RMSNorm(d, rngs=rngs)
-        self.q = nnx.Linear(d, cfg.num_heads * k, use_bias=False, rngs=rngs)
-        self.k = nnx.Linear(d, cfg.num_kv_heads * k, use_bias=False, rngs=rngs)
-        self.v = nnx.Linear(d, cfg.num_kv_heads * k, use_bias=False, rngs=rngs)
-        self.o = nnx.Linear(cfg.num_heads * k, d, use_bias=False, rngs=rngs)
-        self.norm2 = nnx.RMSNorm(d, rngs=rngs)
-        self.mlp = Mlp(d, cfg.mlp_dim, rngs=rngs)
+        self.norm1 = _norm(cfg, rngs)
+        self.q = _linear(cfg, d, cfg.num_heads * k, rngs)
+        self.k = _linear(cfg, d, cfg.num_kv_heads * k, rngs)
+        self.v = _linear(cfg, d, cfg.num_kv_heads * k, rngs)
+        self.o = _linear(cfg, cfg.num_heads * k, d, rngs)
+        self.norm2 = _norm(cfg, rngs)
+        self.mlp = make_mlp(cfg.mlp, d, cfg.mlp_dim, rngs=rngs, dtype=cfg.compute_dtype)
         if self.peri:
-            self.post1 = nnx.RMSNorm(d, rngs=rngs)
-            self.post2 = nnx.RMSNorm(d, rngs=rngs)
+            self.post1 = _norm(cfg, rngs)
+            self.post2 = _norm(cfg, rngs)
 
     def kv(self, h_BxTxD: jax.Array, pos_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
         """This layer's key (rotated) and value for hidden states ``h`` (the layer's *input*) at ``pos``."""
@@ -166,12 +193,12 @@ class ExitHead(nnx.Module):
 
     def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
         self.kind = cfg.exit_head
-        self.norm = nnx.RMSNorm(cfg.d_model, rngs=rngs)
+        self.norm = _norm(cfg, rngs)
         if self.kind == "block":
-            self.block_norm = nnx.RMSNorm(cfg.d_model, rngs=rngs)
-            self.block = Mlp(cfg.d_model, cfg.mlp_dim, rngs=rngs)
+            self.block_norm = _norm(cfg, rngs)
+            self.block = make_mlp(cfg.mlp, cfg.d_model, cfg.mlp_dim, rngs=rngs, dtype=cfg.compute_dtype)
         if self.kind == "own":
-            self.proj = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs)
+            self.proj = _linear(cfg, cfg.d_model, cfg.vocab_size, rngs)
 
     def features(self, h_BxTxD):
         if self.kind == "block":
@@ -193,12 +220,12 @@ def causal_mask(valid_BxT: jax.Array) -> jax.Array:
 class DecoderLM(nnx.Module):
     def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs,
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=cfg.compute_dtype,
                                embedding_init=nnx.initializers.normal(stddev=0.02))
         self.layers = stacked(lambda r: Block(cfg, rngs=r), cfg.depth, rngs)
-        self.final_norm = nnx.RMSNorm(cfg.d_model, rngs=rngs)
+        self.final_norm = _norm(cfg, rngs)
         if not cfg.tie_embeddings:
-            self.unembed = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs)
+            self.unembed = _linear(cfg, cfg.d_model, cfg.vocab_size, rngs)
         self.exit_heads = stacked(lambda r: ExitHead(cfg, rngs=r), cfg.num_exits - 1, rngs) if cfg.num_exits > 1 \
             else None
 
@@ -210,7 +237,10 @@ class DecoderLM(nnx.Module):
 
     def shared_head(self, x_BxTxD: jax.Array) -> jax.Array:
         if self.cfg.tie_embeddings:
-            return x_BxTxD @ self.embed.embedding[...].T
+            emb_VxD = self.embed.embedding[...]
+            if self.cfg.dtype is not None:
+                x_BxTxD, emb_VxD = x_BxTxD.astype(self.cfg.dtype), emb_VxD.astype(self.cfg.dtype)
+            return x_BxTxD @ emb_VxD.T
         return self.unembed(x_BxTxD)
 
     def _early_head(self, h_BxTxD, e):

@@ -2,6 +2,6 @@
 
 Nothing here imports from the rest of eejax.
 """
-from eejax.nn.layers import Block, Mlp, SelfAttention, build, stacked
+from eejax.nn.layers import MLPS, Block, Mlp, SelfAttention, SwiGLU, build, make_mlp, stacked
 
-__all__ = ["Block", "Mlp", "SelfAttention", "build", "stacked"]
+__all__ = ["MLPS", "Block", "Mlp", "SelfAttention", "SwiGLU", "build", "make_mlp", "stacked"]
