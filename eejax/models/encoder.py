@@ -10,9 +10,9 @@ The engine's hidden state is an :class:`EncState` pytree ``(h_BxTxD, mask_BxT, h
 with the hidden state, so layers need no side input (the engine's default ``layer_fn``) and masked row updates
 freeze it with everything else.
 
-``shared_layers=True`` stores ONE layer and runs it ``depth`` times (ALBERT-style, as PALBERT uses): the stored
-layer is broadcast to a leading layer axis of ``depth`` at call time, so the engine's scan / while paths and the
-gradient (summed over the repeats by the broadcast's transpose) are unchanged.
+``shared_layers=True`` stores ONE layer and runs it ``depth`` times (ALBERT-style, as PALBERT uses) as the engine's
+repeat program (``engine.repeat([0], depth)``: ``Encoder.program()``), on both the scan and the inference path; the
+gradient of the stored layer sums over the loops.
 
 ``ponder=True`` adds PALBERT's Lambda layer (arXiv:2204.03276, official code ``tinkoff-ai/palbert``): after each
 layer ``lambda_l = sigmoid(MLP([pool(h_l), pool(h_{l-1})]))``; the carry accumulates ``log prod_{j<=l}(1 -
@@ -29,10 +29,11 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from eejax.exits import confidence as conf_lib
-from eejax.exits import engine
+from eejax.exits import engine, policies
 from eejax.nn.layers import build as nn_build, stacked
 
 _NEG = -1e9  # additive attention bias for padding keys (finite: a fully padded row stays NaN-free)
@@ -207,18 +208,20 @@ class Encoder(nnx.Module):
         zero_B = h_BxTxD[:, 0, 0] * 0   # carries derived from the data (sharding-friendly, JAX-NOTES §5)
         return EncState(h_BxTxD, mask_BxT.astype(h_BxTxD.dtype), HaltState(zero_B, h_BxTxD[:, 0] * 0))
 
-    def stack(self) -> nnx.Module:
-        """The layers with a leading axis of ``depth`` (the stored layer repeated when ``shared_layers``)."""
-        if not self.cfg.shared_layers:
-            return self.layers
-        n = self.cfg.depth
-        return jax.tree.map(lambda p: jnp.broadcast_to(p, (n,) + p.shape[1:]), self.layers)
+    def program(self) -> engine.Program:
+        """The layer program: with ``shared_layers`` the one stored layer looped ``depth`` times
+        (``engine.repeat``: ALBERT / PALBERT recursion, gradients summed over the loops), else the prefix."""
+        cfg = self.cfg
+        if cfg.shared_layers:
+            return engine.repeat([0], cfg.depth, cfg.exit_layers)
+        return engine.prefix(cfg.depth, cfg.exit_layers)
 
     # ------------------------------------------------------------------------------------------------ paths
 
     def hidden_states(self, ids_BxT, mask_BxT, type_ids_BxT=None) -> jax.Array:
         """Every layer's output ``h_NxBxTxD`` (for tests and embeddings)."""
-        _, s_N = engine.run_layers(self.stack(), self.embed(ids_BxT, mask_BxT, type_ids_BxT))
+        _, s_N = engine.run_layers(self.layers, self.embed(ids_BxT, mask_BxT, type_ids_BxT),
+                                   program=self.program())
         return s_N.h_BxTxD
 
     def sentence_embedding(self, ids_BxT, mask_BxT, layer: int = -1) -> jax.Array:
@@ -227,21 +230,24 @@ class Encoder(nnx.Module):
         return e_BxD / jnp.maximum(jnp.linalg.norm(e_BxD, axis=-1, keepdims=True), 1e-12)
 
     def all_exits(self, ids_BxT, mask_BxT, type_ids_BxT=None, *, remat: bool = False) -> engine.ExitOutputs:
-        return engine.scan_exits(self.stack(), list(self.heads), self.embed(ids_BxT, mask_BxT, type_ids_BxT),
-                                 self.cfg.exit_layers, remat=remat)
+        return engine.scan_exits(self.layers, list(self.heads), self.embed(ids_BxT, mask_BxT, type_ids_BxT),
+                                 program=self.program(), remat=remat)
 
-    def dynamic(self, ids_BxT, mask_BxT, threshold, measure: str | conf_lib.Measure = "neg_entropy",
-                type_ids_BxT=None) -> engine.DynamicOutputs:
-        measure = conf_lib.get_measure(measure) if isinstance(measure, str) else measure
-        return engine.while_exits(self.stack(), list(self.heads), self.embed(ids_BxT, mask_BxT, type_ids_BxT),
-                                  self.cfg.exit_layers, threshold, measure=measure)
+    def dynamic(self, ids_BxT, mask_BxT, threshold=None, measure: str | conf_lib.Measure = "neg_entropy",
+                type_ids_BxT=None, *, policy=None, executor=engine.Masked()) -> engine.DynamicOutputs:
+        """``engine.run`` over ``program()``; by default a threshold on ``measure`` (DeeBERT: ``neg_entropy``,
+        PABEE: ``patience``, PALBERT's Q-exit: ``learned`` on the halting CDF)."""
+        if policy is None:
+            policy = policies.threshold(measure, threshold, len(self.cfg.exit_layers))
+        return engine.run(self.layers, list(self.heads), self.embed(ids_BxT, mask_BxT, type_ids_BxT),
+                          self.program(), policy, executor)
 
     def static(self, ids_BxT, mask_BxT, exit_index: int, type_ids_BxT=None) -> jax.Array:
         """A truncated model: layers up to exit ``exit_index`` and only that exit's head."""
         n = self.cfg.exit_layers[exit_index] + 1
-        trunc = jax.tree.map(lambda p: p[:n], self.stack())
-        s, _ = engine.run_layers(trunc, self.embed(ids_BxT, mask_BxT, type_ids_BxT))
-        return self.heads[exit_index](s).logits_BxC
+        trunc = engine.sequence(np.asarray(self.program().layer_S)[:n])
+        out = engine.run(self.layers, [self.heads[exit_index]], self.embed(ids_BxT, mask_BxT, type_ids_BxT), trunc)
+        return out.logits_BxC
 
 
 def build(cfg: EncoderConfig, seed: int):
