@@ -43,12 +43,8 @@ class Threshold(NamedTuple):
         return score_B >= self.thr_E[e], score_B, new
 
 
-class BatchMean(NamedTuple):
-    measure: conf_lib.Measure
-    thr_E: jax.Array
-
-    def init(self, probe, zero_B, h0=None):
-        return conf_lib.init_state(probe, zero_B)
+class BatchMean(Threshold):
+    """``Threshold`` on the batch mean of the score (every row gets it)."""
 
     def decide(self, out, state, e):
         score_B, new = self.measure(out, state)
