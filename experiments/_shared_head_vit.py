@@ -12,16 +12,22 @@ Shapes: B batch, N layers (= E exits, one per layer), T tokens, D width, C class
 """
 from __future__ import annotations
 
+import pathlib
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eejax import config as config_lib
+from eejax import run
 from eejax.data import pipeline
+from eejax.eval import report
 from eejax.exits import costs, engine
 from eejax.models import vit as vit_lib
-from eejax.train import Trainer, make_optimizer
-from experiments.lgvit import _host_slice, padded_eval_images
+from eejax.train import Trainer, make_optimizer, maybe_initialize
+from experiments.lgvit import _host_slice, load_data, padded_eval_images
 
 
 def model_config(cfg) -> vit_lib.ViTConfig:
@@ -153,3 +159,45 @@ def layer_costs(mcfg: vit_lib.ViTConfig) -> costs.ExitCosts:
     return costs.exit_costs(costs.patch_embed_flops(t - 1, mcfg.patch_size ** 2 * mcfg.channels, d),
                             [layer] * mcfg.depth, exit_layers(mcfg),
                             [costs.linear_head_flops(d, mcfg.num_classes)] * mcfg.depth)
+
+
+class Setup(NamedTuple):
+    """What experiments/mue.py and experiments/deer.py start from: the run, the data, the shared-head backbone and
+    every exit's cached softmax / layer-state cosine on validation and test, and the static model's throughput."""
+    cfg: Any
+    args: Any
+    prov: Any
+    outdir: pathlib.Path
+    train: Any
+    val: Any
+    test: Any
+    mcfg: vit_lib.ViTConfig
+    ec: costs.ExitCosts       # analytic FLOPs per exit
+    graphdef: Any
+    params: Any
+    probs_val: np.ndarray
+    cos_val: np.ndarray
+    probs_test: np.ndarray
+    cos_test: np.ndarray
+    xb: np.ndarray            # one test batch of cfg.eval.throughput_batch images, for throughput
+    static_tp: float          # images/s of the static full-depth model on xb
+
+
+def setup(argv, name: str, description: str) -> Setup:
+    """Parse and validate the config, load the data, lock and bind the workdir, train (or resume) the shared
+    backbone and cache its outputs."""
+    cfg, args = config_lib.parse_cli(argv, description=description)  # every value validated before any work
+    train_ds, val, test = load_data(cfg, args.data_dir)
+    maybe_initialize()
+    prov = report.provenance(f"experiments.{name}", argv)
+    workdir, outdir = run.prepare(cfg, args, name)
+    print(f"data {cfg.data.name}: train {len(train_ds)} / val {len(val)} / test {len(test)}; devices: "
+          f"{jax.device_count()} x {jax.devices()[0].device_kind}")
+    mcfg = model_config(cfg)
+    graphdef, params = train(cfg, train_ds, backbone_dir(cfg, args, workdir))
+    probs_val, cos_val = cached_outputs(graphdef, params, val, cfg)
+    probs_test, cos_test = cached_outputs(graphdef, params, test, cfg)
+    xb = next(iter(pipeline.BatchIterator(test, cfg.eval.throughput_batch, shuffle=False)))["image"]
+    static_tp = costs.throughput(jax.jit(lambda p, x: nnx.merge(graphdef, p).static(x, 0)), xb.shape[0], params, xb)
+    return Setup(cfg, args, prov, outdir, train_ds, val, test, mcfg, layer_costs(mcfg), graphdef, params, probs_val,
+                 cos_val, probs_test, cos_test, xb, static_tp)

@@ -18,13 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax import config as config_lib
 from eejax import run
 from eejax.eval import budgeted, report
 from eejax.exits import costs, policies
-from eejax.train import maybe_initialize
 from experiments import _shared_head_vit as shv
-from experiments.lgvit import load_data, padded_eval_images
+from experiments.lgvit import padded_eval_images
 
 
 def _exit_and_pred(out):
@@ -64,28 +62,17 @@ def evaluate(score_ExN, correct_ExN, thr_E, cum_flops_E):
 
 @run.cli
 def main(argv=None):
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)  # every value validated before any work
-    data = load_data(cfg, args.data_dir)
-    maybe_initialize()
-    prov = report.provenance("experiments.deer", argv)
-    workdir, outdir = run.prepare(cfg, args, "deer")
-    train, val, test = data
-    print(f"data {cfg.data.name}: train {len(train)} / val {len(val)} / test {len(test)}; devices: "
-          f"{jax.device_count()} x {jax.devices()[0].device_kind}")
-
-    mcfg = shv.model_config(cfg)
-    n_layers = mcfg.depth
-    ec = shv.layer_costs(mcfg)
-    graphdef, params = shv.train(cfg, train, shv.backbone_dir(cfg, args, workdir))
-    probs_val, _ = shv.cached_outputs(graphdef, params, val, cfg)
-    probs_test, _ = shv.cached_outputs(graphdef, params, test, cfg)
+    su = shv.setup(argv, "deer", __doc__)
+    cfg, args, prov, outdir, ec = su.cfg, su.args, su.prov, su.outdir, su.ec
+    train, val, test = su.train, su.val, su.test
+    graphdef, params, n_layers = su.graphdef, su.params, su.mcfg.depth
+    probs_val, probs_test = su.probs_val, su.probs_test
     correct_val = probs_val.argmax(-1) == val.labels_N[None]
     correct_test = probs_test.argmax(-1) == test.labels_N[None]
     s_val, s_test = agreement_scores(probs_val), agreement_scores(probs_test)
     static_acc = correct_test.mean(1)
 
-    xb = next(iter(shv.pipeline.BatchIterator(test, cfg.eval.throughput_batch, shuffle=False)))["image"]
-    static_tp = costs.throughput(jax.jit(lambda p, x: nnx.merge(graphdef, p).static(x, 0)), xb.shape[0], params, xb)
+    xb, static_tp = su.xb, su.static_tp
 
     def make_policy(thr_E, max_exit):
         return policies.agreement(thr_E, n_layers, max_exit=max_exit)

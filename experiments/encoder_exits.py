@@ -27,11 +27,10 @@ from flax import nnx
 
 from eejax import config as config_lib
 from eejax import run
-from eejax.data import files
 from eejax.data.sst2 import load_sst2
 from eejax.eval import report
 from eejax.exits import confidence as conf_lib
-from eejax.exits import costs, engine, losses
+from eejax.exits import engine, losses
 from eejax.models import encoder as enc
 from eejax.models import pretrained_encoder as pe
 from eejax.train import Trainer, make_optimizer, maybe_initialize

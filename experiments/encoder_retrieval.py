@@ -19,7 +19,7 @@ from flax import nnx
 
 from eejax import config as config_lib
 from eejax import run
-from eejax.data import files, pairs, text
+from eejax.data import pairs, text
 from eejax.eval import report
 from eejax.exits import losses
 from eejax.models import encoder as enc

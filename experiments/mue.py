@@ -16,13 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax import config as config_lib
 from eejax import run
 from eejax.eval import budgeted, report
 from eejax.exits import costs, policies
-from eejax.train import maybe_initialize
 from experiments import _shared_head_vit as shv
-from experiments.lgvit import load_data
 
 ARMS = ("MuE (cosine of consecutive states)", "max-softmax")
 
@@ -68,21 +65,11 @@ def _policy_maker(arm, num_exits):
 
 @run.cli
 def main(argv=None):
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)  # every value validated before any work
-    data = load_data(cfg, args.data_dir)
-    maybe_initialize()
-    prov = report.provenance("experiments.mue", argv)
-    workdir, outdir = run.prepare(cfg, args, "mue")
-    train, val, test = data
-    print(f"data {cfg.data.name}: train {len(train)} / val {len(val)} / test {len(test)}; devices: "
-          f"{jax.device_count()} x {jax.devices()[0].device_kind}")
-
-    mcfg = shv.model_config(cfg)
-    n_layers = mcfg.depth
-    ec = shv.layer_costs(mcfg)
-    graphdef, params = shv.train(cfg, train, shv.backbone_dir(cfg, args, workdir))
-    probs_val, cos_val = shv.cached_outputs(graphdef, params, val, cfg)
-    probs_test, cos_test = shv.cached_outputs(graphdef, params, test, cfg)
+    su = shv.setup(argv, "mue", __doc__)
+    cfg, args, prov, outdir, ec = su.cfg, su.args, su.prov, su.outdir, su.ec
+    train, val, test = su.train, su.val, su.test
+    graphdef, params, n_layers = su.graphdef, su.params, su.mcfg.depth
+    probs_val, cos_val, probs_test, cos_test = su.probs_val, su.cos_val, su.probs_test, su.cos_test
     correct_val = probs_val.argmax(-1) == val.labels_N[None]
     correct_test = probs_test.argmax(-1) == test.labels_N[None]
     full_val, full_test = correct_val[-1].mean(), correct_test[-1].mean()
@@ -92,9 +79,7 @@ def main(argv=None):
                     "MFLOPs": ec.static_flops_E[l] / 1e6,
                     "mean_cos_to_previous": float(cos_test[l].mean())} for l in range(n_layers)]
     rows_budget, rows_quality, curves, results = [], [], {}, {"arms": {}}
-    xb = next(iter(shv.pipeline.BatchIterator(test, cfg.eval.throughput_batch, shuffle=False)))["image"]
-    static_fn = jax.jit(lambda p, x: nnx.merge(graphdef, p).static(x, 0))
-    static_tp = costs.throughput(static_fn, xb.shape[0], params, xb)
+    xb, static_tp = su.xb, su.static_tp
     hist = {}
     for arm in ARMS:
         s_val, s_test = scores[arm]

@@ -21,7 +21,6 @@ from eejax.data.text import detokenize_wikitext, load_text
 from eejax.decoding import kv as kv_lib
 from eejax.decoding import per_token
 from eejax.eval import report
-from eejax.models import lm as lm_lib
 from eejax.models import pretrained
 
 NAME = "pretrained_lm"
@@ -158,6 +157,9 @@ def main(argv=None):
         + "; ".join(f"{name}: {len(texts[name]):,} characters = {len(a):,} tokens of this BPE"
                     for name, a in all_ids.items())
         + f". Scale: the first {p.max_tokens:,} tokens of each.",
+        "Published figure: none from the model's authors: the SmolLM2 paper (arXiv:2502.02737) reports no WikiText "
+        "perplexity; a third-party card's 'WikiText-2 PPL ~31' (Q4_K_M, protocol unstated) is not comparable (see "
+        "this folder's README).",
         f"## Perplexity (fixed context {p.context}, non-overlapping windows)\n"
         "Every token of each window is scored, no BOS. token_ppl = exp(mean NLL per BPE token); word_ppl = "
         "exp(total NLL / whitespace-separated words of the scored text, so it is per stored WikiText word for "
