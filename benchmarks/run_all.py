@@ -9,9 +9,11 @@ Parts, in order, each a subprocess (a crash or a time-out of one part costs only
 1. ``vit``: ``vit_paths.py`` on one ViT-S-shape configuration (12 layers, D=384, 65 tokens, batch 1024, bf16;
    the issue's table), paths static / masked / compacted under two bucket lists (default, eighths) / gated kernel;
 2. ``lm``: ``lm_decode.py``, GPT-2-small shape in bf16, batches 1/8/32/128, every decoding path;
-3. ``train``: ``train_throughput.py``, ViT-B/16 size, batch 128, dtype x remat x attention candidates.
+3. ``papers``: ``lm_papers.py``, every paper's decoder in ``benchmarks/papers/`` (self-speculative variants, layer
+   skipping, Jacobi decoding) on a SmolLM2-135M-shaped model in bf16, each beside plain greedy decoding;
+4. ``train``: ``train_throughput.py``, ViT-B/16 size, batch 128, dtype x remat x attention candidates.
 
-Budget: ``--budget-s`` (default 450 s) is split 30/35/35 %; time a part leaves unused passes to the next. A part
+Budget: ``--budget-s`` (default 450 s) is split 25/25/25/25 %; time a part leaves unused passes to the next. A part
 stops starting new units (configurations, batches, candidates) after 75 % of its share and is killed at 125 % of
 it (never past the total); its JSON is written after every unit, so a killed part keeps what it finished. Only
 the standard library is imported here, and the benchmarks import no
@@ -35,7 +37,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 # name -> (script, output file, share of the budget, arguments per --sizes)
 PARTS = {
-    "vit": ("vit_paths.py", "vit_paths.json", 0.30, {
+    "vit": ("vit_paths.py", "vit_paths.json", 0.25, {
         "gpu": ["--sizes", "gpu", "--dtype", "bfloat16", "--widths", "384", "--patches", "64", "--batches", "1024",
                 "--paths", "static,masked,compacted,gated_kernel", "--buckets", "default,eighths",
                 "--repeats", "5"],
@@ -44,12 +46,17 @@ PARTS = {
         "tiny": ["--sizes", "tiny", "--paths", "static,masked,compacted,gated_kernel,continuous",
                  "--buckets", "default,eighths"],
     }),
-    "lm": ("lm_decode.py", "lm_decode.json", 0.35, {
+    "lm": ("lm_decode.py", "lm_decode.json", 0.25, {
         "gpu": ["--sizes", "gpu", "--dtype", "bfloat16"],
         "small": ["--sizes", "small"],
         "tiny": ["--sizes", "tiny", "--batches", "2"],
     }),
-    "train": ("train_throughput.py", "train_throughput.json", 0.35, {
+    "papers": ("lm_papers.py", "lm_papers.json", 0.25, {
+        "gpu": ["--sizes", "gpu"],
+        "small": ["--sizes", "small"],
+        "tiny": ["--sizes", "tiny"],
+    }),
+    "train": ("train_throughput.py", "train_throughput.json", 0.25, {
         "gpu": ["--sizes", "gpu"],
         "small": ["--sizes", "small"],
         "tiny": ["--sizes", "tiny", "--candidates", "bfloat16:0:einsum,bfloat16:0:dot_product,bfloat16:1:einsum",
@@ -193,6 +200,24 @@ def lm_summary(res: dict) -> tuple[dict, list[str]]:
     return win, md
 
 
+def papers_summary(res: dict) -> tuple[dict, list[str]]:
+    """The paper decoders' table (written by lm_papers.py) and, per paper and batch, its fastest variant."""
+    rows = res.get("rows", [])
+    md = [f"**Paper decoders** ({len(rows)} rows; speed-up over the same paper's greedy row at the same batch)", "",
+          "| paper | variant | batch | tokens/s | speed-up |", "|---|---|---:|---:|---:|"]
+    best: dict = {}
+    for r in rows:
+        sp = r.get("speedup_vs_greedy")
+        md.append(f"| {r['paper']} | {r['variant']} | {r['batch']} | {r['tokens_per_s']:,.1f} | {_f(sp)} |")
+        key = f"{r['paper']} batch {r['batch']}: fastest variant"
+        if sp is not None and sp > best.get(key, {}).get("speedup_vs_greedy", -1):
+            best[key] = {"winner": r["variant"], "speedup_vs_greedy": sp}
+    for name, err in res.get("errors", {}).items():
+        md.append(f"| {name} | failed: {err.strip().splitlines()[-1][:80]} | | | |")
+    md.append("")
+    return best, md
+
+
 def train_summary(res: dict) -> tuple[dict, list[str]]:
     win, md = {}, []
     cands = res.get("candidates", {})
@@ -280,7 +305,9 @@ def summarize(out_dir: pathlib.Path, status: dict | None = None) -> dict:
            f"jax {meta.get('jax', '?')}, {meta.get('time_utc', '?')}", ""]
     if meta.get("backend") == "cpu":
         md += ["**CPU run: timings say nothing about accelerators; this checks the pipeline.**", ""]
-    for part, res, fn in (("vit", vit, vit_summary), ("lm", lm, lm_summary), ("train", train, train_summary)):
+    papers = _load(out_dir / PARTS["papers"][1])
+    for part, res, fn in (("vit", vit, vit_summary), ("lm", lm, lm_summary), ("papers", papers, papers_summary),
+                          ("train", train, train_summary)):
         if res is None:
             md += [f"**{part}: no JSON** (see the run status)", ""]
             continue
@@ -301,7 +328,8 @@ def summarize(out_dir: pathlib.Path, status: dict | None = None) -> dict:
         md.append(f"| {g['goal']} | {_f(v, '.3f') if isinstance(v, float) else v} | {'yes' if g['met'] else 'no'} |")
     summary = {"meta": meta, "status": status, "winners": winners, "goals": goal_rows,
                "all_agree": all(r.get("all_agree", True) for r in (vit, lm, train) if r),
-               "files": {p: PARTS[p][1] for p, r in zip(PARTS, (vit, lm, train)) if r}}
+               "files": {p: PARTS[p][1] for p, r in (("vit", vit), ("lm", lm), ("papers", papers), ("train", train))
+                         if r}}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     (out_dir / "summary.md").write_text("\n".join(md) + "\n")
     return summary

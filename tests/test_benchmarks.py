@@ -174,9 +174,27 @@ def test_suite_summary_names_every_winner(suite):
     assert "## Winners" in md and "## Goals of issue 12" in md and "CPU run" in md
 
 
+def test_paper_decoders_schema(suite):
+    """Every module in benchmarks/papers/ ran at tiny size without error; each paper has its greedy baseline row and
+    every row its speed-up over it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import lm_papers
+    result = _json(suite, "lm_papers.json")
+    assert result["errors"] == {} and result["skipped"] == []
+    assert result["meta"]["modules"] == lm_papers.modules()
+    for row in result["rows"]:
+        assert set(lm_papers.REQUIRED) <= set(row), row
+        assert row["seconds"] > 0 and row["tokens_per_s"] > 0
+        assert row["speedup_vs_greedy"] is not None, f"{row['paper']} has no greedy row at batch {row['batch']}"
+    assert (suite / "lm_papers.md").read_text().startswith("# Paper decoders")
+
+
 def test_benchmarks_import_no_tfds_or_grain():
-    code = ("import sys; sys.path.insert(0, 'benchmarks'); import run_all, vit_paths, lm_decode, train_throughput; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow_datasets', 'grain', 'tensorflow')]; "
+    code = ("import sys, importlib; sys.path.insert(0, 'benchmarks'); "
+            "import run_all, vit_paths, lm_decode, train_throughput, lm_papers; "
+            "[importlib.import_module('papers.' + m) for m in lm_papers.modules()]; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow_datasets', 'grain', 'tensorflow', "
+            "'ml_collections', 'gguf', 'tokenizers')]; "
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=120)
