@@ -108,3 +108,31 @@ def test_verify_shadow_tokens_equal_teacher_forced_exits(gs):
     g, shadow, ref_ExBxT = run(params)
     np.testing.assert_array_equal(g, ref_ExBxT[-1][:, 4:])
     np.testing.assert_array_equal(shadow, np.stack([ref_ExBxT[e][:, 4:] for e in (0, 2, 3)], 1))
+
+
+@pytest.mark.slow
+def test_del_and_static_equal_greedy_on_smollm2():
+    """On the real weights (the first 8 layers of SmolLM2-135M, so it runs in about a minute): static drafts and DEL
+    give plain greedy decoding's tokens, batched, prompts of different lengths."""
+    pytest.importorskip("gguf")
+    from eejax.models import pretrained
+
+    try:
+        pre = pretrained.load("smollm2-135m", depth=8, exits=(1, 3, 5, 7), exit_head="lowrank", exit_rank=4)
+    except pretrained.PretrainedError as e:
+        pytest.skip(str(e))
+    tok = pre.tokenizer
+    prompt, lengths = (jnp.asarray(a) for a in kv_lib.pad_prompts(
+        [tok.encode(s) for s in ("The capital of France is", "Once upon a time, there was a little girl who")]))
+    drafter = speculative.dynamic(pre.cfg, [0, 1, 2], 3)
+
+    @jax.jit
+    def run(params):
+        model = nnx.merge(pre.graphdef, params)
+        plain = per_token.generate(model, prompt, lengths, 10, per_token.full_depth_step)
+        return (plain, speculative.self_speculative(model, prompt, lengths, 10, draft_exit=1, k=3),
+                speculative.self_speculative(model, prompt, lengths, 10, drafter=drafter))
+
+    plain, static, dyn = run(pre.params)
+    np.testing.assert_array_equal(static.tokens_BxG, plain.tokens_BxG)
+    np.testing.assert_array_equal(dyn.tokens_BxG, plain.tokens_BxG)
