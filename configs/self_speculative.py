@@ -16,8 +16,9 @@ Exits (section 2 of issue 13): per-exit RMSNorm (arm `norm`) and RMSNorm + a ran
     adapter (arm `lowrank`) before the frozen tied LM head, after `exits.layers` layers, trained with soft CE
     against the full model's next-token distribution (KL to the full model) from hidden states cached ONCE:
     `exits.train_windows` windows of `exits.context` tokens from the five Gutenberg training books (evenly spaced),
-    evaluated on the first `exits.eval_windows` windows of WikiText-2 test (top-1 agreement with the full model, KL,
-    perplexity; before = the model's own final norm at every exit).
+    `exits.steps` Adam steps of `exits.batch_tokens` cached tokens (every exit at once), evaluated on the first
+    `exits.eval_tokens` tokens of `exits.eval_windows` windows of WikiText-2 test (top-1 agreement with the full
+    model, KL, perplexity; before = the model's own final norm at every exit).
 Decoding: prompts of `decode.prompt_tokens` tokens; `decode.new_tokens` new tokens per prompt. Fitting set (E, k,
     arm): `decode.fit_prompts` prompts from Gutenberg validation (Alice) + WikiText-2 validation; every (E, k) is
     scored there by an exact replay of the greedy continuation (a draft of exit E is accepted while its token
@@ -25,8 +26,9 @@ Decoding: prompts of `decode.prompt_tokens` tokens; `decode.new_tokens` new toke
     `decode.test_prompts` prompts from WikiText-2 test, decoded for real at batch sizes `decode.batches`
     (greedy baseline, the best static (E, k), rows over E and k, the untrained exits, DEL), wall-clock measured
     (compile excluded, AOT), tokens checked equal to plain greedy decoding.
-Hardware / wall-clock: a shared 2-core CPU (about 100 tokens/s forward idle): caching ~3 min, training ~10 min,
-    decoding ~30 min per variant.
+Hardware / wall-clock: a shared 2-core CPU (about 100 tokens/s forward idle): caching 16k + 4k tokens ~6 min,
+    training ~10 min per arm (each step runs 10 exits x 32 tokens through the 49,152-word head, forward and
+    backward), replay sweeps ~10 min, measured decoding ~20-30 min per variant.
 Expected shape (PAPERS.md): lossless; acceptance rises with E; speed-up an inverted U in E and k; without trained
     exits the shallow drafts are worse; DEL matches or beats the best static (E, k) (GPU-style cost), but on 2 CPU
     cores verifying k tokens costs ~k steps and the shadow-token heads (vocabulary 49,152) are expensive.

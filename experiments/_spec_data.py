@@ -49,6 +49,10 @@ def prompts(text: str, tokenizer, num: int, length: int, chars: int = 2000) -> l
             if len(line.strip()) > 200 and not line.strip().startswith("="):
                 break
         ids = tokenizer.encode(text[start:start + chars])
+        if len(ids) < length:                     # too close to the end of the text: take the offset itself
+            ids = tokenizer.encode(text[o:o + chars])
+        if len(ids) < length:
+            raise ValueError(f"{chars} characters at offset {o} give {len(ids)} < {length} tokens")
         out.append([int(i) for i in ids[:length]])
     return out
 
