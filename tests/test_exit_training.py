@@ -46,8 +46,9 @@ def test_training_lowers_kl_and_loaded_heads_give_the_trained_logits(setup, rank
     got = model.all_exits(jnp.asarray(windows[:4, :-1])).logits_ExBxTxV[:2].reshape(2, 64, -1)
     want = et.exit_logits(model, p, jnp.asarray(cache.hidden_ExNxD[:, :64]))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    # The last exit (the full model) is untouched.
+    # The last exit (the full model) is untouched, and so are the parameters passed in (no shared variables).
     np.testing.assert_array_equal(nnx.merge(gd, params).final_norm.scale[...], model.final_norm.scale[...])
+    np.testing.assert_array_equal(nnx.merge(gd, params).exit_heads.norm.scale[...], p0.scale_ExD)
 
 
 def test_load_refuses_mismatched_params(setup):

@@ -219,8 +219,9 @@ def evaluate_exits(graphdef, params, cache: FeatureCache, p: ExitParams, batch_t
 
 def load_exit_params(graphdef, params, p: ExitParams):
     """``params`` with the model's early-exit heads set to ``p`` (norm scales; adapter kernels when ``p`` has
-    them, which needs a model built with ``exit_head="lowrank"`` and ``exit_rank`` = ``p.rank``)."""
-    model = nnx.merge(graphdef, params)
+    them, which needs a model built with ``exit_head="lowrank"`` and ``exit_rank`` = ``p.rank``). ``params`` itself is
+    left as it was (the model is merged from a copy: ``nnx.merge`` would share its variables)."""
+    model = nnx.merge(graphdef, params, copy=True)
     cfg = model.cfg
     e = len(_early_layers(cfg))
     if p.scale_ExD.shape != (e, cfg.d_model):
