@@ -52,3 +52,18 @@ def test_skipdecode_smoke(tmp_path, shared_data):
     assert all(a >= b for a, b in zip(sched, sched[1:]))
     sd = next(r for r in data["rows"] if r["method"] == "SkipDecode (fine-tuned)")
     assert abs(sd["avg_layers"] - sum(sched[:-1]) / (len(sched) - 1)) < 1e-6
+
+
+def test_self_speculative_smoke(tmp_path, shared_data):
+    from experiments import self_speculative
+
+    argv = _argv("self_speculative", tmp_path, shared_data)
+    self_speculative.main(argv)
+    data = json.loads((tmp_path / "results" / "self_speculative.json").read_text())
+    rows = data["measured"]["2"]["rows"]
+    drafters = [r["drafter"] for r in rows]
+    assert drafters[0].startswith("greedy") and any(d.startswith("DEL") for d in drafters)
+    assert all(r["equals_greedy"] == 1.0 for r in rows)              # lossless, static and DEL
+    assert set(data["exits"]["eval_wikitext2_test"]) == {"untrained", "norm", "lowrank"}
+    assert all(len(v["agree"]) == 2 for v in data["exits"]["eval_wikitext2_test"].values())
+    assert (tmp_path / "results" / "both_sweep.png").exists()

@@ -87,6 +87,7 @@ class DynamicOutputs(NamedTuple):
     layers_run: jax.Array  # program steps the loop executed (the deepest row); one per device under Sharded
     h: Any = None          # final hidden state (frozen at each row's exit unless the executor keeps rows running)
     aux: Any = None        # final auxiliary state (e.g. the KV cache)
+    policy_state: Any = None   # the policy's final state (what a recording policy such as ``shadow`` recorded)
 
     @property
     def logits_BxC(self) -> jax.Array:
@@ -461,7 +462,8 @@ def run(layers: nnx.Module, heads: Sequence[Callable], h0, program: Program, pol
     final = jax.lax.while_loop(cond, body, init)
     ends = jnp.asarray(program.exit_step_E)
     return DynamicOutputs(out=final.out, exit_B=final.exit_B, exit_layer_B=ends[final.exit_B],
-                          score_B=final.score_B, layers_run=ends[final.e - 1] + 1, h=final.h, aux=final.aux)
+                          score_B=final.score_B, layers_run=ends[final.e - 1] + 1, h=final.h, aux=final.aux,
+                          policy_state=final.policy_state)
 
 
 # ------------------------------------------------------------------------------------------------ scan path

@@ -19,6 +19,8 @@ the last, and a stopped row keeps its state. States carry a leading batch axis.
 * ``agreement(thr, max_exit)``: DeeR-VLA (Yue et al., NeurIPS 2024, arXiv:2411.02359): a row stops when consecutive
   exits' outputs agree, ``||softmax_e - softmax_{e-1}||_2 < thr_E[e]``, and at ``max_exit`` at the latest (the peak
   compute cap); the first exit has nothing to agree with and never fires below the cap.
+* ``shadow(num_exits)``: never stops a row before the last exit and records every exit's greedy token at every
+  position (``B x E x T``): DEL's "shadow tokens" (Zarch et al., arXiv:2504.05598), read from a verify pass.
 """
 from __future__ import annotations
 
@@ -60,6 +62,22 @@ class FixedExit(NamedTuple):
 
     def decide(self, out, state, e):
         return e >= state, jnp.zeros(state.shape, jnp.float32), state
+
+
+class Shadow(NamedTuple):
+    """Runs every exit; the state is each exit's argmax token per row and position (``int32[B, E, T]``, heads whose
+    logits are ``B x T x V``; ``B x E x 1`` for ``B x V``)."""
+    num_exits: int
+
+    def init(self, probe, zero_B, h0=None):
+        t = probe.logits_BxC.shape[1] if len(probe.logits_BxC.shape) == 3 else 1
+        return jnp.zeros((zero_B.shape[0], self.num_exits, t), jnp.int32) + zero_B[:, None, None]
+
+    def decide(self, out, state, e):
+        logits = out.logits_BxC if out.logits_BxC.ndim == 3 else out.logits_BxC[:, None]
+        pred_BxT = jnp.argmax(logits, -1).astype(jnp.int32)
+        new = jnp.where((jnp.arange(self.num_exits) == e)[None, :, None], pred_BxT[:, None, :], state)
+        return jnp.zeros(state.shape[:1], bool), jnp.zeros(state.shape[:1], jnp.float32), new
 
 
 class Router(NamedTuple):
@@ -136,6 +154,10 @@ def fixed_exit(exit_B) -> FixedExit:
     return FixedExit(exit_B)
 
 
+def shadow(num_exits: int) -> Shadow:
+    return Shadow(num_exits)
+
+
 def router(predict: Callable[[Any], jax.Array]) -> Router:
     return Router(predict)
 
@@ -165,5 +187,6 @@ def calm_threshold(threshold, i, tau: float, horizon: int):
     return jnp.clip(0.9 * jnp.asarray(threshold, jnp.float32) + 0.1 * decay, 0.0, 1.0)
 
 
-__all__ = ["Threshold", "BatchMean", "FixedExit", "Router", "Saturation", "Agreement", "AgreementState", "thresholds",
-           "threshold", "batch_mean", "fixed_exit", "router", "saturation", "agreement", "calm_threshold"]
+__all__ = ["Threshold", "BatchMean", "FixedExit", "Shadow", "shadow", "Router", "Saturation", "Agreement",
+           "AgreementState", "thresholds", "threshold", "batch_mean", "fixed_exit", "router", "saturation",
+           "agreement", "calm_threshold"]

@@ -9,7 +9,9 @@ untied). ``exit_head`` picks what an early exit adds on top of that:
 * ``"shared"``: per-exit RMSNorm + the shared output head (CALM, LayerSkip);
 * ``"own"``: per-exit RMSNorm + the exit's own output matrix;
 * ``"block"``: one extra position-wise residual MLP block, then per-exit RMSNorm + the shared head. The extra block
-  has no attention, so it needs no KV cache of its own and decoding stays exact.
+  has no attention, so it needs no KV cache of its own and decoding stays exact;
+* ``"lowrank"``: per-exit RMSNorm, then a residual low-rank linear adapter ``x + up(down(x))`` of rank
+  ``exit_rank``, then the shared head (exits trained on a frozen model: ``eejax.decoding.exit_training``).
 The last exit is always the model's final norm + shared head.
 
 Compute dtype: ``dtype=None`` (default) computes in the parameters' dtype (float32 when freshly built); e.g.
@@ -43,7 +45,7 @@ from eejax import checks
 from eejax.exits import engine, losses
 from eejax.nn.layers import MLPS, build as nn_build, make_mlp, stacked
 
-EXIT_HEADS = ("shared", "own", "block")
+EXIT_HEADS = ("shared", "own", "block", "lowrank")
 NORMS = ("pre", "peri")
 
 
@@ -59,7 +61,8 @@ class LMConfig:
     norm: str = "pre"                        # "pre" | "peri"
     tie_embeddings: bool = True
     exits: str | Sequence[int] = "all"       # see engine.exit_layers_from
-    exit_head: str = "shared"                # "shared" | "own" | "block"
+    exit_head: str = "shared"                # "shared" | "own" | "block" | "lowrank"
+    exit_rank: int = 16                      # rank of the "lowrank" exit adapter
     mlp: str = "gelu"                        # "gelu" (with biases) | "swiglu" (LLaMA: no biases)
     norm_eps: float = 1e-6                   # epsilon of every RMSNorm
     dtype: str | None = None                 # compute dtype; None = the parameters' dtype
@@ -79,6 +82,8 @@ class LMConfig:
             raise ValueError(f"norm={self.norm!r}: use one of {NORMS}")
         if self.exit_head not in EXIT_HEADS:
             raise ValueError(f"exit_head={self.exit_head!r}: use one of {EXIT_HEADS}")
+        if self.exit_head == "lowrank" and self.exit_rank < 1:
+            raise ValueError(f"{self.exit_rank=} must be >= 1 for exit_head='lowrank'")
         if self.mlp not in MLPS:
             raise ValueError(f"mlp={self.mlp!r}: use one of {MLPS}")
         if self.dtype is not None:
@@ -199,11 +204,15 @@ class ExitHead(nnx.Module):
             self.block = make_mlp(cfg.mlp, cfg.d_model, cfg.mlp_dim, rngs=rngs, dtype=cfg.compute_dtype)
         if self.kind == "own":
             self.proj = _linear(cfg, cfg.d_model, cfg.vocab_size, rngs)
+        if self.kind == "lowrank":
+            self.down = _linear(cfg, cfg.d_model, cfg.exit_rank, rngs)
+            self.up = _linear(cfg, cfg.exit_rank, cfg.d_model, rngs)
 
     def features(self, h_BxTxD):
         if self.kind == "block":
             h_BxTxD = h_BxTxD + self.block(self.block_norm(h_BxTxD))
-        return self.norm(h_BxTxD)
+        x = self.norm(h_BxTxD)
+        return x + self.up(self.down(x)) if self.kind == "lowrank" else x
 
 
 class LMOutputs(NamedTuple):

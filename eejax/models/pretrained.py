@@ -84,9 +84,10 @@ def weights_path(name: str) -> pathlib.Path:
 
 
 def load(name: str = "smollm2-135m", *, dtype: str = "float32", exits: Sequence[int] | None = None,
-         depth: int | None = None) -> Pretrained:
+         depth: int | None = None, exit_head: str = "shared", exit_rank: int = 16) -> Pretrained:
     """A known pretrained model (``MODELS``) with its tokenizer; see ``load_gguf`` for the arguments."""
-    return load_gguf(weights_path(name), dtype=dtype, exits=exits, depth=depth, name=name)
+    return load_gguf(weights_path(name), dtype=dtype, exits=exits, depth=depth, name=name, exit_head=exit_head,
+                     exit_rank=exit_rank)
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -117,7 +118,7 @@ def _field(reader, key: str, default=dataclasses.MISSING):
 
 
 def read_config(reader, *, exits: Sequence[int] | None = None, depth: int | None = None,
-                dtype: str | None = None) -> lm_lib.LMConfig:
+                dtype: str | None = None, exit_head: str = "shared", exit_rank: int = 16) -> lm_lib.LMConfig:
     """The ``LMConfig`` of a llama-architecture GGUF (``depth`` keeps only the first layers)."""
     path = reader.data.filename
     arch = _field(reader, "general.architecture")
@@ -145,7 +146,8 @@ def read_config(reader, *, exits: Sequence[int] | None = None, depth: int | None
         rope_base=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
         tie_embeddings="output.weight" not in names, mlp="swiglu",
-        exits=(depth - 1,) if exits is None else tuple(exits), exit_head="shared", dtype=dtype)
+        exits=(depth - 1,) if exits is None else tuple(exits), exit_head=exit_head, exit_rank=exit_rank,
+        dtype=dtype)
 
 
 def read_tokenizer(reader, name: str = "") -> BPETokenizer:
@@ -190,21 +192,26 @@ def hf_qk_order(w_RxD: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def load_gguf(path, *, dtype: str = "float32", exits: Sequence[int] | None = None, depth: int | None = None,
-              name: str = "", qk_order: str = "hf") -> Pretrained:
+              name: str = "", qk_order: str = "hf", exit_head: str = "shared", exit_rank: int = 16) -> Pretrained:
     """A llama-architecture GGUF file as ``Pretrained(graphdef, params, tokenizer, cfg)``.
 
     ``dtype``: parameter *and* compute dtype ("float32" or "bfloat16"; weights are dequantized to float32 first).
     ``exits``: exit layers (default: only the last). Early exits get per-exit RMSNorms initialised to the final
     norm's weights (untrained: a model trained without exits reads its early layers through its own final norm
     and head, LayerSkip-style; train them with ``lm.multi_exit_lm_loss``). ``depth``: keep only the first layers.
-    ``qk_order="gguf"`` skips the Q/K un-permutation (wrong for ``lm.rope``; only to demonstrate that it matters).
+    ``exit_head``: ``"shared"`` (per-exit RMSNorm) or ``"lowrank"`` (per-exit RMSNorm + a rank-``exit_rank``
+    residual adapter, loaded as zeros, i.e. the identity); train either on the frozen model with
+    ``eejax.decoding.exit_training``. ``qk_order="gguf"`` skips the Q/K un-permutation (wrong for ``lm.rope``;
+    only to demonstrate that it matters).
     """
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype={dtype!r}: use 'float32' or 'bfloat16'")
+    if exit_head not in ("shared", "lowrank"):
+        raise ValueError(f"exit_head={exit_head!r}: a pretrained model's exits are 'shared' or 'lowrank'")
     if qk_order not in ("hf", "gguf"):
         raise ValueError(f"qk_order={qk_order!r}: use 'hf' or 'gguf'")
     reader = _reader(path)
-    cfg = read_config(reader, exits=exits, depth=depth, dtype=dtype)
+    cfg = read_config(reader, exits=exits, depth=depth, dtype=dtype, exit_head=exit_head, exit_rank=exit_rank)
     tokenizer = read_tokenizer(reader, name or pathlib.Path(path).stem)
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens, the model {cfg.vocab_size}")
@@ -234,6 +241,9 @@ def load_gguf(path, *, dtype: str = "float32", exits: Sequence[int] | None = Non
         weights["unembed/kernel"] = dequantize(reader, "output.weight").T
     if cfg.num_exits > 1:
         weights["exit_heads/norm/scale"] = np.tile(final_norm_D, (cfg.num_exits - 1, 1))
+        if exit_head == "lowrank":
+            weights["exit_heads/down/kernel"] = np.zeros((cfg.num_exits - 1, cfg.d_model, exit_rank), np.float32)
+            weights["exit_heads/up/kernel"] = np.zeros((cfg.num_exits - 1, exit_rank, cfg.d_model), np.float32)
     graphdef, params = _fill(cfg, weights, jnp.dtype(dtype), str(path))
     return Pretrained(graphdef, params, tokenizer, cfg)
 
