@@ -51,7 +51,8 @@ def test_drafter_on_engine_equals_training_path(setup):
 def test_kangaroo_is_greedy_exact_batched(setup, eta):
     gd, params, adapter, prompt, lengths = setup
     ref = jax.jit(per_token.decode_fn(gd, per_token.full_depth_step, G))(params, prompt, lengths).tokens_BxG
-    out = jax.jit(kangaroo.kangaroo_fn(gd, G, exit_layer=L, eta=eta, gamma=4))(params, adapter, prompt, lengths)
+    out = jax.jit(kangaroo.kangaroo_fn(gd, G, exit_layer=L, gamma=4))(params, adapter, prompt, lengths,
+                                                                              eta)
     np.testing.assert_array_equal(np.asarray(out.tokens_BxG), np.asarray(ref))
     drafted, rounds = np.asarray(out.drafted_B), np.asarray(out.rounds_B)
     if eta == 0.0:        # never stops early: gamma drafts per round

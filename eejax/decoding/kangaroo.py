@@ -242,10 +242,11 @@ def kangaroo(model: DecoderLM, adapter: dict, prompt_BxP: jax.Array, lengths_B: 
                            f.batch_rounds, f.hist_2xC)
 
 
-def kangaroo_fn(graphdef, num_new: int, *, exit_layer: int, eta: float = 0.6, gamma: int = 6):
-    """``jit``-ready ``f(params, adapter, prompt_BxP, lengths_B)`` over an ``nnx.split`` model."""
+def kangaroo_fn(graphdef, num_new: int, *, exit_layer: int, gamma: int = 6):
+    """``jit``-ready ``f(params, adapter, prompt_BxP, lengths_B, eta)`` over an ``nnx.split`` model (``eta`` may be
+    traced: one compile serves every threshold)."""
 
-    def f(params, adapter, prompt_BxP, lengths_B):
+    def f(params, adapter, prompt_BxP, lengths_B, eta=0.6):
         return kangaroo(nnx.merge(graphdef, params), adapter, prompt_BxP, lengths_B, num_new,
                         exit_layer=exit_layer, eta=eta, gamma=gamma)
 
