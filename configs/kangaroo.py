@@ -14,7 +14,8 @@ Protocol:
      layers for every l in `drafter.exit_layers`, and the full model's top-`train.topk` next-token probabilities.
   2. Train one adapter per l (RMSNorm -> attention block without FFN -> RMSNorm, initialised from layer l's
      attention and the final norm; the shared head frozen): soft CE against the full model's distribution
-     (renormalised top-k), `train.steps` Adam steps of `train.batch` windows. Logged on the validation book: the
+     (renormalised top-k), `train.steps` Adam steps of `train.batch` windows; with `train.restrict_vocab` the
+     training softmax runs over the tokens that occur in the training windows' top-k only (CPU budget). Logged on the validation book: the
      expected acceptance sum_v min(p_full, p_draft) over the full model's top-k, and top-1 agreement.
   3. Fit (on WikiText-2 VALIDATION prompts; the model's greedy continuation once, the drafters teacher-forced over
      it, the double early exit simulated exactly up to the first rejected draft): for each drafter and l the eta of
@@ -46,7 +47,8 @@ def get_config(arg=None):
     c.model = ml_collections.ConfigDict(dict(name="smollm2-135m", depth=0))   # "random": a tiny random LM (smoke)
     c.data = ml_collections.ConfigDict(dict(context=128, train_windows=64, val_windows=8, cache_batch=4))
     c.drafter = ml_collections.ConfigDict(dict(exit_layers=(1, 2, 4, 8)))
-    c.train = ml_collections.ConfigDict(dict(steps=100, batch=2, lr=1e-3, topk=32, log_every=25))
+    c.train = ml_collections.ConfigDict(dict(steps=40, batch=2, lr=2e-3, topk=32, log_every=40,
+                                                restrict_vocab=True))
     c.decode = ml_collections.ConfigDict(dict(
         val_prompts=16, test_prompts=16, prompt_len=32, new_tokens=64, gamma=6, eta=0.6,
         etas=(0.2, 0.4, 0.6, 0.8, 0.9)))
@@ -77,6 +79,7 @@ def validate(c):
     if c.data.context < 2:
         v.fail("data.context", "must be >= 2 (a next token to predict)")
     v.float("train.lr", 0.0, 1.0, lo_open=True)
+    v.bool("train.restrict_vocab")
     v.ints("drafter.exit_layers", lo=1)
     v.float("decode.eta", 0.0, 1.0)
     v.floats("decode.etas", 0.0, 1.0)

@@ -128,8 +128,11 @@ def cache_features(model: Model, tokens_WxT1: np.ndarray, layers, topk: int, bat
 # ------------------------------------------------------------------------------------------------ adapter training
 
 
-def _soft_ce(model, adapter, h, idx, p):
-    logp = jax.nn.log_softmax(kg.adapter_logits(model, adapter, h.astype(jnp.float32)).astype(jnp.float32), -1)
+def _soft_ce(model, adapter, h, idx, p, vocab_U=None):
+    """Soft CE against the full model's (renormalised) top-k; with ``vocab_U`` the softmax runs over that subset
+    and ``idx`` indexes into it."""
+    logits = kg.adapter_logits(model, adapter, h.astype(jnp.float32), vocab_U=vocab_U)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
     q = p.astype(jnp.float32)
     q = q / jnp.sum(q, -1, keepdims=True)
     ce = -jnp.mean(jnp.sum(q * jnp.take_along_axis(logp, idx, -1), -1))
@@ -147,20 +150,26 @@ def train_adapter(model: Model, layer_index: int, exit_layer: int, train: dict, 
     adapter = kg.init_adapter(lm, exit_layer)
     opt = optax.adam(tcfg.lr)
     opt_state = opt.init(adapter)
+    # The training softmax runs over the tokens in the full model's top-k on the TRAINING windows (a CPU budget:
+    # the tied head is 49k x 576); validation metrics use the full vocabulary.
+    vocab_U = np.unique(train["top_idx"]) if getattr(tcfg, "restrict_vocab", False) else None
+    sub_idx = (np.searchsorted(vocab_U, train["top_idx"]).astype(np.int32) if vocab_U is not None
+               else train["top_idx"])
 
     @jax.jit
-    def step(adapter, opt_state, h, idx, p):
+    def step(params, adapter, opt_state, h, idx, p):
         (loss, aux), g = jax.value_and_grad(
-            lambda a: _soft_ce(nnx.merge(model.graphdef, model.params), a, h, idx, p), has_aux=True)(adapter)
+            lambda a: _soft_ce(nnx.merge(model.graphdef, params), a, h, idx, p,
+                               None if vocab_U is None else jnp.asarray(vocab_U)), has_aux=True)(adapter)
         upd, opt_state = opt.update(g, opt_state, adapter)
         return optax.apply_updates(adapter, upd), opt_state, loss, aux
 
     @jax.jit
-    def evaluate(adapter, h, idx, p):
-        return _soft_ce(nnx.merge(model.graphdef, model.params), adapter, h, idx, p)
+    def evaluate(params, adapter, h, idx, p):
+        return _soft_ce(nnx.merge(model.graphdef, params), adapter, h, idx, p)
 
     def val_metrics(a):
-        ce, aux = evaluate(a, val["h_LxWxTxD"][layer_index], val["top_idx"], val["top_p"])
+        ce, aux = evaluate(model.params, a, val["h_LxWxTxD"][layer_index], val["top_idx"], val["top_p"])
         return {"val_soft_ce": float(ce), **{f"val_{k}": float(v) for k, v in aux.items()}}
 
     rng = np.random.default_rng(seed)
@@ -169,8 +178,8 @@ def train_adapter(model: Model, layer_index: int, exit_layer: int, train: dict, 
     start = time.perf_counter()
     for s in range(1, tcfg.steps + 1):
         b = rng.choice(n, tcfg.batch, replace=False)
-        adapter, opt_state, loss, _ = step(adapter, opt_state, train["h_LxWxTxD"][layer_index][b],
-                                           train["top_idx"][b], train["top_p"][b])
+        adapter, opt_state, loss, _ = step(model.params, adapter, opt_state, train["h_LxWxTxD"][layer_index][b],
+                                           sub_idx[b], train["top_p"][b])
         if s % tcfg.log_every == 0 or s == tcfg.steps:
             rows.append({"step": s, "train_soft_ce": float(loss), **val_metrics(adapter),
                          "seconds": time.perf_counter() - start})
@@ -221,7 +230,8 @@ def adapters(model: Model, cfg, args, workdir: pathlib.Path, log=print) -> tuple
         out[l], logs[l] = train_adapter(model, i, l, train, val, cfg.train, cfg.seed + l, log)
         save_tree(path, out[l])
         log_path.write_text(json.dumps(logs[l]))
-    info = {"train_tokens": int(train["top_idx"].shape[0] * train["top_idx"].shape[1]),
+    info = {"train_vocab": int(np.unique(train["top_idx"]).size) if cfg.train.restrict_vocab else None,
+            "train_tokens": int(train["top_idx"].shape[0] * train["top_idx"].shape[1]),
             "val_tokens": int(val["top_idx"].shape[0] * val["top_idx"].shape[1]),
             "cache_seconds": float(train["seconds"]) + float(val["seconds"]),
             "topk_mass_train": float(np.mean(np.sum(train["top_p"].astype(np.float32), -1)))}
@@ -397,7 +407,9 @@ def write(cfg, args, prov, outdir, model, rows, fit_rows, best_eta, best_l, trai
         prov.markdown() + "  \n"
         f"Model: {model.description}.  \nTraining data: Gutenberg train books, {cache_info['train_tokens']} tokens "
         f"({cfg.data.train_windows} windows of {cfg.data.context}); validation book pg11, {cache_info['val_tokens']} "
-        f"tokens; full-model top-{cfg.train.topk} targets (mean mass {cache_info['topk_mass_train']:.3f}). "
+        f"tokens; full-model top-{cfg.train.topk} targets (mean mass {cache_info['topk_mass_train']:.3f}); training "
+        f"softmax over {cache_info['train_vocab'] or 'all'} tokens (those in the training windows' top-k), "
+        f"{cfg.train.steps} steps of {cfg.train.batch} windows; validation metrics over the full vocabulary. "
         f"Feature cache built in {cache_info['cache_seconds']:.0f} s.  \n"
         f"Decoding: WikiText-2 validation prompts ({dc.val_prompts}) to fit eta / l, test prompts ({dc.test_prompts}, "
         f"held out) to report; {dc.prompt_len}-token prompts, {dc.new_tokens} new tokens, batch {dc.test_prompts}, "

@@ -82,9 +82,11 @@ def make_draft(model: DecoderLM, adapter: dict, exit_layer: int) -> DecoderLM:
     return nnx.merge(graphdef, state)
 
 
-def adapter_logits(model: DecoderLM, adapter: dict, h_BxTxD: jax.Array, valid_BxT: jax.Array | None = None):
+def adapter_logits(model: DecoderLM, adapter: dict, h_BxTxD: jax.Array, valid_BxT: jax.Array | None = None,
+                   vocab_U: jax.Array | None = None):
     """Training path: the adapter over a causal window of layer-``l`` hidden states, then the tied head
-    (``B x T x V``). Equals the drafter's logits at every position (tested)."""
+    (``B x T x V``). Equals the drafter's logits at every position (tested). ``vocab_U``: only these rows of a tied
+    head (``B x T x U``; a restricted softmax for cheap training)."""
     from eejax.models import lm as lm_lib   # noqa: PLC0415
 
     b, t, _ = h_BxTxD.shape
@@ -99,7 +101,12 @@ def adapter_logits(model: DecoderLM, adapter: dict, h_BxTxD: jax.Array, valid_Bx
     x = block.attn_half(h_BxTxD, pos_BxT, k, v, lm_lib.causal_mask(valid_BxT))
     norm_def, norm_st = nnx.split(model.final_norm)
     nnx.replace_by_pure_dict(norm_st, adapter["norm"])
-    return model.shared_head(nnx.merge(norm_def, norm_st)(x))
+    x = nnx.merge(norm_def, norm_st)(x)
+    if vocab_U is None:
+        return model.shared_head(x)
+    if not model.cfg.tie_embeddings:
+        raise ValueError("a restricted vocabulary needs a tied head")
+    return x @ model.embed.embedding[...][vocab_U].T
 
 
 def draft_forward(draft: DecoderLM, tokens_BxT: jax.Array, state: kv_lib.DecodeState, exit_layer: int):

@@ -58,10 +58,15 @@ def features(cand_logits_BxK: jax.Array, prev_p_BxK: jax.Array) -> tuple[jax.Arr
     return jnp.concatenate([logits, p, p - prev_p_BxK], -1), p
 
 
-def score(pred: Predictors, s, f_BxF: jax.Array) -> jax.Array:
-    """Sigmoid score of predictor ``s`` (a scheduled layer's index)."""
+def logit(pred: Predictors, s, f_BxF: jax.Array) -> jax.Array:
+    """Predictor ``s`` (a scheduled layer's index) before the sigmoid (trained with BCE on it)."""
     hid = jax.nn.relu(f_BxF @ pred.w1_SxFxH[s] + pred.b1_SxH[s][None])
-    return jax.nn.sigmoid(hid @ pred.w2_SxH[s] + pred.b2_S[s])
+    return hid @ pred.w2_SxH[s] + pred.b2_S[s]
+
+
+def score(pred: Predictors, s, f_BxF: jax.Array) -> jax.Array:
+    """Sigmoid score of predictor ``s``."""
+    return jax.nn.sigmoid(logit(pred, s, f_BxF))
 
 
 def head_rows(model: DecoderLM, cand_BxK: jax.Array) -> jax.Array:
@@ -213,6 +218,6 @@ def cost_per_token(cfg, *, exit_layer: int, k: int, hidden: int, mean_layers: fl
             "predictor_per_eval": pred, "layer": c["layer"], "head": c["head"]}
 
 
-__all__ = ["Predictors", "init_predictors", "features", "score", "head_rows", "candidate_heads", "SpecEEState",
+__all__ = ["Predictors", "init_predictors", "features", "logit", "score", "head_rows", "candidate_heads", "SpecEEState",
            "SpecEEPolicy", "schedule_program", "StepOut", "target_step", "SpecEEOutputs", "decode", "decode_fn",
            "cost_per_token"]
