@@ -47,7 +47,7 @@ def get_config(arg=None):
     c.model = ml_collections.ConfigDict(dict(name="smollm2-135m", depth=0))   # "random": a tiny random LM (smoke)
     c.data = ml_collections.ConfigDict(dict(context=128, train_windows=64, val_windows=8, cache_batch=4))
     c.drafter = ml_collections.ConfigDict(dict(exit_layers=(1, 2, 4, 8)))
-    c.train = ml_collections.ConfigDict(dict(steps=40, batch=2, lr=2e-3, topk=32, log_every=40,
+    c.train = ml_collections.ConfigDict(dict(steps=200, batch=2, lr=2e-3, topk=32, log_every=50,
                                                 restrict_vocab=True))
     c.decode = ml_collections.ConfigDict(dict(
         val_prompts=16, test_prompts=16, prompt_len=32, new_tokens=64, gamma=6, eta=0.6,
