@@ -28,11 +28,14 @@ def setup():
     adapter = kangaroo.init_adapter(model, L)
     adapter = jax.tree.map(lambda x: x * 1.3, adapter)             # not a copy of any frozen layer
     prompt, lengths = kv_lib.pad_prompts(PROMPTS)
-    return gd, params, adapter, jnp.asarray(prompt), jnp.asarray(lengths)
+    prompt, lengths = jnp.asarray(prompt), jnp.asarray(lengths)
+    ref = jax.jit(per_token.decode_fn(gd, per_token.full_depth_step, G))(params, prompt, lengths).tokens_BxG
+    decode = jax.jit(kangaroo.kangaroo_fn(gd, G, exit_layer=L, gamma=4))   # eta traced: one compile for all
+    return gd, params, adapter, prompt, lengths, ref, decode
 
 
 def test_drafter_on_engine_equals_training_path(setup):
-    gd, params, adapter, prompt, lengths = setup
+    gd, params, adapter, prompt, lengths, _, _ = setup
     model = nnx.merge(gd, params)
     draft = kangaroo.make_draft(model, adapter, L)
     # Engine: the draft program over the prompt (layers 0..l-1 whole, the adapter layer's attention half only).
@@ -49,10 +52,8 @@ def test_drafter_on_engine_equals_training_path(setup):
 
 @pytest.mark.parametrize("eta", [0.0, 0.7, 1.01])
 def test_kangaroo_is_greedy_exact_batched(setup, eta):
-    gd, params, adapter, prompt, lengths = setup
-    ref = jax.jit(per_token.decode_fn(gd, per_token.full_depth_step, G))(params, prompt, lengths).tokens_BxG
-    out = jax.jit(kangaroo.kangaroo_fn(gd, G, exit_layer=L, gamma=4))(params, adapter, prompt, lengths,
-                                                                              eta)
+    gd, params, adapter, prompt, lengths, ref, decode = setup
+    out = decode(params, adapter, prompt, lengths, jnp.float32(eta))
     np.testing.assert_array_equal(np.asarray(out.tokens_BxG), np.asarray(ref))
     drafted, rounds = np.asarray(out.drafted_B), np.asarray(out.rounds_B)
     if eta == 0.0:        # never stops early: gamma drafts per round
