@@ -1,0 +1,223 @@
+"""SpecEE: speculative early exiting (Xu et al., ISCA 2025, arXiv:2504.08850) as an engine policy on per-token,
+KV-cached decoding.
+
+Per generated token and row: a **draft head** proposes ``k`` candidate tokens (its top-k; here a Kangaroo drafter,
+``eejax.decoding.kangaroo``, stands in for the paper's EAGLE head); the target model then runs the prefix program
+with an exit after every *scheduled* layer. At an exit the head (``candidate_heads``) projects the normed hidden
+state on only the ``k`` candidate rows of the LM head; a tiny per-layer 2-layer MLP (``Predictors``) reads the k
+logits, their softmax and the change of that softmax since the previous scheduled layer (``features``), trained with
+BCE on "this layer's argmax equals the final token". The policy (``SpecEEPolicy``) fires for a row when the score
+is above 0.5 **and** the full LM head at that layer (computed only when some row's score passes) puts its argmax
+on one of the candidates; the row's token is then that argmax. Rows that never fire leave at the last layer with
+the full head. So the output is near-lossless, not lossless: an exited token may differ from the full model's.
+
+K/V of exited tokens at deeper layers (the PAPERS.md red flag: SpecEE's ``AutoEE/Pure`` never writes them): CALM's
+state propagation, as ``per_token.exit_step`` does. Inside the loop the masked executor writes every row's K/V at
+every layer it runs, an exited row's from its frozen hidden state; after the loop the layers no row reached get
+their K/V from the same frozen states. Later tokens therefore attend over every slot of every layer.
+
+Shapes: B batch, K candidates (``k``), F = 3K features, H predictor width, E exits (scheduled layers + the last),
+D width, V vocabulary, G generated tokens, N layers.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from eejax.decoding import kangaroo as kg
+from eejax.decoding import kv as kv_lib
+from eejax.exits import engine
+from eejax.models.lm import DecoderLM
+
+
+class Predictors(NamedTuple):
+    """One 2-layer MLP per scheduled layer (leading axis S = scheduled layers, the last layer excluded)."""
+
+    w1_SxFxH: jax.Array
+    b1_SxH: jax.Array
+    w2_SxH: jax.Array
+    b2_S: jax.Array
+
+
+def init_predictors(key: jax.Array, num: int, k: int, hidden: int = 32) -> Predictors:
+    k1, k2 = jax.random.split(key)
+    f = 3 * k
+    return Predictors(jax.random.normal(k1, (num, f, hidden)) / np.sqrt(f), jnp.zeros((num, hidden)),
+                      jax.random.normal(k2, (num, hidden)) / np.sqrt(hidden), jnp.zeros((num,)))
+
+
+def features(cand_logits_BxK: jax.Array, prev_p_BxK: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """SpecEE's predictor input: the k candidate logits, their softmax, and the softmax's change since the previous
+    scheduled layer (zeros before the first). Returns ``(f_BxF, p_BxK)``."""
+    logits = cand_logits_BxK.astype(jnp.float32)
+    p = jax.nn.softmax(logits, -1)
+    return jnp.concatenate([logits, p, p - prev_p_BxK], -1), p
+
+
+def logit(pred: Predictors, s, f_BxF: jax.Array) -> jax.Array:
+    """Predictor ``s`` (a scheduled layer's index) before the sigmoid (trained with BCE on it)."""
+    hid = jax.nn.relu(f_BxF @ pred.w1_SxFxH[s] + pred.b1_SxH[s][None])
+    return hid @ pred.w2_SxH[s] + pred.b2_S[s]
+
+
+def score(pred: Predictors, s, f_BxF: jax.Array) -> jax.Array:
+    """Sigmoid score of predictor ``s``."""
+    return jax.nn.sigmoid(logit(pred, s, f_BxF))
+
+
+def head_rows(model: DecoderLM, cand_BxK: jax.Array) -> jax.Array:
+    """The LM head's rows of the candidate tokens, ``B x K x D``."""
+    if model.cfg.tie_embeddings:
+        return model.embed.embedding[...][cand_BxK]
+    return jnp.moveaxis(model.unembed.kernel[...][:, cand_BxK], 0, -1)
+
+
+def candidate_heads(model: DecoderLM, cand_BxK: jax.Array, num_exits: int) -> list:
+    """Engine heads for the scheduled exits: the final norm, then only the k candidate rows of the LM head
+    (``logits_BxC`` = ``B x K``; ``feat_BxD`` = the normed hidden state, for the full head when needed)."""
+    rows_BxKxD = head_rows(model, cand_BxK)
+
+    def head(h_BxTxD):
+        x = model.final_norm(h_BxTxD[:, -1])
+        logits = jnp.einsum("bd,bkd->bk", x.astype(jnp.float32), rows_BxKxD.astype(jnp.float32))
+        return engine.HeadOut(logits_BxC=logits, feat_BxD=x, hidden_BxD=h_BxTxD[:, -1],
+                              gate_B=jnp.zeros(x.shape[:1], jnp.float32))
+
+    return [head] * num_exits
+
+
+class SpecEEState(NamedTuple):
+    prev_p_BxK: jax.Array   # candidate softmax at the previous scheduled layer
+
+
+class SpecEEPolicy(NamedTuple):
+    pred: Predictors
+    cand_BxK: jax.Array
+    full_head: object           # normed hidden B x D -> vocabulary logits B x V
+    threshold: float = 0.5
+
+    def init(self, probe, zero_B, h0=None):
+        return SpecEEState(jnp.zeros(probe.logits_BxC.shape, jnp.float32) + zero_B[:, None])
+
+    def decide(self, out, state, e):
+        f, p = features(out.logits_BxC, state.prev_p_BxK)
+        s_B = score(self.pred, jnp.minimum(e, self.pred.b2_S.shape[0] - 1), f)
+        want_B = s_B > self.threshold
+        # The full head only when some row's predictor passes (the saving of SpecEE's k-row features).
+        argmax_B = jax.lax.cond(jnp.any(want_B), lambda x: jnp.argmax(self.full_head(x), -1).astype(jnp.int32),
+                                lambda x: jnp.full(x.shape[:1], -1, jnp.int32), out.feat_BxD)
+        fire_B = want_B & jnp.any(argmax_B[:, None] == self.cand_BxK, -1)
+        return fire_B, s_B, SpecEEState(p)
+
+
+def schedule_program(num_layers: int, schedule: Sequence[int]) -> engine.Program:
+    """The prefix program with an exit after every scheduled layer (0-based) and after the last layer."""
+    return engine.prefix(num_layers, sorted(set(int(l) for l in schedule) | {num_layers - 1}))
+
+
+class StepOut(NamedTuple):
+    tok_B: jax.Array
+    exit_layer_B: jax.Array   # 0-based layer whose output gave the token
+    layers_run: jax.Array     # layers the batch loop ran
+    preds_B: jax.Array        # predictor evaluations of this token (scheduled layers reached)
+
+
+def target_step(model: DecoderLM, tok_B, state: kv_lib.DecodeState, cand_BxK, pred: Predictors,
+                schedule: Sequence[int], threshold: float = 0.5) -> tuple[StepOut, kv_lib.DecodeState]:
+    """One token per row through the target with SpecEE's exit policy (masked executor, state-propagated K/V)."""
+    n = model.cfg.depth
+    program = schedule_program(n, schedule)
+    num_exits = program.num_exits
+    full_head = lambda x: model.shared_head(x)   # noqa: E731  (x is already normed by the final norm)
+    policy = SpecEEPolicy(pred, cand_BxK, full_head, threshold)
+    out, new_state = kv_lib.forward(model, tok_B[:, None], state, program,
+                                    candidate_heads(model, cand_BxK, num_exits), policy)
+    pos_Bx1 = state.pos_B[:, None]
+
+    def fill(l, cache):   # K/V of the layers no row reached, from each row's frozen exit state
+        k, v = kv_lib.layer_at(model, l).kv(out.h, pos_Bx1)
+        return kv_lib.write_kv(cache, l, pos_Bx1, k, v)
+
+    cache = jax.lax.fori_loop(out.layers_run, n, fill, new_state.cache)
+    last = out.exit_B == num_exits - 1
+    cand_tok = jnp.take_along_axis(cand_BxK, jnp.argmax(out.out.logits_BxC, -1)[:, None], 1)[:, 0]
+    final_tok = jax.lax.cond(jnp.any(last), lambda x: jnp.argmax(full_head(x), -1).astype(jnp.int32),
+                             lambda x: cand_tok, out.out.feat_BxD)
+    tok = jnp.where(last, final_tok, cand_tok).astype(jnp.int32)
+    sched = jnp.asarray(program.exit_step_E)
+    preds_B = jnp.where(last, num_exits - 1, out.exit_B + 1)   # predictor evaluations (the last layer has none)
+    return StepOut(tok, sched[out.exit_B], out.layers_run, preds_B), new_state._replace(cache=cache)
+
+
+class SpecEEOutputs(NamedTuple):
+    tokens_BxG: jax.Array
+    exit_layer_BxG: jax.Array   # layer whose output gave token g (prefill: N-1)
+    layers_run_G: jax.Array     # layers the batch loop ran for token g (prefill: N)
+    preds_BxG: jax.Array        # predictor evaluations for token g
+
+
+def decode(model: DecoderLM, adapter: dict, prompt_BxP, lengths_B, num_new: int, *, exit_layer: int,
+           pred: Predictors, schedule: Sequence[int], k: int = 4, threshold: float = 0.5) -> SpecEEOutputs:
+    """Greedy SpecEE decoding: per token the Kangaroo drafter (first ``exit_layer`` layers + adapter + head, its
+    own KV cache) proposes its top-``k``, then the target runs with SpecEE's exit policy."""
+    if len(schedule) != pred.b2_S.shape[0]:
+        raise ValueError(f"{len(schedule)} scheduled layers but {pred.b2_S.shape[0]} predictors")
+    if not schedule or max(schedule) >= model.cfg.depth - 1 or min(schedule) < 0:
+        raise ValueError(f"schedule {list(schedule)} must name layers in [0, {model.cfg.depth - 1})")
+    draft = kg.make_draft(model, adapter, exit_layer)
+    b, p = prompt_BxP.shape
+    cache_len = p + num_new
+    logits, state = kv_lib.prefill(model, prompt_BxP, lengths_B, cache_len)
+    _, dstate = kv_lib.forward(draft, prompt_BxP, kv_lib.empty_state(draft, b, cache_len),
+                               kg.draft_program(exit_layer), kv_lib.final_head(draft))
+    dstate = dstate._replace(pos_B=jnp.asarray(lengths_B, jnp.int32))
+    n = model.cfg.depth
+
+    def body(carry, _):
+        tok_B, state, dstate = carry
+        dlogits, dstate = kg.draft_forward(draft, tok_B[:, None], dstate, exit_layer)
+        cand_BxK = jax.lax.top_k(dlogits.astype(jnp.float32), k)[1].astype(jnp.int32)
+        so, state = target_step(model, tok_B, state, cand_BxK, pred, schedule, threshold)
+        return (so.tok_B, state, dstate), (so.tok_B, so.exit_layer_B, so.layers_run, so.preds_B)
+
+    first_B = jnp.argmax(logits, -1).astype(jnp.int32)
+    _, (tok_GxB, exit_GxB, run_G, preds_GxB) = jax.lax.scan(body, (first_B, state, dstate), None,
+                                                            length=num_new - 1)
+    full = lambda x, v: jnp.concatenate([jnp.full((1, b), v, x.dtype), x], 0).T   # noqa: E731
+    return SpecEEOutputs(jnp.concatenate([first_B[:, None], tok_GxB.T], 1), full(exit_GxB, n - 1),
+                         jnp.concatenate([jnp.asarray([n], run_G.dtype), run_G]), full(preds_GxB, 0))
+
+
+def decode_fn(graphdef, num_new: int, *, exit_layer: int, schedule: Sequence[int], k: int = 4):
+    """``jit``-ready ``f(params, adapter, pred, prompt_BxP, lengths_B)``."""
+
+    def f(params, adapter, pred, prompt_BxP, lengths_B):
+        return decode(nnx.merge(graphdef, params), adapter, prompt_BxP, lengths_B, num_new, exit_layer=exit_layer,
+                      pred=pred, schedule=schedule, k=k)
+
+    return f
+
+
+# ------------------------------------------------------------------------------------------------ cost model
+
+
+def cost_per_token(cfg, *, exit_layer: int, k: int, hidden: int, mean_layers: float, mean_preds: float,
+                   mean_full: float) -> dict:
+    """Parameters read per token (memory-bound decoding at batch 1): drafter (l layers + adapter attention + head),
+    target layers run, per predictor evaluation the k head rows and the MLP, the full head per predictor pass and
+    at the last layer. ``mean_full`` counts full-head evaluations per token (passes + final-layer tokens)."""
+    c = kg.layer_params(cfg)
+    pred = k * cfg.d_model + 3 * k * hidden + 2 * hidden + 1
+    draft = exit_layer * c["layer"] + c["attn"] + c["head"]
+    total = draft + mean_layers * c["layer"] + mean_preds * pred + mean_full * c["head"]
+    return {"full_model": cfg.depth * c["layer"] + c["head"], "specee": total, "drafter": draft,
+            "predictor_per_eval": pred, "layer": c["layer"], "head": c["head"]}
+
+
+__all__ = ["Predictors", "init_predictors", "features", "logit", "score", "head_rows", "candidate_heads", "SpecEEState",
+           "SpecEEPolicy", "schedule_program", "StepOut", "target_step", "SpecEEOutputs", "decode", "decode_fn",
+           "cost_per_token"]

@@ -1,0 +1,272 @@
+"""SpecEE on a frozen pretrained LM: per-layer predictors on the draft candidates' logits, trained on cached
+features, then per-token early-exit decoding of held-out prompts with the SpecEE policy on the engine.
+
+    python -m experiments.specee --config configs/specee.py:smoke [--outdir DIR]
+
+See configs/specee.py for the runbook. The draft head is a Kangaroo drafter (experiments/kangaroo.py), standing in
+for the paper's EAGLE head.
+"""
+from __future__ import annotations
+
+import pathlib
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from eejax import config as config_lib
+from eejax import run
+from eejax.decoding import kangaroo as kg
+from eejax.decoding import specee
+from eejax.eval import report
+from eejax.exits import engine
+from eejax.models import lm as lm_lib
+from experiments import kangaroo as kexp
+
+NAME = "specee"
+
+
+def drafter(model: kexp.Model, cfg, args, workdir: pathlib.Path) -> tuple[dict, str]:
+    """The Kangaroo adapter at ``drafter.exit_layer``: from a finished Kangaroo run, else trained here."""
+    d = cfg.drafter
+    lm = nnx.merge(model.graphdef, model.params)
+    like = kg.init_adapter(lm, d.exit_layer)
+    for path in ([pathlib.Path(d.workdir) / f"adapter_l{d.exit_layer}.npz"] if d.workdir else []) + \
+            [workdir / f"adapter_l{d.exit_layer}.npz"]:
+        if path.exists():
+            return kexp.load_tree(path, like), f"Kangaroo adapter read from {path}"
+    dc = cfg.data
+    feats = {}
+    for split, num in (("train", dc.train_windows), ("validation", dc.val_windows)):
+        feats[split] = kexp.cache_features(model, kexp.windows(args.data_dir, model.tokenizer, split, num, dc.context),
+                                           (d.exit_layer,), d.topk, dc.cache_batch,
+                                           workdir / f"drafter_cache_{split}.npz")
+    tcfg = types.SimpleNamespace(steps=d.steps, batch=min(d.batch, dc.train_windows), lr=d.lr,
+                                 log_every=max(d.steps // 4, 1))
+    adapter, _ = kexp.train_adapter(model, 0, d.exit_layer, feats["train"], feats["validation"], tcfg, cfg.seed)
+    kexp.save_tree(workdir / f"adapter_l{d.exit_layer}.npz", adapter)
+    return adapter, f"Kangaroo adapter trained here ({d.steps} steps on {dc.train_windows} windows)"
+
+
+def _offline_fn(graphdef, exit_layer: int, k: int):
+    def f(params, adapter, tokens_BxT):
+        model = nnx.merge(graphdef, params)
+        valid = jnp.ones(tokens_BxT.shape, bool)
+        pos, mask = model.positions(valid), lm_lib.causal_mask(valid)
+        _, h_NxBxTxD = engine.run_layers(model.layers, model.embed_tokens(tokens_BxT),
+                                         layer_fn=lambda layer, h, ctx: layer(h, pos, mask))
+        draft = kg.adapter_logits(model, adapter, h_NxBxTxD[exit_layer - 1]).astype(jnp.float32)
+        cand_BxTxK = jax.lax.top_k(draft, k)[1].astype(jnp.int32)
+        x = model.final_norm(h_NxBxTxD)
+        rows = specee.head_rows(model, cand_BxTxK.reshape(-1, k)).reshape(cand_BxTxK.shape + (-1,))
+        cand_logits = jnp.einsum("nbtd,btkd->nbtk", x.astype(jnp.float32), rows.astype(jnp.float32))
+        argmax = jax.lax.map(lambda xn: jnp.argmax(model.shared_head(xn), -1).astype(jnp.int32), x)
+        return cand_BxTxK, cand_logits, argmax
+    return jax.jit(f)
+
+
+def offline_features(model, adapter, tokens_WxT1, cfg, path: pathlib.Path, log=print) -> dict:
+    """Candidates (``WxTxK``), every layer's candidate logits (``NxWxTxK``) and full argmax (``NxWxT``)."""
+    if path.exists():
+        return dict(np.load(path))
+    fn = _offline_fn(model.graphdef, cfg.drafter.exit_layer, cfg.drafter.k)
+    parts, start = [], time.perf_counter()
+    for i in range(0, len(tokens_WxT1), cfg.data.cache_batch):
+        parts.append(jax.device_get(fn(model.params, adapter, jnp.asarray(tokens_WxT1[i:i + cfg.data.cache_batch,
+                                                                                         :-1]))))
+        log(f"  features {min(i + cfg.data.cache_batch, len(tokens_WxT1))}/{len(tokens_WxT1)} windows "
+            f"({time.perf_counter() - start:.0f} s)")
+    cand, logits, argmax = (np.concatenate(x, axis=0 if j == 0 else 1) for j, x in enumerate(zip(*parts)))
+    out = {"cand": cand, "cand_logits": logits, "argmax": argmax, "seconds": np.asarray(time.perf_counter() - start)}
+    np.savez(path, **out)
+    return out
+
+
+def first_exitable(f: dict) -> np.ndarray:
+    """Per token: the first layer from which every layer's argmax equals the final one and is a candidate
+    (N - 1 when none earlier): SpecEE's offline exit histogram."""
+    n = f["argmax"].shape[0]
+    ok = (f["argmax"] == f["argmax"][-1:]) & np.any(f["argmax"][..., None] == f["cand"][None], -1)
+    stays = np.flip(np.cumprod(np.flip(ok, 0), 0), 0).astype(bool)     # ok at this layer and every later one
+    return np.where(stays.any(0), np.argmax(stays, 0), n - 1).reshape(-1)
+
+
+def schedule_features(f: dict, schedule) -> tuple[np.ndarray, np.ndarray]:
+    """Features ``SxMxF`` (M tokens) with the previous-scheduled-layer change, and labels ``SxM``."""
+    k = f["cand"].shape[-1]
+    logits = f["cand_logits"][list(schedule)].reshape(len(schedule), -1, k)
+    prev = np.zeros_like(logits[0])
+    feats = []
+    for s in range(len(schedule)):
+        fs, p = specee.features(jnp.asarray(logits[s]), jnp.asarray(prev))
+        feats.append(np.asarray(fs))
+        prev = np.asarray(p)
+    labels = (f["argmax"][list(schedule)] == f["argmax"][-1:]).reshape(len(schedule), -1)
+    return np.stack(feats), labels.astype(np.float32)
+
+
+def train_predictors(feats_SxMxF, labels_SxM, pcfg, seed: int) -> tuple[specee.Predictors, list]:
+    """BCE per scheduled layer (all layers' MLPs trained jointly, full batch, Adam)."""
+    s_count, _, f_dim = feats_SxMxF.shape
+    pred = specee.init_predictors(jax.random.key(seed), s_count, f_dim // 3, pcfg.hidden)
+    opt = optax.adam(pcfg.lr)
+    state = opt.init(pred)
+    x, y = jnp.asarray(feats_SxMxF), jnp.asarray(labels_SxM)
+
+    def loss_fn(p):
+        logit = jax.vmap(lambda s, xs: specee.logit(p, s, xs))(jnp.arange(s_count), x)
+        return jnp.mean(optax.sigmoid_binary_cross_entropy(logit, y))
+
+    @jax.jit
+    def step(p, st):
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        upd, st = opt.update(g, st, p)
+        return optax.apply_updates(p, upd), st, loss
+
+    log = []
+    for i in range(pcfg.steps):
+        pred, state, loss = step(pred, state)
+        if i % max(pcfg.steps // 4, 1) == 0 or i == pcfg.steps - 1:
+            log.append({"step": i + 1, "bce": float(loss)})
+    return pred, log
+
+
+def simulate(pred, feats_SxMxF, f: dict, schedule, threshold: float) -> dict:
+    """The policy per token on teacher-forced features: exit layer, agreement with the final token, full-head
+    evaluations (predictor passes) per token."""
+    n = f["argmax"].shape[0]
+    scores = np.stack([np.asarray(specee.score(pred, s, jnp.asarray(feats_SxMxF[s]))) for s in range(len(schedule))])
+    argmax = f["argmax"][list(schedule)].reshape(len(schedule), -1)
+    cand = f["cand"].reshape(-1, f["cand"].shape[-1])
+    final = f["argmax"][-1].reshape(-1)
+    want = scores > threshold
+    fire = want & np.any(argmax[..., None] == cand[None], -1)
+    fired = fire.any(0)
+    first = np.argmax(fire, 0)
+    exit_layer = np.where(fired, np.asarray(schedule)[first], n - 1)
+    tok = np.where(fired, argmax[first, np.arange(len(final))], final)
+    reached = np.where(fired, first + 1, len(schedule))
+    passes = np.asarray([want[:r, m].sum() for m, r in enumerate(reached)])
+    acc = [float(np.mean((scores[s] > threshold) == (argmax[s] == final))) for s in range(len(schedule))]
+    return {"agreement": float(np.mean(tok == final)), "mean_layers": float(np.mean(exit_layer + 1)),
+            "full_head_per_token": float(np.mean(passes + ~fired)), "predictor_evals_per_token": float(np.mean(reached)),
+            "exit_hist": np.bincount(exit_layer, minlength=n).tolist(), "predictor_accuracy": acc}
+
+
+def decode_run(model, adapter, pred, prompt_BxP, cfg, schedule):
+    dc, d = cfg.decode, cfg.drafter
+    lengths = jnp.full((prompt_BxP.shape[0],), prompt_BxP.shape[1], jnp.int32)
+    f = specee.decode_fn(model.graphdef, dc.new_tokens, exit_layer=d.exit_layer, schedule=tuple(schedule), k=d.k)
+    return kexp.timed(f, model.params, adapter, pred, jnp.asarray(prompt_BxP), lengths)
+
+
+@run.cli
+def main(argv=None):
+    cfg, args = config_lib.parse_cli(argv, description=__doc__)
+    prov = report.provenance(f"experiments.{NAME}", argv)
+    workdir, outdir = run.prepare(cfg, args, NAME)
+    print(f"device: {prov.device}")
+    t0 = time.perf_counter()
+    model = kexp.load_model(cfg)
+    n, d, dc = model.cfg.depth, cfg.drafter, cfg.decode
+    if not 1 <= d.exit_layer < n - 1:
+        raise config_lib.ConfigError(f"drafter.exit_layer {d.exit_layer} must lie in [1, {n - 1})")
+    adapter, drafter_src = drafter(model, cfg, args, workdir)
+    print(drafter_src)
+    feats = {split: offline_features(model, adapter, kexp.windows(args.data_dir, model.tokenizer, split, num,
+                                                                  cfg.data.context), cfg,
+                                     workdir / f"features_{split}.npz")
+             for split, num in (("train", cfg.data.train_windows), ("validation", cfg.data.val_windows))}
+    hist_train = np.bincount(first_exitable(feats["train"]), minlength=n)
+    static = sorted(int(l) for l in np.argsort(-hist_train[:n - 1], kind="stable")[:cfg.predictor.static_layers])
+    schedules = {"all": list(range(n - 1)), "static": static}
+    print(f"offline first-exitable histogram (train): {hist_train.tolist()}; static schedule {static}")
+
+    preds, offline, train_logs = {}, {}, {}
+    for name, sched in schedules.items():
+        x, y = schedule_features(feats["train"], sched)
+        preds[name], train_logs[name] = train_predictors(x, y, cfg.predictor, cfg.seed)
+        xv, _ = schedule_features(feats["validation"], sched)
+        offline[name] = simulate(preds[name], xv, feats["validation"], sched, cfg.predictor.threshold)
+        print(f"offline (validation book) {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in offline[name].items()
+                                                                 if isinstance(v, float)))
+
+    test_p = kexp.prompts(args.data_dir, model.tokenizer, "test", dc.test_prompts, dc.prompt_len)
+    b = len(test_p)
+    ref, greedy_s, _ = kexp.greedy(model, test_p, dc.new_tokens)
+    ref1_s = sum(kexp.greedy(model, test_p[i:i + 1], dc.new_tokens)[1] for i in range(dc.latency_prompts))
+    print(f"full depth: batch {b} {greedy_s:.2f} s; batch 1 x {dc.latency_prompts} prompts {ref1_s:.2f} s")
+    rows = [{"method": "full depth (plain greedy)", "schedule": "", "predictors": 0, "agreement": 1.0,
+             "rows_identical": 1.0, "mean_layers": float(n), "batch_layers": float(n), "preds_per_token": 0.0,
+             "seconds": greedy_s, "wall_speedup": 1.0, "b1_seconds": ref1_s or None, "b1_wall_speedup": 1.0 if ref1_s else None,
+             "cost_speedup": 1.0}]
+    hists = {}
+    chk = specee.Predictors(*preds["all"])._replace(b2_S=jnp.full_like(preds["all"].b2_S, -1e9))
+    runs = [("SpecEE", name, preds[name], sched) for name, sched in schedules.items()] + \
+           [("predictor forced to 0", "all", chk, schedules["all"])]
+    for method, name, pred, sched in runs:
+        out, seconds, compile_s = decode_run(model, adapter, pred, test_p, cfg, sched)
+        toks, exits = np.asarray(out.tokens_BxG), np.asarray(out.exit_layer_BxG)[:, 1:]
+        b1 = sum(decode_run(model, adapter, pred, test_p[i:i + 1], cfg, sched)[1] for i in range(dc.latency_prompts)) \
+            if method == "SpecEE" and dc.latency_prompts else None
+        mean_layers = float(np.mean(exits + 1))
+        preds_tok = float(np.mean(np.asarray(out.preds_BxG)[:, 1:]))
+        full_heads = offline[name]["full_head_per_token"] if method == "SpecEE" else 1.0
+        cost = specee.cost_per_token(model.cfg, exit_layer=d.exit_layer, k=d.k, hidden=cfg.predictor.hidden,
+                                     mean_layers=mean_layers, mean_preds=preds_tok, mean_full=full_heads)
+        rows.append({"method": method, "schedule": name, "predictors": len(sched),
+                     "agreement": float(np.mean(toks == ref)), "rows_identical": float(np.mean((toks == ref).all(1))),
+                     "mean_layers": mean_layers, "batch_layers": float(np.mean(np.asarray(out.layers_run_G)[1:])),
+                     "preds_per_token": preds_tok, "seconds": seconds, "wall_speedup": greedy_s / seconds,
+                     "b1_seconds": b1, "b1_wall_speedup": ref1_s / b1 if b1 else None,
+                     "cost_speedup": cost["full_model"] / cost["specee"], "compile_s": compile_s,
+                     "cost_params": cost})
+        hists[f"{method} {name}"] = np.bincount(exits.reshape(-1), minlength=n).tolist()
+        print(f"{method} {name}: agreement {rows[-1]['agreement']:.3f}, layers {mean_layers:.2f}, wall "
+              f"x{rows[-1]['wall_speedup']:.2f}, cost x{rows[-1]['cost_speedup']:.2f}")
+    if jax.process_index() != 0:
+        return
+    c = kg.layer_params(model.cfg)
+    pred_params = d.k * model.cfg.d_model + 3 * d.k * cfg.predictor.hidden + 2 * cfg.predictor.hidden + 1
+    md = "\n\n".join([
+        f"# SpecEE (arXiv:2504.08850) on {cfg.model.name}",
+        prov.markdown() + "  \n"
+        f"Model: {model.description}.  \nDraft head: {drafter_src}; Kangaroo drafter with l = {d.exit_layer} "
+        f"(the paper's EAGLE head stand-in), top-{d.k} candidates.  \n"
+        f"Offline features: {cfg.data.train_windows} x {cfg.data.context} Gutenberg train tokens (predictor "
+        f"training), {cfg.data.val_windows} x {cfg.data.context} tokens of the validation book (offline check).  \n"
+        f"Decoding: {b} WikiText-2 test prompts of {dc.prompt_len} tokens, {dc.new_tokens} new tokens; batch {b} and "
+        f"batch 1 on the first {dc.latency_prompts} prompts. K/V of exited tokens: state propagation (CALM). "
+        f"Total wall-clock {(time.perf_counter() - t0) / 60:.1f} min.  \n"
+        f"Predictor: {pred_params:,} parameters read per evaluation (k head rows + MLP) vs {c['layer']:,} per layer "
+        f"and {c['head']:,} for the full head.",
+        f"## Offline exit histogram (train; first layer from which the argmax is final and a candidate)\n\n"
+        f"{hist_train.tolist()}  \nstatic schedule: {static}",
+        "## Offline check (validation book, teacher-forced)",
+        report.markdown_table([{"schedule": k, **{kk: vv for kk, vv in v.items() if isinstance(vv, float)}}
+                               for k, v in offline.items()],
+                              ["schedule", "agreement", "mean_layers", "full_head_per_token",
+                               "predictor_evals_per_token"], ".3f"),
+        "## Decoding (test prompts)",
+        report.markdown_table(rows, ["method", "schedule", "predictors", "agreement", "rows_identical",
+                                     "mean_layers", "batch_layers", "preds_per_token", "seconds", "wall_speedup",
+                                     "b1_seconds", "b1_wall_speedup", "cost_speedup"], ".3f"),
+        "## Exit-layer histograms (test, generated tokens)",
+        "\n".join(f"- {k}: {v}" for k, v in hists.items()),
+    ])
+    stage = report.StagedResults(outdir, overwrite=args.overwrite)
+    stage.write_results(NAME, md, {"rows": rows, "offline": offline, "exit_hist_test": hists,
+                                   "hist_train": hist_train.tolist(), "schedules": schedules,
+                                   "predictor_logs": train_logs, "drafter": drafter_src,
+                                   "provenance": prov._asdict(), "config": cfg.to_dict(),
+                                   "total_seconds": time.perf_counter() - t0})
+    for f in stage.commit():
+        print(f"wrote {f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""The Kangaroo GPU-suite module runs at size "tiny" and returns rows with the contract's keys."""
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks.papers import kangaroo  # noqa: E402
+
+KEYS = {"paper", "variant", "batch", "new_tokens", "seconds", "tokens_per_s"}
+
+
+def test_run_tiny():
+    rows = kangaroo.run("tiny", 20, print)
+    assert {r["variant"] for r in rows} == {"greedy", "kangaroo_executed", "kangaroo_estimate"}
+    for r in rows:
+        assert KEYS <= set(r) and r["paper"] == "kangaroo" and r["tokens_per_s"] > 0
