@@ -18,8 +18,9 @@ def test_ffn_skipllm_smoke(tmp_path, shared_data):
 
     ffn_skipllm.main(_argv("ffn_skipllm", tmp_path, shared_data))
     data = json.loads((tmp_path / "results" / "ffn_skipllm.json").read_text())
-    full, skip = data["ppl"]
+    full, skip, remeasure = data["ppl"]
     assert full["setting"] == "full" and full["ffn_skipped"] == 0 and skip["ffn_skipped"] > 0
+    assert remeasure["max_skip"] == 1 and remeasure["ffn_skipped"] <= skip["ffn_skipped"]
     assert abs(skip["ffn_skipped"] - data["calibration"][0]["target"]) < 0.15   # calibrated on validation
     assert data["decode"][0]["match"] == 1.0                 # the gate with threshold +inf decodes like the model
     assert [r["decoder"] for r in data["timing"]][0] == "greedy (kv.full_step)"
