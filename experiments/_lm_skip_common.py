@@ -117,7 +117,8 @@ def layer_flops(cfg: lm_lib.LMConfig) -> dict:
     return {"attn": attn, "ffn": ffn, "head": d * cfg.vocab_size}
 
 
-def plot_xy(curves: dict, path, *, xlabel: str, ylabel: str, title: str = "", hline: float | None = None):
+def plot_xy(curves: dict, path, *, xlabel: str, ylabel: str, title: str = "", hline: float | None = None,
+            logy: bool = False):
     fig = Figure(figsize=(5, 4))
     ax = fig.subplots()
     for name, (x, y) in curves.items():
@@ -126,6 +127,8 @@ def plot_xy(curves: dict, path, *, xlabel: str, ylabel: str, title: str = "", hl
     if hline is not None:
         ax.axhline(hline, color="k", ls="--", lw=0.8, label="full model")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if logy:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -133,7 +136,7 @@ def plot_xy(curves: dict, path, *, xlabel: str, ylabel: str, title: str = "", hl
 
 
 def plot_map(map_RxN: np.ndarray, row_labels, path, *, title: str, cbar: str, xlabel: str = "layer"):
-    fig = Figure(figsize=(7, 0.35 * len(row_labels) + 1.6))
+    fig = Figure(figsize=(7, min(0.35 * len(row_labels) + 1.6, 7.0)))
     ax = fig.subplots()
     im = ax.imshow(map_RxN, aspect="auto", cmap="viridis", vmin=0, vmax=max(1e-9, float(np.nanmax(map_RxN))))
     ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels], fontsize=7)

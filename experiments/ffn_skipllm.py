@@ -41,6 +41,32 @@ def calibrate(cos_NxM: np.ndarray, targets, *, cold_first: int, cold_last: int, 
     return out
 
 
+def plots(rows, drows, layer_skip, profile, out):
+    """The result plots (also re-made from a results JSON: ``plots(d["ppl"], d["decode"], d["layer_skip_fraction"],
+    d["cosine_profile_validation"], dir)``): one curve per max_skip, the full model as a line."""
+    full_ppl = rows[0]["token_ppl"]
+    curves, dcurves = {}, {}
+    for k in sorted({r["max_skip"] for r in rows}):
+        rr = [rows[0]] + [r for r in rows[1:] if r["max_skip"] == k]
+        curves[f"max_skip={k}" + (" (greedy rule)" if k == 0 else "")] = ([r["ffn_skipped"] for r in rr],
+                                                                          [r["token_ppl"] for r in rr])
+        names = {r["setting"] for r in rr}
+        dd = [r for r in drows if r["setting"] in names]
+        dcurves[f"max_skip={k}"] = ([r["ffn_skipped"] for r in dd], [r["match"] for r in dd])
+    common.plot_xy(curves, out / "ppl_vs_skipped.png", xlabel="fraction of FFN blocks skipped",
+                   ylabel="WikiText-2 token perplexity (log)", title="FFN-SkipLLM on SmolLM2-135M", hline=full_ppl,
+                   logy=True)
+    common.plot_xy(dcurves, out / "agreement_vs_skipped.png", xlabel="fraction of FFN blocks skipped (decode)",
+                   ylabel="token match with full greedy", title="FFN-SkipLLM: greedy agreement")
+    names = list(layer_skip)
+    common.plot_map(np.asarray([layer_skip[k] for k in names]), names, out / "layer_skip_map.png",
+                    title="fraction of tokens skipping each layer's FFN (test)", cbar="skipped fraction")
+    n = len(profile["mean"])
+    common.plot_xy({"mean": (np.arange(n), profile["mean"]), "q10": (np.arange(n), profile["q10"]),
+                    "q90": (np.arange(n), profile["q90"])}, out / "cosine_profile.png", xlabel="layer",
+                   ylabel="cos(FFN input, FFN output)", title="full model, validation tokens")
+
+
 @run.cli
 def main(argv=None):
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
@@ -145,19 +171,7 @@ def main(argv=None):
     # 5. Files.
     stage = report.StagedResults(outdir, overwrite=args.overwrite)
     full_ppl = rows[0]["token_ppl"]
-    common.plot_xy({"perplexity (test)": ([r["ffn_skipped"] for r in rows], [r["token_ppl"] for r in rows])},
-                   stage.dir / "ppl_vs_skipped.png", xlabel="fraction of FFN blocks skipped",
-                   ylabel="WikiText-2 token perplexity", title="FFN-SkipLLM on SmolLM2-135M", hline=full_ppl)
-    common.plot_xy({"token match": ([r["ffn_skipped"] for r in drows], [r["match"] for r in drows]),
-                    "identical rows": ([r["ffn_skipped"] for r in drows], [r["identical_rows"] for r in drows])},
-                   stage.dir / "agreement_vs_skipped.png", xlabel="fraction of FFN blocks skipped (decode)",
-                   ylabel="agreement with full greedy", title="FFN-SkipLLM: greedy agreement")
-    common.plot_map(np.asarray([layer_skip[st["name"]] for st in settings]), [st["name"] for st in settings],
-                    stage.dir / "layer_skip_map.png", title="fraction of tokens skipping each layer's FFN (test)",
-                    cbar="skipped fraction")
-    common.plot_xy({"mean": (np.arange(n), profile["mean"]), "q10": (np.arange(n), profile["q10"]),
-                    "q90": (np.arange(n), profile["q90"])}, stage.dir / "cosine_profile.png", xlabel="layer",
-                   ylabel="cos(FFN input, FFN output)", title="full model, validation tokens")
+    plots(rows, drows, layer_skip, profile, stage.dir)
     wall = time.perf_counter() - t_start
     md = "\n\n".join([
         "# FFN-SkipLLM on SmolLM2-135M-Instruct (WikiText-2)",
