@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 # "gpu": a SmolLM2-135M-shaped model with random weights (the GGUF file does not travel to the device machine).
 SIZES = {
     "tiny": dict(depth=4, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64, vocab=97, prompt=8, new=8,
-                 batches=(1, 2), dtype="float32", repeats=1),
+                 batches=(1,), dtype="float32", repeats=1),
     "small": dict(depth=8, d_model=128, num_heads=4, num_kv_heads=2, mlp_dim=384, vocab=2048, prompt=16, new=32,
                   batches=(1, 4), dtype="float32", repeats=2),
     "gpu": dict(depth=30, d_model=576, num_heads=9, num_kv_heads=3, mlp_dim=1536, vocab=49152, prompt=64, new=64,

@@ -117,7 +117,7 @@ def saturation(threshold, num_layers: int, *, cold_first: int = 2, cold_last: in
     if warmup < 0 or max_skip < 0:
         raise ValueError(f"{warmup=} and {max_skip=} must be >= 0")
     if isinstance(threshold, (int, float)) and not np.isfinite(threshold) and threshold != np.inf:
-        raise ValueError(f"{threshold=} must be a number (+inf: never skip)")
+        raise ValueError(f"{threshold=} must be a finite number or +inf (never skip)")
     return Saturation(jnp.asarray(threshold, jnp.float32), num_layers, cold_first, cold_last, warmup, max_skip)
 
 
