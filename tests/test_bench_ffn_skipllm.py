@@ -1,0 +1,16 @@
+"""benchmarks/papers/ffn_skipllm.py runs at size tiny and returns rows with the contract's keys."""
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+
+REQUIRED = ("paper", "variant", "batch", "new_tokens", "seconds", "tokens_per_s")
+
+
+def test_bench_ffn_skipllm_tiny():
+    from papers import ffn_skipllm  # noqa: PLC0415
+    rows = ffn_skipllm.run("tiny", 20, print)
+    assert rows and all(k in r for r in rows for k in REQUIRED)
+    assert {r["variant"] for r in rows} == {"greedy", "gate_never", "table_per_row", "table_shared"}
+    assert all(r["equals_greedy"] for r in rows if r["variant"] == "gate_never")
+    assert all(0 <= r["ffn_skipped"] <= 1 for r in rows if "ffn_skipped" in r)
