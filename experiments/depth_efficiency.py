@@ -56,8 +56,9 @@ def _contributions(h0, h_SxBxTxD):
     return h_in, after_attn - h_in, after_mlp - after_attn
 
 
-def base_fn(graphdef):
-    """The full model: contribution statistics (sums over tokens), logit lens, and what the skip runs compare to."""
+def base_fn(graphdef, lens: bool):
+    """The full model: contribution statistics (sums over tokens), and with ``lens`` the logit lens and what the
+    skip runs compare to."""
 
     def f(params, tokens_BxT, targets_BxT):
         model = nnx.merge(graphdef, params)
@@ -69,16 +70,19 @@ def base_fn(graphdef):
         sums = {"attn_rel": jnp.sum(_norm(a) / hn, (1, 2)), "mlp_rel": jnp.sum(_norm(m) / hn, (1, 2)),
                 "layer_rel": jnp.sum(_norm(c) / hn, (1, 2)), "attn_cos": jnp.sum(_cos(a, h_in), (1, 2)),
                 "mlp_cos": jnp.sum(_cos(m, h_in), (1, 2)), "layer_cos": jnp.sum(_cos(c, h_in), (1, 2))}
+        nll_BxT = common.nll_of(logits, targets_BxT)
+        if not lens:
+            return {"sums": sums, "nll_BxT": nll_BxT}
         logp_final = jax.nn.log_softmax(logits, -1)
 
-        def lens(h_BxTxD):   # the logit lens: the final RMSNorm and the tied head on an intermediate residual
+        def logit_lens(h_BxTxD):   # the logit lens: the final RMSNorm and the tied head on an intermediate residual
             logp = jax.nn.log_softmax(model.shared_head(model.final_norm(h_BxTxD)).astype(jnp.float32), -1)
             kl = jnp.sum(jnp.exp(logp_final) * (logp_final - logp), -1)
             return jnp.argmax(logp, -1).astype(jnp.int32), kl
 
-        top_NxBxT, kl_NxBxT = jax.lax.map(lens, h_S[1::2])
+        top_NxBxT, kl_NxBxT = jax.lax.map(logit_lens, h_S[1::2])
         return {"sums": sums, "top_NxBxT": top_NxBxT, "kl_NxBxT": kl_NxBxT,
-                "nll_BxT": common.nll_of(logits, targets_BxT), "contrib_NxBxTxD": c, "logp_BxTxV": logp_final}
+                "nll_BxT": nll_BxT, "contrib_NxBxTxD": c, "logp_BxTxV": logp_final}
 
     return jax.jit(f)
 
@@ -192,7 +196,7 @@ def main(argv=None):
     print(f"model: {lmod.description} (loaded in {lmod.load_seconds:.0f} s); data: wikitext2/{d.split}, "
           f"{d.windows} windows x {d.context} tokens", flush=True)
 
-    fb, fs = base_fn(lmod.graphdef), skip_fn(lmod.graphdef, n)
+    fb, fl, fs = base_fn(lmod.graphdef, False), base_fn(lmod.graphdef, True), skip_fn(lmod.graphdef, n)
     sums = None
     tops, kls, nlls = [], [], []
     num_SxN, den_SxN = np.zeros((n, n)), np.zeros((n, n))
@@ -202,12 +206,14 @@ def main(argv=None):
     for i in range(0, d.windows, d.chunk):
         tok, tgt = jnp.asarray(tokens_WxT[i:i + d.chunk]), jnp.asarray(targets_WxT[i:i + d.chunk])
         start = time.perf_counter()
-        out = jax.block_until_ready(fb(lmod.params, tok, tgt))
+        with_lens = i < cfg.lens.windows or i < cfg.skip.windows
+        out = jax.block_until_ready((fl if with_lens else fb)(lmod.params, tok, tgt))
         timing["base_s"] += time.perf_counter() - start
         s_np = jax.tree.map(np.asarray, out["sums"])
         sums = s_np if sums is None else jax.tree.map(np.add, sums, s_np)
-        tops.append(np.asarray(out["top_NxBxT"]).reshape(n, -1))
-        kls.append(np.asarray(out["kl_NxBxT"]).reshape(n, -1))
+        if i < cfg.lens.windows:
+            tops.append(np.asarray(out["top_NxBxT"]).reshape(n, -1))
+            kls.append(np.asarray(out["kl_NxBxT"]).reshape(n, -1))
         nlls.append(np.asarray(out["nll_BxT"]).ravel())
         print(f"windows {i}..{i + d.chunk - 1}: full model done ({time.perf_counter() - start:.0f} s)", flush=True)
         if i < cfg.skip.windows:
@@ -230,7 +236,8 @@ def main(argv=None):
     upper = np.triu(np.ones((n, n), bool), 1)     # later layers only: earlier ones are untouched by construction
     change_SxN[upper] = num_SxN[upper] / np.maximum(den_SxN[upper], 1e-30)
     top_NxM, kl_NxM, nll_M = np.concatenate(tops, 1), np.concatenate(kls, 1), np.concatenate(nlls)
-    targets_M = targets_WxT.ravel()
+    lens_tokens = top_NxM.shape[1]
+    targets_M = targets_WxT.ravel()[:lens_tokens]
     contrib_rows = [{"layer": l + 1} | {k: float(v[l] / m) for k, v in sums.items()} for l in range(n)]
     settle_M = settle_layer(top_NxM)
     lens_rows = [{"layer": l + 1, "kl_to_final": float(kl_NxM[l].mean()),
@@ -248,7 +255,7 @@ def main(argv=None):
                           "max_future_change": float(np.max(later)) if later.size else float("nan")})
     summary = {
         "tokens_analysed": m, "tokens_skip_analysis": skip_tokens, "full_model_nll": float(nll_M.mean()),
-        "full_model_top1_acc": float(np.mean(top_NxM[-1] == targets_M)),
+        "tokens_logit_lens": lens_tokens, "full_model_top1_acc": float(np.mean(top_NxM[-1] == targets_M)),
         "layer_rel_first_half_vs_second": _halves(np.asarray([r["layer_rel"] for r in contrib_rows])),
         "skip_future_change_first_vs_second": _halves(np.asarray([r["mean_future_change"] for r in skip_rows])),
         "skip_kl_first_vs_second": _halves(np.asarray([r["kl"] for r in skip_rows])),
@@ -266,9 +273,10 @@ def main(argv=None):
     md = "\n\n".join([
         f"# {PAPER}: residual-stream analyses on {cfg.model.name}",
         prov.markdown() + f"  \nModel: {lmod.description}.  \nData: wikitext2/{d.split} (as stored), the first "
-        f"{m:,} tokens in {d.windows} windows of {d.context} (teacher-forced, no BOS); the skip analysis on the first "
-        f"{skip_tokens:,} of them. Full-model next-token NLL {h['full_model_nll']:.3f}, top-1 accuracy "
-        f"{h['full_model_top1_acc']:.3f}. Wall-clock: full-model passes with logit lens {timing['base_s']:.0f} s, "
+        f"{m:,} tokens in {d.windows} windows of {d.context} (teacher-forced, no BOS) for the contributions; the logit "
+        f"lens on the first {lens_tokens:,} and the skip analysis on the first {skip_tokens:,} of them. Full-model next-token NLL "
+        f"{h['full_model_nll']:.3f}, top-1 accuracy "
+        f"{h['full_model_top1_acc']:.3f} (on the logit-lens tokens). Wall-clock: full-model passes (with the logit lens where run) {timing['base_s']:.0f} s, "
         f"{n} skip runs {timing['skip_s']:.0f} s.",
         "Paper [abs]: on Llama 3.1 and Qwen 3, second-half layers contribute much less than first-half ones, with a "
         "phase transition between the halves; skipping second-half layers has a much smaller effect on future "
