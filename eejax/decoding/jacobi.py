@@ -56,8 +56,9 @@ class _Iter(NamedTuple):
 def jacobi_block(model: DecoderLM, x0_B: jax.Array, state: kv_lib.DecodeState, n: int, *, tol: int = 0,
                  max_iters: int | None = None):
     """One block of ``n`` tokens by Jacobi iteration from the committed ``state`` (``x0`` not in the cache).
-    Returns ``(block_BxN, iters_B, changed_B, new_state)``; ``new_state`` has ``pos_B + n``."""
-    cap = n if max_iters is None else min(n, int(max_iters))
+    Returns ``(block_BxN, iters_B, changed_B, new_state)``; ``new_state`` has ``pos_B + n``. ``tol`` and
+    ``max_iters`` may be traced (one compiled program for a sweep)."""
+    cap = n if max_iters is None else jnp.minimum(n, max_iters)
     b = x0_B.shape[0]
     guess_BxN = jnp.broadcast_to(x0_B[:, None], (b, n)).astype(jnp.int32)
     zero_B = jnp.zeros((b,), jnp.int32)
@@ -89,7 +90,7 @@ def jacobi_decode(model: DecoderLM, prompt_BxP: jax.Array, lengths_B: jax.Array,
     and ``max_iters=None``: exact (greedy); otherwise CEED-VLA's early exit (lossy)."""
     if block < 1 or num_new < 1 or num_new % block:
         raise ValueError(f"{num_new=} must be a positive multiple of {block=} (equal blocks)")
-    if tol < 0 or (max_iters is not None and max_iters < 1):
+    if (isinstance(tol, int) and tol < 0) or (isinstance(max_iters, int) and max_iters < 1):
         raise ValueError(f"need {tol=} >= 0 and {max_iters=} >= 1")
     b, p = prompt_BxP.shape
     lengths_B = jnp.asarray(lengths_B, jnp.int32)
