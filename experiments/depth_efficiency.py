@@ -217,12 +217,13 @@ def main(argv=None):
         nlls.append(np.asarray(out["nll_BxT"]).ravel())
         print(f"windows {i}..{i + d.chunk - 1}: full model done ({time.perf_counter() - start:.0f} s)", flush=True)
         if i < cfg.skip.windows:
-            skip_tokens += tok.size
+            st = cfg.skip.tokens       # causal: the first positions of the windows are windows of their own
+            skip_tokens += tok[:, :st].size
             start = time.perf_counter()
             for s in range(n):
                 prog = common.half_layer_program([l for l in range(n) if l != s])
-                r = jax.device_get(fs(lmod.params, tok, tgt, jnp.asarray(prog.layer_S), out["contrib_NxBxTxD"],
-                                      out["logp_BxTxV"]))
+                r = jax.device_get(fs(lmod.params, tok[:, :st], tgt[:, :st], jnp.asarray(prog.layer_S),
+                                      out["contrib_NxBxTxD"][:, :, :st], out["logp_BxTxV"][:, :st]))
                 chain_K = np.asarray(prog.layer_S)[0::2]
                 num_SxN[s, chain_K] += np.asarray(r["num_K"])
                 den_SxN[s, chain_K] += np.asarray(r["den_K"])
@@ -244,7 +245,8 @@ def main(argv=None):
                   "top1_eq_final": float(np.mean(top_NxM[l] == top_NxM[-1])),
                   "next_token_acc": float(np.mean(top_NxM[l] == targets_M)),
                   "settled_by_here": float(np.mean(settle_M <= l))} for l in range(n)]
-    base_nll = float(nll_M[:skip_tokens].mean())
+    base_nll = float(np.mean(np.concatenate(nlls).reshape(d.windows, d.context)[:cfg.skip.windows,
+                                                                                  :cfg.skip.tokens]))
     skip_rows = []
     for s in range(n):
         later = change_SxN[s, s + 1:]

@@ -26,10 +26,17 @@ def setup():
     return gd, params, prompt, lengths, np.asarray(greedy)
 
 
-def _jacobi(setup, **kw):
+_FNS = {}
+
+
+def _jacobi(setup, block, tol=0, max_iters=None):
+    """One compiled program per block size (``tol`` and ``max_iters`` traced)."""
     gd, params, prompt, lengths, _ = setup
-    f = jax.jit(lambda p, t, n: jacobi.jacobi_decode(nnx.merge(gd, p), t, n, G, **kw))
-    return jax.device_get(f(params, prompt, lengths))
+    if block not in _FNS:
+        _FNS[block] = jax.jit(lambda p, t, n, tol, mi: jacobi.jacobi_decode(nnx.merge(gd, p), t, n, G, block=block,
+                                                                            tol=tol, max_iters=mi))
+    mi = block if max_iters is None else max_iters
+    return jax.device_get(_FNS[block](params, prompt, lengths, jnp.int32(tol), jnp.int32(mi)))
 
 
 @pytest.mark.parametrize("block", [1, 4])
@@ -51,12 +58,16 @@ def test_early_exit_stops_sooner(setup):
     np.testing.assert_array_equal(one.tokens_BxG[:, 0], setup[4][:, 0])
     loose = _jacobi(setup, block=4, tol=4)
     assert (loose.iters_BxK == 1).all()
+    forced = _jacobi(setup, block=4, tol=-1, max_iters=3)     # never stops on convergence: exactly 3 iterations
+    assert (forced.iters_BxK == 3).all()
     relaxed = _jacobi(setup, block=4, tol=1)
     assert (relaxed.iters_BxK[:, 0] <= full.iters_BxK[:, 0]).all()   # same first block input
 
 
 def test_bad_arguments(setup):
+    gd, params, prompt, lengths, _ = setup
+    model = nnx.merge(gd, params)
     with pytest.raises(ValueError, match="multiple"):
-        _jacobi(setup, block=5)
+        jacobi.jacobi_decode(model, prompt, lengths, G, block=5)
     with pytest.raises(ValueError, match="max_iters"):
-        _jacobi(setup, block=4, max_iters=0)
+        jacobi.jacobi_decode(model, prompt, lengths, G, block=4, max_iters=0)
