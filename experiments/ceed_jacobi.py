@@ -116,7 +116,8 @@ def main(argv=None):
     greedy_BxG = np.asarray(ar_out.tokens_BxG)
     rows = [{"block": None, "arm": "AR greedy", "tol": None, "max_iters": None, "iters_per_block": None,
              "forwards_per_token": 1.0, "cost_model_speedup": 1.0, "seconds": ar_s,
-             "tokens_per_s": d.prompts * g / ar_s, "exact": True} | quality(greedy_BxG, greedy_BxG, nll_f, lmod.params, prompt_BxP)]
+             "tokens_per_s": d.prompts * g / ar_s, "exact": True}
+            | quality(greedy_BxG, greedy_BxG, nll_f, lmod.params, prompt_BxP)]
     print(rows[-1], flush=True)
     iters_hist = {}
     for n in jc.blocks:

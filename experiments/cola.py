@@ -200,7 +200,8 @@ def main(argv=None):
         f"sample and arm, at most {sc.max_edits} edits (skip / repeat a block of {tuple(sc.widths)} layers, swap "
         f"neighbours), chains of at most {sc.max_len} steps; reward correct x (1 + {sc.length_weight} (N - len) / N) "
         f"+ {sc.prob_weight} p(label). Wall-clock: search {search_s:.0f} s ({ev.calls} chain evaluations, "
-        f"{ev.seconds / max(ev.calls, 1):.2f} s each on average incl. the held-out batches), held-out {heldout_s:.0f} s.",
+        f"{ev.seconds / max(ev.calls, 1):.2f} s each on average incl. the held-out batches), held-out "
+        f"{heldout_s:.0f} s.",
         "**This per-sample search is an ORACLE**: every chain is scored on the label of the very sample it is "
         "reported for. Its numbers are upper bounds on what a label-free chain selector could reach, not accuracies "
         "of a method. The random-chain control has the same budget of distinct evaluations and the same reward.",

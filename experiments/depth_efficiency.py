@@ -276,10 +276,10 @@ def main(argv=None):
         f"# {PAPER}: residual-stream analyses on {cfg.model.name}",
         prov.markdown() + f"  \nModel: {lmod.description}.  \nData: wikitext2/{d.split} (as stored), the first "
         f"{m:,} tokens in {d.windows} windows of {d.context} (teacher-forced, no BOS) for the contributions; the logit "
-        f"lens on the first {lens_tokens:,} and the skip analysis on the first {skip_tokens:,} of them. Full-model next-token NLL "
-        f"{h['full_model_nll']:.3f}, top-1 accuracy "
-        f"{h['full_model_top1_acc']:.3f} (on the logit-lens tokens). Wall-clock: full-model passes (with the logit lens where run) {timing['base_s']:.0f} s, "
-        f"{n} skip runs {timing['skip_s']:.0f} s.",
+        f"lens on the first {lens_tokens:,} and the skip analysis on the first {skip_tokens:,} of them. Full-model "
+        f"next-token NLL {h['full_model_nll']:.3f}, top-1 accuracy {h['full_model_top1_acc']:.3f} (on the logit-lens "
+        f"tokens). Wall-clock: full-model passes (with the logit lens where run) {timing['base_s']:.0f} s, {n} skip "
+        f"runs {timing['skip_s']:.0f} s.",
         "Paper [abs]: on Llama 3.1 and Qwen 3, second-half layers contribute much less than first-half ones, with a "
         "phase transition between the halves; skipping second-half layers has a much smaller effect on future "
         "computations and on the output. No number to compare at 135M parameters.",

@@ -6,7 +6,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_run_tiny():
-    spec = importlib.util.spec_from_file_location("bench_ceed_jacobi", ROOT / "benchmarks" / "papers" / "ceed_jacobi.py")
+    path = ROOT / "benchmarks" / "papers" / "ceed_jacobi.py"
+    spec = importlib.util.spec_from_file_location("bench_ceed_jacobi", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     rows = mod.run("tiny", 20, print)

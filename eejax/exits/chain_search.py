@@ -9,8 +9,8 @@ reached from the original by *edits* applied to chain positions:
 * ``("swap", i, 1)``: exchange ``chain[i]`` and ``chain[i+1]`` (a reordering).
 
 ``mcts`` is Monte-Carlo tree search over edit sequences of at most ``max_edits`` edits (a tree node = the chain
-after its edits; UCT selection with progressive widening, one untried edit expanded per iteration, the new chain evaluated, its reward backed
-up the path). ``random_chains`` is the matched-budget control: the same number of *distinct* evaluations, each
+after its edits; UCT selection with progressive widening, one untried edit expanded per iteration, the new chain
+evaluated, its reward backed up the path). ``random_chains`` is the matched-budget control: the same number of *distinct* evaluations, each
 chain made by 1..``max_edits`` random edits of the original. Both evaluate the original first and never evaluate a
 chain twice (the budget counts distinct evaluations). The reward is whatever ``evaluate(chain)`` returns; CoLa's
 scores a chain by correctness on the sample it is searched for, preferring shorter chains, so the search is an
