@@ -20,7 +20,7 @@ Metrics: Jacobi iterations per block (AR: n); agreement with greedy AR (per toke
     (batch data.prompts, compile excluded by a warm-up call, block_until_ready) and a cost-model speed-up n / iters
     (the memory-bound-GPU assumption: a forward of n tokens costs about one of a single token).
 Hardware / wall-clock: a shared 2-core CPU (compute-bound: a forward of n tokens costs about n single-token
-    forwards, so Jacobi is SLOWER here in wall-clock); about 20-40 minutes under load. The GPU timing is
+    forwards, so Jacobi is SLOWER here in wall-clock); 48 minutes under a load average of 15-37. The GPU timing is
     benchmarks/papers/ceed_jacobi.py.
 Expected (arXiv:2506.13725 and PAPERS.md): vanilla Jacobi (no consistency training, as here) needs close to n
     iterations per block; early exit cuts the long tail of iterations at some cost in agreement; the paper's >4x

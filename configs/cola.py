@@ -18,8 +18,8 @@ Control: `random_chains`, the same budget of distinct random-edit chains, the be
 Held-out (no label of the held-out samples is used): the best chains found on the search samples are the
     candidates (at most `heldout.max_candidates`); each is evaluated on ALL search samples, the one with the best
     search accuracy (then the shorter) is applied to the held-out samples, against the original model.
-Hardware / wall-clock: a shared 2-core CPU; about 30-40 minutes at the default scale under load (2 x 32 x 24
-    evaluations of a 24-token prompt at batch 1, then the batched candidate evaluations).
+Hardware / wall-clock: a shared 2-core CPU; 49 minutes at the default scale under a load average of 15-37 (2 x 32 x
+    24 evaluations of a 24-token prompt at batch 1, about 1.7 s each there, then the batched candidate evaluations).
 Expected (arXiv:2507.07996 [abs], math and commonsense benchmarks, 7B-class models): for >75% of the samples the
     model gets right, MCTS finds a shorter chain; for >60% of those it gets wrong, a chain that is right. PAPERS.md:
     this is an oracle upper bound (the search sees the label), not accuracy; without a random control, random

@@ -23,7 +23,7 @@ Analyses (all teacher-forced, float32, the engine's scan path over a *half-layer
     3. logit lens: every layer's residual through the final RMSNorm and the tied head: KL(final || layer), top-1
        agreement with the final prediction and next-token accuracy per layer, and the depth at which the
        prediction settles (the first layer whose top-1 equals the final one and stays equal to the end).
-Hardware / wall-clock: a shared 2-core CPU; 10 minutes idle, 30-60 minutes under the load of seven engineers.
+Hardware / wall-clock: a shared 2-core CPU; 32 minutes under a load average of 30-37 (seven engineers' runs).
 Expected shape (arXiv:2505.13898, Llama 3.1 / Qwen 3): second-half layers contribute less to the residual than
     first-half ones, with a phase transition near the middle; skipping a second-half layer changes later layers'
     contributions and the output much less than skipping a first-half layer; the logit lens settles late. The paper
