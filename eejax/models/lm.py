@@ -404,3 +404,23 @@ def classifier_loss(graphdef, model_params):
         return jnp.mean(bce[:-1]), {"gate_acc": acc, "agree_first": jnp.mean(label[0])}
 
     return loss_fn
+
+
+# ------------------------------------------------------------------------------------- teacher-forced programs
+
+
+def sequence_layer_fn(pos_BxT: jax.Array, mask_BxTxT: jax.Array):
+    """The engine ``layer_fn`` of a teacher-forced (uncached) forward over whole sequences that honours a program's
+    sublayer bits (``engine.ATTN`` / ``engine.MLP``): with it ``engine.run`` / ``engine.run_layers`` run any layer
+    program (skips, repeats, reorderings, half-layer steps) over full sequences. A repeated stored layer computes
+    its keys/values afresh from its input at every step."""
+
+    def layer_fn(layer: Block, h_BxTxD, ctx: engine.StepCtx):
+        k, v = layer.kv(h_BxTxD, pos_BxT)
+        if ctx.sub_B is None:
+            return layer.attend(h_BxTxD, pos_BxT, k, v, mask_BxTxT)
+        h1 = engine.where_rows((ctx.sub_B & engine.ATTN) > 0, layer.attn_half(h_BxTxD, pos_BxT, k, v, mask_BxTxT),
+                               h_BxTxD)
+        return engine.where_rows((ctx.sub_B & engine.MLP) > 0, layer.mlp_half(h1), h1)
+
+    return layer_fn
