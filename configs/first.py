@@ -15,7 +15,7 @@ Training (on CPU, on cached prefill features): `train.windows` Gutenberg trainin
     each step runs the 16 continuation tokens of a batch in one forward over the cached prompt K/V with every layer
     gated by its router's straight-through decision (hard 0/1 forward, sigmoid gradient): loss = next-token CE +
     `train.rate_weight` x (mean keep probability of the routable layers - target)^2 per sequence, target = the keep
-    rate of `train.target_skip` skipped layers. Routers are saved in <workdir>/routers.npz (a rerun reuses them).
+    rate of `train.target_skip` skipped layers. Routers are saved in <workdir>/routers-<hash of train>.npz (a rerun reuses them).
 Evaluation (experiments/_layer_skip_common.py, as configs/uls.py): WikiText-2 test windows of 64 prompt + 64 tokens,
     decode-path perplexity of the 63 tokens predicted by decode steps (48 windows = 3,024 scored tokens: the CPU
     was shared by seven runs), greedy agreement on 16 later prompts x 64 new tokens, decode tokens/s at batch 1
@@ -32,7 +32,9 @@ import ml_collections
 from _layer_skip_base import validate_common
 from eejax.train import default_optim_config
 
-NOT_IN_CHECKPOINTS = ("eval", "timing")
+# The routers file is named by a hash of `train`, the features are checked against their windows: a run with other
+# training settings in the same workdir trains its own routers and reuses nothing stale.
+NOT_IN_CHECKPOINTS = ("eval", "timing", "train")
 
 
 def get_config(arg=None):
@@ -49,7 +51,7 @@ def get_config(arg=None):
     c.train = ml_collections.ConfigDict(dict(windows=64, cont_len=16, prefill_batch=16, batch=8, steps=100,
                                              target_skip=6, rate_weight=20.0, keep_bias=2.0, log_every=10,
                                              optim=default_optim_config()))
-    c.train.optim.update(name="adam", lr=0.05, weight_decay=0.0)
+    c.train.optim.update(name="adam", lr=0.02, weight_decay=0.0)
     c.eval = ml_collections.ConfigDict(dict(prompt_len=64, new_tokens=64, windows=48, batch=16, prompts=16,
                                             greedy_batch=8, skips=(6,), random_seed=1))
     c.timing = ml_collections.ConfigDict(dict(batches=(1, 8), rounds=2))

@@ -6,6 +6,7 @@ See configs/first.py for the runbook (routers, training on cached prefill featur
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -70,10 +71,11 @@ def cached_features(su, windows_WxL: np.ndarray, log=print) -> dict[str, np.ndar
 
 
 def train_routers(su, feats, log=print) -> tuple[ls.Routers, list[dict], float]:
-    """Straight-through router training on the frozen model over the cached features; resumes from
-    ``<workdir>/routers.npz`` when it exists (a finished training)."""
+    """Straight-through router training on the frozen model over the cached features; reuses
+    ``<workdir>/routers-<hash of the train config>.npz`` when it exists (a finished training of that config)."""
     cfg, t, n = su.cfg, su.cfg.train, su.mcfg.depth
-    path = su.workdir / "routers.npz"
+    key = hashlib.sha256(json.dumps(t.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    path = su.workdir / f"routers-{key}.npz"
     if path.exists():
         with np.load(path) as f:
             log(f"routers: reusing {path}")

@@ -186,7 +186,9 @@ def decode(model: DecoderLM, logits_BxV, state: kv_lib.DecodeState, num_new: int
 
 
 class Routers(NamedTuple):
-    """One linear router per layer on the RMS-normalised pooled input of that layer: ``keep logit = w_l . x + b_l``."""
+    """One linear router per layer on the RMS-normalised pooled input x of that layer:
+    ``keep logit = w_l . x / sqrt(D) + b_l`` (the 1/sqrt(D) keeps an Adam step's change of ``w_l . x`` comparable
+    to the bias's)."""
     w_NxD: jax.Array
     b_N: jax.Array
 
@@ -200,7 +202,7 @@ def router_logits(routers: Routers, pooled_NxBxD) -> jax.Array:
     """``float[N, B]`` keep logits."""
     x = pooled_NxBxD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + 1e-6)
-    return jnp.einsum("nbd,nd->nb", x, routers.w_NxD) + routers.b_N[:, None]
+    return jnp.einsum("nbd,nd->nb", x, routers.w_NxD) / np.sqrt(x.shape[-1]) + routers.b_N[:, None]
 
 
 def routable(num_layers: int, keep_first: int = 1, keep_last: int = 1) -> np.ndarray:
