@@ -14,8 +14,8 @@ Training (on CPU, on cached prefill features): `train.windows` Gutenberg trainin
     tokens; the prompts are prefilled once (pooled layer inputs and prompt K/V cached in <workdir>/features.npz);
     each step runs the 16 continuation tokens of a batch in one forward over the cached prompt K/V with every layer
     gated by its router's straight-through decision (hard 0/1 forward, sigmoid gradient): loss = next-token CE +
-    `train.rate_weight` x (mean keep probability of the routable layers - target)^2 per sequence, target = the keep
-    rate of `train.target_skip` skipped layers. Routers are saved in <workdir>/routers-<hash of train>.npz (a rerun reuses them).
+    `train.rate_weight` x (keep rate of the hard decisions over the routable layers - target)^2 per sequence
+    (straight-through), target = the keep rate of `train.target_skip` skipped layers. Routers are saved in <workdir>/routers-<hash of train>.npz (a rerun reuses them).
 Evaluation (experiments/_layer_skip_common.py, as configs/uls.py): WikiText-2 test windows of 64 prompt + 64 tokens,
     decode-path perplexity of the 63 tokens predicted by decode steps (48 windows = 3,024 scored tokens: the CPU
     was shared by seven runs), greedy agreement on 16 later prompts x 64 new tokens, decode tokens/s at batch 1
@@ -48,7 +48,7 @@ def get_config(arg=None):
     c.model = ml_collections.ConfigDict(dict(
         name="smollm2-135m", dtype="float32", depth=0,
         random=dict(d_model=32, depth=6, num_heads=4, num_kv_heads=2, mlp_dim=64)))
-    c.train = ml_collections.ConfigDict(dict(windows=64, cont_len=16, prefill_batch=16, batch=8, steps=100,
+    c.train = ml_collections.ConfigDict(dict(windows=64, cont_len=16, prefill_batch=16, batch=8, steps=80,
                                              target_skip=6, rate_weight=20.0, keep_bias=2.0, log_every=10,
                                              optim=default_optim_config()))
     c.train.optim.update(name="adam", lr=0.02, weight_decay=0.0)

@@ -94,10 +94,12 @@ def train_routers(su, feats, log=print) -> tuple[ls.Routers, list[dict], float]:
         logits = ls.gated_continuation_logits(model, k, v, cont[:, :-1], gate)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
         ce = -jnp.mean(jnp.take_along_axis(logp, cont[:, 1:, None], -1))
-        keep_rate_B = jnp.sum(jnp.where(jnp.asarray(routable)[:, None], p_keep, 0.0), 0) / routable.sum()
+        # The rate is that of the hard decisions (straight-through: the gate's forward value is 0/1, its gradient
+        # the sigmoid's); a penalty on the soft probabilities is met by p = target > 0.5 while nothing is skipped.
+        keep_rate_B = jnp.sum(jnp.where(jnp.asarray(routable)[:, None], gate, 0.0), 0) / routable.sum()
         pen = jnp.mean(jnp.square(keep_rate_B - rho))
         skipped = jnp.mean(jnp.sum(1.0 - gate, 0))
-        return ce + t.rate_weight * pen, {"ce": ce, "penalty": pen, "skipped": skipped}
+        return ce + t.rate_weight * pen, {"ce": ce, "penalty": pen, "skipped": skipped, "p_keep": jnp.mean(p_keep)}
 
     @jax.jit
     def step(r, opt_state, params, pooled, k, v, win):
