@@ -72,7 +72,7 @@ def test_row_skip_decode_equals_removed_model_row_by_row(model):
     """Per-row skip sets (prefill and decode through the compacted row program) equal, row by row, the model with
     that row's layers removed (the uncompacted engine.row_skip is checked in the next test)."""
     compact = True
-    keep_sets = [[0, 1, 3, 5], [0, 2, 5], [0, 1, 2, 3, 4, 5]]
+    keep_sets = [[0, 1, 3, 5], [0, 2, 4, 5], [0, 2, 3, 5]]     # one depth: the references share compiled code
     keep_NxB = np.zeros((N, 3), bool)
     for b, ks in enumerate(keep_sets):
         keep_NxB[ks, b] = True
@@ -132,19 +132,3 @@ def test_first_decisions_fixed_after_prefill_and_match_teacher_forced_twin(model
         full = model.all_exits(seq, pos_mask_NxT=jnp.asarray(mask_NxT)).logits_ExBxTxV[0, 0, 5:]
         ref = jnp.take_along_axis(jax.nn.log_softmax(full, -1), forced_toks[b, 1:, None], -1)[:, 0]
         np.testing.assert_allclose(ref, forced.logprob_BxG[b, 1:], atol=1e-4)
-
-
-def test_straight_through_gradient_reaches_routers(model):
-    rng = np.random.default_rng(1)
-    prompt = jnp.asarray(rng.integers(1, CFG.vocab_size, (2, 4)), jnp.int32)
-    pre = ls.prefill_pooled(model, prompt, jnp.full((2,), 4, jnp.int32), 4)
-    cont = jnp.asarray(rng.integers(1, CFG.vocab_size, (2, 3)), jnp.int32)
-
-    def loss(r):
-        gate, _ = ls.straight_through(ls.router_logits(r, pre.pooled_NxBxD), ls.routable(N))
-        return jnp.mean(ls.gated_continuation_logits(model, pre.state.cache.k_NxBxSxGxK, pre.state.cache.v_NxBxSxGxK,
-                                                     cont, gate) ** 2)
-
-    grads = jax.grad(loss)(ls.init_routers(N, CFG.d_model))
-    gb = np.asarray(grads.b_N)
-    assert np.all(gb[[0, -1]] == 0) and np.any(gb[1:-1] != 0)
