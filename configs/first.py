@@ -15,7 +15,8 @@ Training (on CPU, on cached prefill features): `train.windows` Gutenberg trainin
     each step runs the 16 continuation tokens of a batch in one forward over the cached prompt K/V with every layer
     gated by its router's straight-through decision (hard 0/1 forward, sigmoid gradient): loss = next-token CE +
     `train.rate_weight` x (keep rate of the hard decisions over the routable layers - target)^2 per sequence
-    (straight-through), target = the keep rate of `train.target_skip` skipped layers. Routers are saved in <workdir>/routers-<hash of train>.npz (a rerun reuses them).
+    (straight-through), target = the keep rate of `train.target_skip` skipped layers. Routers are saved in
+    <workdir>/routers-<hash of train>.npz (a rerun reuses them).
 Evaluation (experiments/_layer_skip_common.py, as configs/uls.py): WikiText-2 test windows of 64 prompt + 64 tokens,
     decode-path perplexity of the 63 tokens predicted by decode steps (48 windows = 3,024 scored tokens: the CPU
     was shared by seven runs), greedy agreement on 16 later prompts x 64 new tokens, decode tokens/s at batch 1

@@ -270,6 +270,7 @@ def gated_continuation_logits(model: DecoderLM, prompt_k_NxBxPxHxK, prompt_v_NxB
     return model.exit_logits(h_last, model.cfg.num_exits - 1)
 
 
-__all__ = ["uls_skip_count", "uls_layers", "layer_table", "table_program", "row_program", "table_step", "row_step",
-           "Prefilled", "prefill_pooled", "Decoded", "decode", "first_generate", "Routers", "init_routers", "router_logits",
-           "routable", "hard_keep", "topk_keep", "straight_through", "gated_continuation_logits"]
+__all__ = ["uls_skip_count", "uls_layers", "layer_table", "table_program", "row_program", "table_step",
+           "row_step", "Prefilled", "prefill_pooled", "Decoded", "decode", "first_generate", "Routers",
+           "init_routers", "router_logits", "routable", "hard_keep", "topk_keep", "straight_through",
+           "gated_continuation_logits"]
