@@ -1,0 +1,288 @@
+"""FiRST: prompt-conditioned per-sequence layer skipping on SmolLM2-135M, against the static ULS set at equal layers.
+
+    python -m experiments.first --config configs/first.py:smoke [--outdir DIR]
+
+See configs/first.py for the runbook (routers, training on cached prefill features, evaluation, scale).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from eejax import run
+from eejax.data.text import load_tokens
+from eejax.decoding import layer_skip as ls
+from eejax.eval import report
+from eejax.train import make_optimizer
+from experiments import _layer_skip_common as common
+
+NAME = "first"
+
+
+# ------------------------------------------------------------------------------------------------- features
+
+
+def training_windows(cfg, args, tok) -> np.ndarray:
+    """``train.windows`` windows of P + T + 1 tokens spread evenly over the Gutenberg training books."""
+    t = cfg.train
+    ids = load_tokens(args.data_dir, "gutenberg", "train", tok)
+    length = cfg.eval.prompt_len + t.cont_len + 1
+    if ids.size < t.windows * length:
+        raise ValueError(f"Gutenberg train has {ids.size} tokens; train.windows={t.windows} x {length} need more")
+    starts = np.linspace(0, ids.size - length, t.windows).astype(np.int64)
+    return np.stack([ids[s:s + length] for s in starts])
+
+
+def cached_features(su, windows_WxL: np.ndarray, log=print) -> dict[str, np.ndarray]:
+    """Full-depth prefill of every training prompt, once: pooled layer inputs (W x N x D, float32) and the prompt
+    K/V (N x W x P x H x K, float16), in ``<workdir>/features.npz``."""
+    path = su.workdir / "features.npz"
+    if path.exists():
+        with np.load(path) as f:
+            feats = {k: f[k] for k in f.files}
+        if np.array_equal(feats["windows"], windows_WxL):
+            log(f"features: reusing {path}")
+            return feats
+    p, bsz = su.cfg.eval.prompt_len, su.cfg.train.prefill_batch
+    fn = jax.jit(lambda params, x: ls.prefill_pooled(nnx.merge(su.graphdef, params), x,
+                                                     jnp.full((x.shape[0],), p, jnp.int32), p))
+    pooled, ks, vs = [], [], []
+    start = time.perf_counter()
+    for i in range(0, windows_WxL.shape[0], bsz):
+        pre = fn(su.params, jnp.asarray(windows_WxL[i:i + bsz, :p]))
+        pooled.append(np.asarray(pre.pooled_NxBxD).transpose(1, 0, 2))
+        ks.append(np.asarray(pre.state.cache.k_NxBxSxGxK, np.float16))
+        vs.append(np.asarray(pre.state.cache.v_NxBxSxGxK, np.float16))
+        log(f"  features: {i + bsz}/{windows_WxL.shape[0]} prompts ({time.perf_counter() - start:.0f} s)")
+    feats = {"windows": windows_WxL, "pooled_WxNxD": np.concatenate(pooled), "k": np.concatenate(ks, axis=1),
+             "v": np.concatenate(vs, axis=1), "seconds": np.float64(time.perf_counter() - start)}
+    np.savez(path, **feats)
+    return feats
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+
+def train_routers(su, feats, log=print) -> tuple[ls.Routers, list[dict], float]:
+    """Straight-through router training on the frozen model over the cached features; reuses
+    ``<workdir>/routers-<hash of the train config>.npz`` when it exists (a finished training of that config)."""
+    cfg, t, n = su.cfg, su.cfg.train, su.mcfg.depth
+    key = hashlib.sha256(json.dumps(t.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    path = su.workdir / f"routers-{key}.npz"
+    if path.exists():
+        with np.load(path) as f:
+            log(f"routers: reusing {path}")
+            return ls.Routers(jnp.asarray(f["w"]), jnp.asarray(f["b"])), json.loads(str(f["log"])), float(f["secs"])
+    routable = ls.routable(n)
+    rho = 1.0 - t.target_skip / routable.sum()
+    tx = make_optimizer(t.optim)
+    routers = ls.init_routers(n, su.mcfg.d_model, t.keep_bias)
+    opt_state = tx.init(routers)
+    p = cfg.eval.prompt_len
+
+    def loss_fn(r, params, pooled_BxNxD, k, v, win_BxL):
+        model = nnx.merge(su.graphdef, params)
+        gate, p_keep = ls.straight_through(ls.router_logits(r, pooled_BxNxD.transpose(1, 0, 2)), routable)
+        cont = win_BxL[:, p:]
+        logits = ls.gated_continuation_logits(model, k, v, cont[:, :-1], gate)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+        ce = -jnp.mean(jnp.take_along_axis(logp, cont[:, 1:, None], -1))
+        # The rate is that of the hard decisions (straight-through: the gate's forward value is 0/1, its gradient
+        # the sigmoid's); a penalty on the soft probabilities is met by p = target > 0.5 while nothing is skipped.
+        keep_rate_B = jnp.sum(jnp.where(jnp.asarray(routable)[:, None], gate, 0.0), 0) / routable.sum()
+        pen = jnp.mean(jnp.square(keep_rate_B - rho))
+        skipped = jnp.mean(jnp.sum(1.0 - gate, 0))
+        return ce + t.rate_weight * pen, {"ce": ce, "penalty": pen, "skipped": skipped, "p_keep": jnp.mean(p_keep)}
+
+    @jax.jit
+    def step(r, opt_state, params, pooled, k, v, win):
+        (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(r, params, pooled, k, v, win)
+        updates, opt_state = tx.update(g, opt_state, r)
+        return optax.apply_updates(r, updates), opt_state, aux | {"loss": loss}
+
+    rng = np.random.default_rng(cfg.seed)
+    hist, start = [], time.perf_counter()
+    w = feats["windows"].shape[0]
+    for s in range(t.steps):
+        idx = rng.choice(w, t.batch, replace=False)
+        routers, opt_state, aux = step(routers, opt_state, su.params, jnp.asarray(feats["pooled_WxNxD"][idx]),
+                                       jnp.asarray(feats["k"][:, idx]), jnp.asarray(feats["v"][:, idx]),
+                                       jnp.asarray(feats["windows"][idx]))
+        if (s + 1) % t.log_every == 0 or s == 0 or s + 1 == t.steps:
+            rec = {"step": s + 1, "seconds": time.perf_counter() - start} | {k: float(x) for k, x in aux.items()}
+            hist.append(rec)
+            log(" ".join(f"{k}={x:.4g}" if isinstance(x, float) else f"{k}={x}" for k, x in rec.items()))
+    secs = time.perf_counter() - start
+    np.savez(path, w=np.asarray(routers.w_NxD), b=np.asarray(routers.b_N), log=json.dumps(hist), secs=secs)
+    return routers, hist, secs
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+
+
+def plot(rows, skip_freq, path, n):
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    full = next(r for r in rows if r["family"] == "full")
+    for fam, marker in zip(("FiRST top-k", "ULS", "router static", "random"), "osd^"):
+        rs = sorted((r for r in rows if r["family"] == fam), key=lambda r: r["avg_skipped"])
+        axes[0].plot([r["avg_skipped"] for r in rs], [r["ppl"] for r in rs], marker=marker, label=fam)
+        axes[1].plot([r["avg_skipped"] for r in rs], [r["agreement"] for r in rs], marker=marker, label=fam)
+    for r in rows:
+        if r["family"] == "FiRST":
+            axes[0].plot([r["avg_skipped"]], [r["ppl"]], "k*", ms=12, label="FiRST (hard decisions)")
+            axes[1].plot([r["avg_skipped"]], [r["agreement"]], "k*", ms=12, label="FiRST (hard decisions)")
+    axes[0].axhline(full["ppl"], color="k", lw=0.8, label="full model")
+    axes[0].set_yscale("log")
+    axes[0].set(xlabel="layers skipped per generated token (mean)", ylabel="WikiText-2 perplexity (decode, log)")
+    axes[1].set(xlabel="layers skipped per generated token (mean)", ylabel="greedy agreement with the full model")
+    for name, freq in skip_freq.items():
+        axes[2].plot(np.arange(n), freq, marker=".", label=name)
+    axes[2].set(xlabel="layer", ylabel="fraction of sequences skipping it (hard decisions)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"FiRST routers vs static skip sets on a {n}-layer LM (frozen model)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@run.cli
+def main(argv=None):
+    su = common.setup(argv, NAME, __doc__)
+    cfg, e, n = su.cfg, su.cfg.eval, su.mcfg.depth
+    routable = ls.routable(n)
+    for k in (*e.skips, cfg.train.target_skip):
+        if k > routable.sum():
+            raise ValueError(f"cannot skip {k} of the {routable.sum()} routable layers of {n}")
+    data = common.wikitext_eval(cfg, su.args, su.tokenizer)
+    train_w = training_windows(cfg, su.args, su.tokenizer)
+    feats = cached_features(su, train_w)
+    routers, hist, train_s = train_routers(su, feats)
+
+    # The router's static set: the layers with the lowest mean keep logit over the training prompts.
+    train_logit_NxW = np.asarray(ls.router_logits(routers, jnp.asarray(feats["pooled_WxNxD"]).transpose(1, 0, 2)))
+    mean_logit = np.where(routable, train_logit_NxW.mean(1), np.inf)
+    train_keep = np.asarray(ls.hard_keep(jnp.asarray(train_logit_NxW), routable))
+    rng = np.random.default_rng(e.random_seed)
+
+    def first_keep(skip=None):
+        def keep_fn(pre):
+            logit = ls.router_logits(routers, pre.pooled_NxBxD)
+            return ls.hard_keep(logit, routable) if skip is None else ls.topk_keep(logit, routable, skip)
+        return keep_fn
+
+    methods = [common.full_method(), common.row_method("FiRST", first_keep(), "router logit > 0, per sequence")]
+    meta = [{"family": "full", "k": 0}, {"family": "FiRST", "k": None}]
+    for k in e.skips:
+        static = np.setdiff1d(np.arange(n), np.argsort(mean_logit, kind="stable")[:k])
+        rand = np.setdiff1d(np.arange(n), rng.choice(np.flatnonzero(routable), k, replace=False))
+        uls = ls.uls_layers(n, skip=k)
+        skipped = lambda keep: ",".join(str(l) for l in np.setdiff1d(np.arange(n), keep))  # noqa: E731
+        methods += [common.row_method(f"FiRST top-{k}", first_keep(k), f"each row skips its {k} lowest"),
+                    common.table_method(f"ULS skip {k}", uls, n, "skips " + skipped(uls)),
+                    common.table_method(f"router static skip {k}", static, n, "skips " + skipped(static)),
+                    common.table_method(f"random skip {k}", rand, n, "skips " + skipped(rand))]
+        meta += [{"family": f, "k": k} for f in ("FiRST top-k", "ULS", "router static", "random")]
+
+    runner = common.Runner(su.graphdef, e.prompt_len, e.new_tokens)
+    t0 = time.perf_counter()
+    ppl = common.perplexity(runner, su.params, data.windows_WxL, methods, e.batch)
+    # ULS at the number of layers FiRST's hard decisions skipped on average (rounded): the matched static set.
+    k_hard = int(round(n - ppl["FiRST"]["avg_layers"]))
+    matched = common.table_method(f"ULS skip {k_hard} (matched to FiRST)", ls.uls_layers(n, skip=k_hard), n)
+    if matched.name.split(" (")[0] not in ppl:
+        ppl |= common.perplexity(runner, su.params, data.windows_WxL, [matched], e.batch)
+        methods.append(matched)
+        meta.append({"family": "ULS", "k": k_hard})
+    agree = common.greedy(runner, su.params, data.prompts_QxP, methods, e.greedy_batch)
+    timed = [methods[0], methods[1], next(m for m in methods if m.name in (f"ULS skip {k_hard}", matched.name))]
+    times = common.timing(runner, su.params, data.prompts_QxP, timed, cfg.timing.batches, cfg.timing.rounds)
+    eval_s = time.perf_counter() - t0
+
+    # Per-sequence decisions on the evaluation prompts (how input-dependent are they?).
+    pre_fn = runner.prefill
+    eval_keep = []
+    for i in range(0, data.windows_WxL.shape[0], e.batch):
+        pre = pre_fn(su.params, jnp.asarray(data.windows_WxL[i:i + e.batch, :e.prompt_len]))
+        eval_keep.append(np.asarray(first_keep()(pre)))
+    eval_keep = np.concatenate(eval_keep, axis=1)
+    distinct = len({tuple(col) for col in eval_keep.T})
+    skip_freq = {"Gutenberg train prompts": (1 - train_keep.mean(1)).tolist(),
+                 "WikiText-2 eval prompts": (1 - eval_keep.mean(1)).tolist()}
+
+    rows = []
+    for m, mt in zip(methods, meta):
+        name = m.name
+        row = {"family": mt["family"], "k": mt["k"], "method": name, "avg_layers": ppl[name]["avg_layers"],
+               "avg_skipped": n - ppl[name]["avg_layers"], "ppl": ppl[name]["ppl"],
+               "agreement": agree[name]["agreement"], "prefix": agree[name]["prefix"]}
+        row |= times.get(name, {})
+        row["detail"] = m.detail
+        rows.append(row)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+    stage = report.StagedResults(su.outdir, overwrite=su.args.overwrite)
+    plot(rows, skip_freq, stage.dir / "first_quality_vs_skipped.png", n)
+    cols = ["family", "method", "avg_layers", "avg_skipped", "ppl", "agreement", "prefix"]
+    tcols = ["method", "avg_layers"] + [f"b{b}_{x}" for b in cfg.timing.batches for x in ("tok_s", "speedup")]
+    by = {(r["family"], r["k"]): r for r in rows}
+    cmp_rows = []
+    for k in e.skips:
+        f, u, s, r = (by[(fam, k)] for fam in ("FiRST top-k", "ULS", "router static", "random"))
+        cmp_rows.append({"k": k, "FiRST_top_k_ppl": f["ppl"], "ULS_ppl": u["ppl"], "router_static_ppl": s["ppl"],
+                         "random_ppl": r["ppl"], "FiRST_agree": f["agreement"], "ULS_agree": u["agreement"],
+                         "router_static_agree": s["agreement"], "random_agree": r["agreement"]})
+    t, last = cfg.train, hist[-1]
+    md = "\n\n".join([
+        "# FiRST: prompt-routed per-sequence layer skipping vs static skip sets (frozen SmolLM2, KV-cached decode)",
+        su.prov.markdown() + f"  \n{common.model_line(su)}  \nData: training prompts: {t.windows} windows of "
+        f"{e.prompt_len} + {t.cont_len + 1} tokens spread over the Gutenberg training books; evaluation: "
+        f"{data.description}.  \nTraining: {t.steps} steps of batch {t.batch} ({t.optim.name}, lr {t.optim.lr:g}), "
+        f"target {t.target_skip} skipped layers (rate weight {t.rate_weight:g}), {train_s:.0f} s (feature caching "
+        f"{float(feats['seconds']):.0f} s, once); last logged step: CE {last['ce']:.3f}, hard-skipped "
+        f"{last['skipped']:.2f} layers per sequence. No LoRA: only the {n} x ({su.mcfg.d_model} + 1) router "
+        f"parameters are trained. Evaluation {eval_s:.0f} s.",
+        "Paper: FiRST (Jain et al. 2024, arXiv:2410.12513) gives no number in its abstract: lower latency with "
+        "quality competitive with the base model, and input adaptivity matters. The paper fine-tunes the routers "
+        "(optionally with LoRA) per task on Llama-class models; ours are trained on generic book text and evaluated "
+        "on WikiText-2 (a domain shift), on a 135M model.",
+        "## Every method (decode-path perplexity, greedy agreement)\n"
+        "avg_layers / avg_skipped: measured per generated token (FiRST's hard decisions give each sequence its own "
+        "count). The prefill always runs at full depth (the routers read every layer's prompt input), for every "
+        "method; its cost is not in these numbers.",
+        report.markdown_table(rows, cols + ["detail"], ".3f"),
+        "## At equal layers per row (k skipped)", report.markdown_table(cmp_rows, list(cmp_rows[0]), ".3f"),
+        f"## Decode speed (decode-only tokens/s, best of {cfg.timing.rounds} interleaved rounds)\n"
+        "FiRST at batch B > 1 runs the union of its rows' kept layers (each row's own skips are masked), so its "
+        "saving shrinks as rows disagree; at batch 1 it runs exactly the row's set.",
+        report.markdown_table([r for r in rows if f"b{cfg.timing.batches[0]}_tok_s" in r],
+                              tcols, ".2f"),
+        f"## How input-dependent are the decisions?\n{distinct} distinct skip sets over the "
+        f"{eval_keep.shape[1]} WikiText-2 prompts; per-layer skip frequency in `first_quality_vs_skipped.png` "
+        "(right).",
+    ])
+    files = stage.write_results(NAME, md, {
+        "provenance": su.prov._asdict(), "config": cfg.to_dict(), "data": data.description, "rows": rows,
+        "equal_layers": cmp_rows, "train_log": hist, "train_seconds": train_s,
+        "feature_seconds": float(feats["seconds"]), "eval_seconds": eval_s, "skip_frequency": skip_freq,
+        "distinct_eval_sets": distinct, "eval_keep_NxW": eval_keep.astype(int).tolist(),
+        "router_mean_train_logit": train_logit_NxW.mean(1).tolist()})
+    stage.commit()
+    print(md)
+    print(f"wrote {files.md_path} and {files.json_path}")
+
+
+if __name__ == "__main__":
+    main()
