@@ -127,7 +127,8 @@ def evaluate(exit_N, score_KxN, pred_KxN, labels_N, exit_ood_M, score_ood_KxM, c
             "cov@5": 100 * uncertainty.coverage_at_risk(s, correct, ec.risk)[0],
             "risk@80": 100 * uncertainty.risk_at_coverage(s, correct, ec.coverage),
             "fpr@95": 100 * uncertainty.fpr_at_tpr(s, s_ood, ec.tpr), "auroc": 100 * uncertainty.auroc(s, s_ood),
-            "forwarded_%": 100 * float(np.mean(exit_N > 0)), "ood_MFLOPs": float(np.mean(cum_flops_K[exit_ood_M])) / 1e6}
+            "forwarded_%": 100 * float(np.mean(exit_N > 0)),
+            "ood_MFLOPs": float(np.mean(cum_flops_K[exit_ood_M])) / 1e6}
 
 
 def check_executed(exit_sim_N, exit_run_N, score_KxN, lo_K, hi_K, what, tol=1e-5):
@@ -269,7 +270,7 @@ def main(argv=None):
         "single EfficientNet-B4 with <30% of its MACs (ImageNet); cascades help more reliably on OOD data than "
         f"scaling the model. Ours: ViTs of {f_K.min() / 1e6:.2f}-{f_K.max() / 1e6:.2f} MFLOPs on {cfg.data.name}; "
         "only orderings are comparable.",
-        f"## Single members and full ensembles (test)\n",
+        "## Single members and full ensembles (test)\n",
         report.markdown_table(singles + ensembles, ["model"] + cols[3:]),
         f"## Cascades at width {w_exec:g} (the paper's +-10 percentile points), thresholds fit on validation\n"
         "target: the metric the window is placed for; kind: window (only scores near the operating threshold go "
