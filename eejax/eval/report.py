@@ -294,8 +294,9 @@ def _save(fig: Figure, path: str | os.PathLike):
 
 
 def plot_accuracy_vs_flops(curves: dict[str, Sequence[tuple[float, float]]], static_points: Sequence[tuple],
-                           path: str | os.PathLike, title: str = ""):
-    """Dynamic curves as lines, static-depth points as markers; x in MFLOPs.
+                           path: str | os.PathLike, title: str = "", ylabel: str = "accuracy"):
+    """Dynamic curves as lines, static-depth points as markers; x in MFLOPs (``ylabel``: any other per-example
+    metric plotted the same way, e.g. ECE or conformal set size).
 
     ``curves`` maps a policy name to (flops, accuracy) pairs; ``static_points`` holds (flops, accuracy) or
     (flops, accuracy, label) tuples, e.g. one per truncated model.
@@ -313,7 +314,7 @@ def plot_accuracy_vs_flops(curves: dict[str, Sequence[tuple[float, float]]], sta
         if len(point) == 3:
             ax.annotate(str(point[2]), (point[0] / 1e6, point[1]), textcoords="offset points", xytext=(4, -10),
                         fontsize=8)
-    ax.set(xlabel="MFLOPs per example", ylabel="accuracy", title=title)
+    ax.set(xlabel="MFLOPs per example", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     if curves or static_points:
         ax.legend(fontsize=8)

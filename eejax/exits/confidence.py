@@ -8,6 +8,9 @@ A row exits when ``score >= threshold``: every measure is oriented so that large
 * ``cosine``: cosine similarity of this exit's pooled hidden state with the previous exit's (CALM's hidden-state
   saturation; MuE). At the first exit the previous state is zero, so the score is 0.
 * ``learned``: ``sigmoid`` of a gate the head computes from its features (CALM's learned classifier, JEI-DNN).
+* ``uncertainty_features(logits)``: not a measure but the 4 features JEI-DNN's learned gates read (max prob,
+  entropy, top-2 margin, entropy of the squared-and-renormalised softmax); ``policies.uncertainty_gate`` maps them
+  to an exit decision.
 * ``patience(k)``: PABEE (Zhou et al., 2020), the number of consecutive exits, ending at this one, whose argmax equals
   the previous exit's; threshold = patience.
 
@@ -73,6 +76,21 @@ def learned(out, state):
 def patience(out, state):
     new = _advance(out, state)
     return new.unchanged_B.astype(jnp.float32), new
+
+
+NUM_UNCERTAINTY_FEATURES = 4
+
+
+def uncertainty_features(logits_BxC: jax.Array) -> jax.Array:
+    """JEI-DNN's gate inputs (Regol et al., ICLR 2024, arXiv:2310.09163; networkslab/dynn ``LearnableUncGate``):
+    ``[max prob, entropy, top-2 margin, entropy of p^2 / sum(p^2)]`` of the softmax, ``float32[B, 4]``."""
+    logp = jax.nn.log_softmax(logits_BxC.astype(jnp.float32), axis=-1)
+    p = jnp.exp(logp)
+    top2 = jax.lax.top_k(p, 2)[0]
+    entropy = -jnp.sum(p * logp, axis=-1)
+    logp2 = jax.nn.log_softmax(2.0 * logp, axis=-1)       # p^2 renormalised, in log space
+    entropy2 = -jnp.sum(jnp.exp(logp2) * logp2, axis=-1)
+    return jnp.stack([top2[..., 0], entropy, top2[..., 0] - top2[..., 1], entropy2], axis=-1)
 
 
 MEASURES: dict[str, Measure] = {"max_softmax": max_softmax, "margin": margin, "neg_entropy": neg_entropy,

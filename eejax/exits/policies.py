@@ -16,6 +16,14 @@ the last, and a stopped row keeps its state. States carry a leading batch axis.
 * ``saturation(thr, first=...)``: MuE (Tang et al., CVPR 2023, arXiv:2211.11152): a row stops when the cosine
   similarity of its hidden state with the previous exit's reaches the threshold; no classifier takes part in the
   decision. ``first(h0)`` gives the state the first exit is compared with (MuE: the layer's input).
+* ``uncertainty_gate(w_ExF, b_E)``: JEI-DNN (Regol et al., ICLR 2024, arXiv:2310.09163): a gate per exit, a
+  logistic map of the exit's uncertainty features (``confidence.uncertainty_features``: max prob, entropy, margin,
+  squared-softmax entropy); a row stops at the first exit whose gate probability is >= ``thr`` (0.5 in the paper).
+  The gates are trained jointly with the exit classifiers (experiments/jei_dnn.py).
+* ``window(measure, lo, hi)``: window-based early-exit cascades (Xia & Bouganis, ICCV 2023, arXiv:2303.08010): a
+  row goes on past exit e only while its score lies in ``[lo_E[e], hi_E[e])``, a window around the operating
+  threshold; rows outside it are decided (accepted or rejected) at that exit. ``lo = -inf`` is the plain threshold
+  cascade (``threshold`` with ``thr = hi``).
 * ``agreement(thr, max_exit)``: DeeR-VLA (Yue et al., NeurIPS 2024, arXiv:2411.02359): a row stops when consecutive
   exits' outputs agree, ``||softmax_e - softmax_{e-1}||_2 < thr_E[e]``, and at ``max_exit`` at the latest (the peak
   compute cap); the first exit has nothing to agree with and never fires below the cap.
@@ -28,6 +36,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from eejax import checks
 from eejax.exits import confidence as conf_lib
@@ -109,6 +118,33 @@ class Saturation(NamedTuple):
         return score_B >= self.thr_E[e], score_B, new
 
 
+class UncertaintyGate(NamedTuple):
+    w_ExF: jax.Array     # gate weights per exit over the uncertainty features
+    b_E: jax.Array       # gate biases
+    thr_E: jax.Array     # fire when sigmoid(gate logit) >= thr_E[e]
+
+    def init(self, probe, zero_B, h0=None):
+        return zero_B
+
+    def decide(self, out, state, e):
+        feats_BxF = conf_lib.uncertainty_features(out.logits_BxC)
+        prob_B = jax.nn.sigmoid(feats_BxF @ self.w_ExF[e] + self.b_E[e])
+        return prob_B >= self.thr_E[e], prob_B, state
+
+
+class Window(NamedTuple):
+    measure: conf_lib.Measure
+    lo_E: jax.Array      # a row goes on past exit e iff lo_E[e] <= score < hi_E[e]
+    hi_E: jax.Array
+
+    def init(self, probe, zero_B, h0=None):
+        return conf_lib.init_state(probe, zero_B)
+
+    def decide(self, out, state, e):
+        score_B, new = self.measure(out, state)
+        return (score_B < self.lo_E[e]) | (score_B >= self.hi_E[e]), score_B, new
+
+
 class AgreementState(NamedTuple):
     prev_BxC: jax.Array   # softmax of the previous exit
     seen_B: jax.Array     # whether a previous exit exists
@@ -167,6 +203,24 @@ def saturation(thr, num_exits: int, first: Callable[[Any], jax.Array] | None = N
     return Saturation(thresholds(thr, num_exits), first)
 
 
+def uncertainty_gate(w_ExF, b_E, thr=0.5) -> UncertaintyGate:
+    """JEI-DNN's learned gates: exit e fires when ``sigmoid(features_e . w_ExF[e] + b_E[e]) >= thr``."""
+    w_ExF = jnp.asarray(w_ExF, jnp.float32)
+    b_E = jnp.asarray(b_E, jnp.float32)
+    if w_ExF.ndim != 2 or w_ExF.shape[1] != conf_lib.NUM_UNCERTAINTY_FEATURES or b_E.shape != w_ExF.shape[:1]:
+        raise ValueError(f"uncertainty_gate: want w [E, {conf_lib.NUM_UNCERTAINTY_FEATURES}] and b [E], got "
+                         f"{w_ExF.shape=} {b_E.shape=}")
+    return UncertaintyGate(w_ExF, b_E, thresholds(thr, w_ExF.shape[0], "learned"))
+
+
+def window(measure: str | conf_lib.Measure, lo, hi, num_exits: int) -> Window:
+    """Window cascade: go on past exit e iff ``lo[e] <= score < hi[e]`` (scalars or one value per exit)."""
+    lo_E, hi_E = thresholds(lo, num_exits), thresholds(hi, num_exits)
+    if checks.is_concrete(lo) and checks.is_concrete(hi) and bool(np.any(np.asarray(lo) > np.asarray(hi))):
+        raise ValueError(f"window: every lower edge must be <= its upper edge, got lo={lo_E} hi={hi_E}")
+    return Window(_measure(measure), lo_E, hi_E)
+
+
 def agreement(thr, num_exits: int, max_exit: int | None = None) -> Agreement:
     """DeeR's exit: ``||softmax_e - softmax_{e-1}||_2 < thr_E[e]`` (distances: thresholds >= 0, +inf allowed), or
     exit ``max_exit`` reached (default: the last)."""
@@ -187,6 +241,6 @@ def calm_threshold(threshold, i, tau: float, horizon: int):
     return jnp.clip(0.9 * jnp.asarray(threshold, jnp.float32) + 0.1 * decay, 0.0, 1.0)
 
 
-__all__ = ["Threshold", "BatchMean", "FixedExit", "Shadow", "shadow", "Router", "Saturation", "Agreement",
-           "AgreementState", "thresholds", "threshold", "batch_mean", "fixed_exit", "router", "saturation",
-           "agreement", "calm_threshold"]
+__all__ = ["Threshold", "BatchMean", "FixedExit", "Shadow", "shadow", "Router", "Saturation", "UncertaintyGate",
+           "Window", "Agreement", "AgreementState", "thresholds", "threshold", "batch_mean", "fixed_exit", "router",
+           "saturation", "uncertainty_gate", "window", "agreement", "calm_threshold"]
