@@ -7,9 +7,9 @@ Command (args: fashion_mnist | cifar10 | smoke):
     ./launch.sh dynamic_perceiver:smoke     # embedded MNIST, no download, a couple of minutes on 2 CPU cores
 Data: Fashion-MNIST (or CIFAR-10, the JPEG q75 copy: not pixel-exact) from --data_dir or $EEJAX_DATA_DIR;
     validation carved from train (10%), test = the test split; smoke uses the MNIST test split shipped in the package.
-Model (eejax/models/perceiver.py): feature branch = a stride-4 conv stem + 4 residual 3x3-conv stages of width 48 on
-    the 7x7 grid (8x8 for CIFAR-10), stacked; latent branch = 8 latent tokens of width 64, per stage x2z
-    cross-attention, one transformer block, z2x cross-attention. Exits on the latent branch after every stage, the
+Model (eejax/models/perceiver.py): feature branch = a stride-4 conv stem + 4 residual 3x3-conv stages of width 24
+    (32 for CIFAR-10) on the 7x7 grid (8x8 for CIFAR-10), stacked; latent branch = 6 latent tokens of width 32
+    (48), per stage x2z cross-attention, one transformer block, z2x cross-attention (about 6 MFLOPs per image). Exits on the latent branch after every stage, the
     last one merging both branches. Baseline arm: the same feature branch, a linear exit on the pooled features
     after every stage (no latent branch).
 Training (both arms alike): mean CE over the exits + kd_weight x KD (temperature T) from the last exit to the
@@ -17,7 +17,9 @@ Training (both arms alike): mean CE over the exits + kd_weight x KD (temperature
 Evaluation: MSDNet's budgeted protocol (eejax.eval.budgeted: 39 priors, per-exit max-softmax thresholds fit on
     validation, applied to test); the points of ``eval.executed_priors`` are executed by the engine (compacted
     executor), their exits asserted equal to the simulated ones, and timed (batched throughput vs the static full model).
-Hardware / wall-clock: a shared 2-core CPU; fashion_mnist about 30-40 min for both arms (800 steps each).
+Scale: 400 steps of batch 64 per arm; test bounded to the first 5,000 test images (the 2-core CPU is shared by
+    seven jobs: a 48-wide model ran at ~20 s per step there).
+Hardware / wall-clock: a shared 2-core CPU; fashion_mnist about 45-60 min for both arms under that load.
 Expected shape (PAPERS.md): latent-branch exits beat linear exits on intermediate CNN features at equal FLOPs; the
     dynamic curve dominates the static truncated models; measured speed-ups are smaller than FLOP speed-ups.
 Paper (arXiv:2306.11248, README figures): 1.8-4.8x fewer FLOPs than static RegNets at equal ImageNet accuracy;
@@ -40,19 +42,18 @@ def get_config(arg=None):
     c.seed = 0
     c.arms = ARMS
     c.data = ml_collections.ConfigDict(dict(
-        name="fashion_mnist", val_fraction=0.1, train_size=0, batch_size=128, eval_batch_size=500, test_size=0))
+        name="fashion_mnist", val_fraction=0.1, train_size=0, batch_size=64, eval_batch_size=500, test_size=5000))
     c.model = ml_collections.ConfigDict(dict(
-        image_size=28, channels=1, width=48, depth=4, latent_tokens=8, latent_dim=64, num_heads=4, mlp_dim=128))
-    c.train = ml_collections.ConfigDict(dict(steps=800, kd_weight=1.0, temperature=2.0, optim=default_optim_config()))
-    c.train.optim.update(lr=2e-3, schedule="warmup_cosine", warmup_steps=80, total_steps=800, weight_decay=0.05)
-    c.eval = ml_collections.ConfigDict(dict(executed_priors=(0.1, 0.4, 0.7, 1.0, 1.3, 1.6, 1.95),
-                                            throughput_batch=256))
+        image_size=28, channels=1, width=24, depth=4, latent_tokens=6, latent_dim=32, num_heads=2, mlp_dim=64))
+    c.train = ml_collections.ConfigDict(dict(steps=400, kd_weight=1.0, temperature=2.0, optim=default_optim_config()))
+    c.train.optim.update(lr=3e-3, schedule="warmup_cosine", warmup_steps=40, total_steps=400, weight_decay=0.05)
+    c.eval = ml_collections.ConfigDict(dict(executed_priors=(0.2, 0.7, 1.2, 1.8), throughput_batch=256))
     c.log_every = 100
     c.ckpt_every = 400
     if arg == "cifar10":
         c.data.name = "cifar10"
         c.model.update(image_size=32, channels=3)
-        c.train.steps = c.train.optim.total_steps = 1000
+        c.model.update(width=32, latent_dim=48)
     elif arg == "smoke":
         c.data.name = "mnist_embedded"
         c.data.val_fraction = 0.125
