@@ -75,6 +75,8 @@ def normalized_images(ds, index):
 
 def build_targets(graphdef, params, train_ds, cfg) -> cbnet_lib.Targets:
     """The easy image of each class, from the train split: the first exit's most confident image of the class."""
+    if train_ds.split != "train":
+        raise ValueError(f"conversion targets come from the train split only, got the {train_ds.split!r} split")
     @jax.jit
     def first_probs(params, x):
         return jax.nn.softmax(nnx.merge(graphdef, params).static(x, 0), -1)
