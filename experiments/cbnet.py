@@ -7,7 +7,8 @@
    directly on raw images (the baseline PAPERS.md asks for).
 2. Conversion targets, from the TRAIN split only: for each class, the train image the CNN's first exit classifies
    most confidently as its own class.
-3. The converting autoencoder learns x -> target[label(x)] (MSE) on the train split.
+3. The converting autoencoder learns x -> target[label(x)] (MSE) on the train split. A control: an MLP classifier
+   with the encoder's widths, trained directly with the autoencoder's schedule.
 4. Test: accuracy, FLOPs per image (the autoencoder counted) and measured batched CPU latency of CBNet
    (classifier(autoencoder(x)), the classifier = the CNN truncated at exit 1), the small classifiers alone, the full
    CNN, and BranchyNet exits with max-softmax thresholds fit on validation (MSDNet's budgeted protocol), executed by
@@ -29,6 +30,7 @@ from eejax.eval import budgeted, report
 from eejax.exits import costs, engine, losses
 from eejax.models import cbnet as cbnet_lib
 from eejax.models import perceiver as perceiver_lib
+from eejax.nn.layers import build as nn_build
 from eejax.train import Trainer, make_optimizer, maybe_initialize
 from experiments.dynamic_perceiver import cached_probs, check_agreement, executed, interp_curve, nearest_prior
 from experiments.lgvit import _host_slice, load_data, padded_eval_images
@@ -102,6 +104,45 @@ def train_autoencoder(cfg, targets, train_ds, workdir):
     return graphdef, params
 
 
+class EncoderMlp(nnx.Module):
+    """A control: an MLP classifier with the autoencoder's encoder widths (P-h1-...-hk-K), trained directly. The
+    encoder must recognise the class to emit its prototype, so this measures how much of CBNet's accuracy an MLP
+    of that size has on its own."""
+
+    def __init__(self, acfg: cbnet_lib.AutoencoderConfig, num_classes: int, *, rngs: nnx.Rngs):
+        dims = mlp_dims(acfg, num_classes)
+        self.dense = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
+
+    def __call__(self, x_BxHxWxC):
+        h = x_BxHxWxC.reshape(x_BxHxWxC.shape[0], -1)
+        for i, layer in enumerate(self.dense):
+            h = layer(h) if i == len(self.dense) - 1 else jax.nn.relu(layer(h))
+        return h
+
+
+def train_mlp(cfg, train_ds, workdir):
+    """The encoder-sized MLP classifier, trained with the autoencoder's steps, batch and optimizer."""
+    acfg = ae_config(cfg)
+    graphdef, params = nn_build(lambda rngs: EncoderMlp(acfg, 10, rngs=rngs), cfg.seed)
+
+    def loss_fn(params, batch, rng, step):
+        del rng, step
+        logits = nnx.merge(graphdef, params)(batch["image"])
+        ce = jnp.mean(losses.cross_entropy(logits, batch["label"]))
+        return ce, {"acc": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+
+    batches = pipeline.BatchIterator(train_ds, cfg.train_ae.batch_size, seed=cfg.seed + 2, **_host_slice())
+    with Trainer(loss_fn, params, make_optimizer(cfg.train_ae.optim), workdir=workdir / "encoder_mlp",
+                 seed=cfg.seed, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every) as tr:
+        params = tr.fit(batches, cfg.train_ae.steps, desc="encoder-sized MLP").params
+    dims = mlp_dims(acfg)
+    return graphdef, params, sum(2 * a * b for a, b in zip(dims[:-1], dims[1:]))
+
+
+def mlp_dims(acfg, num_classes: int = 10) -> tuple[int, ...]:
+    return (acfg.pixels,) + tuple(int(h) for h in acfg.hidden) + (num_classes,)
+
+
 def predict(fn, params, ds, cfg):
     """argmax of ``fn(params, x)`` over ``ds`` in order."""
     jfn = jax.jit(lambda p, x: jnp.argmax(fn(p, x), -1))
@@ -157,6 +198,7 @@ def main(argv=None):
     s_graphdef, s_params = train_cnn(cfg, scfg, train_ds, workdir, "small_direct")
     targets = build_targets(graphdef, params, train_ds, cfg)
     a_graphdef, a_params = train_autoencoder(cfg, targets, train_ds, workdir)
+    m_graphdef, m_params, mlp_flops = train_mlp(cfg, train_ds, workdir)
 
     ec = perceiver_lib.flops(mcfg)
     ae_flops = cbnet_lib.autoencoder_flops(acfg)
@@ -171,6 +213,9 @@ def main(argv=None):
 
     def direct(p, x):
         return nnx.merge(s_graphdef, p).static(x, 0)
+
+    def mlp(p, x):
+        return nnx.merge(m_graphdef, p)(x)
 
     def ae(p, x):
         return nnx.merge(a_graphdef, p)(x)
@@ -191,7 +236,9 @@ def main(argv=None):
             ("CBNet: autoencoder + truncated CNN (exit 1)", cbnet_trunc, (a_params, params),
              ae_flops + ec.static_flops_E[0]),
             ("CBNet variant: autoencoder + directly trained small classifier", cbnet_direct, (a_params, s_params),
-             ae_flops + small_flops)):
+             ae_flops + small_flops),
+            (f"control: MLP {'-'.join(map(str, mlp_dims(acfg)))} (the encoder's widths) trained directly", mlp,
+             m_params, mlp_flops)):
         pred = predict(fn, p, test, cfg)
         static_rows.append({"model": name, "test_acc": 100 * float(np.mean(pred == labels)), "MFLOPs": flops / 1e6,
                             f"ms_per_batch{xb.shape[0]}": latency(fn, (p, xb), cfg)})
@@ -231,7 +278,7 @@ def main(argv=None):
     report.plot_accuracy_vs_flops(
         {"BranchyNet exits (budgeted, test)": [(c.expected_flops, 100 * c.accuracy) for c in curve]},
         [(ec.static_flops_E[e], 100 * acc_E[e], f"exit{e + 1}") for e in range(mcfg.depth)]
-        + [(r["MFLOPs"] * 1e6, r["test_acc"], lbl) for r, lbl in zip(static_rows[2:], ("direct", "CBNet", "CBNet'"))],
+        + [(r["MFLOPs"] * 1e6, r["test_acc"], lbl) for r, lbl in zip(static_rows[2:], ("direct", "CBNet", "CBNet'", "MLP"))],
         stage.dir / "cbnet_accuracy_flops.png", title=f"CBNet vs BranchyNet exits on {cfg.data.name} (test)")
     sample = normalized_images(test, np.arange(8))
     plot_conversions(sample, jax.jit(ae)(a_params, jnp.asarray(sample)), targets.images_KxHxWxC,
