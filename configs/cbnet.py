@@ -14,7 +14,7 @@ Models, all trained with the same batch and optimizer:
     the small classifier = that CNN truncated at its first exit (stem + stage 1 + exit 1);
     the small classifier trained directly (the same architecture, trained alone: PAPERS.md red flag);
     the converting autoencoder: dense 784-128-32-128-784, MSE to the easy image of the input's class;
-    a control MLP classifier 784-128-32-10 (the encoder's widths) trained directly with the autoencoder's schedule.
+    a control MLP classifier 784-128-32-10 (the encoder's widths) trained directly with the CNNs' budget.
 Evaluation on test: accuracy, FLOPs per image (autoencoder counted) and measured batched CPU latency of
     CBNet (autoencoder + small classifier), the small classifiers alone, the full CNN, and BranchyNet exits
     (max-softmax thresholds fit on validation by MSDNet's budgeted protocol, executed by the engine's compacted

@@ -8,7 +8,7 @@
 2. Conversion targets, from the TRAIN split only: for each class, the train image the CNN's first exit classifies
    most confidently as its own class.
 3. The converting autoencoder learns x -> target[label(x)] (MSE) on the train split. A control: an MLP classifier
-   with the encoder's widths, trained directly with the autoencoder's schedule.
+   with the encoder's widths, trained directly with the CNNs' budget (steps, batch, optimizer).
 4. Test: accuracy, FLOPs per image (the autoencoder counted) and measured batched CPU latency of CBNet
    (classifier(autoencoder(x)), the classifier = the CNN truncated at exit 1), the small classifiers alone, the full
    CNN, and BranchyNet exits with max-softmax thresholds fit on validation (MSDNet's budgeted protocol), executed by
@@ -121,7 +121,7 @@ class EncoderMlp(nnx.Module):
 
 
 def train_mlp(cfg, train_ds, workdir):
-    """The encoder-sized MLP classifier, trained with the autoencoder's steps, batch and optimizer."""
+    """The encoder-sized MLP classifier, trained with the CNNs' budget (steps, batch, optimizer)."""
     acfg = ae_config(cfg)
     graphdef, params = nn_build(lambda rngs: EncoderMlp(acfg, 10, rngs=rngs), cfg.seed)
 
@@ -131,10 +131,10 @@ def train_mlp(cfg, train_ds, workdir):
         ce = jnp.mean(losses.cross_entropy(logits, batch["label"]))
         return ce, {"acc": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
 
-    batches = pipeline.BatchIterator(train_ds, cfg.train_ae.batch_size, seed=cfg.seed + 2, **_host_slice())
-    with Trainer(loss_fn, params, make_optimizer(cfg.train_ae.optim), workdir=workdir / "encoder_mlp",
+    batches = pipeline.BatchIterator(train_ds, cfg.data.batch_size, seed=cfg.seed, **_host_slice())
+    with Trainer(loss_fn, params, make_optimizer(cfg.train.optim), workdir=workdir / "encoder_mlp_cnn_budget",
                  seed=cfg.seed, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every) as tr:
-        params = tr.fit(batches, cfg.train_ae.steps, desc="encoder-sized MLP").params
+        params = tr.fit(batches, cfg.train.steps, desc="encoder-sized MLP").params
     dims = mlp_dims(acfg)
     return graphdef, params, sum(2 * a * b for a, b in zip(dims[:-1], dims[1:]))
 
@@ -237,7 +237,7 @@ def main(argv=None):
              ae_flops + ec.static_flops_E[0]),
             ("CBNet variant: autoencoder + directly trained small classifier", cbnet_direct, (a_params, s_params),
              ae_flops + small_flops),
-            (f"control: MLP {'-'.join(map(str, mlp_dims(acfg)))} (the encoder's widths) trained directly", mlp,
+            (f"control: MLP {'-'.join(map(str, mlp_dims(acfg)))} (the encoder's widths) trained directly, CNN budget", mlp,
              m_params, mlp_flops)):
         pred = predict(fn, p, test, cfg)
         static_rows.append({"model": name, "test_acc": 100 * float(np.mean(pred == labels)), "MFLOPs": flops / 1e6,
