@@ -28,7 +28,7 @@ import ml_collections
 from eejax.config import Validator
 from eejax.train import default_optim_config
 
-NOT_IN_CHECKPOINTS = ("eval",)
+NOT_IN_CHECKPOINTS = ("eval", "seeds", "parallel", "single_block_control")   # which runs, not how each is trained
 ARGS = ("mnist", "fashion_mnist", "cifar10", "smoke")
 
 
