@@ -18,7 +18,7 @@ Search (after the official search_space.py / genetic/optimizer.py): population 8
     crossover and a one-gene mutation, duplicates of anything seen rejected. Arms: ``normal`` (random initial
     population) and ``ee`` (EE-PI: an initial candidate over ``search.max_params`` is rejected and resampled; as in
     the official code, offspring are not filtered). Same seed, same number of candidates per arm.
-Proxy training per candidate: 150 steps of batch 64, AdamW lr 2e-3 warmup-cosine (no retraining of the winners).
+Proxy training per candidate: 100 steps of batch 64, AdamW lr 2e-3 warmup-cosine (no retraining of the winners).
 Hardware / wall-clock: a shared 2-core CPU, about 45 min under a load of ~30 (per-candidate compile and
     checkpoint overheads dominate); smoke a few minutes.
 Expected shape (PAPERS.md, toy NAS): at the same number of evaluations the capped search reaches similar accuracy
@@ -49,8 +49,8 @@ def get_config(arg=None):
         patch_size=(4, 7, 14)))
     c.search = ml_collections.ConfigDict(dict(
         arms=ARMS, population=8, generations=3, retain=0.5, mutate_prob=0.3, max_params=30000))
-    c.train = ml_collections.ConfigDict(dict(steps=150, optim=default_optim_config()))
-    c.train.optim.update(lr=2e-3, schedule="warmup_cosine", warmup_steps=15, total_steps=150, weight_decay=0.05)
+    c.train = ml_collections.ConfigDict(dict(steps=100, optim=default_optim_config()))
+    c.train.optim.update(lr=2e-3, schedule="warmup_cosine", warmup_steps=10, total_steps=100, weight_decay=0.05)
     c.log_every = 50
     c.eval = ml_collections.ConfigDict(dict(budgets=(10000, 20000, 30000, 50000, 100000, 300000)))
     if arg == "smoke":
