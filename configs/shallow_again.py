@@ -15,8 +15,9 @@ Data: MNIST / Fashion-MNIST from --data_dir or $EEJAX_DATA_DIR (54,000 train / 6
 Model: ViT (patch 7, width 32, 2 heads, MLP 64) with 4 pre-LN transformer blocks and one linear head (a first try
     at width 64 / 6 blocks ran at 0.3-1 step/s on the shared CPU: too slow for a grid). Variants ``parallel`` = k,
     the number of blocks per parallel group (eejax/exits/parallel.py): k = 1 is the residual stack (the engine's
-    prefix program over 4 layers), k = 4 is the fully parallel net y = x + sum_i F_i(x) (depth 1), k = 2 between. Every variant has exactly the same parameters, FLOPs (up to k-1 additions per group) and
-    initial weights (one init seed), and trains on the same batches. Control (PAPERS.md red flag): ONE block of the
+    prefix program over 4 layers), k = 4 is the fully parallel net y = x + sum_i F_i(x) (depth 1), k = 2 between.
+    Every variant has exactly the same parameters, FLOPs (up to k-1 additions per group) and initial weights (one
+    init seed), and trains on the same batches. Control (PAPERS.md red flag): ONE block of the
     same width (1/4 of the block parameters).
 Training: AdamW lr 1e-3, warmup-cosine, 300 steps of batch 128, cross-entropy, three seeds per variant.
 Hardware / wall-clock: a shared 2-core CPU, about 30-40 min per dataset under a load of ~35; smoke about a minute.

@@ -27,7 +27,6 @@ from matplotlib.figure import Figure
 from eejax import config as config_lib
 from eejax import run
 from eejax.eval import report
-from eejax.exits import costs
 from eejax.models import vit as vit_lib
 from eejax.train import maybe_initialize
 from experiments import _vit_train as vt
