@@ -76,6 +76,9 @@ def run_one(cfg, data, workdir, k, seed: int):
     graphdef, params = vit_lib.build(mcfg, seed)     # the same init for every variant of a seed
     name = variant_name(k, cfg.model.depth)
     tag = "single" if k == CONTROL else f"k{k}"
+    done = workdir / f"{tag}-s{seed}" / "scores.json"
+    if done.exists():              # scored by an earlier (killed or partial) run: keep its measurements
+        return json.loads(done.read_text()), done.parent / "metrics.jsonl"
     tr = vt.train(graphdef, params, forward_fn(kk), train_ds, steps=cfg.train.steps, batch_size=cfg.data.batch_size,
                   optim=cfg.train.optim, seed=seed, workdir=workdir / f"{tag}-s{seed}", log_every=cfg.log_every,
                   desc=f"{name} seed {seed}")
@@ -97,7 +100,8 @@ def run_one(cfg, data, workdir, k, seed: int):
     for b in cfg.eval.timing_batches:
         t = costs.measure(fn, tr.params, jnp.asarray(x0[:b]), warmup=2, iters=cfg.eval.timing_iters)
         row[f"b{b}_ms"] = 1e3 * float(np.median(t.times_s))
-    return row, (workdir / f"{tag}-s{seed}" / "metrics.jsonl")
+    done.write_text(json.dumps(row))
+    return row, done.parent / "metrics.jsonl"
 
 
 def summarize(rows, keys):
