@@ -29,7 +29,7 @@ import ml_collections
 from eejax.config import Validator
 from eejax.train import default_optim_config
 
-NOT_IN_CHECKPOINTS = ("eval",)
+NOT_IN_CHECKPOINTS = ("eval", "search")   # a candidate's proxy training does not depend on how it was found
 ARGS = ("fashion_mnist", "mnist", "smoke")
 ARMS = ("normal", "ee")
 
@@ -82,11 +82,10 @@ def validate(c):
     for key in ("data.batch_size", "data.eval_batch_size", "train.steps", "log_every", "search.population",
                 "search.generations", "search.max_params"):
         v.int(key, lo=1)
-    if c.search.population < 2:
-        v.fail("search.population", "must be >= 2 (a child needs two parents)")
     v.float("search.retain", 0.0, 1.0, lo_open=True, hi_open=True)
-    if int(c.search.retain * c.search.population) < 2:
-        v.fail("search.retain", f"keeps {int(c.search.retain * c.search.population)} of the population; need >= 2")
+    if c.search.generations > 1 and int(c.search.retain * c.search.population) < 2:
+        v.fail("search.retain", f"keeps {int(c.search.retain * c.search.population)} of the population; need >= 2 "
+                                "parents for a next generation")
     v.prob("search.mutate_prob")
     v.choices("search.arms", ARMS)
     for key in ("space.depth", "space.d_model", "space.num_heads", "space.mlp_ratio", "space.patch_size"):

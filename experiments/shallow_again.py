@@ -83,9 +83,10 @@ def run_one(cfg, data, workdir, k, seed: int):
                   optim=cfg.train.optim, seed=seed, workdir=workdir / f"{tag}-s{seed}", log_every=cfg.log_every,
                   desc=f"{name} seed {seed}")
     fwd, bs = forward_fn(kk), cfg.data.eval_batch_size
-    train_loss, train_acc = vt.evaluate(graphdef, tr.params, fwd, train_sub, bs)
-    val_loss, val_acc = vt.evaluate(graphdef, tr.params, fwd, val, bs)
-    test_loss, test_acc = vt.evaluate(graphdef, tr.params, fwd, test, bs)
+    score = vt.scorer(graphdef, fwd)
+    train_loss, train_acc = vt.evaluate(graphdef, tr.params, fwd, train_sub, bs, fn=score)
+    val_loss, val_acc = vt.evaluate(graphdef, tr.params, fwd, val, bs, fn=score)
+    test_loss, test_acc = vt.evaluate(graphdef, tr.params, fwd, test, bs, fn=score)
     row = {"variant": name, "k": kk if k != CONTROL else 0, "seed": seed, "depth": depth // kk,
            "params": vt.num_params(tr.params), "MFLOPs": flops(mcfg, kk) / 1e6,
            "train_loss": train_loss, "train_acc": 100 * train_acc, "val_loss": val_loss, "val_acc": 100 * val_acc,
