@@ -13,13 +13,13 @@ Data: Fashion-MNIST from --data_dir or $EEJAX_DATA_DIR; candidates are scored on
 Search space: ViT depth {1..6} x width {16, 32, 48, 64} x heads {1, 2, 4} x MLP ratio {1, 2, 4} x patch {4, 7, 14}
     (648 architectures), one linear head. Parameter count: an exact formula (``eeea_net.param_count``, tested against
     the built model).
-Search (after the official search_space.py / genetic/optimizer.py): population 8, 3 generations, NSGA-II rank and
+Search (after the official search_space.py / genetic/optimizer.py): population 8, 2 generations, NSGA-II rank and
     crowding on (validation error, parameters); the best half survives, children by binary tournament, uniform
     crossover and a one-gene mutation, duplicates of anything seen rejected. Arms: ``normal`` (random initial
     population) and ``ee`` (EE-PI: an initial candidate over ``search.max_params`` is rejected and resampled; as in
     the official code, offspring are not filtered). Same seed, same number of candidates per arm.
 Proxy training per candidate: 100 steps of batch 64, AdamW lr 2e-3 warmup-cosine (no retraining of the winners).
-Hardware / wall-clock: a shared 2-core CPU, about 45 min under a load of ~30 (per-candidate compile and
+Hardware / wall-clock: a shared 2-core CPU, about 45 min under a load of ~35 (per-candidate compile and
     checkpoint overheads dominate); smoke a few minutes.
 Expected shape (PAPERS.md, toy NAS): at the same number of evaluations the capped search reaches similar accuracy
     with smaller models and a lower search cost (the paper: 0.52 GPU-days on CIFAR-10).
@@ -48,7 +48,7 @@ def get_config(arg=None):
         depth=(1, 2, 3, 4, 5, 6), d_model=(16, 32, 48, 64), num_heads=(1, 2, 4), mlp_ratio=(1, 2, 4),
         patch_size=(4, 7, 14)))
     c.search = ml_collections.ConfigDict(dict(
-        arms=ARMS, population=8, generations=3, retain=0.5, mutate_prob=0.3, max_params=30000))
+        arms=ARMS, population=8, generations=2, retain=0.5, mutate_prob=0.3, max_params=30000))
     c.train = ml_collections.ConfigDict(dict(steps=100, optim=default_optim_config()))
     c.train.optim.update(lr=2e-3, schedule="warmup_cosine", warmup_steps=10, total_steps=100, weight_decay=0.05)
     c.log_every = 50
