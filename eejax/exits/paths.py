@@ -58,7 +58,8 @@ class Sharded(NamedTuple):
             pol = policies.fixed_exit(exit_local) if per_row else policy
             out = engine.run(layers_l, list(heads_l) if module_heads else heads, h0_local, program, pol,
                              self.inner, layer_fn=layer_fn)
-            return out._replace(layers_run=jnp.reshape(out.layers_run, (1,)))
+            # The policy's state stays on the device (its leaves need not have a row axis to shard).
+            return out._replace(layers_run=jnp.reshape(out.layers_run, (1,)), policy_state=None)
 
         # check_vma=True holds: the loop carries derive from the sharded rows (engine.zeros_from), the weights stay
         # invariant and nothing in the body communicates.
