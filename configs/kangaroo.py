@@ -26,7 +26,7 @@ Protocol:
      rate, tokens per verify (CR), CPU wall-clock speed-up over plain greedy decoding of the same batch, and the
      parameter-read cost-model speed-up (memory-bound GPU at batch 1; eejax.decoding.kangaroo.cost_speedup).
 Scale: CPU-sized: 64 x 128 training tokens per window set, a few hundred adapter steps, 16 validation and 16 test
-    prompts x 64 new tokens. Hardware / wall-clock: 2 CPU cores shared by several jobs, about 40 minutes.
+    prompts x 64 new tokens. Hardware / wall-clock: 2 CPU cores shared by several jobs (load 25-35): 80 minutes.
 Expected shape (arXiv:2404.18911; PAPERS.md): lossless; at equal l the adapter drafter beats the shared-head-only
     one in acceptance and CR; speed-up vs l is an inverted U with a shallow optimum; accepted drafts have a higher
     top-1 probability than rejected ones. Paper: up to 1.68x on Spec-Bench (Vicuna-7B, l = 2 of 32, eta 0.6,

@@ -24,7 +24,7 @@ Protocol:
      and batch 1 on `decode.latency_prompts` prompts) and the parameter-read cost-model speed-up; plus the run
      with the predictor forced to 0 (must equal full depth; its time is the drafter + predictor overhead).
 Scale: 8 x 128 training tokens of features, 16 test prompts x 64 new tokens. Hardware / wall-clock: 2 CPU cores
-    shared by several jobs, about 30 minutes.
+    shared by several jobs (load 25-35): 52 minutes.
 Expected shape (arXiv:2504.08850; PAPERS.md): near-lossless (high agreement, not 100%) with fewer average layers;
     predictor cost far below a layer's because the features are k-dimensional; fewer scheduled layers give more
     speed-up at about the same agreement. Paper: 2.25x (cloud) and 2.43x (PC) on Llama2-7B.
