@@ -7,6 +7,6 @@ def test_first_bench_tiny_rows():
     assert rows and all(KEYS <= set(r) for r in rows)
     for b in {r["batch"] for r in rows}:
         variants = {r["variant"]: r for r in rows if r["batch"] == b}
-        assert "baseline" in variants and "FiRST per-row sets" in variants
+        assert "greedy" in variants and "FiRST per-row sets" in variants
         assert variants["FiRST per-row sets"]["layers_per_token"] == 4   # 2 of the 4 routable layers per row
         assert variants["FiRST per-row sets"]["layers_run_per_step"] <= 6

@@ -18,6 +18,6 @@ def test_uls_bench_tiny_rows():
     assert rows and all(KEYS <= set(r) for r in rows)
     for b in {r["batch"] for r in rows}:
         variants = {r["variant"]: r for r in rows if r["batch"] == b}
-        assert "baseline" in variants and variants["baseline"]["layers_per_token"] == 6
+        assert "greedy" in variants and variants["greedy"]["layers_per_token"] == 6
         assert variants["ULS 1.5x"]["layers_per_token"] == 4          # k = round(6 (1 - 1/1.5)) = 2 skipped
     assert all(r["tokens_per_s"] > 0 for r in rows)

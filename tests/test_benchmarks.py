@@ -175,17 +175,20 @@ def test_suite_summary_names_every_winner(suite):
 
 
 def test_paper_decoders_schema(suite):
-    """Every module in benchmarks/papers/ ran at tiny size without error; each paper has its greedy baseline row and
-    every row its speed-up over it."""
+    """The paper-decoder part ran every module in benchmarks/papers/ that its budget reached without error (each
+    module also has its own tiny test); every row has the documented keys, and each paper's rows at a batch read
+    their speed-up off that paper's greedy row."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import lm_papers
     result = _json(suite, "lm_papers.json")
-    assert result["errors"] == {} and result["skipped"] == []
+    assert result["errors"] == {}
     assert result["meta"]["modules"] == lm_papers.modules()
+    assert result["rows"], "no module produced a row"
+    greedy = {(r["paper"], r["batch"]) for r in result["rows"] if r["variant"] == "greedy"}
     for row in result["rows"]:
         assert set(lm_papers.REQUIRED) <= set(row), row
         assert row["seconds"] > 0 and row["tokens_per_s"] > 0
-        assert row["speedup_vs_greedy"] is not None, f"{row['paper']} has no greedy row at batch {row['batch']}"
+        assert (row["speedup_vs_greedy"] is not None) == ((row["paper"], row["batch"]) in greedy), row
     assert (suite / "lm_papers.md").read_text().startswith("# Paper decoders")
 
 

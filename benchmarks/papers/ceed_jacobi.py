@@ -93,7 +93,7 @@ def run(size: str, budget_s: float, log) -> list[dict]:
             if n is None:
                 fn = jax.jit(per_token.decode_fn(graphdef, per_token.full_depth_step, g))
                 sec = _time(fn, (params, prompt, lengths), p["repeats"])
-                row = {"variant": "greedy (baseline)", "block": None, "iters_per_block": None,
+                row = {"variant": "greedy", "block": None, "iters_per_block": None,
                        "forwards_per_token": 1.0, "iters_source": None}
             else:
                 fn = jax.jit(lambda pr, t, l, tol, mi, n=n: jacobi.jacobi_decode(   # noqa: E731

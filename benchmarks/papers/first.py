@@ -102,7 +102,7 @@ def run(size: str, budget_s: float, log=print) -> list[dict]:
                 params, toks))
         k_uls = int(round(n - keep.sum(0).mean()))
         table, count = ls.layer_table(ls.uls_layers(n, skip=k_uls), n)
-        methods = [("baseline", per_token.full_depth_step, (), "plain greedy (per_token.full_depth_step)"),
+        methods = [("greedy", per_token.full_depth_step, (), "plain greedy (per_token.full_depth_step)"),
                    ("FiRST per-row sets", lambda m, t, st, i, kp: ls.row_step(m, t, st, i, kp), (jnp.asarray(keep),),
                     source),
                    (f"ULS skip {k_uls} (same mean layers)", ls.table_step, (jnp.asarray(table), jnp.int32(count)),
@@ -114,7 +114,7 @@ def run(size: str, budget_s: float, log=print) -> list[dict]:
                 break
             t = time_decode(graphdef, params, pre, s["new"], step, args, s["repeats"])
             tps = b * s["new"] / t["seconds"]
-            base = tps if name == "baseline" else base
+            base = tps if name == "greedy" else base
             rows.append({"paper": PAPER, "variant": name, "batch": b, "new_tokens": s["new"], "seconds": t["seconds"],
                          "tokens_per_s": tps, "speedup_vs_baseline": tps / base if base else None,
                          "layers_per_token": t["layers_per_token"], "layers_run_per_step": t["layers_run_per_step"],

@@ -11,7 +11,7 @@ experiments/results/uls-smollm2/uls.json (copied into the rows when present).
 
 Each unit is one (batch, method): prompts of ``prompt`` random tokens are prefilled once (not timed), then ``new``
 greedy tokens are decoded from that state (``layer_skip.decode``; compile excluded by a warm-up call,
-``block_until_ready`` before the clock stops; median of ``repeats`` calls). Methods: ``baseline`` (plain greedy,
+``block_until_ready`` before the clock stops; median of ``repeats`` calls). Methods: ``greedy`` (plain greedy,
 ``per_token.full_depth_step``) and ULS at target speed-ups 1.25x / 1.5x / 2x (``layer_skip.table_step`` over
 ``layer_skip.uls_layers``). Import only jax, numpy and eejax.
 """
@@ -94,7 +94,7 @@ def run(size: str, budget_s: float, log=print) -> list[dict]:
     graphdef, params, cfg = build_model(size)
     n = cfg.depth
     quality = measured_quality()
-    methods = [("baseline", "plain greedy (per_token.full_depth_step)", per_token.full_depth_step, (), None)]
+    methods = [("greedy", "plain greedy (per_token.full_depth_step)", per_token.full_depth_step, (), None)]
     for r in s["speedups"]:
         keep = ls.uls_layers(n, r)
         table, count = ls.layer_table(keep, n)
@@ -113,7 +113,7 @@ def run(size: str, budget_s: float, log=print) -> list[dict]:
                 break
             t = time_decode(graphdef, params, pre, s["new"], step, args, s["repeats"])
             tps = b * s["new"] / t["seconds"]
-            base = tps if name == "baseline" else base
+            base = tps if name == "greedy" else base
             row = {"paper": PAPER, "variant": name, "batch": b, "new_tokens": s["new"], "seconds": t["seconds"],
                    "tokens_per_s": tps, "speedup_vs_baseline": tps / base if base else None,
                    "target_speedup": r, "layers_per_token": t["layers_per_token"], "num_layers": n,
