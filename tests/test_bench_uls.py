@@ -1,6 +1,9 @@
 """benchmarks/papers/uls.py runs at size tiny and returns the suite's rows (baseline beside ULS)."""
 import importlib.util
 import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))   # first.py imports papers.uls
 
 KEYS = {"paper", "variant", "batch", "new_tokens", "seconds", "tokens_per_s"}
 

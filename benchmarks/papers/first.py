@@ -18,39 +18,25 @@ from __future__ import annotations
 
 import json
 import pathlib
-import statistics
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from eejax.decoding import layer_skip as ls
 from eejax.decoding import per_token
-from eejax.models import lm as lm_lib
+from papers import uls
 
 PAPER = "FiRST (arXiv:2410.12513)"
 RESULTS = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "results" / "first-smollm2" / "first.json"
 DEFAULT_SKIP = 6
 
+# batches and lengths per size; the model of each size is ULS's (uls.SIZES), built by uls.build_model
 SIZES = {
-    "tiny": dict(model=dict(vocab_size=64, d_model=32, depth=6, num_heads=4, num_kv_heads=2, mlp_dim=64),
-                 dtype=None, batches=(1, 2), prompt=8, new=8, repeats=2, skip=2),
-    "small": dict(model=dict(vocab_size=4096, d_model=256, depth=12, num_heads=4, num_kv_heads=2, mlp_dim=768),
-                  dtype=None, batches=(1, 8), prompt=32, new=32, repeats=3, skip=3),
-    "gpu": dict(model=dict(vocab_size=49152, d_model=576, depth=30, num_heads=9, num_kv_heads=3, mlp_dim=1536),
-                dtype="bfloat16", batches=(1, 8, 32), prompt=128, new=128, repeats=5, skip=DEFAULT_SKIP),
+    "tiny": dict(batches=(1, 2), prompt=8, new=8, repeats=2, skip=2),
+    "small": dict(batches=(1, 8), prompt=32, new=32, repeats=3, skip=3),
+    "gpu": dict(batches=(1, 8, 32), prompt=128, new=128, repeats=5, skip=DEFAULT_SKIP),
 }
-
-
-def build_model(size: str):
-    s = SIZES[size]
-    cfg = lm_lib.LMConfig(**s["model"], mlp="swiglu", exits=(s["model"]["depth"] - 1,), dtype=s["dtype"])
-    graphdef, params = lm_lib.build(cfg, 0)
-    if s["dtype"]:
-        params = jax.tree.map(lambda a: a.astype(s["dtype"]) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
-    return graphdef, params, cfg
 
 
 def skip_sets(n: int, batch: int, skip: int) -> tuple[np.ndarray, str]:
@@ -67,28 +53,13 @@ def skip_sets(n: int, batch: int, skip: int) -> tuple[np.ndarray, str]:
     return keep, f"default: {skip} random routable layers skipped per row (no CPU results for this depth)"
 
 
-def time_decode(graphdef, params, pre: ls.Prefilled, new: int, step_fn, args, repeats: int) -> dict:
-    def f(p, logits, state, *a):
-        return ls.decode(nnx.merge(graphdef, p), logits, state, new, lambda m, t, s, i: step_fn(m, t, s, i, *a))
-
-    exe = jax.jit(f)
-    dec = jax.block_until_ready(exe(params, pre.logits_BxV, pre.state, *args))   # compile + warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(exe(params, pre.logits_BxV, pre.state, *args))
-        times.append(time.perf_counter() - t0)
-    return {"seconds": statistics.median(times), "min_seconds": min(times),
-            "layers_per_token": float(np.mean(np.asarray(dec.layers_BxG[:, 1:]))),
-            "layers_run_per_step": float(np.mean(np.asarray(dec.layers_run_G[1:])))}
-
 
 def run(size: str, budget_s: float, log=print) -> list[dict]:
     if size not in SIZES:
         raise ValueError(f"size={size!r}: use one of {sorted(SIZES)}")
     s = SIZES[size]
     start = time.perf_counter()
-    graphdef, params, cfg = build_model(size)
+    graphdef, params, cfg = uls.build_model(size)   # the same SmolLM2-shaped presets as ULS
     n = cfg.depth
     rows = []
     for b in s["batches"]:
@@ -96,10 +67,7 @@ def run(size: str, budget_s: float, log=print) -> list[dict]:
             log(f"first: budget spent, batches from {b} not run")
             break
         keep, source = skip_sets(n, b, s["skip"])
-        toks = jax.random.randint(jax.random.key(b), (b, s["prompt"]), 1, cfg.vocab_size, jnp.int32)
-        pre = jax.block_until_ready(jax.jit(lambda p, x: ls.prefill_pooled(
-            nnx.merge(graphdef, p), x, jnp.full((x.shape[0],), s["prompt"], jnp.int32), s["prompt"] + s["new"]))(
-                params, toks))
+        pre = uls.prefill(graphdef, params, b, s["prompt"], s["new"], cfg.vocab_size, seed=b)
         k_uls = int(round(n - keep.sum(0).mean()))
         table, count = ls.layer_table(ls.uls_layers(n, skip=k_uls), n)
         methods = [("greedy", per_token.full_depth_step, (), "plain greedy (per_token.full_depth_step)"),
@@ -112,13 +80,13 @@ def run(size: str, budget_s: float, log=print) -> list[dict]:
             if rows and rows[-1]["batch"] != b and time.perf_counter() - start > budget_s:
                 log(f"first: budget spent at batch {b}, {name}")
                 break
-            t = time_decode(graphdef, params, pre, s["new"], step, args, s["repeats"])
+            t = uls.time_decode(graphdef, params, pre, s["new"], step, args, s["repeats"])
             tps = b * s["new"] / t["seconds"]
             base = tps if name == "greedy" else base
             rows.append({"paper": PAPER, "variant": name, "batch": b, "new_tokens": s["new"], "seconds": t["seconds"],
                          "tokens_per_s": tps, "speedup_vs_baseline": tps / base if base else None,
                          "layers_per_token": t["layers_per_token"], "layers_run_per_step": t["layers_run_per_step"],
                          "num_layers": n, "skipped_fraction": 1 - t["layers_per_token"] / n, "detail": detail,
-                         "size": size, "dtype": s["dtype"] or "float32", "weights": "random"})
+                         "size": size, "dtype": uls.SIZES[size]["dtype"] or "float32", "weights": "random"})
             log(f"first {size} b={b} {name}: {tps:.1f} tok/s, {t['layers_run_per_step']:.1f} layers per step")
     return rows
