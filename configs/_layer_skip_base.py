@@ -2,7 +2,7 @@
 
 
 def validate_common(v, c):
-    """Checks shared by the layer-skip configs (``v``: eejax.config.Validator)."""
+    """Checks shared by the layer-skip configs (``v``: eejax.harness.config.Validator)."""
     from eejax.models import pretrained  # noqa: PLC0415
 
     v.choice("model.name", sorted(pretrained.MODELS) + ["random"])

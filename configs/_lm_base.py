@@ -4,7 +4,7 @@ A shared piece, not a paper: ``launch.sh`` skips files starting with "_".
 """
 import ml_collections
 
-from eejax.config import Validator
+from eejax.harness.config import Validator
 from eejax.train import default_optim_config
 
 TOKENIZERS = ("char", "byte")

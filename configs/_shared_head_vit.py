@@ -2,7 +2,7 @@
 recipe, so one trained backbone (``model_workdir``) serves both papers."""
 import ml_collections
 
-from eejax.config import Validator
+from eejax.harness.config import Validator
 from eejax.train import default_optim_config
 
 

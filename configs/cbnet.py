@@ -26,7 +26,7 @@ Expected shape (PAPERS.md): on MNIST-like data the autoencoder + tiny classifier
 """
 import ml_collections
 
-from eejax.config import Validator
+from eejax.harness.config import Validator
 from eejax.train import default_optim_config
 
 NOT_IN_CHECKPOINTS = ("eval",)
@@ -68,7 +68,7 @@ def get_config(arg=None):
 
 
 def validate(c):
-    """Every value checked when the config is loaded, before any training (called by eejax.config)."""
+    """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
     from eejax.data import pipeline  # noqa: PLC0415
     from eejax.models import cbnet, perceiver  # noqa: PLC0415
 

@@ -55,7 +55,7 @@ def get_config(arg=None):
 
 
 def validate(c):
-    from eejax.config import Validator  # noqa: PLC0415
+    from eejax.harness.config import Validator  # noqa: PLC0415
 
     v = Validator(c)
     validate_model(v)

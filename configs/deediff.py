@@ -36,11 +36,11 @@ Paper: U-ViT-S on CIFAR-10, full-depth FID 3.11; DeeDiff reports over 40% less i
 """
 import ml_collections
 
-from eejax.config import Validator
+from eejax.harness.config import Validator
 from eejax.train import default_optim_config
 
 # Not compared with the workdir's recorded config: sampling and evaluation settings only, so a finished run can be
-# re-evaluated with other values (eejax.run.open_workdir).
+# re-evaluated with other values (eejax.harness.run.open_workdir).
 NOT_IN_CHECKPOINTS = ("eval", "sample")
 
 
@@ -106,7 +106,7 @@ def get_config(arg=None):
 
 
 def validate(c):
-    """Every value checked when the config is loaded, before any training (called by eejax.config)."""
+    """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
     from eejax.data import pipeline  # noqa: PLC0415
     from eejax.models import diffusion as D  # noqa: PLC0415
 

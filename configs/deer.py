@@ -46,7 +46,7 @@ def get_config(arg=None):
 
 
 def validate(c):
-    """Every value checked when the config is loaded, before any training (called by eejax.config)."""
+    """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
     v = validate_base(c)
     v.floats("eval.budgets", 1.0, float(c.model.depth))
     v.ints("eval.max_layers", 2, c.model.depth)

@@ -27,7 +27,7 @@ Paper (arXiv:2306.11248, README figures): 1.8-4.8x fewer FLOPs than static RegNe
 """
 import ml_collections
 
-from eejax.config import Validator
+from eejax.harness.config import Validator
 from eejax.train import default_optim_config
 
 ARMS = ("perceiver", "feature_exits")
@@ -70,7 +70,7 @@ def get_config(arg=None):
 
 
 def validate(c):
-    """Every value checked when the config is loaded, before any training (called by eejax.config)."""
+    """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
     from eejax.data import pipeline  # noqa: PLC0415
     from eejax.models import perceiver  # noqa: PLC0415
 

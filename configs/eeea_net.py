@@ -26,7 +26,7 @@ Expected shape (PAPERS.md, toy NAS): at the same number of evaluations the cappe
 """
 import ml_collections
 
-from eejax.config import Validator
+from eejax.harness.config import Validator
 from eejax.train import default_optim_config
 
 NOT_IN_CHECKPOINTS = ("eval", "search")   # a candidate's proxy training does not depend on how it was found
@@ -69,7 +69,7 @@ def get_config(arg=None):
 
 
 def validate(c):
-    """Every value checked when the config is loaded, before any training (called by eejax.config)."""
+    """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
     from eejax.data import pipeline  # noqa: PLC0415
 
     v = Validator(c)

@@ -81,8 +81,8 @@ NOT_IN_CHECKPOINTS = ("eval",)   # evaluation settings: a finished run may be re
 
 
 def validate(c):
-    """Every value checked when the config is loaded, before any training (called by eejax.config)."""
-    from eejax.config import Validator  # noqa: PLC0415
+    """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
+    from eejax.harness.config import Validator  # noqa: PLC0415
 
     v = Validator(c)
     v.str("name")

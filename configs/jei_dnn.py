@@ -52,7 +52,7 @@ def get_config(arg=None):
 
 
 def validate(c):
-    """Every value checked when the config is loaded, before any training (called by eejax.config)."""
+    """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
     v = validate_base(c)
     v.floats("jei.lambdas", 0.0)
     for key in ("jei.warmup_steps", "jei.rounds", "jei.gate_steps", "jei.im_steps", "jei.batch_size",

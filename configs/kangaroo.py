@@ -64,8 +64,8 @@ def get_config(arg=None):
 
 
 def validate(c):
-    """Every value checked when the config is loaded (called by eejax.config)."""
-    from eejax.config import Validator  # noqa: PLC0415
+    """Every value checked when the config is loaded (called by eejax.harness.config)."""
+    from eejax.harness.config import Validator  # noqa: PLC0415
 
     v = Validator(c)
     v.str("name")

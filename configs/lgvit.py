@@ -20,14 +20,14 @@ Paper: ~1.8x speed-up with competitive accuracy on ViT-B/16, DeiT-B, Swin-B over
 """
 import ml_collections
 
-from eejax.config import Validator
+from eejax.harness.config import Validator
 from eejax.train import default_optim_config
 
 HEAD_VARIANTS = ("lgvit", "linear", "vitee")
 STAGE1_WEIGHTINGS = ("alternating", "uniform", "linear", "geometric")
 
 # Not compared with the workdir's recorded config: thresholds and timing settings only, so a finished run can be
-# re-evaluated with other values (eejax.run.open_workdir).
+# re-evaluated with other values (eejax.harness.run.open_workdir).
 NOT_IN_CHECKPOINTS = ("eval",)
 
 
@@ -83,7 +83,7 @@ def get_config(arg=None):
 
 
 def validate(c):
-    """Every value checked when the config is loaded, before any training (called by eejax.config)."""
+    """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
     from eejax.data import pipeline  # noqa: PLC0415
     from eejax.models import vit as vit_lib  # noqa: PLC0415
 

@@ -45,7 +45,7 @@ def get_config(arg=None):
 
 
 def validate(c):
-    """Every value checked when the config is loaded, before any training (called by eejax.config)."""
+    """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
     v = validate_base(c)
     for key in ("eval.num_candidates", "eval.throughput_batch"):
         v.int(key, lo=1)

@@ -33,7 +33,7 @@ KV_MODES = ("propagate", "oracle")
 THRESHOLD_RANGE = {"max_softmax": (0.0, 1.0), "margin": (0.0, 1.0), "learned": (0.0, 1.0), "cosine": (-1.0, 1.0)}
 
 # Not compared with the workdir's recorded config: decoding and calibration settings only, so a finished run can be
-# re-evaluated with other values (eejax.run.open_workdir).
+# re-evaluated with other values (eejax.harness.run.open_workdir).
 NOT_IN_CHECKPOINTS = ("eval",)
 
 
@@ -67,7 +67,7 @@ def get_config(arg=None):
 
 
 def validate(c):
-    """Every value checked when the config is loaded, before any training (called by eejax.config)."""
+    """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
     from eejax.exits import engine  # noqa: PLC0415
 
     v = validate_base(c)

@@ -26,7 +26,7 @@ Expected shape (arXiv:2309.08414): over the grid, (parallel - sequential) traini
 """
 import ml_collections
 
-from eejax.config import Validator
+from eejax.harness.config import Validator
 from eejax.train import default_optim_config
 
 NOT_IN_CHECKPOINTS = ("eval", "seeds", "parallel", "single_block_control")   # which runs, not how each is trained
@@ -72,7 +72,7 @@ def get_config(arg=None):
 
 
 def validate(c):
-    """Every value checked when the config is loaded, before any training (called by eejax.config)."""
+    """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
     from eejax.data import pipeline  # noqa: PLC0415
     from eejax.models import vit as vit_lib  # noqa: PLC0415
 

@@ -50,7 +50,7 @@ def get_config(arg=None):
 
 
 def validate(c):
-    """Every value checked when the config is loaded, before any training (called by eejax.config)."""
+    """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
     v = validate_base(c)
     v.floats("skipdecode.speedups", lo=1.0)
     v.int("skipdecode.keep_bottom", lo=0, hi=c.model.depth - 1)

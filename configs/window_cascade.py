@@ -55,7 +55,7 @@ def get_config(arg=None):
 
 
 def validate(c):
-    """Every value checked when the config is loaded, before any training (called by eejax.config)."""
+    """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
     from eejax.models import vit as vit_lib  # noqa: PLC0415
 
     v = validate_base(c)

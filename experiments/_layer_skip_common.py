@@ -29,12 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax import config as config_lib
-from eejax import run
+from eejax.harness import config as config_lib
+from eejax.harness import run
 from eejax.data.text import ByteTokenizer, load_tokens
 from eejax.decoding import layer_skip as ls
 from eejax.decoding import per_token
-from eejax.eval import report
+from eejax.harness import results
 from eejax.models import lm as lm_lib
 from eejax.models import pretrained
 
@@ -67,7 +67,7 @@ def load_model(cfg):
 
 def setup(argv, name: str, doc: str) -> Setup:
     cfg, args = config_lib.parse_cli(argv, description=doc)
-    prov = report.provenance(f"experiments.{name}", argv)
+    prov = results.provenance(f"experiments.{name}", argv)
     workdir, outdir = run.prepare(cfg, args, name)
     print(f"device: {prov.device}", flush=True)
     start = time.perf_counter()

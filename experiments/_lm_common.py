@@ -37,7 +37,7 @@ class Setup(NamedTuple):
     """What both LM experiment scripts start from."""
     cfg: Any
     args: Any
-    prov: Any   # eejax.eval.report.Provenance: command, device, commit, date
+    prov: Any   # eejax.eval.results.Provenance: command, device, commit, date
     workdir: pathlib.Path
     outdir: pathlib.Path
     model_dir: pathlib.Path
@@ -51,15 +51,15 @@ def setup(argv, name: str, description: str) -> Setup:
     The base model lives in ``<workdir>/base-lm``, or in ``cfg.model_workdir`` when set (to share it between
     experiments): that directory is then locked and bound to the fields the base model depends on.
     """
-    from eejax import config as config_lib
-    from eejax import run
-    from eejax.eval import report
+    from eejax.harness import config as config_lib
+    from eejax.harness import run
+    from eejax.harness import results
     from eejax.train import maybe_initialize
 
     cfg, args = config_lib.parse_cli(argv, description=description)  # every value validated before any work
     corpus = load_corpus(cfg, args.data_dir)
     maybe_initialize()
-    prov = report.provenance(f"experiments.{name}", argv)
+    prov = results.provenance(f"experiments.{name}", argv)
     workdir, outdir = run.prepare(cfg, args, name)
     if cfg.model_workdir:
         base = {k: cfg[k].to_dict() if hasattr(cfg[k], "to_dict") else cfg[k] for k in BASE_MODEL_FIELDS}

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax import config as config_lib
-from eejax import run
+from eejax.harness import config as config_lib
+from eejax.harness import run
 from eejax.data import pipeline
-from eejax.eval import report
+from eejax.harness import results
 from eejax.exits import costs, engine
 from eejax.models import vit as vit_lib
 from eejax.train import Trainer, make_optimizer, maybe_initialize
@@ -70,7 +70,7 @@ def backbone_dir(cfg, args, workdir):
     """``cfg.model_workdir`` (locked, bound to ``BACKBONE_FIELDS``) or ``<workdir>/backbone``."""
     if not cfg.model_workdir:
         return workdir / "backbone"
-    from eejax import run  # noqa: PLC0415
+    from eejax.harness import run  # noqa: PLC0415
 
     data = {k: v for k, v in cfg.data.to_dict().items() if k not in ("eval_batch_size", "test_size")}
     base = {"seed": cfg.seed, "data": data, "model": cfg.model.to_dict(), "train": cfg.train.to_dict()}
@@ -189,7 +189,7 @@ def setup(argv, name: str, description: str) -> Setup:
     cfg, args = config_lib.parse_cli(argv, description=description)  # every value validated before any work
     train_ds, val, test = load_data(cfg, args.data_dir)
     maybe_initialize()
-    prov = report.provenance(f"experiments.{name}", argv)
+    prov = results.provenance(f"experiments.{name}", argv)
     workdir, outdir = run.prepare(cfg, args, name)
     print(f"data {cfg.data.name}: train {len(train_ds)} / val {len(val)} / test {len(test)}; devices: "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}")

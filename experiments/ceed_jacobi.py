@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax import config as config_lib
-from eejax import run
+from eejax.harness import config as config_lib
+from eejax.harness import run
 from eejax.decoding import jacobi, per_token
 from eejax.eval import report
+from eejax.harness import results
 from experiments import _smollm2_analysis as common
 
 NAME = "ceed_jacobi"
@@ -97,7 +98,7 @@ def plots(path_iters, path_quality, rows, blocks):
 @run.cli
 def main(argv=None):
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = report.provenance(f"experiments.{NAME}", argv)
+    prov = results.provenance(f"experiments.{NAME}", argv)
     _, outdir = run.prepare(cfg, args, NAME)
     print(f"device: {prov.device}", flush=True)
     lmod = common.load_model(cfg.model)
@@ -142,7 +143,7 @@ def main(argv=None):
             print(rows[-1], flush=True)
     rows_n = rows[1:]
 
-    stage = report.StagedResults(outdir, overwrite=args.overwrite)
+    stage = results.StagedResults(outdir, overwrite=args.overwrite)
     plots(stage.dir / "iterations.png", stage.dir / "quality_vs_iterations.png", rows_n, list(jc.blocks))
     cols = ["block", "arm", "iters_per_block", "forwards_per_token", "cost_model_speedup", "agree_tokens",
             "agree_prefix", "ppl", "exact", "seconds", "tokens_per_s"]

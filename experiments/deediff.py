@@ -21,10 +21,11 @@ from flax import nnx
 from matplotlib.figure import Figure
 from PIL import Image
 
-from eejax import config as config_lib
-from eejax import run as run_lib
+from eejax.harness import config as config_lib
+from eejax.harness import run as run_lib
 from eejax.data import pipeline
 from eejax.eval import fid, report
+from eejax.harness import results as result_files
 from eejax.models import diffusion as D
 from eejax.train import Trainer, ema_params, make_optimizer, maybe_initialize, read_metrics
 
@@ -246,7 +247,7 @@ def main(argv=None):
     cfg, args = config_lib.parse_cli(argv, description=__doc__)  # every value validated before any work
     train, test = load_data(cfg, args.data_dir)
     maybe_initialize()
-    prov = report.provenance("experiments.deediff", argv)
+    prov = result_files.provenance("experiments.deediff", argv)
     workdir, outdir = run_lib.prepare(cfg, args, "deediff")  # lock + config bound to the workdir
     print(f"data {cfg.data.name}: train {len(train)} / reference (test) {len(test)}; devices: {prov.device}")
 
@@ -300,7 +301,7 @@ def main(argv=None):
         return row
 
     # Every file goes to a staging folder and replaces earlier results only once all of them are written.
-    stage = report.StagedResults(outdir, overwrite=args.overwrite)
+    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
     run("full depth", "full", D.full_thresholds(n_steps, n_layers), {"target": None, "threshold": None})
     t_S = results["full depth"]["t_S"]
     calib = {}

@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax import run
+from eejax.harness import run
 from eejax.eval import budgeted, report
+from eejax.harness import results as result_files
 from eejax.exits import costs, policies
 from experiments import _shared_head_vit as shv
 from experiments.lgvit import padded_eval_images
@@ -138,7 +139,7 @@ def main(argv=None):
                    static_flops=ec.static_flops_E.tolist())
     if jax.process_index() != 0:
         return
-    stage = report.StagedResults(outdir, overwrite=args.overwrite)
+    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
     statics = [(ec.static_flops_E[l], 100 * static_acc[l], f"L{l + 1}") for l in range(n_layers)]
     report.plot_accuracy_vs_flops(curves, statics, stage.dir / "deer_curves.png",
                                   title=f"DeeR exits on {cfg.data.name} (test; thresholds fit on validation)")

@@ -17,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax import config as config_lib
-from eejax import run
+from eejax.harness import config as config_lib
+from eejax.harness import run
 from eejax.data import pipeline
 from eejax.eval import budgeted, report
+from eejax.harness import results
 from eejax.exits import costs, engine, losses, policies
 from eejax.models import perceiver as perceiver_lib
 from eejax.train import Trainer, make_optimizer, maybe_initialize
@@ -145,7 +146,7 @@ def main(argv=None):
     cfg, args = config_lib.parse_cli(argv, description=__doc__)   # every value validated before any work
     train_ds, val, test = load_data(cfg, args.data_dir)
     maybe_initialize()
-    prov = report.provenance("experiments.dynamic_perceiver", argv)
+    prov = results.provenance("experiments.dynamic_perceiver", argv)
     workdir, outdir = run.prepare(cfg, args, "dynamic_perceiver")
     print(f"data {cfg.data.name}: train {len(train_ds)} / val {len(val)} / test {len(test)}; devices: "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}")
@@ -185,7 +186,7 @@ def main(argv=None):
 
     if jax.process_index() != 0:
         return
-    stage = report.StagedResults(outdir, overwrite=args.overwrite)
+    stage = results.StagedResults(outdir, overwrite=args.overwrite)
     curves = {f"{ARM_NAMES[a]} (budgeted)": [(c.expected_flops, 100 * c.accuracy) for c in r["curve"]]
               for a, r in res.items()}
     statics = [(s.expected_flops, 100 * s.accuracy, f"{'P' if a == 'perceiver' else 'F'}{e + 1}")
@@ -218,7 +219,7 @@ def main(argv=None):
         "sim_agrees: fraction of test examples whose executed exit equals the simulated one (asserted equal up to "
         f"ties within {TIE_EPS:g} of a threshold). Throughput speed-up: measured images/s of the dynamic model "
         f"(compacted executor, one test batch of {xb.shape[0]}) over the same arm's static full model, on "
-        f"{report.device_description()}.",
+        f"{results.device_description()}.",
         report.markdown_table(rows_exec, list(rows_exec[0]))])
     data = {a: {"acc_E": r["acc_E"].tolist(), "cum_flops": r["ec"].cum_flops_E.tolist(),
                 "static_flops": r["ec"].static_flops_E.tolist(), "static_throughput": r["static_throughput"],

@@ -25,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax import config as config_lib
-from eejax import run
+from eejax.harness import config as config_lib
+from eejax.harness import run
 from eejax.data.sst2 import load_sst2
 from eejax.eval import report
+from eejax.harness import results as result_files
 from eejax.exits import confidence as conf_lib
 from eejax.exits import engine, losses
 from eejax.models import encoder as enc
@@ -225,7 +226,7 @@ def matched(rows, ref_policy, policy):
 def main(argv=None):
     maybe_initialize()
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = report.provenance("experiments.encoder_exits", argv)
+    prov = result_files.provenance("experiments.encoder_exits", argv)
     workdir, outdir = run.prepare(cfg, args, "encoder_exits")  # lock + config bound to the workdir
     tok = pe.WordPieceTokenizer(pe.minilm_dir() / "tokenizer.json")
     train, dev = load_data(cfg, args.data_dir, tok)
@@ -304,7 +305,7 @@ def main(argv=None):
                   "between its patience settings at the Q-exit's mean layers (only settings inside PABEE's range).",
                   report.markdown_table(compare, list(compare[0].keys()))]
     md = "\n\n".join(parts)
-    stage = report.StagedResults(outdir, overwrite=args.overwrite)   # replaces results only when complete
+    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)   # replaces results only when complete
     files_ = stage.write_results("encoder_exits", md, {"provenance": prov._asdict(), "config": cfg.to_dict(),
                                                       "results": results, "matched": compare})
     stage.commit()

@@ -17,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax import config as config_lib
-from eejax import run
+from eejax.harness import config as config_lib
+from eejax.harness import run
 from eejax.data import pairs, text
 from eejax.eval import report
+from eejax.harness import results as result_files
 from eejax.exits import losses
 from eejax.models import encoder as enc
 from eejax.models import pretrained_encoder as pe
@@ -103,7 +104,7 @@ def retrieval_metrics(q_ExNxD, c_ExNxD, ks):
 def main(argv=None):
     maybe_initialize()
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = report.provenance("experiments.encoder_retrieval", argv)
+    prov = result_files.provenance("experiments.encoder_retrieval", argv)
     workdir, outdir = run.prepare(cfg, args, "encoder_retrieval")  # lock + config bound to the workdir
     tok = pe.WordPieceTokenizer(pe.minilm_dir() / "tokenizer.json")
     train, (eval_q, eval_c) = load_data(cfg, args.data_dir, tok)
@@ -152,7 +153,7 @@ def main(argv=None):
         "training cost. Ours: a 6-layer sentence encoder on an English continuation task; orderings only.",
         f"## {k1} (%) per exit and arm", report.markdown_table(pivot, list(pivot[0].keys())),
         "## All metrics", report.markdown_table(rows, list(rows[0].keys()))])
-    stage = report.StagedResults(outdir, overwrite=args.overwrite)   # replaces results only when complete
+    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)   # replaces results only when complete
     files_ = stage.write_results("encoder_retrieval", md, {"provenance": prov._asdict(),
                                                           "config": cfg.to_dict(), "results": results})
     stage.commit()

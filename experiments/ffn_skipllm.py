@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import config as config_lib
-from eejax import run
+from eejax.harness import config as config_lib
+from eejax.harness import run
 from eejax.decoding import ffn_skip
 from eejax.decoding import kv as kv_lib
 from eejax.eval import report
+from eejax.harness import results
 from experiments import _lm_skip_common as common
 
 NAME = "ffn_skipllm"
@@ -76,7 +77,7 @@ def plots(rows, drows, layer_skip, profile, out):
 @run.cli
 def main(argv=None):
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = report.provenance(f"experiments.{NAME}", argv)
+    prov = results.provenance(f"experiments.{NAME}", argv)
     _, outdir = run.prepare(cfg, args, NAME)
     t_start = time.perf_counter()
     s = common.load_model(cfg.model.name, cfg.model.depth)
@@ -174,7 +175,7 @@ def main(argv=None):
         r["speedup_vs_greedy"] = r["tokens_per_s"] / base
 
     # 5. Files.
-    stage = report.StagedResults(outdir, overwrite=args.overwrite)
+    stage = results.StagedResults(outdir, overwrite=args.overwrite)
     full_ppl = rows[0]["token_ppl"]
     plots(rows, drows, layer_skip, profile, stage.dir)
     wall = time.perf_counter() - t_start

@@ -16,10 +16,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from eejax import run
+from eejax.harness import run
 from eejax.data.text import load_tokens
 from eejax.decoding import layer_skip as ls
 from eejax.eval import report
+from eejax.harness import results
 from eejax.train import make_optimizer
 from experiments import _layer_skip_common as common
 
@@ -233,7 +234,7 @@ def main(argv=None):
         rows.append(row)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
-    stage = report.StagedResults(su.outdir, overwrite=su.args.overwrite)
+    stage = results.StagedResults(su.outdir, overwrite=su.args.overwrite)
     plot(rows, skip_freq, stage.dir / "first_quality_vs_skipped.png", n)
     cols = ["family", "method", "avg_layers", "avg_skipped", "ppl", "agreement", "prefix"]
     tcols = ["method", "avg_layers"] + [f"b{b}_{x}" for b in cfg.timing.batches for x in ("tok_s", "speedup")]

@@ -20,13 +20,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from eejax import config as config_lib
-from eejax import run
+from eejax.harness import config as config_lib
+from eejax.harness import run
 from eejax.data.text import ByteTokenizer, detokenize_wikitext, load_text
 from eejax.decoding import kangaroo as kg
 from eejax.decoding import kv as kv_lib
 from eejax.decoding import per_token
 from eejax.eval import report
+from eejax.harness import results
 from eejax.exits import engine
 from eejax.models import lm as lm_lib
 from eejax.models import pretrained
@@ -311,7 +312,7 @@ def _hist_ratio(hist):
 @run.cli
 def main(argv=None):
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = report.provenance(f"experiments.{NAME}", argv)
+    prov = results.provenance(f"experiments.{NAME}", argv)
     workdir, outdir = run.prepare(cfg, args, NAME)
     print(f"device: {prov.device}")
     t0 = time.perf_counter()
@@ -423,7 +424,7 @@ def write(cfg, args, prov, outdir, model, rows, fit_rows, best_eta, best_l, trai
         "## Validation fit (simulated from teacher-forced drafts, batch 1)",
         report.markdown_table(fit_rows, ["drafter", "l", "eta", "acceptance", "CR", "cost_speedup"], ".3f"),
     ])
-    stage = report.StagedResults(outdir, overwrite=args.overwrite)
+    stage = results.StagedResults(outdir, overwrite=args.overwrite)
     stage.write_results(NAME, md, {"rows": rows, "fit": fit_rows, "best_eta": {f"{k[0]} l={k[1]}": v for k, v in
                                                                                 best_eta.items()},
                                    "best_l": best_l, "train_logs": {str(k): v for k, v in train_logs.items()},

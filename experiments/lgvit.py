@@ -17,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax import config as config_lib
-from eejax import run
+from eejax.harness import config as config_lib
+from eejax.harness import run
 from eejax.data import pipeline
 from eejax.eval import budgeted, report
+from eejax.harness import results as result_files
 from eejax.exits import costs, losses
 from eejax.models import vit as vit_lib
 from eejax.train import Trainer, make_optimizer, maybe_initialize
@@ -181,7 +182,7 @@ def main(argv=None):
     cfg, args = config_lib.parse_cli(argv, description=__doc__)  # every value validated before any work
     data = load_data(cfg, args.data_dir)
     maybe_initialize()  # Multi-host: before the first device query below (the Trainer would be too late).
-    prov = report.provenance("experiments.lgvit", argv)
+    prov = result_files.provenance("experiments.lgvit", argv)
     workdir, outdir = run.prepare(cfg, args, "lgvit")  # lock + config bound to the workdir
     train, val, test = data
     print(f"data {cfg.data.name}: train {len(train)} / val {len(val)} / test {len(test)}; devices: "
@@ -244,7 +245,7 @@ def main(argv=None):
     if jax.process_index() != 0:  # every host computed the same results; one writes them
         return
     # Everything goes to a staging folder and replaces earlier results only once all of it is written.
-    stage = report.StagedResults(outdir, overwrite=args.overwrite)
+    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
     report.plot_accuracy_vs_flops(curves, statics, stage.dir / "lgvit_budgeted.png",
                                   title=f"LGViT-small on {cfg.data.name}: budgeted (MSDNet protocol)")
     report.plot_exit_histogram(hist, len(vit_lib.ViTConfig(**_mkw(cfg, "lgvit")).exit_layers),

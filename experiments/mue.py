@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax import run
+from eejax.harness import run
 from eejax.eval import budgeted, report
+from eejax.harness import results as result_files
 from eejax.exits import costs, policies
 from experiments import _shared_head_vit as shv
 
@@ -135,7 +136,7 @@ def main(argv=None):
 
     if jax.process_index() != 0:
         return
-    stage = report.StagedResults(outdir, overwrite=args.overwrite)
+    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
     statics = [(ec.static_flops_E[l], 100 * correct_test[l].mean(), f"L{l + 1}") for l in range(n_layers)]
     report.plot_accuracy_vs_flops(curves, statics, stage.dir / "mue_curves.png",
                                   title=f"MuE vs max-softmax on {cfg.data.name} (test; one global threshold)")

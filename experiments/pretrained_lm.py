@@ -14,13 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax import config as config_lib
-from eejax import run
+from eejax.harness import config as config_lib
+from eejax.harness import run
 from eejax.data.lm import WindowIterator
 from eejax.data.text import detokenize_wikitext, load_text
 from eejax.decoding import kv as kv_lib
 from eejax.decoding import per_token
 from eejax.eval import report
+from eejax.harness import results
 from eejax.models import pretrained
 
 NAME = "pretrained_lm"
@@ -95,7 +96,7 @@ def _md_text(s: str) -> str:
 @run.cli
 def main(argv=None):
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = report.provenance(f"experiments.{NAME}", argv)
+    prov = results.provenance(f"experiments.{NAME}", argv)
     _, outdir = config_lib.run_dirs(cfg, args, NAME)
     p, g = cfg.ppl, cfg.generate
     print(f"device: {prov.device}")
@@ -177,7 +178,7 @@ def main(argv=None):
                                 "agree": r["uncached_argmax_agree"]} for r in gens],
                               ["prompt", "continuation", "agree"], ".2f"),
     ])
-    stage = report.StagedResults(outdir, overwrite=args.overwrite)   # replaces earlier results only when complete
+    stage = results.StagedResults(outdir, overwrite=args.overwrite)   # replaces earlier results only when complete
     files = stage.write_results(NAME, md, {
         "provenance": prov._asdict(), "config": cfg.to_dict(), "load_seconds": load_s,
         "eval_tokens_available": {name: len(a) for name, a in all_ids.items()}, "rows": rows, "qk_check": qk_rows,

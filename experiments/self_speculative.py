@@ -17,13 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax import config as config_lib
-from eejax import run
+from eejax.harness import config as config_lib
+from eejax.harness import run
 from eejax.data.text import ByteTokenizer
 from eejax.decoding import exit_training as et
 from eejax.decoding import kv as kv_lib
 from eejax.decoding import per_token, speculative
 from eejax.eval import report
+from eejax.harness import results as result_files
 from eejax.exits import engine
 from eejax.models import lm as lm_lib
 from eejax.models import pretrained
@@ -304,7 +305,7 @@ def plot_sweep(sweep, layers, ks, path, title):
 @run.cli
 def main(argv=None):
     c, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = report.provenance(f"experiments.{NAME}", argv)
+    prov = result_files.provenance(f"experiments.{NAME}", argv)
     workdir, outdir = run.prepare(c, args, "del" if c.variant == "del" else NAME)
     data_dir = args.data_dir
     t_start = time.perf_counter()
@@ -426,7 +427,7 @@ def main(argv=None):
                "sweep": sweep_rows, "measured": {str(b): v for b, v in measured.items()}, "log": log_lines}
     if jax.process_index() != 0:
         return
-    stage = report.StagedResults(outdir, overwrite=args.overwrite)
+    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
     plot_sweep(sweeps["test"], layers, dc.ks, stage.dir / f"{c.variant}_sweep.png",
                "held-out prompts (exact replay of greedy self-speculation)")
     short = lambda r: {k: r.get(k, "") for k in ("drafter", "exits", "mean_draft_layers", "mean_k",  # noqa: E731

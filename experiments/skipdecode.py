@@ -15,8 +15,9 @@ import jax.numpy as jnp
 
 from eejax.decoding import per_token, skipdecode
 from experiments import _lm_common as recipe
-from eejax import run
+from eejax.harness import run
 from eejax.eval import report
+from eejax.harness import results
 from eejax.models import lm as lm_lib
 
 NAME = "skipdecode"
@@ -102,7 +103,7 @@ def main(argv=None):
         f"tokens/s of free-running generation at batch {e.batch} (compile excluded, best of {e.timing_iters}); "
         "wall_speedup = tok_s / full model tok_s (the full model's best of two timings, at the start and the end).",
         report.markdown_table(rows, list(rows[0].keys()), ".3f")])
-    files = report.write_results(outdir, NAME, md, {
+    files = results.write_results(outdir, NAME, md, {
         "provenance": prov._asdict(), "data": corpus.description, "config": cfg.to_dict(),
         "train_seconds": train_s, "schedules": schedules, "rows": rows, "raw": raw}, overwrite=args.overwrite)
     print(md)

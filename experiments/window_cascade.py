@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax import config as config_lib
-from eejax import run
+from eejax.harness import config as config_lib
+from eejax.harness import run
 from eejax.data import pipeline
 from eejax.eval import report, uncertainty
+from eejax.harness import results as result_files
 from eejax.exits import cascade, costs, engine, policies
 from eejax.models import vit as vit_lib
 from eejax.train import maybe_initialize
@@ -62,7 +63,7 @@ def setup(argv):
     train, val, test = load_data(cfg, args.data_dir)
     ood = ood_dataset(cfg, args.data_dir, test)
     maybe_initialize()
-    prov = report.provenance("experiments.window_cascade", argv)
+    prov = result_files.provenance("experiments.window_cascade", argv)
     workdir, outdir = run.prepare(cfg, args, "window_cascade")
     print(f"data {cfg.data.name}: train {len(train)} / val {len(val)} / test {len(test)} / OOD ({cfg.ood}) "
           f"{len(ood)}; devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
@@ -232,7 +233,7 @@ def main(argv=None):
                "member_flops": f_K.tolist(), "members": [dataclasses.asdict(m[0]) for m in members]}
     if jax.process_index() != 0:
         return
-    stage = report.StagedResults(outdir, overwrite=args.overwrite)
+    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
     lower = {"risk@80", "fpr@95"}
     for metric in ec.metrics:
         statics = [(1e6 * r["MFLOPs"], r[metric], r["model"].replace("single ", "")) for r in singles]

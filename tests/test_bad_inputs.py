@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from eejax import config, run
+from eejax.harness import config, run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = {name: str(ROOT / "configs" / f"{name}.py") for name in ("lgvit", "deediff", "per_token_exit", "skipdecode",
@@ -252,7 +252,7 @@ def test_second_run_on_a_workdir_is_refused_while_the_first_holds_it(capsys, tmp
     from experiments import lgvit
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from eejax import run; run.WorkdirLock(sys.argv[1]).acquire(); "
+        [sys.executable, "-c", "import sys, time; from eejax.harness import run; run.WorkdirLock(sys.argv[1]).acquire(); "
                                "print('locked', flush=True); time.sleep(120)", str(tmp_path)],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:

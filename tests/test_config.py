@@ -2,7 +2,7 @@ import pathlib
 
 import pytest
 
-from eejax import config
+from eejax.harness import config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from eejax.eval import report
+from eejax.harness import results
 from eejax.exits import costs
 
 
@@ -101,13 +102,13 @@ def test_markdown_table():
 
 
 def test_write_results_refuses_overwrite(tmp_path):
-    files = report.write_results(tmp_path / "out", "curve", "| a |\n", {"acc_E": np.array([0.5, -np.inf])})
+    files = results.write_results(tmp_path / "out", "curve", "| a |\n", {"acc_E": np.array([0.5, -np.inf])})
     assert files.md_path.read_text() == "| a |\n"
     assert json.loads(files.json_path.read_text()) == {"acc_E": [0.5, -np.inf]}
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        report.write_results(tmp_path / "out", "curve", "| b |\n", {})
+        results.write_results(tmp_path / "out", "curve", "| b |\n", {})
     assert files.md_path.read_text() == "| a |\n"  # untouched
-    report.write_results(tmp_path / "out", "curve", "| b |\n", {}, overwrite=True)
+    results.write_results(tmp_path / "out", "curve", "| b |\n", {}, overwrite=True)
     assert files.md_path.read_text() == "| b |\n"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["curve.json", "curve.md"]  # no temp files left
 
@@ -124,9 +125,9 @@ def test_plots_write_png(tmp_path):
 
 
 def test_provenance_names_command_device_and_commit():
-    from eejax.eval import report
+    from eejax.harness import results
 
-    prov = report.provenance("experiments.demo", ["--config=configs/demo.py:smoke", "--config.x=a b"])
+    prov = results.provenance("experiments.demo", ["--config=configs/demo.py:smoke", "--config.x=a b"])
     assert prov.command == "python -m experiments.demo --config=configs/demo.py:smoke '--config.x=a b'"
     assert "cpu" in prov.device and prov.jax_version and prov.commit and prov.date.endswith("UTC")
     assert prov.command in prov.markdown()

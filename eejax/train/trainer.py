@@ -29,6 +29,7 @@ import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from eejax.errors import NonFiniteLossError
 from eejax.train.checkpoint import Checkpointer, abstract_like
 from eejax.train.distributed import maybe_initialize
 from eejax.train.metrics import MetricsWriter, Throughput
@@ -47,9 +48,6 @@ class TrainState(NamedTuple):
     rng: jax.Array  # uint32[2] raw key (orbax saves it as a plain array); step k uses fold_in(rng, k - 1).
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A step produced a NaN/inf loss or gradient norm; that state was not checkpointed."""
-    hint = "lower the learning rate or set grad_clip (a changed config needs --fresh or another --workdir)"
 
 
 # ---------------------------------------------------------------------------------------------------- step

@@ -22,10 +22,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import ml_collections
 
+from eejax.errors import ConfigError, ResultsExistError
 
-class ConfigError(ValueError):
-    """A bad config file, value or command-line flag; the CLI prints it as one line (eejax.run.cli)."""
-    hint = "fix the value in the config file or the --config.KEY=VALUE override"
+
 
 
 def load(spec: str, *, validate: bool = True) -> ml_collections.ConfigDict:
@@ -143,7 +142,7 @@ def parse_cli(argv: Sequence[str] | None = None, *, default_config: str | None =
         override(cfg, key, raw)
     _validate(module, cfg, args.config)
     # Top-level fields the paper declares irrelevant to its checkpoints (evaluation settings): a finished run can be
-    # re-evaluated with other values in the same workdir (eejax.run.open_workdir compares the rest).
+    # re-evaluated with other values in the same workdir (eejax.harness.run.open_workdir compares the rest).
     args.not_in_checkpoints = tuple(getattr(module, "NOT_IN_CHECKPOINTS", ()))
     if args.workdir is not None and pathlib.Path(args.workdir).exists() and not pathlib.Path(args.workdir).is_dir():
         raise ConfigError(f"--workdir {args.workdir} is a file, not a directory")
@@ -153,7 +152,7 @@ def parse_cli(argv: Sequence[str] | None = None, *, default_config: str | None =
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is a ConfigError (one line, exit status 2 through eejax.run.cli)."""
+    """argparse, but a bad flag is a ConfigError (one line, exit status 2 through eejax.harness.run.cli)."""
 
     def error(self, message):
         raise ConfigError(f"{message} (see --help)")
@@ -172,8 +171,6 @@ def run_dirs(cfg: ml_collections.ConfigDict, args: argparse.Namespace, result_na
     return workdir, outdir
 
 
-class ResultsExistError(FileExistsError):
-    hint = "pass --overwrite to replace it or choose --outdir"  # (the same as eejax.eval.report's)
 
 
 # ------------------------------------------------------------------------------------------------ validation

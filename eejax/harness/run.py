@@ -30,6 +30,8 @@ import sys
 import time
 from typing import Any, Callable, Mapping
 
+from eejax.errors import ConfigMismatchError, EejaxError, RunError, WorkdirLockedError
+
 RESUME_FORMAT = 1
 RUN_CONFIG = "run_config.json"
 LOCK = ".lock"
@@ -37,17 +39,6 @@ LOCK = ".lock"
 NOT_COMPARED = ("runbook", "log_every")
 
 
-class RunError(RuntimeError):
-    """Base of the run-directory errors the CLI prints as one line."""
-    hint = ""
-
-
-class WorkdirLockedError(RunError):
-    hint = "wait for that run to finish or choose another --workdir"
-
-
-class ConfigMismatchError(RunError):
-    hint = "rerun with the recorded config, choose another --workdir, or pass --fresh to start over in a subfolder"
 
 
 # ----------------------------------------------------------------------------------------------------- lock
@@ -188,7 +179,7 @@ def _code_version() -> dict[str, str]:
     try:
         import subprocess  # noqa: PLC0415
 
-        root = pathlib.Path(__file__).resolve().parents[1]
+        root = pathlib.Path(__file__).resolve().parents[2]
         out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                                        text=True, timeout=10).stdout.strip() or "unknown"
     except (OSError, ValueError, Exception):  # noqa: BLE001 (informational only, never fails a run)
@@ -297,7 +288,7 @@ def prepare(cfg: Any, args: Any, result_name: str) -> tuple[pathlib.Path, pathli
     """``(workdir, outdir)`` of an experiment run, before any work: ``--workdir`` (default ``runs/<cfg.name>``)
     locked and bound to ``cfg`` (``open_workdir``; ``--fresh`` may move it to a subfolder), ``--outdir`` (default
     ``<workdir>/results``), and a refusal to replace existing ``<result_name>.md/.json`` without ``--overwrite``."""
-    from eejax import config as config_lib  # noqa: PLC0415
+    from eejax.harness import config as config_lib  # noqa: PLC0415
 
     workdir = pathlib.Path(args.workdir or f"runs/{cfg.name}")
     workdir = open_workdir(workdir, cfg, fresh=getattr(args, "fresh", False),
@@ -310,15 +301,9 @@ def prepare(cfg: Any, args: Any, result_name: str) -> tuple[pathlib.Path, pathli
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    """What a user can cause and fix: config/data/value errors (ValueError: ConfigError, DataError and the API's
-    argument checks), run-directory and checkpoint errors, a non-finite loss, file-system errors. Anything else is a
-    bug and keeps its traceback."""
-    from eejax.config import ConfigError  # noqa: PLC0415
-
-    errors = (ConfigError, ValueError, RunError, FloatingPointError, OSError)
-    if "eejax.train.checkpoint" in sys.modules:  # (not imported: none can have been raised)
-        errors += (sys.modules["eejax.train.checkpoint"].CheckpointError,)
-    return errors
+    """What a user can cause and fix: every ``eejax.errors`` class, the API's argument checks (ValueError), a
+    non-finite loss and file-system errors. Anything else is a bug and keeps its traceback."""
+    return (EejaxError, ValueError, FloatingPointError, OSError)
 
 
 def _hint(e: BaseException) -> str:
@@ -355,7 +340,7 @@ def cli(main: Callable[..., Any]) -> Callable[..., Any]:
             raise SystemExit(2) from None
         finally:
             release_locks()
-            if "eejax.eval.report" in sys.modules:  # drop staged results of a run that did not finish
-                sys.modules["eejax.eval.report"].abort_open_stages()
+            if "eejax.harness.results" in sys.modules:  # drop staged results of a run that did not finish
+                sys.modules["eejax.harness.results"].abort_open_stages()
 
     return wrapped
