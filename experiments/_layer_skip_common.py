@@ -34,7 +34,7 @@ from eejax.harness import run
 from eejax.data.text import ByteTokenizer, load_tokens
 from eejax.decoding import layer_skip as ls
 from eejax.decoding import per_token
-from eejax.harness import results
+from eejax.harness import results as result_files
 from eejax.models import lm as lm_lib
 from eejax.models import pretrained
 
@@ -67,7 +67,7 @@ def load_model(cfg):
 
 def setup(argv, name: str, doc: str) -> Setup:
     cfg, args = config_lib.parse_cli(argv, description=doc)
-    prov = results.provenance(f"experiments.{name}", argv)
+    prov = result_files.provenance(f"experiments.{name}", argv)
     workdir, outdir = run.prepare(cfg, args, name)
     print(f"device: {prov.device}", flush=True)
     start = time.perf_counter()

@@ -23,7 +23,7 @@ from flax import nnx
 from eejax.harness import config as config_lib
 from eejax.harness import run
 from eejax.data import pipeline
-from eejax.harness import results
+from eejax.harness import results as result_files
 from eejax.exits import costs, engine
 from eejax.models import vit as vit_lib
 from eejax.train import Trainer, make_optimizer, maybe_initialize
@@ -189,7 +189,7 @@ def setup(argv, name: str, description: str) -> Setup:
     cfg, args = config_lib.parse_cli(argv, description=description)  # every value validated before any work
     train_ds, val, test = load_data(cfg, args.data_dir)
     maybe_initialize()
-    prov = results.provenance(f"experiments.{name}", argv)
+    prov = result_files.provenance(f"experiments.{name}", argv)
     workdir, outdir = run.prepare(cfg, args, name)
     print(f"data {cfg.data.name}: train {len(train_ds)} / val {len(val)} / test {len(test)}; devices: "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}")

@@ -27,7 +27,7 @@ from eejax.harness import config as config_lib
 from eejax.harness import run
 from eejax.data import pipeline
 from eejax.eval import budgeted, report
-from eejax.harness import results
+from eejax.harness import results as result_files
 from eejax.exits import costs, engine, losses
 from eejax.models import cbnet as cbnet_lib
 from eejax.models import perceiver as perceiver_lib
@@ -189,7 +189,7 @@ def main(argv=None):
     cfg, args = config_lib.parse_cli(argv, description=__doc__)   # every value validated before any work
     train_ds, val, test = load_data(cfg, args.data_dir)
     maybe_initialize()
-    prov = results.provenance("experiments.cbnet", argv)
+    prov = result_files.provenance("experiments.cbnet", argv)
     workdir, outdir = run.prepare(cfg, args, "cbnet")
     print(f"data {cfg.data.name}: train {len(train_ds)} / val {len(val)} / test {len(test)}; devices: "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}")
@@ -274,7 +274,7 @@ def main(argv=None):
 
     if jax.process_index() != 0:
         return
-    stage = results.StagedResults(outdir, overwrite=args.overwrite)
+    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
     key = f"ms_per_batch{xb.shape[0]}"
     report.plot_accuracy_vs_flops(
         {"BranchyNet exits (budgeted, test)": [(c.expected_flops, 100 * c.accuracy) for c in curve]},
@@ -298,7 +298,7 @@ def main(argv=None):
         "the easy image of the input's class. FLOPs are analytic (2 per multiply-add); the autoencoder is counted "
         "in CBNet's cost; BranchyNet's cost counts every exit head evaluated. Energy is not measured (FLOPs are "
         f"the proxy). Latency: median of {cfg.eval.latency_iters} timed calls on one test batch of {xb.shape[0]}, "
-        f"{results.device_description()}, a CPU shared with other jobs (noisy).",
+        f"{result_files.device_description()}, a CPU shared with other jobs (noisy).",
         "Paper (arXiv:2403.07036, abstract): up to 4.8x lower inference latency and 79% less energy than competing "
         "techniques (BranchyNet, AdaDeep, SubFlow) at similar or higher accuracy, on MNIST / FMNIST / KMNIST, Raspberry "
         "Pi 4, a Google Cloud instance and a K80 GPU. Ours is a CPU-sized reproduction of the mechanism.",

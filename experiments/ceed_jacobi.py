@@ -23,7 +23,7 @@ from eejax.harness import config as config_lib
 from eejax.harness import run
 from eejax.decoding import jacobi, per_token
 from eejax.eval import report
-from eejax.harness import results
+from eejax.harness import results as result_files
 from experiments import _smollm2_analysis as common
 
 NAME = "ceed_jacobi"
@@ -98,7 +98,7 @@ def plots(path_iters, path_quality, rows, blocks):
 @run.cli
 def main(argv=None):
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = results.provenance(f"experiments.{NAME}", argv)
+    prov = result_files.provenance(f"experiments.{NAME}", argv)
     _, outdir = run.prepare(cfg, args, NAME)
     print(f"device: {prov.device}", flush=True)
     lmod = common.load_model(cfg.model)
@@ -143,7 +143,7 @@ def main(argv=None):
             print(rows[-1], flush=True)
     rows_n = rows[1:]
 
-    stage = results.StagedResults(outdir, overwrite=args.overwrite)
+    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
     plots(stage.dir / "iterations.png", stage.dir / "quality_vs_iterations.png", rows_n, list(jc.blocks))
     cols = ["block", "arm", "iters_per_block", "forwards_per_token", "cost_model_speedup", "agree_tokens",
             "agree_prefix", "ppl", "exact", "seconds", "tokens_per_s"]

@@ -22,7 +22,7 @@ from flax import nnx
 from eejax.harness import config as config_lib
 from eejax.harness import run
 from eejax.eval import report
-from eejax.harness import results
+from eejax.harness import results as result_files
 from eejax.exits import chain_search, engine
 from eejax.models import lm as lm_lib
 from experiments import _smollm2_analysis as common
@@ -135,7 +135,7 @@ def plot(path, per_sample, n: int):
 @run.cli
 def main(argv=None):
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = results.provenance(f"experiments.{NAME}", argv)
+    prov = result_files.provenance(f"experiments.{NAME}", argv)
     _, outdir = run.prepare(cfg, args, NAME)
     print(f"device: {prov.device}", flush=True)
     lmod = common.load_model(cfg.model)
@@ -189,7 +189,7 @@ def main(argv=None):
     heldout_s = time.perf_counter() - start
     print(held_rows, flush=True)
 
-    stage = results.StagedResults(outdir, overwrite=args.overwrite)
+    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
     plot(stage.dir / "chain_lengths.png", per_sample, n)
     paper = ("Paper [abs] (math and commonsense benchmarks): for >75% of the samples the LLM gets right, MCTS finds a "
              "shorter chain; for >60% of those it gets wrong, a chain that is right.")

@@ -23,7 +23,7 @@ from flax import nnx
 from eejax.harness import config as config_lib
 from eejax.harness import run
 from eejax.eval import report
-from eejax.harness import results
+from eejax.harness import results as result_files
 from eejax.exits import engine
 from eejax.models import lm as lm_lib
 from experiments import _smollm2_analysis as common
@@ -186,7 +186,7 @@ def plots(outdir, contrib_rows, change_SxN, skip_rows, lens_rows, settle_M, n):
 @run.cli
 def main(argv=None):
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = results.provenance(f"experiments.{NAME}", argv)
+    prov = result_files.provenance(f"experiments.{NAME}", argv)
     _, outdir = run.prepare(cfg, args, NAME)
     print(f"device: {prov.device}", flush=True)
     lmod = common.load_model(cfg.model)
@@ -270,7 +270,7 @@ def main(argv=None):
         "timing_s": timing}
     print({k: v for k, v in summary.items() if k != "timing_s"}, flush=True)
 
-    stage = results.StagedResults(outdir, overwrite=args.overwrite)
+    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
     plots(stage.dir, contrib_rows, change_SxN, skip_rows, lens_rows, settle_M, n)
     h = summary
     md = "\n\n".join([

@@ -21,7 +21,7 @@ from eejax.harness import config as config_lib
 from eejax.harness import run
 from eejax.data import pipeline
 from eejax.eval import budgeted, report
-from eejax.harness import results
+from eejax.harness import results as result_files
 from eejax.exits import costs, engine, losses, policies
 from eejax.models import perceiver as perceiver_lib
 from eejax.train import Trainer, make_optimizer, maybe_initialize
@@ -146,7 +146,7 @@ def main(argv=None):
     cfg, args = config_lib.parse_cli(argv, description=__doc__)   # every value validated before any work
     train_ds, val, test = load_data(cfg, args.data_dir)
     maybe_initialize()
-    prov = results.provenance("experiments.dynamic_perceiver", argv)
+    prov = result_files.provenance("experiments.dynamic_perceiver", argv)
     workdir, outdir = run.prepare(cfg, args, "dynamic_perceiver")
     print(f"data {cfg.data.name}: train {len(train_ds)} / val {len(val)} / test {len(test)}; devices: "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}")
@@ -186,7 +186,7 @@ def main(argv=None):
 
     if jax.process_index() != 0:
         return
-    stage = results.StagedResults(outdir, overwrite=args.overwrite)
+    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
     curves = {f"{ARM_NAMES[a]} (budgeted)": [(c.expected_flops, 100 * c.accuracy) for c in r["curve"]]
               for a, r in res.items()}
     statics = [(s.expected_flops, 100 * s.accuracy, f"{'P' if a == 'perceiver' else 'F'}{e + 1}")
@@ -219,7 +219,7 @@ def main(argv=None):
         "sim_agrees: fraction of test examples whose executed exit equals the simulated one (asserted equal up to "
         f"ties within {TIE_EPS:g} of a threshold). Throughput speed-up: measured images/s of the dynamic model "
         f"(compacted executor, one test batch of {xb.shape[0]}) over the same arm's static full model, on "
-        f"{results.device_description()}.",
+        f"{result_files.device_description()}.",
         report.markdown_table(rows_exec, list(rows_exec[0]))])
     data = {a: {"acc_E": r["acc_E"].tolist(), "cum_flops": r["ec"].cum_flops_E.tolist(),
                 "static_flops": r["ec"].static_flops_E.tolist(), "static_throughput": r["static_throughput"],

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from eejax.harness import config as config_lib
 from eejax.harness import run
 from eejax.eval import report
-from eejax.harness import results
+from eejax.harness import results as result_files
 from eejax.models import vit as vit_lib
 from eejax.train import maybe_initialize
 from experiments import _vit_train as vt
@@ -306,7 +306,7 @@ def main(argv=None):
     if cfg.data.val_size:
         val = val.subset(np.arange(min(cfg.data.val_size, len(val))), "val")
     maybe_initialize()
-    prov = results.provenance("experiments.eeea_net", argv)
+    prov = result_files.provenance("experiments.eeea_net", argv)
     workdir, outdir = run.prepare(cfg, args, "eeea_net")
     image_size, _, channels = pipeline.IMAGE_SHAPES[cfg.data.name]
     space = Space({k: tuple(int(v) for v in cfg.space[k]) for k in GENES}, image_size, channels)
@@ -338,7 +338,7 @@ def main(argv=None):
                            "test_acc": 100 * test_acc[g], "generation": h["generation"]})
     if jax.process_index() != 0:
         return
-    stage = results.StagedResults(outdir, overwrite=args.overwrite)
+    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
     plot(arms, s.max_params, stage.dir / "eeea_net_pareto.png",
          f"EEEA-Net toy search on {cfg.data.name}: every candidate (proxy {cfg.train.steps} steps)")
     history_rows = [{"arm": arm, "generation": h["generation"], "genome": h["genome"].key, "params": h["params"],

@@ -19,7 +19,7 @@ from eejax.harness import run
 from eejax.decoding import ffn_skip
 from eejax.decoding import kv as kv_lib
 from eejax.eval import report
-from eejax.harness import results
+from eejax.harness import results as result_files
 from experiments import _lm_skip_common as common
 
 NAME = "ffn_skipllm"
@@ -77,7 +77,7 @@ def plots(rows, drows, layer_skip, profile, out):
 @run.cli
 def main(argv=None):
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = results.provenance(f"experiments.{NAME}", argv)
+    prov = result_files.provenance(f"experiments.{NAME}", argv)
     _, outdir = run.prepare(cfg, args, NAME)
     t_start = time.perf_counter()
     s = common.load_model(cfg.model.name, cfg.model.depth)
@@ -175,7 +175,7 @@ def main(argv=None):
         r["speedup_vs_greedy"] = r["tokens_per_s"] / base
 
     # 5. Files.
-    stage = results.StagedResults(outdir, overwrite=args.overwrite)
+    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
     full_ppl = rows[0]["token_ppl"]
     plots(rows, drows, layer_skip, profile, stage.dir)
     wall = time.perf_counter() - t_start

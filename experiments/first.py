@@ -20,7 +20,7 @@ from eejax.harness import run
 from eejax.data.text import load_tokens
 from eejax.decoding import layer_skip as ls
 from eejax.eval import report
-from eejax.harness import results
+from eejax.harness import results as result_files
 from eejax.train import make_optimizer
 from experiments import _layer_skip_common as common
 
@@ -234,7 +234,7 @@ def main(argv=None):
         rows.append(row)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
-    stage = results.StagedResults(su.outdir, overwrite=su.args.overwrite)
+    stage = result_files.StagedResults(su.outdir, overwrite=su.args.overwrite)
     plot(rows, skip_freq, stage.dir / "first_quality_vs_skipped.png", n)
     cols = ["family", "method", "avg_layers", "avg_skipped", "ppl", "agreement", "prefix"]
     tcols = ["method", "avg_layers"] + [f"b{b}_{x}" for b in cfg.timing.batches for x in ("tok_s", "speedup")]

@@ -17,7 +17,7 @@ from eejax.harness import config as config_lib
 from eejax.harness import run
 from eejax.data import pipeline
 from eejax.eval import budgeted, report, uncertainty
-from eejax.harness import results
+from eejax.harness import results as result_files
 from eejax.exits import confidence as conf_lib
 from eejax.exits import costs, engine, policies
 from eejax.models import vit as vit_lib
@@ -30,7 +30,7 @@ def setup(argv):
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
     train, val, test = load_data(cfg, args.data_dir)
     maybe_initialize()
-    prov = results.provenance("experiments.jei_dnn", argv)
+    prov = result_files.provenance("experiments.jei_dnn", argv)
     workdir, outdir = run.prepare(cfg, args, "jei_dnn")
     print(f"data {cfg.data.name}: train {len(train)} / val {len(val)} / test {len(test)}; devices: "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}")
@@ -309,7 +309,7 @@ def main(argv=None):
 
     if jax.process_index() != 0:
         return
-    stage = results.StagedResults(outdir, overwrite=args.overwrite)
+    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
     statics = [(ec.static_flops_E[e], 100 * float((probs_warm_test[e].argmax(-1) == y_test).mean()), f"L{e + 1}")
                for e in range(n_layers)]
     title = f"JEI-DNN vs max-softmax on {cfg.data.name} (test; one point per lambda)"

@@ -27,7 +27,7 @@ from eejax.decoding import kangaroo as kg
 from eejax.decoding import kv as kv_lib
 from eejax.decoding import per_token
 from eejax.eval import report
-from eejax.harness import results
+from eejax.harness import results as result_files
 from eejax.exits import engine
 from eejax.models import lm as lm_lib
 from eejax.models import pretrained
@@ -312,7 +312,7 @@ def _hist_ratio(hist):
 @run.cli
 def main(argv=None):
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = results.provenance(f"experiments.{NAME}", argv)
+    prov = result_files.provenance(f"experiments.{NAME}", argv)
     workdir, outdir = run.prepare(cfg, args, NAME)
     print(f"device: {prov.device}")
     t0 = time.perf_counter()
@@ -424,7 +424,7 @@ def write(cfg, args, prov, outdir, model, rows, fit_rows, best_eta, best_l, trai
         "## Validation fit (simulated from teacher-forced drafts, batch 1)",
         report.markdown_table(fit_rows, ["drafter", "l", "eta", "acceptance", "CR", "cost_speedup"], ".3f"),
     ])
-    stage = results.StagedResults(outdir, overwrite=args.overwrite)
+    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
     stage.write_results(NAME, md, {"rows": rows, "fit": fit_rows, "best_eta": {f"{k[0]} l={k[1]}": v for k, v in
                                                                                 best_eta.items()},
                                    "best_l": best_l, "train_logs": {str(k): v for k, v in train_logs.items()},

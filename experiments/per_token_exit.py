@@ -21,7 +21,7 @@ from eejax.decoding import calibration, per_token
 from experiments import _lm_common as recipe
 from eejax.harness import run
 from eejax.eval import report
-from eejax.harness import results
+from eejax.harness import results as result_files
 from eejax.models import lm as lm_lib
 
 NAME = "per_token_exit"
@@ -158,7 +158,7 @@ def main(argv=None):
         "report windows. A blank threshold means no candidate could be certified at that epsilon with this many "
         "calibration sequences.",
         report.markdown_table(ltt_rows, list(ltt_rows[0].keys()), ".3f") if ltt_rows else "(no LTT measures)"])
-    files = results.write_results(outdir, NAME, md, {"ltt": ltt_rows, "ltt_raw": ltt_raw,
+    files = result_files.write_results(outdir, NAME, md, {"ltt": ltt_rows, "ltt_raw": ltt_raw,
         "provenance": prov._asdict(), "data": corpus.description, "config": cfg.to_dict(),
         "train_seconds": train_s, "exit_nll": exit_nll, "rows": rows, "raw": raw}, overwrite=args.overwrite)
     print(md)

@@ -21,7 +21,7 @@ from eejax.data.text import detokenize_wikitext, load_text
 from eejax.decoding import kv as kv_lib
 from eejax.decoding import per_token
 from eejax.eval import report
-from eejax.harness import results
+from eejax.harness import results as result_files
 from eejax.models import pretrained
 
 NAME = "pretrained_lm"
@@ -96,7 +96,7 @@ def _md_text(s: str) -> str:
 @run.cli
 def main(argv=None):
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = results.provenance(f"experiments.{NAME}", argv)
+    prov = result_files.provenance(f"experiments.{NAME}", argv)
     _, outdir = config_lib.run_dirs(cfg, args, NAME)
     p, g = cfg.ppl, cfg.generate
     print(f"device: {prov.device}")
@@ -178,7 +178,7 @@ def main(argv=None):
                                 "agree": r["uncached_argmax_agree"]} for r in gens],
                               ["prompt", "continuation", "agree"], ".2f"),
     ])
-    stage = results.StagedResults(outdir, overwrite=args.overwrite)   # replaces earlier results only when complete
+    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)   # replaces earlier results only when complete
     files = stage.write_results(NAME, md, {
         "provenance": prov._asdict(), "config": cfg.to_dict(), "load_seconds": load_s,
         "eval_tokens_available": {name: len(a) for name, a in all_ids.items()}, "rows": rows, "qk_check": qk_rows,

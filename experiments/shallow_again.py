@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from eejax.harness import config as config_lib
 from eejax.harness import run
 from eejax.eval import report
-from eejax.harness import results
+from eejax.harness import results as result_files
 from eejax.exits import costs, parallel
 from eejax.models import vit as vit_lib
 from eejax.train import maybe_initialize
@@ -187,7 +187,7 @@ def main(argv=None):
     cfg, args = config_lib.parse_cli(argv, description=__doc__)   # every value validated before any work
     train_ds, val, test = load_data(cfg, args.data_dir)
     maybe_initialize()
-    prov = results.provenance("experiments.shallow_again", argv)
+    prov = result_files.provenance("experiments.shallow_again", argv)
     workdir, outdir = run.prepare(cfg, args, "shallow_again")
     n_sub = min(cfg.eval.train_subset or len(train_ds), len(train_ds))
     train_sub = train_ds.subset(np.arange(n_sub), "train")
@@ -211,7 +211,7 @@ def main(argv=None):
     d_train = np.asarray([d["d_train_loss"] for d in diffs])
     if jax.process_index() != 0:
         return
-    stage = results.StagedResults(outdir, overwrite=args.overwrite)
+    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
     plot(rows, stage.dir / "shallow_again.png",
          f"sequential vs parallel blocks on {cfg.data.name} (every seed a dot)")
     (stage.dir / "train_logs.jsonl").write_text("\n".join(logs) + "\n")

@@ -17,7 +17,7 @@ from eejax.decoding import per_token, skipdecode
 from experiments import _lm_common as recipe
 from eejax.harness import run
 from eejax.eval import report
-from eejax.harness import results
+from eejax.harness import results as result_files
 from eejax.models import lm as lm_lib
 
 NAME = "skipdecode"
@@ -103,7 +103,7 @@ def main(argv=None):
         f"tokens/s of free-running generation at batch {e.batch} (compile excluded, best of {e.timing_iters}); "
         "wall_speedup = tok_s / full model tok_s (the full model's best of two timings, at the start and the end).",
         report.markdown_table(rows, list(rows[0].keys()), ".3f")])
-    files = results.write_results(outdir, NAME, md, {
+    files = result_files.write_results(outdir, NAME, md, {
         "provenance": prov._asdict(), "data": corpus.description, "config": cfg.to_dict(),
         "train_seconds": train_s, "schedules": schedules, "rows": rows, "raw": raw}, overwrite=args.overwrite)
     print(md)

@@ -23,7 +23,7 @@ from eejax.harness import run
 from eejax.decoding import kangaroo as kg
 from eejax.decoding import specee
 from eejax.eval import report
-from eejax.harness import results
+from eejax.harness import results as result_files
 from eejax.exits import engine
 from eejax.models import lm as lm_lib
 from experiments import kangaroo as kexp
@@ -168,7 +168,7 @@ def decode_run(model, adapter, pred, prompt_BxP, cfg, schedule):
 @run.cli
 def main(argv=None):
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = results.provenance(f"experiments.{NAME}", argv)
+    prov = result_files.provenance(f"experiments.{NAME}", argv)
     workdir, outdir = run.prepare(cfg, args, NAME)
     print(f"device: {prov.device}")
     t0 = time.perf_counter()
@@ -259,7 +259,7 @@ def main(argv=None):
         "## Exit-layer histograms (test, generated tokens)",
         "\n".join(f"- {k}: {v}" for k, v in hists.items()),
     ])
-    stage = results.StagedResults(outdir, overwrite=args.overwrite)
+    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
     stage.write_results(NAME, md, {"rows": rows, "offline": offline, "exit_hist_test": hists,
                                    "hist_train": hist_train.tolist(), "schedules": schedules,
                                    "predictor_logs": train_logs, "drafter": drafter_src,

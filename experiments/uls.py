@@ -15,7 +15,7 @@ from eejax.harness import run
 from eejax.decoding import layer_skip as ls
 from eejax.decoding import skipdecode
 from eejax.eval import report
-from eejax.harness import results
+from eejax.harness import results as result_files
 from experiments import _layer_skip_common as common
 
 NAME = "uls"
@@ -97,7 +97,7 @@ def main(argv=None):
         rows.append(row)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
-    stage = results.StagedResults(su.outdir, overwrite=su.args.overwrite)
+    stage = result_files.StagedResults(su.outdir, overwrite=su.args.overwrite)
     plot(rows, stage.dir / "uls_quality_vs_layers.png", n, cfg.timing.batches)
     cols = [k for k in rows[0] if k != "detail"] + ["detail"]
     b = cfg.timing.batches

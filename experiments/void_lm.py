@@ -21,7 +21,7 @@ from eejax.harness import run
 from eejax.decoding import kv as kv_lib
 from eejax.decoding import void
 from eejax.eval import report
-from eejax.harness import results
+from eejax.harness import results as result_files
 from eejax.exits import engine
 from eejax.models import lm as lm_lib
 from experiments import _lm_skip_common as common
@@ -51,7 +51,7 @@ def norms_of(stack):
 @run.cli
 def main(argv=None):
     cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = results.provenance(f"experiments.{NAME}", argv)
+    prov = result_files.provenance(f"experiments.{NAME}", argv)
     _, outdir = run.prepare(cfg, args, NAME)
     t_start = time.perf_counter()
     s = common.load_model(cfg.model.name, cfg.model.depth)
@@ -180,7 +180,7 @@ def main(argv=None):
         print(drows[-1], flush=True)
 
     # 4. Files.
-    stage = results.StagedResults(outdir, overwrite=args.overwrite)
+    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
     off = [r for r in rows if r["mode"].startswith("official")]
     car = [r for r in rows if r["mode"].startswith("carry")]
     curves = {"official (run-and-discard)": ([r["layers_active"] for r in off], [r["token_ppl"] for r in off])}
