@@ -183,3 +183,21 @@ def test_refit_finds_the_committed_constants(roofline):
     for name in ("bandwidth_frac", "compute_frac", "launch_s", "stop_s"):
         assert getattr(dev, name) == pytest.approx(getattr(costs.H200, name), rel=0.01), name
     assert np.isfinite([dev.bandwidth_frac, dev.compute_frac]).all()
+
+
+def test_self_speculative_recomputation_reproduces_the_committed_columns():
+    """The committed self-speculative tables' cost columns are what the shared model gives for the committed counts
+    (recomputed from the as-run inputs, idempotent), and they count the head: the memory-bound floor of the fitted
+    E=2 k=2 at batch 8 is ~0.72, where the run's own head-less GPU column said 1.00."""
+    from experiments import self_speculative_costs as ssc
+
+    path = ROOT / "experiments" / "results" / "self_speculative-smollm2" / "self_speculative.json"
+    committed = json.loads(path.read_text())
+    again = ssc.recompute(json.loads(path.read_text()))
+    cols = ("speedup_cost_cpu", "speedup_cost_h200", "speedup_cost_h200_floor", "speedup_cost_gpu_as_run")
+    for new, old in zip(again["sweep"], committed["sweep"]):
+        assert [new[c] for c in cols] == pytest.approx([old[c] for c in cols], rel=1e-12)
+    fit = next(r for r in committed["measured"]["8"]["rows"] if r["drafter"] == "static E=2 k=2 (fit)")
+    assert fit["speedup_cost_gpu_as_run"] == pytest.approx(1.003, abs=1e-3)
+    assert 0.70 < fit["speedup_cost_h200_floor"] < 0.75 and fit["speedup_cost_h200"] < 1.0
+    assert committed["cost_recomputed"]["commit"] and again["fit"]["recomputed"] == committed["fit"]["recomputed"]
