@@ -117,7 +117,8 @@ def rewrite_markdown(md: str, results: dict) -> str:
     md = _table_after(md, "## Replay sweep on the held-out prompts", report.markdown_table(sel, list(SWEEP_COLS),
                                                                                           ".3f"), mark)
     new = results["fit"]["recomputed"]
-    line = (f" *Recomputed after the run with every head counted: best by the CPU cost model {tuple(new['best_cpu_cost'])}, "
+    line = (" *Recomputed after the run with every head counted: best by the CPU cost model "
+            f"{tuple(new['best_cpu_cost'])}, "
             f"by the cost model (roofline, H200) {tuple(new['best_h200_cost'])}, by the roofline floor "
             f"{tuple(new['best_h200_floor'])}; the measured rows below use the fit as run.*")
     fit_line = re.compile(r"^(Best static by the CPU cost model:[^\n]*?)(?: \*Recomputed after the run[^\n]*)?$", re.M)

@@ -68,8 +68,9 @@ def test_summary_shows_host_stops_and_command_buffers_side_by_side(run):
     _edit(run / "train_throughput.json", lambda d: [c.update(remat_policy="dots" if c["remat"] else None)
                                                     for c in d["candidates"].values()])
     shutil.copy(run / "vit_paths.json", run / "vit_paths_cmdbuf.json")
-    _edit(run / "vit_paths_cmdbuf.json", lambda d: [rec.update(time_s=rec["time_s"] / 2) for cfg in d["configs"]
-                                                    for pat in cfg["patterns"].values() for rec in pat["paths"].values()])
+    _edit(run / "vit_paths_cmdbuf.json", lambda d: [
+        rec.update(time_s=rec["time_s"] / 2) for cfg in d["configs"] for pat in cfg["patterns"].values()
+        for rec in pat["paths"].values()])
     summary = run_all.summarize(run)
     md = (run / "summary.md").read_text()
     assert "| host stops / forward | 0 | 49 | 61 | 61 |" in md
@@ -80,8 +81,8 @@ def test_summary_shows_host_stops_and_command_buffers_side_by_side(run):
     # the configuration fields that differ between candidates, side by side (a new field needs no code)
     assert "| candidate | dtype | remat | attention | remat_policy | img/s |" in md
     assert "| bf16-einsum-remat | bfloat16 | True | einsum | dots | 1,924.8 |" in md
-    assert "**vit: XLA command buffers off / on**" in md and "| L12-D384-T65-B1024 full | masked | 16.77 | 8.39 | 2.00 |" \
-        in md
+    assert "**vit: XLA command buffers off / on**" in md
+    assert "| L12-D384-T65-B1024 full | masked | 16.77 | 8.39 | 2.00 |" in md
     cb = summary["winners"]["vit: XLA command buffers (WHILE, CONDITIONAL)"]
     assert cb["winner"] == "on" and cb["geomean_time_off_over_on"] == pytest.approx(2.0)
     assert summary["files"]["vit_cmdbuf"] == "vit_paths_cmdbuf.json"

@@ -33,6 +33,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from eejax.exits import hlo
+
 
 def _check_heads(d_model: int, num_heads: int):
     if d_model % num_heads:
@@ -348,8 +350,6 @@ def _kernel_cost(ins, shapes: dict, comps: dict) -> tuple[float, float]:
     """``(flops, bytes)`` of one kernel: its dots' FLOPs; bytes = operands read + result written, where an operand
     only sliced (dynamic-slice / gather) counts its slices, and an in-place update (dynamic-update-slice, scatter)
     counts the update, not the buffer."""
-    from eejax.exits import hlo   # noqa: PLC0415  (hlo imports nothing of costs; kept local for the import graph)
-
     ops = _operands(ins)
     op_bytes = [hlo._shape_bytes(shapes.get(o, "")) for o in ops]
     out_bytes = hlo._shape_bytes(ins.shape)
@@ -440,8 +440,6 @@ def hlo_work(prof, trips: float | tuple[float, ...] = 1, per: float = 1, dtype="
 def program_work(fn: Callable, *args, trips: float | tuple[float, ...] = 1, per: float = 1, dtype="bfloat16",
                  **kwargs) -> tuple[Work, ...]:
     """``hlo_work`` of ``fn`` (jitted or plain) compiled for ``args`` on the default backend."""
-    from eejax.exits import hlo   # noqa: PLC0415
-
     return hlo_work(hlo.profile(fn, *args, **kwargs), trips=trips, per=per, dtype=dtype)
 
 
@@ -680,7 +678,8 @@ def vit_layer_work(batch: int, tokens: int, d_model: int, mlp_dim: int, num_head
     w = _itemsize(dtype)
     d_passes, f_passes, s_passes = VIT_ACT_PASSES
     weights = (4 * d_model * d_model + 2 * d_model * mlp_dim) * w
-    act = batch * tokens * (d_passes * d_model + f_passes * mlp_dim) * w + batch * num_heads * tokens ** 2 * 4 * s_passes
+    act = (batch * tokens * (d_passes * d_model + f_passes * mlp_dim) * w
+           + batch * num_heads * tokens ** 2 * 4 * s_passes)
     return Work(float(batch) * transformer_layer_flops(tokens, d_model, mlp_dim, num_heads), weights + act,
                 VIT_KERNELS_PER_LAYER, 0.0, _dtype_name(dtype), "vit layer")
 
