@@ -53,15 +53,15 @@ def test_decode_step_counts_the_vocabulary_head():
     parts = {w.name: w for w in costs.decode_work(SMOLLM2, costs.greedy_counts(SMOLLM2), impl=costs.DecodeImpl.ideal())}
     assert parts["heads"].bytes >= p["head"] * 2 and parts["heads"].flops == 2.0 * p["head"]
     for dev in ("h200", "h200_spec"):
-        with_head = costs.decode_time(SMOLLM2, costs.TokenCounts(layers=30, heads=1), device_=dev).time_s
-        without = costs.decode_time(SMOLLM2, costs.TokenCounts(layers=30, heads=0), device_=dev).time_s
+        with_head = costs.decode_time(SMOLLM2, costs.TokenCounts(layers=30, heads=1), device=dev).time_s
+        without = costs.decode_time(SMOLLM2, costs.TokenCounts(layers=30, heads=0), device=dev).time_s
         assert with_head > without
 
 
 @pytest.mark.parametrize("dev,impl", [("h200_spec", costs.DecodeImpl.ideal()), ("h200", costs.EEJAX_20CB676)])
 @pytest.mark.parametrize("batch", [1, 8])
 def test_draft_costs_e_over_l_of_the_layers_plus_the_head(dev, impl, batch):
-    kw = dict(batch=batch, cache_len=64, impl=impl, device_=dev)
+    kw = dict(batch=batch, cache_len=64, impl=impl, device=dev)
     layers = costs.decode_time(SMOLLM2, costs.TokenCounts(layers=30, heads=0), **kw).time_s
     head = costs.decode_time(SMOLLM2, costs.TokenCounts(layers=0, heads=1), **kw).time_s
     for e in (2, 4, 12):

@@ -248,7 +248,7 @@ H200 = H200_SPEC.calibrated(
 DEVICES = {"h200": H200, "h200_spec": H200_SPEC}
 
 
-def device(name: str | Device) -> Device:
+def get_device(name: str | Device) -> Device:
     """A ``Device`` by name (``h200``: calibrated; ``h200_spec``: the spec sheet alone), or the device itself."""
     if isinstance(name, Device):
         return name
@@ -292,9 +292,9 @@ class Prediction(NamedTuple):
         return max(terms, key=terms.get)
 
 
-def predict(parts: Work | Sequence[Work], device_: str | Device = "h200") -> Prediction:
+def predict(parts: Work | Sequence[Work], device: str | Device = "h200") -> Prediction:
     """Seconds of ``parts`` on a device: each part's roofline time, plus its launches and host stops."""
-    dev = device(device_)
+    dev = get_device(device)
     parts = (parts,) if isinstance(parts, Work) else tuple(parts)
     bandwidth = dev.hbm_bytes_per_s * dev.bandwidth_frac
     mem = comp = flops = nbytes = kernels = stops = 0.0
@@ -622,9 +622,9 @@ def decode_work(cfg, counts: TokenCounts, *, batch: int = 1, cache_len: int = 25
     return tuple(pt for pt in parts if pt.flops or pt.bytes or pt.kernels or pt.host_stops)
 
 
-def decode_time(cfg, counts: TokenCounts, *, device_: str | Device = "h200", **kwargs) -> Prediction:
+def decode_time(cfg, counts: TokenCounts, *, device: str | Device = "h200", **kwargs) -> Prediction:
     """Predicted seconds per generated token (``decode_work``'s keyword arguments)."""
-    return predict(decode_work(cfg, counts, **kwargs), device_)
+    return predict(decode_work(cfg, counts, **kwargs), device)
 
 
 class PredictedSpeedup(NamedTuple):
@@ -644,18 +644,18 @@ class PredictedSpeedup(NamedTuple):
 
 
 def predicted_speedup(cfg, counts: TokenCounts, *, batch: int = 1, cache_len: int = 256, dtype="bfloat16",
-                      device_: str | Device = "h200", impl: DecodeImpl = EEJAX_20CB676) -> PredictedSpeedup:
+                      device: str | Device = "h200", impl: DecodeImpl = EEJAX_20CB676) -> PredictedSpeedup:
     """Predicted H200 speed-up over greedy of a decoder that evaluates ``counts`` per generated token.
 
     For paper results: pass the counts the run measured (layers run per token, heads evaluated, drafter and
     predictor calls, verify passes) and quote ``value`` with ``label`` (and ``limit`` with ``limit_label``),
     never as a measurement. Greedy = every layer and one head per token (``greedy_counts``)."""
-    dev = device(device_)
+    dev = get_device(device)
     kw = dict(batch=batch, cache_len=cache_len, dtype=dtype)
-    method = decode_time(cfg, counts, device_=dev, impl=impl, **kw)
-    greedy = decode_time(cfg, greedy_counts(cfg), device_=dev, impl=impl, **kw)
-    floor_m = decode_time(cfg, counts, device_=H200_SPEC, impl=DecodeImpl.ideal(), **kw)
-    floor_g = decode_time(cfg, greedy_counts(cfg), device_=H200_SPEC, impl=DecodeImpl.ideal(), **kw)
+    method = decode_time(cfg, counts, device=dev, impl=impl, **kw)
+    greedy = decode_time(cfg, greedy_counts(cfg), device=dev, impl=impl, **kw)
+    floor_m = decode_time(cfg, counts, device=H200_SPEC, impl=DecodeImpl.ideal(), **kw)
+    floor_g = decode_time(cfg, greedy_counts(cfg), device=H200_SPEC, impl=DecodeImpl.ideal(), **kw)
     return PredictedSpeedup(greedy.time_s / method.time_s, f"cost model (roofline, {dev.name})",
                             floor_g.time_s / floor_m.time_s, "cost model (roofline floor, H200 spec sheet)",
                             method.time_s, greedy.time_s, method.bound)
