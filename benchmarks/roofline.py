@@ -12,6 +12,10 @@ fractions); the others are held out and show how far the model carries. Host sto
 (``host_stops``, written by the suite since issue 20) or, for the 2026-12-04 run that predates that field, from the
 counts issue 20 read off the compiled HLO at commit 20cb676 (``STOPS_20CB676``). Rows the model cannot describe are
 listed with the reason. Only numpy, scipy and ``eejax.exits.costs`` are imported (no model is built).
+
+Decode rows are modelled as eejax's decoder ran at commit 20cb676 (``costs.EEJAX_20CB676``: ~40 kernels per layer,
+a float32 KV cache read three times per step); a row or run that records another ``cache_dtype`` gets that one. After
+the decoder changes (issue 20), update the implementation constants with the run they describe and refit.
 """
 from __future__ import annotations
 
@@ -103,7 +107,9 @@ def lm_rows(res: dict) -> tuple[list[Row], list[str]]:
             else:
                 skipped.append(f"lm {name} (batch {batch}): no counts for this path")
                 continue
-            parts = costs.decode_work(shape, counts, batch=batch, cache_len=cache, dtype=meta.get("dtype", "bfloat16"))
+            impl = costs.EEJAX_20CB676._replace(cache_dtype=rec.get("cache_dtype", meta.get("cache_dtype", "float32")))
+            parts = costs.decode_work(shape, counts, batch=batch, cache_len=cache, dtype=meta.get("dtype", "bfloat16"),
+                                      impl=impl)
             rows.append(Row("lm", f"{name} B={batch}", rec["decode_s"] / steps, parts, calib, "s per token", note))
     return rows, skipped
 
@@ -138,7 +144,9 @@ def paper_rows(res: dict) -> tuple[list[Row], list[str]]:
             skipped.append(f"{label}: no counts for this mechanism in the run's row (host stops, draft and verify "
                            "calls are not recorded)")
             continue
-        parts = costs.decode_work(shape, counts, batch=batch, cache_len=cache, dtype=r.get("dtype", "bfloat16"))
+        impl = costs.EEJAX_20CB676._replace(cache_dtype=r.get("cache_dtype", "float32"))
+        parts = costs.decode_work(shape, counts, batch=batch, cache_len=cache, dtype=r.get("dtype", "bfloat16"),
+                                  impl=impl)
         rows.append(Row("papers", label, r["seconds"] / steps, parts, True, "s per token", note))
     return rows, skipped
 
