@@ -27,8 +27,8 @@ from eejax.decoding import kangaroo as kg
 from eejax.decoding import kv as kv_lib
 from eejax.decoding import per_token
 from eejax.eval import report
+from eejax.exits import costs, engine
 from eejax.harness import results as result_files
-from eejax.exits import engine
 from eejax.models import lm as lm_lib
 from eejax.models import pretrained
 
@@ -299,8 +299,12 @@ def simulate(argmax_BxT, conf_BxT, seq_BxT, prompt_len: int, num_new: int, eta: 
 
 
 def cost_speedup(mcfg, exit_layer, rows: int, num_new: int, drafted, rounds) -> float:
-    return kg.cost_speedup(mcfg, exit_layer=exit_layer, tokens=rows * (num_new - 1), draft_steps=drafted,
-                           rounds=rounds)
+    """Cost model (roofline, H200 calibrated 2026-12-04; ``eejax.exits.costs``, the one cost model of every
+    decoder) at batch 1: every draft step's l layers, adapter and vocabulary head, every round's verify of its drafts
+    + 1 positions, against greedy's L layers + head per token."""
+    counts = costs.kangaroo_counts(exit_layer, tokens=rows * (num_new - 1), draft_steps=float(drafted),
+                                   rounds=float(rounds))
+    return costs.predicted_speedup(mcfg, counts, batch=1).value
 
 
 def _hist_ratio(hist):

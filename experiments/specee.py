@@ -23,8 +23,8 @@ from eejax.harness import run
 from eejax.decoding import kangaroo as kg
 from eejax.decoding import specee
 from eejax.eval import report
+from eejax.exits import costs, engine
 from eejax.harness import results as result_files
-from eejax.exits import engine
 from eejax.models import lm as lm_lib
 from experiments import kangaroo as kexp
 
@@ -224,8 +224,11 @@ def main(argv=None):
                      "mean_layers": mean_layers, "batch_layers": float(np.mean(np.asarray(out.layers_run_G)[1:])),
                      "preds_per_token": preds_tok, "seconds": seconds, "wall_speedup": greedy_s / seconds,
                      "b1_seconds": b1, "b1_wall_speedup": ref1_s / b1 if b1 else None,
-                     "cost_speedup": cost["full_model"] / cost["specee"], "compile_s": compile_s,
-                     "cost_params": cost})
+                     "cost_speedup": costs.predicted_speedup(model.cfg, costs.TokenCounts(   # the drafter's l layers,
+                         layers=d.exit_layer + mean_layers, heads=1.0 + full_heads, drafter=1.0,   # adapter, head;
+                         predictors=preds_tok, predictor_params=cost["predictor_per_eval"])).value,  # every predictor
+                     "cost_model": "cost model (roofline, H200 calibrated 2026-12-04), batch 1",
+                     "compile_s": compile_s, "cost_params": cost})
         hists[f"{method} {name}"] = np.bincount(exits.reshape(-1), minlength=n).tolist()
         print(f"{method} {name}: agreement {rows[-1]['agreement']:.3f}, layers {mean_layers:.2f}, wall "
               f"x{rows[-1]['wall_speedup']:.2f}, cost x{rows[-1]['cost_speedup']:.2f}")
