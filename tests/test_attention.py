@@ -138,3 +138,53 @@ def test_unknown_kind_is_rejected():
         SelfAttention(32, 2, rngs=nnx.Rngs(0), attention="flash")
     with pytest.raises(ValueError, match="train_pad=0"):
         fused_attention(*_qkv(5, jnp.float32), train_pad=0)
+
+
+def test_cudnn_training_step_in_a_remat_scan_on_a_mocked_gpu(monkeypatch):
+    """A bf16 multi-exit ViT step with attention="cudnn" at odd T=17 under dots_saveable remat: the program runs the
+    attention padded to 18 with sequence lengths, never at 17 (the unpadded primal is traced, not run: no 17 x 17
+    scores in the step's jaxpr; the kernel is spied and run by XLA here), and the loss and gradients equal the
+    einsum model's within bf16 tolerance."""
+    from eejax.exits import losses
+    from eejax.models import vit as vit_lib
+
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def spy(q, k, v, *args, **kw):
+        calls.append((kw.get("implementation"), q.shape[1], kw.get("query_seq_lengths") is not None))
+        return real(q, k, v, *args, **{**kw, "implementation": "xla"})
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    cfg = vit_lib.ViTConfig(image_size=16, channels=3, patch_size=4, d_model=32, depth=2, num_heads=2, mlp_dim=64,
+                            exits="all", head_types="linear")
+    graphdef, params = vit_lib.build(cfg, 0)
+    x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+    y = jnp.arange(4)
+    weights_E = losses.exit_weights(cfg.exit_layers, "uniform")
+
+    def loss_grad(attention):
+        model = nnx.merge(graphdef, params)
+        for _, node in nnx.iter_graph(model):
+            if isinstance(node, SelfAttention):
+                node.attention = attention
+            if isinstance(node, nnx.Module) and hasattr(node, "dtype"):
+                node.dtype = jnp.bfloat16
+        gd, p = nnx.split(model)
+
+        def loss(p):
+            logits = nnx.merge(gd, p).all_exits(x, remat="dots_saveable").logits_ExBxC
+            return losses.multi_exit_ce(logits, y, weights_E)[0]
+
+        step = jax.value_and_grad(loss)
+        return jax.jit(step)(p), str(jax.make_jaxpr(step)(p))
+
+    (l_ein, g_ein), _ = loss_grad("einsum")
+    assert calls == []
+    (l_cud, g_cud), jaxpr = loss_grad("cudnn")
+    assert ("cudnn", 18, True) in calls and {c[0] for c in calls} == {"cudnn"}
+    assert ",18,18]" in jaxpr and ",17,17]" not in jaxpr
+    assert abs(float(l_cud) - float(l_ein)) <= 2e-2 * abs(float(l_ein))
+    for a, b in zip(jax.tree.leaves(g_cud), jax.tree.leaves(g_ein)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0.1,
+                                   atol=0.1 * max(1e-3, float(jnp.abs(b).max())))
