@@ -11,8 +11,8 @@ a compacting caller gives them; ``scattered``: the same fraction spread over the
 * ``xla_dense``: ``gated_mlp_ref``, XLA's MLP on every row then a row select (what the masked executor does);
 * ``xla_active_rows``: XLA's MLP on the first ``active x N`` rows only (a static slice: what perfect compaction
   would pay, without the gathers);
-* ``pallas_R``: the kernel (``eejax.kernels.gated_step.gated_mlp``) with ``R``-row tiles; tiles without an active
-  row only copy the residual.
+* ``pallas_R_kK``: the kernel (``eejax.kernels.gated_step.gated_mlp``) with ``R``-row tiles and ``K``-wide slices
+  of F (the default ``K`` and 64); tiles without an active row only copy the residual.
 
 Each kernel row records its largest difference from ``xla_dense`` and whether it is within the dtype's tolerance.
 The verdict per width: the kernel "wins" when its best tile size at 40% active rows is faster than ``xla_dense`` at
@@ -37,13 +37,15 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _util  # noqa: E402
 
 from eejax import runtime  # noqa: E402
-from eejax.kernels.gated_step import default_block_d, gated_mlp, gated_mlp_ref  # noqa: E402
+from eejax.kernels.gated_step import default_block_d, default_block_k, gated_mlp, gated_mlp_ref  # noqa: E402
 
 SIZES = {
-    "tiny": dict(widths=(48, 64), rows={}, default_rows=96, block_rows=(16,), fracs=(1.0, 0.4), dtype="float32",
-                 repeats=2),
+    "tiny": dict(widths=(48, 64), rows={}, default_rows=96, block_rows=(16,), block_ks=(None,), fracs=(1.0, 0.4),
+                 dtype="float32", repeats=2),
+    # block_k None: the kernel's default (shared-memory bound, default_block_k); 64: a larger tile, in case the
+    # default's many small k-steps are what loses
     "gpu": dict(widths=(384, 576, 768), rows={768: 128 * 197}, default_rows=1024 * 65, block_rows=(32, 64),
-                fracs=(1.0, 0.4), dtype="bfloat16", repeats=10),
+                block_ks=(None, 64), fracs=(1.0, 0.4), dtype="bfloat16", repeats=10),
 }
 NUM_LAYERS = 2
 WIN_AT_40 = 1.5    # kernel at 40% active over xla_dense at 100%: what it must beat to compete with compaction
@@ -109,9 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         rec = {"d": d, "f": 4 * d, "rows": n, "block_d": default_block_d(d), "paths": {}}
         calls, refs = {}, {}
         dense = jax.jit(lambda h, a: gated_mlp_ref(h, a, w1, b1, w2, b2, 1))
-        kernels = {br: jax.jit(functools.partial(
-            lambda h, a, br: gated_mlp(h, a, w1, b1, w2, b2, 1, block_rows=br, interpret=interpret), br=br))
-            for br in p["block_rows"]}
+        default_k = default_block_k(4 * d, d=d, itemsize=jnp.dtype(dtype).itemsize)
+        rec["default_block_k"] = default_k
+        kernels = {f"{br}_k{bk or default_k}": jax.jit(functools.partial(
+            lambda h, a, br, bk: gated_mlp(h, a, w1, b1, w2, b2, 1, block_rows=br, block_k=bk, interpret=interpret),
+            br=br, bk=bk or default_k)) for br in p["block_rows"] for bk in dict.fromkeys(p["block_ks"])}
         for frac in p["fracs"]:
             for scattered in ((False, True) if frac < 1 else (False,)):
                 tag = f"{int(100 * frac)}%" + ("_scattered" if scattered else "")
@@ -122,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                     k = int(round(frac * n))
                     calls[f"xla_active_rows@{tag}"] = (
                         jax.jit(lambda h: gated_mlp_ref(h[:k], jnp.ones((k,), bool), w1, b1, w2, b2, 1)), (h,))
-                for br, ker in kernels.items():
-                    name = f"pallas_{br}@{tag}"
+                for kname, ker in kernels.items():
+                    name = f"pallas_{kname}@{tag}"
                     try:
                         got = ker(h, act)
                         diff = float(jnp.max(jnp.abs(got.astype(jnp.float32) - refs[tag].astype(jnp.float32))))
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         times = _util.time_interleaved(calls, repeats=repeats)
         for name, t in times.items():
             rec["paths"].setdefault(name, {}).update(ms=1e3 * t["time_s"], min_ms=1e3 * t["min_s"])
-        rec["verdict"] = verdict(rec["paths"], p["block_rows"])
+        rec["verdict"] = verdict(rec["paths"], list(kernels))
         out["widths"].append(rec)
         log(f"D={d} N={n}: " + ", ".join(f"{k} {v['ms']:.3f} ms" for k, v in rec["paths"].items()) +
             f"  -> {rec['verdict']['summary']}")
@@ -149,13 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if out["all_agree"] else 1
 
 
-def verdict(paths: dict, block_rows) -> dict:
-    """Does the kernel pay at this width? (see the module docstring)"""
+def verdict(paths: dict, kernel_names) -> dict:
+    """Does the kernel pay at this width? (see the module docstring; its best tiling at each fraction)"""
     dense_100 = paths.get("xla_dense@100%", {}).get("ms")
-    best_40 = min((paths[k]["ms"] for k in (f"pallas_{b}@40%" for b in block_rows) if "ms" in paths.get(k, {})),
-                  default=None)
-    best_100 = min((paths[k]["ms"] for k in (f"pallas_{b}@100%" for b in block_rows) if "ms" in paths.get(k, {})),
+
+    def best(tag):
+        return min((paths[k]["ms"] for k in (f"pallas_{n}@{tag}" for n in kernel_names) if "ms" in paths.get(k, {})),
                    default=None)
+
+    best_40, best_100 = best("40%"), best("100%")
     if dense_100 is None or best_40 is None or best_100 is None:
         return {"kernel_wins": None, "summary": "kernel not timed"}
     gain_40, ratio_100 = dense_100 / best_40, best_100 / dense_100

@@ -17,9 +17,9 @@ def test_tiny_run_schema(tmp_path):
     res = json.loads(out.read_text())
     assert res["all_agree"] is True and res["errors"] == {} and res["meta"]["timing_meaningful"] is False
     [w] = res["widths"]
-    assert (w["d"], w["f"], w["block_d"]) == (48, 192, 16)
+    assert (w["d"], w["f"], w["block_d"], w["default_block_k"]) == (48, 192, 16, 64)
     assert set(w["paths"]) == {"xla_dense@100%", "xla_dense@40%", "xla_dense@40%_scattered", "xla_active_rows@40%",
-                               "pallas_16@100%", "pallas_16@40%", "pallas_16@40%_scattered"}
+                               "pallas_16_k64@100%", "pallas_16_k64@40%", "pallas_16_k64@40%_scattered"}
     assert all(r["agrees"] for k, r in w["paths"].items() if k.startswith("pallas"))
     assert w["verdict"]["kernel_wins"] in (True, False) and "needs >" in w["verdict"]["summary"]
 

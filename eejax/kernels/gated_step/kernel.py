@@ -17,7 +17,8 @@ How it saves work and memory:
   a ``while_loop`` counter).
 * **F tiled.** An inner loop over ``block_k``-wide slices of the hidden width accumulates ``gelu(h @ w1_k + b1_k) @
   w2_k`` in float32, so only ``D x block_k`` and ``block_k x D`` weight tiles are live at once (a whole ``D x F``
-  block overflows GPU shared memory at D=256, F=1024; JAX-NOTES §4).
+  block overflows GPU shared memory at D=256, F=1024; JAX-NOTES §4); the default ``block_k`` keeps them within
+  ``SMEM_TILE_BUDGET`` (``default_block_k``). Not yet compiled on a GPU: shared memory is only checked there.
 * **D chunked.** Every array the kernel loads or stores has a power-of-2 size, as the Triton lowering requires:
   the width is split into ``D / block_d`` column chunks (``block_d``: the largest power of 2 <= 128 dividing D,
   e.g. 128 at D=384 and 768, 64 at D=576), the first GEMM sums the chunks' products and the second keeps one
@@ -65,12 +66,26 @@ def resolve_interpret(interpret: bool | None) -> bool:
     return jax.default_backend() == "cpu"
 
 
-def default_block_k(f: int, cap: int = 128) -> int:
-    """The largest power of two <= ``cap`` dividing ``f``; ``f`` itself when that is below 16."""
+SMEM_TILE_BUDGET = 48 * 1024   # bytes of weight tiles one k-step loads (Triton keeps ~3 such stages in flight)
+
+
+def default_block_k(f: int, cap: int = 128, *, d: int | None = None, itemsize: int | None = None) -> int:
+    """The largest power of two <= ``cap`` dividing ``f`` (``f`` itself when that is below 16). Given the width
+    ``d`` and the weights' ``itemsize``, also at most what keeps one k-step's tiles (``D x K`` of ``w1`` and ``K x
+    D`` of ``w2``) within ``SMEM_TILE_BUDGET``, down to 16: 32 at D=384, 16 at D=576 and 768 (bf16). Triton's
+    software pipeline buffers every load of the loop per stage, and a whole-D step at K=128 would need 192 KB per
+    stage at D=384 (an H100/H200 has ~227 KB of shared memory per block; JAX-NOTES §4)."""
+    if d is not None and itemsize is not None:
+        while cap > 16 and 2 * d * cap * itemsize > SMEM_TILE_BUDGET:
+            cap //= 2
     k = cap
     while k >= 16 and f % k:
         k //= 2
     return k if k >= 16 else f
+
+
+def _block_k(w1_LxDxF) -> int:
+    return default_block_k(w1_LxDxF.shape[-1], d=w1_LxDxF.shape[1], itemsize=jnp.dtype(w1_LxDxF.dtype).itemsize)
 
 
 def default_block_d(d: int, cap: int = 128) -> int:
@@ -191,7 +206,7 @@ def gated_mlp(h_NxD: jax.Array, active_N: jax.Array, w1_LxDxF: jax.Array, b1_LxF
               b2_LxD: jax.Array, layer, *, residual_NxD: jax.Array | None = None, block_rows: int = 32,
               block_k: int | None = None, block_d: int | None = None, interpret: bool | None = None) -> jax.Array:
     """The gated MLP step (see the module docstring); differentiable in ``h``, the residual and the weights."""
-    block_k = default_block_k(w1_LxDxF.shape[-1]) if block_k is None else block_k
+    block_k = _block_k(w1_LxDxF) if block_k is None else block_k
     block_d = default_block_d(h_NxD.shape[-1]) if block_d is None else block_d
     r_NxD = h_NxD if residual_NxD is None else residual_NxD
     return _gated(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, jnp.asarray(layer, jnp.int32), r_NxD,
@@ -216,7 +231,7 @@ def gated_mlp_ran_tiles(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, lay
                         block_k: int | None = None, block_d: int | None = None, interpret: bool | None = None
                         ) -> tuple[jax.Array, jax.Array]:
     """Debug view: the output and ``ran_T``, 1 for the row tiles whose MLP branch ran (0 where it was skipped)."""
-    block_k = default_block_k(w1_LxDxF.shape[-1]) if block_k is None else block_k
+    block_k = _block_k(w1_LxDxF) if block_k is None else block_k
     block_d = default_block_d(h_NxD.shape[-1]) if block_d is None else block_d
     return _pallas_forward(h_NxD, active_N, w1_LxDxF, b1_LxF, w2_LxFxD, b2_LxD, layer, h_NxD, block_rows=block_rows,
                            block_k=block_k, block_d=block_d, interpret=resolve_interpret(interpret), with_ran=True)
