@@ -55,6 +55,15 @@ class _Iter(NamedTuple):
     state: kv_lib.DecodeState
 
 
+class _Blocks(NamedTuple):
+    """Carry of the loop over blocks (a known trip count)."""
+    x0_B: jax.Array           # the last committed token (not yet in the cache)
+    state: kv_lib.DecodeState
+    out_BxG: jax.Array
+    iters_BxK: jax.Array
+    changed_BxK: jax.Array
+
+
 def jacobi_block(model: DecoderLM, x0_B: jax.Array, state: kv_lib.DecodeState, n: int, *, tol: int = 0,
                  max_iters: int | None = None):
     """One block of ``n`` tokens by Jacobi iteration from the committed ``state`` (``x0`` not in the cache).
@@ -101,16 +110,15 @@ def jacobi_decode(model: DecoderLM, prompt_BxP: jax.Array, lengths_B: jax.Array,
     x0_B = jnp.take_along_axis(prompt_BxP, (lengths_B - 1)[:, None], axis=1)[:, 0].astype(jnp.int32)
     num_blocks = num_new // block
 
-    def one(k, c):
-        x0, st, out_BxG, iters_BxK, changed_BxK = c
-        blk_BxN, it_B, ch_B, st = jacobi_block(model, x0, st, block, tol=tol, max_iters=max_iters)
-        out_BxG = jax.lax.dynamic_update_slice(out_BxG, blk_BxN, (0, k * block))
-        return (blk_BxN[:, -1], st, out_BxG, iters_BxK.at[:, k].set(it_B), changed_BxK.at[:, k].set(ch_B))
+    def one(k, c: _Blocks) -> _Blocks:
+        blk_BxN, it_B, ch_B, st = jacobi_block(model, c.x0_B, c.state, block, tol=tol, max_iters=max_iters)
+        return _Blocks(blk_BxN[:, -1], st, jax.lax.dynamic_update_slice(c.out_BxG, blk_BxN, (0, k * block)),
+                       c.iters_BxK.at[:, k].set(it_B), c.changed_BxK.at[:, k].set(ch_B))
 
     zeros_BxK = jnp.zeros((b, num_blocks), jnp.int32)
-    init = (x0_B, state, jnp.zeros((b, num_new), jnp.int32), zeros_BxK, zeros_BxK)
-    _, _, out_BxG, iters_BxK, changed_BxK = jax.lax.fori_loop(0, num_blocks, one, init)
-    return JacobiOutputs(out_BxG, iters_BxK, changed_BxK)
+    f = jax.lax.fori_loop(0, num_blocks, one, _Blocks(x0_B, state, jnp.zeros((b, num_new), jnp.int32), zeros_BxK,
+                                                      zeros_BxK))
+    return JacobiOutputs(f.out_BxG, f.iters_BxK, f.changed_BxK)
 
 
 __all__ = ["JacobiOutputs", "jacobi_block", "jacobi_decode"]
