@@ -30,8 +30,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from eejax import checks
 from eejax.decoding import kv as kv_lib
+from eejax.decoding import speculative
 from eejax.models.lm import DecoderLM
 
 
@@ -99,10 +102,18 @@ def jacobi_decode(model: DecoderLM, prompt_BxP: jax.Array, lengths_B: jax.Array,
                   tol: int = 0, max_iters: int | None = None) -> JacobiOutputs:
     """``num_new`` tokens per row (a multiple of ``block``) in blocks of ``block`` by Jacobi iteration. ``tol=0``
     and ``max_iters=None``: exact (greedy); otherwise CEED-VLA's early exit (lossy)."""
-    if block < 1 or num_new < 1 or num_new % block:
-        raise ValueError(f"{num_new=} must be a positive multiple of {block=} (equal blocks)")
-    if (isinstance(tol, int) and tol < -1) or (isinstance(max_iters, int) and max_iters < 1):
-        raise ValueError(f"need {tol=} >= -1 and {max_iters=} >= 1")
+    for name, value in (("block", block), ("num_new", num_new)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an int >= 1")
+    if num_new % block:
+        raise ValueError(f"num_new={num_new} must be a multiple of block={block} (equal blocks)")
+    if checks.is_concrete(tol) and (np.ndim(tol) != 0 or int(tol) != tol or tol < -1):
+        raise ValueError(f"tol={tol!r} must be an int >= -1 (tokens an iteration may change and still stop; -1: "
+                         "never stop on convergence)")
+    if max_iters is not None and checks.is_concrete(max_iters) and (
+            np.ndim(max_iters) != 0 or int(max_iters) != max_iters or max_iters < 1):
+        raise ValueError(f"max_iters={max_iters!r} must be an int >= 1 or None")
+    speculative.check_prompts(prompt_BxP, lengths_B, model.cfg.vocab_size)
     b, p = prompt_BxP.shape
     lengths_B = jnp.asarray(lengths_B, jnp.int32)
     _, state = kv_lib.prefill(model, prompt_BxP, lengths_B, p + num_new + 1)

@@ -56,8 +56,10 @@ def draft_program(exit_layer: int) -> engine.Program:
 
 
 def _draft_cfg(model: DecoderLM, exit_layer: int):
-    if not 1 <= exit_layer < model.cfg.depth:
-        raise ValueError(f"Kangaroo exit layer {exit_layer} must lie in [1, {model.cfg.depth}) (layers kept)")
+    if isinstance(exit_layer, bool) or not isinstance(exit_layer, (int, np.integer)) \
+            or not 1 <= exit_layer < model.cfg.depth:
+        raise ValueError(f"exit_layer={exit_layer!r} (the layers the Kangaroo drafter keeps) must be an int in "
+                         f"[1, {model.cfg.depth})")
     return dataclasses.replace(model.cfg, depth=exit_layer + 1, exits=[exit_layer], exit_head="shared")
 
 
@@ -246,6 +248,7 @@ def kangaroo(model: DecoderLM, adapter: dict, prompt_BxP: jax.Array, lengths_B: 
     if isinstance(gamma, (int, np.integer)) and gamma > num_new:
         raise ValueError(f"gamma={gamma} > num_new={num_new}: a round emits at most num_new tokens, so longer drafts "
                          "only grow the caches and the compiled program; use gamma <= num_new")
+    speculative.check_prompts(prompt_BxP, lengths_B, model.cfg.vocab_size)   # before the draft model is built
     out = speculative.self_speculative(model, prompt_BxP, lengths_B, num_new,
                                        drafter=drafter(model, adapter, exit_layer, eta=eta, gamma=gamma))
     return KangarooOutputs(out.tokens_BxG, out.rounds_B, out.drafted_B, out.accepted_B, out.draft_steps,

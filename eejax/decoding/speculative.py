@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eejax import checks
 from eejax.decoding import kv as kv_lib
 from eejax.exits import engine, policies
 from eejax.models.lm import DecoderLM
@@ -123,6 +124,22 @@ def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}={value!r} must be an int >= 1")
     return int(value)
+
+
+def check_prompts(prompt_BxP, lengths_B, vocab_size: int) -> None:
+    """Right-padded prompts: integer ids ``B x P`` in the vocabulary and one length per row in ``[1, P]`` (values
+    checked when concrete; ``kv.pad_prompts`` gives both). A length past P would be clamped by the gather that reads
+    each row's last token: a wrong answer, not an error."""
+    if np.ndim(prompt_BxP) != 2 or 0 in np.shape(prompt_BxP):
+        raise ValueError(f"prompt_BxP of shape {np.shape(prompt_BxP)} must be B x P with B, P >= 1")
+    checks.token_ids(prompt_BxP, vocab_size, name="prompt_BxP")
+    b, p = np.shape(prompt_BxP)
+    if np.shape(lengths_B) != (b,):
+        raise ValueError(f"lengths_B has shape {np.shape(lengths_B)}; want one length per prompt row, ({b},)")
+    if checks.is_concrete(lengths_B):
+        lengths = np.asarray(lengths_B)
+        if not np.issubdtype(lengths.dtype, np.integer) or lengths.min() < 1 or lengths.max() > p:
+            raise ValueError(f"lengths_B={lengths.tolist()} must be integers in [1, {p}] (the padded prompt length)")
 
 
 # ------------------------------------------------------------------------------------------------- draft steps
@@ -437,7 +454,6 @@ def self_speculative(model: DecoderLM, prompt_BxP: jax.Array, lengths_B: jax.Arr
     """Greedy speculative decoding of ``num_new`` tokens per row: drafts of ``k`` tokens from exit ``draft_exit``
     (an index into the model's exits, not the last), or as ``drafter`` decides per row and round (``static``,
     ``dynamic``, ``kangaroo.drafter``)."""
-    cfg = model.cfg
     if drafter is None:
         if draft_exit is None or k is None:
             raise ValueError("give draft_exit and k, or a drafter")
@@ -446,11 +462,13 @@ def self_speculative(model: DecoderLM, prompt_BxP: jax.Array, lengths_B: jax.Arr
         raise ValueError("give draft_exit and k, or a drafter, not both")
     num_new = _positive_int(num_new, "num_new")
     drafter.check(model)
+    check_prompts(prompt_BxP, lengths_B, model.cfg.vocab_size)
     lengths = tuple(sorted(set(int(t) for t in drafter.lengths)))
     kmax = max(lengths)
     if kmax > num_new:
-        raise ValueError(f"drafts of up to {kmax} tokens for num_new={num_new}: a round emits at most num_new "
-                         "tokens, so a longer draft only grows the cache and the program; draft at most num_new")
+        raise ValueError(f"the drafter drafts up to {kmax} tokens a round (its k / max_k / gamma) but num_new="
+                         f"{num_new}: a round emits at most num_new tokens, so a longer draft only grows the cache "
+                         "and the compiled program; draft at most num_new")
     b, p = prompt_BxP.shape
     cache_len = p + num_new + kmax + 1
     logits, state = kv_lib.prefill(model, prompt_BxP, lengths_B, cache_len)
@@ -515,5 +533,5 @@ def self_speculative(model: DecoderLM, prompt_BxP: jax.Array, lengths_B: jax.Arr
                        f.k_trace_BxG, f.draft_steps, f.verify_tokens, f.batch_rounds, f.dstate)
 
 
-__all__ = ["SpecOutputs", "Plan", "Choice", "Verified", "Static", "Dynamic", "DynamicState", "static", "dynamic",
+__all__ = ["SpecOutputs", "Plan", "Choice", "Verified", "check_prompts", "Static", "Dynamic", "DynamicState", "static", "dynamic",
            "draft_step", "row_exit_head", "rows_draft_step", "masked_draft_step", "verify", "self_speculative"]
