@@ -13,7 +13,6 @@ On a GPU every data-dependent loop iteration and every conditional waits on the 
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 

@@ -8,13 +8,21 @@ branch. At batch 1 decoding is memory-bound and the dots' operand bytes are domi
 ratio is the cost of a draft token relative to a greedy step on a GPU, before kernel launches and host stops.
 
     cost = dot_cost(hlo.profile(jax.jit(f), *args), trips=4)    # {"flops": ..., "bytes": ...}
+    exe, prof = compile_profiled(f, *args)    # one compile: the executable to time and its program to read
+    seconds, out = median_time(exe, args, repeats=3)
+
+The benchmark modules of the speculative family (self_speculative, kangaroo, specee, ceed_jacobi) time their rows
+with these and write each executed row's ``host_stops`` (``eejax.exits.hlo``) beside its time.
 
 Shapes: none (reads programs).
 """
 from __future__ import annotations
 
 import re
+import statistics
+import time
 
+import jax
 import numpy as np
 
 from eejax.exits import hlo
@@ -69,4 +77,23 @@ def dot_cost(prof: hlo.HloProfile, trips: float | tuple[float, ...] = 1.0) -> di
     return {"flops": float(flops), "bytes": float(read)}
 
 
-__all__ = ["dot_cost"]
+def compile_profiled(fn, *args):
+    """``jax.jit(fn)`` compiled AOT for ``args`` and the ``HloProfile`` of that same compiled program."""
+    lowered = jax.jit(fn).lower(*args)
+    exe = lowered.compile()
+    text = exe.as_text()
+    return exe, hlo.HloProfile(*hlo.parse_hlo(text), hlo.dot_dtypes_of(lowered.as_text()), text)
+
+
+def median_time(exe, args, repeats: int = 3):
+    """Median wall-clock seconds of ``repeats`` calls after one warm call (``block_until_ready``), and the output."""
+    out = jax.block_until_ready(exe(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(exe(*args))
+        times.append(time.perf_counter() - t0)
+    return float(statistics.median(times)), out
+
+
+__all__ = ["dot_cost", "compile_profiled", "median_time"]

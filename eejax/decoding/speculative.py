@@ -533,5 +533,5 @@ def self_speculative(model: DecoderLM, prompt_BxP: jax.Array, lengths_B: jax.Arr
                        f.k_trace_BxG, f.draft_steps, f.verify_tokens, f.batch_rounds, f.dstate)
 
 
-__all__ = ["SpecOutputs", "Plan", "Choice", "Verified", "check_prompts", "Static", "Dynamic", "DynamicState", "static", "dynamic",
-           "draft_step", "row_exit_head", "rows_draft_step", "masked_draft_step", "verify", "self_speculative"]
+__all__ = ["SpecOutputs", "Plan", "Choice", "Verified", "check_prompts", "Static", "Dynamic", "DynamicState", "static",
+           "dynamic", "draft_step", "row_exit_head", "rows_draft_step", "masked_draft_step", "verify", "self_speculative"]
