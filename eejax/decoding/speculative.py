@@ -416,7 +416,7 @@ class _Round(NamedTuple):
     dstate: Any
 
 
-def _draft_plan(model, drafter, plan: Plan, kmax: int, c: _Draft, cap_B) -> _Draft:
+def _draft_plan(model, drafter, plan: Plan, c: _Draft, cap_B) -> _Draft:
     """Draft up to ``plan.length`` tokens per row. Without a keep rule: a loop with a known trip count. With one:
     one ``lax.cond`` after each step on "is any row still drafting?", nested, so the steps after the batch stopped
     are neither run nor decided."""
@@ -487,7 +487,7 @@ def self_speculative(model: DecoderLM, prompt_BxP: jax.Array, lengths_B: jax.Arr
         return branch
 
     verifies = [verify_len(t) for t in lengths]
-    drafts = [functools.partial(_draft_plan, model, drafter, pl, kmax) for pl in plans]
+    drafts = [functools.partial(_draft_plan, model, drafter, pl) for pl in plans]
 
     def body(cr: _Round) -> _Round:
         live_B = cr.count_B < num_new
