@@ -17,7 +17,7 @@ Models, all trained with the same batch and optimizer:
     a control MLP classifier 784-128-32-10 (the encoder's widths) trained directly with the CNNs' budget.
 Evaluation on test: accuracy, FLOPs per image (autoencoder counted) and measured batched CPU latency of
     CBNet (autoencoder + small classifier), the small classifiers alone, the full CNN, and BranchyNet exits
-    (max-softmax thresholds fit on validation by MSDNet's budgeted protocol, executed by the engine's compacted
+    (max-softmax thresholds fit on validation by MSDNet's budgeted protocol, executed by the engine's bucket-cascade
     executor, asserted equal to the simulation). Energy is not measured: FLOPs are the proxy.
 Hardware / wall-clock: a shared 2-core CPU, about 15-25 min per dataset.
 Expected shape (PAPERS.md): on MNIST-like data the autoencoder + tiny classifier roughly matches the full net at

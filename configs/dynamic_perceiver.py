@@ -15,7 +15,7 @@ Model (eejax/models/perceiver.py): feature branch = a stride-4 conv stem + 4 res
 Training (both arms alike): mean CE over the exits + kd_weight x KD (temperature T) from the last exit to the
     earlier ones (self-distillation), same steps, batch, optimizer and seed.
 Evaluation: MSDNet's budgeted protocol (eejax.eval.budgeted: 39 priors, per-exit max-softmax thresholds fit on
-    validation, applied to test); the points of ``eval.executed_priors`` are executed by the engine (compacted
+    validation, applied to test); the points of ``eval.executed_priors`` are executed by the engine (bucket-cascade
     executor), their exits asserted equal to the simulated ones, and timed (batched throughput vs the static full model).
 Scale: 400 steps of batch 64 per arm; test bounded to the first 5,000 test images (the 2-core CPU is shared by
     seven jobs: a 48-wide model ran at ~20 s per step there).

@@ -130,7 +130,7 @@ def shared_heads(model, report_state: bool):
     return [full] * model.cfg.depth
 
 
-def run_engine(model, x, policy, executor=engine.Compacted(), report_state: bool = False):
+def run_engine(model, x, policy, executor=engine.BucketCascade(), report_state: bool = False):
     """The dynamic path: the engine's prefix program over every layer, the shared head at each exit."""
     n = model.cfg.depth
     return engine.run(model.layers, shared_heads(model, report_state), model.embed(x),
@@ -138,7 +138,7 @@ def run_engine(model, x, policy, executor=engine.Compacted(), report_state: bool
 
 
 def executed_exits(graphdef, params, ds, cfg, make_policy, thr, report_state=False):
-    """Exit index and prediction per test example, executed by the engine (compacted executor)."""
+    """Exit index and prediction per test example, executed by the engine (bucket-cascade executor)."""
     @jax.jit
     def fn(params, x, thr):
         out = run_engine(nnx.merge(graphdef, params), x, make_policy(thr), report_state=report_state)

@@ -12,7 +12,7 @@
 4. Test: accuracy, FLOPs per image (the autoencoder counted) and measured batched CPU latency of CBNet
    (classifier(autoencoder(x)), the classifier = the CNN truncated at exit 1), the small classifiers alone, the full
    CNN, and BranchyNet exits with max-softmax thresholds fit on validation (MSDNet's budgeted protocol), executed by
-   the engine (compacted executor; exits asserted equal to the simulated ones).
+   the engine (bucket-cascade executor; exits asserted equal to the simulated ones).
 CBNet is an input transform, not a depth exit: it is compared on accuracy, FLOPs and latency, not on depth saved.
 """
 from __future__ import annotations
@@ -252,7 +252,7 @@ def main(argv=None):
     conf_test = probs_test.max(-1)
 
     def dyn(p, x, t):
-        return nnx.merge(graphdef, p).dynamic(x, t, executor=engine.Compacted()).logits_BxC
+        return nnx.merge(graphdef, p).dynamic(x, t, executor=engine.BucketCascade()).logits_BxC
 
     exit_rows = []
     for prior in cfg.eval.executed_priors:
@@ -260,7 +260,7 @@ def main(argv=None):
         thr = point.thresholds_E
         e_run, pred = executed(graphdef, params, test, cfg, thr)
         agree = check_agreement(e_run, budgeted.simulate_exits(conf_test, thr), conf_test, thr)
-        exit_rows.append({"model": f"BranchyNet exits, prior {point.prior:g} (engine, compacted)",
+        exit_rows.append({"model": f"BranchyNet exits, prior {point.prior:g} (engine, bucket cascade)",
                           "test_acc": 100 * float(np.mean(pred == labels)),
                           "MFLOPs": costs.expected_flops(e_run, ec.cum_flops_E) / 1e6,
                           f"ms_per_batch{xb.shape[0]}": latency(dyn, (params, xb, jnp.asarray(thr, jnp.float32)),

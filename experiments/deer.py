@@ -8,7 +8,7 @@ peak cap M (DeeR's max_layer) and each prior p of eejax.eval.budgeted, DeeR's ex
 q_k proportional to p^k of the VALIDATION examples at exits 2..M (exit 1 has no previous output to agree with),
 and ``budgeted.select_thresholds`` turns it into per-exit thresholds on the agreement score (minus the distance of
 consecutive softmaxes). For each average budget B the prior with the best validation accuracy whose validation
-mean layers is within B is kept; its thresholds run on TEST through the engine (``policies.agreement``, compacted
+mean layers is within B is kept; its thresholds run on TEST through the engine (``policies.agreement``, bucket-cascade
 executor), and the table shows whether the test average and peak respect B and M, against static depths.
 """
 from __future__ import annotations

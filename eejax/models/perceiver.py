@@ -14,7 +14,7 @@ baseline* (and a BranchyNet-style multi-exit CNN): the same feature branch, a li
 after every stage.
 
 The two-branch state is the engine's carry (:class:`PerceiverCarry`, like the U-ViT's ``UViTCarry``), so the scan
-path (training) and every executor of ``engine.run`` (Masked, Compacted) run the same stages.
+path (training) and every executor of ``engine.run`` (Masked, BucketCascade) run the same stages.
 
 Shapes: B batch, G feature grid side (G x G positions), C feature channels, L latent tokens, D latent width,
 K classes, E exits (= stages, one exit after each), N stages.

@@ -116,15 +116,17 @@ class ViT(nnx.Module):
                                  residual_dtype=residual_dtype)
 
     def dynamic(self, x_BxHxWxC, threshold=None, measure: str | conf_lib.Measure = "max_softmax", *,
-                policy=None, program: engine.Program | None = None, executor=engine.Masked()
-                ) -> engine.DynamicOutputs:
+                policy=None, program: engine.Program | None = None, executor=engine.Masked(),
+                fields: tuple[str, ...] | None = ("logits_BxC",)) -> engine.DynamicOutputs:
         """Inference: ``engine.run(program, policy, executor)``; by default the prefix program and a confidence
-        threshold (scalar or one per exit) on ``measure``."""
+        threshold (scalar or one per exit) on ``measure``. ``fields``: the head outputs returned (default the
+        logits; None: every field); what neither they nor the policy read is not computed."""
         cfg = self.cfg
         program = engine.prefix(cfg.depth, cfg.exit_layers) if program is None else program
         if policy is None:
             policy = policies.threshold(measure, threshold, len(cfg.exit_layers))
-        return engine.run(self.layers, list(self.heads), self.embed(x_BxHxWxC), program, policy, executor)
+        return engine.run(self.layers, list(self.heads), self.embed(x_BxHxWxC), program, policy, executor,
+                          fields=fields)
 
     def static(self, x_BxHxWxC, exit_index: int) -> jax.Array:
         """A truncated model: layers up to exit ``exit_index`` and only that exit's head (static-depth baseline)."""
