@@ -64,7 +64,8 @@ def prefill(graphdef, params, batch: int, prompt: int, new: int, vocab: int, see
 def time_decode(graphdef, params, pre: ls.Prefilled, new: int, step_fn, args, repeats: int) -> dict:
     """Median seconds of ``new`` greedy decode steps from ``pre`` (compile excluded), and the layers run."""
     def f(p, logits, state, *a):
-        return ls.decode(nnx.merge(graphdef, p), logits, state, new, lambda m, t, s, i: step_fn(m, t, s, i, *a))
+        return per_token.decode(nnx.merge(graphdef, p), logits, state, new,
+                                lambda m, t, s, i: step_fn(m, t, s, i, *a))
 
     exe = jax.jit(f)
     dec = jax.block_until_ready(exe(params, pre.logits_BxV, pre.state, *args))   # compile + warm-up
