@@ -477,7 +477,8 @@ def classifier_gate(clf: dict, h_BxD: jax.Array, e) -> jax.Array:
     """Gate logit (``B``) of exit ``e``: sigmoid of it is the probability that the exit already agrees. A float32
     statistic of the hidden state (a multiply-and-sum over D, like the norm's), so a bfloat16 decode runs no
     float32 matmul for it."""
-    return jnp.sum(_rms_normalise(h_BxD) * clf["w_ExD"][e].astype(jnp.float32), axis=-1) + clf["b_E"][e]
+    w_1xD = clf["w_ExD"][e].astype(jnp.float32).reshape((1,) * (h_BxD.ndim - 1) + (-1,))
+    return jnp.sum(_rms_normalise(h_BxD) * w_1xD, axis=-1) + clf["b_E"][e]
 
 
 def classifier_loss(graphdef, model_params):
