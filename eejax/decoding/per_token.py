@@ -280,11 +280,12 @@ def generate(model: DecoderLM, prompt_BxP: jax.Array, lengths_B: jax.Array, num_
 
 def decode_fn(graphdef, step_fn: StepFn, num_new: int, **kw):
     """``jit``-ready ``f(params, prompt_BxP, lengths_B, *step_args[, force_BxG])`` over an ``nnx.split`` model;
-    ``step_args`` are passed to ``step_fn`` after ``(model, tok, state, i)`` (e.g. a traced threshold)."""
+    ``step_args`` are passed to ``step_fn`` after ``(model, tok, state, i)`` (e.g. a traced threshold);
+    ``step_fn`` may be a list of phases (``decode``) when there are none. ``kw`` go to ``generate``."""
 
     def f(params, prompt_BxP, lengths_B, *step_args, force_BxG=None):
         model = nnx.merge(graphdef, params)
-        return generate(model, prompt_BxP, lengths_B, num_new,
-                        lambda m, t, s, i: step_fn(m, t, s, i, *step_args), force_BxG=force_BxG, **kw)
+        steps = step_fn if not step_args else (lambda m, t, s, i: step_fn(m, t, s, i, *step_args))
+        return generate(model, prompt_BxP, lengths_B, num_new, steps, force_BxG=force_BxG, **kw)
 
     return f
