@@ -29,8 +29,11 @@ def _model(dtype=None):
     return lm.build(lm.LMConfig(**{**CFG.__dict__, "dtype": dtype}), 0)
 
 
-def _generate_fn(name: str, dtype=None, cache_dtype=None):
+def _generate_fn(name: str, dtype=None, cache_dtype=None, cast=False):
     gd, params = _model(dtype)
+    if cast:   # parameters cast after building, the model's dtype left None: it computes in theirs
+        params = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                              params)
     step, args = PATHS[name]
 
     def fn(params, *args):
@@ -47,9 +50,9 @@ def _profile(name: str):
     return hlo.profile(fn, *args)
 
 
-def _dot_dtypes(name: str, dtype=None, cache_dtype=None):
+def _dot_dtypes(name: str, dtype=None, cache_dtype=None, cast=False):
     """The dots of the *lowered* program (what a GPU would run; no compile needed)."""
-    fn, args = _generate_fn(name, dtype, cache_dtype)
+    fn, args = _generate_fn(name, dtype, cache_dtype, cast)
     return hlo.dot_dtypes_of(jax.jit(fn).lower(*args).as_text())
 
 
@@ -113,6 +116,9 @@ def test_bf16_decode_has_no_f32_dot():
         assert dots and _f32_dots(dots) == 0, (name, dots)
     # The old default (a float32 cache under a bfloat16 model) shows up as float32 dots: the check has teeth.
     assert _f32_dots(_dot_dtypes("full", "bfloat16", jnp.float32)) > 0
+    # Parameters cast to bfloat16 with LMConfig.dtype=None compute in bfloat16 too (the benchmarks did this).
+    for name in ("full", "threshold_cheap_gate"):
+        assert _f32_dots(_dot_dtypes(name, cast=True)) == 0, name
 
 
 def _bytes(shape: str) -> int:

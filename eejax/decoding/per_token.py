@@ -168,6 +168,15 @@ class Generation(NamedTuple):
     layers_run_G: jax.Array      # layers the batch loop ran to produce token g's logits (prefill: N)
 
 
+class TokenRecord(NamedTuple):
+    """What the generation loop records per step (stacked over the G steps by ``lax.scan``)."""
+    tok_B: jax.Array
+    logprob_B: jax.Array
+    exit_layer_B: jax.Array
+    layers_B: jax.Array
+    layers_run: jax.Array
+
+
 class DecodeCarry(NamedTuple):
     """The generation loop's carry: what produced the next token."""
     logits_BxV: jax.Array        # logits the next token is taken from
@@ -230,7 +239,7 @@ def decode(model: DecoderLM, logits_BxV: jax.Array, state: kv_lib.DecodeState, n
             new_logits, stats, state = step(model, tok_B, c.state, i)
             nxt = DecodeCarry(new_logits.astype(c.logits_BxV.dtype), state, stats.exit_layer_B, stats.layers_B,
                               jnp.asarray(stats.layers_run, jnp.int32))
-            return nxt, (tok_B, logp_B, c.exit_layer_B, c.layers_B, c.layers_run)
+            return nxt, TokenRecord(tok_B, logp_B, c.exit_layer_B, c.layers_B, c.layers_run)
         return body
 
     forced_GxB = jnp.zeros((num_new, b), jnp.int32) if force_BxG is None else jnp.asarray(force_BxG, jnp.int32).T
@@ -242,8 +251,8 @@ def decode(model: DecoderLM, logits_BxV: jax.Array, state: kv_lib.DecodeState, n
                                                         forced_GxB[start:start + steps]))
         parts.append(ys)
         start += steps
-    tok_GxB, logp_GxB, exit_GxB, layers_GxB, run_G = (jnp.concatenate(x) for x in zip(*parts))
-    return Generation(tok_GxB.T, logp_GxB.T, exit_GxB.T, layers_GxB.T, run_G)
+    rec = TokenRecord(*(jnp.concatenate(x) for x in zip(*parts)))    # leading axis G
+    return Generation(rec.tok_B.T, rec.logprob_B.T, rec.exit_layer_B.T, rec.layers_B.T, rec.layers_run)
 
 
 def check_prompts(prompt_BxP, lengths_B, vocab_size: int) -> None:

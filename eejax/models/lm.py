@@ -301,8 +301,12 @@ class DecoderLM(nnx.Module):
     # ---------------------------------------------------------------------------------------------- heads
 
     def embed_tokens(self, tokens_BxT: jax.Array) -> jax.Array:
+        """Token embeddings ``B x T x D`` in the compute dtype: ``cfg.dtype``, else the embedding's own dtype (nnx's
+        Embed would keep the float32 it was built with, so parameters cast to bfloat16 after building would still
+        start a float32 residual stream and every matmul after it)."""
         checks.token_ids(tokens_BxT, self.cfg.vocab_size)
-        return self.embed(tokens_BxT)
+        h_BxTxD = self.embed(tokens_BxT)
+        return h_BxTxD if self.cfg.dtype is not None else h_BxTxD.astype(self.embed.embedding[...].dtype)
 
     def shared_head(self, x_BxTxD: jax.Array) -> jax.Array:
         if self.cfg.tie_embeddings:
