@@ -156,13 +156,14 @@ class Runner:
             step, g, graphdef = method.step_fn, self.g, self.graphdef
 
             def f(params, logits, state, force, *args):
-                return ls.decode(nnx.merge(graphdef, params), logits, state, g,
-                                 lambda m, t, s, i: step(m, t, s, i, *args), force_BxG=force if forced else None)
+                return per_token.decode(nnx.merge(graphdef, params), logits, state, g,
+                                        lambda m, t, s, i: step(m, t, s, i, *args),
+                                        force_BxG=force if forced else None)
 
             self._fns[key] = jax.jit(f)
         return self._fns[key]
 
-    def run(self, method: Method, params, pre: ls.Prefilled, force=None) -> ls.Decoded:
+    def run(self, method: Method, params, pre: ls.Prefilled, force=None) -> per_token.Generation:
         fn = self.decode_fn(method, force is not None)
         return fn(params, pre.logits_BxV, pre.state, force, *method.args_fn(pre))
 

@@ -43,12 +43,13 @@ def training_windows(cfg, args, tok) -> np.ndarray:
 
 def cached_features(su, windows_WxL: np.ndarray, log=print) -> dict[str, np.ndarray]:
     """Full-depth prefill of every training prompt, once: pooled layer inputs (W x N x D, float32) and the prompt
-    K/V (N x W x P x H x K, float16), in ``<workdir>/features.npz``."""
+    K/V (N x W x J x P x K: the KV cache's layout, float16), in ``<workdir>/features.npz``."""
     path = su.workdir / "features.npz"
     if path.exists():
         with np.load(path) as f:
             feats = {k: f[k] for k in f.files}
-        if np.array_equal(feats["windows"], windows_WxL):
+        p = su.cfg.eval.prompt_len     # the slot axis of the cache layout (older files held N x W x P x J x K)
+        if np.array_equal(feats["windows"], windows_WxL) and feats["k"].shape[3] == p:
             log(f"features: reusing {path}")
             return feats
     p, bsz = su.cfg.eval.prompt_len, su.cfg.train.prefill_batch
@@ -59,8 +60,8 @@ def cached_features(su, windows_WxL: np.ndarray, log=print) -> dict[str, np.ndar
     for i in range(0, windows_WxL.shape[0], bsz):
         pre = fn(su.params, jnp.asarray(windows_WxL[i:i + bsz, :p]))
         pooled.append(np.asarray(pre.pooled_NxBxD).transpose(1, 0, 2))
-        ks.append(np.asarray(pre.state.cache.k_NxBxSxGxK, np.float16))
-        vs.append(np.asarray(pre.state.cache.v_NxBxSxGxK, np.float16))
+        ks.append(np.asarray(pre.state.cache.k_NxBxJxSxK, np.float16))
+        vs.append(np.asarray(pre.state.cache.v_NxBxJxSxK, np.float16))
         log(f"  features: {i + bsz}/{windows_WxL.shape[0]} prompts ({time.perf_counter() - start:.0f} s)")
     feats = {"windows": windows_WxL, "pooled_WxNxD": np.concatenate(pooled), "k": np.concatenate(ks, axis=1),
              "v": np.concatenate(vs, axis=1), "seconds": np.float64(time.perf_counter() - start)}

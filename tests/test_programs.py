@@ -228,13 +228,13 @@ def test_extend_equals_single_steps_and_rollback(lm_gs):
     np.testing.assert_array_equal(st_ext.pos_B, st.pos_B)
     for b in range(4):
         n = int(st.pos_B[b])
-        np.testing.assert_allclose(st_ext.cache.k_NxBxSxGxK[:, b, :n], st.cache.k_NxBxSxGxK[:, b, :n], rtol=1e-5,
+        np.testing.assert_allclose(st_ext.cache.k_NxBxJxSxK[:, b, :, :n], st.cache.k_NxBxJxSxK[:, b, :, :n], rtol=1e-5,
                                    atol=1e-5)
     np.testing.assert_allclose(lg_back, lg_ref, rtol=1e-5, atol=1e-5)
     for b in range(4):
         n = int(st_ref.pos_B[b])
         assert int(st_back.pos_B[b]) == n
-        np.testing.assert_allclose(st_back.cache.v_NxBxSxGxK[:, b, :n], st_ref.cache.v_NxBxSxGxK[:, b, :n],
+        np.testing.assert_allclose(st_back.cache.v_NxBxJxSxK[:, b, :, :n], st_ref.cache.v_NxBxJxSxK[:, b, :, :n],
                                    rtol=1e-5, atol=1e-5)
 
 

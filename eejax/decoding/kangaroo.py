@@ -42,7 +42,7 @@ from eejax.decoding import speculative
 from eejax.exits import engine
 from eejax.models.lm import DecoderLM
 
-ADAPTER_KEYS = ("norm1", "q", "k", "v", "o")   # the adapter's trained part of its Block (no MLP, no norm2)
+ADAPTER_KEYS = ("norm1", "qkv", "o")   # the adapter's trained part of its Block (no MLP, no norm2)
 CONF_BINS = 10                                 # histogram bins of draft top-1 probabilities
 
 

@@ -139,13 +139,8 @@ def target_step(model: DecoderLM, tok_B, state: kv_lib.DecodeState, cand_BxK, pr
     policy = SpecEEPolicy(pred, cand_BxK, full_head, threshold)
     out, new_state = kv_lib.forward(model, tok_B[:, None], state, program,
                                     candidate_heads(model, cand_BxK, num_exits), policy)
-    pos_Bx1 = state.pos_B[:, None]
-
-    def fill(l, cache):   # K/V of the layers no row reached, from each row's frozen exit state
-        k, v = kv_lib.layer_at(model, l).kv(out.h, pos_Bx1)
-        return kv_lib.write_kv(cache, l, pos_Bx1, k, v)
-
-    cache = jax.lax.fori_loop(out.layers_run, n, fill, new_state.cache)
+    # K/V of the layers no row reached, from each row's frozen exit state (one batched computation)
+    cache = kv_lib.propagate(model, new_state.cache, out.h, state.pos_B[:, None], out.layers_run)
     last = out.exit_B == num_exits - 1
     cand_tok = jnp.take_along_axis(cand_BxK, jnp.argmax(out.out.logits_BxC, -1)[:, None], 1)[:, 0]
     final_tok = jax.lax.cond(jnp.any(last), lambda x: jnp.argmax(full_head(x), -1).astype(jnp.int32),
