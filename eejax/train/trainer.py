@@ -182,9 +182,12 @@ class Trainer:
                 if step == crash_at:  # Test-only: a hard kill after step k; the regular save above completes.
                     self.checkpointer.wait()
                     os._exit(CRASH_EXIT_CODE)
-        finally:
+        except BaseException:
             bar.close()
-            writer.close()
+            writer.close(quiet=True)  # the error in flight is the one to report
+            raise
+        bar.close()
+        writer.close()
         self.checkpointer.wait()
         self.state = state
         return state
