@@ -12,7 +12,7 @@ def validate_common(v, c):
                 "timing.rounds"):
         v.int(key, lo=1)
     v.int("eval.new_tokens", lo=2)
-    v.ints("timing.batches", lo=1)
+    v.ints("timing.batches", lo=1, unique=True)
     if c.eval.windows % c.eval.batch:
         v.fail("eval.windows", f"must be a multiple of eval.batch={c.eval.batch}")
     if c.eval.prompts % c.eval.greedy_batch:

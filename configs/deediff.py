@@ -140,4 +140,4 @@ def validate(c):
     v.bool("sample.clip")
     v.floats("eval.target_ratios", 0.0, 1.0, lo_open=True)  # layers / N: (0, 1]
     v.int("eval.two_depth_shallow", lo=1, hi=mcfg.depth)
-    v.ints("eval.mse_timesteps", lo=0, hi=c.diffusion.num_timesteps - 1)
+    v.ints("eval.mse_timesteps", lo=0, hi=c.diffusion.num_timesteps - 1, unique=True)

@@ -80,6 +80,6 @@ def validate(c):
         v.fail("data.context", "must be >= 2 (a next token to predict)")
     v.float("train.lr", 0.0, 1.0, lo_open=True)
     v.bool("train.restrict_vocab")
-    v.ints("drafter.exit_layers", lo=1)
+    v.ints("drafter.exit_layers", lo=1, unique=True)
     v.float("decode.eta", 0.0, 1.0)
     v.floats("decode.etas", 0.0, 1.0)
