@@ -625,3 +625,68 @@ def test_two_runs_writing_one_outdir_are_refused(capsys, tmp_path):
         proc.kill()
         proc.wait()
     assert not (tmp_path / "other").exists()  # refused: not bound either
+
+
+# ---------------------------------------------------------------------------------------- issue 23: the API
+
+
+def test_api_model_configs_refuse_sizes_by_name():
+    from eejax.models import cbnet, diffusion, encoder, lm, perceiver, vit
+
+    cases = [
+        (lambda: vit.ViTConfig(num_classes=0), "num_classes=0 must be an integer >= 2"),
+        (lambda: vit.ViTConfig(d_model=-8), "d_model=-8 must be an integer >= 1"),
+        (lambda: vit.ViTConfig(patch_size=0), "patch_size=0"),
+        (lambda: vit.ViTConfig(depth=0), "depth=0"),
+        (lambda: vit.ViTConfig(mlp_dim=0), "mlp_dim=0"),
+        (lambda: vit.ViTConfig(d_model=64.0), "d_model=64.0 must be an integer"),
+        (lambda: lm.LMConfig(d_model=-8), "d_model=-8"),
+        (lambda: lm.LMConfig(vocab_size=1), "vocab_size=1 must be an integer >= 2"),
+        (lambda: lm.LMConfig(norm_eps=0.0), "norm_eps=0.0 must be a finite number > 0"),
+        (lambda: lm.LMConfig(rope_base=float("nan")), "rope_base=nan"),
+        (lambda: encoder.EncoderConfig(num_classes=0), "num_classes=0"),
+        (lambda: encoder.EncoderConfig(max_len=0), "max_len=0"),
+        (lambda: perceiver.PerceiverConfig(num_classes=0), "num_classes=0"),
+        (lambda: perceiver.PerceiverConfig(width=-8), "width=-8"),
+        (lambda: diffusion.UViTConfig(num_classes=-1), "num_classes=-1 must be an integer >= 0"),
+        (lambda: diffusion.UViTConfig(d_model=-8), "d_model=-8"),
+        (lambda: cbnet.AutoencoderConfig(image_shape=(28, 28)), r"image_shape=\(28, 28\) must be"),
+        (lambda: cbnet.AutoencoderConfig(hidden=(64, 0)), r"hidden\[1\]=0"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_api_inputs_lists_and_empty_batches(vit_model, lm_model):
+    cases = [
+        (lambda: vit_model.all_exits(np.zeros((2, 28, 28, 1), np.float32).tolist()),
+         "images must be a numpy or JAX array, got list"),
+        (lambda: vit_model.all_exits(np.zeros((0, 28, 28, 1), np.float32)), "hold no example"),
+        (lambda: vit_model.dynamic(np.zeros((0, 28, 28, 1), np.float32), 0.5), "hold no example"),
+        (lambda: lm_model([[1, 2, 3]]), "tokens must be a numpy or JAX array, got list"),
+        (lambda: lm_model(np.zeros((0, 3), np.int32)), "hold no example"),
+        (lambda: lm_model(np.zeros((2, 0), np.int32)), r"hold no token \(T=0\)"),
+        (lambda: lm_model(np.array([1, 2, 3], np.int32)), "must have 2 axes"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_api_data_iterators_refuse_what_they_would_cast():
+    from eejax.data import pipeline
+    from eejax.data.lm import WindowIterator
+
+    cases = [
+        (lambda: WindowIterator(np.linspace(0.0, 1.0, 100), 2, 8), "ids_N must be a numpy array of integer token "
+                                                                   "ids, got float64"),
+        (lambda: WindowIterator(list(range(100)), 2, 8), "got list"),
+        (lambda: WindowIterator(-np.arange(100), 2, 8), r"ids_N hold ids in \[-99, 0\]"),
+        (lambda: WindowIterator(np.arange(100), 2, 8, seed=-1), "seed=-1 must be an integer >= 0"),
+        (lambda: pipeline.BatchIterator(pipeline.get_dataset("mnist_embedded", "validation"), 8, seed=-1),
+         "seed=-1 must be an integer >= 0"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()

@@ -72,6 +72,11 @@ class LMConfig:
         return None if self.dtype is None else jnp.dtype(self.dtype)
 
     def __post_init__(self):
+        # Sizes first (two tokens at least: the margin measure reads the top two logits).
+        checks.config_ints(self, vocab_size=2, d_model=1, depth=1, num_heads=1, num_kv_heads=1, mlp_dim=1,
+                           exit_rank=0)
+        checks.positive_number(self.rope_base, "rope_base")
+        checks.positive_number(self.norm_eps, "norm_eps")
         if self.d_model % self.num_heads:
             raise ValueError(f"{self.d_model=} not divisible by {self.num_heads=}")
         if self.num_heads % self.num_kv_heads:
@@ -278,6 +283,9 @@ class DecoderLM(nnx.Module):
                   layer_mask_NxB: jax.Array | None = None, pos_mask_NxT: jax.Array | None = None,
                   exits: Sequence[int] | None = None, remat: bool = False) -> LMOutputs:
         """Every layer under ``lax.scan``; logits at every exit (or only at the exit indices ``exits``)."""
+        checks.batch_array(tokens_BxT, "tokens", ndim=2)
+        if tokens_BxT.shape[1] == 0:
+            raise ValueError(f"tokens of shape {tuple(tokens_BxT.shape)} hold no token (T=0)")
         valid_BxT = jnp.ones(tokens_BxT.shape, bool) if valid_BxT is None else valid_BxT
         pos_BxT = self.positions(valid_BxT)
         mask_BxTxT = causal_mask(valid_BxT)
