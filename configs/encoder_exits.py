@@ -77,6 +77,7 @@ def get_config(arg=None):
     return c
 
 ARMS = ("multi_exit", "ponder")
+MAX_LEN = 512   # position embeddings of the pretrained encoder (all-MiniLM-L6-v2); the random one gets as many
 NOT_IN_CHECKPOINTS = ("eval",)   # evaluation settings: a finished run may be re-evaluated with others
 
 
@@ -93,6 +94,8 @@ def validate(c):
                 "train.steps", "eval.latency_examples", "log_every", "ckpt_every"):
         v.int(key, lo=1)
     v.int("data.eval_size", lo=0)
+    for key in ("data.max_len", "data.eval_max_len"):  # MiniLM has 512 positions; longer asks XLA for terabytes
+        v.int(key, 1, MAX_LEN)
     v.int("model.shared_from", lo=0)
     for key in ("model.pretrained", "model.shared_layers", "model.ponder", "train.freeze_word_embeddings"):
         v.bool(key)

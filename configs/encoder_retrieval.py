@@ -73,10 +73,11 @@ def validate(c):
                 "model.depth", "model.num_heads", "model.mlp_dim", "train.steps", "log_every", "ckpt_every"):
         v.int(key, lo=1)
     v.int("data.eval_size", lo=0)
+    v.int("data.max_len", 1, 512)   # the pretrained encoder's positions (all-MiniLM-L6-v2)
     v.bool("model.pretrained")
     v.bool("train.freeze_word_embeddings")
     for key in ("train.temperature", "train.distill_temperature"):
-        v.float(key, lo=0.0, lo_open=True)
+        v.float(key, lo=1e-3)  # similarities / T: below 1e-3 the float32 softmax saturates (one-hot, no gradient)
     v.float("train.distill_weight", lo=0.0)
     if not v("eval.ks") or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in v("eval.ks")):
         v.fail("eval.ks", "must be a non-empty list of integers >= 1")

@@ -19,7 +19,8 @@ from eejax.harness import config, run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = {name: str(ROOT / "configs" / f"{name}.py") for name in ("lgvit", "deediff", "per_token_exit", "skipdecode",
-                                                                     "mue", "deer")}
+                                                                     "mue", "deer", "kangaroo", "encoder_exits",
+                                                                     "self_speculative")}
 
 # (paper, extra argv, a fragment the one-line message must hold)
 CLI_CASES = [
@@ -146,6 +147,23 @@ CLI_CASES = [
                                                              "same at the tables' precision"),
     ("deer", ["--config.eval.max_layers=(2, 3, 2)"], "config.eval.max_layers[2]=2 is repeated"),
     ("lgvit", ["--conf=x"], "unrecognized arguments: --conf=x"),
+    # Issue 23: sizes nobody bounded, values checked against the model and the data before any work.
+    ("kangaroo", ["--config.decode.gamma=100000"], "config.decode.gamma=100000: must be <= decode.new_tokens=6"),
+    ("kangaroo", ["--config.model.depth=2"], "config.model.depth=2: is ignored by model.name='random'"),
+    ("kangaroo", ["--config.drafter.exit_layers=(5,)"], "must be < the random model's 4 layers"),
+    ("encoder_exits", ["--config.data.max_len=100000"], "config.data.max_len=100000: must be an integer in [1, 512]"),
+    ("self_speculative", ["--config.decode.batches=(5,)"], "the largest batch 5 exceeds the prompts"),
+    ("self_speculative", ["--config.decode.ks=(2, 3)"], "config.decode.ks=(2, 3): must include 1"),
+    ("self_speculative", ["--config.decode.ks=(1, 50)"], "must be <= decode.new_tokens=6"),
+    ("self_speculative", ["--config.decode.ks=(1, 2, 1)"], "holds a value twice"),
+    ("deediff", ["--config.sample.eta=1e9"], "config.sample.eta=1000000000.0: must be a finite number in [0, 1]"),
+    ("deediff", ["--config.data.ref_size=3"], "config.data.ref_size=3: must be 0 (the whole test split) or >= "
+                                              "sample.num_samples=40"),
+    ("lgvit", ["--config.stage2.temperature=1e-30"], "config.stage2.temperature=1e-30: must be a finite number >= "
+                                                     "0.01"),
+    ("lgvit", ["--config.eval.throughput_batch=5000"], "config.eval.throughput_batch=5000 exceeds the 2000 test "
+                                                       "images"),
+    ("lgvit", ["--config.data.test_size=1"], "config.eval.throughput_batch=256 exceeds the 1 test images"),
 ]
 
 
@@ -171,6 +189,10 @@ def earlier_runs(tmp_path_factory):
 
 
 def _main(paper):
+    if paper in ("kangaroo", "encoder_exits", "self_speculative"):
+        import importlib
+
+        return importlib.import_module(f"experiments.{paper}").main
     if paper == "lgvit":
         from experiments import lgvit as mod
     elif paper == "deediff":
