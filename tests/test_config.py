@@ -85,3 +85,16 @@ def test_flags_that_would_mislead(tmp_path):
             config.parse_cli(argv)
     _, args = config.parse_cli([f"--config={f}", "--break-lock"])
     assert args.break_lock
+
+
+def test_sizes_have_sanity_ceilings_checked_before_the_config_builds_anything(tmp_path):
+    """Issue 23: lgvit --config.model.depth=10**9 exhausted memory while its validate() built the exit list."""
+    for spec, override, match in [("lgvit.py:smoke", "model.depth=1000000000", "config.model.depth=1000000000: must "
+                                                                              "be <= 1024"),
+                                  ("per_token_exit.py:smoke", "model.d_model=1000000000", "must be <= 65536"),
+                                  ("per_token_exit.py:smoke", "data.seq_len=100000", "must be <= 32768"),
+                                  ("first.py:smoke", "model.random.depth=-1", "depth=-1 must be an integer >= 1"),
+                                  ("encoder_exits.py:smoke", "train.optim.lr=-1", "lr=-1.0 must be a finite number"),
+                                  ("encoder_retrieval.py:smoke", "model.exits=bogus", "bad exit spec 'bogus'")]:
+        with pytest.raises(config.ConfigError, match=match):
+            config.parse_cli([f"--config={ROOT / 'configs' / spec}", f"--config.{override}"])

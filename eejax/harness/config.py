@@ -40,6 +40,7 @@ def load(spec: str, *, validate: bool = True) -> ml_collections.ConfigDict:
 def _validate(module, cfg: ml_collections.ConfigDict, spec: str) -> None:
     check = getattr(module, "validate", None)
     try:
+        check_sizes(cfg)  # first: a config's own checks may build what a huge size makes huge
         if check is not None:
             check(cfg)
         validate_common(cfg)
@@ -50,13 +51,27 @@ def _validate(module, cfg: ml_collections.ConfigDict, spec: str) -> None:
 
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+# Sanity ceilings for sizes, by field name, wherever they occur in a config: far above every config here, far below
+# what exhausts memory before the first result (a depth of 10**9 builds a 10**9-entry exit list while the config is
+# validated; a sequence of 100,000 tokens asked XLA for terabytes of attention).
+SIZE_CEILINGS = {
+    **dict.fromkeys(("depth", "random_depth", "num_heads", "num_kv_heads"), 1024),
+    **dict.fromkeys(("d_model", "width", "latent_dim", "latent_tokens", "local_hidden", "lambda_hidden", "hidden",
+                     "rank", "global_pool", "patch_size", "image_size"), 65536),
+    "mlp_dim": 262144,
+    **dict.fromkeys(("seq_len", "context", "max_len", "eval_max_len", "prompt_len", "prompt_tokens", "new_tokens",
+                     "cont_len"), 32768),
+    **dict.fromkeys(("batch_size", "eval_batch_size", "batch", "cache_batch", "greedy_batch", "throughput_batch",
+                     "latency_batch", "eval_batch_tokens", "batch_tokens"), 1 << 20),
+}
 SEED_MAX = 2**31 - 1  # JAX keys and numpy generators take it; larger ones overflow inside JAX
 
 
 def validate_common(cfg: ml_collections.ConfigDict) -> None:
     """Rules every config obeys, checked after its own ``validate``: ``name`` is one plain folder name (it becomes
-    ``runs/<name>``), every ``seed`` fits JAX's keys, and a cosine schedule lasts as long as the training it drives
-    (``optim.total_steps`` below the sibling ``steps`` would train the last steps at learning rate 0)."""
+    ``runs/<name>``), every ``seed`` fits JAX's keys, a cosine schedule lasts as long as the training it drives
+    (``optim.total_steps`` below the sibling ``steps`` would train the last steps at learning rate 0). Sizes are
+    checked before the config's own ``validate`` (``check_sizes``)."""
     v = Validator(cfg)
     if "name" in cfg:
         name = cfg.name
@@ -70,6 +85,17 @@ def validate_common(cfg: ml_collections.ConfigDict) -> None:
                 v.fail(key, f"must be an integer in [0, {SEED_MAX}] (2**31 - 1)")
         if leaf == "optim" and isinstance(value, ml_collections.ConfigDict):
             _check_schedule_length(cfg, key)
+
+
+
+def check_sizes(cfg: ml_collections.ConfigDict) -> None:
+    """Every size field under its ``SIZE_CEILINGS`` entry, wherever it occurs."""
+    v = Validator(cfg)
+    for key, value in _leaves(cfg):
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf in SIZE_CEILINGS and _is_int(value) and value > SIZE_CEILINGS[leaf]:
+            v.fail(key, f"must be <= {SIZE_CEILINGS[leaf]} (a sanity ceiling for {leaf}: a size this large exhausts "
+                        "memory or time before any result)")
 
 
 def _leaves(node: ml_collections.ConfigDict, prefix: str = ""):
