@@ -1,7 +1,10 @@
 """Test set-up: 8 fake CPU devices, a persistent compilation cache, numpy rank promotion raises."""
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Added to any XLA_FLAGS already set (e.g. --xla_cpu_max_isa=AVX2, which makes XLA generate code as for an older
+# CPU: the suite must pass under every instruction set, see README "Tests").
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/eejax-jax-tests"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

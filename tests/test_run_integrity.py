@@ -146,17 +146,16 @@ def _copy(src, dst):
     subprocess.run(["cp", "-a", f"{src}/.", str(dst)], check=True)
 
 
-def test_a_step_is_sealed_as_soon_as_orbax_commits_it(tmp_path):
-    """No later save, wait or close is needed: a run killed right after a save still leaves it verified."""
-    import time
-
+def test_a_step_is_committed_with_its_checksum(tmp_path, monkeypatch):
+    """The seal is written into orbax's temporary step folder before orbax renames it: no step is ever committed
+    without it, so a kill anywhere after a save cannot leave an unverified step (issue 23)."""
     from eejax.train import Checkpointer
 
+    # Without the fallback that seals after the commit, only the pre-commit seal can have written it.
+    monkeypatch.setattr(Checkpointer, "_seal_when_committed", lambda self: self._mngr.wait_until_finished())
     ckpt = Checkpointer(tmp_path / "ckpt")
     ckpt.save(3, {"w": np.arange(4.0)}, {"pos": 3})
-    deadline = time.time() + 60
-    while not (tmp_path / "ckpt" / "3" / CHECKSUM_FILE).exists() and time.time() < deadline:
-        time.sleep(0.05)
+    ckpt.wait()
     assert (tmp_path / "ckpt" / "3" / CHECKSUM_FILE).exists()
     ckpt.close()
     assert Checkpointer(tmp_path / "ckpt").verify(3) is None

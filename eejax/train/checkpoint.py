@@ -6,9 +6,12 @@ Saves are asynchronous (the device-to-host copy happens before `save` returns); 
 atomically, so a process killed mid-save leaves the previous checkpoint as the latest one.
 The iterator position is the one of process 0: multi-host input pipelines must be deterministic per step.
 
-Verified: as soon as orbax has committed a step, a background thread writes the sha256 of every file of the step
-beside them (`<step>/eejax_sha256.json`, "sealing" the step), so every step a rerun finds is sealed unless the
-process died in the milliseconds between orbax's commit and the seal. A restore checks the checksum first; a step
+Verified: when orbax has written every file of a step, and before it commits the step (renames its temporary
+folder), the sha256 of each file is written beside them (`<step>/eejax_sha256.json`, "sealing" the step, from orbax's
+post-finalization callback), so every step orbax commits is sealed with it. Two files orbax itself rewrites at the
+commit (`_CHECKPOINT_METADATA`, `commit_success.txt` of the step folder) are not covered; orbax checks the first on
+restore. (Where the temporary folder is not found, a background thread seals the step right after its commit.)
+A restore checks the checksum first; a step
 whose files differ (a bit flip, a truncated or missing file, say `_METADATA`), whose files cannot be read, or that
 orbax cannot read is reported in one line on stderr, moved aside to `<directory>/corrupt-<step>`, and the newest
 good step is used instead (`restore_latest_good`). An unsealed step is never preferred silently: a sealed older
@@ -41,19 +44,23 @@ from eejax.errors import CheckpointError, CheckpointMismatchError, DiskFullError
 
 CHECKSUM_FILE = "eejax_sha256.json"
 DEBUG_ENV = "EEJAX_DEBUG"
+# Written by orbax at the step folder's root after the seal (the commit timestamp, the success marker).
+ORBAX_COMMIT_FILES = ("_CHECKPOINT_METADATA", "commit_success.txt")
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's temporary step folder: <directory>/<step><TMP_SUFFIX>
 
 
 
 
 def step_digest(step_dir: str | os.PathLike) -> dict[str, str]:
-    """``{relative path: sha256}`` of every file under ``step_dir`` except the checksum file itself."""
+    """``{relative path: sha256}`` of every file under ``step_dir`` except the checksum file itself and the files
+    orbax rewrites when it commits the step (``ORBAX_COMMIT_FILES``)."""
     out = {}
     for root, dirs, names in os.walk(step_dir):
         dirs.sort()
         for name in sorted(names):
             path = os.path.join(root, name)
             rel = os.path.relpath(path, step_dir)
-            if rel in (CHECKSUM_FILE, f".{CHECKSUM_FILE}.tmp"):
+            if rel in (CHECKSUM_FILE, f".{CHECKSUM_FILE}.tmp") or rel in ORBAX_COMMIT_FILES:
                 continue
             h = hashlib.sha256()
             with open(path, "rb") as f:
@@ -61,6 +68,15 @@ def step_digest(step_dir: str | os.PathLike) -> dict[str, str]:
                     h.update(chunk)
             out[rel] = h.hexdigest()
     return out
+
+
+def write_checksums(step_dir: str | os.PathLike) -> None:
+    """Seals ``step_dir``: its ``step_digest`` in ``CHECKSUM_FILE`` (written to a temporary name, then renamed)."""
+    digest = step_digest(step_dir)
+    tmp = os.path.join(step_dir, f".{CHECKSUM_FILE}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"sha256": digest}, f, indent=0, sort_keys=True)
+    os.replace(tmp, os.path.join(step_dir, CHECKSUM_FILE))
 
 
 def _first_line(e: BaseException) -> str:
@@ -196,11 +212,14 @@ class Checkpointer:
         _quiet_orbax()
         try:
             self._mngr = ocp.CheckpointManager(
-                self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+                self.directory, options=ocp.CheckpointManagerOptions(
+                    max_to_keep=max_to_keep, create=True,
+                    async_options=ocp.AsyncOptions(post_finalization_callback=self._seal_before_commit)),
                 metadata=dict(metadata) if metadata else None)
         except Exception as e:  # noqa: BLE001 (orbax raises many kinds; all mean "cannot write here")
             raise _write_error(e, self.directory, None) from e
         self._is_chief = jax.process_index() == 0
+        self._saving: int | None = None          # the step of the save in flight (read by orbax's callback)
         self._unsealed: list[int] = []           # saved, not yet sealed (guarded by joining the sealer thread)
         self._sealer: threading.Thread | None = None
         self._sealer_error: BaseException | None = None
@@ -221,6 +240,7 @@ class Checkpointer:
         """Starts an asynchronous save of `step`; it is sealed in the background as soon as orbax commits it."""
         self._seal()  # the previous save must be finished (and sealed) before this one starts anyway
         check_folder(self.directory)
+        self._saving = step
         try:
             self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                           data=ocp.args.JsonSave(dict(data_state))))
@@ -231,18 +251,22 @@ class Checkpointer:
         self._sealer = threading.Thread(target=self._seal_when_committed, name=f"eejax-seal-{step}", daemon=True)
         self._sealer.start()
 
+    def _seal_before_commit(self) -> None:
+        """Orbax's post-finalization callback (its save thread): every file of the step is in its temporary folder,
+        which orbax renames next, so the checksum is committed with the step."""
+        tmp_dir = os.path.join(self.directory, f"{self._saving}{TMP_SUFFIX}")
+        if self._is_chief and self._saving is not None and os.path.isdir(tmp_dir):
+            write_checksums(tmp_dir)
+
     def _seal_when_committed(self) -> None:
-        """Background thread: waits for orbax's commit, then writes the checksum file of each committed step."""
+        """Background thread: waits for orbax's commit, then seals each committed step the callback did not."""
         try:
             self._mngr.wait_until_finished()
             for step in self._unsealed:
                 step_dir = self.step_dir(step)
-                if self._is_chief and os.path.isdir(step_dir):  # (a step may already be garbage-collected)
-                    digest = step_digest(step_dir)
-                    tmp = os.path.join(step_dir, f".{CHECKSUM_FILE}.tmp")
-                    with open(tmp, "w") as f:
-                        json.dump({"sha256": digest}, f, indent=0, sort_keys=True)
-                    os.replace(tmp, os.path.join(step_dir, CHECKSUM_FILE))
+                if self._is_chief and os.path.isdir(step_dir) and not os.path.exists(
+                        os.path.join(step_dir, CHECKSUM_FILE)):  # (a step may already be garbage-collected)
+                    write_checksums(step_dir)
             self._unsealed = []
         except BaseException as e:  # noqa: BLE001 (re-raised in the main thread by _seal)
             self._sealer_error = e
@@ -267,6 +291,7 @@ class Checkpointer:
                 want = json.load(f)["sha256"]
             if not isinstance(want, dict):
                 raise TypeError(f"sha256 is a {type(want).__name__}")
+            want = {k: v for k, v in want.items() if k not in ORBAX_COMMIT_FILES}  # (sealed by older code)
         except FileNotFoundError:
             return "unsealed"
         except (OSError, ValueError, KeyError, TypeError) as e:
