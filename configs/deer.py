@@ -49,5 +49,5 @@ def validate(c):
     """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
     v = validate_base(c)
     v.floats("eval.budgets", 1.0, float(c.model.depth))
-    v.ints("eval.max_layers", 2, c.model.depth)
+    v.ints("eval.max_layers", 2, c.model.depth, unique=True)
     v.int("eval.throughput_batch", lo=1)

@@ -91,7 +91,7 @@ def validate(c):
         v.fail("model.image_size", f"with model.channels={c.model.channels} does not match {c.data.name} images "
                                    f"{pipeline.IMAGE_SHAPES[c.data.name]}")
     v.float("train.kd_weight", lo=0.0)
-    v.float("train.temperature", lo=0.0, lo_open=True)
+    v.float("train.temperature", lo=1e-2)  # KD on logits / T (x T^2): a tiny T overflows float32
     v.optim("train.optim")
     v.seq("eval.executed_priors", lambda p: isinstance(p, (int, float)) and abs(20 * p - round(20 * p)) < 1e-9
           and 1 <= round(20 * p) <= 39, "one of MSDNet's priors k/20, k = 1..39")

@@ -78,7 +78,7 @@ def validate(c):
     v.float("train.rate_weight", lo=0.0)
     v.float("train.keep_bias")
     v.optim("train.optim")
-    v.ints("eval.skips", lo=0)
+    v.ints("eval.skips", lo=0, unique=True)
     v.int("eval.random_seed", lo=0)
     if c.train.windows % c.train.prefill_batch:
         v.fail("train.windows", f"must be a multiple of train.prefill_batch={c.train.prefill_batch}")

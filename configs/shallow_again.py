@@ -79,7 +79,7 @@ def validate(c):
     v = Validator(c)
     v.str("name")
     v.int("seed", lo=0)
-    v.ints("seeds", lo=0)
+    v.ints("seeds", lo=0, unique=True)
     v.ints("parallel", lo=1)
     v.bool("single_block_control")
     v.choice("data.name", pipeline.DATASETS)
@@ -90,7 +90,7 @@ def validate(c):
                 "model.d_model", "model.depth", "model.num_heads", "model.mlp_dim", "train.steps", "log_every",
                 "eval.timing_iters"):
         v.int(key, lo=1)
-    v.ints("eval.timing_batches", lo=1)
+    v.ints("eval.timing_batches", lo=1, unique=True)
     v.choice("model.pool", ("cls", "mean"))
     if (c.model.image_size, c.model.image_size, c.model.channels) != pipeline.IMAGE_SHAPES[c.data.name]:
         v.fail("model.image_size", f"with model.channels={c.model.channels} does not match {c.data.name} images "

@@ -46,6 +46,11 @@ def load_data(cfg, data_dir):
         train = train.subset(np.arange(min(d.train_size, len(train))), "train")
     if d.test_size:
         test = test.subset(np.arange(min(d.test_size, len(test))), "test")
+    # Checked against the data before any training (the timing batch is drawn from the test split).
+    tb = cfg.get("eval", {}).get("throughput_batch")
+    if tb is not None and tb > len(test):
+        raise config_lib.ConfigError(f"config.eval.throughput_batch={tb} exceeds the {len(test)} test images "
+                                     f"(data.test_size={d.get('test_size', 0)}); lower it or test on more images")
     return train, val, test
 
 

@@ -179,3 +179,38 @@ def test_param_ema_follows_its_recurrence_and_resumes_exactly(tmp_path):
     for k, v in ema_params(straight.opt_state).items():
         np.testing.assert_array_equal(ema_params(resumed.opt_state)[k], v)
         assert not np.array_equal(v, straight.params[k])   # the average lags the parameters
+
+
+def test_arguments_are_refused_not_clamped(tmp_path):
+    """Issue 23: fit(-3) returned the initial state and fit(2.5) died in range(); seeds beyond 2**32 are truncated
+    by PRNGKey without x64; a non-scalar loss or metric failed deep inside (value_and_grad, the first log step)."""
+    import jax.numpy as jnp
+
+    from eejax.train import Trainer
+
+    with script.make_trainer(tmp_path / "a") as trainer:
+        for bad in (-3, 2.5, True, "10"):
+            with pytest.raises(ValueError, match=f"num_steps={bad!r} must be an integer >= 0"):
+                trainer.fit(script.Batches(), bad)
+        with pytest.raises(ValueError, match="batches .a list. needs state_dict"):
+            trainer.fit([{"x": 1}], 2)
+    for kwargs, match in [({"log_every": 2.5}, "log_every=2.5"), ({"ckpt_every": 0}, "ckpt_every=0"),
+                          ({"max_to_keep": 0}, "max_to_keep=0"), ({"seed": -1}, "seed=-1"),
+                          ({"seed": 2**40}, r"seed=1099511627776 must be an integer in \[0, 4294967295\]")]:
+        with pytest.raises(ValueError, match=match):
+            script.make_trainer(tmp_path / "b", **kwargs)
+
+    def vector_loss(params, batch, rng):
+        loss, aux = script.loss_fn(params, batch, rng)
+        return loss * jnp.ones(3), aux
+
+    def vector_metric(params, batch, rng, step):  # (a `step` parameter still reaches the wrapped loss)
+        loss, _ = script.loss_fn(params, batch, rng)
+        return loss, {"per_class": jnp.ones(script.C) * step}
+
+    for fn, match in [(vector_loss, r"a loss of shape \(3,\); it must be a scalar"),
+                      (vector_metric, r"metric 'per_class' has shape \(4,\)")]:
+        with Trainer(fn, script.init_params(), make_optimizer(script.optim_config()),
+                     workdir=tmp_path / fn.__name__) as trainer:
+            with pytest.raises(ValueError, match=match):
+                trainer.fit(script.Batches(), 2)

@@ -80,6 +80,11 @@ class LMConfig:
         return None if self.dtype is None else jnp.dtype(self.dtype)
 
     def __post_init__(self):
+        # Sizes first (two tokens at least: the margin measure reads the top two logits).
+        checks.config_ints(self, vocab_size=2, d_model=1, depth=1, num_heads=1, num_kv_heads=1, mlp_dim=1,
+                           exit_rank=0)
+        checks.positive_number(self.rope_base, "rope_base")
+        checks.positive_number(self.norm_eps, "norm_eps")
         if self.d_model % self.num_heads:
             raise ValueError(f"{self.d_model=} not divisible by {self.num_heads=}")
         if self.num_heads % self.num_kv_heads:
@@ -371,6 +376,9 @@ class DecoderLM(nnx.Module):
         (skips, repeats, reorderings, half-layer steps; ``engine.sequence`` / ``prefix`` / ...);
         ``layer_mask_NxB``: per-(layer, sample) skips (LayerSkip's layer dropout: rows are masked, never removed);
         ``pos_mask_NxT``: per-(layer, position) skips (SkipDecode's schedule)."""
+        checks.batch_array(tokens_BxT, "tokens", ndim=2)
+        if tokens_BxT.shape[1] == 0:
+            raise ValueError(f"tokens of shape {tuple(tokens_BxT.shape)} hold no token (T=0)")
         valid_BxT = jnp.ones(tokens_BxT.shape, bool) if valid_BxT is None else valid_BxT
         layer_fn = sequence_layer_fn(self.positions(valid_BxT), causal_mask(valid_BxT), pos_mask_NxT)
         _, h_SxBxTxD = engine.run_layers(self.layers, self.embed_tokens(tokens_BxT), layer_fn=layer_fn,

@@ -46,6 +46,8 @@ class PerceiverConfig:
     num_classes: int = 10
 
     def __post_init__(self):
+        checks.config_ints(self, image_size=1, channels=1, width=1, depth=1, latent_tokens=0, latent_dim=1,
+                           num_heads=1, mlp_dim=1, num_classes=2)
         if self.image_size % 4:
             raise ValueError(f"{self.image_size=} must be divisible by 4 (the stem has two stride-2 convs)")
         if self.width % 2:
@@ -171,6 +173,7 @@ class DynPerceiver(nnx.Module):
 
     def embed(self, x_BxHxWxC: jax.Array) -> PerceiverCarry:
         cfg = self.cfg
+        checks.batch_array(x_BxHxWxC, "images")
         checks.images(x_BxHxWxC, (cfg.image_size, cfg.image_size, cfg.channels), name="images")
         x = jax.nn.gelu(self.stem2(jax.nn.gelu(self.stem1(x_BxHxWxC))))
         z = None

@@ -39,6 +39,9 @@ class ViTConfig:
     global_pool: int = 2                       # LGViT global head: average-pool the patch grid by this factor
 
     def __post_init__(self):
+        # Sizes first (a classifier needs two classes: the margin measure reads the top two).
+        checks.config_ints(self, image_size=1, channels=1, patch_size=1, d_model=1, depth=1, num_heads=1, mlp_dim=1,
+                           num_classes=2, local_hidden=1, global_pool=1)
         if self.image_size % self.patch_size:
             raise ValueError(f"{self.image_size=} not divisible by {self.patch_size=}")
         if self.d_model % self.num_heads:
@@ -89,6 +92,7 @@ class ViT(nnx.Module):
 
     def embed(self, x_BxHxWxC: jax.Array) -> jax.Array:
         cfg = self.cfg
+        checks.batch_array(x_BxHxWxC, "images")
         checks.images(x_BxHxWxC, (cfg.image_size, cfg.image_size, cfg.channels), name="images")
         p = cfg.patch_size
         patches = einops.rearrange(x_BxHxWxC, "b (gh p) (gw q) c -> b (gh gw) (p q c)", p=p, q=p)
