@@ -52,6 +52,10 @@ def test_skipdecode_smoke(tmp_path, shared_data):
     assert all(a >= b for a, b in zip(sched, sched[1:]))
     sd = next(r for r in data["rows"] if r["method"] == "SkipDecode (fine-tuned)")
     assert abs(sd["avg_layers"] - sum(sched[:-1]) / (len(sched) - 1)) < 1e-6
+    # Every comparison at a target is paired over the windows, with its interval.
+    assert [(p["a"], p["b"]) for p in data["paired_differences"]][0] == ("SkipDecode (fine-tuned)", "static truncated")
+    for p in data["paired_differences"]:
+        assert p["nll_ci95_lo"] <= p["nll_diff"] <= p["nll_ci95_hi"] and "agree_diff" in p
 
 
 def test_self_speculative_smoke(tmp_path, shared_data):
