@@ -196,9 +196,9 @@ def earlier_rows(paths, prov) -> list[dict]:
     with their commit: a control's number stays in the table when a later run changes its budget."""
     rows = []
     for path in paths:
-        art = results.record_input(prov, path, "earlier run of this folder")
         with open(path) as f:
             old = json.load(f)
+        art = results.record_input(prov, path, "earlier run of this folder", producer=old["provenance"])
         steps, batch = old["config"]["train"]["steps"], old["config"]["data"]["batch_size"]
         for r in old["results"]["rows"]:
             if r["model"].startswith(("CBNet: autoencoder", "control:")):

@@ -148,15 +148,18 @@ def write_artefact_record(path: str | os.PathLike, prov: Provenance, *, step: in
     return record
 
 
-def record_input(prov: Provenance, path: str | os.PathLike, role: str) -> InputArtefact:
+def record_input(prov: Provenance, path: str | os.PathLike, role: str, *,
+                 producer: dict | None = None) -> InputArtefact:
     """Records that this run read ``path`` (produced by another run) in ``prov.inputs``: its sha256 now, and the
     producer's commit / step / command from the record beside it. A record whose hash differs from the file's is
     refused (the file was replaced after the producing run wrote it); a file without a record is recorded with
-    ``"not recorded"`` as its producer."""
+    ``"not recorded"`` as its producer. ``producer`` (``commit``, ``command``, ``date``, optional ``step``) names
+    the producer when the file says it itself: a result JSON's own provenance."""
     path = pathlib.Path(path)
     digest = sha256_of(path)
     record = path.with_name(path.name + RECORD_SUFFIX)
-    producer = {"commit": NOT_RECORDED, "step": None, "command": NOT_RECORDED, "date": NOT_RECORDED}
+    producer = ({"commit": NOT_RECORDED, "step": None, "command": NOT_RECORDED, "date": NOT_RECORDED}
+                if producer is None else {"step": None, **producer})
     if record.exists():
         producer = json.loads(record.read_text())
         if producer.get("sha256") != digest:
