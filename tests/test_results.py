@@ -133,7 +133,7 @@ def _readme(folder: pathlib.Path) -> str:
 
 README_PARTS = {
     "command": r"python -m experiments\.\w+|\./launch\.sh \w+",
-    "commit": r"[Cc]ommits? `?[0-9a-f]{7,40}",
+    "commit": r"[Cc]ommits?:?\*{0,2}\s+`?[0-9a-f]{7,40}",
     "hardware": r"(?i)\bhardware\b",
     "scale": r"(?i)\bscale\b",
     "the paper's number with its arXiv id": r"arXiv:\d{4}\.\d{4,5}",
