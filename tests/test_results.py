@@ -14,6 +14,7 @@ For each folder under experiments/results/:
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import math
 import pathlib
@@ -176,6 +177,11 @@ def test_every_json_carries_provenance_and_its_inputs(folder):
         for art in prov["inputs"]:
             assert INPUT_KEYS <= set(art), f"{where}: input {art} lacks {sorted(INPUT_KEYS - set(art))}"
             assert re.fullmatch(r"[0-9a-f]{64}|not recorded", art["sha256"]), f"{where}: input sha256 {art}"
+            local = ROOT / art["path"]
+            if art["sha256"] != "not recorded" and local.is_file():
+                # An input kept in the repository must still be the file that was read (else: rerun the reader).
+                assert hashlib.sha256(local.read_bytes()).hexdigest() == art["sha256"], \
+                    f"{where}: input {art['path']} changed since it was read"
 
 
 def _papers_rows():
