@@ -7,6 +7,11 @@ directory (``StagedResults``) and moved into place together by ``commit()``. The
 (``.results-commit.json``) before its renames and removes it after, so a process killed halfway is completed by
 ``recover_results`` (called when the next StagedResults opens that directory): readers never keep a half pair.
 Results files get mode 0644.
+
+Provenance (``provenance``) is taken when a run starts: command, device, commit with a dirty flag, package versions.
+A file one run reads from ANOTHER run (a drafter, a base model, cached features) is recorded in it with its sha256
+and its producer's commit and step (``record_input``), read from the record the producer left beside the file
+(``write_artefact_record``), so every result names exactly what it was built on.
 """
 from __future__ import annotations
 
