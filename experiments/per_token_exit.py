@@ -66,6 +66,9 @@ def main(argv=None):
     cfg, args, prov, workdir, outdir, model_dir, corpus = recipe.setup(argv, NAME, __doc__)
 
     graphdef, params, mcfg, train_s = recipe.train_base(cfg, corpus, model_dir)
+    record = model_dir / "base" / f"ckpt{results.RECORD_SUFFIX}"
+    if cfg.model_workdir and not record.exists():   # a shared base model: leave who trained it for its readers
+        results.write_artefact_record(model_dir / "base" / "ckpt", prov, step=cfg.train.steps)
     clf = recipe.train_classifier(cfg, graphdef, params, mcfg, corpus, workdir) if "learned" in cfg.eval.measures \
         else lm_lib.init_classifier(mcfg)
     e, n = cfg.eval, mcfg.depth

@@ -28,6 +28,8 @@ def main(argv=None):
     cfg, args, prov, workdir, outdir, model_dir, corpus = recipe.setup(argv, NAME, __doc__)
 
     graphdef, params, mcfg, train_s = recipe.train_base(cfg, corpus, model_dir)
+    if cfg.model_workdir:   # a base model shared with another run (per_token_exit's): name what was read
+        results.record_input(prov, model_dir / "base" / "ckpt", "base model (config.model_workdir)")
     clf = lm_lib.init_classifier(mcfg)   # unused by max_softmax
     e, n, sd = cfg.eval, mcfg.depth, cfg.skipdecode
     calib = recipe.eval_windows(corpus.eval_ids, e.batch, e.prompt_len, e.new_tokens, 0, e.calib_batches)

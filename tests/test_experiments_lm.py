@@ -21,6 +21,15 @@ def test_per_token_exit_smoke(capsys, tmp_path, shared_data):
     recorded = json.loads((tmp_path / "model" / "run_config.json").read_text())["config"]
     assert set(recorded) == {"seed", "data", "model", "train"} and not (tmp_path / "model" / ".lock").exists()
     assert (tmp_path / "model" / "base" / "ckpt").is_dir() and (tmp_path / "run" / "classifier" / "ckpt").is_dir()
+    # The shared base model carries a record of the run that trained it; SkipDecode reading it names it.
+    from experiments import skipdecode
+
+    skipdecode.main(_argv("skipdecode", tmp_path, shared_data)[:1] + [
+        f"--workdir={tmp_path / 'sd'}", f"--outdir={tmp_path / 'sd-results'}", f"--data_dir={shared_data}",
+        f"--config.model_workdir={tmp_path / 'model'}"])
+    (art,) = json.loads((tmp_path / "sd-results" / "skipdecode.json").read_text())["provenance"]["inputs"]
+    assert art["producer_step"] == json.loads((tmp_path / "model" / "run_config.json").read_text())["config"][
+        "train"]["steps"] and art["sha256"] != "not recorded" and art["producer_commit"] != "not recorded"
     data = json.loads((tmp_path / "results" / "per_token_exit.json").read_text())
     methods = {r["method"] for r in data["rows"]}
     assert {"full model", "static exit L1", "per-token exit"} <= methods
