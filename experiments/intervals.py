@@ -336,8 +336,9 @@ def write(folder: str, base: results.Provenance) -> pathlib.Path:
     prov = base._replace(inputs=[])
     data = json.loads(path.read_text())
     src = data.get("provenance", {})
-    results.record_input(prov, path.relative_to(ROOT), "the committed result this table recomputes from",
-                         producer={k: src.get(k, results.NOT_RECORDED) for k in ("commit", "command", "date")})
+    art = results.record_input(prov, path, "the committed result this table recomputes from",
+                               producer={k: src.get(k, results.NOT_RECORDED) for k in ("commit", "command", "date")})
+    prov.inputs[-1] = art._replace(path=path.relative_to(ROOT).as_posix())   # the repository path, not this disk's
     sections = fn(data)
     md = "\n\n".join(
         [f"# Intervals of the comparisons in `{folder}/README.md`", prov.markdown(),

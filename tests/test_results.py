@@ -213,3 +213,23 @@ def test_papers_table_rows_point_at_folders_once_with_the_folder_verdict():
     linked = {(ROOT / link).relative_to(RESULTS).parts[0]
               for row in rows for link in re.findall(r"\]\((experiments/results/[^)]+)\)", row)}
     assert {f.name for f in FOLDERS} <= linked, f"folders no row points at: {sorted({f.name for f in FOLDERS} - linked)}"
+
+
+@pytest.mark.parametrize("folder", sorted(__import__("experiments.intervals", fromlist=["FOLDERS"]).FOLDERS))
+def test_committed_intervals_recompute_from_the_committed_json(folder):
+    """intervals.md / .json hold what experiments/intervals.py computes from the folder's committed JSON today."""
+    from experiments import intervals
+
+    name, fn = intervals.FOLDERS[folder]
+    sections = fn(json.loads((RESULTS / folder / name).read_text()))
+    committed = json.loads((RESULTS / folder / "intervals.json").read_text())["sections"]
+    assert [t for t, _, _ in sections] == [s["title"] for s in committed]
+    for (_, _, rows), s in zip(sections, committed):
+        assert len(rows) == len(s["rows"])
+        for new, old in zip(rows, s["rows"]):
+            assert new.keys() == old.keys()
+            for k, v in new.items():
+                if isinstance(v, float):
+                    assert v == pytest.approx(old[k], rel=1e-9, abs=1e-12, nan_ok=True), (folder, k)
+                else:
+                    assert v == old[k], (folder, k)
