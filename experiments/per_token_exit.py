@@ -46,7 +46,7 @@ def against_static(raw: dict, full: dict, n: int, seed: int) -> list[dict]:
     rounded (the full model at N), paired over the report windows (``recipe.paired_quality``): the "per-token
     exit keeps more agreement than static truncation at equal layers" claim, with its intervals."""
     static = {int(k.split("|")[0][len("static exit L"):]): v for k, v in raw.items() if k.startswith("static exit")}
-    static[n] = full
+    static[n] = full | {"agreement_W": [1.0] * len(full["nll_W"])}   # the full model agrees with itself
     out = []
     for key, res in raw.items():
         method, measure, kv, thr = key.split("|")

@@ -47,6 +47,26 @@ def test_per_token_exit_smoke(capsys, tmp_path, shared_data):
     assert exc.value.code == 2 and "exists; pass --overwrite" in capsys.readouterr().err
 
 
+def test_per_token_rows_are_paired_with_the_static_model_of_their_depth():
+    """Each max-softmax per-token row against the static model at its rounded depth (the full model at N, which
+    agrees with itself), every row with the same columns."""
+    from experiments import per_token_exit
+
+    full = {"nll_W": [1.0, 2.0, 3.0]}
+    raw = {"static exit L2|||None": {"avg_layers": 2.0, "nll_W": [1.5, 2.5, 3.5], "agreement_W": [0.2, 0.3, 0.4]},
+           "per-token exit|max_softmax|propagate|0.5": {"avg_layers": 2.2, "nll_W": [1.2, 2.2, 3.2],
+                                                        "agreement_W": [0.5, 0.6, 0.7]},
+           "per-token exit|max_softmax|oracle|0.99": {"avg_layers": 2.9, "nll_W": [1.0, 2.0, 3.0],
+                                                      "agreement_W": [1.0, 1.0, 1.0]},
+           "per-token exit|margin|propagate|0.5": {"avg_layers": 2.0, "nll_W": [9.0, 9.0, 9.0],
+                                                   "agreement_W": [0.0, 0.0, 0.0]}}
+    rows = per_token_exit.against_static(raw, full, 3, 0)
+    assert [(r["a"], r["b"]) for r in rows] == [("per-token exit", "static exit L2"), ("per-token exit", "full model")]
+    assert len({tuple(r) for r in rows}) == 1
+    assert rows[0]["nll_diff"] == pytest.approx(-0.3) and rows[0]["agree_diff"] == pytest.approx(0.3)
+    assert rows[1]["nll_diff"] == 0.0 and rows[1]["agree_diff"] == 0.0
+
+
 def test_skipdecode_smoke(tmp_path, shared_data):
     from experiments import skipdecode
 
