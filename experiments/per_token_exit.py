@@ -65,9 +65,12 @@ def against_static(raw: dict, full: dict, n: int, seed: int) -> list[dict]:
 def main(argv=None):
     cfg, args, prov, workdir, outdir, model_dir, corpus = recipe.setup(argv, NAME, __doc__)
 
-    graphdef, params, mcfg, train_s = recipe.train_base(cfg, corpus, model_dir)
     record = model_dir / "base" / f"ckpt{results.RECORD_SUFFIX}"
-    if cfg.model_workdir and not record.exists():   # a shared base model: leave who trained it for its readers
+    trained_elsewhere = bool(cfg.model_workdir) and record.exists()
+    graphdef, params, mcfg, train_s = recipe.train_base(cfg, corpus, model_dir)
+    if trained_elsewhere:   # a shared base model another run trained: name what was read
+        results.record_input(prov, model_dir / "base" / "ckpt", "base model (config.model_workdir)")
+    elif cfg.model_workdir:   # trained (or finished) here: leave who trained it for its readers
         results.write_artefact_record(model_dir / "base" / "ckpt", prov, step=cfg.train.steps)
     clf = recipe.train_classifier(cfg, graphdef, params, mcfg, corpus, workdir) if "learned" in cfg.eval.measures \
         else lm_lib.init_classifier(mcfg)
