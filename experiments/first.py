@@ -131,7 +131,7 @@ def train_routers(su, feats, log=print) -> tuple[ls.Routers, list[dict], float]:
 def random_keep_sets(rng, routable, k: int, draws: int) -> list[np.ndarray]:
     """``draws`` random keep sets, each skipping ``k`` routable layers drawn uniformly without replacement. A random
     control is a distribution, not one draw: one draw can land on a layer whose skip alone ruins the model (on
-    SmolLM2 layer 2 costs KL 3.3 by itself), so the method is placed within many draws (median, range, rank)."""
+    SmolLM2 skipping its second layer alone costs KL 3.3), so the method is placed within many draws (median, range, rank)."""
     n = routable.shape[0]
     return [np.setdiff1d(np.arange(n), rng.choice(np.flatnonzero(routable), k, replace=False)) for _ in range(draws)]
 
@@ -139,7 +139,8 @@ def random_keep_sets(rng, routable, k: int, draws: int) -> list[np.ndarray]:
 def random_control(ppl: dict, agree: dict, k: int, draw_names: list[str], method: str, seed: int) -> dict:
     """The method's place among the random draws at k skipped layers: the draws' median and range of perplexity and
     agreement, the method's rank (1 = lower perplexity than every draw), and the paired bootstrap interval (over the
-    evaluation windows) of the method's perplexity minus the median draw's."""
+    evaluation windows) of the method's perplexity minus the median draw's (the draw at the median rank; of an even
+    number of draws, the upper of the two middle ones)."""
     p_R = np.array([ppl[d]["ppl"] for d in draw_names])
     a_R = np.array([agree[d]["agreement"] for d in draw_names])
     median_draw = draw_names[int(np.argsort(p_R)[len(p_R) // 2])]
