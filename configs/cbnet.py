@@ -23,8 +23,9 @@ Models:
     the small classifier trained directly (the same architecture, trained alone: PAPERS.md red flag);
     the converting autoencoder: dense 784-128-32-128-784, MSE to the easy image of the input's class;
     a control MLP classifier 784-128-32-10 (the encoder's widths) trained directly (the same budget rule).
-Evaluation on test (every comparison with CBNet paired on the test images, bootstrap 95% interval): accuracy, FLOPs per image (autoencoder counted) and measured batched CPU latency of
-    CBNet (autoencoder + small classifier), the small classifiers alone, the full CNN, and BranchyNet exits
+Evaluation on test (every comparison with CBNet paired on the test images, bootstrap 95% interval): accuracy,
+    FLOPs per image (autoencoder counted) and measured batched CPU latency of CBNet (autoencoder + small
+    classifier), the small classifiers alone, the full CNN, and BranchyNet exits
     (max-softmax thresholds fit on validation by MSDNet's budgeted protocol, executed by the engine's compacted
     executor, asserted equal to the simulation). Energy is not measured: FLOPs are the proxy.
 Hardware / wall-clock: a shared 2-core CPU, about 40-60 min per dataset at the budget rule.

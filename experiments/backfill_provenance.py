@@ -40,7 +40,8 @@ INPUTS: dict[str, list[dict]] = {
                 "--workdir /tmp/wt15/mue-fmnist --config.model_workdir=/tmp/wt15/shared-head-vit-fmnist "
                 "--outdir experiments/results/mue-fashion_mnist")],
     "specee-smollm2/specee.json": [_input(
-        "runs/kangaroo-smollm2/adapter_l2.npz", "drafter (Kangaroo adapter); which Kangaroo run wrote it is not known")],
+        "runs/kangaroo-smollm2/adapter_l2.npz",
+        "drafter (Kangaroo adapter); which Kangaroo run wrote it is not known")],
     "window_cascade-fashion_mnist/window_cascade.json": [_input(
         "members S and M (checkpoints copied from a first workdir)", "members trained by an earlier training-only "
         "process calling the script's setup() (10:26-10:55 UTC)", step=1000)],

@@ -278,7 +278,8 @@ def main(argv=None):
              ae_flops + ec.static_flops_E[0]),
             ("CBNet variant: autoencoder + directly trained small classifier", cbnet_direct, (a_params, s_params),
              ae_flops + small_flops),
-            (f"control: MLP {'-'.join(map(str, mlp_dims(acfg)))} (the encoder's widths) trained directly, same budget", mlp,
+            (f"control: MLP {'-'.join(map(str, mlp_dims(acfg)))} (the encoder's widths) trained directly, "
+             "same budget", mlp,
              m_params, mlp_flops)):
         pred = preds[name] = predict(fn, p, test, cfg)
         static_rows.append({"model": name, "test_acc": 100 * float(np.mean(pred == labels)), "MFLOPs": flops / 1e6,

@@ -131,7 +131,8 @@ def train_routers(su, feats, log=print) -> tuple[ls.Routers, list[dict], float]:
 def random_keep_sets(rng, routable, k: int, draws: int) -> list[np.ndarray]:
     """``draws`` random keep sets, each skipping ``k`` routable layers drawn uniformly without replacement. A random
     control is a distribution, not one draw: one draw can land on a layer whose skip alone ruins the model (on
-    SmolLM2 skipping its second layer alone costs KL 3.3), so the method is placed within many draws (median, range, rank)."""
+    SmolLM2 skipping its second layer alone costs KL 3.3), so the method is placed within many draws (median,
+    range, rank)."""
     n = routable.shape[0]
     return [np.setdiff1d(np.arange(n), rng.choice(np.flatnonzero(routable), k, replace=False)) for _ in range(draws)]
 

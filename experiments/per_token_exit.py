@@ -193,7 +193,8 @@ def main(argv=None):
         report.markdown_table(paired, list(paired[0]), ".3f") if paired else "(no max_softmax rows)"])
     files = results.write_results(outdir, NAME, md, {"ltt": ltt_rows, "ltt_raw": ltt_raw,
         "provenance": prov._asdict(), "data": corpus.description, "config": cfg.to_dict(),
-        "train_seconds": train_s, "exit_nll": exit_nll, "rows": rows, "paired_differences": paired, "raw": raw}, overwrite=args.overwrite)
+        "train_seconds": train_s, "exit_nll": exit_nll, "rows": rows, "paired_differences": paired,
+        "raw": raw}, overwrite=args.overwrite)
     print(md)
     print(f"wrote {files.md_path} and {files.json_path}")
 

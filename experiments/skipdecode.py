@@ -121,7 +121,8 @@ def main(argv=None):
         report.markdown_table(paired, list(paired[0]), ".3f")])
     files = results.write_results(outdir, NAME, md, {
         "provenance": prov._asdict(), "data": corpus.description, "config": cfg.to_dict(),
-        "train_seconds": train_s, "schedules": schedules, "rows": rows, "paired_differences": paired, "raw": raw}, overwrite=args.overwrite)
+        "train_seconds": train_s, "schedules": schedules, "rows": rows, "paired_differences": paired,
+        "raw": raw}, overwrite=args.overwrite)
     print(md)
     print(f"wrote {files.md_path} and {files.json_path}")
 

@@ -44,7 +44,8 @@ def drafter(model: kexp.Model, cfg, args, workdir: pathlib.Path, prov=None) -> t
             src = f"Kangaroo adapter read from {path}"
             if prov is not None:
                 art = results.record_input(prov, path, "drafter (Kangaroo adapter)")
-                src += f" (sha256 {art.sha256[:16]}, produced at commit {art.producer_commit}, step {art.producer_step})"
+                src += (f" (sha256 {art.sha256[:16]}, produced at commit {art.producer_commit}, "
+                        f"step {art.producer_step})")
             return kexp.load_tree(path, like), src
     dc = cfg.data
     feats = {}

@@ -149,7 +149,8 @@ def test_readme_has_provenance_reading_and_ends_with_a_verdict(folder):
     assert not missing, f"{folder.name}/README.md lacks: {', '.join(missing)}"
     last = [ln for ln in text.splitlines() if ln.strip()][-1]
     m = VERDICT_RE.match(last)
-    assert m, f"{folder.name}/README.md must end with one line '**Verdict:** <{' | '.join(VERDICTS)}> ...', got {last!r}"
+    assert m, (f"{folder.name}/README.md must end with one line '**Verdict:** <{' | '.join(VERDICTS)}> ...', "
+               f"got {last!r}")
     assert len(m.group(2).strip(" -—:;,.")) > 20, f"{folder.name}: the verdict must say why: {last!r}"
 
 
@@ -207,12 +208,14 @@ def test_papers_table_rows_point_at_folders_once_with_the_folder_verdict():
         m = re.match(r"done — (reproduced|not reproduced|inconclusive at this scale)\b", status)
         assert m, f"status must start 'done — <verdict>': {status[:80]!r}"
         for f in folders:
-            assert verdict_of(RESULTS / f) == m.group(1), f"{key[:40]}: README verdict of {f} is {verdict_of(RESULTS / f)!r}"
+            assert verdict_of(RESULTS / f) == m.group(1), \
+                f"{key[:40]}: README verdict of {f} is {verdict_of(RESULTS / f)!r}"
     twice = [k[:60] for k, n in seen.items() if n > 1]
     assert not twice, f"rows appearing more than once: {twice}"
     linked = {(ROOT / link).relative_to(RESULTS).parts[0]
               for row in rows for link in re.findall(r"\]\((experiments/results/[^)]+)\)", row)}
-    assert {f.name for f in FOLDERS} <= linked, f"folders no row points at: {sorted({f.name for f in FOLDERS} - linked)}"
+    unlinked = sorted({f.name for f in FOLDERS} - linked)
+    assert not unlinked, f"folders no row points at: {unlinked}"
 
 
 @pytest.mark.parametrize("folder", sorted(__import__("experiments.intervals", fromlist=["FOLDERS"]).FOLDERS))
