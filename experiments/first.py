@@ -19,7 +19,7 @@ from flax import nnx
 from eejax.harness import run
 from eejax.data.text import load_tokens
 from eejax.decoding import layer_skip as ls
-from eejax.eval import report
+from eejax.eval import bootstrap, report
 from eejax.harness import results as result_files
 from eejax.train import make_optimizer
 from experiments import _layer_skip_common as common
@@ -129,6 +129,45 @@ def train_routers(su, feats, log=print) -> tuple[ls.Routers, list[dict], float]:
 # ------------------------------------------------------------------------------------------------- evaluation
 
 
+def random_keep_sets(rng, routable, k: int, draws: int) -> list[np.ndarray]:
+    """``draws`` random keep sets, each skipping ``k`` routable layers drawn uniformly without replacement. A random
+    control is a distribution, not one draw: one draw can land on a layer whose skip alone ruins the model (on
+    SmolLM2 skipping its second layer alone costs KL 3.3), so the method is placed within many draws (median,
+    range, rank)."""
+    n = routable.shape[0]
+    return [np.setdiff1d(np.arange(n), rng.choice(np.flatnonzero(routable), k, replace=False)) for _ in range(draws)]
+
+
+def random_control(ppl: dict, agree: dict, k: int, draw_names: list[str], method: str, seed: int) -> dict:
+    """The method's place among the random draws at k skipped layers: the draws' median and range of perplexity and
+    agreement, the method's rank (1 = lower perplexity than every draw), and the paired bootstrap interval (over the
+    evaluation windows) of the method's perplexity minus the median draw's (the draw at the median rank; of an even
+    number of draws, the upper of the two middle ones)."""
+    p_R = np.array([ppl[d]["ppl"] for d in draw_names])
+    a_R = np.array([agree[d]["agreement"] for d in draw_names])
+    median_draw = draw_names[int(np.argsort(p_R)[len(p_R) // 2])]
+    d = paired_ppl(ppl, method, median_draw, seed)
+    return {"k": k, "draws": len(draw_names), "random_ppl_median": float(np.median(p_R)),
+            "random_ppl_min": float(p_R.min()), "random_ppl_max": float(p_R.max()),
+            "random_agree_median": float(np.median(a_R)), "random_agree_min": float(a_R.min()),
+            "random_agree_max": float(a_R.max()), "method": method, "method_ppl": ppl[method]["ppl"],
+            "method_rank": int(1 + np.sum(p_R < ppl[method]["ppl"])), "of": len(draw_names) + 1,
+            "median_draw": median_draw, "diff_vs_median_draw": d.diff, "ci95_lo": d.lo, "ci95_hi": d.hi,
+            "reading": ppl_reading(d, method, median_draw)}
+
+
+def paired_ppl(ppl: dict, a: str, b: str, seed: int = 0) -> bootstrap.Difference:
+    """Perplexity of ``a`` minus ``b`` on the same windows, with the paired bootstrap 95% interval that resamples
+    whole windows (a window's tokens are correlated); every window scores the same number of tokens, so
+    exp(mean of the windows' mean NLL) is the perplexity."""
+    return bootstrap.paired_bootstrap(ppl[a]["nll_W"], ppl[b]["nll_W"], transform=np.exp, seed=seed)
+
+
+def ppl_reading(d: bootstrap.Difference, a: str, b: str) -> str:
+    """Perplexity is better lower: "a better than b", "a worse than b" or "no difference at this scale"."""
+    return d.reading(a, b).replace(" above ", " worse than ").replace(" below ", " better than ")
+
+
 def plot(rows, skip_freq, path, n):
     import matplotlib  # noqa: PLC0415
     matplotlib.use("Agg")
@@ -138,8 +177,9 @@ def plot(rows, skip_freq, path, n):
     full = next(r for r in rows if r["family"] == "full")
     for fam, marker in zip(("FiRST top-k", "ULS", "router static", "random"), "osd^"):
         rs = sorted((r for r in rows if r["family"] == fam), key=lambda r: r["avg_skipped"])
-        axes[0].plot([r["avg_skipped"] for r in rs], [r["ppl"] for r in rs], marker=marker, label=fam)
-        axes[1].plot([r["avg_skipped"] for r in rs], [r["agreement"] for r in rs], marker=marker, label=fam)
+        ls_ = "" if fam == "random" else "-"     # the random draws: a cloud of points at each k
+        axes[0].plot([r["avg_skipped"] for r in rs], [r["ppl"] for r in rs], marker=marker, ls=ls_, label=fam)
+        axes[1].plot([r["avg_skipped"] for r in rs], [r["agreement"] for r in rs], marker=marker, ls=ls_, label=fam)
     for r in rows:
         if r["family"] == "FiRST":
             axes[0].plot([r["avg_skipped"]], [r["ppl"]], "k*", ms=12, label="FiRST (hard decisions)")
@@ -187,16 +227,20 @@ def main(argv=None):
 
     methods = [common.full_method(), common.row_method("FiRST", first_keep(), "router logit > 0, per sequence")]
     meta = [{"family": "full", "k": 0}, {"family": "FiRST", "k": None}]
+    draws = {}
     for k in e.skips:
         static = np.setdiff1d(np.arange(n), np.argsort(mean_logit, kind="stable")[:k])
-        rand = np.setdiff1d(np.arange(n), rng.choice(np.flatnonzero(routable), k, replace=False))
         uls = ls.uls_layers(n, skip=k)
         skipped = lambda keep: ",".join(str(l) for l in np.setdiff1d(np.arange(n), keep))  # noqa: E731
         methods += [common.row_method(f"FiRST top-{k}", first_keep(k), f"each row skips its {k} lowest"),
                     common.table_method(f"ULS skip {k}", uls, n, "skips " + skipped(uls)),
-                    common.table_method(f"router static skip {k}", static, n, "skips " + skipped(static)),
-                    common.table_method(f"random skip {k}", rand, n, "skips " + skipped(rand))]
-        meta += [{"family": f, "k": k} for f in ("FiRST top-k", "ULS", "router static", "random")]
+                    common.table_method(f"router static skip {k}", static, n, "skips " + skipped(static))]
+        meta += [{"family": f, "k": k} for f in ("FiRST top-k", "ULS", "router static")]
+        # Draw 0 of the first k is the single draw of the earlier runs (same seed, same order).
+        draws[k] = [f"random skip {k} #{i}" for i in range(e.random_draws)]
+        for name, rand in zip(draws[k], random_keep_sets(rng, routable, k, e.random_draws)):
+            methods.append(common.table_method(name, rand, n, "skips " + skipped(rand)))
+            meta.append({"family": "random", "k": k})
 
     runner = common.Runner(su.graphdef, e.prompt_len, e.new_tokens)
     t0 = time.perf_counter()
@@ -239,13 +283,24 @@ def main(argv=None):
     plot(rows, skip_freq, stage.dir / "first_quality_vs_skipped.png", n)
     cols = ["family", "method", "avg_layers", "avg_skipped", "ppl", "agreement", "prefix"]
     tcols = ["method", "avg_layers"] + [f"b{b}_{x}" for b in cfg.timing.batches for x in ("tok_s", "speedup")]
-    by = {(r["family"], r["k"]): r for r in rows}
-    cmp_rows = []
+    by = {(r["family"], r["k"]): r for r in rows if r["family"] != "random"}
+    cmp_rows, rand_rows, paired = [], [], []
     for k in e.skips:
-        f, u, s, r = (by[(fam, k)] for fam in ("FiRST top-k", "ULS", "router static", "random"))
+        f, u, s = (by[(fam, k)] for fam in ("FiRST top-k", "ULS", "router static"))
+        rc = random_control(ppl, agree, k, draws[k], f["method"], cfg.seed)
+        rand_rows.append(rc)
         cmp_rows.append({"k": k, "FiRST_top_k_ppl": f["ppl"], "ULS_ppl": u["ppl"], "router_static_ppl": s["ppl"],
-                         "random_ppl": r["ppl"], "FiRST_agree": f["agreement"], "ULS_agree": u["agreement"],
-                         "router_static_agree": s["agreement"], "random_agree": r["agreement"]})
+                         "random_ppl_median": rc["random_ppl_median"], "FiRST_agree": f["agreement"],
+                         "ULS_agree": u["agreement"], "router_static_agree": s["agreement"],
+                         "random_agree_median": rc["random_agree_median"]})
+        for a, b in ((f["method"], u["method"]), (f["method"], s["method"]), (u["method"], s["method"]),
+                     (f["method"], rc["median_draw"])):
+            d = paired_ppl(ppl, a, b, cfg.seed)
+            paired.append({"k": k, "a": a, "b": b, "ppl_a_minus_b": d.diff, "ci95_lo": d.lo, "ci95_hi": d.hi,
+                           "reading": ppl_reading(d, "a", "b")})
+    d = paired_ppl(ppl, "FiRST", "full model", cfg.seed)
+    paired.append({"k": None, "a": "FiRST", "b": "full model", "ppl_a_minus_b": d.diff, "ci95_lo": d.lo,
+                   "ci95_hi": d.hi, "reading": ppl_reading(d, "a", "b")})
     t, last = cfg.train, hist[-1]
     md = "\n\n".join([
         "# FiRST: prompt-routed per-sequence layer skipping vs static skip sets (frozen SmolLM2, KV-cached decode)",
@@ -265,7 +320,18 @@ def main(argv=None):
         "count). The prefill always runs at full depth (the routers read every layer's prompt input), for every "
         "method; its cost is not in these numbers.",
         report.markdown_table(rows, cols + ["detail"], ".3f"),
-        "## At equal layers per row (k skipped)", report.markdown_table(cmp_rows, list(cmp_rows[0]), ".3f"),
+        "## At equal layers per row (k skipped)\nrandom: the median over the random draws (next table).",
+        report.markdown_table(cmp_rows, list(cmp_rows[0]), ".3f"),
+        f"## The random control: {e.random_draws} draws per k\n"
+        "Each draw skips k routable layers drawn uniformly. method_rank: the method's perplexity rank among the draws "
+        "and itself (1 = lower than every draw). diff_vs_median_draw: the method's perplexity minus the median "
+        "draw's, with its paired bootstrap 95% interval over the evaluation windows. Every draw's row is in the "
+        "first table.",
+        report.markdown_table(rand_rows, [c for c in rand_rows[0] if c != "method"], ".3f"),
+        "## Paired differences (perplexity, same windows)\n"
+        "ppl_a_minus_b with the paired bootstrap 95% interval (10,000 resamples of whole windows, "
+        "`eejax.eval.bootstrap.paired_bootstrap`); an interval holding 0 reads \"no difference at this scale\".",
+        report.markdown_table(paired, list(paired[0]), ".3f"),
         f"## Decode speed (decode-only tokens/s, best of {cfg.timing.rounds} interleaved rounds)\n"
         "FiRST at batch B > 1 runs the union of its rows' kept layers (each row's own skips are masked), so its "
         "saving shrinks as rows disagree; at batch 1 it runs exactly the row's set.",
@@ -277,7 +343,8 @@ def main(argv=None):
     ])
     files = stage.write_results(NAME, md, {
         "provenance": su.prov._asdict(), "config": cfg.to_dict(), "data": data.description, "rows": rows,
-        "equal_layers": cmp_rows, "train_log": hist, "train_seconds": train_s,
+        "equal_layers": cmp_rows, "random_control": rand_rows, "paired_differences": paired,
+        "nll_per_window": {k: v["nll_W"] for k, v in ppl.items()}, "train_log": hist, "train_seconds": train_s,
         "feature_seconds": float(feats["seconds"]), "eval_seconds": eval_s, "skip_frequency": skip_freq,
         "distinct_eval_sets": distinct, "eval_keep_NxW": eval_keep.astype(int).tolist(),
         "router_mean_train_logit": train_logit_NxW.mean(1).tolist()})

@@ -209,9 +209,10 @@ def load_tree(path: pathlib.Path, like):
     return jax.tree_util.tree_unflatten(jax.tree.structure(like), [jnp.asarray(z[p]) for p in paths])
 
 
-def adapters(model: Model, cfg, args, workdir: pathlib.Path, log=print) -> tuple[dict, dict, dict]:
+def adapters(model: Model, cfg, args, workdir: pathlib.Path, log=print, prov=None) -> tuple[dict, dict, dict]:
     """Cache features, then train (or load from the workdir) one adapter per exit layer. Returns
-    ``({l: adapter}, {l: training log}, cache info)``."""
+    ``({l: adapter}, {l: training log}, cache info)``. Each adapter trained here gets a ``.provenance.json`` record
+    (sha256, this run's commit, the step) so a run that reads it (SpecEE's drafter) can name what it read."""
     layers = tuple(cfg.drafter.exit_layers)
     if max(layers) >= model.cfg.depth:
         raise config_lib.ConfigError(f"drafter.exit_layers {layers} must be < the model's depth {model.cfg.depth}")
@@ -231,6 +232,8 @@ def adapters(model: Model, cfg, args, workdir: pathlib.Path, log=print) -> tuple
         out[l], logs[l] = train_adapter(model, i, l, train, val, cfg.train, cfg.seed + l, log)
         save_tree(path, out[l])
         log_path.write_text(json.dumps(logs[l]))
+        if prov is not None:
+            result_files.write_artefact_record(path, prov, step=cfg.train.steps)
     info = {"train_vocab": int(np.unique(train["top_idx"]).size) if cfg.train.restrict_vocab else None,
             "train_tokens": int(train["top_idx"].shape[0] * train["top_idx"].shape[1]),
             "val_tokens": int(val["top_idx"].shape[0] * val["top_idx"].shape[1]),
@@ -323,7 +326,7 @@ def main(argv=None):
     model = load_model(cfg)
     dc = cfg.decode
     layers = tuple(cfg.drafter.exit_layers)
-    trained, train_logs, cache_info = adapters(model, cfg, args, workdir)
+    trained, train_logs, cache_info = adapters(model, cfg, args, workdir, prov=prov)
     drafters = {("adapter", l): trained[l] for l in layers}
     drafters.update({("shared-head", l): shared_head_adapter(model, l) for l in layers})
 
@@ -407,6 +410,12 @@ def write(cfg, args, prov, outdir, model, rows, fit_rows, best_eta, best_l, trai
                    "train_seconds": final[l].get("seconds", 0.0)} for l in train_logs]
     cols = ["drafter", "l", "eta", "acceptance", "CR", "mean_draft_len", "seconds", "tokens_per_s", "wall_speedup",
             "cost_speedup", "greedy_exact", "top1_accepted", "top1_first_rejected"]
+    speed_note = ("wall_speedup: MEASURED CPU wall-clock against plain greedy timed once at the start "
+                  f"({result_files.device_description()}, shared with other jobs, one timed call per run): load noise, not "
+                  "a speed-up of Kangaroo; a value above 1 is the load falling during the run. cost_speedup: the "
+                  "parameter-read cost model (`eejax.decoding.kangaroo.cost_speedup`: memory-bound GPU at batch 1, "
+                  "the shared head counted in every draft step). top1_*: mean top-1 probability of accepted / first "
+                  "rejected drafts from 10-bin histograms; their intervals need the histograms (conf_hist).")
     md = "\n\n".join([
         f"# Kangaroo (arXiv:2404.18911) on {cfg.model.name}",
         prov.markdown() + "  \n"
@@ -421,8 +430,8 @@ def write(cfg, args, prov, outdir, model, rows, fit_rows, best_eta, best_l, trai
         f"gamma {dc.gamma}. Total wall-clock {total_s / 60:.1f} min.",
         "## Adapter training (validation book; expected acceptance = sum over the full model's top-k of "
         "min(p_full, p_draft))", report.markdown_table(train_rows, list(train_rows[0]), ".3f"),
-        f"## Test (held out), eta fit on validation per drafter and l; best l on validation (adapter): {best_l}",
-        report.markdown_table(fitted, cols, ".3f"),
+        f"## Test (held out), eta fit on validation per drafter and l; best l on validation (adapter): {best_l}\n"
+        + speed_note, report.markdown_table(fitted, cols, ".3f"),
         "## Test at the paper's eta = %g" % dc.eta,
         report.markdown_table([r for r in rows if r["l"] is not None and r["eta"] == dc.eta], cols, ".3f"),
         "## Validation fit (simulated from teacher-forced drafts, batch 1)",

@@ -28,6 +28,8 @@ def main(argv=None):
     cfg, args, prov, workdir, outdir, model_dir, corpus = recipe.setup(argv, NAME, __doc__)
 
     graphdef, params, mcfg, train_s = recipe.train_base(cfg, corpus, model_dir)
+    if cfg.model_workdir:   # a base model shared with another run (per_token_exit's): name what was read
+        result_files.record_input(prov, model_dir / "base" / "ckpt", "base model (config.model_workdir)")
     clf = lm_lib.init_classifier(mcfg)   # unused by max_softmax
     e, n, sd = cfg.eval, mcfg.depth, cfg.skipdecode
     calib = recipe.eval_windows(corpus.eval_ids, e.batch, e.prompt_len, e.new_tokens, 0, e.calib_batches)
@@ -75,6 +77,14 @@ def main(argv=None):
         add(target, f"per-token exit ({e.exit_measure})", exit_step, params, (jnp.float32(thr), clf),
             f"threshold {thr:g} (calibration: {calib_layers:.2f} layers)")
 
+    paired = []
+    for s in sd.speedups:
+        t = f"{s:g}x"
+        ft, st, pt = (f"{t}|SkipDecode (fine-tuned)", f"{t}|static truncated", f"{t}|per-token exit ({e.exit_measure})")
+        for a, b in ((ft, st), (pt, st), (ft, f"{t}|SkipDecode (no fine-tuning)")):
+            paired.append({"target": t} | recipe.paired_quality(raw[a], raw[b], a.split("|")[1], b.split("|")[1],
+                                                                cfg.seed))
+
     # The full model is timed again at the end; the faster of the two runs is the baseline (the machine is shared).
     full_tps = max(full_tps, recipe.tokens_per_second(dec, recipe.full_policy, params, None, prompt0,
                                                       e.timing_iters))
@@ -102,10 +112,17 @@ def main(argv=None):
         "greedy tokens equal to the full model's; prefix: mean identical prefix length. tok_s: measured "
         f"tokens/s of free-running generation at batch {e.batch} (compile excluded, best of {e.timing_iters}); "
         "wall_speedup = tok_s / full model tok_s (the full model's best of two timings, at the start and the end).",
-        report.markdown_table(rows, list(rows[0].keys()), ".3f")])
+        report.markdown_table(rows, list(rows[0].keys()), ".3f"),
+        "## Paired differences at each target (same validation windows)\n"
+        "a minus b: validation NLL (lower is better) and greedy agreement, each with its paired bootstrap 95% "
+        f"interval over the {len(raw['full']['nll_W'])} windows (`eejax.eval.bootstrap.paired_bootstrap`); an "
+        "interval holding 0 reads \"no difference at this scale\". wall_speedup above is measured (CPU, batch "
+        f"{e.batch}, shared machine); speedup_layers is the layer-count cost model (layers per token only).",
+        report.markdown_table(paired, list(paired[0]), ".3f")])
     files = result_files.write_results(outdir, NAME, md, {
         "provenance": prov._asdict(), "data": corpus.description, "config": cfg.to_dict(),
-        "train_seconds": train_s, "schedules": schedules, "rows": rows, "raw": raw}, overwrite=args.overwrite)
+        "train_seconds": train_s, "schedules": schedules, "rows": rows, "paired_differences": paired,
+        "raw": raw}, overwrite=args.overwrite)
     print(md)
     print(f"wrote {files.md_path} and {files.json_path}")
 

@@ -31,15 +31,22 @@ from experiments import kangaroo as kexp
 NAME = "specee"
 
 
-def drafter(model: kexp.Model, cfg, args, workdir: pathlib.Path) -> tuple[dict, str]:
-    """The Kangaroo adapter at ``drafter.exit_layer``: from a finished Kangaroo run, else trained here."""
+def drafter(model: kexp.Model, cfg, args, workdir: pathlib.Path, prov=None) -> tuple[dict, str]:
+    """The Kangaroo adapter at ``drafter.exit_layer``: from a finished Kangaroo run, else trained here. A drafter
+    read from a file (another run's, or an earlier run of this workdir) is recorded in ``prov.inputs`` with its
+    sha256 and its producer's commit and step (``result_files.record_input``)."""
     d = cfg.drafter
     lm = nnx.merge(model.graphdef, model.params)
     like = kg.init_adapter(lm, d.exit_layer)
     for path in ([pathlib.Path(d.workdir) / f"adapter_l{d.exit_layer}.npz"] if d.workdir else []) + \
             [workdir / f"adapter_l{d.exit_layer}.npz"]:
         if path.exists():
-            return kexp.load_tree(path, like), f"Kangaroo adapter read from {path}"
+            src = f"Kangaroo adapter read from {path}"
+            if prov is not None:
+                art = result_files.record_input(prov, path, "drafter (Kangaroo adapter)")
+                src += (f" (sha256 {art.sha256[:16]}, produced at commit {art.producer_commit}, "
+                        f"step {art.producer_step})")
+            return kexp.load_tree(path, like), src
     dc = cfg.data
     feats = {}
     for split, num in (("train", dc.train_windows), ("validation", dc.val_windows)):
@@ -50,6 +57,8 @@ def drafter(model: kexp.Model, cfg, args, workdir: pathlib.Path) -> tuple[dict, 
                                  log_every=max(d.steps // 4, 1))
     adapter, _ = kexp.train_adapter(model, 0, d.exit_layer, feats["train"], feats["validation"], tcfg, cfg.seed)
     kexp.save_tree(workdir / f"adapter_l{d.exit_layer}.npz", adapter)
+    if prov is not None:
+        result_files.write_artefact_record(workdir / f"adapter_l{d.exit_layer}.npz", prov, step=d.steps)
     return adapter, f"Kangaroo adapter trained here ({d.steps} steps on {dc.train_windows} windows)"
 
 
@@ -176,7 +185,7 @@ def main(argv=None):
     n, d, dc = model.cfg.depth, cfg.drafter, cfg.decode
     if not 1 <= d.exit_layer < n - 1:
         raise config_lib.ConfigError(f"drafter.exit_layer {d.exit_layer} must lie in [1, {n - 1})")
-    adapter, drafter_src = drafter(model, cfg, args, workdir)
+    adapter, drafter_src = drafter(model, cfg, args, workdir, prov=prov)
     print(drafter_src)
     feats = {split: offline_features(model, adapter, kexp.windows(args.data_dir, model.tokenizer, split, num,
                                                                   cfg.data.context), cfg,

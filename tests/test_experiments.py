@@ -55,6 +55,7 @@ def test_mue_and_deer_smoke_share_one_backbone(capsys, tmp_path):
     data = json.loads((out / "deer.json").read_text())["results"]
     assert data["rows"] and all(r["peak_met"] == "yes" and r["sim_agrees"] == 1.0 for r in data["rows"])
     assert all(r["test_peak_layers"] <= r["peak_cap"] for r in data["rows"])
+    assert "distinct operating points" in (out / "deer.md").read_text()   # duplicate priors counted once
     # A backbone directory bound to another recipe is refused in one line.
     with pytest.raises(SystemExit) as exc:
         deer.main(_shared_head_argv("deer", tmp_path, tmp_path / "other") + ["--config.train.label_smoothing=0.2",

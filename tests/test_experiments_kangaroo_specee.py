@@ -21,6 +21,17 @@ def test_kangaroo_smoke(tmp_path, shared_data):
     assert all(0 <= r["acceptance"] <= 1 and r["CR"] >= 1 and r["cost_speedup"] > 0 for r in spec)
     assert (tmp_path / "kangaroo" / "adapter_l1.npz").exists()
 
+    # SpecEE reading that drafter names it in its result: sha256, and the Kangaroo run's commit and step.
+    from eejax.harness import results
+    from experiments import specee
+
+    specee.main(_argv("specee", tmp_path, shared_data) + [f"--config.drafter.workdir={tmp_path / 'kangaroo'}"])
+    prov = json.loads((tmp_path / "results" / "specee" / "specee.json").read_text())["provenance"]
+    (art,) = prov["inputs"]
+    assert art["sha256"] == results.sha256_of(tmp_path / "kangaroo" / "adapter_l1.npz")
+    assert art["producer_commit"] == data["provenance"]["commit"] and art["producer_step"] == 2
+    assert art["sha256"][:16] in (tmp_path / "results" / "specee" / "specee.md").read_text()
+
 
 def test_specee_smoke(tmp_path, shared_data):
     from experiments import specee

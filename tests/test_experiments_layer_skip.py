@@ -38,6 +38,15 @@ def test_first_smoke(tmp_path, shared_data):
         assert rows[f"FiRST top-{k}"]["avg_layers"] == 6 - k == rows[f"ULS skip {k}"]["avg_layers"]
     keep = np.asarray(data["eval_keep_NxW"])
     assert keep.shape == (6, 4) and keep[0].all() and keep[-1].all()
+    # The random control is a distribution: 3 draws per k (smoke), the method ranked among them.
+    for rc in data["random_control"]:
+        draws = [r["ppl"] for r in data["rows"] if r["method"].startswith(f"random skip {rc['k']} #")]
+        assert rc["draws"] == len(draws) == 3 and rc["random_ppl_median"] == pytest.approx(np.median(draws))
+        assert rc["random_ppl_min"] == min(draws) and rc["method_rank"] == 1 + sum(p < rc["method_ppl"] for p in draws)
+        assert rc["ci95_lo"] <= rc["diff_vs_median_draw"] <= rc["ci95_hi"]
+    windows = len(data["nll_per_window"]["full model"])
+    assert windows == 4 and all(len(v) == windows for v in data["nll_per_window"].values())
+    assert np.exp(np.mean(data["nll_per_window"]["full model"])) == pytest.approx(rows["full model"]["ppl"])
     assert (tmp_path / "run" / "features.npz").exists()
     (routers,) = (tmp_path / "run").glob("routers-*.npz")
     b_N = np.load(routers)["b"]

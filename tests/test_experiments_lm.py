@@ -21,6 +21,15 @@ def test_per_token_exit_smoke(capsys, tmp_path, shared_data):
     recorded = json.loads((tmp_path / "model" / "run_config.json").read_text())["config"]
     assert set(recorded) == {"seed", "data", "model", "train"} and not (tmp_path / "model" / ".lock").exists()
     assert (tmp_path / "model" / "base" / "ckpt").is_dir() and (tmp_path / "run" / "classifier" / "ckpt").is_dir()
+    # The shared base model carries a record of the run that trained it; SkipDecode reading it names it.
+    from experiments import skipdecode
+
+    skipdecode.main(_argv("skipdecode", tmp_path, shared_data)[:1] + [
+        f"--workdir={tmp_path / 'sd'}", f"--outdir={tmp_path / 'sd-results'}", f"--data_dir={shared_data}",
+        f"--config.model_workdir={tmp_path / 'model'}"])
+    (art,) = json.loads((tmp_path / "sd-results" / "skipdecode.json").read_text())["provenance"]["inputs"]
+    assert art["producer_step"] == json.loads((tmp_path / "model" / "run_config.json").read_text())["config"][
+        "train"]["steps"] and art["sha256"] != "not recorded" and art["producer_commit"] != "not recorded"
     data = json.loads((tmp_path / "results" / "per_token_exit.json").read_text())
     methods = {r["method"] for r in data["rows"]}
     assert {"full model", "static exit L1", "per-token exit"} <= methods
@@ -38,6 +47,26 @@ def test_per_token_exit_smoke(capsys, tmp_path, shared_data):
     assert exc.value.code == 2 and "exists; pass --overwrite" in capsys.readouterr().err
 
 
+def test_per_token_rows_are_paired_with_the_static_model_of_their_depth():
+    """Each max-softmax per-token row against the static model at its rounded depth (the full model at N, which
+    agrees with itself), every row with the same columns."""
+    from experiments import per_token_exit
+
+    full = {"nll_W": [1.0, 2.0, 3.0]}
+    raw = {"static exit L2|||None": {"avg_layers": 2.0, "nll_W": [1.5, 2.5, 3.5], "agreement_W": [0.2, 0.3, 0.4]},
+           "per-token exit|max_softmax|propagate|0.5": {"avg_layers": 2.2, "nll_W": [1.2, 2.2, 3.2],
+                                                        "agreement_W": [0.5, 0.6, 0.7]},
+           "per-token exit|max_softmax|oracle|0.99": {"avg_layers": 2.9, "nll_W": [1.0, 2.0, 3.0],
+                                                      "agreement_W": [1.0, 1.0, 1.0]},
+           "per-token exit|margin|propagate|0.5": {"avg_layers": 2.0, "nll_W": [9.0, 9.0, 9.0],
+                                                   "agreement_W": [0.0, 0.0, 0.0]}}
+    rows = per_token_exit.against_static(raw, full, 3, 0)
+    assert [(r["a"], r["b"]) for r in rows] == [("per-token exit", "static exit L2"), ("per-token exit", "full model")]
+    assert len({tuple(r) for r in rows}) == 1
+    assert rows[0]["nll_diff"] == pytest.approx(-0.3) and rows[0]["agree_diff"] == pytest.approx(0.3)
+    assert rows[1]["nll_diff"] == 0.0 and rows[1]["agree_diff"] == 0.0
+
+
 def test_skipdecode_smoke(tmp_path, shared_data):
     from experiments import skipdecode
 
@@ -52,6 +81,10 @@ def test_skipdecode_smoke(tmp_path, shared_data):
     assert all(a >= b for a, b in zip(sched, sched[1:]))
     sd = next(r for r in data["rows"] if r["method"] == "SkipDecode (fine-tuned)")
     assert abs(sd["avg_layers"] - sum(sched[:-1]) / (len(sched) - 1)) < 1e-6
+    # Every comparison at a target is paired over the windows, with its interval.
+    assert [(p["a"], p["b"]) for p in data["paired_differences"]][0] == ("SkipDecode (fine-tuned)", "static truncated")
+    for p in data["paired_differences"]:
+        assert p["nll_ci95_lo"] <= p["nll_diff"] <= p["nll_ci95_hi"] and "agree_diff" in p
 
 
 def test_self_speculative_smoke(tmp_path, shared_data):
