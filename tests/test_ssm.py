@@ -38,9 +38,10 @@ def test_mixer_paths_agree_prefill_then_steps():
     m = _mixer()
     x = jax.random.normal(jax.random.key(1), (3, 12, 16))
     y, st = jax.jit(lambda x: m(x))(x)
-    y_seq, st_seq = jax.jit(lambda x: m(x, scan="sequential"))(x)
-    np.testing.assert_allclose(y, y_seq, atol=ATOL)
-    np.testing.assert_allclose(st.ssm_BxIxN, st_seq.ssm_BxIxN, atol=ATOL)
+    for scan in ("sequential", "fused"):
+        y_seq, st_seq = jax.jit(lambda x, scan=scan: m(x, scan=scan))(x)
+        np.testing.assert_allclose(y, y_seq, atol=ATOL)
+        np.testing.assert_allclose(st.ssm_BxIxN, st_seq.ssm_BxIxN, atol=ATOL)
     # Prefill 5 tokens, then the one-token recurrence for the other 7: same outputs and final state.
     y5, s = m(x[:, :5])
     step = jax.jit(m.step)
@@ -63,6 +64,7 @@ def test_right_padding_leaves_state_at_last_real_token():
     x = jax.random.normal(jax.random.key(2), (2, 9, 16))
     valid = jnp.arange(9)[None, :] < jnp.asarray([[6], [9]])
     y, st = m(x, valid_BxT=valid)
+    np.testing.assert_allclose(m(x, valid_BxT=valid, scan="fused")[1].ssm_BxIxN, st.ssm_BxIxN, atol=ATOL)
     y6, st6 = m(x[:1, :6])
     np.testing.assert_allclose(y[0, :6], y6[0], atol=ATOL)
     np.testing.assert_allclose(st.ssm_BxIxN[0], st6.ssm_BxIxN[0], atol=ATOL)

