@@ -13,9 +13,11 @@ Parts, in order, each a subprocess (a crash or a time-out of one part costs only
    skipping, Jacobi decoding) on a SmolLM2-135M-shaped model in bf16, each beside plain greedy decoding;
 4. ``train``: ``train_throughput.py``, ViT-B/16 size, batch 128, dtype x remat x attention candidates;
 5. ``vit_cmdbuf``, ``lm_cmdbuf`` (``--sizes gpu`` only, unless named in ``--parts``): parts 1 and 2 again in a
-   subprocess whose ``XLA_FLAGS`` add XLA command buffers for WHILE and CONDITIONAL (``CMDBUF_FLAGS``; the flag must
+   subprocess with ``EEJAX_COMMAND_BUFFERS=1`` (XLA command buffers for WHILE and CONDITIONAL, ``eejax.runtime``; the flag must
    be set before jax starts, hence the second process), LM at batches 1 and 32 only; the summary sets every path
-   with command buffers on beside the same path with them off.
+   with command buffers on beside the same path with them off;
+6. ``gated_kernel``: ``gated_kernel.py``, the Pallas gated MLP step against XLA's dense MLP at D = 384 / 576 / 768
+   (on every ``--sizes``), one verdict per width.
 
 Budget: ``--budget-s`` (default 450 s) is split by each part's share (``PARTS``); time a part leaves unused passes
 to the next. A part stops starting new units (configurations, batches, candidates) after 75 % of its share and is
@@ -57,9 +59,11 @@ class Part(NamedTuple):
 
 
 # XLA command buffers (CUDA graphs) including WHILE and CONDITIONAL, whose absence makes every data-dependent loop
-# iteration and conditional a host round trip on GPU (issue 20, cause 1).
-CMDBUF_FLAGS = ("--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,"
-                "WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1")
+# iteration and conditional a host round trip on GPU (issue 20, cause 1). The variant parts switch them on the way a
+# user would, through eejax's own switch (``eejax.runtime``: XLA's default set plus WHILE and CONDITIONAL), so the
+# measured setting is the one eejax would ship.
+CMDBUF_ENV = {"EEJAX_COMMAND_BUFFERS": "1"}
+CMDBUF_FLAGS = "EEJAX_COMMAND_BUFFERS=1 (--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL)"
 VIT_PRESETS = {
     "gpu": ["--sizes", "gpu", "--dtype", "bfloat16", "--widths", "384", "--patches", "64", "--batches", "1024",
             "--paths", "static,masked,compacted,gated_kernel", "--buckets", "default,eighths", "--repeats", "5"],
@@ -73,25 +77,32 @@ LM_PRESETS = {
     "tiny": ["--sizes", "tiny", "--batches", "2"],
 }
 PARTS = {
-    "vit": Part("vit_paths.py", "vit_paths.json", 0.18, VIT_PRESETS),
-    "lm": Part("lm_decode.py", "lm_decode.json", 0.24, LM_PRESETS),
-    "papers": Part("lm_papers.py", "lm_papers.json", 0.20, {
+    "vit": Part("vit_paths.py", "vit_paths.json", 0.17, VIT_PRESETS),
+    "lm": Part("lm_decode.py", "lm_decode.json", 0.22, LM_PRESETS),
+    "papers": Part("lm_papers.py", "lm_papers.json", 0.19, {
         "gpu": ["--sizes", "gpu"],
         "small": ["--sizes", "small"],
         "tiny": ["--sizes", "tiny"],
     }),
-    "train": Part("train_throughput.py", "train_throughput.json", 0.16, {
+    "train": Part("train_throughput.py", "train_throughput.json", 0.15, {
         "gpu": ["--sizes", "gpu"],
         "small": ["--sizes", "small"],
         "tiny": ["--sizes", "tiny", "--candidates", "bfloat16:0:einsum,bfloat16:0:dot_product,bfloat16:1:einsum",
                  "--rounds", "1"],
     }),
-    "vit_cmdbuf": Part("vit_paths.py", "vit_paths_cmdbuf.json", 0.08, VIT_PRESETS, {"XLA_FLAGS": CMDBUF_FLAGS}, "vit"),
+    # The Pallas gated MLP step against XLA's dense MLP (eejax.kernels.gated_step; off every default path unless it wins).
+    "gated_kernel": Part("gated_kernel.py", "gated_kernel.json", 0.05, {
+        "gpu": ["--sizes", "gpu"],
+        "small": ["--sizes", "tiny"],
+        "tiny": ["--sizes", "tiny", "--widths", "48", "--repeats", "1"],
+    }),
+    "vit_cmdbuf": Part("vit_paths.py", "vit_paths_cmdbuf.json", 0.08, VIT_PRESETS, CMDBUF_ENV, "vit"),
     "lm_cmdbuf": Part("lm_decode.py", "lm_decode_cmdbuf.json", 0.14,
                       {k: v + (["--batches", "1,32"] if k == "gpu" else []) for k, v in LM_PRESETS.items()},
-                      {"XLA_FLAGS": CMDBUF_FLAGS}, "lm"),
+                      CMDBUF_ENV, "lm"),
 }
 MAIN_PARTS = ("vit", "lm", "papers", "train")
+EXTRA_PARTS = ("gated_kernel",)   # run on every --sizes; summarized after the main parts
 GRACE = 1.25   # hard limit of a part = its share x GRACE (within what is left of the total)
 SOFT = 0.75    # a part stops starting new units (configurations, batches, candidates) after SOFT x its share
 MIN_PART_S = 30.0   # a part is not started with less than this left of the total
@@ -103,7 +114,7 @@ def log(msg: str) -> None:
 
 def default_parts(sizes: str) -> list[str]:
     """Every part on ``gpu`` sizes; the command-buffer variants only there (on CPU the flag changes nothing)."""
-    return list(PARTS) if sizes == "gpu" else list(MAIN_PARTS)
+    return list(PARTS) if sizes == "gpu" else list(MAIN_PARTS + EXTRA_PARTS)
 
 
 def run_parts(out_dir: pathlib.Path, sizes: str, budget_s: float, parts, extra: dict[str, list[str]]) -> dict:
@@ -386,7 +397,7 @@ def cmdbuf_summary(pairs: dict) -> tuple[dict, list[str]]:
         if not cells:
             continue
         unit = "ms per forward" if part == "vit" else "decode ms per call"
-        md += [f"**{part}: XLA command buffers off / on** ({unit}; on = `XLA_FLAGS={CMDBUF_FLAGS}`)", "",
+        md += [f"**{part}: XLA command buffers off / on** ({unit}; on = `{CMDBUF_FLAGS}`)", "",
                "| where | path | off | on | off / on | host stops (off) |", "|---|---|---:|---:|---:|---:|"]
         md += [f"| {w} | {n} | {a * 1e3:.2f} | {b * 1e3:.2f} | {a / b:.2f} | {_stops_cell([s])} |"
                for w, n, a, b, s in cells]
@@ -511,6 +522,16 @@ def goals(vit, lm, train) -> list[dict]:
     return out
 
 
+def gated_kernel_summary(res: dict) -> tuple[dict, list[str]]:
+    """The Pallas gated MLP step against XLA's dense MLP, one verdict per width (``benchmarks/gated_kernel.py``)."""
+    md = ["**Gated MLP kernel vs XLA** (per width; the kernel stays off default paths unless it wins)", "",
+          "| D | F | verdict |", "|---:|---:|---|"]
+    md += [f"| {w['d']} | {w['f']} | {w['verdict']['summary']} |" for w in res.get("widths", [])]
+    wins = {str(w["d"]): bool(w["verdict"]["kernel_wins"]) for w in res.get("widths", [])}
+    winner = "kernel" if wins and all(wins.values()) else ("xla" if wins else "none timed")
+    return {"gated MLP: Pallas kernel vs XLA": {"winner": winner, "kernel_wins_by_width": wins}}, md + [""]
+
+
 def _goal_table(title: str, rows: list[dict]) -> list[str]:
     md = ["", f"## {title}", "", "| goal | measured | target | met |", "|---|---|---|---|"]
     for g in rows:
@@ -536,6 +557,10 @@ def summarize(out_dir: pathlib.Path, status: dict | None = None) -> dict:
         w, m, hs = fn(res[part])
         winners.update(w)
         stops.update(hs)
+        md += m
+    if res["gated_kernel"]:
+        w, m = gated_kernel_summary(res["gated_kernel"])
+        winners.update(w)
         md += m
     variants = {p.base: (res[p.base], res[name]) for name, p in PARTS.items() if p.base and res[name]}
     if variants:

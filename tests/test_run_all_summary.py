@@ -91,11 +91,11 @@ def test_summary_shows_host_stops_and_command_buffers_side_by_side(run):
 def test_parts_and_budget_shares():
     assert sum(p.share for p in run_all.PARTS.values()) == pytest.approx(1.0)
     assert run_all.default_parts("gpu") == list(run_all.PARTS)
-    assert run_all.default_parts("tiny") == list(run_all.MAIN_PARTS)
+    assert run_all.default_parts("tiny") == list(run_all.MAIN_PARTS + run_all.EXTRA_PARTS)
     for name, part in run_all.PARTS.items():
         assert set(part.presets) == {"gpu", "small", "tiny"}, name
         if part.base:
-            assert "WHILE,CONDITIONAL" in part.env["XLA_FLAGS"] and part.script == run_all.PARTS[part.base].script
+            assert part.env == {"EEJAX_COMMAND_BUFFERS": "1"} and part.script == run_all.PARTS[part.base].script
 
 
 def test_bad_part_args_are_one_line(capsys):

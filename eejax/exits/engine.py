@@ -470,9 +470,24 @@ def run(layers: nnx.Module, heads: Sequence[Callable], h0, program: Program, pol
 
 
 def run_layers(layers: nnx.Module, h0, *, layer_fn: LayerFn = call_layer, layer_mask_NxB: jax.Array | None = None,
-               program: Program | None = None, remat: bool = False):
+               program: Program | None = None, remat: bool | str = False, readout: Callable | None = None,
+               residual_dtype=None):
     """``lax.scan`` over the program's steps (default: every stored layer once, in order); returns the last hidden
-    state and every step's output (leading S). ``layer_mask_NxB``: row b runs step s iff set (a per-row program)."""
+    state and every step's output (leading S). ``layer_mask_NxB``: row b runs step s iff set (a per-row program).
+
+    Training-path options (issue 20: ViT-B/16 with 12 exits stored ~24.7 GB of per-layer residuals per step):
+
+    * ``remat``: what each step keeps for the backward pass (``remat_policy``): ``"none"`` / ``False`` (every
+      intermediate), ``"full"`` / ``True`` (only the step's input; everything recomputed), ``"dots_saveable"``
+      (``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``: the projection GEMM outputs are kept, norms,
+      activations and the attention core recomputed).
+    * ``readout(h) -> pytree``: what the scan stacks per step instead of the whole ``h`` (e.g. the CLS token and the
+      token mean, ``B x D`` each, for heads that read nothing else); the stacked output and its cotangent shrink
+      from ``S x B x T x D`` to the readout's size.
+    * ``residual_dtype``: the residual stream's dtype: ``h0`` and every step's output are cast to it (e.g.
+      ``jnp.bfloat16`` with bf16 layers: without it, a float32 ``h0`` keeps the stream and its saved residuals in
+      float32). ``None``: ``h0``'s dtype, untouched.
+    """
     layer_def, stacked = nnx.split(layers)
     n = num_layers_of(layers)
     program = prefix(n, [n - 1]) if program is None else program
@@ -480,36 +495,67 @@ def run_layers(layers: nnx.Module, h0, *, layer_fn: LayerFn = call_layer, layer_
     batch = _batch(h0)
     if layer_mask_NxB is not None:
         program = program._replace(row_sub_SxB=jnp.where(layer_mask_NxB, FULL, 0).astype(jnp.int32))
+    if residual_dtype is not None:
+        h0 = _cast_floats(h0, residual_dtype)
+    emit = (lambda h: h) if readout is None else readout
 
     def body(h, s):
         r = _Runner(layer_def, stacked, program, layer_fn, False)
-        h, _ = r.step(s, h, None, jnp.ones((batch,), bool))
-        return h, h
+        h_new, _ = r.step(s, h, None, jnp.ones((batch,), bool))
+        if residual_dtype is not None:
+            h_new = _cast_floats(h_new, residual_dtype)
+        return h_new, emit(h_new)
 
-    if remat:
-        body = jax.checkpoint(body)
-    return jax.lax.scan(body, h0, jnp.arange(steps))
+    return jax.lax.scan(remat_step(body, remat), h0, jnp.arange(steps))
 
 
 def scan_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], HeadOut]], h0,
                exit_layers: Sequence[int] | None = None, *, program: Program | None = None,
                layer_fn: LayerFn = call_layer, layer_mask_NxB: jax.Array | None = None,
-               remat: bool = False) -> ExitOutputs | StackedExits:
-    """Training path: every step under ``lax.scan``; every exit head sees its step's output. Heads returning a
-    ``HeadOut`` give ``ExitOutputs``; other heads give ``StackedExits``."""
+               remat: bool | str = False, readout: Callable | None = None,
+               residual_dtype=None) -> ExitOutputs | StackedExits:
+    """Training path: every step under ``lax.scan``; every exit head sees its step's output (``readout(h)`` of
+    it when given: the heads must then read that, see ``run_layers``). Heads returning a ``HeadOut`` give
+    ``ExitOutputs``; other heads give ``StackedExits``. ``remat`` and ``residual_dtype``: see ``run_layers``."""
     if program is None:
         check_exits(layers, heads, exit_layers)
         program = prefix(num_layers_of(layers), exit_layers)
     exit_steps = [int(s) for s in np.asarray(program.exit_step_E)]
     if len(heads) != len(exit_steps):
         raise ValueError(f"{len(heads)} heads for {len(exit_steps)} exits")
-    h_last, h_Sx = run_layers(layers, h0, layer_fn=layer_fn, layer_mask_NxB=layer_mask_NxB, program=program,
-                              remat=remat)
-    outs = [head(jax.tree.map(lambda x: x[s], h_Sx)) for head, s in zip(heads, exit_steps)]
+    h_last, y_Sx = run_layers(layers, h0, layer_fn=layer_fn, layer_mask_NxB=layer_mask_NxB, program=program,
+                              remat=remat, readout=readout, residual_dtype=residual_dtype)
+    outs = [head(jax.tree.map(lambda x: x[s], y_Sx)) for head, s in zip(heads, exit_steps)]
     stacked_out = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
     if isinstance(outs[0], HeadOut):
         return ExitOutputs(*stacked_out, h_last=h_last)
     return StackedExits(stacked_out, h_last)
+
+
+REMAT_POLICIES = ("none", "full", "dots_saveable")
+
+
+def remat_policy(remat: bool | str) -> str:
+    """The policy name of a ``remat`` argument: ``False`` is ``"none"``, ``True`` is ``"full"``."""
+    if not isinstance(remat, str):
+        return "full" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}: use True / False or one of {REMAT_POLICIES}")
+    return remat
+
+
+def remat_step(body: Callable, remat: bool | str) -> Callable:
+    """``body`` under ``jax.checkpoint`` with the named policy (``remat_policy``); unchanged for ``"none"``."""
+    name = remat_policy(remat)
+    if name == "none":
+        return body
+    if name == "full":
+        return jax.checkpoint(body)
+    return jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
+def _cast_floats(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 # ------------------------------------------------------------------------------------------------ shortcuts

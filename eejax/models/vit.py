@@ -96,9 +96,24 @@ class ViT(nnx.Module):
         cls = jnp.broadcast_to(self.cls_token[...], (h_BxTxD.shape[0], 1, cfg.d_model))
         return jnp.concatenate([cls, h_BxTxD], axis=1) + self.pos[...]
 
-    def all_exits(self, x_BxHxWxC, *, layer_mask_NxB=None, remat: bool = False) -> engine.ExitOutputs:
-        return engine.scan_exits(self.layers, list(self.heads), self.embed(x_BxHxWxC), self.cfg.exit_layers,
-                                 layer_mask_NxB=layer_mask_NxB, remat=remat)
+    def all_exits(self, x_BxHxWxC, *, layer_mask_NxB=None, remat: bool | str = False, residual_dtype=None,
+                  readout: str = "auto") -> engine.ExitOutputs:
+        """Training path: every exit's head output (``engine.scan_exits``).
+
+        ``remat``: ``"none"`` / ``"full"`` / ``"dots_saveable"`` (or ``False`` / ``True``), see
+        ``engine.run_layers``; ``residual_dtype``: the residual stream's dtype (e.g. ``jnp.bfloat16``);
+        ``readout``: ``"auto"`` stacks only each layer's ``TokenSummary`` (CLS token and token mean) when every head
+        reads nothing else (linear heads), the whole hidden state otherwise; ``"hidden"`` always stacks the hidden
+        state. Both give the same outputs.
+        """
+        if readout not in ("auto", "hidden"):
+            raise ValueError(f"readout={readout!r}: use 'auto' or 'hidden'")
+        heads = list(self.heads)
+        summary = readout == "auto" and all(heads_lib.reads_summary(h) for h in heads)
+        return engine.scan_exits(self.layers, [h.from_summary for h in heads] if summary else heads,
+                                 self.embed(x_BxHxWxC), self.cfg.exit_layers, layer_mask_NxB=layer_mask_NxB,
+                                 remat=remat, readout=heads_lib.summarize if summary else None,
+                                 residual_dtype=residual_dtype)
 
     def dynamic(self, x_BxHxWxC, threshold=None, measure: str | conf_lib.Measure = "max_softmax", *,
                 policy=None, program: engine.Program | None = None, executor=engine.Masked()
