@@ -247,6 +247,14 @@ def test_classifier_budget_labels_and_loss():
                                                         has_aux=True))(cparams)
     assert np.isfinite(loss) and 0 <= float(metrics["positive"]) <= 1
     assert float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(grads))) > 0
+    # Several kinds side by side on one frozen forward: the joint loss is the sum of the single ones.
+    lgd, lparams = ec.build(ec.ClassifierConfig("linear", 16, CFG.num_exits), 3)
+    joint = ec.classifier_loss(lm_gd, lm_params, {"mamba": cgd, "linear": lgd}, top_k=2)
+    single = ec.classifier_loss(lm_gd, lm_params, lgd, top_k=2)
+    j, jm = jax.jit(lambda p: joint(p, {"tokens": _tokens()}, None, 0))({"mamba": cparams, "linear": lparams})
+    np.testing.assert_allclose(j, loss + jax.jit(lambda p: single(p, {"tokens": _tokens()}, None, 0)[0])(lparams),
+                               rtol=1e-5)
+    assert {"mamba_bce", "linear_acc"} <= set(jm)
 
 
 def test_distilled_lm_loss_trains_both_backbones():

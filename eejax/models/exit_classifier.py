@@ -186,19 +186,37 @@ class ClassifierMetrics(NamedTuple):
 
 def classifier_loss(lm_graphdef, lm_params, clf_graphdef, *, top_k: int = 1, weighting: str = "decaying"):
     """Loss on the frozen LM: ``loss_fn(clf_params, batch, rng, step)`` for the Trainer (``batch["tokens"]``);
-    only the classifiers train. The LM may be ``eejax.models.lm.DecoderLM`` or ``mamba_lm.MambaLM``."""
+    only the classifiers train. The LM may be ``eejax.models.lm.DecoderLM`` or ``mamba_lm.MambaLM``.
+
+    ``clf_graphdef`` may be a dict ``{name: graphdef}`` (then ``clf_params`` is ``{name: params}``): classifiers of
+    several kinds trained side by side on ONE frozen forward per batch; the loss is the sum of theirs, each
+    classifier's gradient is its own loss's (the losses share no parameter), metrics are prefixed by the name.
+    Use an optimizer without global-norm clipping, which would couple them."""
+    if top_k < 1:
+        raise ValueError(f"{top_k=} must be >= 1")
+    many = isinstance(clf_graphdef, dict)
+    graphdefs = clf_graphdef if many else {"": clf_graphdef}
+
+    def one(gd, params, outs, label):
+        clf = nnx.merge(gd, params)
+        n = clf.cfg.num_exits - 1
+        w_E = jnp.asarray(losses.exit_weights(list(range(n)), weighting), jnp.float32)
+        gate, _ = clf.gates(outs.hidden_ExBxTxD)
+        bce_ExBxT = jnp.maximum(gate, 0) - gate * label + jnp.log1p(jnp.exp(-jnp.abs(gate)))
+        total = jnp.sum(w_E * jnp.mean(bce_ExBxT, axis=(1, 2)))
+        return total, ClassifierMetrics(total, jnp.mean((gate > 0) == (label > 0)), jnp.mean(label))
 
     def loss_fn(clf_params, batch, rng, step):
         del rng, step
         outs = jax.lax.stop_gradient(nnx.merge(lm_graphdef, lm_params).all_exits(batch["tokens"]))
-        clf = nnx.merge(clf_graphdef, clf_params)
-        n = clf.cfg.num_exits - 1
-        w_E = jnp.asarray(losses.exit_weights(list(range(n)), weighting), jnp.float32)
         label = relaxed_labels(outs.logits_ExBxTxV, top_k)
-        gate, _ = clf.gates(outs.hidden_ExBxTxD)
-        bce_ExBxT = jnp.maximum(gate, 0) - gate * label + jnp.log1p(jnp.exp(-jnp.abs(gate)))
-        total = jnp.sum(w_E * jnp.mean(bce_ExBxT, axis=(1, 2)))
-        return total, ClassifierMetrics(total, jnp.mean((gate > 0) == (label > 0)), jnp.mean(label))._asdict()
+        params = clf_params if many else {"": clf_params}
+        total, metrics = 0.0, {}
+        for name, gd in graphdefs.items():
+            loss, m = one(gd, params[name], outs, label)
+            total = total + loss
+            metrics |= {(f"{name}_{k}" if name else k): v for k, v in m._asdict().items()}
+        return total, metrics
 
     return loss_fn
 
