@@ -550,7 +550,7 @@ class TokenCounts(NamedTuple):
 
 def greedy_counts(cfg) -> TokenCounts:
     """Plain greedy decoding: every layer and the head, once per token."""
-    return TokenCounts(layers=lm_shape(cfg).depth, heads=1.0)
+    return TokenCounts(layers=(ssm_shape(cfg) if is_ssm(cfg) else lm_shape(cfg)).depth, heads=1.0)
 
 
 def self_speculative_counts(draft_layers: float, k: float, tokens_per_verify: float, draft_heads: float = 1.0,
@@ -584,7 +584,10 @@ def decode_work(cfg, counts: TokenCounts, *, batch: int = 1, cache_len: int = 25
 
     Per layer and position: weights once per pass, the cache ``impl.kv_passes`` times, 2 FLOPs per weight and row,
     4 x S x D per row for scores and mixing. Per head: V x D weights, float32 logits written and read by the argmax.
+    A Mamba LM's config (``is_ssm``) goes to ``ssm_decode_work``.
     """
+    if is_ssm(cfg):
+        return ssm_decode_work(cfg, counts, batch=batch, dtype=dtype, impl=impl)
     s, p = lm_shape(cfg), lm_param_counts(cfg)
     if batch < 1 or cache_len < 1:
         raise ValueError(f"need batch >= 1 and cache_len >= 1, got {batch=}, {cache_len=}")
@@ -661,6 +664,99 @@ def predicted_speedup(cfg, counts: TokenCounts, *, batch: int = 1, cache_len: in
     return PredictedSpeedup(greedy.time_s / method.time_s, f"cost model (roofline, {dev.name})",
                             floor_g.time_s / floor_m.time_s, "cost model (roofline floor, H200 spec sheet)",
                             method.time_s, greedy.time_s, method.bound)
+
+
+# ------------------------------------------------------------------------------ selective-SSM (Mamba) LMs, analytic
+
+
+class SSMShape(NamedTuple):
+    """What the cost model needs of a Mamba LM (``eejax.models.mamba_lm.MambaConfig`` or a dict converts):
+    N layers of width D, inner width I, state size N_s per channel, step-size rank R, conv width W, vocabulary V."""
+    depth: int
+    d_model: int
+    d_inner: int
+    d_state: int
+    dt_rank: int
+    conv_width: int
+    vocab_size: int
+
+
+def is_ssm(cfg) -> bool:
+    """A Mamba LM's config (an ``SSMShape``, or anything with a ``d_state``)."""
+    if isinstance(cfg, SSMShape):
+        return True
+    return (cfg.get("d_state") if isinstance(cfg, Mapping) else getattr(cfg, "d_state", None)) is not None
+
+
+def ssm_shape(cfg) -> SSMShape:
+    """An ``SSMShape`` from a ``MambaConfig``, a dict of its fields (``d_inner`` or ``expand``; ``dt_rank`` 0 or
+    absent = ceil(D / 16); ``conv_width`` default 4) or an ``SSMShape``."""
+    if isinstance(cfg, SSMShape):
+        shape = cfg
+    else:
+        get = cfg.get if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
+        try:
+            d = int(get("d_model"))
+            inner = get("d_inner")
+            inner = int(inner) if inner is not None else int(get("expand", 2)) * d
+            rank = int(get("dt_rank", 0) or -(-d // 16))
+            shape = SSMShape(int(get("depth")), d, inner, int(get("d_state")), rank, int(get("conv_width", 4)),
+                             int(get("vocab_size", get("vocab"))))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"cfg={cfg!r} lacks a Mamba LM's depth / d_model / d_state / vocab_size ({err})") from None
+    if min(shape) < 1:
+        raise ValueError(f"cfg={shape} must have positive sizes")
+    return shape
+
+
+def ssm_param_counts(cfg) -> dict[str, int]:
+    """Parameters read per evaluation of a Mamba LM: ``layer`` (a block: mixer + norm scale), ``fill`` (what
+    advancing a skipped layer's state needs, the partial forward of state propagation: norm, the input projection's
+    x half, conv, x_proj, dt_proj, A and D; not the gate half, the read-out or out_proj), ``head`` (V x D), and
+    ``state`` (floats of one row's state per layer: conv window + SSM state)."""
+    s = ssm_shape(cfg)
+    d, i, n, r, w = s.d_model, s.d_inner, s.d_state, s.dt_rank, s.conv_width
+    fill = d + d * i + w * i + i + i * (r + 2 * n) + r * i + i + i * n + i
+    layer = fill + d * i + i * d
+    return {"layer": layer, "fill": fill, "head": s.vocab_size * d, "state": (w - 1) * i + i * n}
+
+
+def ssm_decode_work(cfg, counts: TokenCounts, *, batch: int = 1, dtype="bfloat16",
+                    impl: DecodeImpl = EEJAX_20CB676) -> tuple[Work, ...]:
+    """``decode_work`` for a Mamba LM: per layer and row, the weights once, the float32 recurrent state read and
+    written once (it replaces the KV cache: constant in the context length), 2 FLOPs per weight and row plus
+    ~7 x I x N_s for the state update and read-out. ``kv_fill_layers`` counts skipped layers whose state is advanced
+    (``ssm_param_counts()["fill"]`` each). Kernel launches per layer: ``impl.kernels_per_layer``, counted for the
+    transformer's decode layer on the H200 and NOT calibrated for a Mamba block (an estimate of the same order).
+    Verification passes (self-speculation) are not modelled for SSMs."""
+    s, p = ssm_shape(cfg), ssm_param_counts(cfg)
+    if batch < 1:
+        raise ValueError(f"need batch >= 1, got {batch=}")
+    c = TokenCounts(*counts)
+    if min(c[:9]) < 0:
+        raise ValueError(f"counts must be >= 0, got {c}")
+    if c.verify_passes or c.drafter or c.verify_extra_heads:
+        raise ValueError("ssm_decode_work models early exit on a Mamba LM; verify passes and drafters are not modelled")
+    if c.predictors and c.predictor_params < 1:
+        raise ValueError(f"counts.predictors={c.predictors} needs predictor_params >= 1")
+    w = _itemsize(dtype)
+    compute = impl.compute_dtype or _dtype_name(dtype)
+    state_bytes = batch * p["state"] * 4 * 2
+    act = batch * (12 * s.d_model + 6 * s.d_inner) * _itemsize(compute)
+    scan_flops = 7.0 * batch * s.d_inner * s.d_state
+
+    def layer(params: int, kernels: float) -> Work:
+        return Work(2.0 * params * batch + scan_flops, params * w + state_bytes + act, kernels, 0.0, compute)
+
+    head = Work(2.0 * p["head"] * batch, p["head"] * w + 2 * batch * s.vocab_size * 4, impl.kernels_per_head, 0.0,
+                compute)
+    parts = [layer(p["layer"], impl.kernels_per_layer).times(c.layers)._replace(name="layers"),
+             head.times(c.heads)._replace(name="heads"),
+             Work(2.0 * c.predictor_params * batch, c.predictor_params * w, impl.kernels_per_head, 0.0,
+                  compute).times(c.predictors)._replace(name="predictors"),
+             layer(p["fill"], impl.kernels_per_layer / 2).times(c.kv_fill_layers)._replace(name="state fill"),
+             Work(host_stops=c.host_stops, dtype=compute, name="host stops")]
+    return tuple(pt for pt in parts if pt.flops or pt.bytes or pt.kernels or pt.host_stops)
 
 
 # ---------------------------------------------------------------------------------------------- ViT, analytic
