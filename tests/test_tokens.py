@@ -11,6 +11,7 @@ from flax import nnx
 
 from eejax.data import composed, vision
 from eejax.decoding import token_cache
+from eejax.eval import paired, segmentation
 from eejax.exits import costs, engine, hlo, tokens
 from eejax.models import segvit, vlm
 from eejax.nn.layers import Block, stacked
@@ -340,3 +341,19 @@ def test_segvit_paths_and_costs():
     _close(never.out.logits_BxQxC, logits[1], 1e-4)
     np.testing.assert_allclose(segvit.run_flops(cfg, never.queries_SxB, never.keys_SxB),
                                segvit.static_flops(cfg, 1) + cfg.tokens * segvit.head_flops(cfg))
+
+
+def test_miou_and_paired_bootstrap():
+    label = np.array([[0, 0, 1, 2], [2, 2, 1, 0]])
+    pred = np.array([[0, 1, 1, 2], [2, 2, 2, 0]])
+    conf = segmentation.confusion_matrices(pred, label, 3)
+    assert conf.shape == (2, 3, 3) and conf.sum() == 8
+    # class 0: TP 2, FP 0, FN 1 -> 2/3; class 1: TP 1, FP 1, FN 1 -> 1/3; class 2: TP 3, FP 1, FN 0 -> 3/4
+    np.testing.assert_allclose(segmentation.iou_per_class(conf.sum(0)), [2 / 3, 1 / 3, 3 / 4])
+    rng = np.random.default_rng(0)
+    a = (rng.random(400) < 0.8).astype(float)
+    b = np.where(rng.random(400) < 0.9, a, 1 - a)
+    d = paired.mean_difference(a, b, resamples=500)
+    assert d.lo <= d.diff <= d.hi and d.diff == pytest.approx(a.mean() - b.mean())
+    same = paired.mean_difference(a, a, resamples=200)
+    assert same.diff == 0 and not same.separated
