@@ -104,6 +104,27 @@ def vit_ee_head_flops(tokens: int, d_model: int, mlp_dim: int, num_heads: int, n
     return transformer_layer_flops(tokens, d_model, mlp_dim, num_heads) + linear_head_flops(d_model, num_classes)
 
 
+def token_layer_flops(queries, keys, d_model: int, mlp_dim: int, num_heads: int):
+    """One transformer layer under token exit (engine feature F6, ``eejax.exits.tokens``; DToP arXiv:2308.01045,
+    DyVTE arXiv:2411.19628): ``queries`` tokens are updated and attend to ``keys`` tokens. The query and output
+    projections and the MLP run on the queries, the key and value projections on the keys (a frozen token is still
+    projected at every later layer; in drop mode keys == queries), scores and mixing on queries x keys. With
+    ``queries == keys == T`` it is ``transformer_layer_flops(T, ...)``. Counts may be numpy arrays (elementwise)."""
+    _check_heads(d_model, num_heads)
+    q, k = np.asarray(queries, np.float64), np.asarray(keys, np.float64)
+    return (2 * q * d_model * d_model + 2 * k * d_model * 2 * d_model + 4 * q * k * d_model
+            + 2 * q * d_model * d_model + 2 * 2 * q * d_model * mlp_dim)
+
+
+def token_exit_flops(queries_SxB, keys_SxB, d_model: int, mlp_dim: int, num_heads: int) -> np.ndarray:
+    """``float64[B]``: layer FLOPs of each row of a token-exit run from its per-step counts (``TokenOutputs``'s
+    ``queries_SxB`` / ``keys_SxB``): the tokens it actually updated, at every step. Heads and embedding excluded."""
+    q, k = np.asarray(queries_SxB), np.asarray(keys_SxB)
+    if q.shape != k.shape or q.ndim != 2:
+        raise ValueError(f"queries_SxB {q.shape} and keys_SxB {k.shape} must be the same S x B counts")
+    return token_layer_flops(q, k, d_model, mlp_dim, num_heads).sum(0)
+
+
 class ExitCosts(NamedTuple):
     """Per-exit FLOPs (float64, shape [E]).
 

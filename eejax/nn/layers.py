@@ -56,11 +56,28 @@ def resolve_attention(kind: str, dtype, head_dim: int) -> str:
     return "cudnn" if usable and head_dim % 8 == 0 and head_dim <= max_head_dim else "einsum"
 
 
-def einsum_attention(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(K)) v with two einsums around a materialised float32 softmax (any backend, any dtype)."""
-    logits_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK) / jnp.sqrt(q_BxTxHxK.shape[-1])
-    probs = jax.nn.softmax(logits_BxHxTxS.astype(jnp.float32), axis=-1).astype(v_BxSxHxK.dtype)
+def einsum_attention(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array,
+                     mask=None) -> jax.Array:
+    """softmax(q k^T / sqrt(K)) v with two einsums around a materialised float32 softmax (any backend, any dtype).
+
+    ``mask``: which keys each query sees, ``bool[B, S]`` (the same keys for every query) or ``bool[B, T, S]``;
+    hidden keys get the float32 minimum as logit, so a query that sees no key gets a finite (uniform) mix, never
+    NaN (token exit: a compacted bucket's padding slots)."""
+    logits_BxHxTxS = (jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK) / jnp.sqrt(q_BxTxHxK.shape[-1])
+                      ).astype(jnp.float32)
+    if mask is not None:
+        logits_BxHxTxS = jnp.where(_mask_BxHxTxS(mask), logits_BxHxTxS, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(v_BxSxHxK.dtype)
     return jnp.einsum("bhts,bshk->bthk", probs, v_BxSxHxK)
+
+
+def _mask_BxHxTxS(mask) -> jax.Array:
+    """A key mask ``B x S`` or a query-key mask ``B x T x S`` broadcast against ``B x H x T x S`` logits."""
+    if mask.ndim == 2:
+        return mask[:, None, None, :]
+    if mask.ndim == 3:
+        return mask[:, None]
+    raise ValueError(f"attention mask must be B x S or B x T x S, got shape {mask.shape}")
 
 
 def padded_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, *, implementation: str | None, multiple: int) -> jax.Array:
@@ -130,6 +147,10 @@ class SelfAttention(nnx.Module):
     * ``"dot_product"``: ``jax.nn.dot_product_attention`` with jax's own choice of implementation (XLA today);
     * ``"cudnn"``: the fused cuDNN flash kernel (GPU only; fp16/bf16); in training an odd token count is padded
       to an even one and masked (``fused_attention``, ``CUDNN_TRAIN_PAD``), since cuDNN refuses odd lengths there.
+
+    ``mask`` (optional, ``bool[B, T]`` keys or ``bool[B, T, T]`` query-key pairs): which tokens each query sees.
+    A masked call runs the einsum path (token exit inside a sequence, ``eejax.exits.tokens``, and causal toy
+    decoders); unmasked calls are unchanged.
     """
 
     def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
@@ -143,10 +164,22 @@ class SelfAttention(nnx.Module):
         self.qkv = nnx.Linear(d_model, 3 * d_model, rngs=rngs, dtype=dtype)
         self.out = nnx.Linear(d_model, d_model, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    def project(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys and values ``B x T x H x K`` of (normalised) inputs ``x``: one GEMM."""
         b, t, d = x_BxTxD.shape
         qkv = self.qkv(x_BxTxD).reshape(b, t, 3, self.num_heads, d // self.num_heads)
-        q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+    def mix(self, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=None) -> jax.Array:
+        """The output projection of ``einsum_attention`` over the given keys / values (a KV cache's, say)."""
+        b, t, h, k = q_BxTxHxK.shape
+        return self.out(einsum_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask).reshape(b, t, h * k))
+
+    def __call__(self, x_BxTxD: jax.Array, mask=None) -> jax.Array:
+        b, t, d = x_BxTxD.shape
+        q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = self.project(x_BxTxD)
+        if mask is not None:
+            return self.mix(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask)
         kind = resolve_attention(self.attention, q_BxTxHxK.dtype, q_BxTxHxK.shape[-1])
         if kind == "einsum":
             o_BxTxHxK = einsum_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK)
@@ -202,14 +235,15 @@ class Block(nnx.Module):
         self.ln2 = nnx.LayerNorm(d_model, rngs=rngs, dtype=dtype)
         self.mlp = Mlp(d_model, mlp_dim, rngs=rngs, dtype=dtype)
 
-    def attn_half(self, x_BxTxD: jax.Array) -> jax.Array:
-        return x_BxTxD + self.attn(self.ln1(x_BxTxD))
+    def attn_half(self, x_BxTxD: jax.Array, mask=None) -> jax.Array:
+        """``mask``: see ``SelfAttention`` (None: every token sees every token)."""
+        return x_BxTxD + self.attn(self.ln1(x_BxTxD), mask)
 
     def mlp_half(self, x_BxTxD: jax.Array) -> jax.Array:
         return x_BxTxD + self.mlp(self.ln2(x_BxTxD))
 
-    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-        return self.mlp_half(self.attn_half(x_BxTxD))
+    def __call__(self, x_BxTxD: jax.Array, mask=None) -> jax.Array:
+        return self.mlp_half(self.attn_half(x_BxTxD, mask))
 
 
 def stacked(make_layer, num_layers: int, rngs: nnx.Rngs):
