@@ -188,7 +188,11 @@ def test_every_json_carries_provenance_and_its_inputs(folder):
 def _papers_rows():
     text = (ROOT / "README.md").read_text()
     section = text.split("## Papers and experiments", 1)[1].split("\n## ", 1)[0]
+    section = section.split("\nRetired from the roadmap", 1)[0]   # the retired papers' table: no status, no folder
     return [ln for ln in section.splitlines() if ln.startswith("| ") and not ln.startswith("| paper |")]
+
+
+NOT_DONE = ("not built:", "planned", "in progress:")
 
 
 def test_papers_table_rows_point_at_folders_once_with_the_folder_verdict():
@@ -198,6 +202,9 @@ def test_papers_table_rows_point_at_folders_once_with_the_folder_verdict():
     for row in rows:
         cells = [c.strip() for c in row.strip().strip("|").split("|")]
         status, links = cells[2], re.findall(r"\]\((experiments/results/[^)]+)\)", cells[3])
+        if status.startswith(NOT_DONE):   # a paper not (yet) reproduced here says so and links no folder
+            assert not links, f"a row that is not done links results: {row[:80]}"
+            continue
         assert links, f"row without a results link: {row[:80]}"
         folders = set()
         for link in links:
