@@ -18,6 +18,7 @@ from eejax.harness import run
 from eejax.data import pipeline
 from eejax.eval import budgeted, report, uncertainty
 from eejax.harness import results
+from eejax.harness import results as result_files
 from eejax.exits import confidence as conf_lib
 from eejax.exits import costs, engine, policies
 from eejax.models import vit as vit_lib
@@ -309,7 +310,7 @@ def main(argv=None):
 
     if jax.process_index() != 0:
         return
-    stage = results.StagedResults(outdir, overwrite=args.overwrite)
+    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
     statics = [(ec.static_flops_E[e], 100 * float((probs_warm_test[e].argmax(-1) == y_test).mean()), f"L{e + 1}")
                for e in range(n_layers)]
     title = f"JEI-DNN vs max-softmax on {cfg.data.name} (test; one point per lambda)"
