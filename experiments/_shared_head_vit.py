@@ -53,8 +53,8 @@ def smoothed_ce(logits_ExBxC, labels_B, smoothing: float):
 
 
 def loss(graphdef, smoothing: float):
-    def loss_fn(params, batch, rng, step):
-        del rng, step
+    def loss_fn(params, batch, ctx):
+        del ctx
         outs = all_layer_outputs(nnx.merge(graphdef, params), batch["image"])
         ce_E = smoothed_ce(outs.logits_ExBxC, batch["label"], smoothing)
         acc_E = jnp.mean(jnp.argmax(outs.logits_ExBxC, -1) == batch["label"][None], axis=1)

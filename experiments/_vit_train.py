@@ -34,8 +34,8 @@ Forward = Callable[[nnx.Module, jax.Array], jax.Array]
 
 
 def ce_loss(graphdef, forward: Forward):
-    def loss_fn(params, batch, rng, step):
-        del rng, step
+    def loss_fn(params, batch, ctx):
+        del ctx
         logits = forward(nnx.merge(graphdef, params), batch["image"]).astype(jnp.float32)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
         return ce, {"acc": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
@@ -112,8 +112,8 @@ def single_head_config(model_fields: dict, **overrides) -> vit_lib.ViTConfig:
 
 
 def final_head_loss(graphdef, smoothing: float):
-    def loss_fn(params, batch, rng, step):
-        del rng, step
+    def loss_fn(params, batch, ctx):
+        del ctx
         logits_BxC = nnx.merge(graphdef, params).all_exits(batch["image"]).logits_ExBxC[-1:]
         ce = smoothed_ce(logits_BxC, batch["label"], smoothing)[0]
         return ce, {"ce": ce, "acc": jnp.mean(jnp.argmax(logits_BxC[0], -1) == batch["label"])}

@@ -51,8 +51,8 @@ def ae_config(cfg) -> cbnet_lib.AutoencoderConfig:
 
 def exits_loss(graphdef):
     """BranchyNet's joint training: the (equally weighted) mean CE over the exits."""
-    def loss_fn(params, batch, rng, step):
-        del rng, step
+    def loss_fn(params, batch, ctx):
+        del ctx
         logits = nnx.merge(graphdef, params).all_exits(batch["image"]).logits_ExBxC
         e = logits.shape[0]
         loss, ce_E = losses.multi_exit_ce(logits, batch["label"], jnp.full((e,), 1.0 / e))
@@ -93,8 +93,8 @@ def train_autoencoder(cfg, targets, train_ds, workdir):
     graphdef, params = cbnet_lib.build(ae_config(cfg), cfg.seed)
     tgt = jnp.asarray(targets.images_KxHxWxC)
 
-    def loss_fn(params, batch, rng, step):
-        del rng, step
+    def loss_fn(params, batch, ctx):
+        del ctx
         mse = cbnet_lib.conversion_loss(nnx.merge(graphdef, params)(batch["image"]), tgt, batch["label"])
         return mse, {"mse": mse}
 
@@ -126,8 +126,8 @@ def train_mlp(cfg, train_ds, workdir):
     acfg = ae_config(cfg)
     graphdef, params = nn_build(lambda rngs: EncoderMlp(acfg, 10, rngs=rngs), cfg.seed)
 
-    def loss_fn(params, batch, rng, step):
-        del rng, step
+    def loss_fn(params, batch, ctx):
+        del ctx
         logits = nnx.merge(graphdef, params)(batch["image"])
         ce = jnp.mean(losses.cross_entropy(logits, batch["label"]))
         return ce, {"acc": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}

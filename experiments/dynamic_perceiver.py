@@ -40,8 +40,8 @@ def model_config(cfg, arm: str) -> perceiver_lib.PerceiverConfig:
 
 def loss(graphdef, kd_weight: float, temperature: float):
     """Mean CE over the exits + ``kd_weight`` x mean KD from the (stop-gradient) last exit to the earlier ones."""
-    def loss_fn(params, batch, rng, step):
-        del rng, step
+    def loss_fn(params, batch, ctx):
+        del ctx
         outs = nnx.merge(graphdef, params).all_exits(batch["image"])
         logits = outs.logits_ExBxC
         num_exits = logits.shape[0]

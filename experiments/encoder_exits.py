@@ -95,8 +95,8 @@ def build_model(cfg, tok):
 
 
 def make_loss(graphdef, arm, tcfg):
-    def loss_fn(params, batch, rng):
-        del rng
+    def loss_fn(params, batch, ctx):
+        del ctx
         model = nnx.merge(graphdef, params)
         exit_layers = model.cfg.exit_layers
         outs = model.all_exits(batch["ids"], batch["mask"], batch["type_ids"])

@@ -50,8 +50,8 @@ def build_model(cfg, tok):
 
 
 def make_loss(graphdef, arm, tcfg):
-    def loss_fn(params, batch, rng):
-        del rng
+    def loss_fn(params, batch, ctx):
+        del ctx
         model = nnx.merge(graphdef, params)
         q_ExBxD = model.all_exits(batch["q_ids"], batch["q_mask"]).hidden_ExBxD
         c_ExBxD = model.all_exits(batch["c_ids"], batch["c_mask"]).hidden_ExBxD

@@ -75,11 +75,10 @@ def early_heads_mask(params, num_exits: int):
 
 
 def stage1_loss(graphdef, mcfg, weighting):
-    def loss_fn(params, batch, rng, step):
-        del rng
+    def loss_fn(params, batch, ctx):
         outs = nnx.merge(graphdef, params).all_exits(batch["image"])
         if weighting == "alternating":
-            weights = losses.lgvit_stage1_weights(step, mcfg.exit_layers)
+            weights = losses.lgvit_stage1_weights(ctx.step, mcfg.exit_layers)
         else:
             weights = losses.exit_weights(mcfg.exit_layers, weighting)
         loss, ce_E = losses.multi_exit_ce(outs.logits_ExBxC, batch["label"], weights)
@@ -89,8 +88,8 @@ def stage1_loss(graphdef, mcfg, weighting):
 
 
 def stage2_loss(graphdef, mcfg, s2):
-    def loss_fn(params, batch, rng, step):
-        del rng, step
+    def loss_fn(params, batch, ctx):
+        del ctx
         model = nnx.merge(graphdef, params)
         outs = model.all_exits(batch["image"])
         final_feat = jax.lax.stop_gradient(outs.feat_ExBxD[-1])

@@ -85,7 +85,7 @@ def test_train_step_compiles_for_tpu(topology_name, tmp_path):
         state = trainer._abstract_state()  # Replicated on the TPU mesh.
         batch = {"image": _images(mcfg, trainer.batch_sharding),
                  "label": jax.ShapeDtypeStruct((BATCH,), jnp.int32, sharding=trainer.batch_sharding)}
-        compiled = trainer._step.lower(state, batch).compile()
+        compiled = trainer._step.lower(state, batch, None).compile()
     new_state, _ = compiled.output_shardings
     assert all(s.is_fully_replicated for s in jax.tree.leaves(new_state))
     _report(f"{topology_name} ({len(mesh.devices)} chips) LGViT stage-1 train step, batch {BATCH}", compiled)

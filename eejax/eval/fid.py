@@ -46,9 +46,9 @@ def build_classifier(seed: int = 0, **kw):
 
 
 def classifier_loss(graphdef):
-    """Cross-entropy ``loss_fn(params, batch, rng)`` for the Trainer (batch: image in [-1, 1], int label)."""
-    def loss_fn(params, batch, rng):
-        del rng
+    """Cross-entropy ``loss_fn(params, batch, ctx)`` for the Trainer (batch: image in [-1, 1], int label)."""
+    def loss_fn(params, batch, ctx):
+        del ctx
         logits = nnx.merge(graphdef, params)(batch["image"])
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         ce = -jnp.mean(jnp.take_along_axis(logp, batch["label"][:, None].astype(jnp.int32), axis=-1))
