@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from eejax.decoding import jacobi, per_token
+from eejax.exits import costs
 from eejax.models import lm as lm_lib
 
 PAPER = "CEED-VLA (arXiv:2506.13725)"
@@ -57,13 +58,7 @@ def measured_iters(path=RESULTS) -> dict:
 
 
 def _time(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))                       # warm-up (compile excluded)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(costs.measure(fn, *args, warmup=1, iters=repeats).times_s)   # compile excluded
 
 
 def run(size: str, budget_s: float, log) -> list[dict]:

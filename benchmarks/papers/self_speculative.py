@@ -27,6 +27,7 @@ from flax import nnx
 
 from eejax.decoding import kv as kv_lib
 from eejax.decoding import per_token, speculative
+from eejax.exits import costs
 from eejax.models import lm as lm_lib
 
 RESULTS = pathlib.Path(__file__).resolve().parents[2] / "experiments/results/self_speculative-smollm2/" \
@@ -73,14 +74,8 @@ def _model(size):
 
 def _time(fn, *args, repeats: int = 3):
     """Median wall-clock of ``repeats`` calls of the AOT-compiled ``fn`` after one warm call, and its output."""
-    exe = jax.jit(fn).lower(*args).compile()
-    out = jax.block_until_ready(exe(*args))    # warm
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(exe(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), out
+    t = costs.measure(jax.jit(fn).lower(*args).compile(), *args, warmup=1, iters=repeats)
+    return float(np.median(t.times_s)), t.output
 
 
 def run(size: str, budget_s: float, log) -> list[dict]:

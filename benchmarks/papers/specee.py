@@ -29,6 +29,7 @@ from flax import nnx
 from eejax.decoding import kangaroo as kg
 from eejax.decoding import kv as kv_lib
 from eejax.decoding import per_token, specee
+from eejax.exits import costs
 from eejax.models import lm as lm_lib
 
 PAPER = "specee"
@@ -58,11 +59,8 @@ def measured_stats(depth: int) -> dict:
 
 
 def _time(fn, *args):
-    exe = jax.jit(fn).lower(*args).compile()
-    jax.block_until_ready(exe(*args))                       # warm-up
-    start = time.perf_counter()
-    out = jax.block_until_ready(exe(*args))
-    return out, time.perf_counter() - start
+    t = costs.measure(jax.jit(fn).lower(*args).compile(), *args, warmup=1, iters=1)
+    return t.output, t.mean_s
 
 
 def run(size: str, budget_s: float, log) -> list[dict]:

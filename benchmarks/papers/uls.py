@@ -29,6 +29,7 @@ from flax import nnx
 
 from eejax.decoding import layer_skip as ls
 from eejax.decoding import per_token
+from eejax.exits import costs
 from eejax.models import lm as lm_lib
 
 PAPER = "ULS (arXiv:2404.06954)"
@@ -66,14 +67,9 @@ def time_decode(graphdef, params, pre: ls.Prefilled, new: int, step_fn, args, re
     def f(p, logits, state, *a):
         return ls.decode(nnx.merge(graphdef, p), logits, state, new, lambda m, t, s, i: step_fn(m, t, s, i, *a))
 
-    exe = jax.jit(f)
-    dec = jax.block_until_ready(exe(params, pre.logits_BxV, pre.state, *args))   # compile + warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(exe(params, pre.logits_BxV, pre.state, *args))
-        times.append(time.perf_counter() - t0)
-    return {"seconds": statistics.median(times), "min_seconds": min(times),
+    t = costs.measure(jax.jit(f), params, pre.logits_BxV, pre.state, *args, warmup=1, iters=repeats)  # compile excl.
+    dec = t.output
+    return {"seconds": statistics.median(t.times_s), "min_seconds": t.min_s,
             "layers_per_token": float(np.mean(np.asarray(dec.layers_BxG[:, 1:]))),
             "layers_run_per_step": float(np.mean(np.asarray(dec.layers_run_G[1:])))}
 
