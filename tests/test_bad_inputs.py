@@ -73,7 +73,7 @@ CLI_CASES = [
      "data directory /nonexistent does not exist"),
     ("lgvit", ["--bogus_flag"], "unrecognized arguments: --bogus_flag"),
     ("lgvit", ["--config.seed=1"], "was run with a different config: seed (0 -> 1)"),
-    ("lgvit", ["--config.stage1.steps=5"], "stage1.steps (600 -> 5)"),
+    ("lgvit", ["--config.stage1.steps=5"], "stage1.steps (6 -> 5)"),
     # DeeDiff
     ("deediff", ["--config.eval.target_ratios=(1.5,)"], "config.eval.target_ratios[0]=1.5: must be a finite number "
                                                          "in (0, 1]"),
@@ -225,7 +225,7 @@ def test_config_binding_and_fresh(tmp_path):
     other = config.load(f"{CONFIGS['lgvit']}:smoke")
     with other.unlocked():
         other.stage1.steps, other.model.depth = 5, 4
-    with pytest.raises(run.ConfigMismatchError, match=r"model.depth \(6 -> 4\), stage1.steps \(600 -> 5\)"):
+    with pytest.raises(run.ConfigMismatchError, match=r"model.depth \(6 -> 4\), stage1.steps \(6 -> 5\)"):
         run.open_workdir(tmp_path / "w", other)
     run.release_locks()
     fresh = run.open_workdir(tmp_path / "w", other, fresh=True)

@@ -28,7 +28,8 @@ def test_dynamic_perceiver_smoke(tmp_path):
 
 def test_cbnet_smoke_targets_from_train(tmp_path, monkeypatch):
     from eejax.harness import config as config_lib
-    from experiments import cbnet, lgvit
+    from experiments import _common_vision as vision
+    from experiments import cbnet
 
     seen = []
     real = cbnet.build_targets
@@ -42,7 +43,7 @@ def test_cbnet_smoke_targets_from_train(tmp_path, monkeypatch):
     data = json.loads((out / "cbnet.json").read_text())["results"]
     # Conversion targets: built from the train split only, one image of each class.
     assert seen == ["train"] and data["targets"]["split"] == "train"
-    train, _, _ = lgvit.load_data(config_lib.load(spec), None)
+    train, _, _ = vision.load_data(config_lib.load(spec), None)
     assert train.labels_N[data["targets"]["index"]].tolist() == list(range(10))
     with pytest.raises(ValueError, match="train split only"):
         real(None, None, train.subset([0], "test"), None)
