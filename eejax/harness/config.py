@@ -54,7 +54,7 @@ def _load(spec: str):
         raise ConfigError(f"config file not found: {path}")
     module_spec = importlib.util.spec_from_file_location(f"eejax_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    # Configs may import the shared pieces beside them (configs/_lm_base.py) by bare name.
+    # Configs may import the shared pieces beside them (configs/_base_*.py) by bare name.
     sys.path.insert(0, str(file.resolve().parent))
     try:
         module_spec.loader.exec_module(module)

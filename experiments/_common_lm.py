@@ -1,4 +1,4 @@
-"""Shared plumbing of the LM decoding experiments (experiments/per_token_exit.py, experiments/skipdecode.py).
+"""Shared plumbing of the experiments on LMs trained here (experiments/per_token_exit.py, experiments/skipdecode.py).
 
 data (offline text, char/byte tokenizer) -> base model (multi-exit LM loss, LayerSkip dropout, EE-LLM warm-up, the
 one Trainer; resumable, in <workdir>/base-lm or a shared model_workdir) -> optional stages on top (CALM's learned exit
@@ -33,42 +33,14 @@ from eejax.train import Trainer, make_optimizer
 # ------------------------------------------------------------------------------------------------------ data
 
 
-class Setup(NamedTuple):
-    """What both LM experiment scripts start from."""
-    cfg: Any
-    args: Any
-    prov: Any   # eejax.eval.results.Provenance: command, device, commit, date
-    workdir: pathlib.Path
-    outdir: pathlib.Path
-    model_dir: pathlib.Path
-    corpus: Any
-
-
-def setup(argv, name: str, description: str) -> Setup:
-    """Parse and validate the command line, load the corpus, lock the workdir and bind it to the config, refuse to
-    overwrite results, and record the provenance.
-
-    The base model lives in ``<workdir>/base-lm``, or in ``cfg.model_workdir`` when set (to share it between
-    experiments): that directory is then locked and bound to the fields the base model depends on.
-    """
-    from eejax.harness import config as config_lib
-    from eejax.harness import run
-    from eejax.harness import results
-    from eejax.train import maybe_initialize
-
-    cfg, args = config_lib.parse_cli(argv, description=description)  # every value validated before any work
-    corpus = load_corpus(cfg, args.data_dir)
-    maybe_initialize()
-    prov = results.provenance(f"experiments.{name}", argv)
-    workdir, outdir = run.prepare(cfg, args, name)
-    if cfg.model_workdir:
-        base = {k: cfg[k].to_dict() if hasattr(cfg[k], "to_dict") else cfg[k] for k in BASE_MODEL_FIELDS}
-        model_dir = run.open_workdir(cfg.model_workdir, cfg, fresh=args.fresh, what="model_workdir",
-                                     record=run.config_record(base))
-    else:
-        model_dir = workdir / "base-lm"
-    print(f"data: {corpus.description}; device: {prov.device}")
-    return Setup(cfg, args, prov, workdir, outdir, model_dir, corpus)
+def model_dir(run, corpus) -> pathlib.Path:
+    """Where the base model lives: ``<workdir>/base-lm``, or ``cfg.model_workdir`` when set (to share it between
+    experiments), that directory then locked and bound to the fields the base model depends on. Prints the data
+    line every LM run starts with."""
+    cfg = run.cfg
+    print(f"data: {corpus.description}; device: {run.prov.device}")
+    base = {k: cfg[k].to_dict() if hasattr(cfg[k], "to_dict") else cfg[k] for k in BASE_MODEL_FIELDS}
+    return run.shared_workdir(cfg.model_workdir, base, run.workdir / "base-lm")
 
 
 BASE_MODEL_FIELDS = ("seed", "data", "model", "train")  # what the base model's checkpoints depend on
@@ -79,6 +51,11 @@ class Corpus(NamedTuple):
     train_ids: np.ndarray
     eval_ids: np.ndarray
     description: str
+
+
+def corpus(cfg, args) -> Corpus:
+    """The runner's ``data`` hook: ``load_corpus`` from ``--data_dir``, before any file is written."""
+    return load_corpus(cfg, args.data_dir)
 
 
 def load_corpus(cfg, data_dir) -> Corpus:
