@@ -16,7 +16,10 @@ config's get_config(arg), e.g. "smoke" for a tiny run. Everything after PAPER[:A
   --config.a.b=v   override a config field (unknown keys are an error)
   --workdir DIR    checkpoints and metrics      --data_dir DIR   offline data
   --outdir DIR     tables and plots             --overwrite      replace existing result files
-  --fresh          if --workdir holds a run of another config, start over in <workdir>/fresh-<k>
+  --fresh          if --workdir holds a run of another config, run in <workdir>/fresh-<k>: the subfolder that
+                   holds this config (rerunning the same --fresh command resumes it) or a new one
+  --break-lock     remove the lock of --workdir/--outdir first (its run is gone but cannot be detected: another
+                   host's lock, a garbage lock file); the message of a refused lock says when
   --debug          show the traceback of an error (or EEJAX_DEBUG=1); errors are one line, exit status 2
 Example: ./launch.sh lgvit:smoke --config.stage1.steps=20 --workdir runs/lgvit-smoke
 
@@ -103,7 +106,15 @@ if [[ "$target" == test ]]; then
 else
   paper="${target%%:*}"
   config="configs/$paper.py"
-  if [[ "$target" == *:* ]]; then config+=":${target#*:}"; fi
+  if [[ "$target" == *:* ]]; then
+    [[ -n "${target#*:}" ]] || usage_error "empty config argument after ':' in '$target' (e.g. $paper:smoke, or $paper for the default)"
+    config+=":${target#*:}"
+  fi
+  for a in "$@"; do
+    if [[ "$a" == --config || "$a" == --config=* ]]; then
+      usage_error "'$a': launch.sh already passes --config $config (name the paper and its argument as PAPER[:ARG] instead)"
+    fi
+  done
   if [[ ! "$paper" =~ ^[A-Za-z0-9][A-Za-z0-9_]*$ || ! -f "configs/$paper.py" || ! -f "experiments/$paper.py" ]]; then
     papers=()
     for f in configs/*.py; do

@@ -6,6 +6,7 @@ the paths they compare agree.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import platform
 import shlex
@@ -20,7 +21,7 @@ from eejax.exits import costs
 
 
 def provenance(argv: list[str]) -> dict[str, Any]:
-    """Who, where, what: device, versions and the exact command."""
+    """Who, where, what: device, versions, the exact command and the XLA flags it ran under."""
     import flax
     import jaxlib
     dev = jax.devices()[0]
@@ -30,6 +31,7 @@ def provenance(argv: list[str]) -> dict[str, Any]:
         "python": platform.python_version(), "backend": jax.default_backend(),
         "device_kind": dev.device_kind, "device_count": jax.device_count(), "host": platform.node(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),   # a run under other flags (command buffers) says so
     }
 
 

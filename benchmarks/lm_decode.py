@@ -1,25 +1,38 @@
-"""Tokens/s of KV-cached LM decoding on the engine: full depth, forced per-token exit, SkipDecode, self-speculation.
+"""Tokens/s of KV-cached LM decoding on the engine: full depth, forced per-token exit, SkipDecode, self-speculation,
+each beside the variant it replaces, with the host stops and dot dtypes of its compiled program.
 
     python benchmarks/lm_decode.py --sizes gpu --dtype bfloat16 --out $OUT/lm_decode.json
     python benchmarks/lm_decode.py --sizes small --out /tmp/lm_cpu.json           # CPU sanity run (noisy)
 
 Model: ``eejax.models.lm.DecoderLM``, random init, an exit after every layer (``exits="all"``, shared head tied to
 the embedding); ``gpu`` is the GPT-2-small shape (12 layers, D=768, 12 heads, MHA, MLP 3072, vocabulary 32000), its
-parameters cast to the compute dtype in the benchmark (the LM has no dtype option). Random prompts of ``prompt``
-tokens (every row the same length), ``new`` greedy tokens per row, batch sizes from the preset.
+parameters and compute dtype (``LMConfig.dtype``) set to ``--dtype``. Random prompts of ``prompt`` tokens (every row
+the same length), ``new`` greedy tokens per row, batch sizes from the preset.
 
-Paths (``decoding`` entry points, each jitted as one call: prefill + ``new`` tokens):
+Paths (``decoding`` entry points, each jitted as one call: prefill + ``new`` tokens), in pairs (issue 20):
 
-* ``full``: ``per_token.full_depth_step``: every token through all N layers and the final head.
+* ``full``: ``per_token.full_depth_step``, the KV cache in the compute dtype (``kv.empty_state``'s default);
+  ``full_f32_cache``: the same with a float32 cache (the old default: under bf16 it promotes attention and every
+  projection after it to float32).
 * ``forced_exit``: ``per_token.exit_step`` with ``per_token.static_thresholds``: every row exits after layer
-  ``exit_after`` (5 in ``gpu``; ideal N / 5 = 2.4x in layers). Every exit on the way evaluates its head (the
-  vocabulary projection), and CALM's state propagation writes the K/V of the layers not run.
-* ``forced_exit_2exits``: the same on a model with exits only after layer ``exit_after`` and the last (one early
-  vocabulary projection instead of ``exit_after``): what fewer exit positions buy.
-* ``skipdecode_2x``: ``skipdecode.skip_step`` under ``skipdecode.schedule_for_speedup(new, N, 2)``; the record holds
-  the realised mean layers per token.
+  ``exit_after`` (5 in ``gpu``; ideal N / 5 = 2.4x in layers); every exit on the way evaluates its vocabulary head
+  and decides on it, one ``lax.cond`` per decision (``kv.Unrolled``); ``forced_exit_masked``: the same on the
+  engine's masked while loop (the old executor: a data-dependent loop over exits, a segment loop with traced bounds,
+  a head ``switch``); ``forced_exit_cheap_gate``: the same decisions on a cheap gate of the hidden state (the
+  cosine measure, thresholds +-inf), the vocabulary projected only at the exit taken; ``forced_exit_static``:
+  ``per_token.forced_step``, the truncated program (layers up to the exit, its head only, no decision);
+  ``forced_exit_2exits``: ``forced_exit`` on a model with exits only after layer ``exit_after`` and the last.
+  CALM's state propagation writes the K/V of the layers not run (``kv.propagate``, one batched computation).
+* ``skipdecode_2x``: ``skipdecode.phases`` (the schedule grouped into static programs: known trip counts) under
+  ``skipdecode.schedule_for_speedup(new, N, 2)``; ``skipdecode_2x_traced``: ``skipdecode.skip_step`` with the
+  schedule traced (a data-dependent layer loop). The record holds the realised mean layers per token.
 * ``speculative_d{e}_k{k}``: ``speculative.self_speculative`` drafting ``k`` tokens from exit ``e``. With a random
   init the acceptance rate is near 0 (recorded), so this times the draft-and-verify machinery, not a trained model.
+
+Every path's record holds, from its compiled program (``eejax.exits.hlo``, the CPU-checkable half of the cost):
+``host_stops`` per generated token (device-to-host round trips on a GPU: data-dependent loop predicates and
+conditionals; each data-dependent loop counted at the trips it runs here), ``unknown_whiles``, ``conditionals``
+and ``dot_dtypes`` / ``f32_dots`` (of the lowered program: what a GPU runs).
 
 Timing: the paths of one batch size are timed round-robin (median of ``repeats`` rounds after a warm-up round).
 ``kv.prefill`` alone (same batch and prompt) is timed beside them; ``decode_s = total_s - prefill_s`` (for the
@@ -28,16 +41,18 @@ speculative path against a prefill with its longer cache). ``tokens_per_s`` coun
 
 Agreement (before timing; teacher-forced references on the generated sequence, float32 argmax):
 
-* ``full``: every token is the argmax of the full model (``DecoderLM.all_exits``) given its prefix;
-* ``forced_exit`` / ``forced_exit_2exits``: token 0 is the full model's (prefill), every later one the argmax of the
-  static truncated model (layers up to ``exit_after`` and that exit's head);
-* ``skipdecode_2x``: the argmax of the teacher-forced SkipDecode program (``skipdecode.sequence_mask``);
+* ``full`` / ``full_f32_cache``: every token is the argmax of the full model (``DecoderLM.all_exits``) given its
+  prefix;
+* ``forced_exit*``: token 0 is the full model's (prefill), every later one the argmax of the static truncated model
+  (layers up to ``exit_after`` and that exit's head);
+* ``skipdecode_2x*``: the argmax of the teacher-forced SkipDecode program (``skipdecode.sequence_mask``);
 * ``speculative``: the tokens equal ``full``'s tokens (greedy-exact).
 
 References are checked at batch sizes up to ``check_max_batch`` (8 in ``gpu``, to save compile time; larger
-batches record ``agree: null``). ``agree`` requires every token to match in float32; in bfloat16 near-tied logits may flip an argmax between two
-matmul orders, so there ``match_frac`` is reported and ``agree`` means ``match_frac >= 0.9`` for the
-teacher-forced checks; the speculative one compares with ``full``'s own tokens and is reported only.
+batches record ``agree: null``). ``agree`` requires every token to match in float32; in bfloat16 near-tied logits
+may flip an argmax between two matmul orders, so there ``match_frac`` is reported and ``agree`` means
+``match_frac >= 0.9`` for the teacher-forced checks; the speculative one compares with ``full``'s own tokens and
+is reported only.
 """
 from __future__ import annotations
 
@@ -45,6 +60,7 @@ import argparse
 import functools
 import pathlib
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +73,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _util  # noqa: E402
 
 from eejax.decoding import kv, per_token, skipdecode, speculative  # noqa: E402
+from eejax.exits import confidence, hlo  # noqa: E402
 from eejax.models import lm as lm_lib  # noqa: E402
 
 SIZES = {
@@ -67,13 +84,15 @@ SIZES = {
     "gpu": dict(depth=12, d_model=768, num_heads=12, vocab=32000, prompt=64, new=64, batches=(1, 8, 32, 128),
                 exit_after=5, spec=((3, 4), (5, 4)), repeats=5, check_max_batch=8),
 }
-BASE_PATHS = ("full", "forced_exit", "forced_exit_2exits", "skipdecode_2x", "speculative")
+BASE_PATHS = ("full", "full_f32_cache", "forced_exit", "forced_exit_masked", "forced_exit_cheap_gate",
+              "forced_exit_static", "forced_exit_2exits", "skipdecode_2x", "skipdecode_2x_traced", "speculative")
 
 
-def make_cfg(preset: dict, exits) -> lm_lib.LMConfig:
+def make_cfg(preset: dict, exits, dtype: str = "float32") -> lm_lib.LMConfig:
     d, h = preset["d_model"], preset["num_heads"]
     return lm_lib.LMConfig(vocab_size=preset["vocab"], d_model=d, depth=preset["depth"], num_heads=h,
-                           num_kv_heads=h, mlp_dim=4 * d, exits=exits, exit_head="shared", tie_embeddings=True)
+                           num_kv_heads=h, mlp_dim=4 * d, exits=exits, exit_head="shared", tie_embeddings=True,
+                           dtype=None if dtype == "float32" else dtype)
 
 
 def build(cfg: lm_lib.LMConfig, dtype):
@@ -81,21 +100,45 @@ def build(cfg: lm_lib.LMConfig, dtype):
     return graphdef, _util.cast_floats(params, dtype)
 
 
+def compile_profiled(fn, *args) -> tuple:
+    """``jax.jit(fn)`` compiled for ``args``, the seconds it took, and its ``hlo.HloProfile`` (loops and
+    conditionals of the compiled program, dot dtypes of the lowered one) from the same compilation."""
+    t0 = time.perf_counter()
+    lowered = jax.jit(fn).lower(*args)
+    exe = lowered.compile()
+    secs = time.perf_counter() - t0
+    return exe, secs, hlo.HloProfile(*hlo.parse_hlo(exe.as_text()), hlo.dot_dtypes_of(lowered.as_text()))
+
+
+def cost_record(prof: hlo.HloProfile, trips, new: int) -> dict:
+    """The row's compiled-program costs: host stops per generated token (data-dependent loops at ``trips``)."""
+    return {"host_stops": round(prof.host_stops(trips=trips, per=new), 3), "unknown_whiles": prof.unknown_whiles,
+            "conditionals": prof.conditionals, "f32_dots": prof.f32_dots(),
+            "dot_dtypes": {"x".join(k): v for k, v in sorted(prof.dot_dtypes.items())}}
+
+
 def path_fns(preset: dict, gd_all, gd_two, num_layers: int, layers_G) -> dict:
     """Each path as ``fn(params, prompt_BxP, lengths_B) -> tokens_BxG`` (+ extras), ready for ``jax.jit``."""
     new, exit_idx = preset["new"], preset["exit_after"] - 1
 
-    def gen(graphdef, step_fn, *step_args):
-        f = per_token.decode_fn(graphdef, step_fn, new)
+    def gen(graphdef, step_fn, *step_args, **kw):
+        f = per_token.decode_fn(graphdef, step_fn, new, **kw)
         return lambda params, prompt, lengths: f(params, prompt, lengths, *step_args)
 
+    forced = per_token.static_thresholds(num_layers, exit_idx)
     fns = {
         "full": gen(gd_all, per_token.full_depth_step),
-        "forced_exit": gen(gd_all, functools.partial(per_token.exit_step, kv="propagate"),
-                           per_token.static_thresholds(num_layers, exit_idx)),
+        "full_f32_cache": gen(gd_all, per_token.full_depth_step, cache_dtype=jnp.float32),
+        "forced_exit": gen(gd_all, functools.partial(per_token.exit_step, kv="propagate"), forced),
+        "forced_exit_masked": gen(gd_all, functools.partial(per_token.exit_step, kv="propagate", executor="masked"),
+                                  forced),
+        "forced_exit_cheap_gate": gen(gd_all, functools.partial(per_token.exit_step, measure=confidence.cosine,
+                                                                heads="taken"), forced),
+        "forced_exit_static": gen(gd_all, functools.partial(per_token.forced_step, exit_index=exit_idx)),
         "forced_exit_2exits": gen(gd_two, functools.partial(per_token.exit_step, kv="propagate"),
                                   per_token.static_thresholds(2, 0)),
-        "skipdecode_2x": gen(gd_all, skipdecode.skip_step, jnp.asarray(layers_G)),
+        "skipdecode_2x": gen(gd_all, skipdecode.phases(layers_G, num_layers)),
+        "skipdecode_2x_traced": gen(gd_all, skipdecode.skip_step, jnp.asarray(layers_G)),
     }
     for draft_exit, k in preset["spec"]:
         def spec(params, prompt, lengths, draft_exit=draft_exit, k=k):
@@ -103,6 +146,18 @@ def path_fns(preset: dict, gd_all, gd_two, num_layers: int, layers_G) -> dict:
                                                 k=k)
         fns[f"speculative_d{draft_exit}_k{k}"] = spec
     return fns
+
+
+def loop_trips(name: str, preset: dict, layers_G) -> tuple:
+    """Iterations of the data-dependent loops of a path per token (outermost first), for ``host_stops``."""
+    if name == "forced_exit_masked":
+        return (preset["exit_after"], 1)        # the loop over exits reaches exit_after exits of one layer each
+    if name == "skipdecode_2x_traced":
+        return (float(np.mean(layers_G)),)      # the layer loop runs the position's budget
+    if name.startswith("speculative"):
+        k = int(name.rsplit("_k", 1)[1])
+        return (k + 1, 1)                       # rounds of k drafts (an estimate: acceptance decides)
+    return (1,)                                 # the others have no data-dependent loop
 
 
 def prefill_fn(graphdef, cache_len: int):
@@ -137,8 +192,9 @@ def bench_batch(preset, batch, gd_all, p_all, gd_two, p_two, *, paths, dtype, re
     for name in names:
         params = p_two if name == "forced_exit_2exits" else p_all
         try:
-            exes[name], res["compile_s"][name] = _util.compile_fn(fns[name], params, prompt, lengths)
+            exes[name], res["compile_s"][name], prof = compile_profiled(fns[name], params, prompt, lengths)
             params_of[name] = params
+            res["paths"][name] = cost_record(prof, loop_trips(name, preset, layers_G), new)
         except Exception as err:  # noqa: BLE001  (a path that fails to compile is recorded, not fatal)
             res["errors"][name] = f"{type(err).__name__}: {str(err)[:500]}"
             log(f"  {name}: compile failed: {res['errors'][name][:200]}")
@@ -154,7 +210,7 @@ def bench_batch(preset, batch, gd_all, p_all, gd_two, p_two, *, paths, dtype, re
     tol_frac = 1.0 if dtype == jnp.float32 else 0.9
     full_tokens = np.asarray(outs["full"].tokens_BxG) if "full" in outs else None
     for name, out in outs.items():
-        rec = {}
+        rec = res["paths"][name]
         if name.startswith("speculative"):
             tokens = np.asarray(out.tokens_BxG)
             rec.update(acceptance_rate=float(out.acceptance_rate), tokens_per_verify=float(out.tokens_per_verify),
@@ -169,9 +225,9 @@ def bench_batch(preset, batch, gd_all, p_all, gd_two, p_two, *, paths, dtype, re
         else:
             tokens = np.asarray(out.tokens_BxG)
             seq = jnp.concatenate([prompt, jnp.asarray(tokens)], axis=1)
-            if name == "full":
+            if name.startswith("full"):
                 ref = reference_tokens(gd_all, p_all, seq, plen)
-            elif name == "forced_exit":
+            elif name.startswith("forced_exit") and name != "forced_exit_2exits":
                 ref = reference_tokens(gd_all, p_all, seq, plen, exit_index=preset["exit_after"] - 1)
             elif name == "forced_exit_2exits":
                 ref = reference_tokens(gd_two, p_two, seq, plen, exit_index=0)
@@ -184,7 +240,6 @@ def bench_batch(preset, batch, gd_all, p_all, gd_two, p_two, *, paths, dtype, re
             mean_layers = float(np.mean(np.asarray(out.layers_BxG)[:, 1:]))   # decode steps (0 is the prefill)
             rec["mean_layers_per_token"] = mean_layers
             rec["ideal_layer_speedup"] = n / mean_layers
-        res["paths"][name] = rec
     timed = _util.time_interleaved({**{nm: (e, (params_of[nm], prompt, lengths)) for nm, e in exes.items()},
                                     **{nm: (e, (p_all, prompt, lengths)) for nm, e in pre_exes.items()}},
                                    repeats=repeats)
@@ -204,8 +259,9 @@ def bench_batch(preset, batch, gd_all, p_all, gd_two, p_two, *, paths, dtype, re
             rec["decode_speedup"] = (f["decode_s"] / rec["decode_s"]) if rec["decode_s"] > 0 and f["decode_s"] > 0 \
                 else None
     log(f"  B={batch:4d} prefill {timed['prefill']['time_s'] * 1e3:.1f}ms  " + "  ".join(
-        f"{k} {v['tokens_per_s']:.0f} tok/s ({v.get('decode_speedup') or float('nan'):.2f}x dec"
-        f"{'' if v['agree'] is not False else ' DISAGREE'})" for k, v in res["paths"].items()))
+        f"{k} {v['tokens_per_s']:.0f} tok/s ({v.get('decode_speedup') or float('nan'):.2f}x dec, "
+        f"{v['host_stops']:g} stops/tok{'' if v['agree'] is not False else ', DISAGREE'})"
+        for k, v in res["paths"].items() if "tokens_per_s" in v))
     return res
 
 
@@ -243,15 +299,18 @@ def main(argv: list[str] | None = None) -> int:
     budget = _util.Budget(args.budget_s)
     log = functools.partial(print, flush=True)
 
-    gd_all, p_all = build(make_cfg(preset, "all"), dtype)
-    gd_two, p_two = build(make_cfg(preset, (preset["exit_after"] - 1, n - 1)), dtype)
+    gd_all, p_all = build(make_cfg(preset, "all", args.dtype), dtype)
+    gd_two, p_two = build(make_cfg(preset, (preset["exit_after"] - 1, n - 1), args.dtype), dtype)
     out = {"meta": {**_util.provenance([sys.argv[0]] + argv), "sizes": args.sizes, "dtype": args.dtype,
                     "repeats": repeats, "model": {k: preset[k] for k in ("depth", "d_model", "num_heads", "vocab")},
                     "mlp_dim": 4 * preset["d_model"], "prompt": preset["prompt"], "new": preset["new"],
                     "exit_after": preset["exit_after"], "spec": [list(s) for s in preset["spec"]],
                     "skipdecode_layers_G": skipdecode.schedule_for_speedup(preset["new"], n, 2.0).tolist(),
                     "timing": "median of `repeats` round-robin rounds after one warm-up round, block_until_ready; "
-                              "one call = prefill + `new` greedy tokens; decode_s = time_s - prefill_s"},
+                              "one call = prefill + `new` greedy tokens; decode_s = time_s - prefill_s",
+                    "host_stops": "per generated token, read from the compiled program (eejax.exits.hlo): "
+                                  "data-dependent loop predicates and conditionals (prefill included, divided by "
+                                  "`new`)"},
            "batches": [], "skipped": []}
     log(f"{out['meta']['backend']} {out['meta']['device_kind']} jax {jax.__version__} dtype {args.dtype}")
     for batch in preset["batches"]:

@@ -9,13 +9,22 @@ cross-entropy (``losses.multi_exit_ce``, uniform weights) and AdamW (``optax.ada
 labels. ``gpu`` is the ViT-B/16 shape (224 px, 16 px patches: 197 tokens, 12 layers, D=768, 12 heads, MLP 3072,
 1000 classes) at batch 128.
 
-Candidates (timed in the same run, round-robin): compute dtype (``float32``; ``bfloat16`` = bf16 compute over
-float32 parameters and optimizer state, the modules' ``dtype``), rematerialisation of each layer
-(``ViT.all_exits(remat=...)``) and the attention kind (``eejax.nn.layers.SelfAttention(attention=...)``:
-``einsum``, ``dot_product`` = ``jax.nn.dot_product_attention`` with jax's choice, ``cudnn`` = its cuDNN kernel; GPU
-and bf16 only). Before timing, every candidate's first loss (the warm-up step's, at the initial parameters) must
-equal the float32 einsum candidate's (else the first candidate's) within a dtype tolerance (same parameters and
-batch).
+Candidates (timed in the same run, round-robin), ``dtype:remat:attention[:options]``:
+
+* compute dtype: ``float32``; ``bfloat16`` = bf16 compute over float32 parameters and optimizer state (the
+  modules' ``dtype``);
+* remat policy of each layer (``ViT.all_exits(remat=...)``, ``engine.remat_policy``): ``none`` (or ``0``),
+  ``full`` (or ``1``), ``dots_saveable`` (keep the projection GEMM outputs, recompute the rest);
+* attention kind (``eejax.nn.layers.SelfAttention(attention=...)``): ``einsum``, ``dot_product`` =
+  ``jax.nn.dot_product_attention`` with jax's choice, ``cudnn`` = its cuDNN flash kernel (GPU and bf16 only; at
+  odd T, 197 here, training runs it padded to an even length and masked by sequence lengths), ``auto``;
+* options, ``+``-joined: ``bf16res`` = a bf16 residual stream (``all_exits(residual_dtype=bfloat16)``),
+  ``hidden`` = the scan stacks every layer's B x T x D hidden state (``readout="hidden"``) instead of the
+  CLS token and token mean the linear heads read (the default since issue 20).
+
+Before timing, every candidate's first loss (the warm-up step's, at the initial parameters) must equal the
+reference loss, float32 einsum attention without remat, forward only, within a dtype tolerance (same parameters
+and batch). Each candidate also records the compiled step's temporary memory (``memory_analysis``).
 
 MFU = model FLOPs per step / step time / peak FLOP/s. Model FLOPs = 3 x the forward FLOPs of ``eejax.models.vit.flops``
 (all exit heads, matmuls only, 2 FLOPs per multiply-add; the backward counted as twice the forward, remat not
@@ -43,7 +52,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import _util  # noqa: E402
 
-from eejax.exits import losses  # noqa: E402
+from eejax import runtime  # noqa: E402
+from eejax.exits import engine, losses  # noqa: E402
 from eejax.models import vit as vit_lib  # noqa: E402
 from eejax.nn.layers import ATTENTION_KINDS, SelfAttention  # noqa: E402
 
@@ -53,13 +63,39 @@ SIZES = {
     "gpu": dict(image=224, patch=16, d_model=768, depth=12, num_heads=12, classes=1000, batch=128, steps=5,
                 rounds=3),
 }
-# (dtype, remat, attention), most informative first: a spent budget drops the tail.
-CANDIDATES = (("bfloat16", False, "einsum"), ("bfloat16", False, "cudnn"), ("bfloat16", False, "dot_product"),
-              ("bfloat16", True, "einsum"), ("bfloat16", True, "cudnn"), ("float32", False, "einsum"))
+OPTIONS = ("bf16res", "hidden")
+# (dtype, remat policy, attention, options), most informative first: a spent budget drops the tail. The first is
+# the H200 run's best (1,925 img/s, 20.5% MFU); "hidden" and the no-remat einsum repeat that run's settings.
+CANDIDATES = (("bfloat16", "full", "einsum", ()), ("bfloat16", "dots_saveable", "cudnn", ()),
+              ("bfloat16", "full", "cudnn", ()), ("bfloat16", "dots_saveable", "einsum", ()),
+              ("bfloat16", "dots_saveable", "cudnn", ("bf16res",)), ("bfloat16", "none", "cudnn", ()),
+              ("bfloat16", "full", "einsum", ("hidden",)), ("bfloat16", "none", "einsum", ()),
+              ("float32", "none", "einsum", ()))
+REMAT_TAGS = {"none": "noremat", "full": "remat", "dots_saveable": "remat_dots"}
 
 
-def cand_name(dtype: str, remat: bool, attention: str) -> str:
-    return f"{'bf16' if dtype == 'bfloat16' else 'f32'}-{attention}-{'remat' if remat else 'noremat'}"
+def cand_name(dtype: str, remat: str, attention: str, options=()) -> str:
+    """``bf16-cudnn-remat_dots-bf16res``; the three-part names of earlier runs are kept for their settings."""
+    return "-".join([{"bfloat16": "bf16", "float32": "f32"}[dtype], attention, REMAT_TAGS[remat]]
+                    + [{"bf16res": "bf16res", "hidden": "hiddenstack"}[o] for o in options])
+
+
+def parse_candidates(spec: str) -> tuple:
+    """``dtype:remat:attention[:opt+opt]`` comma list -> candidate tuples; ValueError naming the bad one."""
+    cands = []
+    for c in spec.split(","):
+        parts = c.split(":")
+        if len(parts) not in (3, 4):
+            raise ValueError(f"candidate {c!r}: give dtype:remat:attention[:options]")
+        dtype, remat, attention = parts[:3]
+        options = tuple(o for o in (parts[3].split("+") if len(parts) == 4 else ()) if o)
+        remat = {"0": "none", "1": "full"}.get(remat, remat)
+        if dtype not in ("float32", "bfloat16") or remat not in engine.REMAT_POLICIES \
+                or attention not in ATTENTION_KINDS or any(o not in OPTIONS for o in options):
+            raise ValueError(f"candidate {c!r}: dtype float32|bfloat16, remat 0|1|{'|'.join(engine.REMAT_POLICIES)}, "
+                             f"attention one of {ATTENTION_KINDS}, options from {OPTIONS} joined by '+'")
+        cands.append((dtype, remat, attention, options))
+    return tuple(cands)
 
 
 def make_cfg(p: dict) -> vit_lib.ViTConfig:
@@ -79,11 +115,13 @@ def build_model(cfg: vit_lib.ViTConfig, dtype, attention: str):
     return nnx.split(model)
 
 
-def make_step(graphdef, cfg: vit_lib.ViTConfig, tx, remat: bool):
+def make_step(graphdef, cfg: vit_lib.ViTConfig, tx, remat: bool | str, options=()):
     weights_E = losses.exit_weights(cfg.exit_layers, "uniform")
+    kw = dict(remat=remat, readout="hidden" if "hidden" in options else "auto",
+              residual_dtype=jnp.bfloat16 if "bf16res" in options else None)
 
     def loss_fn(params, x, y):
-        logits = nnx.merge(graphdef, params).all_exits(x, remat=remat).logits_ExBxC
+        logits = nnx.merge(graphdef, params).all_exits(x, **kw).logits_ExBxC
         return losses.multi_exit_ce(logits, y, weights_E)[0]
 
     def step(params, opt_state, x, y):
@@ -94,13 +132,23 @@ def make_step(graphdef, cfg: vit_lib.ViTConfig, tx, remat: bool):
     return step, loss_fn
 
 
+def _temp_bytes(exe) -> int | None:
+    """The compiled step's temporary memory (activations kept for the backward pass, workspace), if reported."""
+    try:
+        return int(exe.memory_analysis().temp_size_in_bytes)
+    except Exception:  # noqa: BLE001  (not every backend reports it)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    runtime.configure_xla()   # before the backend starts (importing eejax did it too; the call is idempotent)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--sizes", choices=sorted(SIZES), default="small")
     ap.add_argument("--batch", type=int, help="override the preset's batch size")
-    ap.add_argument("--candidates", help="comma list of dtype:remat:attention, e.g. bfloat16:0:einsum,float32:0:einsum")
+    ap.add_argument("--candidates", help="comma list of dtype:remat:attention[:options], e.g. "
+                    "bfloat16:dots_saveable:cudnn:bf16res,float32:0:einsum (see the module docstring)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak FLOP/s of the device, in TFLOP/s")
     ap.add_argument("--steps", type=int, help="steps per timed round (preset default)")
     ap.add_argument("--rounds", type=int, help="timed rounds per candidate, round-robin (preset default)")
@@ -113,12 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     cands = CANDIDATES
     if args.candidates:
         try:
-            cands = tuple((d, bool(int(r)), a) for d, r, a in (c.split(":") for c in args.candidates.split(",")))
-        except ValueError:
-            ap.error(f"--candidates {args.candidates!r}: give dtype:remat:attention triples, e.g. bfloat16:1:einsum")
-    for d, _, a in cands:
-        if d not in ("float32", "bfloat16") or a not in ATTENTION_KINDS:
-            ap.error(f"candidate {d}:{a}: dtype float32|bfloat16, attention one of {ATTENTION_KINDS}")
+            cands = parse_candidates(args.candidates)
+        except ValueError as err:
+            ap.error(str(err))
     if args.peak_tflops <= 0:
         ap.error(f"--peak-tflops {args.peak_tflops} must be > 0")
     steps, rounds = args.steps or p["steps"], args.rounds or p["rounds"]
@@ -135,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     y = jax.random.randint(jax.random.key(2), (p["batch"],), 0, cfg.num_classes, jnp.int32)
     out = {"meta": {**_util.provenance([sys.argv[0]] + argv), "sizes": args.sizes, "batch": p["batch"],
                     "steps_per_round": steps, "rounds": rounds, "peak_tflops": args.peak_tflops,
-                    "mfu_meaningful": backend != "cpu",
+                    "mfu_meaningful": backend != "cpu", "command_buffers": runtime.command_buffer_setting(),
                     "model": {"image": cfg.image_size, "patch": cfg.patch_size, "tokens": cfg.tokens,
                               "d_model": cfg.d_model, "depth": cfg.depth, "num_heads": cfg.num_heads,
                               "mlp_dim": cfg.mlp_dim, "classes": cfg.num_classes, "exits": len(cfg.exit_layers)},
@@ -146,9 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{backend} {out['meta']['device_kind']} jax {jax.__version__}  ViT D={cfg.d_model} T={cfg.tokens} "
         f"B={p['batch']}  {step_flops / 1e12:.3f} TFLOP/step")
 
+    # The reference loss: float32, einsum attention, no remat, forward only, at the initial parameters.
+    graphdef, params = build_model(cfg, jnp.float32, "einsum")
+    _, ref_loss_fn = make_step(graphdef, cfg, tx, "none")
+    ref_loss = float(jax.jit(ref_loss_fn)(params, x, y))
+    out["reference"], out["reference_loss"] = "f32-einsum-noremat forward", ref_loss
+    log(f"  reference (f32 einsum, forward): loss {ref_loss:.4f}")
+
     live = {}
-    for dtype_name, remat, attention in cands:
-        name = cand_name(dtype_name, remat, attention)
+    for dtype_name, remat, attention, options in cands:
+        name = cand_name(dtype_name, remat, attention, options)
         if attention == "cudnn" and (backend != "gpu" or dtype_name != "bfloat16"):
             out["skipped"][name] = "cudnn attention needs a GPU and bf16"
             continue
@@ -157,12 +209,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         dtype = jnp.dtype(dtype_name).type
         graphdef, params = build_model(cfg, dtype, attention)
-        step, _ = make_step(graphdef, cfg, tx, remat)
+        step, _ = make_step(graphdef, cfg, tx, remat, options)
         opt_state = tx.init(params)
         try:
             t0 = time.perf_counter()
             exe = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, x, y).compile()
             compile_s = time.perf_counter() - t0
+            temp_bytes = _temp_bytes(exe)
             # Warm-up step; its loss is the loss at the initial parameters (the same for every candidate).
             params, opt_state, loss = exe(params, opt_state, x, y)
             loss0 = float(loss)
@@ -171,16 +224,13 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  {name}: failed: {out['errors'][name][:200]}")
             continue
         live[name] = {"exe": exe, "state": (params, opt_state), "last_loss": loss0}
-        out["candidates"][name] = {"dtype": dtype_name, "remat": remat, "attention": attention,
-                                   "compile_s": compile_s, "first_loss": loss0}
-        log(f"  {name}: compiled in {compile_s:.1f}s, first loss {loss0:.4f}")
+        out["candidates"][name] = {"dtype": dtype_name, "remat": remat != "none", "remat_policy": remat,
+                                   "attention": attention, "residual": "bfloat16" if "bf16res" in options else
+                                   "compute", "readout": "hidden" if "hidden" in options else "auto",
+                                   "compile_s": compile_s, "temp_bytes": temp_bytes, "first_loss": loss0}
+        log(f"  {name}: compiled in {compile_s:.1f}s, first loss {loss0:.4f}"
+            + (f", temp {temp_bytes / 2**30:.2f} GiB" if temp_bytes is not None else ""))
         _util.write_json(args.out, out)
-    # The reference loss: the float32 einsum candidate's, else the first candidate's.
-    ref = next((n for n, c in out["candidates"].items() if c["dtype"] == "float32" and c["attention"] == "einsum"),
-               next(iter(out["candidates"]), None))
-    out["reference"] = ref
-    out["reference_loss"] = out["candidates"][ref]["first_loss"] if ref else None
-    ref_loss = out["reference_loss"]
 
     # Rounds of `steps` steps per candidate, round-robin (the compile step above was the warm-up).
     times = {name: [] for name in live}

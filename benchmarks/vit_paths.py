@@ -6,10 +6,14 @@
 Paths, all on the same embedded batch ``h0_BxTxD`` (the patch embedding is outside every timing):
 
 * ``static``: plain ``engine.run_layers`` over all N layers + the final head (no exits): the baseline.
-* ``masked``: ``engine.while_exits`` (a row that exited is frozen but computed until the deepest row is done).
-* ``compacted``: ``paths.compacted_exits`` with its default buckets (``engine.default_buckets``: about B, B/2, B/4,
-  B/8); ``--buckets`` adds the same executor under other bucket lists as paths ``compacted_<scheme>``: ``eighths``
-  (every multiple of B/8), ``sixteenths`` (of B/16), or an explicit list such as ``128+512+1024``.
+* ``masked``: ``engine.run`` with ``engine.Masked()`` (a row that exited is frozen but computed until the deepest
+  row is done).
+* ``cascade``: ``engine.BucketCascade`` with its default buckets (``engine.default_buckets``: about B, B/2, B/4, B/8),
+  the library's compaction path: one loop per bucket size, rows compacted only when they fit the next bucket.
+* ``compacted``: the baseline ``engine.Compacted`` (a bucket picked and the rows gathered and scattered back at
+  every exit segment), as measured on the H200 (issue 20), side by side with ``cascade``. ``--buckets`` adds both
+  executors under other bucket lists as paths ``cascade_<scheme>`` / ``compacted_<scheme>``: ``eighths`` (every
+  multiple of B/8), ``sixteenths`` (of B/16), or an explicit list such as ``128+512+1024``.
 * ``gated_kernel``: the masked loop with each layer's MLP half in the gated-step kernel (``paths.GatedKernel``).
 * ``continuous``: ``exits.continuous.continuous_exits``, the batch as a queue streamed through ``B // slots_div``
   slots; on GPU also ``continuous_triton``, the same with ``ragged_dot`` lowered by jax's Pallas/Triton kernel.
@@ -27,6 +31,16 @@ of the unmodified ViT. Patterns (depths 1..N; for N=12):
 * ``geometric``: a geometric law truncated to 1..N with mean 0.4*N (4.8), counts by quantiles.
 * ``full``: threshold +inf, nobody exits early: the overhead of each path's machinery against ``static``.
 
+The exit heads are stacked (``engine.stack_heads``, the forced gate computed from the traced exit index), so no
+path but ``compacted`` switches between heads; every dynamic path carries only the logits of the head outputs
+(``fields``), as a classifier does.
+
+Each path's row also records what its compiled program costs a GPU beyond the arithmetic (``eejax.exits.hlo``, read
+on any backend): ``host_stops`` for this pattern's forward (data-dependent loop iterations and conditionals, each a
+round trip to the host on a GPU; the number of exit decisions is the deepest row's exit count),
+``unknown_whiles`` and ``conditionals`` (static counts), and ``big_memory_ops`` (copies, gathers, scatters and sorts
+of at least an eighth of the hidden state's bytes: a pass over memory each).
+
 Samples are shuffled (fixed seed), so every batch mixes depths. Before timing, every path's exits must equal the
 targets and its logits the masked path's (and ``static``'s for ``full``) within a dtype/backend tolerance; the
 JSON records the measured difference and ``agree``, and the script exits with status 1 if anything disagreed.
@@ -42,6 +56,7 @@ import argparse
 import functools
 import pathlib
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +69,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _util  # noqa: E402
 
 from eejax.exits import confidence as conf_lib  # noqa: E402
-from eejax.exits import continuous, engine, paths  # noqa: E402
+from eejax.exits import continuous, engine, hlo, paths, policies  # noqa: E402
 from eejax.models.vit import ViT, ViTConfig  # noqa: E402
 
 # (depth, d_model, num_heads, image_size, patch_size, batch, num_classes); patches = (image/patch)**2.
@@ -67,7 +82,8 @@ SIZES = {
                 classes=1000, repeats=10),
 }
 PATTERNS = ("bimodal", "uniform", "geometric", "full")
-PATHS = ("static", "masked", "compacted", "gated_kernel", "continuous", "continuous_triton")
+PATHS = ("static", "masked", "cascade", "compacted", "gated_kernel", "continuous", "continuous_triton")
+BUCKETED = ("cascade", "compacted")   # the paths that take a bucket list
 BUCKET_SCHEMES = ("default", "eighths", "sixteenths")
 
 
@@ -86,8 +102,13 @@ def bucket_list(scheme: str, batch: int) -> tuple[int, ...] | None:
     return engine.check_buckets(sizes, batch)
 
 
+def bucketed_name(kind: str, scheme: str) -> str:
+    """The path name of a bucketed executor (``cascade`` / ``compacted``) under a bucket scheme."""
+    return kind if scheme == "default" else f"{kind}_{scheme}"
+
+
 def compacted_name(scheme: str) -> str:
-    return "compacted" if scheme == "default" else f"compacted_{scheme}"
+    return bucketed_name("compacted", scheme)
 
 
 def target_depths(pattern: str, num_layers: int, batch: int, seed: int = 0) -> np.ndarray:
@@ -128,7 +149,11 @@ def forced_measure(out: engine.HeadOut, state):
     return out.gate_B.astype(jnp.float32), state
 
 
-def _forced_head(head, e: int, h_BxTxD):
+forced_measure.reads = ("logits_BxC", "gate_B")   # what the engine must keep of the head outputs
+
+
+def _forced_head(head, e, h_BxTxD):
+    """Head ``e`` (a Python or traced int) with its gate replaced by ``e - target``."""
     out = head(h_BxTxD)
     return out._replace(gate_B=(e - h_BxTxD[:, 0, -1].astype(jnp.float32)))
 
@@ -151,10 +176,15 @@ def build_model(cfg: ViTConfig, dtype) -> ViT:
 
 def path_fns(cfg: ViTConfig, num_slots: int, bucket_schemes=("default",), batch: int | None = None) -> dict:
     """Each path as ``fn(graphdef_state, h0, thr) -> (logits_BxC, exit_B, aux)``, ready for ``jax.jit``."""
-    def split(gs):
+    program = engine.prefix(cfg.depth, cfg.exit_layers)
+    num_exits = len(cfg.exit_layers)
+
+    def dynamic(gs, h0, thr, executor):
         m = nnx.merge(*gs)
-        heads = [functools.partial(_forced_head, h, e) for e, h in enumerate(m.heads)]
-        return m, heads
+        heads = engine.stack_heads(m.heads, call=_forced_head)
+        o = engine.run(m.layers, heads, h0, program, policies.threshold(forced_measure, thr, num_exits), executor,
+                       fields=("logits_BxC",))
+        return o.logits_BxC, o.exit_B, o.layers_run
 
     def static(gs, h0, thr):
         del thr
@@ -163,47 +193,47 @@ def path_fns(cfg: ViTConfig, num_slots: int, bucket_schemes=("default",), batch:
         logits = m.heads[-1](h_last).logits_BxC
         return logits, jnp.full(logits.shape[:1], len(cfg.exit_layers) - 1, jnp.int32), jnp.int32(cfg.depth)
 
-    def masked(gs, h0, thr):
-        m, heads = split(gs)
-        o = engine.while_exits(m.layers, heads, h0, cfg.exit_layers, thr, measure=forced_measure)
-        return o.logits_BxC, o.exit_B, o.layers_run
-
-    def compacted(gs, h0, thr, buckets=None):
-        m, heads = split(gs)
-        o = paths.compacted_exits(m.layers, heads, h0, cfg.exit_layers, thr, measure=forced_measure,
-                                  buckets=buckets)
-        return o.logits_BxC, o.exit_B, o.layers_run
-
-    def gated(gs, h0, thr):
-        m, heads = split(gs)
-        o = engine.while_exits(m.layers, heads, h0, cfg.exit_layers, thr, measure=forced_measure,
-                               executor=paths.GatedKernel())
-        return o.logits_BxC, o.exit_B, o.layers_run
-
     def cont(gs, h0, thr):
-        m, heads = split(gs)
+        m = nnx.merge(*gs)
+        heads = [functools.partial(_forced_head, h, e) for e, h in enumerate(m.heads)]
         o = continuous.continuous_exits(m.layers, heads, h0, cfg.exit_layers, thr, num_slots=num_slots,
                                         measure=forced_measure)
         return o.logits_BxC, o.exit_B, o.steps
 
-    fns = {"static": static, "masked": masked, "compacted": compacted, "gated_kernel": gated, "continuous": cont,
+    fns = {"static": static, "masked": functools.partial(dynamic, executor=engine.Masked()),
+           "gated_kernel": functools.partial(dynamic, executor=paths.GatedKernel()), "continuous": cont,
            "continuous_triton": cont}
-    for scheme in bucket_schemes:
-        if scheme != "default":
-            fns[compacted_name(scheme)] = functools.partial(compacted, buckets=bucket_list(scheme, batch))
+    executors = {"cascade": engine.BucketCascade, "compacted": engine.Compacted}
+    for scheme in dict.fromkeys(("default",) + tuple(bucket_schemes)):
+        buckets = None if scheme == "default" else bucket_list(scheme, batch)
+        for kind in BUCKETED:
+            fns[bucketed_name(kind, scheme)] = functools.partial(dynamic, executor=executors[kind](buckets))
     return fns
 
 
 def _compile(name, fn, args):
-    """Compile a path; ``continuous_triton`` under jax's Pallas/Triton lowering of ragged_dot (GPU only)."""
+    """Compile a path (``continuous_triton`` under jax's Pallas/Triton lowering of ragged_dot, GPU only); returns
+    the executable, the seconds it took and its ``hlo.HloProfile``."""
     flag = "jax_ragged_dot_use_gpu_pallas_triton_lowering"
-    if name != "continuous_triton":
-        return _util.compile_fn(fn, *args)
-    jax.config.update(flag, True)
+    if name == "continuous_triton":
+        jax.config.update(flag, True)
     try:
-        return _util.compile_fn(fn, *args)
+        t0 = time.perf_counter()
+        lowered = jax.jit(fn).lower(*args)
+        exe = lowered.compile()
+        secs = time.perf_counter() - t0
     finally:
-        jax.config.update(flag, False)
+        if name == "continuous_triton":
+            jax.config.update(flag, False)
+    comps, entry = hlo.parse_hlo(exe.as_text())
+    return exe, secs, hlo.HloProfile(comps, entry, hlo.dot_dtypes_of(lowered.as_text()))
+
+
+def program_costs(prof: hlo.HloProfile, decisions: int, h_bytes: int) -> dict:
+    """A path's GPU costs beyond the arithmetic, for one forward with ``decisions`` iterations of its loops."""
+    return {"host_stops": round(prof.stops_per_call(decisions), 3), "unknown_whiles": prof.unknown_whiles,
+            "conditionals": prof.conditionals, "big_memory_ops": prof.memory_ops(max(1, h_bytes // 8)),
+            "dot_dtypes": {"x".join(k): v for k, v in sorted(prof.dot_dtypes.items())}}
 
 
 def logits_tol(dtype, backend: str) -> float:
@@ -223,22 +253,23 @@ def bench_config(cfg: ViTConfig, batch: int, dtype, *, repeats: int, slots_div: 
     x = jax.random.normal(jax.random.key(1), (batch, cfg.image_size, cfg.image_size, cfg.channels), dtype)
     h_embed = jax.jit(lambda gs, x: nnx.merge(*gs).embed(x))(gs, x)
     fns = path_fns(cfg, num_slots, bucket_schemes, batch)
-    path_names = list(path_names) + [compacted_name(s) for s in bucket_schemes
-                                     if s != "default" and "compacted" in path_names]
+    path_names = list(path_names) + [bucketed_name(k, s) for k in BUCKETED for s in bucket_schemes
+                                     if s != "default" and k in path_names]
     tol = logits_tol(dtype, jax.default_backend())
     result = {"name": f"L{n}-D{cfg.d_model}-T{cfg.tokens}-B{batch}", "depth": n, "d_model": cfg.d_model,
               "num_heads": cfg.num_heads, "mlp_dim": cfg.mlp_dim, "patches": cfg.tokens - 1, "tokens": cfg.tokens,
               "batch": batch, "num_slots": num_slots, "num_classes": cfg.num_classes, "dtype": jnp.dtype(dtype).name,
               "logits_tol": tol, "compile_s": {}, "errors": {}, "patterns": {},
-              "buckets": {compacted_name(s): list(bucket_list(s, batch) or engine.default_buckets(batch))
-                          for s in bucket_schemes}}
+              "buckets": {bucketed_name(k, s): list(bucket_list(s, batch) or engine.default_buckets(batch))
+                          for k in BUCKETED if k in path_names for s in bucket_schemes}}
     thr0 = jnp.float32(0.0)
-    exes = {}
+    exes, profiles = {}, {}
+    h_bytes = h_embed.size * h_embed.dtype.itemsize
     for name in path_names:
         if name == "continuous_triton" and jax.default_backend() != "gpu":
             continue
         try:
-            exes[name], result["compile_s"][name] = _compile(name, fns[name], (gs, h_embed, thr0))
+            exes[name], result["compile_s"][name], profiles[name] = _compile(name, fns[name], (gs, h_embed, thr0))
         except Exception as err:  # noqa: BLE001  (a path that fails to compile is recorded, not fatal)
             result["errors"][name] = f"{type(err).__name__}: {str(err)[:500]}"
             log(f"  {name}: compile failed: {result['errors'][name][:200]}")
@@ -267,6 +298,8 @@ def bench_config(cfg: ViTConfig, batch: int, dtype, *, repeats: int, slots_div: 
                 rec["slot_utilization"] = float(depth_B.sum() / (int(aux) * num_slots))
             elif name != "static":
                 rec["layers_run"] = int(aux)
+            # Exit decisions: one per loop step of the continuous path, else one per exit evaluated (exits "all").
+            rec.update(program_costs(profiles[name], 0 if name == "static" else int(aux), h_bytes))
             entry["paths"][name] = rec
         timed = _util.time_interleaved({name: (exe, (gs, h0, thr)) for name, exe in exes.items()}, repeats=repeats)
         for name, rec in entry["paths"].items():
@@ -299,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paths", default=",".join(PATHS), help=f"comma list from {PATHS}")
     ap.add_argument("--repeats", type=int, help="timed calls per path (median reported); preset default")
     ap.add_argument("--slots-div", type=int, default=4, help="continuous path: slots = batch // slots_div")
-    ap.add_argument("--buckets", default="default", help="comma list of compacted bucket schemes: "
-                    f"{BUCKET_SCHEMES} or explicit sizes like 128+512 (each scheme is one path)")
+    ap.add_argument("--buckets", default="default", help="comma list of bucket schemes for the cascade and compacted "
+                    f"paths: {BUCKET_SCHEMES} or explicit sizes like 128+512 (each scheme is one path per executor)")
     ap.add_argument("--budget-s", type=float, help="stop starting new configurations after this many seconds")
     args = ap.parse_args(argv)
 
@@ -330,7 +363,11 @@ def main(argv: list[str] | None = None) -> int:
                     "bucket_schemes": schemes,
                     "timing": "median wall-clock of `repeats` round-robin rounds (one call of every path each) "
                               "after one warm-up round, block_until_ready; the patch embedding is outside the "
-                              "timing; static = run_layers + final head"},
+                              "timing; static = run_layers + final head",
+                    "program_costs": "from the compiled program (eejax.exits.hlo): host_stops of this pattern's "
+                                     "forward (data-dependent loop iterations + conditionals), unknown_whiles and "
+                                     "conditionals (static counts), big_memory_ops (copies / gathers / scatters / "
+                                     "sorts of >= 1/8 of the hidden state's bytes), dot_dtypes (lowered program)"},
            "configs": [], "skipped": []}
     log(f"{out['meta']['backend']} {out['meta']['device_kind']} jax {jax.__version__} dtype {args.dtype}")
     for d in widths:

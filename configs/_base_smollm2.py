@@ -53,11 +53,16 @@ def validate_run(c, **model):
 def validate_layer_skip(v, c):
     """Checks shared by the layer-skip configs (configs/uls.py, configs/first.py; ``v``: a Validator)."""
     validate_model(v, random_name="random", depth=True)
+    if c.model.name == "random":  # the smoke LM's sizes, checked as experiments/_common_smollm2.py builds it
+        from eejax.models import lm as lm_lib  # noqa: PLC0415
+
+        v.build("config.model.random",
+                lambda: lm_lib.LMConfig(vocab_size=256, mlp="swiglu", **c.model.random.to_dict()))
     for key in ("eval.prompt_len", "eval.windows", "eval.prompts", "eval.batch", "eval.greedy_batch",
                 "timing.rounds"):
         v.int(key, lo=1)
     v.int("eval.new_tokens", lo=2)
-    v.ints("timing.batches", lo=1)
+    v.ints("timing.batches", lo=1, unique=True)
     if c.eval.windows % c.eval.batch:
         v.fail("eval.windows", f"must be a multiple of eval.batch={c.eval.batch}")
     if c.eval.prompts % c.eval.greedy_batch:

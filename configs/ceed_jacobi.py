@@ -59,8 +59,8 @@ def validate(c):
     v.choice("data.split", ("validation", "test"))
     for key in ("data.prompts", "data.prompt_len", "data.stride", "data.new_tokens"):
         v.int(key, lo=1)
-    blocks = v.ints("jacobi.blocks", lo=1)
+    blocks = v.ints("jacobi.blocks", lo=1, unique=True)
     if any(c.data.new_tokens % n for n in blocks):
         v.fail("jacobi.blocks", f"every block size must divide data.new_tokens={c.data.new_tokens}")
-    v.ints("jacobi.tols", lo=0, nonempty=False)
+    v.ints("jacobi.tols", lo=0, nonempty=False, unique=True)
     v.floats("jacobi.max_iter_fracs", 0.0, 1.0, lo_open=True, nonempty=False)

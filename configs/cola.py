@@ -64,6 +64,6 @@ def validate(c):
     for key in ("data.context", "data.stride", "data.search_samples", "data.heldout_samples", "search.budget",
                 "search.max_edits", "search.max_len", "heldout.max_candidates"):
         v.int(key, lo=1)
-    v.ints("search.widths", lo=1)
+    v.ints("search.widths", lo=1, unique=True)
     for key in ("search.length_weight", "search.prob_weight", "search.exploration", "search.widening"):
         v.float(key, lo=0.0)

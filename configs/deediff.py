@@ -128,8 +128,15 @@ def validate(c):
     v.optim("train.optim")
     v.optim("classifier.optim")
     v.int("sample.steps", lo=1, hi=c.diffusion.num_timesteps)
-    v.float("sample.eta", lo=0.0)
+    v.float("sample.eta", 0.0, 1.0)   # DDIM's eta: 0 deterministic ... 1 DDPM's variance
+    if c.eval.kid_subset_size > c.sample.num_samples:
+        v.fail("eval.kid_subset_size", f"must be <= sample.num_samples={c.sample.num_samples} (KID subsets are "
+                                       "drawn from the samples)")
+    if c.data.ref_size and c.data.ref_size < max(c.sample.num_samples, c.eval.kid_subset_size):
+        v.fail("data.ref_size", f"must be 0 (the whole test split) or >= sample.num_samples="
+                                f"{c.sample.num_samples}: the cFID/KID reference set must not be smaller than the "
+                                "generated one")
     v.bool("sample.clip")
     v.floats("eval.target_ratios", 0.0, 1.0, lo_open=True)  # layers / N: (0, 1]
     v.int("eval.two_depth_shallow", lo=1, hi=mcfg.depth)
-    v.ints("eval.mse_timesteps", lo=0, hi=c.diffusion.num_timesteps - 1)
+    v.ints("eval.mse_timesteps", lo=0, hi=c.diffusion.num_timesteps - 1, unique=True)

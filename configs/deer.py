@@ -14,7 +14,7 @@ Exit rule: exit e fires when ||softmax_e - softmax_{e-1}||_2 < T_e (the classifi
     ||a_k - a_{k-1}||), at exit max_exit at the latest (DeeR's max_layer: the peak compute cap); exit 1 has nothing
     to compare with. T is fit on VALIDATION to an average-compute budget (mean layers) under the cap with DeeR's
     exit-ratio prior (fractions q_k proportional to p^k over the allowed exits, the MSDNet priors of
-    eejax.eval.budgeted), then applied to TEST, executed by the engine (policies.agreement, compacted executor).
+    eejax.eval.budgeted), then applied to TEST, executed by the engine (policies.agreement, bucket-cascade executor).
 Hardware / wall-clock: a shared 2-core CPU; with the backbone already trained by MuE's run, a few minutes.
 Expected shape (arXiv:2411.02359): the accuracy-vs-average-compute curve lies above the static depths, saturates
     well before full depth; a lower cap trades accuracy for peak compute. Paper: 5.2-6.5x less LLM compute and 2-6x
@@ -51,5 +51,5 @@ def validate(c):
     """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
     v = validate_base(c)
     v.floats("eval.budgets", 1.0, float(c.model.depth))
-    v.ints("eval.max_layers", 2, c.model.depth)
+    v.ints("eval.max_layers", 2, c.model.depth, unique=True)
     v.int("eval.throughput_batch", lo=1)

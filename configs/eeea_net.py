@@ -92,6 +92,6 @@ def validate(c):
         for h in c.space.num_heads:
             if d % h:
                 v.fail("space.num_heads", f"{h} heads do not divide width {d} of space.d_model")
-    v.ints("eval.budgets", lo=1)
+    v.ints("eval.budgets", lo=1, unique=True)
     v.optim("train.optim")
     return v

@@ -78,12 +78,15 @@ def get_config(arg=None):
     return c
 
 ARMS = ("multi_exit", "ponder")
+MINILM_DEPTH = 6   # layers of the pretrained encoder (all-MiniLM-L6-v2)
+MAX_LEN = 512   # position embeddings of the pretrained encoder (all-MiniLM-L6-v2); the random one gets as many
 NOT_IN_CHECKPOINTS = ("eval",)   # evaluation settings: a finished run may be re-evaluated with others
 
 
 def validate(c):
     """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
     from eejax.harness.config import Validator  # noqa: PLC0415
+    from eejax.models import encoder as enc  # noqa: PLC0415
 
     v = Validator(c)
     v.str("name")
@@ -94,6 +97,8 @@ def validate(c):
                 "train.steps", "eval.latency_examples", "log_every", "ckpt_every"):
         v.int(key, lo=1)
     v.int("data.eval_size", lo=0)
+    for key in ("data.max_len", "data.eval_max_len"):  # MiniLM has 512 positions; longer asks XLA for terabytes
+        v.int(key, 1, MAX_LEN)
     v.int("model.shared_from", lo=0)
     for key in ("model.pretrained", "model.shared_layers", "model.ponder", "train.freeze_word_embeddings"):
         v.bool(key)
@@ -106,5 +111,12 @@ def validate(c):
     if not v("eval.patience") or any(not isinstance(p, int) or isinstance(p, bool) or p < 1
                                      for p in v("eval.patience")):
         v.fail("eval.patience", "must be a non-empty list of integers >= 1")
+    v.optim("train.optim")
+    m = c.model  # the encoder as experiments/encoder_exits.py builds it (MiniLM: 6 layers of its own sizes)
+    sizes = {} if m.pretrained else dict(d_model=m.d_model, num_heads=m.num_heads, mlp_dim=m.mlp_dim)
+    v.build("config.model", lambda: enc.EncoderConfig(
+        max_len=max(c.data.max_len, c.data.eval_max_len), depth=MINILM_DEPTH if m.pretrained else m.depth,
+        exits=m.exits, pool=m.pool, shared_layers=m.shared_layers, ponder=m.ponder, lambda_hidden=m.lambda_hidden,
+        **sizes).exit_layers)
     if "ponder" in c.arms and not c.model.ponder:
         v.fail("arms", "the 'ponder' arm needs model.ponder=true (PALBERT's Lambda layer)")

@@ -67,6 +67,7 @@ NOT_IN_CHECKPOINTS = ("eval",)
 def validate(c):
     """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
     from eejax.harness.config import Validator  # noqa: PLC0415
+    from eejax.models import encoder as enc  # noqa: PLC0415
 
     v = Validator(c)
     v.str("name")
@@ -76,10 +77,16 @@ def validate(c):
                 "model.depth", "model.num_heads", "model.mlp_dim", "train.steps", "log_every", "ckpt_every"):
         v.int(key, lo=1)
     v.int("data.eval_size", lo=0)
+    v.int("data.max_len", 1, 512)   # the pretrained encoder's positions (all-MiniLM-L6-v2)
     v.bool("model.pretrained")
     v.bool("train.freeze_word_embeddings")
     for key in ("train.temperature", "train.distill_temperature"):
-        v.float(key, lo=0.0, lo_open=True)
+        v.float(key, lo=1e-3)  # similarities / T: below 1e-3 the float32 softmax saturates (one-hot, no gradient)
     v.float("train.distill_weight", lo=0.0)
+    v.optim("train.optim")
+    m = c.model  # the encoder as experiments/encoder_retrieval.py builds it (MiniLM: 6 layers of its own sizes)
+    sizes = {} if m.pretrained else dict(d_model=m.d_model, num_heads=m.num_heads, mlp_dim=m.mlp_dim)
+    v.build("config.model", lambda: enc.EncoderConfig(max_len=c.data.max_len, depth=6 if m.pretrained else m.depth,
+                                                      exits=m.exits, **sizes).exit_layers)
     if not v("eval.ks") or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in v("eval.ks")):
         v.fail("eval.ks", "must be a non-empty list of integers >= 1")

@@ -23,7 +23,9 @@ Evaluation (experiments/_common_smollm2.py, as configs/uls.py): WikiText-2 test 
     and 8. Methods: FiRST's hard decisions; and at each skip count k in
     `eval.skips` (equal layers per row): FiRST top-k (each row skips its k lowest-scored routable layers), the ULS
     set, the router's static set (the k layers with the lowest mean keep logit over the training prompts: is the
-    input adaptivity worth anything?), and a random set.
+    input adaptivity worth anything?), and `eval.random_draws` random sets (a distribution: median, range and the
+    method's rank among them; the earlier runs used one draw). Every comparison is paired over the evaluation
+    windows with a bootstrap interval (eejax.eval.bootstrap).
 Hardware / wall-clock: 2 CPU cores shared with six other runs (load average ~30); see the results for times.
 Paper: no number in the abstract; FiRST reports lower latency with quality competitive to the base model, and that
     input adaptivity matters (task-specific middle layers).
@@ -54,12 +56,14 @@ def get_config(arg=None):
                                              optim=default_optim_config()))
     c.train.optim.update(name="adam", lr=0.02, weight_decay=0.0)
     c.eval = ml_collections.ConfigDict(dict(prompt_len=64, new_tokens=64, windows=48, batch=16, prompts=16,
-                                            greedy_batch=8, skips=(6,), random_seed=1))
+                                            greedy_batch=8, skips=(6,), random_seed=1,
+                                            random_draws=20))
     c.timing = ml_collections.ConfigDict(dict(batches=(1, 8), rounds=2))
     if arg == "smoke":
         c.model.name = "random"
         c.train.update(windows=8, cont_len=4, prefill_batch=4, batch=4, steps=3, target_skip=1, log_every=1)
-        c.eval.update(prompt_len=8, new_tokens=6, windows=4, batch=2, prompts=4, greedy_batch=2, skips=(1, 2))
+        c.eval.update(prompt_len=8, new_tokens=6, windows=4, batch=2, prompts=4, greedy_batch=2, skips=(1, 2),
+                      random_draws=3)
         c.timing.update(batches=(2,), rounds=1)   # the greedy batch: no new compile
     return c
 
@@ -78,8 +82,9 @@ def validate(c):
     v.float("train.rate_weight", lo=0.0)
     v.float("train.keep_bias")
     v.optim("train.optim")
-    v.ints("eval.skips", lo=0)
+    v.ints("eval.skips", lo=0, unique=True)
     v.int("eval.random_seed", lo=0)
+    v.int("eval.random_draws", lo=1)
     if c.train.windows % c.train.prefill_batch:
         v.fail("train.windows", f"must be a multiple of train.prefill_batch={c.train.prefill_batch}")
     if c.train.batch > c.train.windows:

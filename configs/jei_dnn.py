@@ -17,7 +17,7 @@ Exits: one intermediate inference module (IM: LayerNorm + linear on CLS) after l
 Training (per lambda, on the cached train features): warm-up of the IMs with plain CE, then rounds alternating
     (a) gates: class-balanced BCE towards "exit at or after the cheapest exit l* = argmin_l CE_l + lambda *
     cost_l / cost_L" and (b) IMs: CE weighted by the gates' exit probabilities (dynn's weighted mode).
-Inference: exit at the first gate whose sigmoid is >= 0.5 (``policies.uncertainty_gate``, compacted executor).
+Inference: exit at the first gate whose sigmoid is >= 0.5 (``policies.uncertainty_gate``, bucket-cascade executor).
 Baseline on the SAME IMs: one global max-softmax threshold, fit on VALIDATION to the gate's validation FLOPs.
 Metrics on TEST: accuracy, expected FLOPs (every head evaluated counted), 15-bin ECE, split-conformal (LAC) sets
     calibrated on validation: coverage and mean size at alpha = 0.1 and 0.05.

@@ -37,6 +37,7 @@ import ml_collections
 from _base_smollm2 import validate_run
 
 NOT_IN_CHECKPOINTS = ("decode",)
+RANDOM_DEPTH = 4   # layers of the tiny random LM (experiments/kangaroo.py)
 
 
 def get_config(arg=None):
@@ -75,6 +76,13 @@ def validate(c):
         v.fail("data.context", "must be >= 2 (a next token to predict)")
     v.float("train.lr", 0.0, 1.0, lo_open=True)
     v.bool("train.restrict_vocab")
-    v.ints("drafter.exit_layers", lo=1)
+    v.ints("drafter.exit_layers", lo=1, unique=True)
+    if c.model.name == "random":
+        if c.model.depth:
+            v.fail("model.depth", f"is ignored by model.name='random' (a fixed {RANDOM_DEPTH}-layer LM); leave it 0")
+        if max(c.drafter.exit_layers) >= RANDOM_DEPTH:
+            v.fail("drafter.exit_layers", f"must be < the random model's {RANDOM_DEPTH} layers")
+    if c.decode.gamma > c.decode.new_tokens:  # drafts beyond the tokens to generate are wasted (and grow the cache)
+        v.fail("decode.gamma", f"must be <= decode.new_tokens={c.decode.new_tokens}")
     v.float("decode.eta", 0.0, 1.0)
     v.floats("decode.etas", 0.0, 1.0)

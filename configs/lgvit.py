@@ -101,7 +101,7 @@ def validate(c):
     v.choice("model.pool", ("cls", "mean"))
     check_image(v, c)
     v.choice("stage1.weighting", STAGE1_WEIGHTINGS)
-    v.float("stage2.temperature", lo=0.0, lo_open=True)
+    v.float("stage2.temperature", lo=1e-2)  # KD on logits / T (x T^2): a tiny T overflows float32
     v.prob("stage2.alpha")
     v.float("stage2.hetero_weight", lo=0.0)
     v.float("stage2.homo_weight", lo=0.0)

@@ -79,7 +79,7 @@ def validate(c):
         v.floats(f"eval.thresholds.{m}", *THRESHOLD_RANGE[m])
     v.float("eval.decay_tau", lo=0.0)
     num_exits = len(engine.exit_layers_from(c.model.exits, c.model.depth))
-    v.ints("eval.static_exits", lo=0, hi=num_exits - 1, nonempty=False)
+    v.ints("eval.static_exits", lo=0, hi=num_exits - 1, nonempty=False, unique=True)
     for m in v.choices("eval.ltt_measures", ("max_softmax", "learned", "margin"), nonempty=False):
         if m not in c.eval.ltt_thresholds:
             v.fail("eval.ltt_thresholds", f"has no list for measure {m!r}")

@@ -97,6 +97,21 @@ def validate(c):
         vals = v(key)
         if not vals or any(not isinstance(x, int) or isinstance(x, bool) or x < 1 for x in vals):
             v.fail(key, "must be a non-empty list of positive integers")
+    for key in ("decode.ks", "decode.batches", "decode.measure_ks"):
+        if len(set(v(key))) != len(v(key)):
+            v.fail(key, "holds a value twice (its rows would repeat)")
+    for key in ("decode.ks", "decode.measure_ks"):
+        if max(v(key)) > c.decode.new_tokens:
+            v.fail(key, f"must be <= decode.new_tokens={c.decode.new_tokens} (tokens drafted per round)")
+    if 1 not in c.decode.ks:
+        v.fail("decode.ks", "must include 1 (the acceptance of one drafted token is the sweep's first column)")
+    b_main, prompts = max(c.decode.batches), min(c.decode.fit_prompts, c.decode.test_prompts)
+    if b_main > prompts:
+        v.fail("decode.batches", f"the largest batch {b_main} exceeds the prompts (decode.fit_prompts="
+                                 f"{c.decode.fit_prompts}, decode.test_prompts={c.decode.test_prompts})")
+    if any(b != b_main and b > min(c.decode.batch1_prompts, c.decode.test_prompts) for b in c.decode.batches):
+        v.fail("decode.batches", f"each batch but the largest must be <= decode.batch1_prompts="
+                                 f"{c.decode.batch1_prompts} (the prompts timed at the small batches)")
     if list(c.exits.layers) != sorted(set(c.exits.layers)):
         v.fail("exits.layers", "must be increasing")
     for key in ("decode.measure_layers", "decode.del_candidates"):

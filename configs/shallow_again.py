@@ -83,10 +83,10 @@ def validate(c):
         "data.batch_size", "data.eval_batch_size", "model.image_size", "model.channels", "model.patch_size",
         "model.d_model", "model.depth", "model.num_heads", "model.mlp_dim", "train.steps", "log_every",
         "eval.timing_iters"))
-    v.ints("seeds", lo=0)
+    v.ints("seeds", lo=0, unique=True)
     v.ints("parallel", lo=1)
     v.bool("single_block_control")
-    v.ints("eval.timing_batches", lo=1)
+    v.ints("eval.timing_batches", lo=1, unique=True)
     v.choice("model.pool", ("cls", "mean"))
     check_image(v, c)
     for k in c.parallel:

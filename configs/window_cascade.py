@@ -16,7 +16,7 @@ Rule: for a target operating point (Cov@5: coverage at 5% selective risk; Risk@8
     sample goes on to stage k+1 only if its stage-k score lies within +-w/2 percentile points of tau_k's
     validation percentile (others are accepted or rejected at stage k). Baseline at the same compute: the plain
     threshold cascade that passes the lowest-confidence fraction w on. Executed by the engine
-    (``eejax.exits.cascade``, ``policies.window``, compacted executor: stage 2 runs on the forwarded rows only).
+    (``eejax.exits.cascade``, ``policies.window``, bucket-cascade executor: stage 2 runs on the forwarded rows only).
 Hardware / wall-clock: a shared 2-core CPU; about 20-30 min of member training, then a few minutes.
 Expected shape (arXiv:2303.08010): at matched MACs, window cascade >= single-threshold cascade >= single model at
     the targeted operating point; gains larger for uncertainty than for accuracy; paper: a cascaded

@@ -55,3 +55,54 @@ def images(x, shape_HxWxC: tuple[int, int, int], *, name: str = "images") -> Non
                          "then the dataset's mean/std, as eejax.data.pipeline.BatchIterator gives)")
     if is_concrete(x) and not bool(np.isfinite(np.asarray(x)).all()):
         raise ValueError(f"{name} contain NaN or inf values")
+
+
+def integer(value, name: str, *, lo: int | None = None, hi: int | None = None) -> int:
+    """A Python or numpy integer (not a bool, not a float such as 2.5 that ``range`` or a shape would reject or
+    truncate) within ``[lo, hi]``; returns it as an int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name}={value!r} must be an integer" + _bounds(lo, hi))
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{name}={value!r} must be an integer" + _bounds(lo, hi))
+    return int(value)
+
+
+def positive_number(value, name: str, *, allow_zero: bool = False) -> float:
+    """A finite real number > 0 (>= 0 with ``allow_zero``), not a bool."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name}={value!r} must be a finite number {'>= 0' if allow_zero else '> 0'}")
+    return float(value)
+
+
+def config_ints(cfg, **lowest: int) -> None:
+    """Model-config fields that are sizes: each ``getattr(cfg, name)`` an integer >= its bound, named in the
+    error (``d_model=-8`` otherwise fails deep inside an initializer with an unrelated shape error, and
+    ``num_classes=0`` with a division by zero).
+
+        checks.config_ints(self, d_model=1, depth=1, num_classes=2)
+    """
+    for name, bound in lowest.items():
+        integer(getattr(cfg, name), name, lo=bound)
+
+
+def batch_array(x, name: str, *, ndim: int | None = None) -> None:
+    """A numpy or JAX array (a Python list would fail deep inside with an unrelated message) with ``ndim`` axes
+    when given and at least one example on its leading (batch) axis."""
+    if not isinstance(x, (np.ndarray, jax.Array)):
+        raise ValueError(f"{name} must be a numpy or JAX array, got {type(x).__name__} (convert it with "
+                         "np.asarray)")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} of shape {tuple(x.shape)} must have {ndim} axes")
+    if x.ndim and x.shape[0] == 0:
+        raise ValueError(f"{name} of shape {tuple(x.shape)} hold no example (an empty batch)")
+
+
+def _bounds(lo, hi) -> str:
+    if lo is not None and hi is not None:
+        return f" in [{lo}, {hi}]"
+    if lo is not None:
+        return f" >= {lo}"
+    if hi is not None:
+        return f" <= {hi}"
+    return ""

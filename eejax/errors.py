@@ -32,7 +32,8 @@ class RunError(EejaxError, RuntimeError):
 
 
 class WorkdirLockedError(RunError):
-    hint = "wait for that run to finish or choose another --workdir"
+    hint = ("wait for that run to finish or choose another --workdir; if no run holds it any more (its host is "
+            "gone, the lock file is garbage), pass --break-lock")
 
 
 class ConfigMismatchError(RunError):
@@ -40,17 +41,35 @@ class ConfigMismatchError(RunError):
 
 
 class CheckpointError(EejaxError, RuntimeError):
-    """A checkpoint that cannot be used."""
-    hint = "remove the workdir's ckpt folder, choose another --workdir, or pass --fresh"
+    """A checkpoint that cannot be used or written."""
+    hint = ("move the workdir's ckpt folder away (keep it to inspect) or choose another --workdir; the run then "
+            "starts from step 0")
 
 
 class NoGoodCheckpointError(CheckpointError):
     """No step of a checkpoint folder passed its checks."""
 
 
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """A checkpoint written by another model: its arrays' shapes or dtypes differ from the ones to restore into."""
+    hint = ("resume with the model (and dtype) that wrote it, or choose another --workdir (or move its ckpt folder "
+            "away) to train this one from step 0")
+
+
+class DiskFullError(EejaxError, OSError):
+    """A write failed for lack of space (a checkpoint, metrics, results)."""
+    hint = ("free space on that disk (or choose a --workdir / --outdir on another one), then rerun the same "
+            "command: it resumes from the last good checkpoint")
+
+
 class NonFiniteLossError(EejaxError, FloatingPointError):
     """A step produced a NaN/inf loss or gradient norm; that state was not checkpointed."""
     hint = "lower the learning rate or set grad_clip (a changed config needs --fresh or another --workdir)"
+
+
+class ArtefactError(EejaxError, ValueError):
+    """A file one run reads from another does not match the record its producing run wrote beside it."""
+    hint = "rerun the producing run (it rewrites the file and its .provenance.json record) or remove the stale record"
 
 
 class PretrainedError(EejaxError, ValueError):
@@ -60,4 +79,5 @@ class PretrainedError(EejaxError, ValueError):
 
 
 __all__ = ["EejaxError", "ConfigError", "DataError", "ResultsExistError", "RunError", "WorkdirLockedError",
-           "ConfigMismatchError", "CheckpointError", "NoGoodCheckpointError", "NonFiniteLossError", "PretrainedError"]
+           "ConfigMismatchError", "CheckpointError", "NoGoodCheckpointError", "CheckpointMismatchError",
+           "DiskFullError", "NonFiniteLossError", "ArtefactError", "PretrainedError"]

@@ -27,6 +27,7 @@ from eejax.data.text import ByteTokenizer, CharTokenizer, load_text
 from eejax.decoding import per_token, skipdecode
 from eejax.exits import confidence as conf_lib
 from eejax.exits import costs
+from eejax.harness import results as result_files
 from eejax.models import lm as lm_lib
 from eejax.train import Trainer, make_optimizer
 
@@ -44,6 +45,23 @@ def model_dir(run, corpus) -> pathlib.Path:
 
 
 BASE_MODEL_FIELDS = ("seed", "data", "model", "train")  # what the base model's checkpoints depend on
+
+
+def shared_base(run, corpus, *, producer: bool) -> tuple[Any, Any, lm_lib.LMConfig, float]:
+    """``train_base`` in ``model_dir(run, corpus)``, with the provenance of a base model shared through
+    ``cfg.model_workdir``: the run that trains it (``producer``: per_token_exit) leaves a record beside its
+    checkpoint for its readers (``results.write_artefact_record``); a run that reads one another run trained
+    (skipdecode, or the producer resuming someone else's) names it among its inputs (``results.record_input``)."""
+    cfg = run.cfg
+    directory = model_dir(run, corpus)
+    ckpt = directory / "base" / "ckpt"
+    trained_elsewhere = bool(cfg.model_workdir) and ckpt.with_name(f"ckpt{result_files.RECORD_SUFFIX}").exists()
+    out = train_base(cfg, corpus, directory)
+    if cfg.model_workdir and producer and not trained_elsewhere:
+        result_files.write_artefact_record(ckpt, run.prov, step=cfg.train.steps)
+    elif cfg.model_workdir:
+        result_files.record_input(run.prov, ckpt, "base model (config.model_workdir)")
+    return out
 
 
 class Corpus(NamedTuple):
@@ -211,16 +229,19 @@ class Decoder:
 def evaluate(dec: Decoder, step, params, arg, windows: Windows, ref_tokens: list | None) -> dict:
     """Quality and compute of a policy over ``windows``.
 
-    nll / ppl: teacher forced through the decode loop, over the tokens predicted by decode steps (not the prefill).
+    nll / ppl: teacher forced through the decode loop, over the tokens predicted by decode steps (not the prefill);
+    nll_W / agreement_W: the same per window (row), for paired intervals (``paired_quality``).
     agreement: fraction of free-running greedy tokens equal to the full model's at the same position; prefix: mean
     length of the identical prefix. avg_layers: mean layers a token ran (exit depth, or the SkipDecode budget);
     loop_layers: mean layers the batched loop executed (the deepest row) in free-running decoding.
     """
     nll = count = 0.0
     agree, prefix, layers, loop_layers, tf_layers, tokens = [], [], [], [], [], []
+    nll_w, agree_w = [], []
     for j, (prompt, cont) in enumerate(zip(windows.prompts, windows.continuations)):
         forced = jax.device_get(dec(step, params, prompt, arg, jnp.asarray(cont)))
         nll += -float(np.sum(forced.logprob_BxG[:, 1:]))
+        nll_w += (-np.asarray(forced.logprob_BxG[:, 1:], np.float64).mean(1)).tolist()
         count += forced.logprob_BxG[:, 1:].size
         tf_layers.append(_layers(forced))
         free = jax.device_get(dec(step, params, prompt, arg))
@@ -230,13 +251,29 @@ def evaluate(dec: Decoder, step, params, arg, windows: Windows, ref_tokens: list
         if ref_tokens is not None:
             same = free.tokens_BxG == ref_tokens[j]
             agree.append(float(same.mean()))
+            agree_w += same.mean(1).tolist()
             prefix.append(float(np.mean(np.where(same.all(1), same.shape[1], np.argmin(same, axis=1)))))
     out = {"nll": nll / count, "ppl": float(np.exp(nll / count)), "avg_layers": float(np.mean(layers)),
            "avg_layers_teacher_forced": float(np.mean(tf_layers)), "loop_layers": float(np.mean(loop_layers)),
-           "tokens": tokens}
+           "tokens": tokens, "nll_W": nll_w}
     if ref_tokens is not None:
-        out.update(agreement=float(np.mean(agree)), prefix=float(np.mean(prefix)))
+        out.update(agreement=float(np.mean(agree)), prefix=float(np.mean(prefix)), agreement_W=agree_w)
     return out
+
+
+def paired_quality(res_a: dict, res_b: dict, a: str, b: str, seed: int = 0) -> dict:
+    """``a`` minus ``b`` on the same windows (``evaluate`` outputs): validation NLL and, when both have it, greedy
+    agreement, each with its paired bootstrap 95% interval over the windows (eejax.eval.bootstrap)."""
+    from eejax.eval import bootstrap  # noqa: PLC0415
+
+    d = bootstrap.paired_bootstrap(res_a["nll_W"], res_b["nll_W"], seed=seed)
+    row = {"a": a, "b": b, "nll_diff": d.diff, "nll_ci95_lo": d.lo, "nll_ci95_hi": d.hi,
+           "nll_reading": d.reading("a", "b").replace(" above ", " worse than ").replace(" below ", " better than ")}
+    if "agreement_W" in res_a and "agreement_W" in res_b:
+        g = bootstrap.paired_bootstrap(res_a["agreement_W"], res_b["agreement_W"], seed=seed)
+        row |= {"agree_diff": g.diff, "agree_ci95_lo": g.lo, "agree_ci95_hi": g.hi,
+                "agree_reading": g.reading("a", "b")}
+    return row
 
 
 def _layers(gen) -> float:

@@ -311,22 +311,25 @@ class Runner:
             step, g, graphdef = method.step_fn, self.g, self.graphdef
 
             def f(params, logits, state, force, *args):
-                return ls.decode(nnx.merge(graphdef, params), logits, state, g,
-                                 lambda m, t, s, i: step(m, t, s, i, *args), force_BxG=force if forced else None)
+                return per_token.decode(nnx.merge(graphdef, params), logits, state, g,
+                                        lambda m, t, s, i: step(m, t, s, i, *args),
+                                        force_BxG=force if forced else None)
 
             self._fns[key] = jax.jit(f)
         return self._fns[key]
 
-    def run(self, method: Method, params, pre: ls.Prefilled, force=None) -> ls.Decoded:
+    def run(self, method: Method, params, pre: ls.Prefilled, force=None) -> per_token.Generation:
         fn = self.decode_fn(method, force is not None)
         return fn(params, pre.logits_BxV, pre.state, force, *method.args_fn(pre))
 
 
 def perplexity(runner: Runner, params, windows_WxL: np.ndarray, methods: list[Method], batch: int,
                log=print) -> dict[str, dict]:
-    """Teacher-forced NLL of each method over the windows (each batch prefilled once, shared by the methods)."""
+    """Teacher-forced NLL of each method over the windows (each batch prefilled once, shared by the methods), and
+    each window's mean NLL (``nll_W``, for paired intervals: eejax.eval.bootstrap)."""
     p = runner.p
     nll = {m.name: 0.0 for m in methods}
+    nll_w = {m.name: [] for m in methods}
     layers = {m.name: [] for m in methods}
     count = 0
     for start in range(0, windows_WxL.shape[0] - batch + 1, batch):
@@ -335,12 +338,13 @@ def perplexity(runner: Runner, params, windows_WxL: np.ndarray, methods: list[Me
         for m in methods:
             dec = runner.run(m, params, pre, force=w[:, p:])
             nll[m.name] -= float(jnp.sum(dec.logprob_BxG[:, 1:]))
+            nll_w[m.name] += (-np.asarray(dec.logprob_BxG[:, 1:], np.float64).mean(1)).tolist()
             layers[m.name].append(np.asarray(dec.layers_BxG[:, 1:], np.float64))
         count += batch * (windows_WxL.shape[1] - p - 1)
         log(f"  perplexity: {start + batch}/{windows_WxL.shape[0]} windows, "
             + ", ".join(f"{k}: {np.exp(v / count):.2f}" for k, v in list(nll.items())[:4]) + " ...")
     return {k: {"nll": v / count, "ppl": float(np.exp(v / count)), "avg_layers": float(np.mean(layers[k])),
-                "scored_tokens": count} for k, v in nll.items()}
+                "scored_tokens": count, "nll_W": nll_w[k]} for k, v in nll.items()}
 
 
 def greedy(runner: Runner, params, prompts_QxP: np.ndarray, methods: list[Method], batch: int

@@ -69,6 +69,11 @@ def load_data(cfg, data_dir) -> pipeline.TrainValTest:
         train = train.subset(np.arange(min(d.train_size, len(train))), "train")
     if d.test_size:
         test = test.subset(np.arange(min(d.test_size, len(test))), "test")
+    # Checked against the data before any training (the timing batch is drawn from the test split).
+    tb = cfg.get("eval", {}).get("throughput_batch")
+    if tb is not None and tb > len(test):
+        raise ConfigError(f"config.eval.throughput_batch={tb} exceeds the {len(test)} test images "
+                          f"(data.test_size={d.get('test_size', 0)}); lower it or test on more images")
     return train, val, test
 
 
@@ -145,12 +150,12 @@ def check_agreement(e_run, e_sim, conf_ExN, thr_E) -> float:
 
 
 def run_prior(graphdef, params, ds, cfg, curve, conf_ExQ, prior: float):
-    """The budgeted ``curve``'s point at the MSDNet prior nearest ``prior``, executed by the engine (compacted
+    """The budgeted ``curve``'s point at the MSDNet prior nearest ``prior``, executed by the engine (bucket-cascade
     executor) on ``ds``, its exits checked against the ones simulated from ``conf_ExQ``: ``(point, exit_Q, pred_Q,
     sim_agrees)``."""
     point = next(c for c in curve if abs(c.prior - nearest_prior(prior)) < 1e-9)
     thr = point.thresholds_E
-    e_run, pred = executed(graphdef, params, ds, cfg, thr, engine.Compacted())
+    e_run, pred = executed(graphdef, params, ds, cfg, thr, engine.BucketCascade())
     agree = check_agreement(e_run, budgeted.simulate_exits(conf_ExQ, thr), conf_ExQ, thr)
     return point, e_run, pred, agree
 
@@ -283,7 +288,7 @@ def shared_heads(model, report_state: bool):
     return [full] * model.cfg.depth
 
 
-def run_engine(model, x, policy, executor=engine.Compacted(), report_state: bool = False):
+def run_engine(model, x, policy, executor=engine.BucketCascade(), report_state: bool = False):
     """The dynamic path: the engine's prefix program over every layer, the shared head at each exit."""
     n = model.cfg.depth
     return engine.run(model.layers, shared_heads(model, report_state), model.embed(x),
@@ -291,7 +296,7 @@ def run_engine(model, x, policy, executor=engine.Compacted(), report_state: bool
 
 
 def executed_shared_head(graphdef, params, ds, cfg, make_policy, thr, report_state=False):
-    """Exit index and prediction per example, executed by the engine (compacted executor) under
+    """Exit index and prediction per example, executed by the engine (bucket-cascade executor) under
     ``make_policy(thr)``."""
     @jax.jit
     def fn(params, x, thr):

@@ -8,15 +8,21 @@
 2. Conversion targets, from the TRAIN split only: for each class, the train image the CNN's first exit classifies
    most confidently as its own class.
 3. The converting autoencoder learns x -> target[label(x)] (MSE) on the train split. A control: an MLP classifier
-   with the encoder's widths, trained directly with the CNNs' budget (steps, batch, optimizer).
+   with the encoder's widths, trained directly. Every network here gets ONE training budget (the config's budget
+   rule: equal examples seen, enforced by configs/cbnet.py's validate), so no arm is helped by more training.
 4. Test: accuracy, FLOPs per image (the autoencoder counted) and measured batched CPU latency of CBNet
    (classifier(autoencoder(x)), the classifier = the CNN truncated at exit 1), the small classifiers alone, the full
    CNN, and BranchyNet exits with max-softmax thresholds fit on validation (MSDNet's budgeted protocol), executed by
-   the engine (compacted executor; exits asserted equal to the simulated ones).
+   the engine (bucket-cascade executor; exits asserted equal to the simulated ones).
+5. Every accuracy comparison with CBNet is paired on the test set (the same images): the difference and its
+   paired bootstrap interval (``eejax.eval.bootstrap``); predictions are kept in ``cbnet_predictions.npz``.
+   Earlier runs of the folder (``eval.earlier_runs``) are read, hashed (provenance ``inputs``) and their CBNet and
+   control rows shown beside the new ones, so a control's number never disappears when its budget changes.
 CBNet is an input transform, not a depth exit: it is compared on accuracy, FLOPs and latency, not on depth saved.
 """
 from __future__ import annotations
 
+import json
 import types
 
 import jax
@@ -26,7 +32,7 @@ from flax import nnx
 from matplotlib.figure import Figure
 
 from eejax.data import pipeline
-from eejax.eval import budgeted
+from eejax.eval import bootstrap, budgeted
 from eejax.eval import report as report_lib
 from eejax.exits import costs, engine, losses
 from eejax.harness import results as result_files
@@ -124,7 +130,8 @@ class EncoderMlp(nnx.Module):
 
 
 def train_mlp(cfg, train_ds, workdir):
-    """The encoder-sized MLP classifier, trained with the CNNs' budget (steps, batch, optimizer)."""
+    """The encoder-sized MLP classifier, trained with the classifiers' budget and optimizer (the CNNs' steps,
+    batch and schedule; the budget rule makes that the autoencoder's number of examples too)."""
     acfg = ae_config(cfg)
     graphdef, params = nn_build(lambda rngs: EncoderMlp(acfg, 10, rngs=rngs), cfg.seed)
 
@@ -135,7 +142,7 @@ def train_mlp(cfg, train_ds, workdir):
         return ce, {"acc": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
 
     batches = pipeline.BatchIterator(train_ds, cfg.data.batch_size, seed=cfg.seed, **vision.host_slice())
-    with Trainer(loss_fn, params, make_optimizer(cfg.train.optim), workdir=workdir / "encoder_mlp_cnn_budget",
+    with Trainer(loss_fn, params, make_optimizer(cfg.train.optim), workdir=workdir / "encoder_mlp",
                  seed=cfg.seed, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every) as tr:
         params = tr.fit(batches, cfg.train.steps, desc="encoder-sized MLP").params
     dims = mlp_dims(acfg)
@@ -168,6 +175,38 @@ def latency(fn, args, cfg) -> float:
     """Measured ms per batch of ``eval.latency_batch`` (compiled first; batched, CPU): the median of the timed
     calls, which other jobs on the shared CPU disturb less than the mean."""
     return 1e3 * float(np.median(costs.measure(jax.jit(fn), *args, warmup=2, iters=cfg.eval.latency_iters).times_s))
+
+
+def paired_differences(pred_by_name: dict[str, np.ndarray], labels_N: np.ndarray, ref: str,
+                       seed: int = 0) -> list[dict]:
+    """Accuracy of ``ref`` minus each other row's, in points, with the paired bootstrap 95% interval over the test
+    images (the same images for both arms) and its reading."""
+    ok = {k: (v == labels_N).astype(np.float64) for k, v in pred_by_name.items()}
+    out = []
+    for name, c in ok.items():
+        if name == ref:
+            continue
+        d = bootstrap.paired_bootstrap(100 * ok[ref], 100 * c, seed=seed)
+        out.append({"comparison": f"{ref} - {name}", "diff_points": d.diff, "ci95_lo": d.lo, "ci95_hi": d.hi,
+                    "reading": d.reading("CBNet", "the row")})
+    return out
+
+
+def earlier_rows(paths, prov) -> list[dict]:
+    """The CBNet and control rows of earlier runs' result JSONs (read and hashed as inputs of this run), labelled
+    with their commit: a control's number stays in the table when a later run changes its budget."""
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            old = json.load(f)
+        art = result_files.record_input(prov, path, "earlier run of this folder", producer=old["provenance"])
+        steps, batch = old["config"]["train"]["steps"], old["config"]["data"]["batch_size"]
+        for r in old["results"]["rows"]:
+            if r["model"].startswith(("CBNet: autoencoder", "control:")):
+                rows.append({"run": f"commit {old['provenance']['commit']} ({art.sha256[:8]})",
+                             "CNN budget": f"{steps} x {batch}", "model": r["model"], "test_acc": r["test_acc"],
+                             "MFLOPs": r["MFLOPs"]})
+    return rows
 
 
 def plot_conversions(x_BxHxWxC, conv_BxHxWxC, targets_KxHxWxC, path, title):
@@ -222,13 +261,14 @@ def branchynet_exits(cfg, graphdef, params, mcfg, ec, val, test, xb):
     conf_test = probs_test.max(-1)
 
     def dyn(p, x, t):
-        return nnx.merge(graphdef, p).dynamic(x, t, executor=engine.Compacted()).logits_BxC
+        return nnx.merge(graphdef, p).dynamic(x, t, executor=engine.BucketCascade()).logits_BxC
 
-    exit_rows = []
+    exit_rows, exit_preds = [], {}
     for prior in cfg.eval.executed_priors:
         point, e_run, pred, agree = vision.run_prior(graphdef, params, test, cfg, curve, conf_test, prior)
         thr = point.thresholds_E
-        exit_rows.append({"model": f"BranchyNet exits, prior {point.prior:g} (engine, compacted)",
+        exit_preds[f"BranchyNet exits, prior {point.prior:g}"] = pred
+        exit_rows.append({"model": f"BranchyNet exits, prior {point.prior:g} (engine, bucket cascade)",
                           "test_acc": 100 * float(np.mean(pred == labels)),
                           "MFLOPs": costs.expected_flops(e_run, ec.cum_flops_E) / 1e6,
                           f"ms_per_batch{xb.shape[0]}": latency(dyn, (params, xb, jnp.asarray(thr, jnp.float32)),
@@ -237,7 +277,7 @@ def branchynet_exits(cfg, graphdef, params, mcfg, ec, val, test, xb):
                                                        np.bincount(e_run, minlength=mcfg.depth) / len(e_run)),
                           "sim_agrees": agree})
     acc_E = (probs_test.argmax(-1) == labels[None]).mean(1)
-    return curve, acc_E, exit_rows
+    return curve, acc_E, exit_rows, exit_preds
 
 
 @experiment("cbnet", data=vision.splits)
@@ -260,7 +300,7 @@ def main(run: Run, data) -> Report:
 
     xb = vision.first_batch(test, cfg.eval.latency_batch)
     labels = test.labels_N
-    static_rows = []
+    static_rows, preds = [], {}
     for name, fn, p, flops in (
             (f"full CNN ({mcfg.depth} stages, static)", f.full, params, ec.static_flops_E[-1]),
             ("small classifier = CNN truncated at exit 1 (raw images)", f.trunc, params, ec.static_flops_E[0]),
@@ -269,28 +309,33 @@ def main(run: Run, data) -> Report:
              ae_flops + ec.static_flops_E[0]),
             ("CBNet variant: autoencoder + directly trained small classifier", f.cbnet_direct, (a_params, s_params),
              ae_flops + small_flops),
-            (f"control: MLP {'-'.join(map(str, mlp_dims(acfg)))} (the encoder's widths) trained directly, CNN budget",
-             f.mlp, m_params, mlp_flops)):
-        pred = predict(fn, p, test, cfg)
+            (f"control: MLP {'-'.join(map(str, mlp_dims(acfg)))} (the encoder's widths) trained directly, "
+             "same budget", f.mlp, m_params, mlp_flops)):
+        pred = preds[name] = predict(fn, p, test, cfg)
         static_rows.append({"model": name, "test_acc": 100 * float(np.mean(pred == labels)), "MFLOPs": flops / 1e6,
                             f"ms_per_batch{xb.shape[0]}": latency(fn, (p, xb), cfg)})
     ae_ms = latency(f.ae, (a_params, xb), cfg)
     conv_mse = conversion_mse(f.ae, a_params, test, targets, cfg)
-    curve, acc_E, exit_rows = branchynet_exits(cfg, graphdef, params, mcfg, ec, val, test, xb)
+    curve, acc_E, exit_rows, exit_preds = branchynet_exits(cfg, graphdef, params, mcfg, ec, val, test, xb)
+    preds.update(exit_preds)
     cb = static_rows[3]
     at_cb = float(vision.interp_curve(curve, cb["MFLOPs"] * 1e6))
+    paired = paired_differences(preds, labels, cb["model"], cfg.seed)
+    earlier = earlier_rows(cfg.eval.earlier_runs, run.prov)
     autoencoder = {"MFLOPs": ae_flops / 1e6, "ms_per_batch": ae_ms, "test_conversion_mse": conv_mse}
     sample = normalized_images(test, np.arange(8))
     conversions = (sample, jax.jit(f.ae)(a_params, jnp.asarray(sample)))
+    compared = {"paired": paired, "earlier": earlier, "preds": preds}
     return report(run, data, static_rows, exit_rows, curve, acc_E, ec, mcfg, acfg, targets, autoencoder, at_cb,
-                  conversions, xb)
+                  conversions, xb, compared)
 
 
 def report(run, data, static_rows, exit_rows, curve, acc_E, ec, mcfg, acfg, targets, autoencoder, at_cb,
-           conversions, xb) -> Report:
+           conversions, xb, compared) -> Report:
     cfg, (train_ds, val, test) = run.cfg, data
     ae_mflops, ae_ms, conv_mse = (autoencoder[k] for k in ("MFLOPs", "ms_per_batch", "test_conversion_mse"))
     cb = static_rows[3]
+    paired, earlier, preds = compared["paired"], compared["earlier"], compared["preds"]
     key = f"ms_per_batch{xb.shape[0]}"
     plots = {
         "cbnet_accuracy_flops.png": lambda path: report_lib.plot_accuracy_vs_flops(
@@ -300,7 +345,10 @@ def report(run, data, static_rows, exit_rows, curve, acc_E, ec, mcfg, acfg, targ
                for r, lbl in zip(static_rows[2:], ("direct", "CBNet", "CBNet'", "MLP"))],
             path, title=f"CBNet vs BranchyNet exits on {cfg.data.name} (test)"),
         "cbnet_conversions.png": lambda path: plot_conversions(
-            *conversions, targets.images_KxHxWxC, path, f"{cfg.data.name}: test inputs, conversions, targets")}
+            *conversions, targets.images_KxHxWxC, path, f"{cfg.data.name}: test inputs, conversions, targets"),
+        "cbnet_predictions.npz": lambda path: np.savez_compressed(
+            path, labels=test.labels_N, names=np.asarray(list(preds)),
+            preds=np.stack([preds[k] for k in preds]).astype(np.int8))}
     rows = static_rows + exit_rows
     cols = ["model", "test_acc", "MFLOPs", key, "exit_fractions", "sim_agrees"]
     rows = [{c: r.get(c, "") for c in cols} for r in rows]
@@ -327,11 +375,20 @@ def report(run, data, static_rows, exit_rows, curve, acc_E, ec, mcfg, acfg, targ
         f"accuracy of the CNN: {' / '.join(f'{100 * a:.2f}' for a in acc_E)}. BranchyNet's budgeted accuracy at "
         f"CBNet's FLOPs ({cb['MFLOPs']:.3f} M): {100 * at_cb:.2f}% (interpolated; NaN = outside its range). "
         "Plot: `cbnet_accuracy_flops.png`. sim_agrees: executed exits equal to the simulated ones (asserted).",
-        report_lib.markdown_table(rows, cols)])
+        report_lib.markdown_table(rows, cols),
+        "## CBNet against every other row, paired on the test images\n"
+        "diff_points: CBNet's test accuracy minus the row's, in points; ci95: paired bootstrap 95% interval over the "
+        f"{len(test)} test images (10,000 resamples, `eejax.eval.bootstrap.paired_bootstrap`). An interval holding "
+        "0 reads \"no difference at this scale\".",
+        report_lib.markdown_table(paired, list(paired[0]), ".2f"),
+        "## Earlier runs of this folder (their CBNet and control rows, kept)\n"
+        + (report_lib.markdown_table(earlier, list(earlier[0]), ".2f") if earlier
+           else "none given (eval.earlier_runs)")])
     return Report(md, {
         "results": {"rows": rows, "autoencoder": autoencoder,
                     "targets": {"split": "train", "index": targets.index_K.tolist(),
                                 "confidence": targets.confidence_K.tolist()},
+                    "paired_differences": paired, "earlier_runs": earlier,
                     "cnn_acc_E": acc_E.tolist(), "cum_flops": ec.cum_flops_E.tolist(),
                     "static_flops": ec.static_flops_E.tolist(), "branchynet_acc_at_cbnet_flops": at_cb,
                     "budgeted": vision.budgeted_rows(curve)}}, plots)

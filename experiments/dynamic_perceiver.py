@@ -6,7 +6,7 @@ Two arms share the feature branch, the loss (mean CE over exits + self-distillat
 the seed: the Dyn-Perceiver (exits on the latent branch, the last merging both branches) and the feature-exit
 baseline (linear exits on the pooled CNN features). Every exit's softmax is cached on validation and test; the
 budgeted curve (eejax.eval.budgeted: thresholds fit on validation, applied to test) and the static truncated models
-are computed from them. The points of ``eval.executed_priors`` run through the engine (compacted executor): their
+are computed from them. The points of ``eval.executed_priors`` run through the engine (bucket-cascade executor): their
 exits must equal the simulated ones (asserted; only ties within 1e-5 of a threshold may differ) and they are timed
 against the static full model of the same arm (batched throughput on one CPU test batch).
 """
@@ -72,7 +72,7 @@ def evaluate_arm(cfg, arm, mcfg, graphdef, params, val, test, xb):
     conf_test = probs_test.max(-1)
 
     static_fn = jax.jit(lambda p, x: nnx.merge(graphdef, p).static(x, mcfg.depth - 1))
-    dyn_fn = jax.jit(lambda p, x, t: nnx.merge(graphdef, p).dynamic(x, t, executor=engine.Compacted()).logits_BxC)
+    dyn_fn = jax.jit(lambda p, x, t: nnx.merge(graphdef, p).dynamic(x, t, executor=engine.BucketCascade()).logits_BxC)
     static_tp = costs.throughput(static_fn, xb.shape[0], params, xb)
     rows = []
     for p in cfg.eval.executed_priors:
@@ -162,10 +162,10 @@ def report(run, data, res, rows_exit, rows_exec, rows_match, rows_dom, xb) -> Re
         report_lib.markdown_table(rows_dom, list(rows_dom[0])),
         f"## Matched FLOPs (test curves interpolated): Dyn-Perceiver ahead at {wins}/{len(rows_match)} points",
         report_lib.markdown_table(rows_match, list(rows_match[0])) if rows_match else "(one arm only)",
-        "## Executed by the engine (compacted executor) at some priors\n"
+        "## Executed by the engine (bucket-cascade executor) at some priors\n"
         "sim_agrees: fraction of test examples whose executed exit equals the simulated one (asserted equal up to "
         f"ties within {vision.TIE_EPS:g} of a threshold). Throughput speed-up: measured images/s of the dynamic "
-        f"model (compacted executor, one test batch of {xb.shape[0]}) over the same arm's static full model, on "
+        f"model (bucket-cascade executor, one test batch of {xb.shape[0]}) over the same arm's static full model, on "
         f"{result_files.device_description()}.",
         report_lib.markdown_table(rows_exec, list(rows_exec[0]))])
     arms = {a: {"acc_E": r["acc_E"].tolist(), "cum_flops": r["ec"].cum_flops_E.tolist(),

@@ -27,7 +27,7 @@ from flax import nnx
 from eejax.data.sst2 import load_sst2
 from eejax.eval import report as report_lib
 from eejax.exits import confidence as conf_lib
-from eejax.exits import costs, engine, losses
+from eejax.exits import costs, engine, losses, policies
 from eejax.models import encoder as enc
 from eejax.models import pretrained_encoder as pe
 from experiments import _common_encoder as common
@@ -138,7 +138,8 @@ def evaluate(graphdef, params, dev, cfg, settings, exit_layers_E):
             exits.append(np.asarray(out.exit_B)[:m])
             preds.append(np.asarray(jnp.argmax(out.logits_BxC, -1))[:m])
         exit_N, pred_N = np.concatenate(exits), np.concatenate(preds)
-        sim_N = np.asarray(engine.exits_from_scores(jnp.asarray(scores[policy]), thr))
+        sim = engine.simulate(policies.score_threshold(thr, len(exit_layers_E)), scores[policy])
+        sim_N = np.asarray(sim.exit_B)
         rows.append({"policy": policy, "setting": setting, "threshold": thr, "acc": 100 * (pred_N == labels).mean(),
                      "mean_layers": float(np.mean(np.asarray(exit_layers_E)[exit_N] + 1)),
                      "sim_agrees": float((sim_N == exit_N).mean()), "exit_N": exit_N})

@@ -18,6 +18,7 @@ from flax import nnx
 
 from eejax.data.text import load_tokens
 from eejax.decoding import layer_skip as ls
+from eejax.eval import bootstrap
 from eejax.eval import report as report_lib
 from eejax.train import ArrayIterator, Trainer, make_optimizer, one_device_mesh, read_metrics
 from experiments import _common_smollm2 as common
@@ -42,12 +43,13 @@ def training_windows(cfg, args, tok) -> np.ndarray:
 
 def cached_features(su, windows_WxL: np.ndarray, log=print) -> dict[str, np.ndarray]:
     """Full-depth prefill of every training prompt, once: pooled layer inputs (W x N x D, float32) and the prompt
-    K/V (N x W x P x H x K, float16), in ``<workdir>/features.npz``."""
+    K/V (N x W x J x P x K: the KV cache's layout, float16), in ``<workdir>/features.npz``."""
     path = su.workdir / "features.npz"
     if path.exists():
         with np.load(path) as f:
             feats = {k: f[k] for k in f.files}
-        if np.array_equal(feats["windows"], windows_WxL):
+        p = su.cfg.eval.prompt_len     # the slot axis of the cache layout (older files held N x W x P x J x K)
+        if np.array_equal(feats["windows"], windows_WxL) and feats["k"].shape[3] == p:
             log(f"features: reusing {path}")
             return feats
     p, bsz = su.cfg.eval.prompt_len, su.cfg.train.prefill_batch
@@ -58,8 +60,8 @@ def cached_features(su, windows_WxL: np.ndarray, log=print) -> dict[str, np.ndar
     for i in range(0, windows_WxL.shape[0], bsz):
         pre = fn(su.params, jnp.asarray(windows_WxL[i:i + bsz, :p]))
         pooled.append(np.asarray(pre.pooled_NxBxD).transpose(1, 0, 2))
-        ks.append(np.asarray(pre.state.cache.k_NxBxSxGxK, np.float16))
-        vs.append(np.asarray(pre.state.cache.v_NxBxSxGxK, np.float16))
+        ks.append(np.asarray(pre.state.cache.k_NxBxJxSxK, np.float16))
+        vs.append(np.asarray(pre.state.cache.v_NxBxJxSxK, np.float16))
         log(f"  features: {i + bsz}/{windows_WxL.shape[0]} prompts ({time.perf_counter() - start:.0f} s)")
     feats = {"windows": windows_WxL, "pooled_WxNxD": np.concatenate(pooled), "k": np.concatenate(ks, axis=1),
              "v": np.concatenate(vs, axis=1), "seconds": np.float64(time.perf_counter() - start)}
@@ -124,6 +126,45 @@ def train_routers(su, feats, log=print) -> tuple[ls.Routers, list[dict], float]:
 # ------------------------------------------------------------------------------------------------- evaluation
 
 
+def random_keep_sets(rng, routable, k: int, draws: int) -> list[np.ndarray]:
+    """``draws`` random keep sets, each skipping ``k`` routable layers drawn uniformly without replacement. A random
+    control is a distribution, not one draw: one draw can land on a layer whose skip alone ruins the model (on
+    SmolLM2 skipping its second layer alone costs KL 3.3), so the method is placed within many draws (median,
+    range, rank)."""
+    n = routable.shape[0]
+    return [np.setdiff1d(np.arange(n), rng.choice(np.flatnonzero(routable), k, replace=False)) for _ in range(draws)]
+
+
+def random_control(ppl: dict, agree: dict, k: int, draw_names: list[str], method: str, seed: int) -> dict:
+    """The method's place among the random draws at k skipped layers: the draws' median and range of perplexity and
+    agreement, the method's rank (1 = lower perplexity than every draw), and the paired bootstrap interval (over the
+    evaluation windows) of the method's perplexity minus the median draw's (the draw at the median rank; of an even
+    number of draws, the upper of the two middle ones)."""
+    p_R = np.array([ppl[d]["ppl"] for d in draw_names])
+    a_R = np.array([agree[d]["agreement"] for d in draw_names])
+    median_draw = draw_names[int(np.argsort(p_R)[len(p_R) // 2])]
+    d = paired_ppl(ppl, method, median_draw, seed)
+    return {"k": k, "draws": len(draw_names), "random_ppl_median": float(np.median(p_R)),
+            "random_ppl_min": float(p_R.min()), "random_ppl_max": float(p_R.max()),
+            "random_agree_median": float(np.median(a_R)), "random_agree_min": float(a_R.min()),
+            "random_agree_max": float(a_R.max()), "method": method, "method_ppl": ppl[method]["ppl"],
+            "method_rank": int(1 + np.sum(p_R < ppl[method]["ppl"])), "of": len(draw_names) + 1,
+            "median_draw": median_draw, "diff_vs_median_draw": d.diff, "ci95_lo": d.lo, "ci95_hi": d.hi,
+            "reading": ppl_reading(d, method, median_draw)}
+
+
+def paired_ppl(ppl: dict, a: str, b: str, seed: int = 0) -> bootstrap.Difference:
+    """Perplexity of ``a`` minus ``b`` on the same windows, with the paired bootstrap 95% interval that resamples
+    whole windows (a window's tokens are correlated); every window scores the same number of tokens, so
+    exp(mean of the windows' mean NLL) is the perplexity."""
+    return bootstrap.paired_bootstrap(ppl[a]["nll_W"], ppl[b]["nll_W"], transform=np.exp, seed=seed)
+
+
+def ppl_reading(d: bootstrap.Difference, a: str, b: str) -> str:
+    """Perplexity is better lower: "a better than b", "a worse than b" or "no difference at this scale"."""
+    return d.reading(a, b).replace(" above ", " worse than ").replace(" below ", " better than ")
+
+
 def plot(rows, skip_freq, path, n):
     import matplotlib  # noqa: PLC0415
     matplotlib.use("Agg")
@@ -133,8 +174,9 @@ def plot(rows, skip_freq, path, n):
     full = next(r for r in rows if r["family"] == "full")
     for fam, marker in zip(("FiRST top-k", "ULS", "router static", "random"), "osd^"):
         rs = sorted((r for r in rows if r["family"] == fam), key=lambda r: r["avg_skipped"])
-        axes[0].plot([r["avg_skipped"] for r in rs], [r["ppl"] for r in rs], marker=marker, label=fam)
-        axes[1].plot([r["avg_skipped"] for r in rs], [r["agreement"] for r in rs], marker=marker, label=fam)
+        ls_ = "" if fam == "random" else "-"     # the random draws: a cloud of points at each k
+        axes[0].plot([r["avg_skipped"] for r in rs], [r["ppl"] for r in rs], marker=marker, ls=ls_, label=fam)
+        axes[1].plot([r["avg_skipped"] for r in rs], [r["agreement"] for r in rs], marker=marker, ls=ls_, label=fam)
     for r in rows:
         if r["family"] == "FiRST":
             axes[0].plot([r["avg_skipped"]], [r["ppl"]], "k*", ms=12, label="FiRST (hard decisions)")
@@ -168,14 +210,14 @@ def main(run: Run) -> Report:
     feats = cached_features(su, train_w)
     routers, hist, train_s = train_routers(su, feats)
 
-    methods, meta, first_keep, train_logit_NxW, train_keep = build_methods(su, routers, feats)
+    methods, meta, first_keep, train_logit_NxW, train_keep, draws = build_methods(su, routers, feats)
     ev = evaluate(su, data, methods, meta, first_keep, train_keep)
-    return report(su, data, feats, hist, train_s, ev, train_logit_NxW)
+    return report(su, data, feats, hist, train_s, ev, train_logit_NxW, draws)
 
 
 def build_methods(su, routers, feats):
     """The full model, FiRST (hard decisions, and top-k per row), and at each k the ULS set, the routers' static
-    set and a random set."""
+    set and ``eval.random_draws`` random sets (``draws``: their names per k)."""
     e, n = su.cfg.eval, su.mcfg.depth
     routable = ls.routable(n)
     # The router's static set: the layers with the lowest mean keep logit over the training prompts.
@@ -192,18 +234,22 @@ def build_methods(su, routers, feats):
 
     methods = [common.full_method(), common.row_method("FiRST", first_keep(), "router logit > 0, per sequence")]
     meta = [{"family": "full", "k": 0}, {"family": "FiRST", "k": None}]
+    draws = {}
     for k in e.skips:
         static = np.setdiff1d(np.arange(n), np.argsort(mean_logit, kind="stable")[:k])
-        rand = np.setdiff1d(np.arange(n), rng.choice(np.flatnonzero(routable), k, replace=False))
         uls = ls.uls_layers(n, skip=k)
         skipped = lambda keep: ",".join(str(l) for l in np.setdiff1d(np.arange(n), keep))  # noqa: E731
         methods += [common.row_method(f"FiRST top-{k}", first_keep(k), f"each row skips its {k} lowest"),
                     common.table_method(f"ULS skip {k}", uls, n, "skips " + skipped(uls)),
-                    common.table_method(f"router static skip {k}", static, n, "skips " + skipped(static)),
-                    common.table_method(f"random skip {k}", rand, n, "skips " + skipped(rand))]
-        meta += [{"family": f, "k": k} for f in ("FiRST top-k", "ULS", "router static", "random")]
+                    common.table_method(f"router static skip {k}", static, n, "skips " + skipped(static))]
+        meta += [{"family": f, "k": k} for f in ("FiRST top-k", "ULS", "router static")]
+        # Draw 0 of the first k is the single draw of the earlier runs (same seed, same order).
+        draws[k] = [f"random skip {k} #{i}" for i in range(e.random_draws)]
+        for name, rand in zip(draws[k], random_keep_sets(rng, routable, k, e.random_draws)):
+            methods.append(common.table_method(name, rand, n, "skips " + skipped(rand)))
+            meta.append({"family": "random", "k": k})
 
-    return methods, meta, first_keep, train_logit_NxW, train_keep
+    return methods, meta, first_keep, train_logit_NxW, train_keep, draws
 
 
 class Evaluation(NamedTuple):
@@ -212,6 +258,8 @@ class Evaluation(NamedTuple):
     eval_keep: np.ndarray
     distinct: int
     skip_freq: dict
+    ppl: dict      # per method: perplexity, mean layers, per-window NLL (common.perplexity)
+    agree: dict    # per method: greedy agreement with the full model (common.greedy)
 
 
 def evaluate(su, data, methods, meta, first_keep, train_keep) -> Evaluation:
@@ -254,22 +302,33 @@ def evaluate(su, data, methods, meta, first_keep, train_keep) -> Evaluation:
         rows.append(row)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
-    return Evaluation(rows, eval_s, eval_keep, distinct, skip_freq)
+    return Evaluation(rows, eval_s, eval_keep, distinct, skip_freq, ppl, agree)
 
 
-def report(su, data, feats, hist, train_s, ev, train_logit_NxW) -> Report:
+def report(su, data, feats, hist, train_s, ev, train_logit_NxW, draws) -> Report:
     cfg, e, n = su.cfg, su.cfg.eval, su.mcfg.depth
-    rows, eval_s, eval_keep, distinct, skip_freq = ev
+    rows, eval_s, eval_keep, distinct, skip_freq, ppl, agree = ev
     files = {"first_quality_vs_skipped.png": lambda path: plot(rows, skip_freq, path, n)}
     cols = ["family", "method", "avg_layers", "avg_skipped", "ppl", "agreement", "prefix"]
     tcols = ["method", "avg_layers"] + [f"b{b}_{x}" for b in cfg.timing.batches for x in ("tok_s", "speedup")]
-    by = {(r["family"], r["k"]): r for r in rows}
-    cmp_rows = []
+    by = {(r["family"], r["k"]): r for r in rows if r["family"] != "random"}
+    cmp_rows, rand_rows, paired = [], [], []
     for k in e.skips:
-        f, u, s, r = (by[(fam, k)] for fam in ("FiRST top-k", "ULS", "router static", "random"))
+        f, u, s = (by[(fam, k)] for fam in ("FiRST top-k", "ULS", "router static"))
+        rc = random_control(ppl, agree, k, draws[k], f["method"], cfg.seed)
+        rand_rows.append(rc)
         cmp_rows.append({"k": k, "FiRST_top_k_ppl": f["ppl"], "ULS_ppl": u["ppl"], "router_static_ppl": s["ppl"],
-                         "random_ppl": r["ppl"], "FiRST_agree": f["agreement"], "ULS_agree": u["agreement"],
-                         "router_static_agree": s["agreement"], "random_agree": r["agreement"]})
+                         "random_ppl_median": rc["random_ppl_median"], "FiRST_agree": f["agreement"],
+                         "ULS_agree": u["agreement"], "router_static_agree": s["agreement"],
+                         "random_agree_median": rc["random_agree_median"]})
+        for a, b in ((f["method"], u["method"]), (f["method"], s["method"]), (u["method"], s["method"]),
+                     (f["method"], rc["median_draw"])):
+            d = paired_ppl(ppl, a, b, cfg.seed)
+            paired.append({"k": k, "a": a, "b": b, "ppl_a_minus_b": d.diff, "ci95_lo": d.lo, "ci95_hi": d.hi,
+                           "reading": ppl_reading(d, "a", "b")})
+    d = paired_ppl(ppl, "FiRST", "full model", cfg.seed)
+    paired.append({"k": None, "a": "FiRST", "b": "full model", "ppl_a_minus_b": d.diff, "ci95_lo": d.lo,
+                   "ci95_hi": d.hi, "reading": ppl_reading(d, "a", "b")})
     t, last = cfg.train, hist[-1]
     md = "\n\n".join([
         "# FiRST: prompt-routed per-sequence layer skipping vs static skip sets (frozen SmolLM2, KV-cached decode)",
@@ -289,7 +348,18 @@ def report(su, data, feats, hist, train_s, ev, train_logit_NxW) -> Report:
         "count). The prefill always runs at full depth (the routers read every layer's prompt input), for every "
         "method; its cost is not in these numbers.",
         report_lib.markdown_table(rows, cols + ["detail"], ".3f"),
-        "## At equal layers per row (k skipped)", report_lib.markdown_table(cmp_rows, list(cmp_rows[0]), ".3f"),
+        "## At equal layers per row (k skipped)\nrandom: the median over the random draws (next table).",
+        report_lib.markdown_table(cmp_rows, list(cmp_rows[0]), ".3f"),
+        f"## The random control: {e.random_draws} draws per k\n"
+        "Each draw skips k routable layers drawn uniformly. method_rank: the method's perplexity rank among the draws "
+        "and itself (1 = lower than every draw). diff_vs_median_draw: the method's perplexity minus the median "
+        "draw's, with its paired bootstrap 95% interval over the evaluation windows. Every draw's row is in the "
+        "first table.",
+        report_lib.markdown_table(rand_rows, [c for c in rand_rows[0] if c != "method"], ".3f"),
+        "## Paired differences (perplexity, same windows)\n"
+        "ppl_a_minus_b with the paired bootstrap 95% interval (10,000 resamples of whole windows, "
+        "`eejax.eval.bootstrap.paired_bootstrap`); an interval holding 0 reads \"no difference at this scale\".",
+        report_lib.markdown_table(paired, list(paired[0]), ".3f"),
         f"## Decode speed (decode-only tokens/s, best of {cfg.timing.rounds} interleaved rounds)\n"
         "FiRST at batch B > 1 runs the union of its rows' kept layers (each row's own skips are masked), so its "
         "saving shrinks as rows disagree; at batch 1 it runs exactly the row's set.",
@@ -301,7 +371,8 @@ def report(su, data, feats, hist, train_s, ev, train_logit_NxW) -> Report:
     ])
     return Report(md, {
         "data": data.description, "rows": rows,
-        "equal_layers": cmp_rows, "train_log": hist, "train_seconds": train_s,
+        "equal_layers": cmp_rows, "random_control": rand_rows, "paired_differences": paired,
+        "nll_per_window": {k: v["nll_W"] for k, v in ppl.items()}, "train_log": hist, "train_seconds": train_s,
         "feature_seconds": float(feats["seconds"]), "eval_seconds": eval_s, "skip_frequency": skip_freq,
         "distinct_eval_sets": distinct, "eval_keep_NxW": eval_keep.astype(int).tolist(),
         "router_mean_train_logit": train_logit_NxW.mean(1).tolist()}, files)

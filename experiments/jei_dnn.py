@@ -238,12 +238,12 @@ def evaluate_lambdas(cfg, graphdef, params, ec, caches, per_lambda, test, val):
     n_layers = len(ec.cum_flops_E)
     y_val, y_test = val.labels_N, test.labels_N
 
-    # Executed runs: the engine on the frozen backbone with the IMs as heads (compacted executor).
+    # Executed runs: the engine on the frozen backbone with the IMs as heads (bucket-cascade executor).
     def dyn(p, ims, x, policy):
         model = nnx.merge(graphdef, p)
         heads = [im_head(ims, e) for e in range(n_layers - 1)] + [model.heads[0]]
         return engine.run(model.layers, heads, model.embed(x), engine.prefix(n_layers, range(n_layers)), policy,
-                          engine.Compacted())
+                          engine.BucketCascade())
 
     run_gate = jax.jit(lambda p, ims, x, w, b: _exit_pred(dyn(p, ims, x, policies.uncertainty_gate(w, b))))
     run_thr = jax.jit(lambda p, ims, x, t: _exit_pred(dyn(p, ims, x, policies.threshold("max_softmax", t,
@@ -341,7 +341,7 @@ def report(run, data, mcfg, ec, results, curves, probs_warm_test) -> Report:
         f"Conformal: LAC sets calibrated on validation (each arm its own exits), coverage and mean size on test. "
         f"JEI ahead of max-softmax: accuracy {wins['test_acc']}/{len(pairs)}, lower ECE {wins['test_ece_%']}/"
         f"{len(pairs)}, smaller sets at alpha={a0:g} {wins[f'set@{a0:g}']}/{len(pairs)}. sim_agrees: fraction of "
-        "test examples whose executed exit (engine, compacted) equals the simulated one; throughput speed-up is "
+        "test examples whose executed exit (engine, bucket cascade) equals the simulated one; throughput speed-up is "
         "measured against the static full-depth model on one batch.",
         report_lib.markdown_table(rows, list(rows[0])),
         "## Warm-up IMs (plain multi-exit CE) per exit, test\n",

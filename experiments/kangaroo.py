@@ -22,6 +22,7 @@ from eejax.decoding import kangaroo as kg
 from eejax.errors import ConfigError
 from eejax.eval import report as report_lib
 from eejax.exits import costs, engine
+from eejax.harness import results as result_files
 from eejax.models import lm as lm_lib
 from experiments import _common_smollm2 as common
 from experiments._common import Report, Run, experiment
@@ -33,9 +34,10 @@ DRAFTERS = ("adapter", "shared-head")
 # ------------------------------------------------------------------------------------------------ adapter training
 
 
-def adapters(model: common.LM, cfg, args, workdir: pathlib.Path, log=print) -> tuple[dict, dict, dict]:
+def adapters(model: common.LM, cfg, args, workdir: pathlib.Path, log=print, prov=None) -> tuple[dict, dict, dict]:
     """Cache features, then train (or load from the workdir) one adapter per exit layer. Returns
-    ``({l: adapter}, {l: training log}, cache info)``."""
+    ``({l: adapter}, {l: training log}, cache info)``. Each adapter trained here gets a ``.provenance.json`` record
+    (sha256, this run's commit, the step) so a run that reads it (SpecEE's drafter) can name what it read."""
     layers = tuple(cfg.drafter.exit_layers)
     if max(layers) >= model.cfg.depth:
         raise ConfigError(f"drafter.exit_layers {layers} must be < the model's depth {model.cfg.depth}")
@@ -58,6 +60,8 @@ def adapters(model: common.LM, cfg, args, workdir: pathlib.Path, log=print) -> t
                                                workdir / f"adapter_l{l}", log)
         common.save_tree(path, out[l])
         log_path.write_text(json.dumps(logs[l]))
+        if prov is not None:
+            result_files.write_artefact_record(path, prov, step=cfg.train.steps)
     info = {"train_vocab": int(np.unique(train["top_idx"]).size) if cfg.train.restrict_vocab else None,
             "train_tokens": int(train["top_idx"].shape[0] * train["top_idx"].shape[1]),
             "val_tokens": int(val["top_idx"].shape[0] * val["top_idx"].shape[1]),
@@ -107,8 +111,12 @@ def simulate(argmax_BxT, conf_BxT, seq_BxT, prompt_len: int, num_new: int, eta: 
 
 
 def cost_speedup(mcfg, exit_layer, rows: int, num_new: int, drafted, rounds) -> float:
-    return kg.cost_speedup(mcfg, exit_layer=exit_layer, tokens=rows * (num_new - 1), draft_steps=drafted,
-                           rounds=rounds)
+    """Cost model (roofline, H200 calibrated 2026-12-04; ``eejax.exits.costs``, the one cost model of every
+    decoder) at batch 1: every draft step's l layers, adapter and vocabulary head, every round's verify of its drafts
+    + 1 positions, against greedy's L layers + head per token."""
+    counts = costs.kangaroo_counts(exit_layer, tokens=rows * (num_new - 1), draft_steps=float(drafted),
+                                   rounds=float(rounds))
+    return costs.predicted_speedup(mcfg, counts, batch=1).value
 
 
 def _hist_ratio(hist):
@@ -122,7 +130,7 @@ def main(run: Run) -> Report:
     cfg, args, workdir = run.cfg, run.args, run.workdir
     model = common.model_of(run)
     layers = tuple(cfg.drafter.exit_layers)
-    trained, train_logs, cache_info = adapters(model, cfg, args, workdir)
+    trained, train_logs, cache_info = adapters(model, cfg, args, workdir, prov=run.prov)
     drafters = {("adapter", l): trained[l] for l in layers}
     drafters.update({("shared-head", l): common.shared_head_adapter(model, l) for l in layers})
     fit_rows, best_eta, best_l = fit_eta(cfg, args, model, drafters, layers)
@@ -214,6 +222,12 @@ def write(cfg, prov, model, rows, fit_rows, best_eta, best_l, train_logs, cache_
                    "train_seconds": final[l].get("seconds", 0.0)} for l in train_logs]
     cols = ["drafter", "l", "eta", "acceptance", "CR", "mean_draft_len", "seconds", "tokens_per_s", "wall_speedup",
             "cost_speedup", "greedy_exact", "top1_accepted", "top1_first_rejected"]
+    speed_note = ("wall_speedup: MEASURED CPU wall-clock against plain greedy timed once at the start "
+                  f"({result_files.device_description()}, shared with other jobs, one timed call per run): load noise, not "
+                  "a speed-up of Kangaroo; a value above 1 is the load falling during the run. cost_speedup: the "
+                  "parameter-read cost model (`eejax.decoding.kangaroo.cost_speedup`: memory-bound GPU at batch 1, "
+                  "the shared head counted in every draft step). top1_*: mean top-1 probability of accepted / first "
+                  "rejected drafts from 10-bin histograms; their intervals need the histograms (conf_hist).")
     md = "\n\n".join([
         f"# Kangaroo (arXiv:2404.18911) on {cfg.model.name}",
         prov.markdown() + "  \n"
@@ -228,8 +242,8 @@ def write(cfg, prov, model, rows, fit_rows, best_eta, best_l, train_logs, cache_
         f"gamma {dc.gamma}. Total wall-clock {total_s / 60:.1f} min.",
         "## Adapter training (validation book; expected acceptance = sum over the full model's top-k of "
         "min(p_full, p_draft))", report_lib.markdown_table(train_rows, list(train_rows[0]), ".3f"),
-        f"## Test (held out), eta fit on validation per drafter and l; best l on validation (adapter): {best_l}",
-        report_lib.markdown_table(fitted, cols, ".3f"),
+        f"## Test (held out), eta fit on validation per drafter and l; best l on validation (adapter): {best_l}\n"
+        + speed_note, report_lib.markdown_table(fitted, cols, ".3f"),
         "## Test at the paper's eta = %g" % dc.eta,
         report_lib.markdown_table([r for r in rows if r["l"] is not None and r["eta"] == dc.eta], cols, ".3f"),
         "## Validation fit (simulated from teacher-forced drafts, batch 1)",

@@ -6,7 +6,7 @@ One ViT whose every layer exits through the same shared head (experiments/_commo
 Every layer's softmax and MuE's layer-to-layer cosine similarity (the whole token tensor, layer 1 against the
 embedding) are cached on validation and test. Each arm has one global threshold (MuE's rule), fit on VALIDATION
 to a mean-layer budget and to a fraction of full-depth accuracy (the paper's 99% / 96%), then applied to TEST.
-The selected thresholds are executed by the engine (``policies.saturation`` / ``policies.threshold``, compacted
+The selected thresholds are executed by the engine (``policies.saturation`` / ``policies.threshold``, bucket-cascade
 executor) and must agree with the simulation; throughput is measured against the static full-depth model.
 """
 from __future__ import annotations
@@ -175,7 +175,7 @@ def report(run, su, results, curves, hist, correct_test) -> Report:
         "## At the paper's operating points (thresholds fit on validation to a fraction of full-depth validation "
         "accuracy, executed on test by the engine)\n"
         f"Full depth: val {100 * full_val:.2f}%, test {100 * full_test:.2f}%. sim_agrees: fraction of test "
-        "examples whose executed exit equals the simulated one; throughput is measured (compacted executor) "
+        "examples whose executed exit equals the simulated one; throughput is measured (bucket-cascade executor) "
         "against the static full-depth model on one batch.",
         report_lib.markdown_table(rows_quality, list(rows_quality[0])),
         "## At mean-layer budgets (thresholds fit on validation, executed on test)",

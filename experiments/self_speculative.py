@@ -197,14 +197,33 @@ def replay(pred_NxG: np.ndarray, cont_NxG: np.ndarray, k: int) -> dict:
             "acceptance": accepted / max(drafted, 1), "tokens_per_verify": (accepted + rounds) / max(rounds, 1)}
 
 
-def cost_speedups(tpv: float, k_mean: float, draft_layers: float, depth: int, verify_s: dict, step_s: float) -> dict:
+COST_COLUMNS = ("Speed-up columns: `speedup_measured` = measured (this machine, its load); `speedup_cost_cpu` = "
+                "cost model (CPU, measured verify); `speedup_cost_h200` = cost model (roofline, H200 calibrated "
+                "2026-12-04; eejax.exits.costs); `speedup_cost_h200_floor` = cost model (roofline floor, H200 spec "
+                "sheet). Every cost model counts each draft's vocabulary head and DEL's shadow heads.")
+
+
+def cost_speedups(tpv: float, k_mean: float, draft_layers: float, mcfg, verify_s: dict, step_s: float, *,
+                  batch: int, cache_len: int, shadow_heads: int = 0) -> dict:
     """Cost-model speed-ups over greedy of a round drafting ``k_mean`` tokens at ``draft_layers`` layers each (mean)
-    that yields ``tpv`` tokens: CPU model = k E/L of a full step per draft token + the measured time of verifying
-    k + 1 tokens at full depth; GPU (memory-bound) model = the same with the verify costing one step."""
-    k_int = int(round(k_mean))
-    verify = verify_s.get(k_int + 1, (k_mean + 1) * step_s)
-    draft = k_mean * draft_layers / depth * step_s
-    return {"speedup_cost_cpu": tpv * step_s / (draft + verify), "speedup_cost_gpu": tpv / (draft / step_s + 1.0)}
+    that yields ``tpv`` tokens. Every draft pays its exit's vocabulary head (SmolLM2's tied 49,152 x 576 head is
+    ~21 % of the weights) and DEL's verify ``shadow_heads`` more heads on every verified position; both models
+    count them (``eejax.exits.costs``, the one cost model of every decoder):
+
+    * ``speedup_cost_cpu``: cost model (CPU, measured verify): a draft token costs (E layers + head) / (L layers +
+      head) of a measured full step in FLOPs, the verify of k + 1 tokens its measured time;
+    * ``speedup_cost_h200``: cost model (roofline, H200 calibrated 2026-12-04): ``costs.predicted_speedup`` with
+      bf16 weights, eejax's decoder as it ran on the H200 (launch-bound at these batches);
+    * ``speedup_cost_h200_floor``: the same counts on the roofline floor (H200 spec sheet: weights, cache, FLOPs)."""
+    counts = costs.self_speculative_counts(draft_layers, k_mean, tpv, shadow_heads=shadow_heads)
+    flops = lambda c: costs.predict(costs.decode_work(mcfg, c, batch=batch, cache_len=cache_len)).flops  # noqa: E731
+    step = flops(costs.greedy_counts(mcfg))
+    draft = (k_mean * flops(costs.TokenCounts(layers=draft_layers)) + shadow_heads * (k_mean + 1) *
+             flops(costs.TokenCounts(layers=0))) / step * step_s
+    verify = verify_s.get(int(round(k_mean)) + 1, (k_mean + 1) * step_s)
+    sp = costs.predicted_speedup(mcfg, counts, batch=batch, cache_len=cache_len)
+    return {"speedup_cost_cpu": tpv * step_s / (draft + verify), "speedup_cost_h200": sp.value,
+            "speedup_cost_h200_floor": sp.limit}
 
 
 def verify_costs(gd, params, prompts, lengths_t, batch):
@@ -249,7 +268,7 @@ def merge_spec(outs) -> dict:
             "exit_trace": cat("exit_trace_BxG"), "k_trace": cat("k_trace_BxG")}
 
 
-def spec_row(label, arm, m, seconds, greedy_s, tokens, ref, depth, verify_s, step_s, n_tok) -> dict:
+def spec_row(label, arm, m, seconds, greedy_s, tokens, ref, mcfg, verify_s, step_s, n_tok, **cost_kw) -> dict:
     rounds, drafted, accepted = m["rounds"].sum(), m["drafted"].sum(), m["accepted"].sum()
     tpv = (accepted + rounds) / max(rounds, 1)
     k_mean = drafted / max(rounds, 1)
@@ -257,7 +276,7 @@ def spec_row(label, arm, m, seconds, greedy_s, tokens, ref, depth, verify_s, ste
     row = {"drafter": label, "exits": arm, "mean_draft_layers": e_mean, "mean_k": k_mean,
            "acceptance": accepted / max(drafted, 1), "tokens_per_verify": tpv, "seconds": seconds,
            "tokens_per_s": n_tok / seconds, "speedup_measured": greedy_s / seconds}
-    row.update(cost_speedups(tpv, k_mean, e_mean, depth, verify_s, step_s))
+    row.update(cost_speedups(tpv, k_mean, e_mean, mcfg, verify_s, step_s, **cost_kw))
     row["equals_greedy"] = float(np.mean(np.all(tokens == ref, 1)))
     return row
 
@@ -277,7 +296,7 @@ def plot_sweep(sweep, layers, ks, path, title):
     ax[0].set(xlabel="draft exit E (layers)", ylabel="per-token acceptance (k=1)", title="acceptance vs E")
     ax[0].legend()
     best_arm = "norm"
-    for i, key in enumerate(("speedup_cost_cpu", "speedup_cost_gpu")):
+    for i, key in enumerate(("speedup_cost_cpu", "speedup_cost_h200")):
         for k in ks:
             ax[1 + i].plot(layers, [sweep[best_arm][(l, k)][key] for l in layers], "o-", label=f"k={k}")
         ax[1 + i].axhline(1.0, color="gray", lw=0.8)
@@ -316,17 +335,17 @@ def main(run: Run) -> Report:
                                             dc.fit_prompts - half, p_len)
                    + common.paragraph_prompts(load_text(data_dir, "wikitext2", "validation"), tok, half, p_len))
     test_prompts = common.paragraph_prompts(load_text(data_dir, "wikitext2", "test"), tok, dc.test_prompts, p_len)
-    sweeps, verify_s, best, best_gpu = offline_sweep(c, gd, params, arm_p, layers, idx, depth, fit_prompts,
+    sweeps, verify_s, best, best_gpu = offline_sweep(c, gd, params, arm_p, layers, idx, mcfg, fit_prompts,
                                                      test_prompts, log)
     measured = measure(c, gd, params, arm_p, mcfg, idx, best, verify_s, test_prompts, log)
     return report(run, ex, sweeps, measured, verify_s, best, best_gpu, depth, layers, log_lines)
 
 
-def offline_sweep(c, gd, params, arm_p, layers, idx, depth, fit_prompts, test_prompts, log):
+def offline_sweep(c, gd, params, arm_p, layers, idx, mcfg, fit_prompts, test_prompts, log):
     """Exact replay of every (arm, E, k) on the fitting and the held-out prompts, the verify costs, and the static
     (arm, E, k) fit on the fitting prompts by the CPU (and the GPU) cost model."""
     dc = c.decode
-    g_new, b_main = dc.new_tokens, max(dc.batches)
+    g_new, b_main, p_len = dc.new_tokens, max(dc.batches), dc.prompt_tokens
     # ---- offline sweep (exact replay) on the fitting prompts and on the held-out prompts
     sweeps, conts = {}, {}
     for split, prompts in (("fit", fit_prompts), ("test", test_prompts)):
@@ -342,22 +361,23 @@ def offline_sweep(c, gd, params, arm_p, layers, idx, depth, fit_prompts, test_pr
     for split in sweeps:
         for arm in ARMS:
             for (l, k), r in sweeps[split][arm].items():
-                r.update(cost_speedups(r["tokens_per_verify"], k, l, depth, verify_s[b_main], verify_s[b_main][1]))
+                r.update(cost_speedups(r["tokens_per_verify"], k, l, mcfg, verify_s[b_main], verify_s[b_main][1],
+                                       batch=b_main, cache_len=p_len + g_new))
     # Fit (arm, E, k) on the fitting prompts by the CPU cost model at the main batch.
     best = max(((arm, l, k) for arm in ("norm", "lowrank") for l in layers for k in dc.ks),
                key=lambda a: sweeps["fit"][a[0]][(a[1], a[2])]["speedup_cost_cpu"])
     best_gpu = max(((arm, l, k) for arm in ("norm", "lowrank") for l in layers for k in dc.ks),
-                   key=lambda a: sweeps["fit"][a[0]][(a[1], a[2])]["speedup_cost_gpu"])
+                   key=lambda a: sweeps["fit"][a[0]][(a[1], a[2])]["speedup_cost_h200"])
     arm_b, e_b, k_b = best
-    log(f"fit: best static (arm, E, k) = {best} by the CPU cost model, {best_gpu} by the GPU cost model")
+    log(f"fit: best static (arm, E, k) = {best} by the CPU cost model, {best_gpu} by the cost model (roofline, H200)")
 
     return sweeps, verify_s, best, best_gpu
 
 
 def measure(c, gd, params, arm_p, mcfg, idx, best, verify_s, test_prompts, log):
     """Measured decoding on the held-out prompts: greedy, the fitted static drafter and its variants, DEL."""
-    dc, depth = c.decode, mcfg.depth
-    g_new, b_main = dc.new_tokens, max(dc.batches)
+    dc = c.decode
+    g_new, b_main, p_len = dc.new_tokens, max(dc.batches), dc.prompt_tokens
     arm_b, e_b, k_b = best
     n_measure = {b: (dc.test_prompts if b == b_main else min(dc.batch1_prompts, dc.test_prompts)) // b * b
                  for b in dc.batches}
@@ -377,7 +397,9 @@ def measure(c, gd, params, arm_p, mcfg, idx, best, verify_s, test_prompts, log):
                 lambda m, t, l: speculative.self_speculative(m, t, l, g_new, drafter=drafter), gd, arm_p[arm],
                 prompts, b, g_new)
             m = merge_spec(outs)
-            row = spec_row(label, arm, m, secs, greedy_s, toks, ref, depth, verify_s[b], step_s, n_tok)
+            row = spec_row(label, arm, m, secs, greedy_s, toks, ref, mcfg, verify_s[b], step_s, n_tok, batch=b,
+                           cache_len=p_len + g_new,
+                           shadow_heads=len(dc.del_candidates) if label.startswith("DEL") else 0)
             log(f"batch {b}: {row}")
             return row, m
 
@@ -428,7 +450,8 @@ def report(run, ex, sweeps, measured, verify_s, best, best_gpu, depth, layers, l
                 for k in dc.ks:
                     r = sweeps[split][arm][(l, k)]
                     sweep_rows.append({"prompts": split, "exits": arm, "E": l, "k": k, **{
-                        x: r[x] for x in ("acceptance", "tokens_per_verify", "speedup_cost_cpu", "speedup_cost_gpu")}})
+                        x: r[x] for x in ("acceptance", "tokens_per_verify", "speedup_cost_cpu", "speedup_cost_h200",
+                                          "speedup_cost_h200_floor")}})
     results = {"model_depth": depth, "exit_layers": layers,
                "exits": {"cache": ex["cache"], "train": ex["train"], "eval_wikitext2_test": ev},
                "fit": {"best_cpu_cost": best, "best_gpu_cost": best_gpu},
@@ -438,7 +461,8 @@ def report(run, ex, sweeps, measured, verify_s, best, best_gpu, depth, layers, l
         sweeps["test"], layers, dc.ks, path, "held-out prompts (exact replay of greedy self-speculation)")}
     short = lambda r: {k: r.get(k, "") for k in ("drafter", "exits", "mean_draft_layers", "mean_k",  # noqa: E731
                                                   "acceptance", "tokens_per_verify", "seconds", "tokens_per_s",
-                                                  "speedup_measured", "speedup_cost_cpu", "speedup_cost_gpu",
+                                                  "speedup_measured", "speedup_cost_cpu", "speedup_cost_h200",
+                                                  "speedup_cost_h200_floor",
                                                   "equals_greedy")}
     tr = ex["train"]
     parts = [
@@ -453,7 +477,8 @@ def report(run, ex, sweeps, measured, verify_s, best, best_gpu, depth, layers, l
         "agreement (%) with the full model; KL = KL(p_full || p_exit) in nats; ppl = the exit's own perplexity.",
         report_lib.markdown_table(exit_rows, list(exit_rows[0].keys()), ".2f"),
         f"## Fit (fitting prompts: {dc.fit_prompts} from Gutenberg validation + WikiText-2 validation)\n"
-        f"Best static by the CPU cost model: exits {arm_b}, E={e_b}, k={k_b}; by the GPU cost model: {best_gpu}.",
+        f"Best static by the CPU cost model: exits {arm_b}, E={e_b}, k={k_b}; by the cost model (roofline, H200): "
+        f"{best_gpu}. " + COST_COLUMNS,
     ]
     for b in dc.batches:
         parts.append(f"## Held-out decoding, batch {b} ({measured[b]['prompts']} WikiText-2 test prompts of "

@@ -22,7 +22,8 @@ from eejax.decoding import kangaroo as kg
 from eejax.decoding import specee
 from eejax.errors import ConfigError
 from eejax.eval import report as report_lib
-from eejax.exits import engine
+from eejax.exits import costs, engine
+from eejax.harness import results as result_files
 from eejax.models import lm as lm_lib
 from eejax.train import ArrayIterator, Trainer, one_device_mesh, read_metrics
 from experiments import _common_smollm2 as common
@@ -31,15 +32,22 @@ from experiments._common import Report, Run, experiment
 NAME = "specee"
 
 
-def drafter(model: common.LM, cfg, args, workdir: pathlib.Path) -> tuple[dict, str]:
-    """The Kangaroo adapter at ``drafter.exit_layer``: from a finished Kangaroo run, else trained here."""
+def drafter(model: common.LM, cfg, args, workdir: pathlib.Path, prov=None) -> tuple[dict, str]:
+    """The Kangaroo adapter at ``drafter.exit_layer``: from a finished Kangaroo run, else trained here. A drafter
+    read from a file (another run's, or an earlier run of this workdir) is recorded in ``prov.inputs`` with its
+    sha256 and its producer's commit and step (``result_files.record_input``)."""
     d = cfg.drafter
     lm = nnx.merge(model.graphdef, model.params)
     like = kg.init_adapter(lm, d.exit_layer)
     for path in ([pathlib.Path(d.workdir) / f"adapter_l{d.exit_layer}.npz"] if d.workdir else []) + \
             [workdir / f"adapter_l{d.exit_layer}.npz"]:
         if path.exists():
-            return common.load_tree(path, like), f"Kangaroo adapter read from {path}"
+            src = f"Kangaroo adapter read from {path}"
+            if prov is not None:
+                art = result_files.record_input(prov, path, "drafter (Kangaroo adapter)")
+                src += (f" (sha256 {art.sha256[:16]}, produced at commit {art.producer_commit}, "
+                        f"step {art.producer_step})")
+            return common.load_tree(path, like), src
     dc = cfg.data
     feats = {}
     for split, num in (("train", dc.train_windows), ("validation", dc.val_windows)):
@@ -51,6 +59,8 @@ def drafter(model: common.LM, cfg, args, workdir: pathlib.Path) -> tuple[dict, s
     adapter, _ = common.train_adapter(model, 0, d.exit_layer, feats["train"], feats["validation"], tcfg, cfg.seed,
                                       workdir / "drafter")
     common.save_tree(workdir / f"adapter_l{d.exit_layer}.npz", adapter)
+    if prov is not None:
+        result_files.write_artefact_record(workdir / f"adapter_l{d.exit_layer}.npz", prov, step=d.steps)
     return adapter, f"Kangaroo adapter trained here ({d.steps} steps on {dc.train_windows} windows)"
 
 
@@ -169,7 +179,7 @@ def main(run: Run) -> Report:
     n, d = model.cfg.depth, cfg.drafter
     if not 1 <= d.exit_layer < n - 1:
         raise ConfigError(f"drafter.exit_layer {d.exit_layer} must lie in [1, {n - 1})")
-    adapter, drafter_src = drafter(model, cfg, args, workdir)
+    adapter, drafter_src = drafter(model, cfg, args, workdir, prov=run.prov)
     print(drafter_src)
     feats = {split: offline_features(model, adapter, common.gutenberg_windows(args.data_dir, model.tokenizer, split,
                                                                               num, cfg.data.context), cfg,
@@ -230,8 +240,11 @@ def decode(cfg, args, model, adapter, preds, offline, schedules):
                      "mean_layers": mean_layers, "batch_layers": float(np.mean(np.asarray(out.layers_run_G)[1:])),
                      "preds_per_token": preds_tok, "seconds": seconds, "wall_speedup": greedy_s / seconds,
                      "b1_seconds": b1, "b1_wall_speedup": ref1_s / b1 if b1 else None,
-                     "cost_speedup": cost["full_model"] / cost["specee"], "compile_s": compile_s,
-                     "cost_params": cost})
+                     "cost_speedup": costs.predicted_speedup(model.cfg, costs.TokenCounts(   # the drafter's l layers,
+                         layers=d.exit_layer + mean_layers, heads=1.0 + full_heads, drafter=1.0,   # adapter, head;
+                         predictors=preds_tok, predictor_params=cost["predictor_per_eval"])).value,  # every predictor
+                     "cost_model": "cost model (roofline, H200 calibrated 2026-12-04), batch 1",
+                     "compile_s": compile_s, "cost_params": cost})
         hists[f"{method} {name}"] = np.bincount(exits.reshape(-1), minlength=n).tolist()
         print(f"{method} {name}: agreement {rows[-1]['agreement']:.3f}, layers {mean_layers:.2f}, wall "
               f"x{rows[-1]['wall_speedup']:.2f}, cost x{rows[-1]['cost_speedup']:.2f}")

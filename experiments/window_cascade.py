@@ -9,7 +9,7 @@ uncertainty score is that ensemble's max softmax probability (MSP). For each tar
 FPR@95) and window width w, the stage thresholds and windows are fit on VALIDATION (in-distribution only), then the
 cascade runs on TEST and OOD; the same compute is given to a plain threshold cascade (the lowest-confidence w go
 on) and compared with every single member. The selected cascades are executed by the engine
-(``eejax.exits.cascade.run``: a program of member stages, ``policies.window``, compacted executor) and their exits
+(``eejax.exits.cascade.run``: a program of member stages, ``policies.window``, bucket-cascade executor) and their exits
 must equal the simulated ones; their throughput is measured against the largest member alone.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from eejax.data import pipeline
 from eejax.eval import report as report_lib
 from eejax.eval import uncertainty
 from eejax.exits import cascade, costs, engine, policies
+from eejax.exits import confidence as conf_lib
 from eejax.models import vit as vit_lib
 from experiments import _common_vision as vision
 from experiments._common import Report, Run, experiment
@@ -99,10 +100,10 @@ def fit_window(metric, score_val_KxN, correct_val_KxN, width, ec, kind="window")
 
 
 def simulate(score_KxN, lo_K, hi_K):
-    """The stage each example stops at (the engine's stop rule on cached scores)."""
-    stop = (score_KxN < lo_K[:, None]) | (score_KxN >= hi_K[:, None])
-    stop[-1] = True
-    return np.argmax(stop, 0)
+    """The stage each example stops at: the engine's stop rule (``engine.simulate``) with the window policy over
+    the cached scores."""
+    policy = policies.window(conf_lib.cached_score, lo_K, hi_K, score_KxN.shape[0])
+    return np.asarray(engine.simulate(policy, score_KxN).exit_B)
 
 
 def evaluate(exit_N, score_KxN, pred_KxN, labels_N, exit_ood_M, score_ood_KxM, cum_flops_K, ec):
@@ -183,7 +184,7 @@ def main(run: Run, data) -> Report:
 
 def execute(cfg, members, probs, sv, cv, st, f_K, cum_K, test):
     """Executed by the engine: the full cascade at the paper's width (+-10 points = 0.2), every target metric;
-    batched throughput of the compacted (and once the masked) executor against the largest member."""
+    batched throughput of the bucket-cascade (and once the masked) executor against the largest member."""
     ec, k_all, y = cfg.eval, len(members), test.labels_N
     w_exec = min(ec.widths, key=lambda w: abs(w - 0.2))
     member_fns = [(gd, p) for _, gd, p in members]
@@ -196,7 +197,7 @@ def execute(cfg, members, probs, sv, cv, st, f_K, cum_K, test):
             return out.exit_B, jnp.argmax(out.logits_BxC, -1), out.logits_BxC
         return jax.jit(fn)
 
-    run_c, run_m = cascade_fn(engine.Compacted()), cascade_fn(engine.Masked())
+    run_c, run_m = cascade_fn(engine.BucketCascade()), cascade_fn(engine.Masked())
     xb = vision.first_batch(test, ec.throughput_batch)
     largest = jax.jit(lambda p, x: nnx.merge(member_fns[-1][0], p).static(x, 0))
     smallest = jax.jit(lambda p, x: nnx.merge(member_fns[0][0], p).static(x, 0))
@@ -222,7 +223,7 @@ def execute(cfg, members, probs, sv, cv, st, f_K, cum_K, test):
             executed.append({"target": metric, "kind": kind, "width": w_exec, "sim_agrees": agree,
                              "executed_acc": 100 * float(np.mean(p_run == y)),
                              "forwarded_%": [round(100 * float(np.mean(e_run >= k)), 2) for k in range(1, k_all)]})
-            for name, fn in (("compacted", run_c), ("masked", run_m)):
+            for name, fn in (("bucket", run_c), ("masked", run_m)):
                 if name == "masked" and not (metric == ec.metrics[0] and kind == "window"):
                     continue
                 tp = costs.throughput(fn, xb.shape[0], params_list, xb, lo_j, hi_j)
@@ -287,12 +288,12 @@ def report(run, data, members, results, curves, w_exec, xb) -> Report:
         f"window beats the plain threshold cascade at {sum(v[3] for v in verdicts)}/{n_v}; window cascade beats "
         f"its largest member alone at {sum(v[4] for v in verdicts)}/{n_v}. Per point (cascade, target, width, "
         "window>threshold, window>largest member):\n\n" + "\n".join(f"    {v}" for v in verdicts),
-        f"## Executed by the engine (full cascade, width {w_exec:g}, compacted executor; test)\n"
+        f"## Executed by the engine (full cascade, width {w_exec:g}, bucket-cascade executor; test)\n"
         "sim_agrees: fraction of test examples whose executed stage equals the simulated one; forwarded_%: "
         "fraction reaching stage 2, 3, ...",
         report_lib.markdown_table(executed, list(executed[0])),
         f"## Batched wall-clock (one batch of {xb.shape[0]} test images, this CPU)\n"
-        "compacted: stage k+1 runs on a bucket holding the forwarded rows only; masked: every stage on every row.",
+        "bucket: stage k+1 runs on a bucket holding the forwarded rows only; masked: every stage on every row.",
         report_lib.markdown_table(timing, list(timing[0])),
         "Plots: `window_cov_at_5.png`, `window_risk_at_80.png`, `window_fpr_at_95.png` (metric vs MFLOPs, one "
         "point per width; single members as triangles)."])

@@ -1,7 +1,14 @@
-"""Test set-up: 8 fake CPU devices, a persistent compilation cache, numpy rank promotion raises."""
+"""Test set-up: 8 fake CPU devices, a persistent compilation cache, numpy rank promotion raises.
+
+``XLA_FLAGS`` from the environment are kept and the device count is added to them, so the suite runs under another
+instruction set the way another CPU would compile it (issue 23):
+``XLA_FLAGS=--xla_cpu_max_isa=AVX2 pytest tests/`` (or ``SSE4_2``).
+"""
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/eejax-jax-tests"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

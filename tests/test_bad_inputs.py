@@ -19,7 +19,8 @@ from eejax.harness import config, run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = {name: str(ROOT / "configs" / f"{name}.py") for name in ("lgvit", "deediff", "per_token_exit", "skipdecode",
-                                                                     "mue", "deer")}
+                                                                     "mue", "deer", "kangaroo", "encoder_exits",
+                                                                     "self_speculative")}
 
 # (paper, extra argv, a fragment the one-line message must hold)
 CLI_CASES = [
@@ -130,6 +131,39 @@ CLI_CASES = [
     ("deer", ["--config.eval.max_layers=(9,)"], "config.eval.max_layers[0]=9"),
     ("deer", ["--config.eval.budgets=(7.0,)"], "config.eval.budgets[0]=7.0"),
     ("deer", ["--config.model.num_heads=3"], "not divisible by"),
+    # Issue 23: accepted configs that silently did something else, flags that misled.
+    ("lgvit", ["--workdir="], "--workdir '' is empty"),
+    ("lgvit", ["--outdir= "], "--outdir ' ' is empty"),
+    ("lgvit", [f"--config={CONFIGS['deediff']}:smoke"], "--config given 2 times"),
+    ("lgvit", ["--config.name=../../x"], "config.name='../../x': must be one plain folder name"),
+    ("lgvit", ["--config.name=a/b"], "config.name='a/b'"),
+    ("lgvit", ["--config.seed=99999999999999999999"], "config.seed=99999999999999999999: must be an integer in "
+                                                      "[0, 2147483647]"),
+    ("deediff", ["--config.seed=4294967296"], "config.seed=4294967296"),
+    ("lgvit", ["--config.stage1.optim.total_steps=10", "--config.stage1.optim.warmup_steps=5"],
+     "config.stage1.optim.total_steps=10 < config.stage1.steps=600"),
+    ("lgvit", ["--config.variants=('lgvit', 'linear', 'lgvit')"], "config.variants[2]='lgvit' is repeated"),
+    ("lgvit", ["--config.eval.thresholds=(0.5, 0.5000001)"], "config.eval.thresholds[1]=0.5000001 and 0.5 are the "
+                                                             "same at the tables' precision"),
+    ("deer", ["--config.eval.max_layers=(2, 3, 2)"], "config.eval.max_layers[2]=2 is repeated"),
+    ("lgvit", ["--conf=x"], "unrecognized arguments: --conf=x"),
+    # Issue 23: sizes nobody bounded, values checked against the model and the data before any work.
+    ("kangaroo", ["--config.decode.gamma=100000"], "config.decode.gamma=100000: must be <= decode.new_tokens=6"),
+    ("kangaroo", ["--config.model.depth=2"], "config.model.depth=2: is ignored by model.name='random'"),
+    ("kangaroo", ["--config.drafter.exit_layers=(5,)"], "must be < the random model's 4 layers"),
+    ("encoder_exits", ["--config.data.max_len=100000"], "config.data.max_len=100000: must be an integer in [1, 512]"),
+    ("self_speculative", ["--config.decode.batches=(5,)"], "the largest batch 5 exceeds the prompts"),
+    ("self_speculative", ["--config.decode.ks=(2, 3)"], "config.decode.ks=(2, 3): must include 1"),
+    ("self_speculative", ["--config.decode.ks=(1, 50)"], "must be <= decode.new_tokens=6"),
+    ("self_speculative", ["--config.decode.ks=(1, 2, 1)"], "holds a value twice"),
+    ("deediff", ["--config.sample.eta=1e9"], "config.sample.eta=1000000000.0: must be a finite number in [0, 1]"),
+    ("deediff", ["--config.data.ref_size=3"], "config.data.ref_size=3: must be 0 (the whole test split) or >= "
+                                              "sample.num_samples=40"),
+    ("lgvit", ["--config.stage2.temperature=1e-30"], "config.stage2.temperature=1e-30: must be a finite number >= "
+                                                     "0.01"),
+    ("lgvit", ["--config.eval.throughput_batch=5000"], "config.eval.throughput_batch=5000 exceeds the 2000 test "
+                                                       "images"),
+    ("lgvit", ["--config.data.test_size=1"], "config.eval.throughput_batch=256 exceeds the 1 test images"),
 ]
 
 
@@ -155,6 +189,10 @@ def earlier_runs(tmp_path_factory):
 
 
 def _main(paper):
+    if paper in ("kangaroo", "encoder_exits", "self_speculative"):
+        import importlib
+
+        return importlib.import_module(f"experiments.{paper}").main
     if paper == "lgvit":
         from experiments import lgvit as mod
     elif paper == "deediff":
@@ -415,3 +453,262 @@ def test_cli_wrapper_one_line_for_user_errors_traceback_for_bugs(capsys, monkeyp
         raising(KeyError("bug"))([])
     with pytest.raises(ValueError):
         raising(ValueError("x"))(["--debug"])
+
+
+# ------------------------------------------------------------------------------------------ issue 23: harness
+
+
+def test_empty_config_argument_is_refused(capsys):
+    from experiments import lgvit
+
+    _assert_one_line_exit_2(capsys, lambda: lgvit.main([f"--config={CONFIGS['lgvit']}:"]),
+                            "empty config argument after ':'")
+    proc = subprocess.run([str(ROOT / "launch.sh"), "--dry-run", "lgvit:"], capture_output=True, text=True,
+                          env={**os.environ, "EEJAX_PYTHON": sys.executable})
+    assert proc.returncode == 2 and "empty config argument" in proc.stderr
+
+
+def test_refused_run_does_not_bind_its_workdir(capsys, tmp_path):
+    """A check that fails after the workdir was opened (a bad model_workdir) leaves no record behind, so the
+    corrected command is not refused as "a different config"."""
+    from experiments import mue
+
+    (tmp_path / "file").write_text("not a folder")
+    work = tmp_path / "new" / "w"
+    argv = [f"--config={CONFIGS['mue']}:smoke", f"--workdir={work}", f"--config.model_workdir={tmp_path / 'file'}"]
+    _assert_one_line_exit_2(capsys, lambda: mue.main(argv), "model_workdir")
+    assert not (tmp_path / "new").exists()  # the folders it created are gone with the record
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    argv = [f"--config={CONFIGS['mue']}:smoke", f"--workdir={existing}", f"--config.model_workdir={tmp_path / 'file'}"]
+    _assert_one_line_exit_2(capsys, lambda: mue.main(argv), "model_workdir")
+    assert existing.is_dir() and not list(existing.iterdir())  # an empty folder it did not create stays
+
+
+def test_run_config_that_is_not_a_record_is_one_line(capsys, tmp_path):
+    from experiments import lgvit
+
+    for junk in ("[]", "3", '{"config": []}', "\x00\xff"):
+        (tmp_path / run.RUN_CONFIG).write_text(junk)
+        _assert_one_line_exit_2(capsys, lambda: lgvit.main([f"--config={CONFIGS['lgvit']}:smoke",
+                                                            f"--workdir={tmp_path}"]), str(tmp_path / run.RUN_CONFIG))
+        assert (tmp_path / run.RUN_CONFIG).read_text() == junk
+
+
+def test_results_file_in_the_way_is_refused_before_any_work(capsys, tmp_path):
+    from experiments import lgvit
+
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "results").write_text("a file where the results folder goes")
+    _assert_one_line_exit_2(capsys, lambda: lgvit.main([f"--config={CONFIGS['lgvit']}:smoke",
+                                                        f"--workdir={tmp_path / 'w'}"]), "is a file, not a folder")
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["results"]  # not bound either
+    (tmp_path / "out" / "lgvit.md").mkdir(parents=True)
+    _assert_one_line_exit_2(capsys, lambda: lgvit.main([f"--config={CONFIGS['lgvit']}:smoke",
+                                                        f"--workdir={tmp_path / 'w2'}", f"--outdir={tmp_path / 'out'}"]),
+                            "is a folder where the results file goes")
+
+
+def test_fresh_rerun_resumes_the_subfolder_of_its_config(tmp_path, capsys):
+    base = config.load(f"{CONFIGS['lgvit']}:smoke")
+    assert run.open_workdir(tmp_path, base) == tmp_path
+    run.release_locks()
+    other = config.load(f"{CONFIGS['lgvit']}:smoke")
+    with other.unlocked():
+        other.seed = 1
+    third = config.load(f"{CONFIGS['lgvit']}:smoke")
+    with third.unlocked():
+        third.seed = 2
+    for cfg, want in ((other, "fresh-1"), (other, "fresh-1"), (third, "fresh-2"), (other, "fresh-1"),
+                      (third, "fresh-2")):
+        assert run.open_workdir(tmp_path, cfg, fresh=True) == tmp_path / want
+        run.release_locks()
+    assert "(resumed)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh-1", "fresh-2", run.RUN_CONFIG]
+
+
+def _write_lock(directory, **holder):
+    (directory / run.LOCK).write_text(json.dumps({"pid": os.getpid(), "host": "elsewhere", "command": "python x",
+                                                  "started": "2026-01-01 00:00:00 UTC", **holder}))
+
+
+def test_locks_that_cannot_be_judged_name_break_lock(tmp_path, capsys):
+    from eejax.errors import WorkdirLockedError
+
+    cases = {
+        "garbage": lambda d: (d / run.LOCK).write_text("}}} not json"),
+        "directory": lambda d: (d / run.LOCK).mkdir(),
+        "other_host": lambda d: _write_lock(d),
+    }
+    for name, make in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        make(d)
+        with pytest.raises(WorkdirLockedError) as exc:
+            run.WorkdirLock(d).acquire()
+        line = run.error_line(exc.value)
+        assert "--break-lock" in line, line
+        assert "wait for that run to finish" in line
+        lock = run.WorkdirLock(d).acquire(break_lock=True)
+        assert json.loads((d / run.LOCK).read_text())["pid"] == os.getpid()
+        lock.release()
+        assert "--break-lock: removed the lock" in capsys.readouterr().err
+    (tmp_path / "full" / run.LOCK).mkdir(parents=True)
+    (tmp_path / "full" / run.LOCK / "x").write_text("")
+    with pytest.raises(WorkdirLockedError, match="remove it by hand"):
+        run.WorkdirLock(tmp_path / "full").acquire(break_lock=True)
+
+
+def test_lock_of_a_reused_pid_is_stale(tmp_path, capsys):
+    """The recorded pid is alive but is another process: its start time (or, for locks of older code, its
+    command) differs from the holder's."""
+    import socket
+
+    host = socket.gethostname()
+    for holder in ({"process_start": "another-boot:1"}, {"command": "python -m experiments.other --x=1"}):
+        _write_lock(tmp_path, host=host, **holder)
+        lock = run.WorkdirLock(tmp_path).acquire()
+        assert "now belongs to another process" in capsys.readouterr().err
+        lock.release()
+    # Its own live holder (same start) is respected.
+    _write_lock(tmp_path, host=host, process_start=run._process_start(os.getpid()))
+    with pytest.raises(run.WorkdirLockedError):
+        run.WorkdirLock(tmp_path).acquire()
+
+
+def test_break_lock_flag_reaches_every_lock_of_the_run(capsys, tmp_path):
+    from experiments import mue
+
+    work, shared = tmp_path / "w", tmp_path / "shared"
+    for d in (work, shared):
+        d.mkdir()
+        _write_lock(d)
+    argv = [f"--config={CONFIGS['mue']}:smoke", f"--workdir={work}", f"--config.model_workdir={shared}",
+            "--config.train.steps=0"]
+    line = _assert_one_line_exit_2(capsys, lambda: mue.main(argv[:-1]), "is in use by pid")
+    assert "--break-lock" in line and "cannot be checked from here" in line
+    # With --break-lock both locks (the workdir's, then the shared model_workdir's) are taken over; the run then
+    # stops at a bad value that is checked after the model_workdir was opened.
+    (shared / "ckpt").mkdir()  # a shared folder without a record: refused after its lock was taken
+    line = _assert_one_line_exit_2(capsys, lambda: mue.main(argv[:-1] + ["--break-lock"]), "holds files but no")
+    assert "model_workdir" in line
+    assert not (work / run.LOCK).exists() and not (shared / run.LOCK).exists()
+
+
+_HOLD = """
+import sys, time
+from eejax.harness import config, run
+
+@run.cli
+def main(argv=None):
+    cfg, args = config.parse_cli(argv)
+    run.prepare(cfg, args, "lgvit")
+    print("ready", flush=True)
+    time.sleep(120)
+
+main()
+"""
+
+
+def _holder(tmp_path, *extra):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("EEJAX_DEBUG", None)
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, f"--config={CONFIGS['lgvit']}:smoke",
+                             f"--workdir={tmp_path / 'w'}", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+    return proc
+
+
+@pytest.mark.parametrize("sig,code,what", [("SIGTERM", 143, "stopped by SIGTERM"),
+                                           ("SIGINT", 130, "interrupted (Ctrl-C)")])
+def test_signals_release_the_locks_with_one_line(sig, code, what, tmp_path):
+    import signal
+
+    proc = _holder(tmp_path, f"--outdir={tmp_path / 'out'}")
+    assert (tmp_path / "w" / run.LOCK).exists() and (tmp_path / "out" / ".lgvit.lock").exists()
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {what}") and "Traceback" not in err, err
+    assert not (tmp_path / "w" / run.LOCK).exists() and not (tmp_path / "out" / ".lgvit.lock").exists()
+
+
+def test_two_runs_writing_one_outdir_are_refused(capsys, tmp_path):
+    from experiments import lgvit
+
+    proc = _holder(tmp_path, f"--outdir={tmp_path / 'out'}")
+    try:
+        argv = [f"--config={CONFIGS['lgvit']}:smoke", f"--workdir={tmp_path / 'other'}",
+                f"--outdir={tmp_path / 'out'}"]
+        _assert_one_line_exit_2(capsys, lambda: lgvit.main(argv), f"is in use by pid {proc.pid}")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (tmp_path / "other").exists()  # refused: not bound either
+
+
+# ---------------------------------------------------------------------------------------- issue 23: the API
+
+
+def test_api_model_configs_refuse_sizes_by_name():
+    from eejax.models import cbnet, diffusion, encoder, lm, perceiver, vit
+
+    cases = [
+        (lambda: vit.ViTConfig(num_classes=0), "num_classes=0 must be an integer >= 2"),
+        (lambda: vit.ViTConfig(d_model=-8), "d_model=-8 must be an integer >= 1"),
+        (lambda: vit.ViTConfig(patch_size=0), "patch_size=0"),
+        (lambda: vit.ViTConfig(depth=0), "depth=0"),
+        (lambda: vit.ViTConfig(mlp_dim=0), "mlp_dim=0"),
+        (lambda: vit.ViTConfig(d_model=64.0), "d_model=64.0 must be an integer"),
+        (lambda: lm.LMConfig(d_model=-8), "d_model=-8"),
+        (lambda: lm.LMConfig(vocab_size=1), "vocab_size=1 must be an integer >= 2"),
+        (lambda: lm.LMConfig(norm_eps=0.0), "norm_eps=0.0 must be a finite number > 0"),
+        (lambda: lm.LMConfig(rope_base=float("nan")), "rope_base=nan"),
+        (lambda: encoder.EncoderConfig(num_classes=0), "num_classes=0"),
+        (lambda: encoder.EncoderConfig(max_len=0), "max_len=0"),
+        (lambda: perceiver.PerceiverConfig(num_classes=0), "num_classes=0"),
+        (lambda: perceiver.PerceiverConfig(width=-8), "width=-8"),
+        (lambda: diffusion.UViTConfig(num_classes=-1), "num_classes=-1 must be an integer >= 0"),
+        (lambda: diffusion.UViTConfig(d_model=-8), "d_model=-8"),
+        (lambda: cbnet.AutoencoderConfig(image_shape=(28, 28)), r"image_shape=\(28, 28\) must be"),
+        (lambda: cbnet.AutoencoderConfig(hidden=(64, 0)), r"hidden\[1\]=0"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_api_inputs_lists_and_empty_batches(vit_model, lm_model):
+    cases = [
+        (lambda: vit_model.all_exits(np.zeros((2, 28, 28, 1), np.float32).tolist()),
+         "images must be a numpy or JAX array, got list"),
+        (lambda: vit_model.all_exits(np.zeros((0, 28, 28, 1), np.float32)), "hold no example"),
+        (lambda: vit_model.dynamic(np.zeros((0, 28, 28, 1), np.float32), 0.5), "hold no example"),
+        (lambda: lm_model([[1, 2, 3]]), "tokens must be a numpy or JAX array, got list"),
+        (lambda: lm_model(np.zeros((0, 3), np.int32)), "hold no example"),
+        (lambda: lm_model(np.zeros((2, 0), np.int32)), r"hold no token \(T=0\)"),
+        (lambda: lm_model(np.array([1, 2, 3], np.int32)), "must have 2 axes"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_api_data_iterators_refuse_what_they_would_cast():
+    from eejax.data import pipeline
+    from eejax.data.lm import WindowIterator
+
+    cases = [
+        (lambda: WindowIterator(np.linspace(0.0, 1.0, 100), 2, 8), "ids_N must be a numpy array of integer token "
+                                                                   "ids, got float64"),
+        (lambda: WindowIterator(list(range(100)), 2, 8), "got list"),
+        (lambda: WindowIterator(-np.arange(100), 2, 8), r"ids_N hold ids in \[-99, 0\]"),
+        (lambda: WindowIterator(np.arange(100), 2, 8, seed=-1), "seed=-1 must be an integer >= 0"),
+        (lambda: pipeline.BatchIterator(pipeline.get_dataset("mnist_embedded", "validation"), 8, seed=-1),
+         "seed=-1 must be an integer >= 0"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()

@@ -2,6 +2,8 @@
 import importlib.util
 import pathlib
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -16,3 +18,6 @@ def test_run_tiny():
         assert {"paper", "variant", "batch", "new_tokens", "seconds", "tokens_per_s"} <= set(r)
         assert r["seconds"] > 0 and r["tokens_per_s"] > 0 and r["new_tokens"] == 8
     assert all(1 <= r["iters_per_block"] <= r["block"] for r in rows if r["block"])
+    # Host stops per token: none for greedy; a Jacobi block stops once per iteration and once to leave.
+    assert rows[0]["host_stops"] == 0
+    assert all(r["host_stops"] == pytest.approx((r["iters_per_block"] + 1) / r["block"]) for r in rows if r["block"])

@@ -10,3 +10,5 @@ def test_first_bench_tiny_rows():
         assert "greedy" in variants and "FiRST per-row sets" in variants
         assert variants["FiRST per-row sets"]["layers_per_token"] == 4   # 2 of the 4 routable layers per row
         assert variants["FiRST per-row sets"]["layers_run_per_step"] <= 6
+        assert variants["FiRST per-row sets"]["host_stops"] == variants["greedy"]["host_stops"] == 0
+        assert variants["FiRST per-row sets, traced count"]["host_stops"] > 0

@@ -1,4 +1,5 @@
-"""The Kangaroo GPU-suite module runs at size "tiny" and returns rows with the contract's keys."""
+"""The Kangaroo GPU-suite module runs at size "tiny" and returns rows with the contract's keys, host stops beside
+the times (greedy none, the loop's per round, the draft step's none)."""
 import pathlib
 import sys
 
@@ -14,3 +15,7 @@ def test_run_tiny():
     assert {r["variant"] for r in rows} == {"greedy", "kangaroo_executed", "kangaroo_estimate"}
     for r in rows:
         assert KEYS <= set(r) and r["paper"] == "kangaroo" and r["tokens_per_s"] > 0
+    by = {r["variant"]: r for r in rows}
+    assert by["greedy"]["host_stops"] == 0 < by["kangaroo_executed"]["host_stops"]
+    assert by["kangaroo_estimate"]["draft_host_stops"] == 0
+    assert 0 < by["kangaroo_estimate"]["draft_bytes_over_step"] < 1

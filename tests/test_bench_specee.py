@@ -1,4 +1,5 @@
-"""The SpecEE GPU-suite module runs at size "tiny" and returns rows with the contract's keys."""
+"""The SpecEE GPU-suite module runs at size "tiny" and returns rows with the contract's keys, host stops beside the
+times (greedy and the drafter none)."""
 import pathlib
 import sys
 
@@ -14,3 +15,6 @@ def test_run_tiny():
     assert {r["variant"] for r in rows} == {"greedy", "specee_forced0", "specee_executed", "specee_estimate"}
     for r in rows:
         assert KEYS <= set(r) and r["paper"] == "specee" and r["tokens_per_s"] > 0
+    by = {r["variant"]: r for r in rows}
+    assert by["greedy"]["host_stops"] == 0 and by["specee_estimate"]["draft_host_stops"] == 0
+    assert by["specee_forced0"]["host_stops"] > 0

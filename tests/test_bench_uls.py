@@ -23,4 +23,8 @@ def test_uls_bench_tiny_rows():
         variants = {r["variant"]: r for r in rows if r["batch"] == b}
         assert "greedy" in variants and variants["greedy"]["layers_per_token"] == 6
         assert variants["ULS 1.5x"]["layers_per_token"] == 4          # k = round(6 (1 - 1/1.5)) = 2 skipped
+        assert variants["ULS 1x"]["layers_per_token"] == 6
+        # Static layer counts add no host stop over greedy; the traced count's layer loop stops every layer.
+        assert variants["greedy"]["host_stops"] == variants["ULS 1x"]["host_stops"] == 0
+        assert variants["ULS 1.5x"]["host_stops"] == 0 and variants["ULS 1.5x traced count"]["host_stops"] >= 4
     assert all(r["tokens_per_s"] > 0 for r in rows)

@@ -12,3 +12,4 @@ def test_bench_void_lm_tiny():
     rows = void_lm.run("tiny", 20, print)
     assert rows and all(k in r for r in rows for k in REQUIRED)
     assert {r["variant"] for r in rows} == {"greedy", "lac_official", "pp_pattern_skip"}
+    assert all(r["host_stops"] == 0 for r in rows)        # LAC and static skip programs add no host stop

@@ -107,7 +107,9 @@ def test_lm_decode_schema_and_agreement(suite):
     assert result["errors"] == {} and result["skipped"] == []
     (b,) = result["batches"]
     assert b["batch"] == 2 and set(b["prefill"]) == {"prefill", "prefill_k2"}
-    assert set(b["paths"]) == {"full", "forced_exit", "forced_exit_2exits", "skipdecode_2x", "speculative_d0_k2"}
+    assert set(b["paths"]) == {"full", "full_f32_cache", "forced_exit", "forced_exit_masked", "forced_exit_cheap_gate",
+                               "forced_exit_static", "forced_exit_2exits", "skipdecode_2x", "skipdecode_2x_traced",
+                               "speculative_d0_k2"}
     new, depth = meta["new"], meta["model"]["depth"]
     for name, rec in b["paths"].items():
         # float32 on CPU: every token equals its teacher-forced reference (speculative: full depth's tokens).
@@ -117,11 +119,20 @@ def test_lm_decode_schema_and_agreement(suite):
         assert rec["tokens_per_s"] == pytest.approx(b["batch"] * new / rec["time_s"])
         assert rec["speedup"] == pytest.approx(b["paths"]["full"]["time_s"] / rec["time_s"])
     assert b["paths"]["full"]["mean_layers_per_token"] == depth
-    for name in ("forced_exit", "forced_exit_2exits"):
+    for name in ("forced_exit", "forced_exit_masked", "forced_exit_cheap_gate", "forced_exit_static",
+                 "forced_exit_2exits"):
         assert b["paths"][name]["mean_layers_per_token"] == meta["exit_after"]
         assert b["paths"][name]["ideal_layer_speedup"] == pytest.approx(depth / meta["exit_after"])
     sched = meta["skipdecode_layers_G"]
-    assert b["paths"]["skipdecode_2x"]["mean_layers_per_token"] == pytest.approx(np.mean(sched[:-1]))
+    for name in ("skipdecode_2x", "skipdecode_2x_traced"):
+        assert b["paths"][name]["mean_layers_per_token"] == pytest.approx(np.mean(sched[:-1]))
+    # Every path's compiled-program costs (issue 20): the static paths stop nowhere, an exit step at most once per
+    # decision point, the kept variants (masked while loop, traced schedule) more.
+    stops = {name: rec["host_stops"] for name, rec in b["paths"].items()}
+    assert stops["full"] == stops["full_f32_cache"] == stops["forced_exit_static"] == stops["skipdecode_2x"] == 0
+    assert 0 < stops["forced_exit"] <= depth - 1 and stops["forced_exit_cheap_gate"] == stops["forced_exit"]
+    assert stops["forced_exit_masked"] > stops["forced_exit"] and stops["skipdecode_2x_traced"] > 0
+    assert all(rec["f32_dots"] > 0 for rec in b["paths"].values())      # float32 run: every dot is float32
     spec = b["paths"]["speculative_d0_k2"]
     assert 0 <= spec["acceptance_rate"] <= 1 and 1 <= spec["tokens_per_verify"] <= 3
 

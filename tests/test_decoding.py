@@ -106,7 +106,7 @@ def _reference_rows(gs, thr, measure):
     out_tokens, out_exits = [], []
     for x in PROMPTS:
         p, s = len(x), len(x) + G
-        K = np.zeros((N, 1, s, CFG.num_kv_heads, CFG.head_dim), np.float32)
+        K = np.zeros((N, 1, CFG.num_kv_heads, s, CFG.head_dim), np.float32)
         Vc = np.zeros_like(K)
         h = model.embed_tokens(jnp.asarray(x)[None])
         pos = jnp.arange(p)[None]
@@ -114,7 +114,7 @@ def _reference_rows(gs, thr, measure):
         mask[0, :, :p] = np.tril(np.ones((p, p), bool))
         for l in range(N):
             k, v = kv_fn(st[l], h, pos)
-            K[l, :, :p], Vc[l, :, :p] = k, v
+            K[l, :, :, :p], Vc[l, :, :, :p] = k, v
             h = att_fn(st[l], h, pos, K[l], Vc[l], mask)
         logits = head_fn(params, h[:, -1], jnp.int32(E - 1))
         toks, exits = [], [N - 1]
@@ -128,7 +128,7 @@ def _reference_rows(gs, thr, measure):
             active, prev_hidden = True, np.zeros(CFG.d_model, np.float32)
             for l in range(N):
                 k, v = kv_fn(st[l], h, pos)      # an exited row: K/V from its own frozen exit state
-                K[l, :, slot], Vc[l, :, slot] = k[:, 0], v[:, 0]
+                K[l, :, :, slot], Vc[l, :, :, slot] = k[:, :, 0], v[:, :, 0]
                 if not active:
                     continue
                 h = att_fn(st[l], h, pos, K[l], Vc[l], m)
@@ -181,13 +181,13 @@ def test_propagated_and_oracle_kv(gs, prompts):
             h, aux = kv_lib.cache_layer(kv_lib.layer_at(model, l), h, ctx)
             hs.append(h[:, 0])
         h_NxBxD = jnp.stack(hs)
-        proj = [[kv_lib.layer_at(model, l).kv(h_NxBxD[j][:, None], state.pos_B[:, None])[0][:, 0]
+        proj = [[kv_lib.layer_at(model, l).kv(h_NxBxD[j][:, None], state.pos_B[:, None])[0][:, :, 0]
                  for j in range(N)] for l in range(N)]
         return full.cache, prop.cache, orc.cache, prop_stats, orc_stats, h_NxBxD, jnp.asarray(proj)
 
     run = jax.jit(run)
     for thr in np.linspace(0.09, 0.16, 15):   # the first threshold that spreads the rows over layers
-        full, prop, orc, ps, os_, h_NxBxD, proj_LxJxBxGxK = run(params, prompt, lengths, tok, thr)
+        full, prop, orc, ps, os_, h_NxBxD, proj_LxMxBxJxK = run(params, prompt, lengths, tok, thr)
         exits = np.asarray(ps.exit_layer_B)
         if len(np.unique(exits)) >= 2:
             break
@@ -198,14 +198,14 @@ def test_propagated_and_oracle_kv(gs, prompts):
         slot = int(lengths[b])       # the row's next position = its slot
         np.testing.assert_allclose(ps.h_BxD[b], h_NxBxD[e, b], rtol=1e-5, atol=1e-5)
         for l in range(N):
-            got = prop.k_NxBxSxGxK[l, b, slot]
+            got = prop.k_NxBxJxSxK[l, b, :, slot]
             if l <= e:   # layers the row ran: the real K/V
-                np.testing.assert_allclose(got, full.k_NxBxSxGxK[l, b, slot], rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(got, full.k_NxBxJxSxK[l, b, :, slot], rtol=1e-5, atol=1e-5)
             else:        # skipped layers: layer l's projection of the row's own exit state (not another layer's)
-                np.testing.assert_allclose(got, proj_LxJxBxGxK[l, e, b], rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(got, proj_LxMxBxJxK[l, e, b], rtol=1e-5, atol=1e-5)
                 if l > e + 1:  # (layer e+1's true input *is* the exit state; deeper ones differ)
-                    assert not np.allclose(got, full.k_NxBxSxGxK[l, b, slot], atol=1e-4)
-    for a, b in ((orc.k_NxBxSxGxK, full.k_NxBxSxGxK), (orc.v_NxBxSxGxK, full.v_NxBxSxGxK)):
+                    assert not np.allclose(got, full.k_NxBxJxSxK[l, b, :, slot], atol=1e-4)
+    for a, b in ((orc.k_NxBxJxSxK, full.k_NxBxJxSxK), (orc.v_NxBxJxSxK, full.v_NxBxJxSxK)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)   # oracle K/V = the full forward's
 
 

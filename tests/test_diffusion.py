@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from eejax.eval import fid
-from eejax.exits import engine
+from eejax.exits import engine, policies
 from eejax.models import diffusion as D
 from eejax.train import StepContext
 
@@ -88,7 +88,7 @@ def test_dynamic_equals_scan_at_exit(model_and_inputs, outs):
     conf_ExB = jax.nn.sigmoid(outs.gate_ExB)
     thr = float(np.quantile(np.asarray(conf_ExB[:-1]), 0.6))
     dyn = _dyn(gd, p, x, t, y, thr, "per_sample")
-    want = engine.exits_from_scores(conf_ExB, thr)
+    want = engine.simulate(policies.score_threshold(thr, conf_ExB.shape[0]), conf_ExB).exit_B
     np.testing.assert_array_equal(dyn.exit_B, want)
     assert len(np.unique(np.asarray(dyn.exit_B))) >= 2, "rows should spread over exits"
     np.testing.assert_allclose(dyn.out.eps_BxP, engine.take_exit(outs.eps_ExBxP, dyn.exit_B), rtol=2e-5,
@@ -96,7 +96,8 @@ def test_dynamic_equals_scan_at_exit(model_and_inputs, outs):
     # Batch mean: one exit for the whole batch, where the mean confidence first reaches the threshold.
     mean_thr = float(np.quantile(np.asarray(conf_ExB[:-1].mean(1)), 0.5))
     dyn_b = _dyn(gd, p, x, t, y, mean_thr, "batch_mean")
-    want_e = int(engine.exits_from_scores(conf_ExB.mean(1, keepdims=True), mean_thr)[0])
+    want_e = int(engine.simulate(policies.score_threshold(mean_thr, conf_ExB.shape[0]),
+                                 conf_ExB.mean(1, keepdims=True)).exit_B[0])
     np.testing.assert_array_equal(dyn_b.exit_B, np.full((B,), want_e))
     assert int(dyn_b.layers_run) == want_e + 1
 

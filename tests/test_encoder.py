@@ -10,7 +10,7 @@ from flax import nnx
 from scipy.special import erf
 
 from eejax.exits import confidence as conf_lib
-from eejax.exits import engine
+from eejax.exits import engine, policies
 from eejax.models import encoder as enc
 from eejax.models import pretrained_encoder as pe
 
@@ -139,7 +139,8 @@ def test_dynamic_equals_scan_at_the_exit_taken(measure, thresholds):
     scores_ExB = engine.scores_from_outputs(outs, conf_lib.get_measure(measure))
     for thr in thresholds:
         dyn = model.dynamic(ids, mask, thr, measure=measure)
-        np.testing.assert_array_equal(dyn.exit_B, engine.exits_from_scores(scores_ExB, thr))
+        sim = engine.simulate(policies.score_threshold(thr, scores_ExB.shape[0]), scores_ExB)
+        np.testing.assert_array_equal(dyn.exit_B, sim.exit_B)
         np.testing.assert_allclose(dyn.logits_BxC, engine.take_exit(outs.logits_ExBxC, dyn.exit_B), atol=1e-5)
 
 

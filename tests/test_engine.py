@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from eejax.exits import confidence, engine
+from eejax.exits import confidence, engine, policies
 from eejax.models.vit import ViT, ViTConfig
 
 CFG = ViTConfig(image_size=16, channels=1, patch_size=4, d_model=32, depth=5, num_heads=4, mlp_dim=64,
@@ -32,12 +32,17 @@ def _dyn(graph_state, x, thr, measure):
     return jax.jit(lambda gs, x, thr: nnx.merge(*gs).dynamic(x, thr, measure))(graph_state, x, thr)
 
 
+def _sim(scores_ExB, thr):
+    """The engine's stop rule over cached scores."""
+    return engine.simulate(policies.score_threshold(thr, scores_ExB.shape[0]), scores_ExB).exit_B
+
+
 def spreading_thresholds(scores_ExB, num: int = 3) -> list[float]:
     """Up to ``num`` thresholds (score quantiles, or the integer patience counts) under which the rows take at
     least three distinct exits; a threshold that puts every row at one exit tests nothing."""
     flat = np.asarray(scores_ExB[:-1]).ravel()
     cands = sorted(set(np.round(np.quantile(flat, np.linspace(0.05, 0.95, 37)), 6).tolist()))
-    good = [t for t in cands if len(np.unique(engine.exits_from_scores(scores_ExB, t))) >= 3]
+    good = [t for t in cands if len(np.unique(_sim(scores_ExB, t))) >= 3]
     return [good[i] for i in np.linspace(0, len(good) - 1, min(num, len(good))).astype(int)] if good else []
 
 
@@ -51,7 +56,7 @@ def test_dynamic_equals_scan_at_exit(model_and_x, measure):
     for thr in thresholds:
         dyn = _dyn(gs, x, thr, measure)
         assert len(np.unique(dyn.exit_B)) >= 3
-        want_exit = engine.exits_from_scores(scores_ExB, thr)
+        want_exit = _sim(scores_ExB, thr)
         np.testing.assert_array_equal(dyn.exit_B, want_exit)
         np.testing.assert_allclose(dyn.logits_BxC, engine.take_exit(outs.logits_ExBxC, dyn.exit_B),
                                    rtol=1e-5, atol=1e-5)
@@ -65,7 +70,7 @@ def test_exits_spread_and_per_exit_thresholds(model_and_x):
     scores_ExB = engine.scores_from_outputs(outs)
     thr_E = jnp.asarray([0.9, 0.7, 0.5, 0.3, 0.0])
     dyn = _dyn(gs, x, thr_E, "max_softmax")
-    np.testing.assert_array_equal(dyn.exit_B, engine.exits_from_scores(scores_ExB, thr_E))
+    np.testing.assert_array_equal(dyn.exit_B, _sim(scores_ExB, thr_E))
     thr = float(np.quantile(np.asarray(scores_ExB[:-1]), 0.5))
     assert len(np.unique(_dyn(gs, x, thr, "max_softmax").exit_B)) >= 2
 

@@ -86,6 +86,7 @@ def check_deer(data, out, tmp_path, mod, argv, capsys):
     res = data["results"]
     assert res["rows"] and all(r["peak_met"] == "yes" and r["sim_agrees"] == 1.0 for r in res["rows"])
     assert all(r["test_peak_layers"] <= r["peak_cap"] for r in res["rows"])
+    assert "distinct operating points" in (out / "deer.md").read_text()   # duplicate priors counted once
     # The shared backbone directory is bound to its recipe: another recipe is refused in one line.
     with pytest.raises(SystemExit) as exc:
         mod.main(argv + [f"--workdir={tmp_path / 'other'}", f"--outdir={tmp_path / 'other-results'}",
@@ -230,6 +231,34 @@ def check_per_token_exit(data, out, tmp_path, mod, argv, capsys):
     assert "| method | measure |" in (out / "per_token_exit.md").read_text()
     assert len(data["ltt"]) == 1 and data["ltt"][0]["n_calib"] == 4   # Learn-then-Test on one calibration batch
     _refused_rerun(mod, argv, capsys)
+    # The shared base model carries a record of the run that trained it; SkipDecode reading it names it.
+    from experiments import skipdecode
+
+    skipdecode.main([f"--config={ROOT / 'configs' / 'skipdecode'}.py:smoke", f"--workdir={tmp_path / 'sd'}",
+                     f"--outdir={tmp_path / 'sd-results'}", f"--config.model_workdir={model_dir}"])
+    (art,) = json.loads((tmp_path / "sd-results" / "skipdecode.json").read_text())["provenance"]["inputs"]
+    assert art["producer_step"] == recorded["train"]["steps"] and art["sha256"] != "not recorded"
+    assert art["producer_commit"] != "not recorded"
+
+
+def test_per_token_rows_are_paired_with_the_static_model_of_their_depth():
+    """Each max-softmax per-token row against the static model at its rounded depth (the full model at N, which
+    agrees with itself), every row with the same columns."""
+    from experiments import per_token_exit
+
+    full = {"nll_W": [1.0, 2.0, 3.0]}
+    raw = {"static exit L2|||None": {"avg_layers": 2.0, "nll_W": [1.5, 2.5, 3.5], "agreement_W": [0.2, 0.3, 0.4]},
+           "per-token exit|max_softmax|propagate|0.5": {"avg_layers": 2.2, "nll_W": [1.2, 2.2, 3.2],
+                                                        "agreement_W": [0.5, 0.6, 0.7]},
+           "per-token exit|max_softmax|oracle|0.99": {"avg_layers": 2.9, "nll_W": [1.0, 2.0, 3.0],
+                                                      "agreement_W": [1.0, 1.0, 1.0]},
+           "per-token exit|margin|propagate|0.5": {"avg_layers": 2.0, "nll_W": [9.0, 9.0, 9.0],
+                                                   "agreement_W": [0.0, 0.0, 0.0]}}
+    rows = per_token_exit.against_static(raw, full, 3, 0)
+    assert [(r["a"], r["b"]) for r in rows] == [("per-token exit", "static exit L2"), ("per-token exit", "full model")]
+    assert len({tuple(r) for r in rows}) == 1
+    assert rows[0]["nll_diff"] == pytest.approx(-0.3) and rows[0]["agree_diff"] == pytest.approx(0.3)
+    assert rows[1]["nll_diff"] == 0.0 and rows[1]["agree_diff"] == 0.0
 
 
 def check_skipdecode(data, out, tmp_path, *_):
@@ -242,6 +271,10 @@ def check_skipdecode(data, out, tmp_path, *_):
     assert all(a >= b for a, b in zip(sched, sched[1:]))
     sd = next(r for r in data["rows"] if r["method"] == "SkipDecode (fine-tuned)")
     assert abs(sd["avg_layers"] - sum(sched[:-1]) / (len(sched) - 1)) < 1e-6
+    # Every comparison at a target is paired over the windows, with its interval.
+    assert [(p["a"], p["b"]) for p in data["paired_differences"]][0] == ("SkipDecode (fine-tuned)", "static truncated")
+    for p in data["paired_differences"]:
+        assert p["nll_ci95_lo"] <= p["nll_diff"] <= p["nll_ci95_hi"] and "agree_diff" in p
 
 
 # ------------------------------------------------------------------------------------------- the frozen SmolLM2
@@ -265,6 +298,18 @@ def check_kangaroo(data, out, tmp_path, *_):
     assert all(0 <= r["acceptance"] <= 1 and r["CR"] >= 1 and r["cost_speedup"] > 0 for r in spec)
     assert (tmp_path / "run" / "adapter_l1.npz").exists() and (tmp_path / "run" / "adapter_l1" / "ckpt").is_dir()
     assert [r["step"] for r in data["train_logs"]["1"]] == [0, 1, 2]   # before training, then every logged step
+    # SpecEE reading that drafter names it in its result: sha256, and the Kangaroo run's commit and step.
+    from eejax.harness import results
+    from experiments import specee
+
+    out2 = tmp_path / "specee-results"
+    specee.main([f"--config={ROOT / 'configs' / 'specee'}.py:smoke", f"--workdir={tmp_path / 'specee'}",
+                 f"--outdir={out2}", f"--config.drafter.workdir={tmp_path / 'run'}"])
+    prov = json.loads((out2 / "specee.json").read_text())["provenance"]
+    (art,) = prov["inputs"]
+    assert art["sha256"] == results.sha256_of(tmp_path / "run" / "adapter_l1.npz")
+    assert art["producer_commit"] == data["provenance"]["commit"] and art["producer_step"] == 2
+    assert art["sha256"][:16] in (out2 / "specee.md").read_text()
 
 
 def check_specee(data, *_):
@@ -291,6 +336,15 @@ def check_first(data, out, tmp_path, *_):
         assert rows[f"FiRST top-{k}"]["avg_layers"] == 6 - k == rows[f"ULS skip {k}"]["avg_layers"]
     keep = np.asarray(data["eval_keep_NxW"])
     assert keep.shape == (6, 4) and keep[0].all() and keep[-1].all()
+    # The random control is a distribution: 3 draws per k (smoke), the method ranked among them.
+    for rc in data["random_control"]:
+        draws = [r["ppl"] for r in data["rows"] if r["method"].startswith(f"random skip {rc['k']} #")]
+        assert rc["draws"] == len(draws) == 3 and rc["random_ppl_median"] == pytest.approx(np.median(draws))
+        assert rc["random_ppl_min"] == min(draws) and rc["method_rank"] == 1 + sum(p < rc["method_ppl"] for p in draws)
+        assert rc["ci95_lo"] <= rc["diff_vs_median_draw"] <= rc["ci95_hi"]
+    windows = len(data["nll_per_window"]["full model"])
+    assert windows == 4 and all(len(v) == windows for v in data["nll_per_window"].values())
+    assert np.exp(np.mean(data["nll_per_window"]["full model"])) == pytest.approx(rows["full model"]["ppl"])
     assert (tmp_path / "run" / "features.npz").exists()
     (routers,) = (tmp_path / "run").glob("routers-*.npz")
     b_N = np.load(routers)["b"]

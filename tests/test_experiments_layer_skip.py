@@ -24,17 +24,18 @@ def test_smollm2_skip_programs_match_references():
                                     tok.encode("Once upon a time, there was a little girl who")[:8]]), jnp.int32)
     pre = ls.prefill_pooled(model, prompts, jnp.full((2,), 8, jnp.int32), 16)
     table, count = ls.layer_table(np.arange(n), n)
-    full = ls.decode(model, pre.logits_BxV, pre.state, 8, per_token.full_depth_step)
-    tab = ls.decode(model, pre.logits_BxV, pre.state, 8, lambda m, t, s, i: ls.table_step(m, t, s, i, table, count))
+    full = per_token.decode(model, pre.logits_BxV, pre.state, 8, per_token.full_depth_step)
+    tab = per_token.decode(model, pre.logits_BxV, pre.state, 8,
+                           lambda m, t, s, i: ls.table_step(m, t, s, i, table, count))
     np.testing.assert_array_equal(full.tokens_BxG, tab.tokens_BxG)
     keep = np.ones((n, 2), bool)
     keep[ls.uls_layers(n, 1.5)[1:3], 0] = False
     keep[[5, 17, 23], 1] = False
     forced = full.tokens_BxG
-    dec = ls.decode(model, pre.logits_BxV, pre.state, 8,
+    dec = per_token.decode(model, pre.logits_BxV, pre.state, 8,
                     lambda m, t, s, i: ls.row_step(m, t, s, i, jnp.asarray(keep)), force_BxG=forced)
     pre8 = ls.prefill_pooled(model, prompts, jnp.full((2,), 8, jnp.int32), 8)
-    logits = ls.gated_continuation_logits(model, pre8.state.cache.k_NxBxSxGxK, pre8.state.cache.v_NxBxSxGxK,
+    logits = ls.gated_continuation_logits(model, pre8.state.cache.k_NxBxJxSxK, pre8.state.cache.v_NxBxJxSxK,
                                           forced[:, :-1], jnp.asarray(keep, jnp.float32))
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), forced[:, 1:, None], -1)[..., 0]
     np.testing.assert_allclose(logp, np.asarray(dec.logprob_BxG[:, 1:]), atol=2e-3)

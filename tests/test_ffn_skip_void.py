@@ -164,7 +164,7 @@ def test_lac_official_is_run_and_discard(model, tokens):
     kept = np.take_along_axis(stack, (last + 1)[None, :, :, None], axis=0)[0]
     np.testing.assert_allclose(res.logits, model.exit_logits(jnp.asarray(kept), 0), atol=1e-4)
     _, full_state = kv.prefill(model, tokens, jnp.full((B,), T), T)
-    np.testing.assert_allclose(res.state.cache.k_NxBxSxGxK, full_state.cache.k_NxBxSxGxK, atol=1e-5)
+    np.testing.assert_allclose(res.state.cache.k_NxBxJxSxK, full_state.cache.k_NxBxJxSxK, atol=1e-5)
 
 
 def test_lac_carry_mode_matches_python_loop(model, tokens):

@@ -58,11 +58,11 @@ def test_table_step_equals_removed_model(model):
     out, state = kv_lib.forward(model, prompt, kv_lib.empty_state(model, 2, 12), prog,
                                 kv_lib.final_head(model, last_token=False))
     last = jnp.take_along_axis(out.logits_BxC, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    got = ls.decode(model, last, state._replace(pos_B=lengths), 7,
+    got = per_token.decode(model, last, state._replace(pos_B=lengths), 7,
                     lambda m, t, s, i: ls.table_step(m, t, s, i, table, count))
     small = removed(model, keep_layers)
     logits, st = kv_lib.prefill(small, prompt, lengths, 12)
-    ref = ls.decode(small, logits, st, 7, per_token.full_depth_step)
+    ref = per_token.decode(small, logits, st, 7, per_token.full_depth_step)
     np.testing.assert_array_equal(got.tokens_BxG, ref.tokens_BxG)
     np.testing.assert_allclose(got.logprob_BxG, ref.logprob_BxG, atol=1e-4)
     assert (np.asarray(got.layers_BxG[:, 1:]) == 4).all()
@@ -82,12 +82,12 @@ def test_row_skip_decode_equals_removed_model_row_by_row(model):
     out, state = kv_lib.forward(model, prompt, kv_lib.empty_state(model, 3, 12), prog,
                                 kv_lib.final_head(model, last_token=False))
     last = jnp.take_along_axis(out.logits_BxC, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    got = ls.decode(model, last, state._replace(pos_B=lengths), 7,
+    got = per_token.decode(model, last, state._replace(pos_B=lengths), 7,
                     lambda m, t, s, i: ls.row_step(m, t, s, i, jnp.asarray(keep_NxB), compact=compact))
     for b, ks in enumerate(keep_sets):
         small = removed(model, ks)
         logits, st = kv_lib.prefill(small, prompt[b:b + 1], lengths[b:b + 1], 12)
-        ref = ls.decode(small, logits, st, 7, per_token.full_depth_step)
+        ref = per_token.decode(small, logits, st, 7, per_token.full_depth_step)
         np.testing.assert_array_equal(got.tokens_BxG[b], ref.tokens_BxG[0])
         np.testing.assert_allclose(got.logprob_BxG[b], ref.logprob_BxG[0], atol=1e-4)
         assert (np.asarray(got.layers_BxG[b, 1:]) == len(ks)).all()
@@ -119,10 +119,10 @@ def test_first_decisions_fixed_after_prefill_and_match_teacher_forced_twin(model
     # The prefill's cache and logits equal plain kv.prefill.
     ref_logits, ref_state = kv_lib.prefill(model, prompt, lengths, 5)
     np.testing.assert_allclose(pre.logits_BxV, ref_logits, atol=1e-5)
-    np.testing.assert_allclose(pre.state.cache.k_NxBxSxGxK, ref_state.cache.k_NxBxSxGxK, atol=1e-5)
+    np.testing.assert_allclose(pre.state.cache.k_NxBxJxSxK, ref_state.cache.k_NxBxJxSxK, atol=1e-5)
     # Teacher-forced twins: the gated one-pass forward over the cached prompt K/V, and the scan path with a
     # per-(layer, position) mask, give the decode's log-probs of the forced tokens.
-    logits = ls.gated_continuation_logits(model, pre.state.cache.k_NxBxSxGxK, pre.state.cache.v_NxBxSxGxK,
+    logits = ls.gated_continuation_logits(model, pre.state.cache.k_NxBxJxSxK, pre.state.cache.v_NxBxJxSxK,
                                           forced_toks[:, :-1], jnp.asarray(keep, jnp.float32))
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), forced_toks[:, 1:, None], -1)[..., 0]
     np.testing.assert_allclose(logp, forced.logprob_BxG[:, 1:], atol=1e-4)

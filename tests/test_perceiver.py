@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from eejax.exits import engine
+from eejax.exits import engine, policies
 from eejax.models import perceiver as P
 
 CFG = P.PerceiverConfig(width=8, depth=3, latent_tokens=4, latent_dim=16, num_heads=2, mlp_dim=16)
@@ -25,9 +25,9 @@ def test_engine_equals_scan_at_exit_taken(x, latent_tokens):
     conf_ExB = jax.nn.softmax(outs.logits_ExBxC, -1).max(-1)
     # Per-exit thresholds at the median confidence: rows leave at every exit.
     thr_E = jnp.median(conf_ExB, axis=1)
-    want_B = engine.exits_from_scores(conf_ExB, thr_E)
+    want_B = engine.simulate(policies.score_threshold(thr_E, conf_ExB.shape[0]), conf_ExB).exit_B
     assert set(np.asarray(want_B).tolist()) == {0, 1, 2}
-    for executor in (engine.Masked(), engine.Compacted((4, 8))):
+    for executor in (engine.Masked(), engine.BucketCascade((4, 8))):
         dyn = jax.jit(lambda p, x, t, ex=executor: nnx.merge(graphdef, p).dynamic(x, t, executor=ex))(
             params, x, thr_E)
         np.testing.assert_array_equal(dyn.exit_B, want_B)

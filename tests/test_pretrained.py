@@ -170,7 +170,7 @@ def test_full_model_logits_match_numpy_reference_and_qk_order_matters():
 def test_bf16_load_agrees_with_f32():
     ids = _load().tokenizer.encode(PROMPTS[2])
     f32, b16 = _logits(_load(), ids), _logits(_load(dtype="bfloat16"), ids)
-    assert _load(dtype="bfloat16").params["layers"]["q"]["kernel"][...].dtype == jnp.bfloat16
+    assert _load(dtype="bfloat16").params["layers"]["qkv"]["kernel"][...].dtype == jnp.bfloat16
     assert np.mean(f32.argmax(-1) == b16.argmax(-1)) >= 0.75
     assert np.abs(b16 - f32).mean() < 0.5
 

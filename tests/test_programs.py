@@ -13,11 +13,13 @@ from eejax.decoding import per_token, speculative
 from eejax.exits import confidence, continuous, engine, paths, policies
 from eejax.models import diffusion, lm
 from eejax.models.vit import ViT, ViTConfig
+from margins import float_tol, threshold_between
 
 B = 16
 CFG = ViTConfig(image_size=16, channels=1, patch_size=4, d_model=32, depth=5, num_heads=4, mlp_dim=64,
                 num_classes=6, exits="all", head_types="linear")
 E = len(CFG.exit_layers)
+TOL = float_tol(CFG.depth)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def _policy(name, outs):
     """Policies whose decisions spread the rows over the exits."""
     if name in ("max_softmax", "patience"):
         scores = engine.scores_from_outputs(outs, confidence.get_measure(name))
-        thr = 1.0 if name == "patience" else float(np.quantile(np.asarray(scores[:-1]), 0.6))
+        thr = 1.0 if name == "patience" else threshold_between(scores[:-1], 0.6)
         return lambda: policies.threshold(name, thr, E)
     if name == "batch_mean":
         return lambda: policies.batch_mean("max_softmax", 0.3, E)
@@ -50,14 +52,15 @@ def _policy(name, outs):
 
 
 EXECUTORS = {
-    "compacted": lambda: engine.Compacted((4, 8)),
+    "cascade": lambda: engine.BucketCascade((4, 8)),
+    "compacted": lambda: engine.Compacted((4, 8)),     # the baseline the cascade replaced
     "sharded": lambda: paths.Sharded(_mesh()),
-    "sharded_compacted": lambda: paths.Sharded(_mesh(), engine.Compacted()),
+    "sharded_cascade": lambda: paths.Sharded(_mesh(), engine.BucketCascade()),
     "gated_kernel": lambda: paths.GatedKernel(block_rows=8),
     "continuous": lambda: continuous.Continuous(num_slots=5),
 }
 # A batch-wide rule cannot be decided per device or per slot; a per-batch-row exit list means nothing to a slot.
-UNSUPPORTED = {("sharded", "batch_mean"), ("sharded_compacted", "batch_mean"), ("continuous", "batch_mean"),
+UNSUPPORTED = {("sharded", "batch_mean"), ("sharded_cascade", "batch_mean"), ("continuous", "batch_mean"),
                ("continuous", "fixed_exit")}
 POLICIES = ["max_softmax", "patience", "batch_mean", "fixed_exit", "router"]
 
@@ -82,9 +85,8 @@ def test_executor_equals_masked(vit, executor_name, policy_name):
         assert len(np.unique(masked.exit_B)) >= 2, "policy leaves no spread of exits"
     np.testing.assert_array_equal(other.exit_B, masked.exit_B)
     np.testing.assert_array_equal(other.exit_layer_B, masked.exit_layer_B)
-    np.testing.assert_allclose(other.logits_BxC, masked.logits_BxC, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(masked.logits_BxC, engine.take_exit(outs.logits_ExBxC, masked.exit_B), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(other.logits_BxC, masked.logits_BxC, **TOL)
+    np.testing.assert_allclose(masked.logits_BxC, engine.take_exit(outs.logits_ExBxC, masked.exit_B), **TOL)
 
 
 def test_uvit_executors_equal_masked():
@@ -99,21 +101,22 @@ def test_uvit_executors_equal_masked():
     def run(params):
         m = nnx.merge(gd, params)
         return {name: m.dynamic(x, t, y, 0.5, executor=ex)
-                for name, ex in (("masked", engine.Masked()), ("compacted", engine.Compacted((4,))),
-                                 ("sharded", paths.Sharded(_mesh())))}
+                for name, ex in (("masked", engine.Masked()), ("cascade", engine.BucketCascade((4,))),
+                                 ("compacted", engine.Compacted((4,))), ("sharded", paths.Sharded(_mesh())))}
 
     got = run(params)
-    for name in ("compacted", "sharded"):
+    for name in ("cascade", "compacted", "sharded"):
         np.testing.assert_array_equal(got[name].exit_B, got["masked"].exit_B)
-        np.testing.assert_allclose(got[name].out.eps_BxP, got["masked"].out.eps_BxP, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got[name].out.eps_BxP, got["masked"].out.eps_BxP, **float_tol(cfg.depth))
 
 
 def test_aux_state_needs_masked_executor(vit):
     gs, x, _ = vit
     m = nnx.merge(*gs)
-    with pytest.raises(ValueError, match="aux"):
-        engine.run(m.layers, list(m.heads), m.embed(x), engine.prefix(CFG.depth, CFG.exit_layers),
-                   policies.threshold("max_softmax", 0.5, E), engine.Compacted(), aux=jnp.zeros(3))
+    for executor in (engine.BucketCascade(), engine.Compacted()):
+        with pytest.raises(ValueError, match="aux"):
+            engine.run(m.layers, list(m.heads), m.embed(x), engine.prefix(CFG.depth, CFG.exit_layers),
+                       policies.threshold("max_softmax", 0.5, E), executor, aux=jnp.zeros(3))
     with pytest.raises(ValueError, match="per exit"):
         policies.threshold("max_softmax", jnp.zeros(E + 1), E)
 
@@ -140,15 +143,14 @@ def test_repeat_program_equals_unrolled_with_per_repeat_hook(vit):
         if s in (1, 3, 5):
             want.append(heads[len(want)](h).logits_BxC)
     scan = engine.scan_exits(m.layers, heads, h0, program=program, layer_fn=hooked)
-    np.testing.assert_allclose(scan.logits_ExBxC, jnp.stack(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scan.logits_ExBxC, jnp.stack(want), **TOL)
     static = engine.run(m.layers, heads, h0, program, None, layer_fn=hooked)
-    np.testing.assert_allclose(static.logits_BxC, want[-1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(static.logits_BxC, want[-1], **TOL)
     scores = engine.scores_from_outputs(scan)
-    thr = float(np.quantile(np.asarray(scores[:-1]), 0.5))
-    dyn = engine.run(m.layers, heads, h0, program, policies.threshold("max_softmax", thr, 3), layer_fn=hooked)
-    np.testing.assert_array_equal(dyn.exit_B, engine.exits_from_scores(scores, thr))
-    np.testing.assert_allclose(dyn.logits_BxC, engine.take_exit(scan.logits_ExBxC, dyn.exit_B), rtol=1e-5,
-                               atol=1e-5)
+    policy = policies.threshold("max_softmax", threshold_between(scores[:-1], 0.5), 3)
+    dyn = engine.run(m.layers, heads, h0, program, policy, layer_fn=hooked)
+    np.testing.assert_array_equal(dyn.exit_B, engine.simulate(policy, scan).exit_B)
+    np.testing.assert_allclose(dyn.logits_BxC, engine.take_exit(scan.logits_ExBxC, dyn.exit_B), **TOL)
     assert dyn.exit_layer_B.max() <= 5
 
 
@@ -158,13 +160,13 @@ def test_row_skip_program_equals_scan_layer_mask(vit):
     keep_NxB = jax.random.bernoulli(jax.random.key(4), 0.6, (CFG.depth, B)).at[-1].set(True)
     scan = m.all_exits(x, layer_mask_NxB=keep_NxB)
     scores = engine.scores_from_outputs(scan)
-    thr = float(np.quantile(np.asarray(scores[:-1]), 0.6))
+    thr = threshold_between(scores[:-1], 0.6)
     program = engine.row_skip(keep_NxB, CFG.exit_layers)
-    for ex in (engine.Masked(), engine.Compacted((4, 8))):
+    for ex in (engine.Masked(), engine.BucketCascade((4, 8)), engine.Compacted((4, 8))):
         dyn = jax.jit(lambda gs, x, ex=ex: nnx.merge(*gs).dynamic(x, thr, program=program, executor=ex))(gs, x)
-        np.testing.assert_array_equal(dyn.exit_B, engine.exits_from_scores(scores, thr))
-        np.testing.assert_allclose(dyn.logits_BxC, engine.take_exit(scan.logits_ExBxC, dyn.exit_B), rtol=1e-5,
-                                   atol=1e-5)
+        np.testing.assert_array_equal(dyn.exit_B, engine.simulate(policies.threshold("max_softmax", thr, E),
+                                                                  scan).exit_B)
+        np.testing.assert_allclose(dyn.logits_BxC, engine.take_exit(scan.logits_ExBxC, dyn.exit_B), **TOL)
 
 
 def test_mlp_skip_program_equals_block_without_mlp(vit):
@@ -180,10 +182,10 @@ def test_mlp_skip_program_equals_block_without_mlp(vit):
         h = jnp.where(skip_NxB[l][:, None, None], a, layer.mlp_half(a))   # reference: MLP removed where skipped
     program = engine.mlp_skip(skip_NxB, [CFG.depth - 1])
     got = engine.run(m.layers, [m.heads[-1]], h0, program)
-    np.testing.assert_allclose(got.h, h, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.h, h, **TOL)
     kern = engine.run(m.layers, [m.heads[-1]], h0, program, policies.fixed_exit(jnp.zeros(B, jnp.int32)),
                       paths.GatedKernel(block_rows=8))
-    np.testing.assert_allclose(kern.h, h, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kern.h, h, **TOL)
 
 
 # ------------------------------------------------------------------------------------------------ KV cache
@@ -226,13 +228,13 @@ def test_extend_equals_single_steps_and_rollback(lm_gs):
     np.testing.assert_array_equal(st_ext.pos_B, st.pos_B)
     for b in range(4):
         n = int(st.pos_B[b])
-        np.testing.assert_allclose(st_ext.cache.k_NxBxSxGxK[:, b, :n], st.cache.k_NxBxSxGxK[:, b, :n], rtol=1e-5,
+        np.testing.assert_allclose(st_ext.cache.k_NxBxJxSxK[:, b, :, :n], st.cache.k_NxBxJxSxK[:, b, :, :n], rtol=1e-5,
                                    atol=1e-5)
     np.testing.assert_allclose(lg_back, lg_ref, rtol=1e-5, atol=1e-5)
     for b in range(4):
         n = int(st_ref.pos_B[b])
         assert int(st_back.pos_B[b]) == n
-        np.testing.assert_allclose(st_back.cache.v_NxBxSxGxK[:, b, :n], st_ref.cache.v_NxBxSxGxK[:, b, :n],
+        np.testing.assert_allclose(st_back.cache.v_NxBxJxSxK[:, b, :, :n], st_ref.cache.v_NxBxJxSxK[:, b, :, :n],
                                    rtol=1e-5, atol=1e-5)
 
 

@@ -9,10 +9,11 @@ from flax import nnx
 from eejax.exits import engine, policies
 from eejax.models.vit import ViT, ViTConfig
 from experiments import _common_vision as shv
+from margins import float_tol, threshold_between
 
 CFG = ViTConfig(image_size=16, channels=1, patch_size=4, d_model=32, depth=5, num_heads=4, mlp_dim=64,
                 num_classes=6, exits=[4], head_types="linear")
-EXECUTORS = [engine.Masked(), engine.Compacted(buckets=(8, 16))]
+EXECUTORS = [engine.Masked(), engine.BucketCascade(buckets=(8, 16))]
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +52,17 @@ def _cosines(flat):
     return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
-@pytest.mark.parametrize("executor", EXECUTORS, ids=["masked", "compacted"])
+@pytest.mark.parametrize("executor", EXECUTORS, ids=["masked", "cascade"])
 def test_saturation_equals_reference(setup, executor):
     gs, x, flat, logits = setup
     cos_ExB = _cosines(flat)
-    spread = np.quantile(cos_ExB[:-1], [0.3, 0.5, 0.7])
-    for thr in spread:
+    for thr in (threshold_between(cos_ExB[:-1], q) for q in (0.3, 0.5, 0.7)):
         want = _first_exit(cos_ExB >= thr)
         assert len(np.unique(want)) >= 3
         out = _run(gs, x, policies.saturation(thr, CFG.depth, first=shv.flat_state), executor, True)
         np.testing.assert_array_equal(out.exit_B, want)
-        np.testing.assert_allclose(out.logits_BxC, logits[want, np.arange(len(want))], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(out.score_B, cos_ExB[want, np.arange(len(want))], atol=1e-5)
+        np.testing.assert_allclose(out.logits_BxC, logits[want, np.arange(len(want))], **float_tol(CFG.depth))
+        np.testing.assert_allclose(out.score_B, cos_ExB[want, np.arange(len(want))], **float_tol(CFG.depth))
 
 
 def test_saturation_first_exit_conventions(setup):
@@ -78,21 +78,21 @@ def test_saturation_first_exit_conventions(setup):
         _run(gs, x, policies.saturation(0.5, CFG.depth, first=lambda h: h[:, 0]), engine.Masked(), True)
 
 
-@pytest.mark.parametrize("executor", EXECUTORS, ids=["masked", "compacted"])
+@pytest.mark.parametrize("executor", EXECUTORS, ids=["masked", "cascade"])
 @pytest.mark.parametrize("max_exit", [2, 4])
 def test_agreement_equals_reference(setup, executor, max_exit):
     gs, x, _, logits = setup
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     dist_ExB = np.concatenate([np.full((1, p.shape[1]), np.inf), np.linalg.norm(p[1:] - p[:-1], axis=-1)])
-    for thr in np.quantile(dist_ExB[1:max_exit], [0.3, 0.6]):
+    for thr in (threshold_between(dist_ExB[1:max_exit], q) for q in (0.3, 0.6)):
         fire = dist_ExB < thr
         fire[max_exit:] = True                      # the peak cap
         want = _first_exit(fire)
         out = _run(gs, x, policies.agreement(thr, CFG.depth, max_exit=max_exit), executor, False)
         np.testing.assert_array_equal(out.exit_B, want)
         assert int(np.max(out.exit_B)) <= max_exit and int(out.layers_run) <= max_exit + 1
-        np.testing.assert_allclose(out.logits_BxC, logits[want, np.arange(len(want))], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out.logits_BxC, logits[want, np.arange(len(want))], **float_tol(CFG.depth))
     # The first exit has nothing to agree with: even an infinite threshold stops rows only from exit 1 on.
     out = _run(gs, x, policies.agreement(np.inf, CFG.depth, max_exit=max_exit), executor, False)
     np.testing.assert_array_equal(out.exit_B, 1)

@@ -48,6 +48,23 @@ def test_del_equals_greedy_batched(gs):
     assert (np.asarray(spec.accepted_B) <= np.asarray(spec.drafted_B)).all()
 
 
+def test_del_at_batch_1_equals_greedy(gs):
+    """At batch 1 a DEL round's plan is the row's own (exit, length): the static truncated model of that exit."""
+    gd, params = gs
+    prompt, lengths = (jnp.asarray(a) for a in kv_lib.pad_prompts(PROMPTS[2:3]))
+    drafter = speculative.dynamic(CFG, [0, 2, 3], 2, decay=0.5, alpha0=[0.3, 0.8, 0.95])
+
+    @jax.jit
+    def run(params):
+        model = nnx.merge(gd, params)
+        plain = per_token.generate(model, prompt, lengths, 10, per_token.full_depth_step)
+        return plain, speculative.self_speculative(model, prompt, lengths, 10, drafter=drafter)
+
+    plain, spec = run(params)
+    np.testing.assert_array_equal(spec.tokens_BxG, plain.tokens_BxG)
+    assert int(spec.draft_steps) == int(spec.drafted_B[0])          # at batch 1 the batch drafts the row's own
+
+
 def test_static_drafter_equals_the_draft_exit_arguments(gs):
     gd, params = gs
     prompt, lengths = (jnp.asarray(a) for a in kv_lib.pad_prompts(PROMPTS))
@@ -63,6 +80,34 @@ def test_static_drafter_equals_the_draft_exit_arguments(gs):
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
     assert (np.asarray(a.draft_layers_B) == 3 * np.asarray(a.drafted_B)).all()   # exit 2 runs 3 layers
+
+
+def test_truncated_draft_steps_equal_the_masked_engine(gs):
+    """The static truncated model (one exit, its layers only) and the per-row variant give the masked engine's
+    fixed-exit logits, over two consecutive steps (the second reads the cache the first wrote)."""
+    gd, params = gs
+    prompt, lengths = (jnp.asarray(a) for a in kv_lib.pad_prompts(PROMPTS))
+    exit_B = jnp.asarray([0, 3, 1, 2], jnp.int32)
+
+    @jax.jit
+    def run(params):
+        model = nnx.merge(gd, params)
+        logits, st = kv_lib.prefill(model, prompt, lengths, prompt.shape[1] + 4)
+        tok = jnp.argmax(logits, -1).astype(jnp.int32)
+        out = {}
+        for name, fn in (("static", lambda t, s: speculative.draft_step(model, t, s, 2)),
+                         ("masked_static", lambda t, s: speculative.masked_draft_step(model, t, s, 2)),
+                         ("rows", lambda t, s: speculative.rows_draft_step(model, t, s, exit_B, 3)),
+                         ("masked_rows", lambda t, s: speculative.masked_draft_step(model, t, s, exit_B))):
+            a, s1 = fn(tok, st)
+            b, _ = fn(jnp.argmax(a, -1).astype(jnp.int32), s1)
+            out[name] = (a, b)
+        return out
+
+    out = run(params)
+    for name in ("static", "rows"):
+        for got, want in zip(out[name], out["masked_" + name]):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_tpl_choice_and_update_equal_references():

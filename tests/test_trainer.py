@@ -252,3 +252,38 @@ def test_frozen_params_reach_the_loss_and_resume_exactly(tmp_path):
         u, st = tx.update(g, st, head)
         head = optax.apply_updates(head, u)
     np.testing.assert_allclose(straight.params["scale"], head["scale"], rtol=1e-5)
+
+
+def test_arguments_are_refused_not_clamped(tmp_path):
+    """Issue 23: fit(-3) returned the initial state and fit(2.5) died in range(); seeds beyond 2**32 are truncated
+    by PRNGKey without x64; a non-scalar loss or metric failed deep inside (value_and_grad, the first log step)."""
+    import jax.numpy as jnp
+
+    from eejax.train import Trainer
+
+    with script.make_trainer(tmp_path / "a") as trainer:
+        for bad in (-3, 2.5, True, "10"):
+            with pytest.raises(ValueError, match=f"num_steps={bad!r} must be an integer >= 0"):
+                trainer.fit(script.Batches(), bad)
+        with pytest.raises(ValueError, match="batches .a list. needs state_dict"):
+            trainer.fit([{"x": 1}], 2)
+    for kwargs, match in [({"log_every": 2.5}, "log_every=2.5"), ({"ckpt_every": 0}, "ckpt_every=0"),
+                          ({"max_to_keep": 0}, "max_to_keep=0"), ({"seed": -1}, "seed=-1"),
+                          ({"seed": 2**40}, r"seed=1099511627776 must be an integer in \[0, 4294967295\]")]:
+        with pytest.raises(ValueError, match=match):
+            script.make_trainer(tmp_path / "b", **kwargs)
+
+    def vector_loss(params, batch, ctx):
+        loss, aux = script.loss_fn(params, batch, ctx)
+        return loss * jnp.ones(3), aux
+
+    def vector_metric(params, batch, ctx):
+        loss, _ = script.loss_fn(params, batch, ctx)
+        return loss, {"per_class": jnp.ones(script.C) * ctx.step}
+
+    for fn, match in [(vector_loss, r"a loss of shape \(3,\); it must be a scalar"),
+                      (vector_metric, r"metric 'per_class' has shape \(4,\)")]:
+        with Trainer(fn, script.init_params(), make_optimizer(script.optim_config()),
+                     workdir=tmp_path / fn.__name__) as trainer:
+            with pytest.raises(ValueError, match=match):
+                trainer.fit(script.Batches(), 2)

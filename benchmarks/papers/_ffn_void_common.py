@@ -1,4 +1,6 @@
-"""Shared pieces of the paper decoder benchmarks in this folder (imports only jax, numpy and eejax)."""
+"""Shared pieces of the paper decoder benchmarks in this folder (imports only jax, numpy and eejax): presets, the
+random-weight model, compile-once-and-profile (every row carries the host stops and float32 dots of its compiled
+program, ``eejax.exits.hlo``), timing, rows."""
 from __future__ import annotations
 
 import json
@@ -11,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from eejax.decoding import per_token
-from eejax.exits import costs
+from eejax.exits import costs, hlo
 from eejax.models import lm as lm_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -44,19 +46,38 @@ def build(p: dict):
 
 
 def generate_fn(graphdef, step_fn, new: int):
-    """``jit(f(params, prompt_BxP, *args) -> tokens_BxG, layers_BxG)``."""
+    """``f(params, prompt, *args) -> tokens_BxG, layers_BxG`` (to ``compiled``)."""
     f = per_token.decode_fn(graphdef, step_fn, new)
 
     def g(params, prompt, *args):
         out = f(params, prompt, jnp.full((prompt.shape[0],), prompt.shape[1], jnp.int32), *args)
         return out.tokens_BxG, out.layers_BxG
-    return jax.jit(g)
+    return g
+
+
+def compiled(fn, *args, trips=1, per: int = 1) -> tuple:
+    """``jax.jit(fn)`` compiled once for ``args`` and its compiled-program costs: ``(exe, costs)`` with
+    ``host_stops`` per generated token (``per``; data-dependent loops counted at ``trips`` iterations),
+    ``unknown_whiles``, ``conditionals`` and ``f32_dots`` (of the lowered program)."""
+    lowered = jax.jit(fn).lower(*args)
+    exe = lowered.compile()
+    prof = hlo.HloProfile(*hlo.parse_hlo(exe.as_text()), hlo.dot_dtypes_of(lowered.as_text()))
+    return exe, {"host_stops": round(prof.host_stops(trips=trips, per=per), 3),
+                 "unknown_whiles": prof.unknown_whiles, "conditionals": prof.conditionals,
+                 "f32_dots": prof.f32_dots()}
 
 
 def timed(fn, *args, repeats: int) -> tuple[float, tuple]:
     """Median seconds of ``fn(*args)`` after one warm-up call (compile excluded), block_until_ready each time."""
     t = costs.measure(fn, *args, warmup=1, iters=repeats)
     return statistics.median(t.times_s), t.output
+
+
+def run_variant(fn, *args, repeats: int, new: int, trips=1) -> tuple[float, tuple, dict]:
+    """Compile ``fn`` once (with its costs), time it: ``(seconds, outputs, costs)``."""
+    exe, costs = compiled(fn, *args, trips=trips, per=new)
+    sec, out = timed(exe, *args, repeats=repeats)
+    return sec, out, costs
 
 
 def results(name: str) -> dict | None:

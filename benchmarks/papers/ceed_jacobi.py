@@ -13,6 +13,10 @@ iterations per block, k = the mean iterations per block measured on SmolLM2 (rou
 experiments/ceed_jacobi.py, read from experiments/results/ceed_jacobi-smollm2/ceed_jacobi.json when present (the
 row says so), else the stated default (full Jacobi: n, the vanilla-Jacobi worst case; early exit: ceil(n / 2)).
 The tokens are then not meaningful; only the time is.
+
+Each row carries ``host_stops`` per generated token, read from its compiled program (``eejax.exits.hlo``): greedy 0;
+Jacobi one per iteration of a block plus one to leave (its iteration loop is data-dependent), counted at the
+replayed iterations per block.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from benchmarks.papers._spec_costs import compile_profiled
 from eejax.decoding import jacobi, per_token
 from eejax.exits import costs
 from eejax.models import lm as lm_lib
@@ -58,7 +63,8 @@ def measured_iters(path=RESULTS) -> dict:
 
 
 def _time(fn, args, repeats: int) -> float:
-    return statistics.median(costs.measure(fn, *args, warmup=1, iters=repeats).times_s)   # compile excluded
+    """Median seconds of ``repeats`` calls of the AOT-compiled ``fn`` after a warm-up (compile excluded)."""
+    return statistics.median(costs.measure(fn, *args, warmup=1, iters=repeats).times_s)
 
 
 def run(size: str, budget_s: float, log) -> list[dict]:
@@ -86,16 +92,19 @@ def run(size: str, budget_s: float, log) -> list[dict]:
                 log(f"{PAPER}: budget of {budget_s:.0f} s spent; stopping before batch {b} {arm} n={n}")
                 return rows
             if n is None:
-                fn = jax.jit(per_token.decode_fn(graphdef, per_token.full_depth_step, g))
-                sec = _time(fn, (params, prompt, lengths), p["repeats"])
+                args = (params, prompt, lengths)
+                fn, prof = compile_profiled(per_token.decode_fn(graphdef, per_token.full_depth_step, g), *args)
+                sec = _time(fn, args, p["repeats"])
                 row = {"variant": "greedy", "block": None, "iters_per_block": None,
-                       "forwards_per_token": 1.0, "iters_source": None}
+                       "forwards_per_token": 1.0, "iters_source": None, "host_stops": prof.host_stops(per=g)}
             else:
-                fn = jax.jit(lambda pr, t, l, tol, mi, n=n: jacobi.jacobi_decode(   # noqa: E731
-                    nnx.merge(graphdef, pr), t, l, g, block=n, tol=tol, max_iters=mi))
-                sec = _time(fn, (params, prompt, lengths, jnp.int32(-1), jnp.int32(k)), p["repeats"])
+                args = (params, prompt, lengths, jnp.int32(-1), jnp.int32(k))
+                fn, prof = compile_profiled(lambda pr, t, l, tol, mi, n=n: jacobi.jacobi_decode(
+                    nnx.merge(graphdef, pr), t, l, g, block=n, tol=tol, max_iters=mi), *args)
+                sec = _time(fn, args, p["repeats"])
                 row = {"variant": f"jacobi {arm} n={n}", "block": n, "iters_per_block": k,
-                       "forwards_per_token": k / n, "iters_source": src}
+                       "forwards_per_token": k / n, "iters_source": src,
+                       "host_stops": prof.host_stops(trips=k, per=g)}
             rows.append({"paper": PAPER, "batch": b, "new_tokens": g, "seconds": sec, "tokens_per_s": b * g / sec,
                          **row, "dtype": p["dtype"], "size": size})
             log(f"{PAPER} batch {b} {row['variant']}: {sec * 1e3:.1f} ms, {b * g / sec:.0f} tok/s")

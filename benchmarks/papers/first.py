@@ -9,7 +9,11 @@ chose on the WikiText-2 prompts in the CPU run (``eval_keep_NxW`` of experiments
 assigned to rows in order (cycled), when that file is present and its layer count matches; otherwise (and at
 ``tiny`` / ``small``) a stated default: every row skips ``DEFAULT_SKIP`` routable layers drawn at random per row
 (seed 0). Each row records which. FiRST's decode runs the union of its rows' kept layers (``layer_skip.row_program``,
-compacted), so the saving falls as rows disagree; ``layers_run_per_step`` says how many layers a step ran.
+compacted), so the saving falls as rows disagree; ``layers_run_per_step`` says how many layers a step ran. The
+union's size is read on the host once per batch after the prefill (FiRST decides once per sequence), so the decode
+has a static layer count (``FiRST per-row sets``); ``FiRST per-row sets, traced count`` keeps it traced (one
+compiled decode for any sets, a data-dependent layer loop). Every row carries its compiled program's host stops per
+token and float32 dots.
 
 Timing as in uls.py: prefill once (not timed; the routers' cost is a few dot products per layer on the prefill),
 ``new`` greedy decode steps, compile excluded, median of ``repeats``. Import only jax, numpy and eejax.
@@ -70,23 +74,29 @@ def run(size: str, budget_s: float, log=print) -> list[dict]:
         pre = uls.prefill(graphdef, params, b, s["prompt"], s["new"], cfg.vocab_size, seed=b)
         k_uls = int(round(n - keep.sum(0).mean()))
         table, count = ls.layer_table(ls.uls_layers(n, skip=k_uls), n)
-        methods = [("greedy", per_token.full_depth_step, (), "plain greedy (per_token.full_depth_step)"),
-                   ("FiRST per-row sets", lambda m, t, st, i, kp: ls.row_step(m, t, st, i, kp), (jnp.asarray(keep),),
-                    source),
-                   (f"ULS skip {k_uls} (same mean layers)", ls.table_step, (jnp.asarray(table), jnp.int32(count)),
-                    "static evenly spread set")]
+        union = ls.union_count(keep)    # read once per batch, after the prefill
+        methods = [("greedy", per_token.full_depth_step, (), "plain greedy (per_token.full_depth_step)", 1),
+                   ("FiRST per-row sets", lambda m, t, st, i, kp, u=union: ls.row_step(m, t, st, i, kp, count=u),
+                    (jnp.asarray(keep),), source + "; static union count", 1),
+                   ("FiRST per-row sets, traced count", lambda m, t, st, i, kp: ls.row_step(m, t, st, i, kp),
+                    (jnp.asarray(keep),), source + "; traced union count", union),
+                   (f"ULS skip {k_uls} (same mean layers)",
+                    lambda m, t, st, i, tab, c=count: ls.table_step(m, t, st, i, tab, c), (jnp.asarray(table),),
+                    "static evenly spread set, static layer count", 1)]
         base = None
-        for name, step, args, detail in methods:
+        for name, step, args, detail, trips in methods:
             if rows and rows[-1]["batch"] != b and time.perf_counter() - start > budget_s:
                 log(f"first: budget spent at batch {b}, {name}")
                 break
-            t = uls.time_decode(graphdef, params, pre, s["new"], step, args, s["repeats"])
+            t = uls.time_decode(graphdef, params, pre, s["new"], step, args, s["repeats"], trips)
             tps = b * s["new"] / t["seconds"]
             base = tps if name == "greedy" else base
             rows.append({"paper": PAPER, "variant": name, "batch": b, "new_tokens": s["new"], "seconds": t["seconds"],
                          "tokens_per_s": tps, "speedup_vs_baseline": tps / base if base else None,
                          "layers_per_token": t["layers_per_token"], "layers_run_per_step": t["layers_run_per_step"],
                          "num_layers": n, "skipped_fraction": 1 - t["layers_per_token"] / n, "detail": detail,
-                         "size": size, "dtype": uls.SIZES[size]["dtype"] or "float32", "weights": "random"})
+                         "size": size, "dtype": uls.SIZES[size]["dtype"] or "float32", "weights": "random",
+                         "host_stops": t["host_stops"], "unknown_whiles": t["unknown_whiles"],
+                         "conditionals": t["conditionals"], "f32_dots": t["f32_dots"]})
             log(f"first {size} b={b} {name}: {tps:.1f} tok/s, {t['layers_run_per_step']:.1f} layers per step")
     return rows

@@ -14,6 +14,11 @@ forced to 0: full depth + the drafter + every scheduled predictor: the overhead)
 predictors around 0.5: the loop as it runs), and ``specee_estimate``: seconds per token composed from the measured
 times, ``t_draft + (mean_layers / N) * t_greedy + (preds_per_token / S) * t_predictors`` with ``t_predictors =
 t_forced0 - t_greedy - t_draft`` (per token). Compile excluded (AOT, one warm-up call), blocked until ready.
+
+Host stops per generated token (``eejax.exits.hlo``, from each executed row's compiled program): greedy 0; the
+drafter's steps 0 (``draft_host_stops``); SpecEE's are its target step's exit decisions on the engine's executor,
+counted with every data-dependent loop at (scheduled exits + 1, mean segment length) trips: an upper bound (the
+state-propagation fill runs fewer).
 """
 from __future__ import annotations
 
@@ -26,10 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.papers._spec_costs import time_profiled
 from eejax.decoding import kangaroo as kg
-from eejax.decoding import kv as kv_lib
 from eejax.decoding import per_token, specee
-from eejax.exits import costs
 from eejax.models import lm as lm_lib
 
 PAPER = "specee"
@@ -56,11 +60,6 @@ def measured_stats(depth: int) -> dict:
         sched = tuple(range(depth - 8, depth - 2))
         return {"schedule": sched, "mean_layers": 0.8 * depth, "preds_per_token": 4.0, "agreement": None, "l": 2,
                 "k": 4, "source": "stated default (no committed CPU results)"}
-
-
-def _time(fn, *args):
-    t = costs.measure(jax.jit(fn).lower(*args).compile(), *args, warmup=1, iters=1)
-    return t.output, t.mean_s
 
 
 def run(size: str, budget_s: float, log) -> list[dict]:
@@ -91,30 +90,35 @@ def run(size: str, budget_s: float, log) -> list[dict]:
         lengths = jnp.full((b,), spec["prompt"], jnp.int32)
         base = {"paper": PAPER, "batch": b, "new_tokens": new, "size": size, "dtype": spec["dtype"], "l": l, "k": k,
                 "schedule": list(sched)}
-        _, t_greedy = _time(per_token.decode_fn(gd, per_token.full_depth_step, new), params, prompt, lengths)
-        rows.append({**base, "variant": "greedy", "seconds": t_greedy, "tokens_per_s": b * new / t_greedy})
+        pg, pf = {}, {}
+        _, t_greedy = time_profiled(per_token.decode_fn(gd, per_token.full_depth_step, new), params, prompt, lengths,
+                            profile=pg)
+        rows.append({**base, "variant": "greedy", "seconds": t_greedy, "tokens_per_s": b * new / t_greedy,
+                     "host_stops": pg["prof"].host_stops(per=new)})
         f = specee.decode_fn(gd, new, exit_layer=l, schedule=sched, k=k)
-        out0, t_f0 = _time(f, params, adapter, forced0, prompt, lengths)
+        out0, t_f0 = time_profiled(f, params, adapter, forced0, prompt, lengths, profile=pf)
+        trips = (len(sched) + 1.0, depth / (len(sched) + 1.0))
+        stops = pf["prof"].host_stops(trips=trips, per=new)
         rows.append({**base, "variant": "specee_forced0", "seconds": t_f0, "tokens_per_s": b * new / t_f0,
-                     "mean_layers": float(np.mean(np.asarray(out0.exit_layer_BxG) + 1))})
-        out, t_ex = _time(f, params, adapter, pred, prompt, lengths)
+                     "mean_layers": float(np.mean(np.asarray(out0.exit_layer_BxG) + 1)), "host_stops": stops,
+                     "host_stop_trips": list(trips)})
+        out, t_ex = time_profiled(f, params, adapter, pred, prompt, lengths)
         rows.append({**base, "variant": "specee_executed", "seconds": t_ex, "tokens_per_s": b * new / t_ex,
-                     "mean_layers": float(np.mean(np.asarray(out.exit_layer_BxG)[:, 1:] + 1)),
-                     "note": "random weights and predictors"})
+                     "mean_layers": float(np.mean(np.asarray(out.exit_layer_BxG)[:, 1:] + 1)), "host_stops": stops,
+                     "host_stop_trips": list(trips), "note": "random weights and predictors"})
 
         def drafts(params, adapter, prompt, lengths):       # the drafter alone, one token per step
             m = nnx.merge(gd, params)
-            d = kg.make_draft(m, adapter, l)
-            _, st = kv_lib.forward(d, prompt, kv_lib.empty_state(d, b, spec["prompt"] + new), kg.draft_program(l),
-                                   kv_lib.final_head(d))
+            d = kg.drafter(m, adapter, l)
 
-            def body(c, _):
-                tok, st = c
-                lg, st = kg.draft_forward(d, tok[:, None], st, l)
+            def body(tok_st, _):
+                lg, st = d.propose(*tok_st)
                 return (jnp.argmax(lg, -1).astype(jnp.int32), st), None
+            st = d.init(m, prompt, lengths, spec["prompt"] + new)
             return jax.lax.scan(body, (prompt[:, -1], st), None, length=new - 1)[0][0]
 
-        _, t_draft_all = _time(drafts, params, adapter, prompt, lengths)
+        pdr = {}
+        _, t_draft_all = time_profiled(drafts, params, adapter, prompt, lengths, profile=pdr)
         per_tok_greedy, per_tok_draft = t_greedy / new, t_draft_all / new
         t_pred = max(t_f0 / new - per_tok_greedy - per_tok_draft, 0.0)
         est = new * (per_tok_draft + stats["mean_layers"] / depth * per_tok_greedy
@@ -122,6 +126,7 @@ def run(size: str, budget_s: float, log) -> list[dict]:
         rows.append({**base, "variant": "specee_estimate", "seconds": est, "tokens_per_s": b * new / est,
                      "mean_layers": stats["mean_layers"], "preds_per_token": stats["preds_per_token"],
                      "agreement": stats["agreement"], "draft_s_per_token": per_tok_draft,
+                     "draft_host_stops": pdr["prof"].host_stops(per=new),
                      "predictors_s_per_token": t_pred, "speedup_vs_greedy": t_greedy / est,
                      "stats_source": stats["source"]})
         log(f"specee {size} b={b}: greedy {rows[-4]['tokens_per_s']:.1f} tok/s, forced0 "

@@ -10,10 +10,13 @@ change nothing in what is timed; the quality of each set on the real model is in
 experiments/results/uls-smollm2/uls.json (copied into the rows when present).
 
 Each unit is one (batch, method): prompts of ``prompt`` random tokens are prefilled once (not timed), then ``new``
-greedy tokens are decoded from that state (``layer_skip.decode``; compile excluded by a warm-up call,
+greedy tokens are decoded from that state (``per_token.decode``; compiled once ahead of time, one warm-up call,
 ``block_until_ready`` before the clock stops; median of ``repeats`` calls). Methods: ``greedy`` (plain greedy,
-``per_token.full_depth_step``) and ULS at target speed-ups 1.25x / 1.5x / 2x (``layer_skip.table_step`` over
-``layer_skip.uls_layers``). Import only jax, numpy and eejax.
+``per_token.full_depth_step``), ``ULS 1x`` (the layer table with nothing skipped: the mechanism's own cost), ULS at
+target speed-ups 1.25x / 1.5x / 2x (``layer_skip.table_step`` over ``layer_skip.uls_layers`` with a static layer
+count: one compiled decode per count, no host stop) and, for the largest, the same with the count traced (one
+compiled decode for every count, a data-dependent layer loop: host stops). Every row carries the host stops per
+token and float32 dots of its compiled program. Import only jax, numpy and eejax.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from eejax.decoding import layer_skip as ls
 from eejax.decoding import per_token
 from eejax.exits import costs
 from eejax.models import lm as lm_lib
+from papers import _ffn_void_common as common
 
 PAPER = "ULS (arXiv:2404.06954)"
 RESULTS = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "results" / "uls-smollm2" / "uls.json"
@@ -62,16 +66,19 @@ def prefill(graphdef, params, batch: int, prompt: int, new: int, vocab: int, see
     return jax.block_until_ready(fn(params, toks))
 
 
-def time_decode(graphdef, params, pre: ls.Prefilled, new: int, step_fn, args, repeats: int) -> dict:
-    """Median seconds of ``new`` greedy decode steps from ``pre`` (compile excluded), and the layers run."""
+def time_decode(graphdef, params, pre: ls.Prefilled, new: int, step_fn, args, repeats: int, trips=1) -> dict:
+    """Median seconds of ``new`` greedy decode steps from ``pre`` (compiled once ahead of time, one warm-up call),
+    the layers run, and the compiled program's costs (host stops per token at ``trips`` loop iterations)."""
     def f(p, logits, state, *a):
-        return ls.decode(nnx.merge(graphdef, p), logits, state, new, lambda m, t, s, i: step_fn(m, t, s, i, *a))
+        return per_token.decode(nnx.merge(graphdef, p), logits, state, new,
+                                step_fn if not a else (lambda m, t, s, i: step_fn(m, t, s, i, *a)))
 
-    t = costs.measure(jax.jit(f), params, pre.logits_BxV, pre.state, *args, warmup=1, iters=repeats)  # compile excl.
+    exe, prog = common.compiled(f, params, pre.logits_BxV, pre.state, *args, trips=trips, per=new)
+    t = costs.measure(exe, params, pre.logits_BxV, pre.state, *args, warmup=1, iters=repeats)   # compile excluded
     dec = t.output
     return {"seconds": statistics.median(t.times_s), "min_seconds": t.min_s,
             "layers_per_token": float(np.mean(np.asarray(dec.layers_BxG[:, 1:]))),
-            "layers_run_per_step": float(np.mean(np.asarray(dec.layers_run_G[1:])))}
+            "layers_run_per_step": float(np.mean(np.asarray(dec.layers_run_G[1:]))), **prog}
 
 
 def measured_quality() -> dict:
@@ -90,12 +97,17 @@ def run(size: str, budget_s: float, log=print) -> list[dict]:
     graphdef, params, cfg = build_model(size)
     n = cfg.depth
     quality = measured_quality()
-    methods = [("greedy", "plain greedy (per_token.full_depth_step)", per_token.full_depth_step, (), None)]
-    for r in s["speedups"]:
+    methods = [("greedy", "plain greedy (per_token.full_depth_step)", per_token.full_depth_step, (), None, 1)]
+    for r in (1.0,) + tuple(s["speedups"]):
         keep = ls.uls_layers(n, r)
         table, count = ls.layer_table(keep, n)
-        methods.append((f"ULS {r:g}x", "skips " + ",".join(map(str, np.setdiff1d(np.arange(n), keep))),
-                        ls.table_step, (jnp.asarray(table), jnp.int32(count)), r))
+        detail = "skips " + (",".join(map(str, np.setdiff1d(np.arange(n), keep))) or "nothing")
+        methods.append((f"ULS {r:g}x", detail + " (static layer count)",
+                        lambda m, t, st, i, tab, c=count: ls.table_step(m, t, st, i, tab, c), (jnp.asarray(table),),
+                        r, 1))
+        if r == max(s["speedups"]):
+            methods.append((f"ULS {r:g}x traced count", detail + " (layer count traced: one program for all)",
+                            ls.table_step, (jnp.asarray(table), jnp.int32(count)), r, count))
     rows = []
     for b in s["batches"]:
         if rows and time.perf_counter() - start > budget_s:     # the first batch always runs whole
@@ -103,21 +115,23 @@ def run(size: str, budget_s: float, log=print) -> list[dict]:
             break
         pre = prefill(graphdef, params, b, s["prompt"], s["new"], cfg.vocab_size)
         base = None
-        for name, detail, step, args, r in methods:
+        for name, detail, step, args, r, trips in methods:
             if rows and rows[-1]["batch"] != b and time.perf_counter() - start > budget_s:
                 log(f"uls: budget spent at batch {b}, {name}")
                 break
-            t = time_decode(graphdef, params, pre, s["new"], step, args, s["repeats"])
+            t = time_decode(graphdef, params, pre, s["new"], step, args, s["repeats"], trips)
             tps = b * s["new"] / t["seconds"]
             base = tps if name == "greedy" else base
             row = {"paper": PAPER, "variant": name, "batch": b, "new_tokens": s["new"], "seconds": t["seconds"],
                    "tokens_per_s": tps, "speedup_vs_baseline": tps / base if base else None,
                    "target_speedup": r, "layers_per_token": t["layers_per_token"], "num_layers": n,
                    "skipped_fraction": 1 - t["layers_per_token"] / n, "detail": detail, "size": size,
-                   "dtype": s["dtype"] or "float32", "weights": "random (skip set is input-independent)"}
+                   "dtype": s["dtype"] or "float32", "weights": "random (skip set is input-independent)",
+                   "host_stops": t["host_stops"], "unknown_whiles": t["unknown_whiles"],
+                   "conditionals": t["conditionals"], "f32_dots": t["f32_dots"]}
             row |= quality.get(name, {})
             if name in quality:
                 row["quality_source"] = str(RESULTS.relative_to(RESULTS.parents[3]))
             rows.append(row)
-            log(f"uls {size} b={b} {name}: {tps:.1f} tok/s")
+            log(f"uls {size} b={b} {name}: {tps:.1f} tok/s, {t['host_stops']:g} stops/tok")
     return rows

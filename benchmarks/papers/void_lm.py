@@ -1,6 +1,7 @@
 """Void in Language Models (LAC, arXiv:2505.14467) decoding speed on the engine.
 
-Variants (each beside plain greedy decoding of the same model and batch):
+Variants (each beside plain greedy decoding of the same model and batch; every row carries the host stops per token
+and float32 dots of its compiled program):
 
 * ``lac_official``: ``eejax.decoding.void.lac_step`` (alpha 0.8, the released default): every layer runs, the
   head reads the last activated layer's output; the cost of tracing voids (no layer is saved: run-and-discard).
@@ -58,16 +59,17 @@ def run(size: str, budget_s: float, log) -> list[dict]:
             log(f"[{PAPER}] budget spent before batch {batch}")
             break
         prompt = c.random_prompt(p, batch)
-        sec, _ = c.timed(greedy, params, prompt, repeats=p["repeats"])
-        rows.append(c.row(PAPER, "greedy", batch, new, sec))
-        sec, (_, layers) = c.timed(lac, params, prompt, repeats=p["repeats"])
+        sec, _, costs = c.run_variant(greedy, params, prompt, repeats=p["repeats"], new=new)
+        rows.append(c.row(PAPER, "greedy", batch, new, sec, **costs))
+        sec, (_, layers), costs = c.run_variant(lac, params, prompt, repeats=p["repeats"], new=new)
         rows.append(c.row(PAPER, "lac_official", batch, new, sec, alpha=ALPHA,
-                          layers_active=float(np.asarray(layers)[:, 1:].mean() / n), layers_computed=1.0))
+                          layers_active=float(np.asarray(layers)[:, 1:].mean() / n), layers_computed=1.0, **costs))
         keep = ~c.bernoulli_table(rates, batch, 1, seed=batch)[:, :, 0]
         keep[-1] = True
-        sec, _ = c.timed(skip, params, prompt, jnp.asarray(keep), repeats=p["repeats"])
+        sec, _, costs = c.run_variant(skip, params, prompt, jnp.asarray(keep), repeats=p["repeats"], new=new)
         rows.append(c.row(PAPER, "pp_pattern_skip", batch, new, sec, layers_kept=float(keep.mean()),
-                          skip_pattern=source))
-        log(f"[{PAPER}] batch {batch}: " + ", ".join(f"{r['variant']} {r['tokens_per_s']:.1f} tok/s"
+                          skip_pattern=source, **costs))
+        log(f"[{PAPER}] batch {batch}: " + ", ".join(f"{r['variant']} {r['tokens_per_s']:.1f} tok/s "
+                                                     f"({r['host_stops']:g} stops/tok)"
                                                      for r in rows if r["batch"] == batch))
     return rows

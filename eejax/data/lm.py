@@ -19,6 +19,14 @@ class WindowIterator:
         for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed={seed!r} must be an integer >= 0")
+        if not isinstance(ids_N, np.ndarray) or not np.issubdtype(ids_N.dtype, np.integer):
+            # np.asarray(floats, int32) would truncate a float stream (probabilities: all zeros) without a word.
+            raise ValueError(f"ids_N must be a numpy array of integer token ids, got "
+                             f"{getattr(ids_N, 'dtype', type(ids_N).__name__)}")
+        if ids_N.size and (ids_N.min() < 0 or ids_N.max() > np.iinfo(np.int32).max):
+            raise ValueError(f"ids_N hold ids in [{ids_N.min()}, {ids_N.max()}]; token ids are >= 0 (int32)")
         ids_N = np.asarray(ids_N, np.int32)
         if ids_N.ndim != 1 or len(ids_N) < seq_len + 1:
             raise ValueError(f"need a 1-D token stream longer than {seq_len=}, got shape {ids_N.shape}")

@@ -129,6 +129,8 @@ class BatchIterator:
                  normalization: Normalization | None = None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed={seed!r} must be an integer >= 0")
         if batch_size % process_count or not 0 <= process_index < process_count:
             raise ValueError(f"{batch_size=} must divide by {process_count=} and 0 <= {process_index=} < it")
         if drop_remainder and len(ds) < batch_size:

@@ -70,10 +70,14 @@ def cache_features(graphdef, params, windows_WxT1: np.ndarray, batch: int,
     early exit's layer and after the last layer, as float32 host arrays."""
     cfg = nnx.merge(graphdef, params).cfg
     layers = _early_layers(cfg)
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"batch={batch!r} (windows per forward) must be an int >= 1")
     windows_WxT1 = np.asarray(windows_WxT1)
+    if windows_WxT1.ndim != 2 or windows_WxT1.shape[1] < 2 or windows_WxT1.shape[0] < batch \
+            or not np.issubdtype(windows_WxT1.dtype, np.integer):
+        raise ValueError(f"windows_WxT1 must be int token ids W x (T+1) with T >= 1 and W >= batch={batch}, got "
+                         f"{windows_WxT1.dtype} {windows_WxT1.shape}")
     w = windows_WxT1.shape[0] // batch * batch
-    if windows_WxT1.ndim != 2 or windows_WxT1.shape[1] < 2 or w == 0:
-        raise ValueError(f"need int windows W x (T+1) with T >= 1 and W >= {batch=}, got {windows_WxT1.shape}")
 
     @jax.jit
     def fn(params, tokens_BxT):
@@ -119,8 +123,10 @@ def init_exit_params(model: lm_lib.DecoderLM, rank: int = 0, seed: int = 0) -> E
     """The model's current exit norms (a pretrained model: its final norm's scale, i.e. the untrained LayerSkip
     reading) and, for ``rank > 0``, an adapter whose output starts at zero (``up = 0``; ``down`` small random)."""
     layers = _early_layers(model.cfg)
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 0:
+        raise ValueError(f"rank={rank!r} must be an int >= 0 (0: the norm-only head)")
     scale = jnp.asarray(model.exit_heads.norm.scale[...], jnp.float32)
-    if rank <= 0:
+    if rank == 0:
         return ExitParams(scale)
     e, d = len(layers), model.cfg.d_model
     down = jax.random.normal(jax.random.key(seed), (e, d, rank), jnp.float32) / np.sqrt(d)
@@ -164,6 +170,9 @@ def evaluate_exits(graphdef, params, cache: FeatureCache, p: ExitParams, batch_t
     """Per-exit KL to the full model, top-1 agreement with it and perplexity on the text, over the first
     ``max_tokens`` cached tokens (0: all) in chunks of ``batch_tokens`` (a last partial chunk is dropped so one
     program is compiled)."""
+    for name, value, lo in (("batch_tokens", batch_tokens, 1), ("max_tokens", max_tokens, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+            raise ValueError(f"{name}={value!r} must be an int >= {lo}")
     fn = jax.jit(lambda p, params, h, f, t: exit_metrics(nnx.merge(graphdef, params), p, h, f, t))
     total = cache.final_NxD.shape[0] if max_tokens <= 0 else min(max_tokens, cache.final_NxD.shape[0])
     n = total // batch_tokens * batch_tokens

@@ -16,8 +16,18 @@ The rule (``Saturation``), per token and layer l, in layer order:
 ``Table`` is a fixed per-(layer, row, token index) skip set (tests, static baselines). Both are *sublayer gates*: the
 layer function ``skip_layer(gate)`` runs inside the engine's one loop (``engine.run``, static program: every layer;
 ``engine.mlp_skip`` / ``row_skip`` bits are honoured on top), with the gate's per-token state carried next to the KV
-cache as the engine's auxiliary state. The MLP half runs under ``lax.cond`` when at least one token of the batch
-needs it, so a batch whose tokens all skip really saves the FFN's matmuls (batch 1 decoding).
+cache as the engine's auxiliary state.
+
+How a skipped FFN is skipped (``branch=``):
+
+* ``"where"`` (default): predication. The MLP half is computed and each token keeps it or not (``jnp.where``): no
+  data-dependent control flow, so a gate that never fires costs nothing over greedy decoding but a skip saves no
+  compute either.
+* ``"cond"``: the MLP half runs under ``lax.cond`` when at least one token of the batch needs it, so a batch
+  whose tokens all skip really saves the FFN's matmuls, at the price of one host round trip per layer on a GPU
+  (~18 us on an H200, issue 20). It pays only where an FFN costs more than that: at batch-1 decoding, an MLP half
+  of more than ~18 us of weight reads (about 70 MB at H200 bandwidth: a d_model >= ~4096 LLaMA-style model in
+  bf16); SmolLM2-135M's (5 MB) does not.
 
 Decisions are per token and causal: a token's decision reads only its own hidden states, which depend on earlier
 tokens through attention over the cache they wrote. So one teacher-forced ``forward`` of T tokens equals T
@@ -129,19 +139,29 @@ class SkipAux(NamedTuple):
     index_BxT: jax.Array   # token index the warm-up and tables count (decode: generation index; forward: position)
 
 
-def skip_layer(gate):
-    """The engine's layer function: attention half with the KV cache (``kv.cache_layer``, always, unless a program
-    bit removes the whole layer), then the MLP half where the gate (and the program's MLP bit) keeps it."""
+BRANCHES = ("where", "cond")
+
+
+def skip_layer(gate, branch: str = "where"):
+    """The engine's layer function: attention half with the KV cache (``kv.cache_attention``, always, unless a
+    program bit removes the whole layer), then the MLP half where the gate (and the program's MLP bit) keeps it, by
+    predication or under a ``lax.cond`` (``branch``, module docstring)."""
+    if branch not in BRANCHES:
+        raise ValueError(f"branch={branch!r}: use one of {BRANCHES}")
 
     def layer_fn(layer, h_BxTxD, ctx: engine.StepCtx):
         aux: SkipAux = ctx.aux
         b = h_BxTxD.shape[0]
         prog_B = jnp.full((b,), engine.FULL, jnp.int32) if ctx.sub_B is None else ctx.sub_B
-        h1, dec = kv_lib.cache_layer(layer, h_BxTxD, ctx._replace(sub_B=prog_B & engine.ATTN, aux=aux.decode))
+        h1, dec = kv_lib.cache_attention(layer, h_BxTxD, ctx._replace(sub_B=None if ctx.sub_B is None else prog_B,
+                                                                         aux=aux.decode))
         gate_skip_BxT = gate.skip(aux.skip, ctx.layer, aux.index_BxT)
         skip_BxT = gate_skip_BxT | ((prog_B & engine.MLP) == 0)[:, None]
         keep = ~skip_BxT[..., None]
-        h2 = jax.lax.cond(jnp.any(~skip_BxT), lambda x: jnp.where(keep, layer.mlp_half(x), x), lambda x: x, h1)
+        if branch == "where":
+            h2 = jnp.where(keep, layer.mlp_half(h1), h1)
+        else:
+            h2 = jax.lax.cond(jnp.any(~skip_BxT), lambda x: jnp.where(keep, layer.mlp_half(x), x), lambda x: x, h1)
         st = gate.update(aux.skip, ctx.layer, gate_skip_BxT, skip_BxT, cosine(h1, h2))
         return h2, SkipAux(dec, st, aux.index_BxT)
 
@@ -156,25 +176,27 @@ class SkipForward(NamedTuple):
 
 def forward(model: DecoderLM, tokens_BxT: jax.Array, state: kv_lib.DecodeState, gate, *,
             index_BxT: jax.Array | None = None, program: engine.Program | None = None,
-            last_token: bool = False) -> SkipForward:
+            last_token: bool = False, branch: str = "where") -> SkipForward:
     """T new tokens per row through every layer under the gate (``engine.run``, static path over ``program``,
     default ``kv.full_program``), the KV cache written at every layer; final-head logits at every position (or the
-    last). ``index_BxT``: the token indices the warm-up and tables count (default: the positions)."""
+    last). ``index_BxT``: the token indices the warm-up and tables count (default: the positions). ``branch``:
+    predication or ``lax.cond`` around the MLP half (module docstring)."""
     b, t = tokens_BxT.shape
     pos_BxT = state.pos_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     index_BxT = pos_BxT if index_BxT is None else jnp.broadcast_to(jnp.asarray(index_BxT, jnp.int32), (b, t))
     aux = SkipAux(kv_lib.DecodeAux(state.cache, pos_BxT), init_state(model.cfg.depth, b, t), index_BxT)
     program = kv_lib.full_program(model) if program is None else program
     out = engine.run(model.layers, kv_lib.final_head(model, last_token=last_token), model.embed_tokens(tokens_BxT),
-                     program, None, layer_fn=skip_layer(gate), aux=aux)
+                     program, None, layer_fn=skip_layer(gate, branch), aux=aux)
     return SkipForward(out.logits_BxC, kv_lib.DecodeState(out.aux.decode.cache, state.pos_B + t), out.aux.skip)
 
 
-def skip_step(model: DecoderLM, tok_B: jax.Array, state: kv_lib.DecodeState, i, gate):
+def skip_step(model: DecoderLM, tok_B: jax.Array, state: kv_lib.DecodeState, i, gate, *, branch: str = "where"):
     """``per_token.generate``'s step function: one token per row under the gate; ``i`` (the generation index) is
     the token index of the warm-up. ``StepStats.layers_B`` counts the FFN blocks the token ran (attention always
     runs in all N layers)."""
-    res = forward(model, tok_B[:, None], state, gate, index_BxT=jnp.asarray(i, jnp.int32), last_token=True)
+    res = forward(model, tok_B[:, None], state, gate, index_BxT=jnp.asarray(i, jnp.int32), last_token=True,
+                  branch=branch)
     n = model.cfg.depth
     b = tok_B.shape[0]
     ffn_B = n - jnp.sum(res.skip.skip_NxBxT[:, :, 0], axis=0).astype(jnp.int32)
@@ -195,5 +217,5 @@ def first_crossing_skips(cos_NxM: np.ndarray, threshold: float, *, cold_first: i
     return (before > 0) & hot[:, None]
 
 
-__all__ = ["SkipState", "Saturation", "Table", "SkipAux", "SkipForward", "cosine", "init_state", "saturation",
-           "skip_layer", "forward", "skip_step", "first_crossing_skips"]
+__all__ = ["BRANCHES", "SkipState", "Saturation", "Table", "SkipAux", "SkipForward", "cosine", "init_state",
+           "saturation", "skip_layer", "forward", "skip_step", "first_crossing_skips"]

@@ -30,8 +30,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from eejax import checks
 from eejax.decoding import kv as kv_lib
+from eejax.decoding import speculative
 from eejax.models.lm import DecoderLM
 
 
@@ -53,6 +56,15 @@ class _Iter(NamedTuple):
     iters_B: jax.Array
     changed_B: jax.Array
     state: kv_lib.DecodeState
+
+
+class _Blocks(NamedTuple):
+    """Carry of the loop over blocks (a known trip count)."""
+    x0_B: jax.Array           # the last committed token (not yet in the cache)
+    state: kv_lib.DecodeState
+    out_BxG: jax.Array
+    iters_BxK: jax.Array
+    changed_BxK: jax.Array
 
 
 def jacobi_block(model: DecoderLM, x0_B: jax.Array, state: kv_lib.DecodeState, n: int, *, tol: int = 0,
@@ -90,10 +102,18 @@ def jacobi_decode(model: DecoderLM, prompt_BxP: jax.Array, lengths_B: jax.Array,
                   tol: int = 0, max_iters: int | None = None) -> JacobiOutputs:
     """``num_new`` tokens per row (a multiple of ``block``) in blocks of ``block`` by Jacobi iteration. ``tol=0``
     and ``max_iters=None``: exact (greedy); otherwise CEED-VLA's early exit (lossy)."""
-    if block < 1 or num_new < 1 or num_new % block:
-        raise ValueError(f"{num_new=} must be a positive multiple of {block=} (equal blocks)")
-    if (isinstance(tol, int) and tol < -1) or (isinstance(max_iters, int) and max_iters < 1):
-        raise ValueError(f"need {tol=} >= -1 and {max_iters=} >= 1")
+    for name, value in (("block", block), ("num_new", num_new)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an int >= 1")
+    if num_new % block:
+        raise ValueError(f"num_new={num_new} must be a multiple of block={block} (equal blocks)")
+    if checks.is_concrete(tol) and (np.ndim(tol) != 0 or int(tol) != tol or tol < -1):
+        raise ValueError(f"tol={tol!r} must be an int >= -1 (tokens an iteration may change and still stop; -1: "
+                         "never stop on convergence)")
+    if max_iters is not None and checks.is_concrete(max_iters) and (
+            np.ndim(max_iters) != 0 or int(max_iters) != max_iters or max_iters < 1):
+        raise ValueError(f"max_iters={max_iters!r} must be an int >= 1 or None")
+    speculative.check_prompts(prompt_BxP, lengths_B, model.cfg.vocab_size)
     b, p = prompt_BxP.shape
     lengths_B = jnp.asarray(lengths_B, jnp.int32)
     _, state = kv_lib.prefill(model, prompt_BxP, lengths_B, p + num_new + 1)
@@ -101,16 +121,15 @@ def jacobi_decode(model: DecoderLM, prompt_BxP: jax.Array, lengths_B: jax.Array,
     x0_B = jnp.take_along_axis(prompt_BxP, (lengths_B - 1)[:, None], axis=1)[:, 0].astype(jnp.int32)
     num_blocks = num_new // block
 
-    def one(k, c):
-        x0, st, out_BxG, iters_BxK, changed_BxK = c
-        blk_BxN, it_B, ch_B, st = jacobi_block(model, x0, st, block, tol=tol, max_iters=max_iters)
-        out_BxG = jax.lax.dynamic_update_slice(out_BxG, blk_BxN, (0, k * block))
-        return (blk_BxN[:, -1], st, out_BxG, iters_BxK.at[:, k].set(it_B), changed_BxK.at[:, k].set(ch_B))
+    def one(k, c: _Blocks) -> _Blocks:
+        blk_BxN, it_B, ch_B, st = jacobi_block(model, c.x0_B, c.state, block, tol=tol, max_iters=max_iters)
+        return _Blocks(blk_BxN[:, -1], st, jax.lax.dynamic_update_slice(c.out_BxG, blk_BxN, (0, k * block)),
+                       c.iters_BxK.at[:, k].set(it_B), c.changed_BxK.at[:, k].set(ch_B))
 
     zeros_BxK = jnp.zeros((b, num_blocks), jnp.int32)
-    init = (x0_B, state, jnp.zeros((b, num_new), jnp.int32), zeros_BxK, zeros_BxK)
-    _, _, out_BxG, iters_BxK, changed_BxK = jax.lax.fori_loop(0, num_blocks, one, init)
-    return JacobiOutputs(out_BxG, iters_BxK, changed_BxK)
+    f = jax.lax.fori_loop(0, num_blocks, one, _Blocks(x0_B, state, jnp.zeros((b, num_new), jnp.int32), zeros_BxK,
+                                                      zeros_BxK))
+    return JacobiOutputs(f.out_BxG, f.iters_BxK, f.changed_BxK)
 
 
 __all__ = ["JacobiOutputs", "jacobi_block", "jacobi_decode"]

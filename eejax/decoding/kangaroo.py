@@ -11,11 +11,13 @@ kept by ``eejax.decoding.kv`` like any other layer (written, rolled back).
 **Double early exit** (Kangaroo's code: threshold ``eta`` = 0.6, at most ``gamma`` = 6 steps). Per row: draft
 tokens with the drafter until a draft token's top-1 probability is below ``eta`` (that token is still proposed; at
 least one token is always drafted) or ``gamma`` tokens are drafted. The batch drafts while any row still does
-(stopped rows are computed and ignored). **Verify** the last emitted token and the ``k`` = (longest row's) drafts in
-one full-depth ``kv.extend`` of ``k + 1`` tokens (one compiled branch per ``k``, picked by ``lax.switch``), accept
-per row the longest prefix of its own drafts equal to the full model's greedy tokens, emit the full model's next
-token, and roll both caches back (``kv.rollback``). Greedy output equals plain greedy decoding token for token
-(tested, batched, rows stopping at different lengths).
+(stopped rows are computed and ignored). Decoding is the one speculative loop (``speculative.self_speculative``)
+with this drafter (``drafter``: the draft model, its own KV cache as the drafter's state, the threshold as its
+keep-drafting rule): **verify** the last emitted token and the ``k`` = (longest row's) drafts in one full-depth
+``kv.extend`` of ``k + 1`` tokens (one compiled branch per ``k``, picked by ``lax.switch``), accept per row the
+longest prefix of its own drafts equal to the full model's greedy tokens, emit the full model's next token, and roll
+both caches back (``kv.rollback``). Greedy output equals plain greedy decoding token for token (tested, batched, rows
+stopping at different lengths).
 
 Draft cache bookkeeping: every round's first draft step runs two tokens, the token before the last emitted one and
 the last emitted one (positions ``pos - 1, pos``), so the draft cache also holds the last accepted draft token,
@@ -27,18 +29,20 @@ Shapes: B batch, P prompt, G new tokens, R = gamma (the draft buffer), V vocabul
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eejax import checks
 from eejax.decoding import kv as kv_lib
+from eejax.decoding import speculative
 from eejax.exits import engine
 from eejax.models.lm import DecoderLM
 
-ADAPTER_KEYS = ("norm1", "q", "k", "v", "o")   # the adapter's trained part of its Block (no MLP, no norm2)
+ADAPTER_KEYS = ("norm1", "qkv", "o")   # the adapter's trained part of its Block (no MLP, no norm2)
 CONF_BINS = 10                                 # histogram bins of draft top-1 probabilities
 
 
@@ -52,8 +56,10 @@ def draft_program(exit_layer: int) -> engine.Program:
 
 
 def _draft_cfg(model: DecoderLM, exit_layer: int):
-    if not 1 <= exit_layer < model.cfg.depth:
-        raise ValueError(f"Kangaroo exit layer {exit_layer} must lie in [1, {model.cfg.depth}) (layers kept)")
+    if isinstance(exit_layer, bool) or not isinstance(exit_layer, (int, np.integer)) \
+            or not 1 <= exit_layer < model.cfg.depth:
+        raise ValueError(f"exit_layer={exit_layer!r} (the layers the Kangaroo drafter keeps) must be an int in "
+                         f"[1, {model.cfg.depth})")
     return dataclasses.replace(model.cfg, depth=exit_layer + 1, exits=[exit_layer], exit_head="shared")
 
 
@@ -118,6 +124,101 @@ def draft_forward(draft: DecoderLM, tokens_BxT: jax.Array, state: kv_lib.DecodeS
 # ------------------------------------------------------------------------------------------------ decoding
 
 
+class KangarooState(NamedTuple):
+    """The drafter's own state in the speculative loop."""
+    cache: kv_lib.DecodeState    # the draft model's KV cache (its own layers 0..l; rolled back every round)
+    prev_B: jax.Array            # the token at position pos - 1 of the target (the round's first draft input)
+    conf_BxR: jax.Array          # top-1 probability of each draft token of the current round
+    hist_2xC: jax.Array          # counts of draft top-1 probability in CONF_BINS bins: [accepted, first rejected]
+
+
+def _bins(conf):
+    return jnp.clip((conf * CONF_BINS).astype(jnp.int32), 0, CONF_BINS - 1)
+
+
+class Drafter(NamedTuple):
+    """Kangaroo as a drafter of ``speculative.self_speculative`` (the protocol is documented there): the draft
+    model (``make_draft``) with its own KV cache, and the double early exit as the keep-drafting rule: a row keeps
+    drafting while its newest draft's top-1 probability is at least ``eta``, at most ``gamma`` tokens (at least one
+    is always drafted; the batch drafts while any row does). Build it with ``drafter``."""
+    draft: DecoderLM        # the drafter model (first l layers of the target + the adapter + the shared head)
+    exit_layer: int         # l
+    eta: Any = 0.6          # may be traced (one compiled program for a sweep)
+    gamma: int = 6
+
+    shadow_exits = ()
+    stops_early = True
+
+    @property
+    def plans(self) -> tuple[speculative.Plan, ...]:
+        return (speculative.Plan(self.exit_layer, self.gamma),)
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return tuple(range(1, self.gamma + 1))
+
+    def check(self, model: DecoderLM) -> None:
+        if self.draft.cfg.vocab_size != model.cfg.vocab_size or self.draft.cfg.d_model != model.cfg.d_model:
+            raise ValueError("the Kangaroo draft model was built from another model (vocabulary or width differs)")
+
+    def forward(self, tokens_BxT: jax.Array, cache: kv_lib.DecodeState):
+        """T tokens per row through the draft model at its cache's positions; logits at the last (``B x V``)."""
+        return draft_forward(self.draft, tokens_BxT, cache, self.exit_layer)
+
+    def init(self, model, prompt_BxP, lengths_B, cache_len) -> KangarooState:
+        """The draft model's cache over the prompts (right-padded; ``pos_B = lengths_B``)."""
+        b = prompt_BxP.shape[0]
+        _, cache = self.forward(prompt_BxP, kv_lib.empty_state(self.draft, b, cache_len))
+        prev_B = jnp.take_along_axis(jnp.asarray(prompt_BxP, jnp.int32), (lengths_B - 1)[:, None], 1)[:, 0]
+        return KangarooState(kv_lib.rollback(cache, lengths_B), prev_B, jnp.zeros((b, self.gamma), jnp.float32),
+                             jnp.zeros((2, CONF_BINS), jnp.int32))
+
+    def propose(self, tok_B: jax.Array, state: KangarooState):
+        """The draft model's logits for the next token after ``tok_B`` (one token per row, its cache advanced by
+        one): what SpecEE reads its candidates from. Returns ``(logits_BxV, state)``."""
+        logits, cache = self.forward(tok_B[:, None], state.cache)
+        return logits, state._replace(cache=cache)
+
+    def plan(self, model, state: KangarooState, live_B):
+        full_B = jnp.full(live_B.shape, self.gamma, jnp.int32)
+        return speculative.Choice(jnp.int32(0), full_B, full_B * 0 + self.exit_layer + 1), state
+
+    def step(self, model, plan, j: int, tok_B, target: kv_lib.DecodeState, state: KangarooState):
+        if j == 0:
+            # [prev, last] at positions pos-1, pos: re-writes slot pos-1 and fills a fully accepted round's last draft
+            # token (which the draft never ran) into the draft cache. The same token and prefix give the same K/V.
+            cache = kv_lib.rollback(state.cache, target.pos_B - 1)
+            logits, cache = self.forward(jnp.stack([state.prev_B, tok_B], 1), cache)
+            return logits, target, state._replace(cache=cache)
+        logits, state = self.propose(tok_B, state)
+        return logits, target, state
+
+    def keep(self, plan, j: int, logits_BxV, state: KangarooState):
+        conf_B = jnp.max(jax.nn.softmax(logits_BxV.astype(jnp.float32), -1), -1)
+        return conf_B >= self.eta, state._replace(conf_BxR=state.conf_BxR.at[:, j].set(conf_B))
+
+    def observe(self, state: KangarooState, v: speculative.Verified) -> KangarooState:
+        n_B, j_R = v.accepted_B, jnp.arange(self.gamma)[None]
+        prev_B = jnp.where(n_B > 0, jnp.take_along_axis(v.drafts_BxK, jnp.maximum(n_B - 1, 0)[:, None], 1)[:, 0],
+                           v.last_B)
+        # Top-1 probability of accepted drafts and of the first rejected one (it saw the right context).
+        acc_BxR = (j_R < n_B[:, None]) & v.live_B[:, None]
+        rej_BxR = (j_R == n_B[:, None]) & (j_R < v.drafted_B[:, None]) & v.live_B[:, None]
+        hist = jnp.stack([jnp.zeros((CONF_BINS,), jnp.int32).at[_bins(state.conf_BxR)].add(m.astype(jnp.int32))
+                          for m in (acc_BxR, rej_BxR)])
+        return state._replace(prev_B=jnp.where(v.live_B, prev_B, state.prev_B), hist_2xC=state.hist_2xC + hist)
+
+
+def drafter(model: DecoderLM, adapter: dict, exit_layer: int, *, eta=0.6, gamma: int = 6) -> Drafter:
+    """The Kangaroo drafter of ``model`` with ``adapter`` after its first ``exit_layer`` layers (works under ``jit``
+    with a traced ``adapter`` and ``eta``)."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, np.integer)) or gamma < 1:
+        raise ValueError(f"gamma={gamma!r} must be an int >= 1 (the most draft tokens per round)")
+    if checks.is_concrete(eta) and (np.ndim(eta) != 0 or not 0.0 <= float(eta) <= 1.0):
+        raise ValueError(f"eta={eta!r} must be a top-1 probability threshold in [0, 1]")
+    return Drafter(make_draft(model, adapter, exit_layer), int(exit_layer), eta, int(gamma))
+
+
 class KangarooOutputs(NamedTuple):
     tokens_BxG: jax.Array      # generated tokens (greedy-exact)
     rounds_B: jax.Array        # verify steps per row
@@ -138,115 +239,20 @@ class KangarooOutputs(NamedTuple):
         return (jnp.sum(self.accepted_B) + jnp.sum(self.rounds_B)) / jnp.maximum(jnp.sum(self.rounds_B), 1)
 
 
-class _Carry(NamedTuple):
-    state: kv_lib.DecodeState
-    dstate: kv_lib.DecodeState
-    prev_B: jax.Array          # the token at position pos - 1 (in the target cache)
-    last_B: jax.Array          # the newest emitted token (position pos, not yet in the target cache)
-    out_BxG: jax.Array
-    count_B: jax.Array
-    rounds_B: jax.Array
-    drafted_B: jax.Array
-    accepted_B: jax.Array
-    draft_steps: jax.Array
-    verify_tokens: jax.Array
-    batch_rounds: jax.Array
-    hist_2xC: jax.Array
-
-
-def _bins(conf):
-    return jnp.clip((conf * CONF_BINS).astype(jnp.int32), 0, CONF_BINS - 1)
-
-
 def kangaroo(model: DecoderLM, adapter: dict, prompt_BxP: jax.Array, lengths_B: jax.Array, num_new: int, *,
-             exit_layer: int, eta: float = 0.6, gamma: int = 6) -> KangarooOutputs:
-    """Greedy Kangaroo decoding of ``num_new`` tokens per row (right-padded prompts, ``lengths_B`` each)."""
-    if gamma < 1 or num_new < 1:
-        raise ValueError(f"need {gamma=} >= 1 and {num_new=} >= 1")
-    draft = make_draft(model, adapter, exit_layer)
-    b, p = prompt_BxP.shape
-    cache_len = p + num_new + gamma + 2
-    logits, state = kv_lib.prefill(model, prompt_BxP, lengths_B, cache_len)
-    lengths_B = jnp.asarray(lengths_B, jnp.int32)
-    _, dstate = kv_lib.forward(draft, prompt_BxP, kv_lib.empty_state(draft, b, cache_len), draft_program(exit_layer),
-                               kv_lib.final_head(draft))
-    dstate = dstate._replace(pos_B=lengths_B)
-    first_B = jnp.argmax(logits, -1).astype(jnp.int32)
-    prev_B = jnp.take_along_axis(jnp.asarray(prompt_BxP, jnp.int32), (lengths_B - 1)[:, None], 1)[:, 0]
-    zero_B = jnp.zeros((b,), jnp.int32)
-    rows_Bx1 = jnp.arange(b)[:, None]
-    j_R = jnp.arange(gamma)
-
-    def verify_branch(k):
-        def f(toks_BxR1, st):
-            logits_BxK1xV, st = kv_lib.extend(model, toks_BxR1[:, :k + 1], st)
-            g = jnp.argmax(logits_BxK1xV, -1).astype(jnp.int32)
-            return jnp.pad(g, ((0, 0), (0, gamma - k)), constant_values=-1), st
-        return f
-
-    branches = [verify_branch(k) for k in range(1, gamma + 1)]
-
-    def body(c: _Carry) -> _Carry:
-        live_B = c.count_B < num_new
-        pos_B = c.state.pos_B
-        # Draft step 0: [prev, last] at positions pos-1, pos (re-writes slot pos-1, fills a fully accepted round's
-        # last draft token into the draft cache).
-        ds = kv_lib.rollback(c.dstate, pos_B - 1)
-        lg, ds = draft_forward(draft, jnp.stack([c.prev_B, c.last_B], 1), ds, exit_layer)
-        p0 = jax.nn.softmax(lg.astype(jnp.float32), -1)
-        d_BxR = jnp.zeros((b, gamma), jnp.int32).at[:, 0].set(jnp.argmax(lg, -1).astype(jnp.int32))
-        conf_BxR = jnp.zeros((b, gamma), jnp.float32).at[:, 0].set(jnp.max(p0, -1))
-        still_B = live_B & (conf_BxR[:, 0] >= eta)
-
-        def draft_cond(dc):
-            j, _, _, _, still, _ = dc
-            return (j < gamma) & jnp.any(still)
-
-        def draft_body(dc):
-            j, ds, d, conf, still, n = dc
-            lg, ds = draft_forward(draft, d[:, j - 1][:, None], ds, exit_layer)
-            pj = jax.nn.softmax(lg.astype(jnp.float32), -1)
-            d = d.at[:, j].set(jnp.argmax(lg, -1).astype(jnp.int32))
-            conf = conf.at[:, j].set(jnp.max(pj, -1))
-            n = n + still.astype(jnp.int32)
-            return j + 1, ds, d, conf, still & (conf[:, j] >= eta), n
-
-        j_end, ds, d_BxR, conf_BxR, _, ndraft_B = jax.lax.while_loop(
-            draft_cond, draft_body, (jnp.int32(1), ds, d_BxR, conf_BxR, still_B, zero_B + 1))
-        k = jnp.max(jnp.where(live_B, ndraft_B, 1))
-        # Verify [last, d_0..d_{k-1}] with the full model in one extend from the accepted position.
-        toks = jnp.concatenate([c.last_B[:, None], d_BxR], 1)
-        g_BxR1, verified = jax.lax.switch(k - 1, branches, toks, c.state)
-        match_BxR = (d_BxR == g_BxR1[:, :gamma]) & (j_R[None] < ndraft_B[:, None])
-        n_B = jnp.sum(jnp.cumprod(match_BxR.astype(jnp.int32), axis=1), axis=1)
-        j_R1 = jnp.arange(gamma + 1)[None, :]
-        bonus_B = jnp.take_along_axis(g_BxR1, n_B[:, None], axis=1)[:, 0]
-        emit = jnp.where(j_R1 < n_B[:, None], jnp.pad(d_BxR, ((0, 0), (0, 1))), bonus_B[:, None])
-        dest = jnp.where((j_R1 <= n_B[:, None]) & live_B[:, None], c.count_B[:, None] + j_R1, num_new)
-        out_BxG = c.out_BxG.at[rows_Bx1, dest].set(emit, mode="drop")
-        new_pos = jnp.where(live_B, pos_B + n_B + 1, pos_B)
-        new_prev = jnp.where(n_B > 0, jnp.take_along_axis(d_BxR, jnp.maximum(n_B - 1, 0)[:, None], 1)[:, 0],
-                             c.last_B)
-        # Top-1 probability of accepted drafts and of the first rejected one (it saw the right context).
-        acc_BxR = (j_R[None] < n_B[:, None]) & live_B[:, None]
-        rej_BxR = (j_R[None] == n_B[:, None]) & (j_R[None] < ndraft_B[:, None]) & live_B[:, None]
-        hist = jnp.stack([jnp.zeros((CONF_BINS,), jnp.int32).at[_bins(conf_BxR)].add(m.astype(jnp.int32))
-                          for m in (acc_BxR, rej_BxR)])
-        live = live_B.astype(jnp.int32)
-        return _Carry(
-            state=kv_lib.rollback(verified, new_pos), dstate=ds, prev_B=jnp.where(live_B, new_prev, c.prev_B),
-            last_B=jnp.where(live_B, bonus_B, c.last_B), out_BxG=out_BxG,
-            count_B=jnp.minimum(c.count_B + live * (n_B + 1), num_new), rounds_B=c.rounds_B + live,
-            drafted_B=c.drafted_B + live * ndraft_B, accepted_B=c.accepted_B + live * n_B,
-            draft_steps=c.draft_steps + j_end, verify_tokens=c.verify_tokens + k + 1,
-            batch_rounds=c.batch_rounds + 1, hist_2xC=c.hist_2xC + hist)
-
-    init = _Carry(state, dstate, prev_B, first_B, jnp.zeros((b, num_new), jnp.int32).at[:, 0].set(first_B),
-                  zero_B + 1, zero_B, zero_B, zero_B, jnp.int32(0), jnp.int32(0), jnp.int32(0),
-                  jnp.zeros((2, CONF_BINS), jnp.int32))
-    f = jax.lax.while_loop(lambda c: jnp.any(c.count_B < num_new), body, init)
-    return KangarooOutputs(f.out_BxG, f.rounds_B, f.drafted_B, f.accepted_B, f.draft_steps, f.verify_tokens,
-                           f.batch_rounds, f.hist_2xC)
+             exit_layer: int, eta=0.6, gamma: int = 6) -> KangarooOutputs:
+    """Greedy Kangaroo decoding of ``num_new`` tokens per row (right-padded prompts, ``lengths_B`` each): the
+    speculative loop (``speculative.self_speculative``) with the Kangaroo ``drafter``."""
+    if isinstance(num_new, bool) or not isinstance(num_new, (int, np.integer)) or num_new < 1:
+        raise ValueError(f"num_new={num_new!r} must be an int >= 1")
+    if isinstance(gamma, (int, np.integer)) and gamma > num_new:
+        raise ValueError(f"gamma={gamma} > num_new={num_new}: a round emits at most num_new tokens, so longer drafts "
+                         "only grow the caches and the compiled program; use gamma <= num_new")
+    speculative.check_prompts(prompt_BxP, lengths_B, model.cfg.vocab_size)   # before the draft model is built
+    out = speculative.self_speculative(model, prompt_BxP, lengths_B, num_new,
+                                       drafter=drafter(model, adapter, exit_layer, eta=eta, gamma=gamma))
+    return KangarooOutputs(out.tokens_BxG, out.rounds_B, out.drafted_B, out.accepted_B, out.draft_steps,
+                           out.verify_tokens, out.batch_rounds, out.drafter_state.hist_2xC)
 
 
 def kangaroo_fn(graphdef, num_new: int, *, exit_layer: int, gamma: int = 6):
@@ -282,4 +288,5 @@ def cost_speedup(cfg, *, exit_layer: int, tokens: float, draft_steps: float, rou
 
 
 __all__ = ["ADAPTER_KEYS", "CONF_BINS", "draft_program", "init_adapter", "make_draft", "adapter_logits",
-           "draft_forward", "KangarooOutputs", "kangaroo", "kangaroo_fn", "layer_params", "cost_speedup"]
+           "draft_forward", "KangarooState", "Drafter", "drafter", "KangarooOutputs", "kangaroo", "kangaroo_fn",
+           "layer_params", "cost_speedup"]

@@ -5,19 +5,23 @@ skip sets chosen from the prompt by small routers (FiRST).
   the target speed-up r, k = round(N (1 - 1/r)); the k skipped layers are *intermediate* ones spread evenly (the
   first and last layers always run), and every token of every row runs the same layers, so batching and the KV cache
   need nothing special. ``uls_layers`` gives the kept layers; the decode step is the engine's static path over a
-  layer table (``table_program``: a traced ``engine.sequence``, so one compiled step serves every skip set of any
-  length and the skipped layers cost nothing).
+  layer table (``table_program``), skipped layers cost nothing. With a static layer count (an ``int``) the table's
+  loop has a known trip count (no host round trip on a GPU; one compiled program per count, the table itself may
+  stay traced); with a traced count one compiled step serves skip sets of any length (CPU sweeps) at the price of
+  a data-dependent loop (a host round trip per layer on a GPU).
 * **FiRST** (Jain et al. 2024, arXiv:2410.12513): a router per layer reads the prompt (here the prefill's mean-pooled
   input of that layer) and decides once per sequence whether the decode skips the layer; a skipped layer is skipped
   for every generated token, so no later token reads K/V it did not write. The prefill runs at full depth
   (``prefill_pooled`` returns the pooled inputs of every layer beside the cache); the decode runs a per-row skip
   program (``row_program``: ``engine.row_skip``, or its compaction to the union of the rows' kept layers, which
-  costs only the layers some row keeps). ``gated_continuation_logits`` is the differentiable twin used to train the
-  routers: the continuation tokens run in one forward over the cached prompt K/V, layer l of row b scaled by a gate
-  ``g[l, b]`` (hard gates give exactly the decode's logits; tested).
+  costs only the layers some row keeps). ``first_generate`` reads the union's size on the host once per batch,
+  after the prefill, so the decode loop has a static layer count. ``gated_continuation_logits`` is the
+  differentiable twin used to train the routers: the continuation tokens run in one forward over the cached
+  prompt K/V, layer l of row b scaled by a gate ``g[l, b]`` (hard gates give exactly the decode's logits;
+  tested).
 
 Shapes: B batch, P prompt length, T tokens run at once, G generated tokens, N layers, D width, V vocabulary,
-S program steps, H KV heads, K head dim.
+S program steps, J KV heads, K head dim.
 """
 from __future__ import annotations
 
@@ -27,7 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eejax import checks
 from eejax.decoding import kv as kv_lib
+from eejax.decoding import per_token
 from eejax.decoding.per_token import StepStats
 from eejax.exits import engine
 from eejax.models.lm import DecoderLM
@@ -71,15 +77,25 @@ def layer_table(layers, num_layers: int) -> tuple[np.ndarray, int]:
 
 def table_program(layer_S, count) -> engine.Program:
     """``engine.sequence`` with a (possibly traced) table: steps ``0..count-1`` run ``layer_S[s]``, one exit (the
-    final norm and head) after the last."""
+    final norm and head) after the last. A static ``count`` (``int``) gives a loop with a known trip count."""
     layer_S = jnp.asarray(layer_S, jnp.int32)
+    if isinstance(count, (int, np.integer)):
+        if not 1 <= count <= layer_S.shape[0]:
+            raise ValueError(f"{count=} must lie in [1, {layer_S.shape[0]}] (the table's length)")
+        return engine.Program(layer_S[:count], jnp.zeros((count,), jnp.int32), np.asarray([count - 1], np.int32))
     return engine.Program(layer_S, jnp.zeros_like(layer_S), jnp.reshape(jnp.asarray(count, jnp.int32) - 1, (1,)))
 
 
-def row_program(keep_NxB, *, compact: bool = True) -> engine.Program:
+def union_count(keep_NxB) -> int:
+    """The number of layers some row keeps (read on the host: FiRST's static layer count after the prefill)."""
+    return int(np.sum(np.any(np.asarray(keep_NxB, bool), axis=1)))
+
+
+def row_program(keep_NxB, *, compact: bool = True, count: int | None = None) -> engine.Program:
     """Per-row skip sets: row b runs layer l iff ``keep_NxB[l, b]``. ``compact=False`` is ``engine.row_skip`` (all N
     steps, skipping rows masked); ``compact=True`` runs only the union of the rows' kept layers (a traced table, the
-    per-row bits on it), which gives the same outputs at the cost of the union."""
+    per-row bits on it), which gives the same outputs at the cost of the union. ``count``: the union's size as a
+    static ``int`` (``union_count``; must be exact), so the compacted loop has a known trip count; ``None``: traced."""
     keep_NxB = jnp.asarray(keep_NxB, bool)
     n = keep_NxB.shape[0]
     if not compact:
@@ -87,7 +103,11 @@ def row_program(keep_NxB, *, compact: bool = True) -> engine.Program:
     union_N = jnp.any(keep_NxB, axis=1)
     order_S = jnp.argsort(~union_N, stable=True).astype(jnp.int32)    # kept layers first, in order
     row_sub_SxB = jnp.where(keep_NxB[order_S], engine.FULL, 0).astype(jnp.int32)
-    return table_program(order_S, jnp.sum(union_N.astype(jnp.int32)))._replace(row_sub_SxB=row_sub_SxB)
+    if count is None:
+        return table_program(order_S, jnp.sum(union_N.astype(jnp.int32)))._replace(row_sub_SxB=row_sub_SxB)
+    if checks.is_concrete(keep_NxB) and count != union_count(keep_NxB):
+        raise ValueError(f"{count=} but the rows keep {union_count(keep_NxB)} layers between them")
+    return table_program(order_S, count)._replace(row_sub_SxB=row_sub_SxB[:count])
 
 
 # ------------------------------------------------------------------------------------------- decode steps
@@ -95,20 +115,22 @@ def row_program(keep_NxB, *, compact: bool = True) -> engine.Program:
 
 def table_step(model: DecoderLM, tok_B, state: kv_lib.DecodeState, i, layer_S, count):
     """One token per row through the layer table (shared by the batch), then the final head; ``per_token``'s
-    step interface."""
+    step interface. ``count`` static (``int``: one compiled program per count) or traced (``table_program``)."""
     del i
     out, state = kv_lib.forward(model, tok_B[:, None], state, table_program(layer_S, count), kv_lib.final_head(model))
     b = tok_B.shape[0]
-    count = jnp.asarray(count, jnp.int32)
-    stats = StepStats(jnp.full((b,), jnp.asarray(layer_S, jnp.int32)[count - 1]), jnp.full((b,), count),
-                      jnp.zeros((b,), jnp.float32), count, out.out.hidden_BxD)
+    count_ = jnp.asarray(count, jnp.int32)
+    stats = StepStats(jnp.full((b,), jnp.asarray(layer_S, jnp.int32)[count_ - 1]), jnp.full((b,), count_),
+                      jnp.zeros((b,), jnp.float32), count_, out.out.hidden_BxD)
     return out.logits_BxC, stats, state
 
 
-def row_step(model: DecoderLM, tok_B, state: kv_lib.DecodeState, i, keep_NxB, *, compact: bool = True):
-    """One token per row through that row's kept layers (``row_program``), then the final head."""
+def row_step(model: DecoderLM, tok_B, state: kv_lib.DecodeState, i, keep_NxB, *, compact: bool = True,
+             count: int | None = None):
+    """One token per row through that row's kept layers (``row_program``; ``count``: the union's static size),
+    then the final head."""
     del i
-    prog = row_program(keep_NxB, compact=compact)
+    prog = row_program(keep_NxB, compact=compact, count=count)
     out, state = kv_lib.forward(model, tok_B[:, None], state, prog, kv_lib.final_head(model))
     n = keep_NxB.shape[0]
     layers_B = jnp.sum(jnp.asarray(keep_NxB, jnp.int32), axis=0)
@@ -151,35 +173,6 @@ def prefill_pooled(model: DecoderLM, tokens_BxP, lengths_B, cache_len: int) -> P
     dec, pooled = out.aux
     last_BxV = jnp.take_along_axis(out.logits_BxC, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     return Prefilled(last_BxV, kv_lib.DecodeState(dec.cache, lengths_B), pooled)
-
-
-class Decoded(NamedTuple):
-    tokens_BxG: jax.Array      # generated (or forced) tokens; token 0 comes from the prefill logits
-    logprob_BxG: jax.Array     # log-prob of token g under the logits that produced it
-    layers_BxG: jax.Array      # layers the row ran to produce token g (prefill: N)
-    layers_run_G: jax.Array    # layers the batch loop executed to produce token g (prefill: N)
-
-
-def decode(model: DecoderLM, logits_BxV, state: kv_lib.DecodeState, num_new: int, step_fn: Callable, *,
-           force_BxG=None) -> Decoded:
-    """Greedy decoding of ``num_new`` tokens from a prefilled state (token 0 from the prefill's logits, token g > 0
-    from ``step_fn(model, tok, state, g - 1)``); ``force_BxG`` feeds the given tokens instead (teacher forcing
-    through the real decode path)."""
-    b = logits_BxV.shape[0]
-    n = model.cfg.depth
-
-    def body(carry, xs):
-        logits, state, layers_B, run = carry
-        i, forced_B = xs
-        tok_B = jnp.argmax(logits, axis=-1).astype(jnp.int32) if force_BxG is None else forced_B
-        logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1), tok_B[:, None], -1)[:, 0]
-        new_logits, stats, state = step_fn(model, tok_B, state, i)
-        return (new_logits, state, stats.layers_B, stats.layers_run), (tok_B, logp_B, layers_B, run)
-
-    forced = jnp.zeros((num_new, b), jnp.int32) if force_BxG is None else jnp.asarray(force_BxG, jnp.int32).T
-    init = (logits_BxV, state, jnp.full((b,), n, jnp.int32), jnp.int32(n))
-    _, (tok, logp, layers, run) = jax.lax.scan(body, init, (jnp.arange(num_new), forced))
-    return Decoded(tok.T, logp.T, layers.T, run)
 
 
 # ------------------------------------------------------------------------------------------- FiRST routers
@@ -233,36 +226,41 @@ def straight_through(logit_NxB, routable_N) -> tuple[jax.Array, jax.Array]:
 
 
 def first_generate(model: DecoderLM, routers: Routers, prompt_BxP, lengths_B, num_new: int, *,
-                   decide: Callable | None = None, compact: bool = True, force_BxG=None) -> tuple[Decoded, jax.Array]:
+                   decide: Callable | None = None, compact: bool = True, force_BxG=None
+                   ) -> tuple[per_token.Generation, jax.Array]:
     """FiRST: a full-depth prefill, the routers read its pooled layer inputs once and fix each row's kept layers
     (``decide(logit_NxB) -> keep_NxB``, default ``hard_keep``), then every generated token runs those layers only.
-    Returns the decode and ``keep_NxB``."""
+    Returns the decode and ``keep_NxB``. Called eagerly, the union of the kept layers is read on the host once
+    after the prefill and the decode has a static layer count (one compiled decode per count); under ``jit`` the
+    count stays traced."""
     n = model.cfg.depth
     pre = prefill_pooled(model, prompt_BxP, lengths_B, prompt_BxP.shape[1] + num_new)
     logit_NxB = router_logits(routers, pre.pooled_NxBxD)
     keep_NxB = hard_keep(logit_NxB, routable(n)) if decide is None else decide(logit_NxB)
-    dec = decode(model, pre.logits_BxV, pre.state, num_new,
-                 lambda m, t, s, i: row_step(m, t, s, i, keep_NxB, compact=compact), force_BxG=force_BxG)
+    count = union_count(keep_NxB) if compact and checks.is_concrete(keep_NxB) else None
+    dec = per_token.decode(model, pre.logits_BxV, pre.state, num_new,
+                           lambda m, t, s, i: row_step(m, t, s, i, keep_NxB, compact=compact, count=count),
+                           force_BxG=force_BxG)
     return dec, keep_NxB
 
 
-def gated_continuation_logits(model: DecoderLM, prompt_k_NxBxPxHxK, prompt_v_NxBxPxHxK, cont_BxT, gate_NxB, *,
+def gated_continuation_logits(model: DecoderLM, prompt_k_NxBxJxPxK, prompt_v_NxBxJxPxK, cont_BxT, gate_NxB, *,
                               remat: bool = True) -> jax.Array:
     """Final logits ``B x T x V`` of T continuation tokens (positions ``P..P+T-1``) run in one forward over the
     full-depth prompt K/V, layer l of row b mixed as ``h + g[l, b] (layer(h) - h)`` (the engine's scan path, so it
     is differentiable in ``g``). With 0/1 gates it equals teacher-forced decoding with those skip sets after a
     full-depth prefill (prompts of full length P)."""
     b, t = cont_BxT.shape
-    p = prompt_k_NxBxPxHxK.shape[2]
+    p = prompt_k_NxBxJxPxK.shape[3]
     pos_BxT = jnp.broadcast_to(p + jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
     mask_BxTxS = jnp.concatenate([jnp.ones((b, t, p), bool), jnp.broadcast_to(
         jnp.tril(jnp.ones((t, t), bool))[None], (b, t, t))], axis=2)
 
     def layer_fn(layer, h, ctx):
-        k_new, v_new = layer.kv(h, pos_BxT)
-        k = jnp.concatenate([prompt_k_NxBxPxHxK[ctx.layer].astype(k_new.dtype), k_new], axis=1)
-        v = jnp.concatenate([prompt_v_NxBxPxHxK[ctx.layer].astype(v_new.dtype), v_new], axis=1)
-        out = layer.attend(h, pos_BxT, k, v, mask_BxTxS)
+        q, k_new, v_new = layer.project(h, pos_BxT)
+        k = jnp.concatenate([prompt_k_NxBxJxPxK[ctx.layer].astype(k_new.dtype), k_new], axis=2)
+        v = jnp.concatenate([prompt_v_NxBxJxPxK[ctx.layer].astype(v_new.dtype), v_new], axis=2)
+        out = layer.mlp_half(layer.attn_out(h, q, k, v, mask_BxTxS))
         g = gate_NxB[ctx.layer].astype(h.dtype)[:, None, None]
         return h + g * (out - h)
 
@@ -270,7 +268,7 @@ def gated_continuation_logits(model: DecoderLM, prompt_k_NxBxPxHxK, prompt_v_NxB
     return model.exit_logits(h_last, model.cfg.num_exits - 1)
 
 
-__all__ = ["uls_skip_count", "uls_layers", "layer_table", "table_program", "row_program", "table_step",
-           "row_step", "Prefilled", "prefill_pooled", "Decoded", "decode", "first_generate", "Routers",
+__all__ = ["uls_skip_count", "uls_layers", "layer_table", "table_program", "union_count", "row_program", "table_step",
+           "row_step", "Prefilled", "prefill_pooled", "first_generate", "Routers",
            "init_routers", "router_logits", "routable", "hard_keep", "topk_keep", "straight_through",
            "gated_continuation_logits"]

@@ -28,8 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eejax import checks
 from eejax.decoding import kangaroo as kg
 from eejax.decoding import kv as kv_lib
+from eejax.decoding import speculative
 from eejax.exits import engine
 from eejax.models.lm import DecoderLM
 
@@ -83,7 +85,8 @@ def candidate_heads(model: DecoderLM, cand_BxK: jax.Array, num_exits: int) -> li
 
     def head(h_BxTxD):
         x = model.final_norm(h_BxTxD[:, -1])
-        logits = jnp.einsum("bd,bkd->bk", x.astype(jnp.float32), rows_BxKxD.astype(jnp.float32))
+        # In the compute dtype, accumulated in float32 (no float32 dot in a bfloat16 decode).
+        logits = jnp.einsum("bd,bkd->bk", x, rows_BxKxD.astype(x.dtype), preferred_element_type=jnp.float32)
         return engine.HeadOut(logits_BxC=logits, feat_BxD=x, hidden_BxD=h_BxTxD[:, -1],
                               gate_B=jnp.zeros(x.shape[:1], jnp.float32))
 
@@ -136,13 +139,8 @@ def target_step(model: DecoderLM, tok_B, state: kv_lib.DecodeState, cand_BxK, pr
     policy = SpecEEPolicy(pred, cand_BxK, full_head, threshold)
     out, new_state = kv_lib.forward(model, tok_B[:, None], state, program,
                                     candidate_heads(model, cand_BxK, num_exits), policy)
-    pos_Bx1 = state.pos_B[:, None]
-
-    def fill(l, cache):   # K/V of the layers no row reached, from each row's frozen exit state
-        k, v = kv_lib.layer_at(model, l).kv(out.h, pos_Bx1)
-        return kv_lib.write_kv(cache, l, pos_Bx1, k, v)
-
-    cache = jax.lax.fori_loop(out.layers_run, n, fill, new_state.cache)
+    # K/V of the layers no row reached, from each row's frozen exit state (one batched computation)
+    cache = kv_lib.propagate(model, new_state.cache, out.h, state.pos_B[:, None], out.layers_run)
     last = out.exit_B == num_exits - 1
     cand_tok = jnp.take_along_axis(cand_BxK, jnp.argmax(out.out.logits_BxC, -1)[:, None], 1)[:, 0]
     final_tok = jax.lax.cond(jnp.any(last), lambda x: jnp.argmax(full_head(x), -1).astype(jnp.int32),
@@ -160,36 +158,54 @@ class SpecEEOutputs(NamedTuple):
     preds_BxG: jax.Array        # predictor evaluations for token g
 
 
+class _Token(NamedTuple):
+    """Carry of the per-token loop."""
+    tok_B: jax.Array                 # the newest token (not yet in either cache)
+    state: kv_lib.DecodeState        # the target's cache
+    draft: kg.KangarooState          # the drafter's own cache
+
+
 def decode(model: DecoderLM, adapter: dict, prompt_BxP, lengths_B, num_new: int, *, exit_layer: int,
            pred: Predictors, schedule: Sequence[int], k: int = 4, threshold: float = 0.5) -> SpecEEOutputs:
-    """Greedy SpecEE decoding: per token the Kangaroo drafter (first ``exit_layer`` layers + adapter + head, its
-    own KV cache) proposes its top-``k``, then the target runs with SpecEE's exit policy."""
-    if len(schedule) != pred.b2_S.shape[0]:
-        raise ValueError(f"{len(schedule)} scheduled layers but {pred.b2_S.shape[0]} predictors")
-    if not schedule or max(schedule) >= model.cfg.depth - 1 or min(schedule) < 0:
-        raise ValueError(f"schedule {list(schedule)} must name layers in [0, {model.cfg.depth - 1})")
-    draft = kg.make_draft(model, adapter, exit_layer)
+    """Greedy SpecEE decoding: per token the Kangaroo drafter (``kangaroo.drafter``: first ``exit_layer`` layers +
+    adapter + head, its own KV cache) proposes its top-``k``, then the target runs with SpecEE's exit policy."""
+    cfg = model.cfg
+    sched = [int(l) for l in schedule]
+    if not sched or sched != sorted(set(sched)) or sched[0] < 0 or sched[-1] >= cfg.depth - 1:
+        raise ValueError(f"schedule={list(schedule)} must name increasing layers in [0, {cfg.depth - 1}) (the last "
+                         "layer always exits)")
+    if len(sched) != pred.b2_S.shape[0]:
+        raise ValueError(f"schedule has {len(sched)} layers but pred has {pred.b2_S.shape[0]} predictors")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= cfg.vocab_size:
+        raise ValueError(f"k={k!r} candidates must be an int in [1, {cfg.vocab_size}] (the vocabulary)")
+    if pred.w1_SxFxH.shape[1] != 3 * k:
+        raise ValueError(f"pred reads {pred.w1_SxFxH.shape[1]} features; k={k} candidates give {3 * k}")
+    if isinstance(num_new, bool) or not isinstance(num_new, (int, np.integer)) or num_new < 1:
+        raise ValueError(f"num_new={num_new!r} must be an int >= 1")
+    if checks.is_concrete(threshold) and not 0.0 < float(threshold) < 1.0:
+        raise ValueError(f"threshold={threshold!r} must lie in (0, 1): the predictor's sigmoid score never reaches "
+                         "0 or 1")
+    speculative.check_prompts(prompt_BxP, lengths_B, cfg.vocab_size)
+    drafter = kg.drafter(model, adapter, exit_layer)
     b, p = prompt_BxP.shape
     cache_len = p + num_new
+    lengths_B = jnp.asarray(lengths_B, jnp.int32)
     logits, state = kv_lib.prefill(model, prompt_BxP, lengths_B, cache_len)
-    _, dstate = kv_lib.forward(draft, prompt_BxP, kv_lib.empty_state(draft, b, cache_len),
-                               kg.draft_program(exit_layer), kv_lib.final_head(draft))
-    dstate = dstate._replace(pos_B=jnp.asarray(lengths_B, jnp.int32))
-    n = model.cfg.depth
+    n = cfg.depth
 
-    def body(carry, _):
-        tok_B, state, dstate = carry
-        dlogits, dstate = kg.draft_forward(draft, tok_B[:, None], dstate, exit_layer)
+    def body(c: _Token, _):
+        dlogits, dstate = drafter.propose(c.tok_B, c.draft)
         cand_BxK = jax.lax.top_k(dlogits.astype(jnp.float32), k)[1].astype(jnp.int32)
-        so, state = target_step(model, tok_B, state, cand_BxK, pred, schedule, threshold)
-        return (so.tok_B, state, dstate), (so.tok_B, so.exit_layer_B, so.layers_run, so.preds_B)
+        so, state = target_step(model, c.tok_B, c.state, cand_BxK, pred, sched, threshold)
+        return _Token(so.tok_B, state, dstate), so
 
     first_B = jnp.argmax(logits, -1).astype(jnp.int32)
-    _, (tok_GxB, exit_GxB, run_G, preds_GxB) = jax.lax.scan(body, (first_B, state, dstate), None,
-                                                            length=num_new - 1)
+    init = _Token(first_B, state, drafter.init(model, prompt_BxP, lengths_B, cache_len))
+    _, steps = jax.lax.scan(body, init, None, length=num_new - 1)
     full = lambda x, v: jnp.concatenate([jnp.full((1, b), v, x.dtype), x], 0).T   # noqa: E731
-    return SpecEEOutputs(jnp.concatenate([first_B[:, None], tok_GxB.T], 1), full(exit_GxB, n - 1),
-                         jnp.concatenate([jnp.asarray([n], run_G.dtype), run_G]), full(preds_GxB, 0))
+    return SpecEEOutputs(jnp.concatenate([first_B[:, None], steps.tok_B.T], 1), full(steps.exit_layer_B, n - 1),
+                         jnp.concatenate([jnp.asarray([n], steps.layers_run.dtype), steps.layers_run]),
+                         full(steps.preds_B, 0))
 
 
 def decode_fn(graphdef, num_new: int, *, exit_layer: int, schedule: Sequence[int], k: int = 4):

@@ -6,12 +6,15 @@ examples at the first exit (low budget), large p moves them towards the last (hi
 thresholds that realise q on the VALIDATION split are then applied to the TEST split, giving one (FLOPs, accuracy)
 point per prior. Confidence is the max softmax probability. Accuracies are fractions in [0, 1].
 
-Letters: E exits, N examples, C classes, P priors. Everything is numpy: the arrays are tiny.
+Letters: E exits, N examples, C classes, P priors. Everything is numpy (the arrays are tiny) but the exit rule:
+``simulate_exits`` runs the engine's one stop rule (``engine.simulate``) over the cached confidences.
 """
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+from eejax.exits import engine, policies
 
 
 class BudgetPoint(NamedTuple):
@@ -83,13 +86,14 @@ def select_thresholds(conf_ExN: np.ndarray, fractions_E: np.ndarray) -> np.ndarr
 
 
 def simulate_exits(conf_ExN: np.ndarray, thresholds_E: np.ndarray) -> np.ndarray:
-    """Exit index of each example: the first exit whose confidence >= its threshold, else the last exit."""
+    """Exit index of each example: the first exit whose confidence >= its threshold, else the last exit. This is
+    the engine's own stop rule run over the cached confidences (``engine.simulate`` with
+    ``policies.score_threshold``), in float32 as on the engine."""
     conf_ExN, thresholds_E = np.asarray(conf_ExN), np.asarray(thresholds_E)
     if conf_ExN.ndim != 2 or thresholds_E.shape != conf_ExN.shape[:1]:
         raise ValueError(f"want conf [E, N] and thresholds [E], got {conf_ExN.shape=} {thresholds_E.shape=}")
-    stop_ExN = conf_ExN >= thresholds_E[:, None]
-    stop_ExN[-1] = True
-    return np.argmax(stop_ExN, axis=0)  # argmax returns the first True
+    policy = policies.score_threshold(thresholds_E, conf_ExN.shape[0])
+    return np.asarray(engine.simulate(policy, conf_ExN).exit_B)
 
 
 def _point(scores: _Scores, thresholds_E, cum_flops_E, prior=float("nan")) -> BudgetPoint:

@@ -6,13 +6,14 @@ mean of their softmaxes), as in the paper. The members are plain callables ``x_B
 size (they are not stacked), picked by ``lax.switch`` in the engine's ``layer_fn``; the stages are a layer program
 over a stage index (``engine.sequence(range(K), exit_steps=range(K))``) and the loop's hidden state is
 :class:`CascadeState` (the input and the running sum of member softmaxes). Any policy decides who goes on
-(``policies.window`` for window cascades, ``policies.threshold`` for the plain one); with ``engine.Compacted()``
+(``policies.window`` for window cascades, ``policies.threshold`` for the plain one); with ``engine.BucketCascade()``
 stage k runs only on a bucket holding the rows still going on, so its cost follows the forwarded fraction.
 
 Shapes: B batch, C classes, E stages (the cascade's exits).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -34,19 +35,26 @@ class _StageIndex(nnx.Module):
         self.index = nnx.Variable(jnp.arange(num_stages, dtype=jnp.int32))
 
 
+def _ensemble(stage, h: CascadeState) -> engine.HeadOut:
+    p_BxC = h.psum_BxC / (jnp.asarray(stage, jnp.float32) + 1)
+    zeros_Bx1 = jnp.zeros((p_BxC.shape[0], 1), p_BxC.dtype)
+    return engine.HeadOut(logits_BxC=jnp.log(jnp.maximum(p_BxC, 1e-30)), feat_BxD=zeros_Bx1,
+                          hidden_BxD=zeros_Bx1, gate_B=zeros_Bx1[:, 0])
+
+
 def ensemble_head(stage: int) -> Callable[[CascadeState], engine.HeadOut]:
     """Exit after ``stage``: the mean softmax of members 0..stage, as log-probabilities (so ``max_softmax`` of the
     head's logits is the ensemble's max probability)."""
-    def head(h: CascadeState) -> engine.HeadOut:
-        p_BxC = h.psum_BxC / (stage + 1)
-        zeros_Bx1 = jnp.zeros((p_BxC.shape[0], 1), p_BxC.dtype)
-        return engine.HeadOut(logits_BxC=jnp.log(jnp.maximum(p_BxC, 1e-30)), feat_BxD=zeros_Bx1,
-                              hidden_BxD=zeros_Bx1, gate_B=zeros_Bx1[:, 0])
-    return head
+    return functools.partial(_ensemble, stage)
+
+
+def ensemble_heads(num_stages: int) -> engine.IndexedHeads:
+    """Every stage's ``ensemble_head`` as one head indexed by the stage (no switch between stages)."""
+    return engine.IndexedHeads(_ensemble, num_stages)
 
 
 def run(members: Sequence[Callable[[jax.Array], jax.Array]], x, policy, num_classes: int,
-        executor=engine.Compacted()) -> engine.DynamicOutputs:
+        executor=engine.BucketCascade()) -> engine.DynamicOutputs:
     """The cascade of ``members`` on ``x`` as one engine loop; ``out.logits_BxC`` is each row's ensemble at the
     stage it stopped (log mean softmax), ``exit_B`` that stage."""
     if not members:
@@ -61,8 +69,7 @@ def run(members: Sequence[Callable[[jax.Array], jax.Array]], x, policy, num_clas
     zero_B = engine.zeros_from(x).astype(jnp.float32)
     h0 = CascadeState(x, jnp.zeros((1, num_classes), jnp.float32) + zero_B[:, None])
     program = engine.sequence(list(range(k)), exit_steps=list(range(k)))
-    return engine.run(_StageIndex(k), [ensemble_head(s) for s in range(k)], h0, program, policy, executor,
-                      layer_fn=layer_fn)
+    return engine.run(_StageIndex(k), ensemble_heads(k), h0, program, policy, executor, layer_fn=layer_fn)
 
 
-__all__ = ["CascadeState", "ensemble_head", "run"]
+__all__ = ["CascadeState", "ensemble_head", "ensemble_heads", "run"]

@@ -13,8 +13,11 @@ A row exits when ``score >= threshold``: every measure is oriented so that large
   to an exit decision.
 * ``patience(k)``: PABEE (Zhou et al., 2020), the number of consecutive exits, ending at this one, whose argmax equals
   the previous exit's; threshold = patience.
+* ``cached_score``: a score computed ahead (``engine.Scores``), for ``engine.simulate`` over cached scores.
 
-All measures advance the same ``MeasureState`` so stateful ones (cosine, patience) compose with any policy.
+All measures advance the same ``MeasureState`` so stateful ones (cosine, patience) compose with any policy. Each
+measure says which head-output fields its score reads (``measure.reads``); the engine drops the others from the
+heads' outputs so that they cost no work (a head output without ``hidden_BxD`` leaves ``prev_hidden_BxD`` as is).
 """
 from __future__ import annotations
 
@@ -34,48 +37,74 @@ Measure = Callable[..., tuple[jax.Array, MeasureState]]
 
 
 def init_state(probe, zero_B: jax.Array) -> MeasureState:
-    """Initial state for a batch; ``probe`` is a HeadOut (or its shapes), ``zero_B`` an int zero per row."""
+    """Initial state for a batch; ``probe`` is a HeadOut (or its shapes), ``zero_B`` an int zero per row. A probe
+    without a hidden state (dropped by the engine, or cached scores) gives ``prev_hidden_BxD=None``."""
+    hidden = getattr(probe, "hidden_BxD", None)
     return MeasureState(prev_pred_B=zero_B - 1, unchanged_B=zero_B,
-                        prev_hidden_BxD=jnp.zeros(probe.hidden_BxD.shape, jnp.float32) + zero_B[:, None])
+                        prev_hidden_BxD=None if hidden is None else
+                        jnp.zeros(hidden.shape, jnp.float32) + zero_B[:, None])
 
 
 def _advance(out, state: MeasureState) -> MeasureState:
-    """The state after this exit; heads without class logits (a diffusion head) leave the argmax history as is."""
+    """The state after this exit; heads without class logits (a diffusion head, cached scores) leave the argmax
+    history as is, heads without a hidden state the previous hidden state."""
+    hidden = getattr(out, "hidden_BxD", None)
+    prev_hidden = state.prev_hidden_BxD if hidden is None else hidden.astype(jnp.float32)
     logits = getattr(out, "logits_BxC", None)
     if logits is None:
-        return state._replace(prev_hidden_BxD=out.hidden_BxD.astype(jnp.float32))
+        return state._replace(prev_hidden_BxD=prev_hidden)
     pred_B = jnp.argmax(logits, axis=-1).astype(state.prev_pred_B.dtype)
     unchanged_B = jnp.where(pred_B == state.prev_pred_B, state.unchanged_B + 1, 0)
-    return MeasureState(pred_B, unchanged_B, out.hidden_BxD.astype(jnp.float32))
+    return MeasureState(pred_B, unchanged_B, prev_hidden)
 
 
+def _reads(*fields: str):
+    """Declare the head-output fields a measure's score reads (``measure.reads``)."""
+    def mark(measure):
+        measure.reads = fields
+        return measure
+    return mark
+
+
+@_reads("logits_BxC")
 def max_softmax(out, state):
     return jax.nn.softmax(out.logits_BxC.astype(jnp.float32), axis=-1).max(-1), _advance(out, state)
 
 
+@_reads("logits_BxC")
 def margin(out, state):
     top2 = jax.lax.top_k(jax.nn.softmax(out.logits_BxC.astype(jnp.float32), axis=-1), 2)[0]
     return top2[..., 0] - top2[..., 1], _advance(out, state)
 
 
+@_reads("logits_BxC")
 def neg_entropy(out, state):
     logp = jax.nn.log_softmax(out.logits_BxC.astype(jnp.float32), axis=-1)
     return jnp.sum(jnp.exp(logp) * logp, axis=-1), _advance(out, state)
 
 
+@_reads("hidden_BxD")
 def cosine(out, state):
     a, b = out.hidden_BxD.astype(jnp.float32), state.prev_hidden_BxD
     denom = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
     return jnp.sum(a * b, axis=-1) / jnp.maximum(denom, 1e-9), _advance(out, state)
 
 
+@_reads("gate_B")
 def learned(out, state):
     return jax.nn.sigmoid(out.gate_B.astype(jnp.float32)), _advance(out, state)
 
 
+@_reads("logits_BxC")
 def patience(out, state):
     new = _advance(out, state)
     return new.unchanged_B.astype(jnp.float32), new
+
+
+@_reads("score_B")
+def cached_score(out, state):
+    """The score computed ahead (``engine.Scores``), in float32 as every measure's."""
+    return out.score_B.astype(jnp.float32), _advance(out, state)
 
 
 NUM_UNCERTAINTY_FEATURES = 4

@@ -1,7 +1,7 @@
 """Depth-grouped continuous batching: a pool of slots over a queue of inputs, one layer per slot per step.
 
-The masked and compacted paths (``engine.while_exits``, ``paths.compacted_exits``) process a *batch*: the batch is
-done when its deepest row is done, so shallow rows leave idle (masked) or shrinking (compacted) work behind. For a
+The masked and cascade paths (``engine.while_exits``, ``paths.cascade_exits``) process a *batch*: the batch is
+done when its deepest row is done, so shallow rows leave idle (masked) or shrinking (cascade) work behind. For a
 *stream* of inputs, continuous batching keeps the device full instead: ``S`` slots each hold one sample at its own
 current layer; every step applies **one layer to every slot**, whatever layer that is; a slot whose sample exits
 (or finishes the last layer) writes the sample's result to an output buffer and is refilled with the next queued
@@ -257,7 +257,8 @@ class Continuous(NamedTuple):
 
     num_slots: int
 
-    def run(self, layers, heads, h0, program, policy, *, layer_fn, aux):
+    def run(self, layers, heads, h0, program, policy, *, layer_fn, aux, fields=None):
+        del fields   # every head output field is kept (the slots' heads run under per-exit conditionals)
         n = engine.num_layers_of(layers)
         steps = np.asarray(program.layer_S)
         if (aux is not None or layer_fn is not engine.call_layer or program.row_sub_SxB is not None

@@ -4,7 +4,7 @@ One set of layer parameters (leading axis N = stored layer, built with ``nnx.vma
 
 * **training** (``scan_exits`` / ``run_layers``): ``lax.scan`` over every step of the program, every exit head
   evaluated, so a loss at every exit is differentiable. Returns :class:`ExitOutputs` with a leading exit axis E.
-* **inference** (``run``): one compiled loop over the program's exit *segments* (the steps between two exits). The
+* **inference** (``run``): compiled loops over the program's exit *segments* (the steps between two exits). The
   three parts are independent:
 
   - the **program** (:class:`Program`) says which stored layer runs at each step ``s`` (``layer_S``: prefix exit,
@@ -15,13 +15,22 @@ One set of layer parameters (leading axis N = stored layer, built with ``nnx.vma
     per-exit thresholds, a batch-mean rule, a fixed exit, a router that predicts the exit before running;
   - the **executor** says how the rows physically run: :class:`Masked` (rows that stopped are frozen by masked
     updates until the deepest row is done; ``keep_running`` keeps computing them, e.g. for oracle K/V),
-    :class:`Compacted` (the still-active rows gathered into a smaller static bucket per segment),
-    ``Sharded`` (``eejax.exits.paths``: ``jax.shard_map``, each device stops when its own rows are done),
-    ``Continuous`` (``eejax.exits.continuous``: a pool of slots over a queue) and ``GatedKernel``
+    :class:`BucketCascade` (the library's compaction path: a monotone cascade of shrinking buffers, the active rows
+    compacted only when they fit the next bucket), :class:`Compacted` (the first compaction executor, kept as a
+    benchmark baseline), ``Sharded`` (``eejax.exits.paths``: ``jax.shard_map``, each device stops when its own rows
+    are done), ``Continuous`` (``eejax.exits.continuous``: a pool of slots over a queue) and ``GatedKernel``
     (``eejax.exits.paths``: the masked loop with the MLP half in the Pallas gated-step kernel).
 
   The stop rule is written once, in :func:`exit_check`: a row stops at exit ``e`` when the policy fires or ``e`` is
-  the last exit; a stopped row keeps its policy state. Every executor calls it.
+  the last exit; a stopped row keeps its policy state. Every executor calls it, and :func:`simulate` runs it offline
+  over every exit's outputs computed ahead (the scan path, cached scores).
+
+What a GPU pays for, held by ``tests/test_host_stops.py`` (read from the compiled program, ``eejax.exits.hlo``):
+a ``while`` whose trip count depends on data and a ``lax.cond`` / ``lax.switch`` each wait for the host once per
+execution. So the inference loops have one data-dependent ``while`` per run of equal-length segments
+(:func:`exit_runs`) and per bucket, no inner data-dependent loop (one-layer segments inline, longer ones a loop of
+known trip count), and the heads indexed by the exit (:func:`head_program`: stacked parameters, a switch only for
+heterogeneous heads). The static path (no policy) has no host stop.
 
 ``layer_fn(layer, h, ctx)`` runs one step: ``ctx`` (:class:`StepCtx`) carries the step, the stored layer index,
 the repeat index, the per-row sublayer bits and the auxiliary state ``aux``. When ``run`` is given an ``aux`` (a KV
@@ -45,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eejax import checks
 from eejax.exits import confidence as conf_lib
 
 ATTN, MLP, FULL = 1, 2, 3   # sublayer bits of a step: attention (token-mixing) half, MLP half, both
@@ -85,7 +95,7 @@ class DynamicOutputs(NamedTuple):
     exit_layer_B: jax.Array  # 0-based program step after which the row exited (the layer, for prefix programs)
     score_B: jax.Array     # the policy's score at the exit taken
     layers_run: jax.Array  # program steps the loop executed (the deepest row); one per device under Sharded
-    h: Any = None          # final hidden state (frozen at each row's exit unless the executor keeps rows running)
+    h: Any = None          # final hidden state (frozen at each row's exit unless kept running; None: BucketCascade)
     aux: Any = None        # final auxiliary state (e.g. the KV cache)
     policy_state: Any = None   # the policy's final state (what a recording policy such as ``shadow`` recorded)
 
@@ -178,12 +188,14 @@ def repeat(stored_layers: Sequence[int], times: int, exit_steps: Sequence[int] |
 def row_skip(keep_NxB, exit_layers: Sequence[int]) -> Program:
     """Per-row skip sets over a prefix program: row b runs layer l iff ``keep_NxB[l, b]`` (inference twin of the
     scan path's ``layer_mask_NxB``)."""
+    keep_NxB = jnp.asarray(keep_NxB)
     base = prefix(keep_NxB.shape[0], exit_layers)
     return base._replace(row_sub_SxB=jnp.where(keep_NxB, FULL, 0).astype(jnp.int32))
 
 
 def mlp_skip(skip_mlp_NxB, exit_layers: Sequence[int]) -> Program:
     """FFN-skip programs: row b runs only the attention half of layer l where ``skip_mlp_NxB[l, b]``."""
+    skip_mlp_NxB = jnp.asarray(skip_mlp_NxB)
     base = prefix(skip_mlp_NxB.shape[0], exit_layers)
     return base._replace(row_sub_SxB=jnp.where(skip_mlp_NxB, ATTN, FULL).astype(jnp.int32))
 
@@ -286,8 +298,10 @@ class _Runner(NamedTuple):
     layer_fn: LayerFn
     has_aux: bool
 
-    def step(self, s, h, aux, run_B):
-        """Program step ``s`` on ``h``; rows outside ``run_B`` (or whose sublayer bits are 0) keep their state."""
+    def step(self, s, h, aux, run_B, freeze: bool = True):
+        """Program step ``s`` on ``h``. ``freeze``: rows outside ``run_B`` keep their state (a row select over
+        ``h``); without it every row's result is kept (the cascade computes on the buffer rows that stopped and
+        never reads them again). Rows whose sublayer bits are 0 keep their state either way."""
         p = self.program
         l = jnp.asarray(p.layer_S)[s]
         layer = nnx.merge(self.layer_def, jax.tree.map(lambda x: x[l], self.stacked))
@@ -300,13 +314,22 @@ class _Runner(NamedTuple):
             run_B = run_B & (sub_B > 0)
         res = self.layer_fn(layer, h, StepCtx(s, l, jnp.asarray(p.repeat_S)[s], sub_B, aux, run_B))
         new_h, aux = res if self.has_aux else (res, aux)
-        return where_rows(run_B, new_h, h), aux
+        if freeze:
+            return where_rows(run_B, new_h, h), aux
+        return (new_h if sub_B is None else where_rows(sub_B > 0, new_h, h)), aux
 
-    def segment(self, e, h, aux, run_B):
-        """The steps between exit ``e - 1`` and exit ``e``."""
+    def segment(self, e, h, aux, run_B, length: int | None = None, freeze: bool = True):
+        """The steps between exit ``e - 1`` and exit ``e``. ``length``: their number, when it is static (the same
+        for every exit of a run, see ``exit_runs``): one step inline, or a loop whose trip count XLA knows. None
+        (traced exit steps): a loop over traced bounds, which XLA runs as a data-dependent ``while``."""
         ends = jnp.asarray(self.program.exit_step_E) + 1
-        start = jnp.where(e == 0, 0, ends[jnp.maximum(e - 1, 0)])
-        return jax.lax.fori_loop(start, ends[e], lambda s, c: self.step(s, *c, run_B), (h, aux))
+        if length is None:
+            start = jnp.where(e == 0, 0, ends[jnp.maximum(e - 1, 0)])
+            return jax.lax.fori_loop(start, ends[e], lambda s, c: self.step(s, *c, run_B, freeze), (h, aux))
+        start = ends[e] - length
+        if length == 1:
+            return self.step(start, h, aux, run_B, freeze)
+        return jax.lax.fori_loop(0, length, lambda i, c: self.step(start + i, *c, run_B, freeze), (h, aux))
 
 
 def _runner(layers, program, layer_fn, has_aux) -> _Runner:
@@ -314,12 +337,150 @@ def _runner(layers, program, layer_fn, has_aux) -> _Runner:
     return _Runner(layer_def, stacked, program, layer_fn, has_aux)
 
 
-def _switch_head(heads, e, h):
-    return heads[0](h) if len(heads) == 1 else jax.lax.switch(e, list(heads), h)
+class ExitRun(NamedTuple):
+    """Consecutive exits whose segments have the same static length: the inference loops run one ``while`` per
+    run, so that a segment needs no data-dependent inner loop."""
+
+    first: int             # first exit of the run
+    end: int               # one past its last exit
+    length: int | None     # program steps per segment (None: exit steps traced, one run with traced bounds)
+
+
+def exit_runs(program: Program) -> tuple[ExitRun, ...]:
+    """The program's exits as maximal runs of equal segment length: one run for exits after every layer or after
+    every k-th, two for ``from:k`` (the first segment is longer). Traced exit steps give one run of unknown
+    length."""
+    if not checks.is_concrete(program.exit_step_E):
+        return (ExitRun(0, program.num_exits, None),)
+    ends = np.asarray(program.exit_step_E, np.int64) + 1
+    runs: list[ExitRun] = []
+    for e, length in enumerate(np.diff(ends, prepend=0).tolist()):
+        if runs and runs[-1].length == length:
+            runs[-1] = runs[-1]._replace(end=e + 1)
+        else:
+            runs.append(ExitRun(e, e + 1, int(length)))
+    return tuple(runs)
+
+
+# ------------------------------------------------------------------------------------------------ heads
+
+
+class Scores(NamedTuple):
+    """A score per row, standing in for a head's output: ``simulate`` over cached scores (read by the
+    ``confidence.cached_score`` measure, ``policies.score_threshold``)."""
+
+    score_B: jax.Array
+
+
+class IndexedHeads:
+    """Every exit's head as one function of the exit index, ``apply(e, h) -> head output``, ``e`` a traced int32.
+
+    The inference loops call this once per exit decision. One head program indexed by the exit replaces a
+    ``lax.switch`` over E heads: a switch is a host round trip per call on a GPU (``eejax.exits.hlo``). Indexing
+    with a Python int gives head ``e`` as a plain callable (the scan path and the static path use it).
+    """
+
+    def __init__(self, apply: Callable[[Any, Any], Any], num_exits: int):
+        if int(num_exits) < 1:
+            raise ValueError(f"{num_exits=} must be >= 1")
+        self.apply, self.num_exits = apply, int(num_exits)
+
+    def __len__(self) -> int:
+        return self.num_exits
+
+    def __getitem__(self, e: int) -> Callable:
+        if not -self.num_exits <= e < self.num_exits:
+            raise IndexError(f"exit {e} of {self.num_exits}")
+        return functools.partial(self.apply, e % self.num_exits)
+
+    def __iter__(self):
+        return (self[e] for e in range(self.num_exits))
+
+
+def _structure(head):
+    """What must agree for heads to be stacked: the module graph and each parameter's shape and dtype."""
+    graphdef, state = nnx.split(head)
+    return graphdef, tuple((np.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(state))
+
+
+def stack_heads(heads: Sequence[nnx.Module], call: Callable | None = None) -> IndexedHeads:
+    """Heads of one structure (equal ``nnx.graphdef``, parameter shapes and dtypes) as :class:`IndexedHeads`:
+    their states stacked on a leading exit axis E, head ``e`` rebuilt from ``state[e]`` (a dynamic slice of each
+    parameter). Stacking copies the heads' parameters once per call of the program that does it (E x a head's
+    parameters: small beside the layers). ``call(head, e, h)`` (default ``head(h)``) lets the caller use the exit
+    index too, e.g. a gate that depends on it."""
+    heads = list(heads)
+    if not heads or not all(isinstance(h, nnx.Module) for h in heads):
+        raise ValueError("stack_heads needs one or more nnx.Module heads")
+    graphdef, _ = nnx.split(heads[0])
+    if any(_structure(h) != _structure(heads[0]) for h in heads[1:]):
+        raise ValueError("stack_heads: the heads differ in structure or parameter shapes; pass them as a list "
+                         "(the engine groups them and switches between the groups)")
+    state_E = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(h) for h in heads])
+
+    def apply(e, h):
+        head = nnx.merge(graphdef, jax.tree.map(lambda x: x[e], state_E))
+        return head(h) if call is None else call(head, e, h)
+
+    return IndexedHeads(apply, len(heads))
+
+
+HEAD_KINDS = ("indexed", "one", "shared", "stacked", "switch")
+
+
+def head_program(heads) -> tuple[Callable, str]:
+    """How the inference loops call the heads: ``(apply(e, h), kind)`` with ``kind`` one of ``HEAD_KINDS``.
+
+    * ``indexed``: an :class:`IndexedHeads` (the caller's own indexed program);
+    * ``one`` / ``shared``: a single head, or one callable object repeated for every exit (a shared head);
+    * ``stacked``: nnx heads of one structure, stacked (``stack_heads``);
+    * ``switch``: heterogeneous heads (LGViT's local / global mix, closures): a ``lax.switch`` over the groups of
+      equal structure, each group stacked. Costs one conditional (a host stop on a GPU) per exit decision.
+    """
+    if isinstance(heads, IndexedHeads):
+        return heads.apply, "indexed"
+    heads = list(heads)
+    if all(h is heads[0] for h in heads):
+        return (lambda e, h: heads[0](h)), ("one" if len(heads) == 1 else "shared")
+    groups: dict[Any, list[int]] = {}
+    for e, head in enumerate(heads):
+        key = _structure(head) if isinstance(head, nnx.Module) else ("callable", id(head))
+        groups.setdefault(key, []).append(e)
+    if len(groups) == 1:
+        return stack_heads(heads).apply, "stacked"
+    branches, group_E, slot_E = [], np.zeros(len(heads), np.int32), np.zeros(len(heads), np.int32)
+    for g, (key, exits) in enumerate(groups.items()):
+        group_E[exits], slot_E[exits] = g, np.arange(len(exits))
+        if key[0] == "callable" or len(exits) == 1:
+            branches.append(lambda i, h, f=heads[exits[0]]: f(h))
+        else:
+            branches.append(stack_heads([heads[e] for e in exits]).apply)
+
+    def apply(e, h):
+        return jax.lax.switch(jnp.asarray(group_E)[e], branches, jnp.asarray(slot_E)[e], h)
+
+    return apply, "switch"
+
+
+def _fields_kept(policy, fields) -> tuple[str, ...] | None:
+    """HeadOut fields the loop carries: those the caller asks for plus those the policy reads (None: all). A
+    policy that does not declare ``reads`` sees every field."""
+    reads = getattr(policy, "reads", None)
+    if fields is None or reads is None:
+        return None
+    return tuple(f for f in HeadOut._fields if f in fields or f in reads)
+
+
+def _project(out, keep):
+    """A HeadOut with the fields outside ``keep`` set to None: what computes them is then dead code, which XLA
+    removes (e.g. the pooled hidden state of a vision head when the policy reads only the logits)."""
+    if keep is None or not isinstance(out, HeadOut):
+        return out
+    return out._replace(**{f: None for f in HeadOut._fields if f not in keep})
 
 
 class LoopCarry(NamedTuple):
-    """Carry of the inference loop (over exits)."""
+    """Carry of the masked inference loop (over exits)."""
 
     e: jax.Array           # next exit to evaluate
     h: Any                 # hidden state, frozen for rows that have exited (unless kept running)
@@ -331,22 +492,69 @@ class LoopCarry(NamedTuple):
     policy_state: Any
 
 
+class BufferCarry(NamedTuple):
+    """Carry of the cascade's loops: ``S`` rows of the batch in one bucket-sized buffer."""
+
+    e: jax.Array           # next exit to evaluate
+    h: Any                 # the buffer rows' hidden state (rows that stopped are computed on and never read)
+    row_S: jax.Array       # the batch row each buffer row holds
+    active_S: jax.Array    # buffer rows still running
+    exit_S: jax.Array
+    out: Any               # head output of the exit each stopped buffer row took
+    score_S: jax.Array
+    policy_state: Any
+
+
+class RowResults(NamedTuple):
+    """The cascade's per-row results in batch order, written when rows leave a buffer."""
+
+    exit_B: jax.Array
+    out: Any
+    score_B: jax.Array
+    policy_state: Any
+
+
 # ------------------------------------------------------------------------------------------------ executors
 
 
 class Masked(NamedTuple):
     """Every row is computed every step; stopped rows are frozen by masked updates. The loop ends when no row is
-    active (``keep_running``: rows keep being computed after their exit, the loop runs every exit; the output is
-    still the one of the exit taken: CALM's oracle-K/V baseline)."""
+    active (``keep_running``: rows keep being computed after their exit, the loop runs every exit with a known trip
+    count; the output is still the one of the exit taken: CALM's oracle-K/V baseline).
+
+    One ``while`` per run of equal-length segments (``exit_runs``; one run for exits after every layer): a host
+    stop per exit decision plus one per run, no inner data-dependent loop, the heads indexed by the exit
+    (``head_program``)."""
 
     keep_running: bool = False
 
 
+class BucketCascade(NamedTuple):
+    """The monotone bucket cascade: rows never re-activate, so the active count only falls. The batch starts in a
+    buffer of its full size; one loop per bucket size (largest first, ``buckets``, default ``default_buckets(B)``:
+    about B, B/2, B/4, B/8) runs exits on its buffer while the active rows outnumber the next bucket; then the
+    active rows move to the front (a stable partition: a cumulative sum and one scatter, no sort) and the buffer
+    shrinks to the next size. A stopped row writes its head output, exit, score and policy state to its buffer slot
+    (a row select, fused with the head); those reach batch order (one scatter of the small results) only when the
+    row leaves a buffer. The hidden state is never scattered back: ``DynamicOutputs.h`` is None.
+
+    Cost per forward (``tests/test_host_stops.py``): a host stop per exit decision plus one per (bucket, run) loop,
+    one gather of the buffer per bucket change. Buffer rows that stopped are computed on until the next bucket
+    change (the price of static shapes). Needs row-independent layers and heads and no ``aux``. Batch-wide
+    policies (``batch_mean``) see the buffer's rows (the same as the masked executor's while the batch exits
+    together, which is what such a policy does)."""
+
+    buckets: tuple[int, ...] | None = None
+
+
 class Compacted(NamedTuple):
-    """Before each exit segment the still-active rows move to the front (a stable permutation) and are gathered
-    into a *bucket*: the smallest static size in ``buckets`` (default ``default_buckets(B)``: about B, B/2, B/4,
-    B/8) that holds them, picked by ``lax.switch`` on the active count. The segment, the head and the policy run on
-    the bucket only; results are scattered back. Needs row-independent layers and heads and no ``aux``."""
+    """BASELINE, kept for side-by-side benchmarks against :class:`BucketCascade` (the library's compaction path): the
+    executor as first written and as measured on the H200 (issue 20). Before each exit segment the still-active
+    rows move to the front (a stable argsort of the batch) and are gathered into a *bucket*: the smallest static
+    size in ``buckets`` (default ``default_buckets(B)``) that holds them, picked by ``lax.switch`` on the active
+    count. The segment (a loop over traced bounds), the head (``lax.switch`` over the exits) and the policy run on
+    the bucket only; results, the hidden state included, are scattered back every segment. Needs row-independent
+    layers and heads and no ``aux``."""
 
     buckets: tuple[int, ...] | None = None
 
@@ -368,16 +576,82 @@ def check_buckets(buckets: Sequence[int] | None, batch: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def _masked_body(r: _Runner, heads, policy, num_exits, keep_running):
-    def body(c: LoopCarry) -> LoopCarry:
-        run_B = jnp.ones_like(c.active_B) if keep_running else c.active_B
-        h, aux = r.segment(c.e, c.h, c.aux, run_B)
-        out = _switch_head(heads, c.e, h)
-        stop_B, score_B, pstate = exit_check(policy, out, c.policy_state, c.e, num_exits, c.active_B)
-        return LoopCarry(e=c.e + 1, h=h, aux=aux, active_B=c.active_B & ~stop_B,
-                         exit_B=jnp.where(stop_B, c.e, c.exit_B), out=where_rows(stop_B, out, c.out),
-                         score_B=jnp.where(stop_B, score_B, c.score_B), policy_state=pstate)
+def _masked_loops(r: _Runner, head, policy, num_exits, keep_running, runs, c: LoopCarry) -> LoopCarry:
+    def body_for(length):
+        def body(c: LoopCarry) -> LoopCarry:
+            run_B = jnp.ones_like(c.active_B) if keep_running else c.active_B
+            h, aux = r.segment(c.e, c.h, c.aux, run_B, length, freeze=not keep_running)
+            out = head(c.e, h)
+            stop_B, score_B, pstate = exit_check(policy, out, c.policy_state, c.e, num_exits, c.active_B)
+            return LoopCarry(e=c.e + 1, h=h, aux=aux, active_B=c.active_B & ~stop_B,
+                             exit_B=jnp.where(stop_B, c.e, c.exit_B), out=where_rows(stop_B, out, c.out),
+                             score_B=jnp.where(stop_B, score_B, c.score_B), policy_state=pstate)
+        return body
+
+    for run_ in runs:
+        body = body_for(run_.length)
+        if keep_running:     # every exit runs: a loop of known trip count, no host stop
+            c = jax.lax.fori_loop(run_.first, run_.end, lambda e, c, body=body: body(c), c)
+        else:
+            c = jax.lax.while_loop(lambda c, end=run_.end: (c.e < end) & jnp.any(c.active_B), body, c)
+    return c
+
+
+def _cascade_body(r: _Runner, head, policy, num_exits, length):
+    def body(c: BufferCarry) -> BufferCarry:
+        h, _ = r.segment(c.e, c.h, None, c.active_S, length, freeze=False)
+        out = head(c.e, h)
+        stop_S, score_S, pstate = exit_check(policy, out, c.policy_state, c.e, num_exits, c.active_S)
+        return BufferCarry(e=c.e + 1, h=h, row_S=c.row_S, active_S=c.active_S & ~stop_S,
+                           exit_S=jnp.where(stop_S, c.e, c.exit_S), out=where_rows(stop_S, out, c.out),
+                           score_S=jnp.where(stop_S, score_S, c.score_S), policy_state=pstate)
     return body
+
+
+def _flush(res: RowResults, c: BufferCarry) -> RowResults:
+    """Write the results of the buffer rows that stopped to their batch rows (rows still running are dropped)."""
+    batch, size = res.exit_B.shape[0], c.row_S.shape[0]
+    dest_S = jnp.where(c.active_S, batch + jnp.arange(size, dtype=jnp.int32), c.row_S)   # unique; out of range
+    put = lambda full, part: full.at[dest_S].set(part.astype(full.dtype), mode="drop",  # noqa: E731
+                                                 unique_indices=True)
+    return RowResults(exit_B=put(res.exit_B, c.exit_S), out=jax.tree.map(put, res.out, c.out),
+                      score_B=put(res.score_B, c.score_S), policy_state=jax.tree.map(put, res.policy_state,
+                                                                                     c.policy_state))
+
+
+def _compact(c: BufferCarry, size: int) -> BufferCarry:
+    """The buffer's active rows first (in order), then the stopped ones, cut to ``size`` rows (>= the active
+    count). A stable partition by a cumulative sum and one scatter of indices: no sort."""
+    act_S = c.active_S.astype(jnp.int32)
+    count = jnp.sum(act_S)
+    dest_S = jnp.where(c.active_S, jnp.cumsum(act_S) - 1, count + jnp.cumsum(1 - act_S) - 1)
+    src_S = jnp.zeros_like(dest_S).at[dest_S].set(jnp.arange(dest_S.shape[0], dtype=jnp.int32),
+                                                  unique_indices=True)[:size]
+    take = lambda x: x.at[src_S].get(unique_indices=True, mode="promise_in_bounds")  # noqa: E731
+    rows = jax.tree.map(take, c._replace(e=None))
+    return rows._replace(e=c.e)
+
+
+def _cascade_loops(r: _Runner, head, policy, num_exits, sizes, runs, c: BufferCarry, res: RowResults):
+    sizes = sorted(sizes, reverse=True)     # the full batch first
+    for k, size in enumerate(sizes):
+        nxt = sizes[k + 1] if k + 1 < len(sizes) else 0
+        if k > 0:
+            res = _flush(res, c)
+            c = _compact(c, size)
+        rk = r
+        if r.program.row_sub_SxB is not None:      # a per-row program follows its rows into the buffer
+            rk = r._replace(program=r.program._replace(
+                row_sub_SxB=jnp.take(jnp.asarray(r.program.row_sub_SxB), c.row_S, axis=1)))
+        for run_ in runs:    # loops of runs already passed (or of a bucket already too big) run no iteration
+            c = jax.lax.while_loop(
+                lambda c, end=run_.end, nxt=nxt: (c.e < end) & (jnp.sum(c.active_S.astype(jnp.int32)) > nxt),
+                _cascade_body(rk, head, policy, num_exits, run_.length), c)
+    return _flush(res, c), c.e
+
+
+def _switch_head(heads, e, h):
+    return heads[0](h) if len(heads) == 1 else jax.lax.switch(e, list(heads), h)
 
 
 def _compacted_body(r: _Runner, heads, policy, num_exits, sizes_K):
@@ -415,45 +689,121 @@ def _compacted_body(r: _Runner, heads, policy, num_exits, sizes_K):
     return body
 
 
-def run(layers: nnx.Module, heads: Sequence[Callable], h0, program: Program, policy=None, executor=Masked(), *,
-        layer_fn: LayerFn = call_layer, aux=None) -> DynamicOutputs:
-    """Run ``program`` over the stacked ``layers`` from ``h0``, exiting per row as ``policy`` decides, the rows
-    laid out as ``executor`` says. ``heads``: one callable per exit (``h -> head output``), picked by
-    ``lax.switch``, so only the exit being evaluated runs.
+# ------------------------------------------------------------------------------------------------ input checks
 
-    ``policy=None`` is the static path: every step runs (a ``fori_loop``, no early stop) and only the last head is
-    evaluated; ``exit_B`` is then the last exit for every row. Executors other than Masked and Compacted wrap this
-    function (``eejax.exits.paths``, ``eejax.exits.continuous``).
+
+def check_h0(h0) -> int:
+    """``h0``: an array, or a pytree of arrays, each with the same non-empty leading batch axis; returns B."""
+    leaves = jax.tree.leaves(h0)
+    if not leaves or not all(hasattr(x, "shape") and hasattr(x, "dtype") for x in leaves):
+        raise ValueError(f"h0 must be an array (or a pytree of arrays) with a leading batch axis; got "
+                         f"{type(h0).__name__}{'' if leaves else ' with no arrays'} (convert lists with jnp.asarray)")
+    batches = {x.shape[0] if x.ndim else None for x in leaves}
+    if len(batches) != 1 or None in batches:
+        raise ValueError(f"h0's arrays must share one leading batch axis; got shapes {[x.shape for x in leaves]}")
+    batch = batches.pop()
+    if batch == 0:
+        raise ValueError("h0 has an empty batch (0 rows); run at least one row")
+    return batch
+
+
+def check_program(program: Program, num_layers: int) -> None:
+    """A program names only stored layers, and its exits sit after steps it has (checked when concrete)."""
+    if not isinstance(program, Program):
+        raise ValueError(f"program must be an engine.Program (engine.prefix / sequence / repeat ...); got "
+                         f"{type(program).__name__}")
+    if checks.is_concrete(program.layer_S):
+        layer_S = np.asarray(program.layer_S)
+        bad = sorted({int(l) for l in layer_S.reshape(-1) if not 0 <= l < num_layers})
+        if bad:
+            raise ValueError(f"program runs stored layers {bad}, but the layers hold {num_layers} (0..{num_layers - 1}"
+                             f"); build the program for {num_layers} layers (e.g. engine.prefix({num_layers}, ...))")
+    if checks.is_concrete(program.exit_step_E):
+        check_exit_steps(np.asarray(program.exit_step_E).tolist(), int(np.asarray(program.exit_step_E)[-1]) + 1)
+        if int(np.asarray(program.exit_step_E)[-1]) >= program.num_steps:
+            raise ValueError(f"program exits after step {int(np.asarray(program.exit_step_E)[-1])} but has "
+                             f"{program.num_steps} steps")
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def run(layers: nnx.Module, heads: Sequence[Callable] | IndexedHeads, h0, program: Program, policy=None,
+        executor=Masked(), *, layer_fn: LayerFn = call_layer, aux=None,
+        fields: Sequence[str] | None = None) -> DynamicOutputs:
+    """Run ``program`` over the stacked ``layers`` from ``h0``, exiting per row as ``policy`` decides, the rows
+    laid out as ``executor`` says. ``heads``: one callable per exit (``h -> head output``), or an
+    :class:`IndexedHeads`; the loops call them as ``head_program`` says (stacked when they share a structure,
+    else a switch), so only the exit being evaluated runs.
+
+    ``fields``: the ``HeadOut`` fields the caller reads from ``out`` (default: all). Fields that neither the
+    caller nor the policy (its ``reads``) needs come back as None and cost no work.
+
+    ``policy=None`` is the static path: every step runs (a loop of known trip count for static programs, no early
+    stop) and only the last head is evaluated; ``exit_B`` is then the last exit for every row. Executors other
+    than Masked, BucketCascade and Compacted wrap this function (``eejax.exits.paths``, ``eejax.exits.continuous``).
     """
-    num_exits = program.num_exits
+    num_exits = program.num_exits if isinstance(program, Program) else None
+    check_program(program, num_layers_of(layers))
     if len(heads) != num_exits:
         raise ValueError(f"{len(heads)} heads for a program with {num_exits} exits")
+    batch = check_h0(h0)
+    if policy is not None and hasattr(policy, "check"):
+        policy.check(num_exits, batch)
     if hasattr(executor, "run"):                 # executors defined outside this module
-        return executor.run(layers, heads, h0, program, policy, layer_fn=layer_fn, aux=aux)
+        return executor.run(layers, heads, h0, program, policy, layer_fn=layer_fn, aux=aux, fields=fields)
     r = _runner(layers, program, layer_fn, aux is not None)
     zero_B = zeros_from(h0)
     last = jnp.asarray(num_exits - 1, jnp.int32)
+    ends = jnp.asarray(program.exit_step_E)
     if policy is None:
         ones = zero_B == 0
-        end = jnp.asarray(program.exit_step_E)[-1]
-        h, aux = jax.lax.fori_loop(0, end + 1, lambda s, c: r.step(s, *c, ones), (h0, aux))
+        end = ends[-1]
+        h, aux = jax.lax.fori_loop(0, end + 1, lambda s, c: r.step(s, *c, ones, freeze=False), (h0, aux))
         return DynamicOutputs(out=heads[-1](h), exit_B=zero_B + last, exit_layer_B=zero_B + end,
                               score_B=zero_B.astype(jnp.float32), layers_run=end + 1, h=h, aux=aux)
 
-    probe = jax.eval_shape(heads[0], h0)
-    if isinstance(executor, Masked):
-        body = _masked_body(r, heads, policy, num_exits, executor.keep_running)
-        keep = executor.keep_running
-    elif isinstance(executor, Compacted):
-        if aux is not None:
-            raise ValueError("the compacted executor gathers rows; it cannot carry an aux state (use Masked)")
-        body = _compacted_body(r, heads, policy, num_exits, check_buckets(executor.buckets, _batch(h0)))
-        keep = False
-    else:
+    if isinstance(executor, Compacted):
+        return _run_compacted(r, heads, h0, program, policy, executor, aux, zero_B)
+    if not isinstance(executor, (Masked, BucketCascade)):
         raise TypeError(f"unknown executor {executor!r}")
+    apply, _ = head_program(heads)
+    keep = _fields_kept(policy, fields)
+    head = lambda e, h: _project(apply(e, h), keep)  # noqa: E731
+    probe = jax.eval_shape(lambda h: head(jnp.int32(0), h), h0)
+    zeros_out = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype) + mask_like(zero_B, a).astype(a.dtype), probe)
+    pstate0 = policy.init(probe, zero_B, h0)
+    runs = exit_runs(program)
+    if isinstance(executor, Masked):
+        init = LoopCarry(e=jnp.int32(0), h=h0, aux=aux, active_B=zero_B == 0, exit_B=zero_B, out=zeros_out,
+                         score_B=zero_B.astype(jnp.float32), policy_state=pstate0)
+        final = _masked_loops(r, head, policy, num_exits, executor.keep_running, runs, init)
+        return DynamicOutputs(out=final.out, exit_B=final.exit_B, exit_layer_B=ends[final.exit_B],
+                              score_B=final.score_B, layers_run=ends[final.e - 1] + 1, h=final.h, aux=final.aux,
+                              policy_state=final.policy_state)
+    if aux is not None:
+        raise ValueError("the cascade executor moves rows between buffers; it cannot carry an aux state (use "
+                         "Masked)")
+    init = BufferCarry(e=jnp.int32(0), h=h0, row_S=zero_B + jnp.arange(batch, dtype=jnp.int32),
+                       active_S=zero_B == 0, exit_S=zero_B, out=zeros_out, score_S=zero_B.astype(jnp.float32),
+                       policy_state=pstate0)
+    res0 = RowResults(exit_B=zero_B, out=zeros_out, score_B=zero_B.astype(jnp.float32), policy_state=pstate0)
+    res, e = _cascade_loops(r, head, policy, num_exits, check_buckets(executor.buckets, batch), runs, init, res0)
+    return DynamicOutputs(out=res.out, exit_B=res.exit_B, exit_layer_B=ends[res.exit_B], score_B=res.score_B,
+                          layers_run=ends[e - 1] + 1, policy_state=res.policy_state)
+
+
+def _run_compacted(r: _Runner, heads, h0, program, policy, executor: Compacted, aux, zero_B) -> DynamicOutputs:
+    """The baseline compacted executor (see :class:`Compacted`), unchanged from its first version."""
+    num_exits = program.num_exits
+    if aux is not None:
+        raise ValueError("the compacted executor gathers rows; it cannot carry an aux state (use Masked)")
+    heads = list(heads)
+    probe = jax.eval_shape(heads[0], h0)
+    body = _compacted_body(r, heads, policy, num_exits, check_buckets(executor.buckets, _batch(h0)))
 
     def cond(c: LoopCarry):
-        return (c.e < num_exits) & (jnp.any(c.active_B) | keep)
+        return (c.e < num_exits) & jnp.any(c.active_B)
 
     init = LoopCarry(
         e=jnp.int32(0), h=h0, aux=aux, active_B=zero_B == 0, exit_B=zero_B,
@@ -466,13 +816,74 @@ def run(layers: nnx.Module, heads: Sequence[Callable], h0, program: Program, pol
                           policy_state=final.policy_state)
 
 
+# ------------------------------------------------------------------------------------------------ simulation
+
+
+class Simulated(NamedTuple):
+    """What ``simulate`` says each row would do on the engine."""
+
+    exit_B: jax.Array      # exit index taken (0..E-1)
+    score_B: jax.Array     # the policy's score at the exit taken
+    policy_state: Any      # the policy's final state
+
+
+def simulate(policy, outputs, *, h0=None) -> Simulated:
+    """THE stop rule (``exit_check``) run offline over every exit's outputs computed ahead: the exit each row
+    would take on the engine with ``policy``, the engine's own decisions (tested against it for every policy kind).
+
+    ``outputs``: the scan path's ``ExitOutputs`` / ``StackedExits``, any head-output pytree whose leaves carry a
+    leading exit axis E (``E x B x ...``), or cached scores ``score_ExB`` (an array; use a policy that reads
+    :class:`Scores`, e.g. ``policies.score_threshold``). ``h0``: the loop's input, for policies that read it
+    (``router``, ``saturation(first=...)``). Scores are compared in float32, as on the engine.
+    """
+    if isinstance(outputs, ExitOutputs):
+        outputs = HeadOut(*outputs[:4])
+    elif isinstance(outputs, StackedExits):
+        outputs = outputs.out
+    elif not isinstance(outputs, tuple) and not isinstance(outputs, dict):
+        outputs = Scores(jnp.asarray(outputs, jnp.float32))
+    leaves = jax.tree.leaves(outputs)
+    if not leaves or any(np.ndim(x) < 2 for x in leaves):
+        raise ValueError("outputs must be stacked per exit: every leaf E x B x ... (scores: score_ExB)")
+    num_exits, batch = np.shape(leaves[0])[:2]
+    if batch == 0:
+        raise ValueError("outputs hold an empty batch (0 rows)")
+    if hasattr(policy, "check"):
+        policy.check(num_exits, batch)
+    at = lambda e: jax.tree.map(lambda x: jnp.asarray(x)[e], outputs)  # noqa: E731
+    zero_B = jnp.zeros((batch,), jnp.int32)
+    state = policy.init(at(0), zero_B, h0)
+    active_B, exit_B, score_B = zero_B == 0, zero_B + num_exits - 1, zero_B.astype(jnp.float32)
+    for e in range(num_exits):
+        stop_B, s_B, state = exit_check(policy, at(e), state, e, num_exits, active_B)
+        exit_B = jnp.where(stop_B & active_B, e, exit_B)
+        score_B = jnp.where(stop_B & active_B, s_B, score_B)
+        active_B = active_B & ~stop_B
+    return Simulated(exit_B, score_B, state)
+
+
 # ------------------------------------------------------------------------------------------------ scan path
 
 
 def run_layers(layers: nnx.Module, h0, *, layer_fn: LayerFn = call_layer, layer_mask_NxB: jax.Array | None = None,
-               program: Program | None = None, remat: bool = False):
+               program: Program | None = None, remat: bool | str = False, readout: Callable | None = None,
+               residual_dtype=None):
     """``lax.scan`` over the program's steps (default: every stored layer once, in order); returns the last hidden
-    state and every step's output (leading S). ``layer_mask_NxB``: row b runs step s iff set (a per-row program)."""
+    state and every step's output (leading S). ``layer_mask_NxB``: row b runs step s iff set (a per-row program).
+
+    Training-path options (issue 20: ViT-B/16 with 12 exits stored ~24.7 GB of per-layer residuals per step):
+
+    * ``remat``: what each step keeps for the backward pass (``remat_policy``): ``"none"`` / ``False`` (every
+      intermediate), ``"full"`` / ``True`` (only the step's input; everything recomputed), ``"dots_saveable"``
+      (``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``: the projection GEMM outputs are kept, norms,
+      activations and the attention core recomputed).
+    * ``readout(h) -> pytree``: what the scan stacks per step instead of the whole ``h`` (e.g. the CLS token and the
+      token mean, ``B x D`` each, for heads that read nothing else); the stacked output and its cotangent shrink
+      from ``S x B x T x D`` to the readout's size.
+    * ``residual_dtype``: the residual stream's dtype: ``h0`` and every step's output are cast to it (e.g.
+      ``jnp.bfloat16`` with bf16 layers: without it, a float32 ``h0`` keeps the stream and its saved residuals in
+      float32). ``None``: ``h0``'s dtype, untouched.
+    """
     layer_def, stacked = nnx.split(layers)
     n = num_layers_of(layers)
     program = prefix(n, [n - 1]) if program is None else program
@@ -480,36 +891,67 @@ def run_layers(layers: nnx.Module, h0, *, layer_fn: LayerFn = call_layer, layer_
     batch = _batch(h0)
     if layer_mask_NxB is not None:
         program = program._replace(row_sub_SxB=jnp.where(layer_mask_NxB, FULL, 0).astype(jnp.int32))
+    if residual_dtype is not None:
+        h0 = _cast_floats(h0, residual_dtype)
+    emit = (lambda h: h) if readout is None else readout
 
     def body(h, s):
         r = _Runner(layer_def, stacked, program, layer_fn, False)
-        h, _ = r.step(s, h, None, jnp.ones((batch,), bool))
-        return h, h
+        h_new, _ = r.step(s, h, None, jnp.ones((batch,), bool))
+        if residual_dtype is not None:
+            h_new = _cast_floats(h_new, residual_dtype)
+        return h_new, emit(h_new)
 
-    if remat:
-        body = jax.checkpoint(body)
-    return jax.lax.scan(body, h0, jnp.arange(steps))
+    return jax.lax.scan(remat_step(body, remat), h0, jnp.arange(steps))
 
 
 def scan_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], HeadOut]], h0,
                exit_layers: Sequence[int] | None = None, *, program: Program | None = None,
                layer_fn: LayerFn = call_layer, layer_mask_NxB: jax.Array | None = None,
-               remat: bool = False) -> ExitOutputs | StackedExits:
-    """Training path: every step under ``lax.scan``; every exit head sees its step's output. Heads returning a
-    ``HeadOut`` give ``ExitOutputs``; other heads give ``StackedExits``."""
+               remat: bool | str = False, readout: Callable | None = None,
+               residual_dtype=None) -> ExitOutputs | StackedExits:
+    """Training path: every step under ``lax.scan``; every exit head sees its step's output (``readout(h)`` of
+    it when given: the heads must then read that, see ``run_layers``). Heads returning a ``HeadOut`` give
+    ``ExitOutputs``; other heads give ``StackedExits``. ``remat`` and ``residual_dtype``: see ``run_layers``."""
     if program is None:
         check_exits(layers, heads, exit_layers)
         program = prefix(num_layers_of(layers), exit_layers)
     exit_steps = [int(s) for s in np.asarray(program.exit_step_E)]
     if len(heads) != len(exit_steps):
         raise ValueError(f"{len(heads)} heads for {len(exit_steps)} exits")
-    h_last, h_Sx = run_layers(layers, h0, layer_fn=layer_fn, layer_mask_NxB=layer_mask_NxB, program=program,
-                              remat=remat)
-    outs = [head(jax.tree.map(lambda x: x[s], h_Sx)) for head, s in zip(heads, exit_steps)]
+    h_last, y_Sx = run_layers(layers, h0, layer_fn=layer_fn, layer_mask_NxB=layer_mask_NxB, program=program,
+                              remat=remat, readout=readout, residual_dtype=residual_dtype)
+    outs = [head(jax.tree.map(lambda x: x[s], y_Sx)) for head, s in zip(heads, exit_steps)]
     stacked_out = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
     if isinstance(outs[0], HeadOut):
         return ExitOutputs(*stacked_out, h_last=h_last)
     return StackedExits(stacked_out, h_last)
+
+
+REMAT_POLICIES = ("none", "full", "dots_saveable")
+
+
+def remat_policy(remat: bool | str) -> str:
+    """The policy name of a ``remat`` argument: ``False`` is ``"none"``, ``True`` is ``"full"``."""
+    if not isinstance(remat, str):
+        return "full" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}: use True / False or one of {REMAT_POLICIES}")
+    return remat
+
+
+def remat_step(body: Callable, remat: bool | str) -> Callable:
+    """``body`` under ``jax.checkpoint`` with the named policy (``remat_policy``); unchanged for ``"none"``."""
+    name = remat_policy(remat)
+    if name == "none":
+        return body
+    if name == "full":
+        return jax.checkpoint(body)
+    return jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
+def _cast_floats(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 # ------------------------------------------------------------------------------------------------ shortcuts
@@ -524,15 +966,6 @@ def while_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], HeadOu
     check_exits(layers, heads, exit_layers)
     return run(layers, heads, h0, prefix(num_layers_of(layers), exit_layers),
                policies.threshold(measure, threshold, len(exit_layers)), executor, layer_fn=layer_fn)
-
-
-def exits_from_scores(score_ExB: jax.Array, threshold) -> jax.Array:
-    """The exit each sample would take given every exit's score (the scan path's view of the while-loop policy)."""
-    num_exits = score_ExB.shape[0]
-    thr_E = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), (num_exits,))
-    fire_ExB = score_ExB >= thr_E[:, None]
-    fire_ExB = fire_ExB.at[-1].set(True)
-    return jnp.argmax(fire_ExB, axis=0)
 
 
 def scores_from_outputs(outs: ExitOutputs, measure: conf_lib.Measure = conf_lib.max_softmax) -> jax.Array:
@@ -552,8 +985,10 @@ def take_exit(x_ExB_: jax.Array, exit_B: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x_ExB_, exit_B.reshape((1, -1) + (1,) * (x_ExB_.ndim - 2)), axis=0)[0]
 
 
-__all__ = ["ATTN", "MLP", "FULL", "HeadOut", "ExitOutputs", "StackedExits", "DynamicOutputs", "StepCtx", "Program", "LoopCarry",
-           "Masked", "Compacted", "call_layer", "prefix", "sequence", "repeat", "row_skip", "mlp_skip",
-           "check_exit_steps", "exit_layers_from", "check_exits", "num_layers_of", "where_rows", "mask_like",
-           "zeros_from", "exit_check", "default_buckets", "check_buckets", "run", "run_layers", "scan_exits",
-           "while_exits", "exits_from_scores", "scores_from_outputs", "take_exit"]
+__all__ = ["ATTN", "MLP", "FULL", "HeadOut", "ExitOutputs", "StackedExits", "DynamicOutputs", "StepCtx", "Program",
+           "LoopCarry", "BufferCarry", "RowResults", "Masked", "BucketCascade", "Compacted", "ExitRun", "exit_runs",
+           "Scores", "IndexedHeads", "stack_heads", "head_program", "HEAD_KINDS", "call_layer", "prefix", "sequence",
+           "repeat", "row_skip", "mlp_skip", "check_exit_steps", "exit_layers_from", "check_exits", "check_h0",
+           "check_program", "num_layers_of", "where_rows", "mask_like", "zeros_from", "exit_check", "default_buckets",
+           "check_buckets", "run", "Simulated", "simulate", "run_layers", "scan_exits", "while_exits",
+           "scores_from_outputs", "take_exit"]

@@ -101,6 +101,34 @@ class HloProfile:
         trips = tuple(float(t) for t in np.atleast_1d(trips))
         return self._cost(self.entry, trips, 0, {}) / per
 
+    def top_unknown_whiles(self) -> int:
+        """Data-dependent ``while`` loops that no other data-dependent loop encloses (static count)."""
+        def count(comp, seen):
+            if comp in seen:
+                return 0
+            seen.add(comp)
+            n = 0
+            for ins in self.computations.get(comp, ()):
+                if ins.op == "while" and not _TRIP.search(ins.attrs):
+                    n += 1
+                elif ins.op == "while":
+                    n += count(_attr(ins.attrs, "body"), seen) + count(_attr(ins.attrs, "condition"), seen)
+                else:
+                    n += sum(count(c, seen) for c in ins.calls)
+            return n
+        return count(self.entry, set())
+
+    def stops_per_call(self, decisions: float, inner: float = 1) -> float:
+        """Host stops of one call whose outermost data-dependent loops run ``decisions`` iterations *in all*: loops
+        that share one counter, such as the engine's loops over exits (one per run of equal segments and per
+        bucket, each picking up where the previous stopped). Each has its own entry stop; every iteration costs
+        the mean per-iteration cost of those loops; deeper data-dependent loops run ``inner`` iterations."""
+        loops = self.top_unknown_whiles()
+        fixed = self.host_stops(trips=(0, inner))
+        if not loops:
+            return fixed
+        return fixed + decisions * (self.host_stops(trips=(1, inner)) - fixed) / loops
+
     def _walk(self):
         """Every instruction reachable from the entry, with the product of known trip counts around it (unknown
         loops count once)."""

@@ -31,7 +31,9 @@ def cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array) -> jax.Array:
 
 
 def exit_weights(exit_layers: Sequence[int], kind: str = "uniform", gamma: float = 2.0) -> np.ndarray:
-    """Per-exit loss weights summing to 1: ``uniform``, ``linear`` (proportional to depth) or ``geometric``."""
+    """Per-exit loss weights summing to 1: ``uniform``, ``linear`` (proportional to depth), ``geometric``, or
+    ``decaying`` (falling linearly with the exit's position, E for the first of E exits down to 1 for the last:
+    DYNAMAX, arXiv:2504.20922, weights its exit classifiers' losses so)."""
     depth = np.asarray(exit_layers, np.float64) + 1
     if kind == "uniform":
         w = np.ones_like(depth)
@@ -39,8 +41,10 @@ def exit_weights(exit_layers: Sequence[int], kind: str = "uniform", gamma: float
         w = depth
     elif kind == "geometric":
         w = gamma ** np.arange(len(depth), dtype=np.float64)
+    elif kind == "decaying":
+        w = np.arange(len(depth), 0, -1, dtype=np.float64)
     else:
-        raise ValueError(f"unknown exit weighting {kind!r}; choose from uniform, linear, geometric")
+        raise ValueError(f"unknown exit weighting {kind!r}; choose from uniform, linear, geometric, decaying")
     return w / w.sum()
 
 

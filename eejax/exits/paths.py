@@ -1,9 +1,10 @@
 """Executors that wrap the engine's loop: per-device (``Sharded``) and the Pallas MLP kernel (``GatedKernel``), and
-the ``compacted_exits`` / ``sharded_exits`` shortcuts. Each returns what ``engine.run`` returns and agrees with the
-masked executor row for row (same exit, same outputs; tested).
+the ``cascade_exits`` / ``sharded_exits`` shortcuts (``compacted_exits``: the baseline ``engine.Compacted``, for
+benchmarks). Each returns what ``engine.run`` returns and agrees with the masked executor row for row (same exit,
+same outputs; tested).
 
 * ``Sharded(mesh, inner)``: ``jax.shard_map`` over a 1-D data mesh with replicated weights; each device runs the
-  engine's loop (``inner``: Masked or Compacted) on its own rows, so its loop stops when *its* rows are done. Under
+  engine's loop (``inner``: Masked or BucketCascade) on its own rows, so its loop stops when *its* rows are done. Under
   plain ``jit`` with a sharded batch the loop condition is a global ``any`` and every device runs the deepest row's
   depth. The loop body has no collectives; ``layers_run`` comes back per device.
 * ``GatedKernel()``: the masked loop on layers of ``eejax.nn.Block``, with each layer's MLP half run by the gated
@@ -38,7 +39,7 @@ class Sharded(NamedTuple):
     inner: object = engine.Masked()
     axis_name: str = "data"
 
-    def run(self, layers, heads, h0, program, policy, *, layer_fn, aux):
+    def run(self, layers, heads, h0, program, policy, *, layer_fn, aux, fields=None):
         ndev = self.mesh.shape[self.axis_name]
         batch = jax.tree.leaves(h0)[0].shape[0]
         if batch % ndev:
@@ -57,14 +58,14 @@ class Sharded(NamedTuple):
             layers_l, heads_l = nnx.merge(graphdef, state)
             pol = policies.fixed_exit(exit_local) if per_row else policy
             out = engine.run(layers_l, list(heads_l) if module_heads else heads, h0_local, program, pol,
-                             self.inner, layer_fn=layer_fn)
+                             self.inner, layer_fn=layer_fn, fields=fields)
             # The policy's state stays on the device (its leaves need not have a row axis to shard).
             return out._replace(layers_run=jnp.reshape(out.layers_run, (1,)), policy_state=None)
 
         # check_vma=True holds: the loop carries derive from the sharded rows (engine.zeros_from), the weights stay
         # invariant and nothing in the body communicates.
         spec = engine.DynamicOutputs(out=rows, exit_B=rows, exit_layer_B=rows, score_B=rows, layers_run=rows,
-                                     h=rows, aux=None)
+                                     h=None if isinstance(self.inner, engine.BucketCascade) else rows, aux=None)
         return jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), rows, rows), out_specs=spec)(state, h0,
                                                                                                     exit_B)
 
@@ -75,7 +76,7 @@ class GatedKernel(NamedTuple):
 
     block_rows: int = 32
 
-    def run(self, layers, heads, h0, program, policy, *, layer_fn, aux):
+    def run(self, layers, heads, h0, program, policy, *, layer_fn, aux, fields=None):
         if not isinstance(layers, Block) or layer_fn is not engine.call_layer:
             raise TypeError("GatedKernel runs stacked eejax.nn.Block layers with the default layer_fn; got "
                             f"{type(layers).__name__}")
@@ -96,14 +97,25 @@ class GatedKernel(NamedTuple):
                                residual_NxD=h_BxTxD.reshape(b * t, d), block_rows=block_rows)
             return y.reshape(b, t, d)
 
-        return engine.run(layers, heads, h0, program, policy, engine.Masked(), layer_fn=kernel_layer, aux=aux)
+        return engine.run(layers, heads, h0, program, policy, engine.Masked(), layer_fn=kernel_layer, aux=aux,
+                          fields=fields)
+
+
+def cascade_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], engine.HeadOut]], h0: jax.Array,
+                  exit_layers: Sequence[int], threshold, *, measure: conf_lib.Measure = conf_lib.max_softmax,
+                  layer_fn: engine.LayerFn = engine.call_layer,
+                  buckets: Sequence[int] | None = None) -> engine.DynamicOutputs:
+    """Prefix exit with a confidence threshold on the cascade executor (``engine.BucketCascade(buckets)``)."""
+    return engine.while_exits(layers, heads, h0, exit_layers, threshold, measure=measure, layer_fn=layer_fn,
+                              executor=engine.BucketCascade(None if buckets is None else tuple(buckets)))
 
 
 def compacted_exits(layers: nnx.Module, heads: Sequence[Callable[[jax.Array], engine.HeadOut]], h0: jax.Array,
                     exit_layers: Sequence[int], threshold, *, measure: conf_lib.Measure = conf_lib.max_softmax,
                     layer_fn: engine.LayerFn = engine.call_layer,
                     buckets: Sequence[int] | None = None) -> engine.DynamicOutputs:
-    """Prefix exit with a confidence threshold on the compacted executor (``engine.Compacted(buckets)``)."""
+    """Prefix exit with a confidence threshold on the BASELINE compacted executor (``engine.Compacted(buckets)``),
+    for side-by-side benchmarks against ``cascade_exits``."""
     return engine.while_exits(layers, heads, h0, exit_layers, threshold, measure=measure, layer_fn=layer_fn,
                               executor=engine.Compacted(None if buckets is None else tuple(buckets)))
 
@@ -119,4 +131,4 @@ def sharded_exits(mesh: Mesh, layers: nnx.Module, heads: Sequence[nnx.Module], h
                       Sharded(mesh, inner, axis_name), layer_fn=layer_fn)
 
 
-__all__ = ["Sharded", "GatedKernel", "default_buckets", "compacted_exits", "sharded_exits"]
+__all__ = ["Sharded", "GatedKernel", "default_buckets", "cascade_exits", "compacted_exits", "sharded_exits"]

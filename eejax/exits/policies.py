@@ -29,6 +29,13 @@ the last, and a stopped row keeps its state. States carry a leading batch axis.
   compute cap); the first exit has nothing to agree with and never fires below the cap.
 * ``shadow(num_exits)``: never stops a row before the last exit and records every exit's greedy token at every
   position (``B x E x T``): DEL's "shadow tokens" (Zarch et al., arXiv:2504.05598), read from a verify pass.
+* ``score_threshold(thr)``: a threshold on scores computed ahead (``engine.Scores``): ``engine.simulate`` over
+  cached scores (budgeted curves, threshold sweeps) with the engine's own stop rule.
+
+Every policy also says which head-output fields it reads (``reads``; the engine computes no others unless the
+caller asks for them) and checks itself against the program it runs on (``check(num_exits, batch)``: per-exit
+values for that many exits, exit indices in range), so that a policy built for another program is a ValueError
+naming the argument instead of an index that JAX clamps.
 """
 from __future__ import annotations
 
@@ -42,9 +49,34 @@ from eejax import checks
 from eejax.exits import confidence as conf_lib
 
 
+def _check_per_exit(name: str, arr, num_exits: int) -> None:
+    if np.shape(arr)[:1] != (num_exits,):
+        raise ValueError(f"the policy's {name} hold {np.shape(arr)[0] if np.ndim(arr) else 1} values (one per exit) "
+                         f"but the program has {num_exits} exits; build the policy for {num_exits} exits")
+
+
+def _check_exit_index(name: str, exit_B, num_exits: int, batch: int) -> None:
+    shape = np.shape(exit_B)
+    if shape not in ((), (batch,)):
+        raise ValueError(f"{name} has shape {shape}; want one exit index for every row, shape () or ({batch},)")
+    if checks.is_concrete(exit_B) and np.size(exit_B):
+        e = np.asarray(exit_B)
+        if not np.issubdtype(e.dtype, np.integer):
+            raise ValueError(f"{name} must hold integer exit indices, got dtype {e.dtype}")
+        if e.min() < 0 or e.max() >= num_exits:
+            raise ValueError(f"{name} holds exits in [{e.min()}, {e.max()}]; the program has exits 0..{num_exits - 1}")
+
+
 class Threshold(NamedTuple):
     measure: conf_lib.Measure
     thr_E: jax.Array
+
+    @property
+    def reads(self):
+        return getattr(self.measure, "reads", None)
+
+    def check(self, num_exits: int, batch: int) -> None:
+        _check_per_exit("thresholds", self.thr_E, num_exits)
 
     def init(self, probe, zero_B, h0=None):
         return conf_lib.init_state(probe, zero_B)
@@ -65,6 +97,10 @@ class BatchMean(Threshold):
 
 class FixedExit(NamedTuple):
     exit_B: jax.Array
+    reads = ()
+
+    def check(self, num_exits: int, batch: int) -> None:
+        _check_exit_index("fixed_exit's exit_B", self.exit_B, num_exits, batch)
 
     def init(self, probe, zero_B, h0=None):
         return zero_B + jnp.asarray(self.exit_B, jnp.int32)
@@ -77,6 +113,11 @@ class Shadow(NamedTuple):
     """Runs every exit; the state is each exit's argmax token per row and position (``int32[B, E, T]``, heads whose
     logits are ``B x T x V``; ``B x E x 1`` for ``B x V``)."""
     num_exits: int
+    reads = ("logits_BxC",)
+
+    def check(self, num_exits: int, batch: int) -> None:
+        if self.num_exits != num_exits:
+            raise ValueError(f"shadow(num_exits={self.num_exits}) on a program with {num_exits} exits")
 
     def init(self, probe, zero_B, h0=None):
         t = probe.logits_BxC.shape[1] if len(probe.logits_BxC.shape) == 3 else 1
@@ -91,6 +132,7 @@ class Shadow(NamedTuple):
 
 class Router(NamedTuple):
     predict: Callable[[Any], jax.Array]
+    reads = ()
 
     def init(self, probe, zero_B, h0=None):
         return zero_B + jnp.asarray(self.predict(h0), jnp.int32)
@@ -102,6 +144,10 @@ class Router(NamedTuple):
 class Saturation(NamedTuple):
     thr_E: jax.Array
     first: Callable[[Any], jax.Array] | None = None   # h0 -> float[B, D'] compared with the first exit's state
+    reads = ("hidden_BxD",)
+
+    def check(self, num_exits: int, batch: int) -> None:
+        _check_per_exit("thresholds", self.thr_E, num_exits)
 
     def init(self, probe, zero_B, h0=None):
         state = conf_lib.init_state(probe, zero_B)
@@ -122,6 +168,10 @@ class UncertaintyGate(NamedTuple):
     w_ExF: jax.Array     # gate weights per exit over the uncertainty features
     b_E: jax.Array       # gate biases
     thr_E: jax.Array     # fire when sigmoid(gate logit) >= thr_E[e]
+    reads = ("logits_BxC",)
+
+    def check(self, num_exits: int, batch: int) -> None:
+        _check_per_exit("gate weights", self.w_ExF, num_exits)
 
     def init(self, probe, zero_B, h0=None):
         return zero_B
@@ -136,6 +186,14 @@ class Window(NamedTuple):
     measure: conf_lib.Measure
     lo_E: jax.Array      # a row goes on past exit e iff lo_E[e] <= score < hi_E[e]
     hi_E: jax.Array
+
+    @property
+    def reads(self):
+        return getattr(self.measure, "reads", None)
+
+    def check(self, num_exits: int, batch: int) -> None:
+        _check_per_exit("lower edges", self.lo_E, num_exits)
+        _check_per_exit("upper edges", self.hi_E, num_exits)
 
     def init(self, probe, zero_B, h0=None):
         return conf_lib.init_state(probe, zero_B)
@@ -153,6 +211,10 @@ class AgreementState(NamedTuple):
 class Agreement(NamedTuple):
     thr_E: jax.Array       # exit e fires when the distance to exit e-1's softmax is below thr_E[e]
     max_exit: jax.Array    # int32[]: every row stops at this exit at the latest (DeeR's max_layer)
+    reads = ("logits_BxC",)
+
+    def check(self, num_exits: int, batch: int) -> None:
+        _check_per_exit("thresholds", self.thr_E, num_exits)
 
     def init(self, probe, zero_B, h0=None):
         return AgreementState(jnp.zeros(probe.logits_BxC.shape, jnp.float32) + zero_B[:, None], zero_B > 0)
@@ -169,6 +231,8 @@ class Agreement(NamedTuple):
 def thresholds(threshold, num_exits: int, measure=None) -> jax.Array:
     """A scalar or one value per exit, as ``float32[E]``; a wrong shape, NaN or (for a probability measure named
     by string) a finite value outside [0, 1] is a ValueError naming it (values are checked when concrete)."""
+    if isinstance(num_exits, bool) or not isinstance(num_exits, (int, np.integer)) or num_exits < 1:
+        raise ValueError(f"{num_exits=} must be a positive number of exits")
     prob = isinstance(measure, str) and measure in conf_lib.PROBABILITY_MEASURES
     checks.thresholds(threshold, num_exits, lo=0.0 if prob else None, hi=1.0 if prob else None)
     return jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), (num_exits,))
@@ -182,16 +246,31 @@ def threshold(measure: str | conf_lib.Measure, thr, num_exits: int) -> Threshold
     return Threshold(_measure(measure), thresholds(thr, num_exits, measure))
 
 
+def score_threshold(thr, num_exits: int) -> Threshold:
+    """A threshold on cached scores (``engine.Scores``; ``engine.simulate(policy, score_ExB)``): the offline twin
+    of ``threshold(measure, thr)``, the same stop rule."""
+    return Threshold(conf_lib.cached_score, thresholds(thr, num_exits))
+
+
 def batch_mean(measure: str | conf_lib.Measure, thr, num_exits: int) -> BatchMean:
     return BatchMean(_measure(measure), thresholds(thr, num_exits, measure))
 
 
 def fixed_exit(exit_B) -> FixedExit:
+    """Each row stops at ``exit_B`` (one index for all rows, or one per row; checked against the program when the
+    engine runs it)."""
+    exit_B = exit_B if isinstance(exit_B, jax.Array) else np.asarray(exit_B)
+    if checks.is_concrete(exit_B) and np.size(exit_B):
+        e = np.asarray(exit_B)
+        if not np.issubdtype(e.dtype, np.integer) or e.min() < 0:
+            raise ValueError(f"fixed_exit: exit_B must hold exit indices >= 0, got {e.tolist()}")
     return FixedExit(exit_B)
 
 
 def shadow(num_exits: int) -> Shadow:
-    return Shadow(num_exits)
+    if int(num_exits) < 1:
+        raise ValueError(f"{num_exits=} must be a positive number of exits")
+    return Shadow(int(num_exits))
 
 
 def router(predict: Callable[[Any], jax.Array]) -> Router:
@@ -242,5 +321,5 @@ def calm_threshold(threshold, i, tau: float, horizon: int):
 
 
 __all__ = ["Threshold", "BatchMean", "FixedExit", "Shadow", "shadow", "Router", "Saturation", "UncertaintyGate",
-           "Window", "Agreement", "AgreementState", "thresholds", "threshold", "batch_mean", "fixed_exit", "router",
-           "saturation", "uncertainty_gate", "window", "agreement", "calm_threshold"]
+           "Window", "Agreement", "AgreementState", "thresholds", "threshold", "score_threshold", "batch_mean",
+           "fixed_exit", "router", "saturation", "uncertainty_gate", "window", "agreement", "calm_threshold"]

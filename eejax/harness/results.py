@@ -7,6 +7,11 @@ directory (``StagedResults``) and moved into place together by ``commit()``. The
 (``.results-commit.json``) before its renames and removes it after, so a process killed halfway is completed by
 ``recover_results`` (called when the next StagedResults opens that directory): readers never keep a half pair.
 Results files get mode 0644.
+
+Provenance (``provenance``) is taken when a run starts: command, device, commit with a dirty flag, package versions.
+A file one run reads from ANOTHER run (a drafter, a base model, cached features) is recorded in it with its sha256
+and its producer's commit and step (``record_input``), read from the record the producer left beside the file
+(``write_artefact_record``), so every result names exactly what it was built on.
 """
 from __future__ import annotations
 
@@ -25,44 +30,152 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from eejax.errors import ResultsExistError
+from eejax.errors import ArtefactError, ResultsExistError
 
 
 class Provenance(NamedTuple):
-    """Where a result came from: printed beside every table."""
+    """Where a result came from: written into every result JSON (``_asdict()``) and printed beside every table.
+
+    ``commit`` is the short hash, ``+dirty`` appended when tracked files had uncommitted changes (``dirty`` says the
+    same as a flag); ``versions`` the packages that computed the numbers; ``inputs`` one ``InputArtefact`` per file
+    this run read from ANOTHER run (a drafter, a base model, cached features), appended by ``record_input`` while
+    the run goes, so the JSON names exactly what it was built on."""
     command: str
     device: str
     jax_version: str
     commit: str
     date: str
+    dirty: bool = False
+    versions: dict | None = None
+    inputs: list | None = None
 
     def markdown(self) -> str:
-        return (f"Command: `{self.command}`  \nHardware: {self.device}, jax {self.jax_version}  \n"
-                f"Code: commit {self.commit}, run started {self.date}")
+        lines = [f"Command: `{self.command}`", f"Hardware: {self.device}, jax {self.jax_version}",
+                 f"Code: commit {self.commit}, run started {self.date}"]
+        for a in self.inputs or ():
+            lines.append(f"Input from another run: {a.markdown()}")
+        return "  \n".join(lines)
+
+
+class InputArtefact(NamedTuple):
+    """A file (or directory) one run read from another: its sha256 and who produced it.
+
+    ``producer_*`` come from the ``<file>.provenance.json`` record the producing run wrote beside it
+    (``write_artefact_record``); a file without one gets ``"not recorded"`` there, which the result then says."""
+    path: str
+    role: str
+    sha256: str
+    producer_commit: str
+    producer_step: int | None
+    producer_command: str
+    producer_date: str
+
+    def markdown(self) -> str:
+        step = "" if self.producer_step is None else f", step {self.producer_step}"
+        return (f"{self.role} `{self.path}` (sha256 {self.sha256[:16]}, produced at commit {self.producer_commit}"
+                f"{step})")
+
+
+RECORD_SUFFIX = ".provenance.json"
+NOT_RECORDED = "not recorded"
+_VERSION_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml-collections")
+
+
+def _git(*args) -> str:
+    root = pathlib.Path(__file__).resolve().parents[2]
+    try:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def package_versions() -> dict[str, str]:
+    """Python and the versions of the packages that compute the numbers (absent ones are left out)."""
+    from importlib import metadata  # noqa: PLC0415
+
+    out = {"python": platform.python_version()}
+    for name in _VERSION_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 def provenance(module: str, argv: Sequence[str] | None = None) -> Provenance:
     """The command that reproduces this run (``python -m module argv``), the device, the git commit (``+dirty``
-    when the tree had uncommitted changes) and the UTC date. Call it when the run starts: the commit must be the
-    code that ran, even if the tree changes while it runs."""
+    and ``dirty=True`` when tracked files had uncommitted changes), the package versions and the UTC date. Call it
+    when the run starts: the commit must be the code that ran, even if the tree changes while it runs."""
     import jax  # noqa: PLC0415 (keep this module importable without initialising jax)
 
     argv = sys.argv[1:] if argv is None else argv
-    root = pathlib.Path(__file__).resolve().parents[2]
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+dirty"
+    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     return Provenance(command=" ".join(["python -m", module, *map(shlex.quote, argv)]),
                       device=device_description(),
-                      jax_version=jax.__version__, commit=commit,
-                      date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+                      jax_version=jax.__version__, commit=commit + ("+dirty" if dirty else ""),
+                      date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                      dirty=dirty, versions=package_versions(), inputs=[])
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """sha256 of a file; of a directory, the sha256 of its sorted ``relative path + NUL + file sha256`` lines (so a
+    checkpoint directory has one hash that changes when any file in it does)."""
+    import hashlib  # noqa: PLC0415
+
+    path = pathlib.Path(path)
+
+    def file_hash(p: pathlib.Path) -> str:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    if path.is_file():
+        return file_hash(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or directory to hash")
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.endswith(RECORD_SUFFIX)):
+        h.update(f"{p.relative_to(path).as_posix()}\0{file_hash(p)}\n".encode())
+    return h.hexdigest()
+
+
+def write_artefact_record(path: str | os.PathLike, prov: Provenance, *, step: int | None = None) -> pathlib.Path:
+    """Writes ``<path>.provenance.json`` beside an artefact other runs may read (a drafter's weights, cached
+    features): its sha256, the producing run's commit, command and date, and the training step it holds. Call it
+    right after the artefact is written; ``record_input`` in the reading run checks the hash against it."""
+    path = pathlib.Path(path)
+    record = path.with_name(path.name + RECORD_SUFFIX)
+    _write_atomic(record, json.dumps({"sha256": sha256_of(path), "commit": prov.commit, "step": step,
+                                      "command": prov.command, "date": prov.date}, indent=2) + "\n")
+    return record
+
+
+def record_input(prov: Provenance, path: str | os.PathLike, role: str, *,
+                 producer: dict | None = None) -> InputArtefact:
+    """Records that this run read ``path`` (produced by another run) in ``prov.inputs``: its sha256 now, and the
+    producer's commit / step / command from the record beside it. A record whose hash differs from the file's is
+    refused (the file was replaced after the producing run wrote it); a file without a record is recorded with
+    ``"not recorded"`` as its producer. ``producer`` (``commit``, ``command``, ``date``, optional ``step``) names
+    the producer when the file says it itself: a result JSON's own provenance."""
+    path = pathlib.Path(path)
+    digest = sha256_of(path)
+    record = path.with_name(path.name + RECORD_SUFFIX)
+    producer = ({"commit": NOT_RECORDED, "step": None, "command": NOT_RECORDED, "date": NOT_RECORDED}
+                if producer is None else {"step": None, **producer})
+    if record.exists():
+        producer = json.loads(record.read_text())
+        if producer.get("sha256") != digest:
+            raise ArtefactError(f"{path}: its sha256 {digest[:16]} differs from the one its producing run recorded "
+                                f"in {record.name} ({str(producer.get('sha256'))[:16]}): the file was replaced")
+    art = InputArtefact(str(path), role, digest, str(producer["commit"]), producer["step"],
+                        str(producer["command"]), str(producer["date"]))
+    if prov.inputs is None:
+        raise ValueError("prov has no inputs list: make it with results.provenance()")
+    prov.inputs.append(art)
+    return art
 
 
 def device_description() -> str:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eejax import checks
 from eejax.nn.layers import build as nn_build
 
 
@@ -30,8 +31,14 @@ class AutoencoderConfig:
     hidden: tuple[int, ...] = (128, 32)   # encoder widths; the decoder mirrors them
 
     def __post_init__(self):
-        if not self.hidden or any(int(h) < 1 for h in self.hidden):
-            raise ValueError(f"hidden={self.hidden} needs at least one positive width")
+        if not isinstance(self.image_shape, (tuple, list)) or len(self.image_shape) != 3:
+            raise ValueError(f"image_shape={self.image_shape!r} must be (height, width, channels)")
+        for i, n in enumerate(self.image_shape):
+            checks.integer(n, f"image_shape[{i}]", lo=1)
+        if not isinstance(self.hidden, (tuple, list)) or not self.hidden:
+            raise ValueError(f"hidden={self.hidden!r} needs at least one positive width")
+        for i, h in enumerate(self.hidden):
+            checks.integer(h, f"hidden[{i}]", lo=1)
 
     @property
     def pixels(self) -> int:
@@ -54,6 +61,7 @@ class ConvertingAutoencoder(nnx.Module):
         self.dense = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(d[:-1], d[1:])])
 
     def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+        checks.batch_array(x_BxHxWxC, "images")
         if x_BxHxWxC.shape[1:] != tuple(self.cfg.image_shape):
             raise ValueError(f"images of shape {x_BxHxWxC.shape[1:]}, autoencoder expects {self.cfg.image_shape}")
         h = x_BxHxWxC.reshape(x_BxHxWxC.shape[0], -1)

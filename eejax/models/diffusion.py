@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eejax import checks
 from eejax.exits import confidence as conf_lib
 from eejax.exits import costs
 from eejax.exits import engine, policies
@@ -65,6 +66,8 @@ class UViTConfig:
     num_classes: int = 10     # 0 = unconditional (no class token)
 
     def __post_init__(self):
+        checks.config_ints(self, image_size=1, channels=1, patch_size=1, d_model=1, depth=1, num_heads=1, mlp_dim=1,
+                           num_classes=0)
         if self.image_size % self.patch_size:
             raise ValueError(f"{self.image_size=} not divisible by {self.patch_size=}")
         if self.d_model % self.num_heads:
@@ -161,6 +164,8 @@ class UViT(nnx.Module):
     def embed(self, x_BxHxWxC: jax.Array, t_B: jax.Array, y_B: jax.Array | None) -> UViTCarry:
         """Tokens ``[time, (class), patches] + pos``, packed into the engine carry ``B x K x T x D``."""
         cfg = self.cfg
+        checks.batch_array(x_BxHxWxC, "images")
+        checks.batch_array(t_B, "t_B")
         want = (cfg.image_size, cfg.image_size, cfg.channels)
         if x_BxHxWxC.shape[1:] != want:
             raise ValueError(f"images of shape {x_BxHxWxC.shape[1:]}, model expects {want}")

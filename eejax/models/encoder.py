@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eejax import checks
 from eejax.exits import confidence as conf_lib
 from eejax.exits import engine, policies
 from eejax.nn.layers import build as nn_build, stacked
@@ -57,6 +58,9 @@ class EncoderConfig:
     lambda_hidden: int = 128
 
     def __post_init__(self):
+        checks.config_ints(self, vocab_size=1, max_len=1, type_vocab_size=1, d_model=1, depth=1, num_heads=1,
+                           mlp_dim=1, num_classes=2, lambda_hidden=1)
+        checks.positive_number(self.ln_eps, "ln_eps")
         if self.d_model % self.num_heads:
             raise ValueError(f"{self.d_model=} not divisible by {self.num_heads=}")
         if self.pool not in ("cls", "mean"):
@@ -197,6 +201,9 @@ class Encoder(nnx.Module):
     # ------------------------------------------------------------------------------------------------ pieces
 
     def embed(self, ids_BxT: jax.Array, mask_BxT: jax.Array, type_ids_BxT: jax.Array | None = None) -> EncState:
+        checks.batch_array(ids_BxT, "ids_BxT", ndim=2)
+        checks.batch_array(mask_BxT, "mask_BxT")
+        checks.token_ids(ids_BxT, self.cfg.vocab_size, name="ids_BxT")
         b, t = ids_BxT.shape
         if t > self.cfg.max_len:
             raise ValueError(f"sequence length {t} > max_len {self.cfg.max_len}")

@@ -19,16 +19,24 @@ Compute dtype: ``dtype=None`` (default) computes in the parameters' dtype (float
 parameters' dtype (attention logits, softmax and norm statistics stay float32). ``eejax.models.pretrained`` loads
 SmolLM2 into this model (``mlp="swiglu"``, ``norm_eps=1e-5``, ``rope_base=1e5``).
 
-Shapes: B batch, T (query) tokens, S key/cache slots, D width, H query heads, G key/value heads (GQA), K head dim,
-F MLP width, V vocabulary, N layers, E exits.
+Shapes: B batch, T (query) tokens, S key/cache slots, D width, H query heads, J key/value heads (GQA; each serves
+R = H / J query heads), K head dim, F MLP width, V vocabulary, N layers, E exits.
+
+Attention (decode-friendly, arXiv:2305.13245 for GQA): one fused projection ``qkv`` (``D -> (H + 2J) K``) gives the
+queries, keys and values in one GEMM from one RMSNorm pass, RoPE rotates queries and keys in one op, and keys /
+values come out in the KV cache's layout ``B x J x S x K`` (head-major: a layer's cache slice feeds the attention
+dots without a transpose). Attention logits are accumulated and kept in float32 whatever the compute dtype.
 
 Paths (same parameters):
 
-* ``all_exits(tokens)``: the training / teacher-forced path, ``engine.run_layers`` (a ``lax.scan``) over every
-  layer with every exit's logits. ``layer_mask_NxB`` is a per-(layer, sample) program (LayerSkip layer dropout:
-  rows are masked, never removed); ``pos_mask_NxT`` is a per-(layer, position) program (SkipDecode's schedule).
-* the layer primitives ``Block.kv`` / ``Block.attn_half`` / ``Block.mlp_half`` used by ``eejax.decoding`` for
-  KV-cached decoding on the engine (a program may run one half without the other).
+* ``hidden_states(tokens)``: every layer's output (``N x B x T x D``) of the teacher-forced path, ``engine.run_layers``
+  (a ``lax.scan``) with ``sequence_layer_fn`` (any layer program, per-row or per-position skips).
+* ``all_exits(tokens)``: ``hidden_states`` plus every exit's logits (the training path). ``layer_mask_NxB`` is a
+  per-(layer, sample) program (LayerSkip layer dropout: rows are masked, never removed); ``pos_mask_NxT`` is a
+  per-(layer, position) program (SkipDecode's schedule).
+* the layer primitives ``Block.project`` (q, k, v of one GEMM) / ``Block.kv`` / ``Block.attn_out`` /
+  ``Block.mlp_half`` used by ``eejax.decoding`` for KV-cached decoding on the engine (a program may run one half
+  without the other).
 """
 from __future__ import annotations
 
@@ -72,6 +80,11 @@ class LMConfig:
         return None if self.dtype is None else jnp.dtype(self.dtype)
 
     def __post_init__(self):
+        # Sizes first (two tokens at least: the margin measure reads the top two logits).
+        checks.config_ints(self, vocab_size=2, d_model=1, depth=1, num_heads=1, num_kv_heads=1, mlp_dim=1,
+                           exit_rank=0)
+        checks.positive_number(self.rope_base, "rope_base")
+        checks.positive_number(self.norm_eps, "norm_eps")
         if self.d_model % self.num_heads:
             raise ValueError(f"{self.d_model=} not divisible by {self.num_heads=}")
         if self.num_heads % self.num_kv_heads:
@@ -124,6 +137,23 @@ def _linear(cfg: LMConfig, d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(d_in, d_out, use_bias=False, dtype=cfg.compute_dtype, rngs=rngs)
 
 
+def _fused_qkv(cfg: LMConfig, rngs: nnx.Rngs) -> nnx.Linear:
+    """The fused ``[q | k | v]`` projection (``D -> (H + 2J) K``), initialised exactly as three separate
+    projections drawn in the order q, k, v (the same random keys and shapes), so a model built from a seed has the
+    weights it had before the fusion."""
+    d, k, h, j = cfg.d_model, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    init = nnx.initializers.lecun_normal()
+    q_key, k_key = rngs.params(), rngs.params()
+
+    def kernel_init(v_key, shape, dtype):
+        del shape
+        return jnp.concatenate([init(q_key, (d, h * k), dtype), init(k_key, (d, j * k), dtype),
+                                init(v_key, (d, j * k), dtype)], axis=1)
+
+    return nnx.Linear(d, (h + 2 * j) * k, use_bias=False, dtype=cfg.compute_dtype, kernel_init=kernel_init,
+                      rngs=rngs)
+
+
 def rope(x_BxTxHxK: jax.Array, pos_BxT: jax.Array, base: float) -> jax.Array:
     """Rotary position embedding (half-split convention, as in GPT-NeoX / LLaMA)."""
     half = x_BxTxHxK.shape[-1] // 2
@@ -134,19 +164,37 @@ def rope(x_BxTxHxK: jax.Array, pos_BxT: jax.Array, base: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxHxK.dtype)
 
 
-def gqa_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS) -> jax.Array:
-    """Grouped-query attention; query head h reads key/value head ``h // (H/G)``. Returns ``B x T x H*K``."""
+def gqa_attention(q_BxTxHxK, k_BxJxSxK, v_BxJxSxK, mask_BxTxS) -> jax.Array:
+    """Grouped-query attention over keys / values in the cache layout; query head h reads key/value head
+    ``h // (H/J)``. The logits are float32 (accumulated in float32 from any input dtype); the probabilities are
+    cast to the values' dtype for the second dot. Returns ``B x T x H*K``."""
+    return gqa_attention_blocks(q_BxTxHxK, [(k_BxJxSxK, v_BxJxSxK, mask_BxTxS)])
+
+
+def gqa_attention_blocks(q_BxTxHxK, blocks) -> jax.Array:
+    """``gqa_attention`` over several key/value blocks ``[(k_BxJxSxK, v_BxJxSxK, mask_BxTxS), ...]`` as if they
+    were concatenated along S, without concatenating them (one softmax over every block's logits): a decode step
+    attends to the cache, read only, and to its own new keys/values, which are written to the cache after the
+    step (``eejax.decoding.kv``)."""
     b, t, h, k = q_BxTxHxK.shape
-    g = k_BxSxGxK.shape[2]
-    q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, h // g, k)
-    logits = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK).astype(jnp.float32) / math.sqrt(k)
-    logits = jnp.where(mask_BxTxS[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxGxK.dtype)
-    return jnp.einsum("bgrts,bsgk->btgrk", probs, v_BxSxGxK).reshape(b, t, h * k)
+    j = blocks[0][0].shape[1]
+    q_BxTxJxRxK = q_BxTxHxK.reshape(b, t, j, h // j, k)
+    logits = [jnp.where(mask[:, None, None], jnp.einsum("btjrk,bjsk->bjrts", q_BxTxJxRxK, kb,
+                                                         preferred_element_type=jnp.float32) / math.sqrt(k),
+                        jnp.finfo(jnp.float32).min) for kb, _, mask in blocks]
+    sizes = np.cumsum([lg.shape[-1] for lg in logits])[:-1]
+    probs = jnp.split(jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1), sizes, axis=-1)
+    outs = [jnp.einsum("bjrts,bjsk->btjrk", p.astype(vb.dtype), vb) for p, (_, vb, _) in zip(probs, blocks)]
+    out = outs[0]
+    for o in outs[1:]:
+        out = out + o
+    return out.reshape(b, t, h * k)
 
 
 class Block(nnx.Module):
-    """Pre-LN (or Peri-LN) decoder block. ``kv`` and ``attend`` are the two halves used by KV-cached decoding."""
+    """Pre-LN (or Peri-LN) decoder block. ``project`` (one GEMM for q, k, v), ``attn_out`` and ``mlp_half`` are the
+    pieces KV-cached decoding composes; ``kv`` / ``attn_half`` / ``attend`` are the same with keys and values
+    given."""
 
     def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
         d, k = cfg.d_model, cfg.head_dim
@@ -154,9 +202,7 @@ class Block(nnx.Module):
         self.rope_base = cfg.rope_base
         self.peri = cfg.norm == "peri"
         self.norm1 = _norm(cfg, rngs)
-        self.q = _linear(cfg, d, cfg.num_heads * k, rngs)
-        self.k = _linear(cfg, d, cfg.num_kv_heads * k, rngs)
-        self.v = _linear(cfg, d, cfg.num_kv_heads * k, rngs)
+        self.qkv = _fused_qkv(cfg, rngs)
         self.o = _linear(cfg, cfg.num_heads * k, d, rngs)
         self.norm2 = _norm(cfg, rngs)
         self.mlp = make_mlp(cfg.mlp, d, cfg.mlp_dim, rngs=rngs, dtype=cfg.compute_dtype)
@@ -164,33 +210,52 @@ class Block(nnx.Module):
             self.post1 = _norm(cfg, rngs)
             self.post2 = _norm(cfg, rngs)
 
-    def kv(self, h_BxTxD: jax.Array, pos_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """This layer's key (rotated) and value for hidden states ``h`` (the layer's *input*) at ``pos``."""
+    def project(self, h_BxTxD: jax.Array, pos_BxT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Rotated queries ``B x T x H x K``, rotated keys and values ``B x J x T x K`` (the cache layout) of hidden
+        states ``h`` (the layer's *input*) at positions ``pos``: one norm, one GEMM, one RoPE."""
         b, t, _ = h_BxTxD.shape
-        x = self.norm1(h_BxTxD)
-        k_BxTxGxK = rope(self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim), pos_BxT, self.rope_base)
-        return k_BxTxGxK, self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        hq, j = self.num_heads, self.num_kv_heads
+        y_BxTxCxK = self.qkv(self.norm1(h_BxTxD)).reshape(b, t, hq + 2 * j, self.head_dim)
+        qk = rope(y_BxTxCxK[:, :, :hq + j], pos_BxT, self.rope_base)
+        k_BxJxTxK = qk[:, :, hq:].transpose(0, 2, 1, 3)
+        v_BxJxTxK = y_BxTxCxK[:, :, hq + j:].transpose(0, 2, 1, 3)
+        return qk[:, :, :hq], k_BxJxTxK, v_BxJxTxK
 
-    def attn_half(self, h_BxTxD, pos_BxT, k_BxSxGxK, v_BxSxGxK, mask_BxTxS) -> jax.Array:
-        """The attention half: queries ``h`` attend to the given keys/values (the cache or the sequence)."""
+    def kv(self, h_BxTxD: jax.Array, pos_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """This layer's keys (rotated) and values ``B x J x T x K`` for hidden states ``h`` at ``pos``, from the
+        key/value columns of ``qkv`` only (state propagation fills skipped layers with this: no query weights
+        read)."""
         b, t, _ = h_BxTxD.shape
-        x = self.norm1(h_BxTxD)
-        q_BxTxHxK = rope(self.q(x).reshape(b, t, self.num_heads, self.head_dim), pos_BxT, self.rope_base)
-        y = self.o(gqa_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS))
+        hq, j = self.num_heads, self.num_kv_heads
+        x, w = self.qkv.promote_dtype((self.norm1(h_BxTxD), self.qkv.kernel[...][:, hq * self.head_dim:], None),
+                                      dtype=self.qkv.dtype)[:2]
+        y_BxTxCxK = jnp.dot(x, w, precision=self.qkv.precision).reshape(b, t, 2 * j, self.head_dim)
+        k_BxJxTxK = rope(y_BxTxCxK[:, :, :j], pos_BxT, self.rope_base).transpose(0, 2, 1, 3)
+        return k_BxJxTxK, y_BxTxCxK[:, :, j:].transpose(0, 2, 1, 3)
+
+    def attn_out(self, h_BxTxD, q_BxTxHxK, k_BxJxSxK, v_BxJxSxK, mask_BxTxS, extra=()) -> jax.Array:
+        """The attention half's output for queries already projected (``project``) attending to the given keys /
+        values (the cache or the sequence) and to any ``extra`` blocks ``(k, v, mask)`` (``gqa_attention_blocks``)."""
+        y = self.o(gqa_attention_blocks(q_BxTxHxK, [(k_BxJxSxK, v_BxJxSxK, mask_BxTxS), *extra]))
         return h_BxTxD + (self.post1(y) if self.peri else y)
+
+    def attn_half(self, h_BxTxD, pos_BxT, k_BxJxSxK, v_BxJxSxK, mask_BxTxS) -> jax.Array:
+        """The attention half: queries ``h`` attend to the given keys/values (the cache or the sequence)."""
+        q_BxTxHxK = self.project(h_BxTxD, pos_BxT)[0]
+        return self.attn_out(h_BxTxD, q_BxTxHxK, k_BxJxSxK, v_BxJxSxK, mask_BxTxS)
 
     def mlp_half(self, h_BxTxD) -> jax.Array:
         """The MLP half (position-wise; no cache)."""
         y = self.mlp(self.norm2(h_BxTxD))
         return h_BxTxD + (self.post2(y) if self.peri else y)
 
-    def attend(self, h_BxTxD, pos_BxT, k_BxSxGxK, v_BxSxGxK, mask_BxTxS) -> jax.Array:
+    def attend(self, h_BxTxD, pos_BxT, k_BxJxSxK, v_BxJxSxK, mask_BxTxS) -> jax.Array:
         """The block's output for queries ``h`` attending to the given keys/values (both halves)."""
-        return self.mlp_half(self.attn_half(h_BxTxD, pos_BxT, k_BxSxGxK, v_BxSxGxK, mask_BxTxS))
+        return self.mlp_half(self.attn_half(h_BxTxD, pos_BxT, k_BxJxSxK, v_BxJxSxK, mask_BxTxS))
 
     def __call__(self, h_BxTxD, pos_BxT, mask_BxTxT) -> jax.Array:
-        k, v = self.kv(h_BxTxD, pos_BxT)
-        return self.attend(h_BxTxD, pos_BxT, k, v, mask_BxTxT)
+        q, k, v = self.project(h_BxTxD, pos_BxT)
+        return self.mlp_half(self.attn_out(h_BxTxD, q, k, v, mask_BxTxT))
 
 
 class ExitHead(nnx.Module):
@@ -241,8 +306,12 @@ class DecoderLM(nnx.Module):
     # ---------------------------------------------------------------------------------------------- heads
 
     def embed_tokens(self, tokens_BxT: jax.Array) -> jax.Array:
+        """Token embeddings ``B x T x D`` in the compute dtype: ``cfg.dtype``, else the embedding's own dtype (nnx's
+        Embed would keep the float32 it was built with, so parameters cast to bfloat16 after building would still
+        start a float32 residual stream and every matmul after it)."""
         checks.token_ids(tokens_BxT, self.cfg.vocab_size)
-        return self.embed(tokens_BxT)
+        h_BxTxD = self.embed(tokens_BxT)
+        return h_BxTxD if self.cfg.dtype is not None else h_BxTxD.astype(self.embed.embedding[...].dtype)
 
     def shared_head(self, x_BxTxD: jax.Array) -> jax.Array:
         if self.cfg.tie_embeddings:
@@ -268,28 +337,61 @@ class DecoderLM(nnx.Module):
             return final(h_BxTxD)
         return jax.lax.cond(e == last, final, lambda h: self._early_head(h, jnp.minimum(e, last - 1)), h_BxTxD)
 
+    def taken_logits(self, h_BxD: jax.Array, exit_B: jax.Array) -> jax.Array:
+        """Logits ``B x V`` of each row's own exit ``exit_B[b]`` (traced): the vocabulary projected once, at the
+        exit taken (an exit decided by a cheap gate needs no vocabulary before it; issue 20, cause 4).
+
+        Every exit's own part runs for the batch as one batched computation over the stacked exit heads and each
+        row keeps its exit's features, then ONE shared-head projection. Cheap for ``"shared"`` (a norm per exit)
+        and ``"lowrank"``; ``"block"`` runs E - 1 small MLP blocks; ``"own"`` (an output matrix per exit) projects
+        every exit (no shared projection exists)."""
+        cfg = self.cfg
+        last = cfg.num_exits - 1
+        final_BxD = self.final_norm(h_BxD)
+        if last == 0:
+            return self.shared_head(final_BxD)
+        exit_B = jnp.asarray(exit_B, jnp.int32)
+        head_def, head_state = nnx.split(self.exit_heads)
+        early = jax.vmap(lambda st: nnx.merge(head_def, st).features(h_BxD))(head_state)     # (E-1) x B x D
+        pick_B = jnp.clip(exit_B, 0, last - 1)
+        early_BxD = jnp.take_along_axis(early, pick_B[None, :, None], axis=0)[0]
+        is_last_Bx1 = (exit_B == last)[:, None]
+        if cfg.exit_head == "own":
+            own = jax.vmap(lambda st, x: nnx.merge(head_def, st).proj(x))(head_state, early)  # (E-1) x B x V
+            own_BxV = jnp.take_along_axis(own, pick_B[None, :, None], axis=0)[0]
+            return jnp.where(is_last_Bx1, self.shared_head(final_BxD), own_BxV)
+        return self.shared_head(jnp.where(is_last_Bx1, final_BxD.astype(early_BxD.dtype), early_BxD))
+
     # ---------------------------------------------------------------------------------------------- paths
 
     def positions(self, valid_BxT: jax.Array) -> jax.Array:
         """Position of each token counted over real tokens only (left padding gets position 0)."""
         return jnp.maximum(jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1, 0)
 
+    def hidden_states(self, tokens_BxT: jax.Array, *, valid_BxT: jax.Array | None = None,
+                      program: engine.Program | None = None, layer_mask_NxB: jax.Array | None = None,
+                      pos_mask_NxT: jax.Array | None = None, remat: bool = False) -> jax.Array:
+        """Every program step's output ``S x B x T x D`` of the teacher-forced causal forward (default program:
+        every layer once, so ``S = N``), like ``Encoder.hidden_states``. ``program``: any static layer program
+        (skips, repeats, reorderings, half-layer steps; ``engine.sequence`` / ``prefix`` / ...);
+        ``layer_mask_NxB``: per-(layer, sample) skips (LayerSkip's layer dropout: rows are masked, never removed);
+        ``pos_mask_NxT``: per-(layer, position) skips (SkipDecode's schedule)."""
+        checks.batch_array(tokens_BxT, "tokens", ndim=2)
+        if tokens_BxT.shape[1] == 0:
+            raise ValueError(f"tokens of shape {tuple(tokens_BxT.shape)} hold no token (T=0)")
+        valid_BxT = jnp.ones(tokens_BxT.shape, bool) if valid_BxT is None else valid_BxT
+        layer_fn = sequence_layer_fn(self.positions(valid_BxT), causal_mask(valid_BxT), pos_mask_NxT)
+        _, h_SxBxTxD = engine.run_layers(self.layers, self.embed_tokens(tokens_BxT), layer_fn=layer_fn,
+                                         layer_mask_NxB=layer_mask_NxB, program=program, remat=remat)
+        return h_SxBxTxD
+
     def all_exits(self, tokens_BxT: jax.Array, *, valid_BxT: jax.Array | None = None,
                   layer_mask_NxB: jax.Array | None = None, pos_mask_NxT: jax.Array | None = None,
                   exits: Sequence[int] | None = None, remat: bool = False) -> LMOutputs:
-        """Every layer under ``lax.scan``; logits at every exit (or only at the exit indices ``exits``)."""
-        valid_BxT = jnp.ones(tokens_BxT.shape, bool) if valid_BxT is None else valid_BxT
-        pos_BxT = self.positions(valid_BxT)
-        mask_BxTxT = causal_mask(valid_BxT)
-
-        def layer_fn(layer, h, ctx):
-            new_h = layer(h, pos_BxT, mask_BxTxT)
-            if pos_mask_NxT is None:
-                return new_h
-            return jnp.where(pos_mask_NxT[ctx.layer][None, :, None], new_h, h)
-
-        _, h_NxBxTxD = engine.run_layers(self.layers, self.embed_tokens(tokens_BxT), layer_fn=layer_fn,
-                                         layer_mask_NxB=layer_mask_NxB, remat=remat)
+        """``hidden_states`` (every layer under ``lax.scan``) and the logits at every exit (or only at the exit
+        indices ``exits``)."""
+        h_NxBxTxD = self.hidden_states(tokens_BxT, valid_BxT=valid_BxT, layer_mask_NxB=layer_mask_NxB,
+                                       pos_mask_NxT=pos_mask_NxT, remat=remat)
         exits = range(self.cfg.num_exits) if exits is None else exits
         hidden = [h_NxBxTxD[self.cfg.exit_layers[e]] for e in exits]
         logits = [self.exit_logits(h, e) for h, e in zip(hidden, exits)]
@@ -384,8 +486,11 @@ def _rms_normalise(x):
 
 
 def classifier_gate(clf: dict, h_BxD: jax.Array, e) -> jax.Array:
-    """Gate logit (``B``) of exit ``e``: sigmoid of it is the probability that the exit already agrees."""
-    return _rms_normalise(h_BxD) @ clf["w_ExD"][e] + clf["b_E"][e]
+    """Gate logit (``B``) of exit ``e``: sigmoid of it is the probability that the exit already agrees. A float32
+    statistic of the hidden state (a multiply-and-sum over D, like the norm's), so a bfloat16 decode runs no
+    float32 matmul for it."""
+    w_1xD = clf["w_ExD"][e].astype(jnp.float32).reshape((1,) * (h_BxD.ndim - 1) + (-1,))
+    return jnp.sum(_rms_normalise(h_BxD) * w_1xD, axis=-1) + clf["b_E"][e]
 
 
 def classifier_loss(graphdef, model_params):
@@ -409,18 +514,23 @@ def classifier_loss(graphdef, model_params):
 # ------------------------------------------------------------------------------------- teacher-forced programs
 
 
-def sequence_layer_fn(pos_BxT: jax.Array, mask_BxTxT: jax.Array):
-    """The engine ``layer_fn`` of a teacher-forced (uncached) forward over whole sequences that honours a program's
-    sublayer bits (``engine.ATTN`` / ``engine.MLP``): with it ``engine.run`` / ``engine.run_layers`` run any layer
-    program (skips, repeats, reorderings, half-layer steps) over full sequences. A repeated stored layer computes
-    its keys/values afresh from its input at every step."""
+def sequence_layer_fn(pos_BxT: jax.Array, mask_BxTxT: jax.Array, pos_mask_NxT: jax.Array | None = None):
+    """THE teacher-forced (uncached) layer function over whole sequences (``DecoderLM.hidden_states`` uses it): with
+    it ``engine.run`` / ``engine.run_layers`` run any layer program (skips, repeats, reorderings, half-layer steps:
+    the sublayer bits ``engine.ATTN`` / ``engine.MLP``) over full sequences. A repeated stored layer computes its
+    keys/values afresh from its input at every step. ``pos_mask_NxT``: stored layer l runs at position t only
+    where set (SkipDecode's per-position schedule)."""
 
     def layer_fn(layer: Block, h_BxTxD, ctx: engine.StepCtx):
-        k, v = layer.kv(h_BxTxD, pos_BxT)
+        q, k, v = layer.project(h_BxTxD, pos_BxT)
         if ctx.sub_B is None:
-            return layer.attend(h_BxTxD, pos_BxT, k, v, mask_BxTxT)
-        h1 = engine.where_rows((ctx.sub_B & engine.ATTN) > 0, layer.attn_half(h_BxTxD, pos_BxT, k, v, mask_BxTxT),
-                               h_BxTxD)
-        return engine.where_rows((ctx.sub_B & engine.MLP) > 0, layer.mlp_half(h1), h1)
+            new_h = layer.mlp_half(layer.attn_out(h_BxTxD, q, k, v, mask_BxTxT))
+        else:
+            h1 = engine.where_rows((ctx.sub_B & engine.ATTN) > 0, layer.attn_out(h_BxTxD, q, k, v, mask_BxTxT),
+                                   h_BxTxD)
+            new_h = engine.where_rows((ctx.sub_B & engine.MLP) > 0, layer.mlp_half(h1), h1)
+        if pos_mask_NxT is None:
+            return new_h
+        return jnp.where(jnp.asarray(pos_mask_NxT)[ctx.layer][None, :, None], new_h, h_BxTxD)
 
     return layer_fn

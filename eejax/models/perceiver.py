@@ -14,7 +14,7 @@ baseline* (and a BranchyNet-style multi-exit CNN): the same feature branch, a li
 after every stage.
 
 The two-branch state is the engine's carry (:class:`PerceiverCarry`, like the U-ViT's ``UViTCarry``), so the scan
-path (training) and every executor of ``engine.run`` (Masked, Compacted) run the same stages.
+path (training) and every executor of ``engine.run`` (Masked, BucketCascade) run the same stages.
 
 Shapes: B batch, G feature grid side (G x G positions), C feature channels, L latent tokens, D latent width,
 K classes, E exits (= stages, one exit after each), N stages.
@@ -46,6 +46,8 @@ class PerceiverConfig:
     num_classes: int = 10
 
     def __post_init__(self):
+        checks.config_ints(self, image_size=1, channels=1, width=1, depth=1, latent_tokens=0, latent_dim=1,
+                           num_heads=1, mlp_dim=1, num_classes=2)
         if self.image_size % 4:
             raise ValueError(f"{self.image_size=} must be divisible by 4 (the stem has two stride-2 convs)")
         if self.width % 2:
@@ -171,6 +173,7 @@ class DynPerceiver(nnx.Module):
 
     def embed(self, x_BxHxWxC: jax.Array) -> PerceiverCarry:
         cfg = self.cfg
+        checks.batch_array(x_BxHxWxC, "images")
         checks.images(x_BxHxWxC, (cfg.image_size, cfg.image_size, cfg.channels), name="images")
         x = jax.nn.gelu(self.stem2(jax.nn.gelu(self.stem1(x_BxHxWxC))))
         z = None

@@ -224,9 +224,10 @@ def load_gguf(path, *, dtype: str = "float32", exits: Sequence[int] | None = Non
         "embed/embedding": dequantize(reader, "token_embd.weight"),
         "final_norm/scale": final_norm_D,
         "layers/norm1/scale": per_layer(lambda l: blk(l, "attn_norm")),
-        "layers/q/kernel": per_layer(lambda l: qk(blk(l, "attn_q"), cfg.num_heads).T),
-        "layers/k/kernel": per_layer(lambda l: qk(blk(l, "attn_k"), cfg.num_kv_heads).T),
-        "layers/v/kernel": per_layer(lambda l: blk(l, "attn_v").T),
+        # One fused [q | k | v] projection (lm.Block.qkv): the three GGUF matrices side by side.
+        "layers/qkv/kernel": per_layer(lambda l: np.concatenate(
+            [qk(blk(l, "attn_q"), cfg.num_heads).T, qk(blk(l, "attn_k"), cfg.num_kv_heads).T, blk(l, "attn_v").T],
+            axis=1)),
         "layers/o/kernel": per_layer(lambda l: blk(l, "attn_output").T),
         "layers/norm2/scale": per_layer(lambda l: blk(l, "ffn_norm")),
         "layers/mlp/gate/kernel": per_layer(lambda l: blk(l, "ffn_gate").T),

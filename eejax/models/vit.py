@@ -39,6 +39,9 @@ class ViTConfig:
     global_pool: int = 2                       # LGViT global head: average-pool the patch grid by this factor
 
     def __post_init__(self):
+        # Sizes first (a classifier needs two classes: the margin measure reads the top two).
+        checks.config_ints(self, image_size=1, channels=1, patch_size=1, d_model=1, depth=1, num_heads=1, mlp_dim=1,
+                           num_classes=2, local_hidden=1, global_pool=1)
         if self.image_size % self.patch_size:
             raise ValueError(f"{self.image_size=} not divisible by {self.patch_size=}")
         if self.d_model % self.num_heads:
@@ -89,6 +92,7 @@ class ViT(nnx.Module):
 
     def embed(self, x_BxHxWxC: jax.Array) -> jax.Array:
         cfg = self.cfg
+        checks.batch_array(x_BxHxWxC, "images")
         checks.images(x_BxHxWxC, (cfg.image_size, cfg.image_size, cfg.channels), name="images")
         p = cfg.patch_size
         patches = einops.rearrange(x_BxHxWxC, "b (gh p) (gw q) c -> b (gh gw) (p q c)", p=p, q=p)
@@ -96,20 +100,37 @@ class ViT(nnx.Module):
         cls = jnp.broadcast_to(self.cls_token[...], (h_BxTxD.shape[0], 1, cfg.d_model))
         return jnp.concatenate([cls, h_BxTxD], axis=1) + self.pos[...]
 
-    def all_exits(self, x_BxHxWxC, *, layer_mask_NxB=None, remat: bool = False) -> engine.ExitOutputs:
-        return engine.scan_exits(self.layers, list(self.heads), self.embed(x_BxHxWxC), self.cfg.exit_layers,
-                                 layer_mask_NxB=layer_mask_NxB, remat=remat)
+    def all_exits(self, x_BxHxWxC, *, layer_mask_NxB=None, remat: bool | str = False, residual_dtype=None,
+                  readout: str = "auto") -> engine.ExitOutputs:
+        """Training path: every exit's head output (``engine.scan_exits``).
+
+        ``remat``: ``"none"`` / ``"full"`` / ``"dots_saveable"`` (or ``False`` / ``True``), see
+        ``engine.run_layers``; ``residual_dtype``: the residual stream's dtype (e.g. ``jnp.bfloat16``);
+        ``readout``: ``"auto"`` stacks only each layer's ``TokenSummary`` (CLS token and token mean) when every head
+        reads nothing else (linear heads), the whole hidden state otherwise; ``"hidden"`` always stacks the hidden
+        state. Both give the same outputs.
+        """
+        if readout not in ("auto", "hidden"):
+            raise ValueError(f"readout={readout!r}: use 'auto' or 'hidden'")
+        heads = list(self.heads)
+        summary = readout == "auto" and all(heads_lib.reads_summary(h) for h in heads)
+        return engine.scan_exits(self.layers, [h.from_summary for h in heads] if summary else heads,
+                                 self.embed(x_BxHxWxC), self.cfg.exit_layers, layer_mask_NxB=layer_mask_NxB,
+                                 remat=remat, readout=heads_lib.summarize if summary else None,
+                                 residual_dtype=residual_dtype)
 
     def dynamic(self, x_BxHxWxC, threshold=None, measure: str | conf_lib.Measure = "max_softmax", *,
-                policy=None, program: engine.Program | None = None, executor=engine.Masked()
-                ) -> engine.DynamicOutputs:
+                policy=None, program: engine.Program | None = None, executor=engine.Masked(),
+                fields: tuple[str, ...] | None = ("logits_BxC",)) -> engine.DynamicOutputs:
         """Inference: ``engine.run(program, policy, executor)``; by default the prefix program and a confidence
-        threshold (scalar or one per exit) on ``measure``."""
+        threshold (scalar or one per exit) on ``measure``. ``fields``: the head outputs returned (default the
+        logits; None: every field); what neither they nor the policy read is not computed."""
         cfg = self.cfg
         program = engine.prefix(cfg.depth, cfg.exit_layers) if program is None else program
         if policy is None:
             policy = policies.threshold(measure, threshold, len(cfg.exit_layers))
-        return engine.run(self.layers, list(self.heads), self.embed(x_BxHxWxC), program, policy, executor)
+        return engine.run(self.layers, list(self.heads), self.embed(x_BxHxWxC), program, policy, executor,
+                          fields=fields)
 
     def static(self, x_BxHxWxC, exit_index: int) -> jax.Array:
         """A truncated model: layers up to exit ``exit_index`` and only that exit's head (static-depth baseline)."""

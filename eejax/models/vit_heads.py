@@ -9,8 +9,15 @@
 
 Every head also has a tiny learned exit gate (a linear map of its pooled feature to one logit) used by the
 ``learned`` confidence measure; it costs ``D`` FLOPs and is ignored by the other measures.
+
+A ``LinearHead`` reads only a :class:`TokenSummary` of the tokens (the CLS token and the token mean, ``B x D``):
+``head(h) == head.from_summary(summarize(h))``. The training scan can then stack the summary per layer instead of
+every layer's ``B x T x D`` hidden state (``engine.scan_exits(readout=summarize)``; ``ViT.all_exits`` does it when
+every head is a summary head).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 from flax import nnx
@@ -30,9 +37,29 @@ class _Classifier(nnx.Module):
         self.gate = nnx.Linear(d_model, 1, rngs=rngs)
 
     def __call__(self, feat_BxD, h_BxTxD) -> HeadOut:
+        return self.classify(feat_BxD, h_BxTxD.mean(axis=1))
+
+    def classify(self, feat_BxD, hidden_BxD) -> HeadOut:
+        """``hidden_BxD``: the backbone tokens' mean (``HeadOut.hidden_BxD``)."""
         feat_BxD = self.norm(feat_BxD)
-        return HeadOut(logits_BxC=self.fc(feat_BxD), feat_BxD=feat_BxD, hidden_BxD=h_BxTxD.mean(axis=1),
+        return HeadOut(logits_BxC=self.fc(feat_BxD), feat_BxD=feat_BxD, hidden_BxD=hidden_BxD,
                        gate_B=self.gate(jax.lax.stop_gradient(feat_BxD))[:, 0])
+
+
+class TokenSummary(NamedTuple):
+    """What a summary head reads of ``h_BxTxD``."""
+
+    cls_BxD: jax.Array    # the CLS token (position 0)
+    mean_BxD: jax.Array   # the mean over all T tokens
+
+
+def summarize(h_BxTxD: jax.Array) -> TokenSummary:
+    return TokenSummary(cls_BxD=h_BxTxD[:, 0], mean_BxD=h_BxTxD.mean(axis=1))
+
+
+def reads_summary(head) -> bool:
+    """Whether ``head`` can run from a ``TokenSummary`` (has ``from_summary``)."""
+    return callable(getattr(head, "from_summary", None))
 
 
 def _grid(h_BxTxD, grid):
@@ -48,8 +75,10 @@ class LinearHead(nnx.Module):
         self.cls = _Classifier(d_model, num_classes, rngs=rngs)
 
     def __call__(self, h_BxTxD):
-        feat = h_BxTxD[:, 0] if self.pool == "cls" else h_BxTxD.mean(axis=1)
-        return self.cls(feat, h_BxTxD)
+        return self.from_summary(summarize(h_BxTxD))
+
+    def from_summary(self, s: TokenSummary) -> HeadOut:
+        return self.cls.classify(s.cls_BxD if self.pool == "cls" else s.mean_BxD, s.mean_BxD)
 
 
 class LocalPerceptionHead(nnx.Module):

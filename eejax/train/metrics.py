@@ -57,11 +57,19 @@ class MetricsWriter:
             self._jsonl.flush()
             self._tb.flush()
 
-    def close(self) -> None:
+    def close(self, *, quiet: bool = False) -> None:
+        """Closes both files; ``quiet``: ignore their write errors (when another error already stops the run, e.g.
+        a full disk, which would fail these flushes too and hide the first error)."""
         if self.enabled:
-            self._jsonl.close()
-            self._tb.close()
             self.enabled = False
+            try:
+                self._jsonl.close()
+            finally:
+                try:
+                    self._tb.close()
+                except OSError:
+                    if not quiet:
+                        raise
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, float]]:

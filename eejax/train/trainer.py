@@ -25,6 +25,7 @@ on restore: a corrupt newest step is reported, set aside, and training resumes f
 Env vars: EEJAX_NO_PROGRESS=1 hides the progress bar; EEJAX_CRASH_AT_STEP=k (tests only) hard-exits the process
 with code 17 right after step k, as a kill would, to test resumption.
 """
+import functools
 import os
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
@@ -35,6 +36,7 @@ import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from eejax import checks
 from eejax.errors import NonFiniteLossError
 from eejax.train.checkpoint import Checkpointer, abstract_like
 from eejax.train.distributed import maybe_initialize
@@ -81,6 +83,26 @@ def _train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, state:
     return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
 
+def _checked_loss(loss_fn: LossFn) -> LossFn:
+    """``loss_fn`` whose outputs are checked while tracing: a non-scalar loss or metric is one ValueError naming
+    it, not value_and_grad's TypeError or a failed float() at the first log step."""
+
+    @functools.wraps(loss_fn)
+    def checked(*args, **kwargs):
+        out = loss_fn(*args, **kwargs)
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
+            raise ValueError("loss_fn must return (loss, {name: scalar metric})")
+        if np.shape(out[0]) != ():
+            raise ValueError(f"loss_fn returned a loss of shape {np.shape(out[0])}; it must be a scalar (take the "
+                             "mean)")
+        if bad := sorted(k for k, v in out[1].items() if np.shape(v) != ()):
+            raise ValueError(f"loss_fn's metric {bad[0]!r} has shape {np.shape(out[1][bad[0]])}; metrics are "
+                             "logged as scalars (take the mean)")
+        return out
+
+    return checked
+
+
 class _Pending(NamedTuple):
     """A dispatched step whose metrics are not yet on the host."""
     step: int
@@ -99,8 +121,10 @@ class Trainer:
                  log_every: int = 50, ckpt_every: int = 500, max_to_keep: int = 2,
                  extra_metadata: Mapping[str, Any] | None = None):
         maybe_initialize()  # Multi-host: must precede the first device query (no-op on one process).
-        if log_every < 1 or ckpt_every < 1:
-            raise ValueError(f"{log_every=} and {ckpt_every=} must be >= 1")
+        checks.integer(log_every, "log_every", lo=1)
+        checks.integer(ckpt_every, "ckpt_every", lo=1)
+        checks.integer(max_to_keep, "max_to_keep", lo=1)
+        checks.integer(seed, "seed", lo=0, hi=2**32 - 1)  # (larger seeds are truncated by PRNGKey without x64)
         if mesh is None:  # Auto axes: the jax>=0.11 default (Explicit) breaks the grad of integer-label CE.
             mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
         self.mesh = mesh
@@ -118,6 +142,7 @@ class Trainer:
             lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p), jax.random.PRNGKey(seed)),
             out_shardings=self.replicated)
         # Frozen parameters are an argument (replicated, not donated), so one program serves any of their values.
+        loss_fn = _checked_loss(loss_fn)
         self._step = jax.jit(lambda s, b, f: _train_step(loss_fn, optimizer, s, b, f),
                              in_shardings=(self.replicated, self.batch_sharding, self.replicated),
                              out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
@@ -157,8 +182,11 @@ class Trainer:
         """Trains until `state.step == num_steps`, resuming from the latest checkpoint in `workdir/ckpt`.
 
         `frozen` reaches the loss as `ctx.frozen` (not trained, not checkpointed: a rerun passes the same)."""
+        num_steps = checks.integer(num_steps, "num_steps", lo=0)  # fit(2.5) or fit(-3) must not train 2 or 0 steps
         if not (hasattr(batches, "state_dict") and hasattr(batches, "load_state_dict")):
-            raise TypeError(f"{type(batches).__name__} needs state_dict()/load_state_dict() so runs can resume")
+            raise ValueError(f"batches (a {type(batches).__name__}) needs state_dict()/load_state_dict() so runs can "
+                             "resume (eejax.data.pipeline.BatchIterator, eejax.data.lm.WindowIterator and "
+                             "eejax.train.ArrayIterator have them)")
         # The newest checkpoint that passes its checksum and restores; bad newer ones are reported and set aside.
         restored = self.checkpointer.restore_latest_good(self._abstract_state())
         if restored is None:
@@ -197,9 +225,12 @@ class Trainer:
                 if step == crash_at:  # Test-only: a hard kill after step k; the regular save above completes.
                     self.checkpointer.wait()
                     os._exit(CRASH_EXIT_CODE)
-        finally:
+        except BaseException:
             bar.close()
-            writer.close()
+            writer.close(quiet=True)  # the error in flight is the one to report
+            raise
+        bar.close()
+        writer.close()
         self.checkpointer.wait()
         self.state = state
         return state

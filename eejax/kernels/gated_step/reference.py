@@ -11,10 +11,10 @@ import jax.numpy as jnp
 
 def gated_mlp_ref(h_NxD: jax.Array, active_N: jax.Array, w1_LxDxF: jax.Array, b1_LxF: jax.Array,
                   w2_LxFxD: jax.Array, b2_LxD: jax.Array, layer, *, residual_NxD: jax.Array | None = None,
-                  block_rows: int | None = None, block_k: int | None = None,
+                  block_rows: int | None = None, block_k: int | None = None, block_d: int | None = None,
                   interpret: bool | None = None) -> jax.Array:
     """The kernel's tiling arguments are accepted and ignored. Accumulates in float32, as the kernel does."""
-    del block_rows, block_k, interpret
+    del block_rows, block_k, block_d, interpret
     f32 = jnp.float32
     x_NxF = jnp.dot(h_NxD, w1_LxDxF[layer], preferred_element_type=f32) + b1_LxF[layer].astype(f32)[None, :]
     x_NxF = jax.nn.gelu(x_NxF).astype(w2_LxFxD.dtype)
