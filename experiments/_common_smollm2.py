@@ -15,7 +15,8 @@ several of those papers share. Not a paper: a shared piece.
 * drafters (Kangaroo, SpecEE): the frozen model's features cached once, adapter training on them (the one
   Trainer), timed greedy decoding;
 * exits trained on the frozen model (self-speculative decoding): ``train_exits`` (the one Trainer, the backbone
-  passed frozen).
+  passed frozen), and the self-speculative cost model (``cost_speedups``, ``plot_sweep``), which
+  experiments/self_speculative_costs.py also applies to a committed folder.
 
 A layer-skip method is ``(name, step_fn, args_fn)``: ``step_fn(model, tok_B, state, i, *args)``, ``args_fn(prefilled)
 -> args`` (traced: every skip set of one kind shares one compiled program; FiRST's args come from the prefill).
@@ -663,3 +664,62 @@ def train_exits(graphdef, params, cache: et.FeatureCache, p0: et.ExitParams, *, 
             log(f"step {row['step']}: loss {row['loss']:.3f}, mean KL {row['mean_kl']:.3f}, mean top-1 agreement "
                 f"{row['mean_agree']:.3f}")
     return et.params_from_numpy(jax.device_get(trained)), list(hist.values()), seconds
+
+
+# ------------------------------------------------------------------------------- self-speculative cost model
+
+
+ARMS = ("untrained", "norm", "lowrank")   # exit heads: the model's own final norm; trained norm; norm + adapter
+
+
+COST_COLUMNS = ("Speed-up columns: `speedup_measured` = measured (this machine, its load); `speedup_cost_cpu` = "
+                "cost model (CPU, measured verify); `speedup_cost_h200` = cost model (roofline, H200 calibrated "
+                "2026-12-04; eejax.exits.costs); `speedup_cost_h200_floor` = cost model (roofline floor, H200 spec "
+                "sheet). Every cost model counts each draft's vocabulary head and DEL's shadow heads.")
+
+
+def cost_speedups(tpv: float, k_mean: float, draft_layers: float, mcfg, verify_s: dict, step_s: float, *,
+                  batch: int, cache_len: int, shadow_heads: int = 0) -> dict:
+    """Cost-model speed-ups over greedy of a round drafting ``k_mean`` tokens at ``draft_layers`` layers each (mean)
+    that yields ``tpv`` tokens. Every draft pays its exit's vocabulary head (SmolLM2's tied 49,152 x 576 head is
+    ~21 % of the weights) and DEL's verify ``shadow_heads`` more heads on every verified position; both models
+    count them (``eejax.exits.costs``, the one cost model of every decoder):
+
+    * ``speedup_cost_cpu``: cost model (CPU, measured verify): a draft token costs (E layers + head) / (L layers +
+      head) of a measured full step in FLOPs, the verify of k + 1 tokens its measured time;
+    * ``speedup_cost_h200``: cost model (roofline, H200 calibrated 2026-12-04): ``costs.predicted_speedup`` with
+      bf16 weights, eejax's decoder as it ran on the H200 (launch-bound at these batches);
+    * ``speedup_cost_h200_floor``: the same counts on the roofline floor (H200 spec sheet: weights, cache, FLOPs)."""
+    counts = costs.self_speculative_counts(draft_layers, k_mean, tpv, shadow_heads=shadow_heads)
+    flops = lambda c: costs.predict(costs.decode_work(mcfg, c, batch=batch, cache_len=cache_len)).flops  # noqa: E731
+    step = flops(costs.greedy_counts(mcfg))
+    draft = (k_mean * flops(costs.TokenCounts(layers=draft_layers)) + shadow_heads * (k_mean + 1) *
+             flops(costs.TokenCounts(layers=0))) / step * step_s
+    verify = verify_s.get(int(round(k_mean)) + 1, (k_mean + 1) * step_s)
+    sp = costs.predicted_speedup(mcfg, counts, batch=batch, cache_len=cache_len)
+    return {"speedup_cost_cpu": tpv * step_s / (draft + verify), "speedup_cost_h200": sp.value,
+            "speedup_cost_h200_floor": sp.limit}
+
+
+def plot_sweep(sweep, layers, ks, path, title):
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    for arm in ARMS:
+        acc = [sweep[arm][(l, 1)]["acceptance"] for l in layers]
+        ax[0].plot(layers, acc, "o-", label=arm)
+    ax[0].set(xlabel="draft exit E (layers)", ylabel="per-token acceptance (k=1)", title="acceptance vs E")
+    ax[0].legend()
+    best_arm = "norm"
+    for i, key in enumerate(("speedup_cost_cpu", "speedup_cost_h200")):
+        for k in ks:
+            ax[1 + i].plot(layers, [sweep[best_arm][(l, k)][key] for l in layers], "o-", label=f"k={k}")
+        ax[1 + i].axhline(1.0, color="gray", lw=0.8)
+        ax[1 + i].set(xlabel="draft exit E (layers)", ylabel=key, title=f"{key} (trained norm exits)")
+        ax[1 + i].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

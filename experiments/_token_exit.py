@@ -65,17 +65,13 @@ def batched(fn: Callable, arrays: Mapping[str, np.ndarray], batch_size: int):
 
 
 def timed(calls: Mapping[str, tuple[Callable, tuple]], iters: int) -> dict[str, dict[str, float]]:
-    """Measured wall-clock per call (``costs.measure``, compilation excluded by its warm-up), round-robin so a slow
-    spell of the shared machine hits every candidate alike; the 1-minute load average is recorded beside it."""
-    times = {name: [] for name in calls}
-    for name, (fn, args) in calls.items():
-        costs.measure(fn, *args, warmup=1, iters=1)
-    for _ in range(iters):
-        for name, (fn, args) in calls.items():
-            times[name].append(costs.measure(fn, *args, warmup=0, iters=1).mean_s)
+    """Measured wall-clock per call (``costs.measure_interleaved``: compilation excluded by its warm-up round,
+    round-robin so a slow spell of the shared machine hits every candidate alike); the 1-minute load average is
+    recorded beside it."""
+    t = costs.measure_interleaved(calls, warmup=1, iters=iters)
     load = os.getloadavg()[0]
-    return {name: {"median_s": float(np.median(t)), "min_s": float(np.min(t)), "load_1min": load}
-            for name, t in times.items()}
+    return {name: {"median_s": float(np.median(x.times_s)), "min_s": x.min_s, "load_1min": load}
+            for name, x in t.items()}
 
 
 def cpu_label(load: float) -> str:

@@ -26,11 +26,11 @@ from eejax.decoding.per_token import static_thresholds
 from eejax.eval import report
 from eejax.exits import confidence as conf_lib
 from eejax.exits import costs, hlo
-from eejax.harness import run
 from eejax.models import exit_classifier as ec
 from eejax.models import lm, mamba_lm
 from eejax.train import Trainer, make_optimizer
 from experiments import _common_lm as lm_common
+from experiments._common import Report, Run, experiment
 
 NAME = "dynamax"
 ARCHS = ("mamba", "transformer")
@@ -438,7 +438,7 @@ def _fmt_row(r: dict) -> dict:
     return keep
 
 
-def write_report(cfg, su, info: dict, evs: dict, points: list, comps: list, stops: list, stage):
+def write_report(cfg, su, info: dict, evs: dict, points: list, comps: list, stops: list) -> Report:
     cols = ["arch", "mode", "gate", "fit", "target", "threshold", "compute", "saving", "layers", "nll",
             "dnll_vs_full", "agreement", "speedup_h200", "speedup_h200_floor"]
     static_rows = []
@@ -508,8 +508,7 @@ def write_report(cfg, su, info: dict, evs: dict, points: list, comps: list, stop
                                                        "exit_hist": sw.exit_hist_E.tolist()}
                                                   for t, sw in res[s].items()} for s in res}
                                   for arm, res in ev["sweeps"].items()} for arch, ev in evs.items()}}
-    plot(evs, stage.dir / "dynamax_quality_vs_compute.png")
-    return stage.write_results(NAME, md, data), md
+    return Report(md, data, {"dynamax_quality_vs_compute.png": lambda path: plot(evs, path)})
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -522,18 +521,6 @@ class Setup(NamedTuple):
     workdir: pathlib.Path
     outdir: pathlib.Path
     corpus: Any
-
-
-def setup(argv) -> Setup:
-    from eejax.harness import config as config_lib  # noqa: PLC0415
-    from eejax.harness import results  # noqa: PLC0415
-
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    corpus = lm_common.load_corpus(cfg, args.data_dir)
-    prov = results.provenance(f"experiments.{NAME}", argv)
-    workdir, outdir = run.prepare(cfg, args, NAME)
-    print(f"data: {corpus.description}; device: {prov.device}", flush=True)
-    return Setup(cfg, args, prov, workdir, outdir, corpus)
 
 
 def prepare_backbone(su: Setup, arch: str, mcfg) -> tuple[Backbone, dict]:
@@ -575,9 +562,10 @@ def host_stop_table(cfg, bb: Backbone, ev: dict, windows) -> tuple[dict, list[di
     return out, rows
 
 
-@run.cli
-def main(argv=None):
-    su = setup(argv)
+@experiment(NAME, data=lm_common.corpus)
+def main(run: Run, corpus) -> Report:
+    su = Setup(run.cfg, run.args, run.prov, run.workdir, run.outdir, corpus)
+    print(f"data: {corpus.description}; device: {run.prov.device}", flush=True)
     cfg, e = su.cfg, su.cfg.eval
     mcfgs = model_configs(cfg, su.corpus.tokenizer.vocab_size)
     calib = lm_common.eval_windows(su.corpus.eval_ids, e.batch, e.prompt_len, e.new_tokens, 0, e.calib_batches)
@@ -593,15 +581,7 @@ def main(argv=None):
         points += operating_points(cfg, bb, evs[arch], calib, host)
         info[arch]["eval_s"] = time.perf_counter() - t0
     comps = comparisons(cfg, evs)
-    with run_results(su) as stage:
-        files, md = write_report(cfg, su, info, evs, points, comps, stops, stage)
-    print(md)
-    print(f"wrote {files.md_path} and {files.json_path}")
-
-
-def run_results(su: Setup):
-    from eejax.harness import results  # noqa: PLC0415
-    return results.StagedResults(su.outdir, overwrite=su.args.overwrite)
+    return write_report(cfg, su, info, evs, points, comps, stops)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,9 @@ from flax import nnx
 from eejax.data import composed
 from eejax.eval import paired, report
 from eejax.exits import costs, tokens
-from eejax.harness import config as config_lib
-from eejax.harness import results as result_files
-from eejax.harness import run
 from eejax.models import vlm
-from eejax.train import maybe_initialize
 from experiments import _token_exit as tx
+from experiments._common import Report, Run, experiment
 
 NAME = "dyvte"
 PAPER = ("arXiv:2411.19628 (abstract v2): up to 45.7% less computation on LLaVA-1.5 with no performance drop; "
@@ -350,20 +347,10 @@ def markdown(cfg, mcfg, prov, r) -> str:
     ]) + "\n"
 
 
-@run.cli
-def main(argv=None):
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    data = load(cfg, args.data_dir)
-    maybe_initialize()
-    prov = result_files.provenance("experiments.dyvte", argv)
-    workdir, outdir = run.prepare(cfg, args, NAME)
-    md, payload, files = science(cfg, data, workdir, prov)
-    if jax.process_index() == 0:
-        with result_files.StagedResults(outdir, overwrite=args.overwrite) as stage:
-            for name, write in files.items():
-                write(stage.dir / name)
-            stage.write_results(NAME, md, {**payload, "provenance": prov._asdict(), "config": cfg.to_dict()})
-        print(md)
+@experiment(NAME, data=lambda cfg, args: load(cfg, args.data_dir))
+def main(run: Run, data) -> Report:
+    md, payload, files = science(run.cfg, data, run.workdir, run.prov)
+    return Report(md, payload, files)
 
 
 if __name__ == "__main__":

@@ -223,9 +223,9 @@ def write(cfg, prov, model, rows, fit_rows, best_eta, best_l, train_logs, cache_
     cols = ["drafter", "l", "eta", "acceptance", "CR", "mean_draft_len", "seconds", "tokens_per_s", "wall_speedup",
             "cost_speedup", "greedy_exact", "top1_accepted", "top1_first_rejected"]
     speed_note = ("wall_speedup: MEASURED CPU wall-clock against plain greedy timed once at the start "
-                  f"({result_files.device_description()}, shared with other jobs, one timed call per run): load noise, not "
-                  "a speed-up of Kangaroo; a value above 1 is the load falling during the run. cost_speedup: the "
-                  "parameter-read cost model (`eejax.decoding.kangaroo.cost_speedup`: memory-bound GPU at batch 1, "
+                  f"({result_files.device_description()}, shared with other jobs, one timed call per run): load "
+                  "noise, not a speed-up of Kangaroo; a value above 1 is the load falling during the run. "
+                  "cost_speedup: the parameter-read cost model (`eejax.decoding.kangaroo.cost_speedup`: memory-bound GPU at batch 1, "
                   "the shared head counted in every draft step). top1_*: mean top-1 probability of accepted / first "
                   "rejected drafts from 10-bin histograms; their intervals need the histograms (conf_hist).")
     md = "\n\n".join([

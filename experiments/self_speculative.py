@@ -29,7 +29,7 @@ from experiments import _common_smollm2 as common
 from experiments._common import Report, Run, experiment
 
 NAME = "self_speculative"
-ARMS = ("untrained", "norm", "lowrank")   # exit heads: the model's own final norm; trained norm; norm + adapter
+ARMS = common.ARMS
 EXIT_FIELDS = ("seed", "model", "exits")  # what the trained exits depend on
 
 
@@ -197,35 +197,6 @@ def replay(pred_NxG: np.ndarray, cont_NxG: np.ndarray, k: int) -> dict:
             "acceptance": accepted / max(drafted, 1), "tokens_per_verify": (accepted + rounds) / max(rounds, 1)}
 
 
-COST_COLUMNS = ("Speed-up columns: `speedup_measured` = measured (this machine, its load); `speedup_cost_cpu` = "
-                "cost model (CPU, measured verify); `speedup_cost_h200` = cost model (roofline, H200 calibrated "
-                "2026-12-04; eejax.exits.costs); `speedup_cost_h200_floor` = cost model (roofline floor, H200 spec "
-                "sheet). Every cost model counts each draft's vocabulary head and DEL's shadow heads.")
-
-
-def cost_speedups(tpv: float, k_mean: float, draft_layers: float, mcfg, verify_s: dict, step_s: float, *,
-                  batch: int, cache_len: int, shadow_heads: int = 0) -> dict:
-    """Cost-model speed-ups over greedy of a round drafting ``k_mean`` tokens at ``draft_layers`` layers each (mean)
-    that yields ``tpv`` tokens. Every draft pays its exit's vocabulary head (SmolLM2's tied 49,152 x 576 head is
-    ~21 % of the weights) and DEL's verify ``shadow_heads`` more heads on every verified position; both models
-    count them (``eejax.exits.costs``, the one cost model of every decoder):
-
-    * ``speedup_cost_cpu``: cost model (CPU, measured verify): a draft token costs (E layers + head) / (L layers +
-      head) of a measured full step in FLOPs, the verify of k + 1 tokens its measured time;
-    * ``speedup_cost_h200``: cost model (roofline, H200 calibrated 2026-12-04): ``costs.predicted_speedup`` with
-      bf16 weights, eejax's decoder as it ran on the H200 (launch-bound at these batches);
-    * ``speedup_cost_h200_floor``: the same counts on the roofline floor (H200 spec sheet: weights, cache, FLOPs)."""
-    counts = costs.self_speculative_counts(draft_layers, k_mean, tpv, shadow_heads=shadow_heads)
-    flops = lambda c: costs.predict(costs.decode_work(mcfg, c, batch=batch, cache_len=cache_len)).flops  # noqa: E731
-    step = flops(costs.greedy_counts(mcfg))
-    draft = (k_mean * flops(costs.TokenCounts(layers=draft_layers)) + shadow_heads * (k_mean + 1) *
-             flops(costs.TokenCounts(layers=0))) / step * step_s
-    verify = verify_s.get(int(round(k_mean)) + 1, (k_mean + 1) * step_s)
-    sp = costs.predicted_speedup(mcfg, counts, batch=batch, cache_len=cache_len)
-    return {"speedup_cost_cpu": tpv * step_s / (draft + verify), "speedup_cost_h200": sp.value,
-            "speedup_cost_h200_floor": sp.limit}
-
-
 def verify_costs(gd, params, prompts, lengths_t, batch):
     """Seconds of one full-depth ``kv.extend`` of t tokens per row at ``batch`` (AOT-compiled, median of 3)."""
     t_, l_ = kv_lib.pad_prompts(prompts[:batch])
@@ -276,36 +247,12 @@ def spec_row(label, arm, m, seconds, greedy_s, tokens, ref, mcfg, verify_s, step
     row = {"drafter": label, "exits": arm, "mean_draft_layers": e_mean, "mean_k": k_mean,
            "acceptance": accepted / max(drafted, 1), "tokens_per_verify": tpv, "seconds": seconds,
            "tokens_per_s": n_tok / seconds, "speedup_measured": greedy_s / seconds}
-    row.update(cost_speedups(tpv, k_mean, e_mean, mcfg, verify_s, step_s, **cost_kw))
+    row.update(common.cost_speedups(tpv, k_mean, e_mean, mcfg, verify_s, step_s, **cost_kw))
     row["equals_greedy"] = float(np.mean(np.all(tokens == ref, 1)))
     return row
 
 
 # ------------------------------------------------------------------------------------------------- plots
-
-
-def plot_sweep(sweep, layers, ks, path, title):
-    import matplotlib  # noqa: PLC0415
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    for arm in ARMS:
-        acc = [sweep[arm][(l, 1)]["acceptance"] for l in layers]
-        ax[0].plot(layers, acc, "o-", label=arm)
-    ax[0].set(xlabel="draft exit E (layers)", ylabel="per-token acceptance (k=1)", title="acceptance vs E")
-    ax[0].legend()
-    best_arm = "norm"
-    for i, key in enumerate(("speedup_cost_cpu", "speedup_cost_h200")):
-        for k in ks:
-            ax[1 + i].plot(layers, [sweep[best_arm][(l, k)][key] for l in layers], "o-", label=f"k={k}")
-        ax[1 + i].axhline(1.0, color="gray", lw=0.8)
-        ax[1 + i].set(xlabel="draft exit E (layers)", ylabel=key, title=f"{key} (trained norm exits)")
-        ax[1 + i].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -361,7 +308,7 @@ def offline_sweep(c, gd, params, arm_p, layers, idx, mcfg, fit_prompts, test_pro
     for split in sweeps:
         for arm in ARMS:
             for (l, k), r in sweeps[split][arm].items():
-                r.update(cost_speedups(r["tokens_per_verify"], k, l, mcfg, verify_s[b_main], verify_s[b_main][1],
+                r.update(common.cost_speedups(r["tokens_per_verify"], k, l, mcfg, verify_s[b_main], verify_s[b_main][1],
                                        batch=b_main, cache_len=p_len + g_new))
     # Fit (arm, E, k) on the fitting prompts by the CPU cost model at the main batch.
     best = max(((arm, l, k) for arm in ("norm", "lowrank") for l in layers for k in dc.ks),
@@ -457,7 +404,7 @@ def report(run, ex, sweeps, measured, verify_s, best, best_gpu, depth, layers, l
                "fit": {"best_cpu_cost": best, "best_gpu_cost": best_gpu},
                "verify_seconds": {str(b): {str(t): s for t, s in v.items()} for b, v in verify_s.items()},
                "sweep": sweep_rows, "measured": {str(b): v for b, v in measured.items()}, "log": log_lines}
-    files = {f"{c.variant}_sweep.png": lambda path: plot_sweep(
+    files = {f"{c.variant}_sweep.png": lambda path: common.plot_sweep(
         sweeps["test"], layers, dc.ks, path, "held-out prompts (exact replay of greedy self-speculation)")}
     short = lambda r: {k: r.get(k, "") for k in ("drafter", "exits", "mean_draft_layers", "mean_k",  # noqa: E731
                                                   "acceptance", "tokens_per_verify", "seconds", "tokens_per_s",
@@ -478,7 +425,7 @@ def report(run, ex, sweeps, measured, verify_s, best, best_gpu, depth, layers, l
         report_lib.markdown_table(exit_rows, list(exit_rows[0].keys()), ".2f"),
         f"## Fit (fitting prompts: {dc.fit_prompts} from Gutenberg validation + WikiText-2 validation)\n"
         f"Best static by the CPU cost model: exits {arm_b}, E={e_b}, k={k_b}; by the cost model (roofline, H200): "
-        f"{best_gpu}. " + COST_COLUMNS,
+        f"{best_gpu}. " + common.COST_COLUMNS,
     ]
     for b in dc.batches:
         parts.append(f"## Held-out decoding, batch {b} ({measured[b]['prompts']} WikiText-2 test prompts of "

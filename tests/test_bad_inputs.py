@@ -140,8 +140,8 @@ CLI_CASES = [
     ("lgvit", ["--config.seed=99999999999999999999"], "config.seed=99999999999999999999: must be an integer in "
                                                       "[0, 2147483647]"),
     ("deediff", ["--config.seed=4294967296"], "config.seed=4294967296"),
-    ("lgvit", ["--config.stage1.optim.total_steps=10", "--config.stage1.optim.warmup_steps=5"],
-     "config.stage1.optim.total_steps=10 < config.stage1.steps=600"),
+    ("lgvit", ["--config.stage1.optim.total_steps=5", "--config.stage1.optim.warmup_steps=2"],
+     "config.stage1.optim.total_steps=5 < config.stage1.steps=6"),
     ("lgvit", ["--config.variants=('lgvit', 'linear', 'lgvit')"], "config.variants[2]='lgvit' is repeated"),
     ("lgvit", ["--config.eval.thresholds=(0.5, 0.5000001)"], "config.eval.thresholds[1]=0.5000001 and 0.5 are the "
                                                              "same at the tables' precision"),
@@ -158,12 +158,12 @@ CLI_CASES = [
     ("self_speculative", ["--config.decode.ks=(1, 2, 1)"], "holds a value twice"),
     ("deediff", ["--config.sample.eta=1e9"], "config.sample.eta=1000000000.0: must be a finite number in [0, 1]"),
     ("deediff", ["--config.data.ref_size=3"], "config.data.ref_size=3: must be 0 (the whole test split) or >= "
-                                              "sample.num_samples=40"),
+                                              "sample.num_samples=20"),
     ("lgvit", ["--config.stage2.temperature=1e-30"], "config.stage2.temperature=1e-30: must be a finite number >= "
                                                      "0.01"),
-    ("lgvit", ["--config.eval.throughput_batch=5000"], "config.eval.throughput_batch=5000 exceeds the 2000 test "
+    ("lgvit", ["--config.eval.throughput_batch=5000"], "config.eval.throughput_batch=5000 exceeds the 500 test "
                                                        "images"),
-    ("lgvit", ["--config.data.test_size=1"], "config.eval.throughput_batch=256 exceeds the 1 test images"),
+    ("lgvit", ["--config.data.test_size=1"], "config.eval.throughput_batch=64 exceeds the 1 test images"),
 ]
 
 

@@ -34,9 +34,22 @@ def _run(paper, tmp_path, shared, *extra):
     return mod, argv, out
 
 
+# Scripts in experiments/ that are tools over committed results, not papers (no config, no smoke run).
+TOOLS = {"intervals", "backfill_provenance", "self_speculative_costs"}
+
+
 def test_every_experiment_has_a_smoke_variant_and_a_check():
-    papers = {p.stem for p in (ROOT / "experiments").glob("[a-z]*.py")}
+    papers = {p.stem for p in (ROOT / "experiments").glob("[a-z]*.py")} - TOOLS
     assert set(PAPERS) == papers == set(CHECKS)
+
+
+def test_no_experiment_imports_another():
+    """Shared plumbing lives in the family modules (experiments/_common*.py) or the library, never in a paper."""
+    scripts = {p.stem for p in (ROOT / "experiments").glob("[a-z]*.py")}
+    for p in (ROOT / "experiments").glob("*.py"):
+        imported = set(re.findall(r"^from experiments(?:\.(\w+))? import (\w+)", p.read_text(), re.M))
+        names = {a or b for a, b in imported}
+        assert not names & scripts, f"{p.name} imports {sorted(names & scripts)}"
 
 
 @pytest.mark.parametrize("paper", PAPERS)
@@ -275,6 +288,31 @@ def check_skipdecode(data, out, tmp_path, *_):
     assert [(p["a"], p["b"]) for p in data["paired_differences"]][0] == ("SkipDecode (fine-tuned)", "static truncated")
     for p in data["paired_differences"]:
         assert p["nll_ci95_lo"] <= p["nll_diff"] <= p["nll_ci95_hi"] and "agree_diff" in p
+
+
+def check_dynamax(data, out, *_):
+    assert set(data["models"]) == {"mamba", "transformer"}
+    assert data["static"] and data["operating_points"] and data["host_stops"]
+    for r in (r for r in data["operating_points"] if r["threshold"] is not None):
+        assert 0 < r["compute"] <= 1.5 and 0 <= r["agreement"] <= 1
+    assert (out / "dynamax_quality_vs_compute.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------------ token exit
+
+
+def check_dtop(data, out, *_):
+    res = data["results"]
+    assert res["static"] and res["sweep"] and res["speed"]
+    assert res["scale"]["steps"] == data["config"]["train"]["steps"]
+    assert (out / "dtop_miou_flops.png").stat().st_size > 0 and (out / "dtop_bg_savings.png").stat().st_size > 0
+
+
+def check_dyvte(data, out, *_):
+    res = data["results"]
+    assert res["static"] and res["arms"] and res["speed"] and 1 <= res["knee_layer"] <= res["scale"]["depth"]
+    assert res["random"]["draws"] == data["config"]["eval"]["random_draws"]
+    assert (out / "dyvte_acc_flops.png").stat().st_size > 0
 
 
 # ------------------------------------------------------------------------------------------- the frozen SmolLM2
