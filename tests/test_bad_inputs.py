@@ -151,7 +151,7 @@ CLI_CASES = [
     ("kangaroo", ["--config.decode.gamma=100000"], "config.decode.gamma=100000: must be <= decode.new_tokens=6"),
     ("kangaroo", ["--config.model.depth=2"], "config.model.depth=2: is ignored by model.name='random'"),
     ("kangaroo", ["--config.drafter.exit_layers=(5,)"], "must be < the random model's 4 layers"),
-    ("encoder_exits", ["--config.data.max_len=100000"], "config.data.max_len=100000: must be an integer in [1, 512]"),
+    ("encoder_exits", ["--config.data.max_len=1000"], "config.data.max_len=1000: must be an integer in [1, 512]"),
     ("self_speculative", ["--config.decode.batches=(5,)"], "the largest batch 5 exceeds the prompts"),
     ("self_speculative", ["--config.decode.ks=(2, 3)"], "config.decode.ks=(2, 3): must include 1"),
     ("self_speculative", ["--config.decode.ks=(1, 50)"], "must be <= decode.new_tokens=6"),
