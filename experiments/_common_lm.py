@@ -105,7 +105,9 @@ def model_config(cfg, vocab_size: int) -> lm_lib.LMConfig:
 # -------------------------------------------------------------------------------------------------- training
 
 
-def _fit(loss_fn, params, optim_cfg, batches, steps, workdir, cfg, desc, trainable=None):
+def fit(loss_fn, params, optim_cfg, batches, steps, workdir, cfg, desc, trainable=None):
+    """``steps`` updates of ``loss_fn`` on the one Trainer, resumable in ``workdir`` (its log and checkpoint
+    cadence from ``cfg``); returns the trained parameters."""
     with Trainer(loss_fn, params, make_optimizer(optim_cfg, trainable=trainable), workdir=workdir, seed=cfg.seed,
                  log_every=cfg.log_every, ckpt_every=cfg.ckpt_every) as tr:
         return tr.fit(batches, steps, desc=desc).params
@@ -120,14 +122,14 @@ def train_base(cfg, corpus: Corpus, workdir) -> tuple[Any, Any, lm_lib.LMConfig,
                                         warmup_steps=t.warmup_steps, layer_drop=t.layer_drop)
     batches = WindowIterator(corpus.train_ids, cfg.data.batch_size, cfg.data.seq_len, seed=cfg.seed)
     start = time.perf_counter()
-    params = _fit(loss_fn, params, t.optim, batches, t.steps, pathlib.Path(workdir) / "base", cfg, "base LM")
+    params = fit(loss_fn, params, t.optim, batches, t.steps, pathlib.Path(workdir) / "base", cfg, "base LM")
     return graphdef, params, mcfg, time.perf_counter() - start
 
 
 def train_classifier(cfg, graphdef, params, mcfg, corpus: Corpus, workdir) -> dict:
     """Stage 2 on the frozen model: CALM's learned exit classifier (label: exit argmax == final argmax)."""
     batches = WindowIterator(corpus.train_ids, cfg.data.batch_size, cfg.data.seq_len, seed=cfg.seed + 1)
-    return _fit(lm_lib.classifier_loss(graphdef, params), lm_lib.init_classifier(mcfg), cfg.classifier.optim,
+    return fit(lm_lib.classifier_loss(graphdef, params), lm_lib.init_classifier(mcfg), cfg.classifier.optim,
                 batches, cfg.classifier.steps, pathlib.Path(workdir) / "classifier", cfg, "exit classifier")
 
 
@@ -143,7 +145,7 @@ def finetune_skipdecode(cfg, graphdef, params, mcfg, corpus: Corpus, layers_G, w
     batches = WindowIterator(corpus.train_ids, cfg.data.batch_size, cfg.data.seq_len, seed=cfg.seed + 2)
     kb = cfg.skipdecode.keep_bottom
     run = f"skipdecode-{name}" + (f"-keep{kb}" if kb else "")   # one checkpoint directory per schedule
-    return _fit(loss_fn, params, cfg.skipdecode.optim, batches, cfg.skipdecode.finetune_steps,
+    return fit(loss_fn, params, cfg.skipdecode.optim, batches, cfg.skipdecode.finetune_steps,
                 pathlib.Path(workdir) / run, cfg, f"SkipDecode fine-tune {name}")
 
 

@@ -28,7 +28,6 @@ from eejax.exits import confidence as conf_lib
 from eejax.exits import costs, hlo
 from eejax.models import exit_classifier as ec
 from eejax.models import lm, mamba_lm
-from eejax.train import Trainer, make_optimizer
 from experiments import _common_lm as lm_common
 from experiments._common import Report, Run, experiment
 
@@ -58,13 +57,6 @@ def build(arch: str, mcfg, seed: int):
     return (mamba_lm.build if arch == "mamba" else lm.build)(mcfg, seed)
 
 
-def _fit(loss_fn, params, optim_cfg, batches, steps, workdir, cfg, desc):
-    with Trainer(loss_fn, params, make_optimizer(optim_cfg), workdir=workdir, seed=cfg.seed, log_every=cfg.log_every,
-                 ckpt_every=cfg.ckpt_every) as tr:
-        state = tr.fit(batches, steps, desc=desc)
-        return state.params
-
-
 def train_backbone(cfg, arch, mcfg, corpus, workdir) -> tuple[Any, Any, float]:
     """Stage 1 (resumes from ``workdir/<arch>``): the LM with exits, final CE + decaying-weight KD of the exits."""
     gd, params = build(arch, mcfg, cfg.seed)
@@ -73,7 +65,7 @@ def train_backbone(cfg, arch, mcfg, corpus, workdir) -> tuple[Any, Any, float]:
                                          temperature=t.temperature)
     batches = WindowIterator(corpus.train_ids, cfg.data.batch_size, cfg.data.seq_len, seed=cfg.seed)
     start = time.perf_counter()
-    params = _fit(loss_fn, params, t.optim, batches, t.steps, pathlib.Path(workdir) / arch / "base", cfg,
+    params = lm_common.fit(loss_fn, params, t.optim, batches, t.steps, pathlib.Path(workdir) / arch / "base", cfg,
                   f"{arch} LM")
     return gd, params, time.perf_counter() - start
 
@@ -94,7 +86,7 @@ def train_classifiers(cfg, arch, lm_gd, lm_params, ccfgs, corpus, workdir) -> tu
     loss_fn = ec.classifier_loss(lm_gd, lm_params, {k: g for k, (g, _) in built.items()}, top_k=cfg.classifier.top_k)
     batches = WindowIterator(corpus.train_ids, cfg.data.batch_size, cfg.data.seq_len, seed=cfg.seed + 1)
     start = time.perf_counter()
-    params = _fit(loss_fn, {k: p for k, (_, p) in built.items()}, cfg.classifier.optim, batches,
+    params = lm_common.fit(loss_fn, {k: p for k, (_, p) in built.items()}, cfg.classifier.optim, batches,
                   cfg.classifier.steps, pathlib.Path(workdir) / arch / "classifiers", cfg, f"{arch} classifiers")
     return {k: (built[k][0], params[k]) for k in ccfgs}, time.perf_counter() - start
 
