@@ -1,4 +1,5 @@
-"""Shared plumbing of the experiments on LMs trained here (experiments/per_token_exit.py, experiments/skipdecode.py).
+"""Shared plumbing of the experiments on LMs trained here (experiments/per_token_exit.py, experiments/skipdecode.py,
+experiments/dynamax.py).
 
 data (offline text, char/byte tokenizer) -> base model (multi-exit LM loss, LayerSkip dropout, EE-LLM warm-up, the
 one Trainer; resumable, in <workdir>/base-lm or a shared model_workdir) -> optional stages on top (CALM's learned exit

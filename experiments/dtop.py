@@ -30,7 +30,7 @@ from eejax.data import composed
 from eejax.eval import paired, report, segmentation
 from eejax.exits import costs, engine, tokens
 from eejax.models import segvit
-from experiments import _token_exit as tx
+from experiments import _common_tokens as tx
 from experiments._common import Report, Run, experiment
 
 NAME = "dtop"

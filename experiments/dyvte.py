@@ -27,7 +27,7 @@ from eejax.data import composed
 from eejax.eval import paired, report
 from eejax.exits import costs, tokens
 from eejax.models import vlm
-from experiments import _token_exit as tx
+from experiments import _common_tokens as tx
 from experiments._common import Report, Run, experiment
 
 NAME = "dyvte"
