@@ -59,16 +59,9 @@ def time_interleaved(calls: dict[str, tuple[Callable, tuple]], *, repeats: int, 
     """Wall-clock of several ``name -> (exe, args)`` calls, run round-robin (one call of each per round, for
     ``repeats`` rounds after ``warmup`` untimed rounds), so a slow spell of a shared machine hits every candidate
     alike. Returns per name the median, the minimum and every time (``block_until_ready``)."""
-    for _ in range(warmup):
-        for exe, args in calls.values():
-            jax.block_until_ready(exe(*args))
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, (exe, args) in calls.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(exe(*args))
-            times[name].append(time.perf_counter() - t0)
-    return {name: {"time_s": statistics.median(t), "min_s": min(t), "times_s": t} for name, t in times.items()}
+    timings = costs.measure_interleaved(calls, warmup=warmup, iters=repeats)
+    return {name: {"time_s": statistics.median(t.times_s), "min_s": t.min_s, "times_s": list(t.times_s)}
+            for name, t in timings.items()}
 
 
 def cast_floats(tree: Any, dtype) -> Any:

@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = fit(rows) if args.fit else costs.H200
     if args.fit:
-        device = device.calibrated(name=f"H200 (fitted on {folder.name})", source=f"benchmarks/roofline.py --fit")
+        device = device.calibrated(name=f"H200 (fitted on {folder.name})", source="benchmarks/roofline.py --fit")
     tab = table(rows, device)
     err = errors(tab)
     md = markdown(tab, device, err, skipped, folder)

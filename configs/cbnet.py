@@ -5,7 +5,7 @@ Runbook
 Command (args: mnist | fashion_mnist | smoke):
     nice -n 10 ./launch.sh cbnet:mnist         --outdir experiments/results/cbnet-mnist
     nice -n 10 ./launch.sh cbnet:fashion_mnist --outdir experiments/results/cbnet-fashion_mnist
-    ./launch.sh cbnet:smoke      # embedded MNIST, no download, a couple of minutes on 2 CPU cores
+    ./launch.sh cbnet:smoke      # CI: embedded MNIST, no download, 3 steps: the plumbing only
 Data: MNIST / Fashion-MNIST from --data_dir or $EEJAX_DATA_DIR (54,000 train / 6,000 val carved from train /
     10,000 test); smoke uses the MNIST test split shipped in the package. Conversion targets come from TRAIN only.
 Budget rule (fixed on 2026-12-04, before the rerun it governs; validate() enforces it): EVERY network trained
@@ -37,7 +37,7 @@ import os
 
 import ml_collections
 
-from eejax.harness.config import Validator
+from _base_vision import check_image, validate_vision
 from eejax.train import default_optim_config
 
 NOT_IN_CHECKPOINTS = ("eval",)
@@ -69,16 +69,16 @@ def get_config(arg=None):
     if arg == "smoke":
         c.data.name = "mnist_embedded"
         c.data.val_fraction = 0.125
-        c.data.eval_batch_size = 500
         c.model.update(width=8)
         c.data.batch_size = 128
-        c.train.steps = c.train.optim.total_steps = 60
+        c.train.optim.total_steps = 60
         c.train.optim.warmup_steps = 6
-        c.train_ae.steps = c.train_ae.optim.total_steps = 60
+        c.train_ae.optim.total_steps = 60
         c.train_ae.optim.warmup_steps = 6
-        c.eval.executed_priors = (0.5, 1.5)
-        c.eval.latency_batch = 64
-        c.eval.latency_iters = 3
+        # the CI scale: tests/test_experiments.py runs every config's smoke variant end to end
+        c.train.steps = c.train_ae.steps = 3
+        c.data.update(test_size=200, eval_batch_size=200)
+        c.eval.update(executed_priors=(1.0,), latency_batch=16, latency_iters=1)
     elif arg not in ("mnist", "fashion_mnist"):
         raise ValueError(f"configs/cbnet.py: unknown arg {arg!r}; use mnist, fashion_mnist or smoke")
     return c
@@ -86,24 +86,14 @@ def get_config(arg=None):
 
 def validate(c):
     """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
-    from eejax.data import pipeline  # noqa: PLC0415
     from eejax.models import cbnet, perceiver  # noqa: PLC0415
 
-    v = Validator(c)
-    v.str("name")
-    v.int("seed", lo=0)
-    v.choice("data.name", pipeline.DATASETS)
-    v.float("data.val_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
-    for key in ("data.train_size", "data.test_size"):
-        v.int(key, lo=0)
-    for key in ("data.batch_size", "data.eval_batch_size", "model.image_size", "model.channels", "model.width",
-                "train.steps", "train_ae.steps", "train_ae.batch_size", "eval.latency_batch", "eval.latency_iters",
-                "log_every", "ckpt_every"):
-        v.int(key, lo=1)
+    v = validate_vision(c, positive=(
+        "data.batch_size", "data.eval_batch_size", "model.image_size", "model.channels", "model.width",
+        "train.steps", "train_ae.steps", "train_ae.batch_size", "eval.latency_batch", "eval.latency_iters",
+        "log_every", "ckpt_every"))
     v.int("model.depth", lo=2)
-    if (c.model.image_size, c.model.image_size, c.model.channels) != pipeline.IMAGE_SHAPES[c.data.name]:
-        v.fail("model.image_size", f"with model.channels={c.model.channels} does not match {c.data.name} images "
-                                   f"{pipeline.IMAGE_SHAPES[c.data.name]}")
+    check_image(v, c)
     v.ints("autoencoder.hidden", lo=1)
     v.optim("train.optim")
     v.optim("train_ae.optim")

@@ -29,7 +29,7 @@ Expected (arXiv:2506.13725 and PAPERS.md): vanilla Jacobi (no consistency traini
 """
 import ml_collections
 
-from _smollm2 import model_config, validate_model
+from _base_smollm2 import model_config, validate_model
 
 NOT_IN_CHECKPOINTS = ("data", "jacobi")   # nothing is trained
 

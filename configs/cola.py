@@ -27,7 +27,7 @@ Expected (arXiv:2507.07996 [abs], math and commonsense benchmarks, 7B-class mode
 """
 import ml_collections
 
-from _smollm2 import model_config, validate_model
+from _base_smollm2 import model_config, validate_model
 
 NOT_IN_CHECKPOINTS = ("data", "search", "heldout")   # nothing is trained
 

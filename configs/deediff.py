@@ -36,7 +36,7 @@ Paper: U-ViT-S on CIFAR-10, full-depth FID 3.11; DeeDiff reports over 40% less i
 """
 import ml_collections
 
-from eejax.harness.config import Validator
+from _base_vision import check_image, validate_vision
 from eejax.train import default_optim_config
 
 # Not compared with the workdir's recorded config: sampling and evaluation settings only, so a finished run can be
@@ -100,6 +100,8 @@ def get_config(arg=None):
         c.eval.update(target_ratios=(0.5, 0.8), calib_iters=2, mse_images=16, mse_timesteps=(0, 500, 999),
                       kid_subsets=2, kid_subset_size=20, grid=20, timing_repeats=1)
         c.log_every = 10
+        # the CI scale: tests/test_experiments.py runs every config's smoke variant end to end
+        c.train.steps, c.classifier.steps, c.sample.num_samples = 6, 4, 20
     elif arg != "mnist":
         raise ValueError(f"configs/deediff.py: unknown arg {arg!r}; use mnist, fashion_mnist, cifar10 or smoke")
     return c
@@ -107,26 +109,16 @@ def get_config(arg=None):
 
 def validate(c):
     """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
-    from eejax.data import pipeline  # noqa: PLC0415
     from eejax.models import diffusion as D  # noqa: PLC0415
 
-    v = Validator(c)
-    v.str("name")
-    v.int("seed", lo=0)
-    v.choice("data.name", pipeline.DATASETS)
-    v.int("data.train_size", lo=0)
-    v.int("data.ref_size", lo=0)
-    for key in ("model.image_size", "model.channels", "model.patch_size", "model.d_model", "model.depth",
-                "model.num_heads", "model.mlp_dim", "diffusion.num_timesteps", "train.steps", "train.batch_size",
-                "classifier.steps", "classifier.batch_size", "sample.steps", "sample.num_samples",
-                "sample.batch_size", "eval.calib_iters", "eval.mse_images", "eval.kid_subsets",
-                "eval.kid_subset_size", "eval.grid", "eval.timing_repeats", "log_every", "ckpt_every"):
-        v.int(key, lo=1)
+    v = validate_vision(c, sizes=("data.train_size", "data.ref_size"), positive=(
+        "model.image_size", "model.channels", "model.patch_size", "model.d_model", "model.depth",
+        "model.num_heads", "model.mlp_dim", "diffusion.num_timesteps", "train.steps", "train.batch_size",
+        "classifier.steps", "classifier.batch_size", "sample.steps", "sample.num_samples",
+        "sample.batch_size", "eval.calib_iters", "eval.mse_images", "eval.kid_subsets",
+        "eval.kid_subset_size", "eval.grid", "eval.timing_repeats", "log_every", "ckpt_every"))
     v.int("model.num_classes", lo=0)
-    if c.data.name in pipeline.IMAGE_SHAPES and \
-            (c.model.image_size, c.model.image_size, c.model.channels) != pipeline.IMAGE_SHAPES[c.data.name]:
-        v.fail("model.image_size", f"with model.channels={c.model.channels} does not match {c.data.name} images "
-                                   f"{pipeline.IMAGE_SHAPES[c.data.name]}")
+    check_image(v, c)
     mcfg = v.build("config.model", lambda: D.UViTConfig(**c.model.to_dict()))
     v.choice("diffusion.schedule", ("linear", "cosine"))
     v.choice("diffusion.parameterization", ("eps", "v"))

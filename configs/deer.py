@@ -5,11 +5,11 @@ Runbook
 Command (args: fashion_mnist | smoke); the backbone is MuE's (same recipe, same seed): train it once and share it:
     nice -n 10 ./launch.sh deer:fashion_mnist --outdir experiments/results/deer-fashion_mnist \\
         --config.model_workdir=runs/shared-head-vit-fashion_mnist
-    ./launch.sh deer:smoke         # embedded MNIST, no download, a few minutes on 2 CPU cores
+    ./launch.sh deer:smoke         # CI: embedded MNIST, no download, 4 steps: the plumbing only
 Data: Fashion-MNIST from --data_dir or $EEJAX_DATA_DIR (54,000 train / 6,000 val carved from train / 10,000 test);
     smoke uses the MNIST test split shipped inside the package.
 Model: ViT, 6 layers, width 64, patch 7, one linear head shared by every layer (DeeR: a shared action head after
-    every exit), trained with label-smoothed CE averaged over every layer (experiments/_shared_head_vit.py).
+    every exit), trained with label-smoothed CE averaged over every layer (experiments/_common_vision.py).
 Exit rule: exit e fires when ||softmax_e - softmax_{e-1}||_2 < T_e (the classification stand-in for DeeR's
     ||a_k - a_{k-1}||), at exit max_exit at the latest (DeeR's max_layer: the peak compute cap); exit 1 has nothing
     to compare with. T is fit on VALIDATION to an average-compute budget (mean layers) under the cap with DeeR's
@@ -22,7 +22,7 @@ Expected shape (arXiv:2411.02359): the accuracy-vs-average-compute curve lies ab
 """
 import ml_collections
 
-from _shared_head_vit import base_config, validate_base
+from _base_vision import base_config, validate_base
 
 NOT_IN_CHECKPOINTS = ("eval",)
 
@@ -38,10 +38,12 @@ def get_config(arg=None):
         budgets=(2.25, 2.5, 3.0, 3.5, 4.0, 5.0),   # average layers per example (>= 2: exit 1 cannot fire)
         max_layers=(3, 4, 6),                          # peak caps (DeeR's max_layer), in layers
         throughput_batch=256))
-    if arg == "smoke":
-        c.eval.budgets = (2.5, 3.0)
+    if arg == "smoke":   # the CI scale: tests/test_experiments.py runs every config's smoke variant end to end
+        c.train.steps = 4    # the same backbone as MuE's smoke
+        c.data.update(test_size=500, eval_batch_size=250)
+        c.eval.budgets = (3.0,)
         c.eval.max_layers = (3, 4)
-        c.eval.throughput_batch = 64
+        c.eval.throughput_batch = 32
     return c
 
 

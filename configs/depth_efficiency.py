@@ -32,7 +32,7 @@ Expected shape (arXiv:2505.13898, Llama 3.1 / Qwen 3): second-half layers contri
 """
 import ml_collections
 
-from _smollm2 import model_config, validate_model
+from _base_smollm2 import model_config, validate_model
 
 NOT_IN_CHECKPOINTS = ("data", "lens", "skip")   # nothing is trained: every field is an evaluation setting
 

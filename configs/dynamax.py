@@ -95,7 +95,7 @@ def get_config(arg=None):
         c.exits = "from:1"
         c.mamba.update(d_model=16, depth=4, d_state=2)
         c.transformer.update(d_model=16, depth=4, num_heads=2, num_kv_heads=1)
-        c.data.update(seq_len=32, batch_size=4)
+        c.data.update(seq_len=32, batch_size=8)   # a multiple of the test suite's 8 CPU devices
         c.train.steps = c.train.optim.total_steps = 4
         c.train.optim.warmup_steps = 1
         c.classifier.update(kinds=("linear", "mamba"), budget=120, steps=2)

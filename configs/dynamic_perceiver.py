@@ -4,7 +4,7 @@ Runbook
 -------
 Command (args: fashion_mnist | cifar10 | smoke):
     nice -n 10 ./launch.sh dynamic_perceiver:fashion_mnist --outdir experiments/results/dynamic_perceiver-fashion_mnist
-    ./launch.sh dynamic_perceiver:smoke     # embedded MNIST, no download, a couple of minutes on 2 CPU cores
+    ./launch.sh dynamic_perceiver:smoke     # CI: embedded MNIST, no download, 3 steps: the plumbing only
 Data: Fashion-MNIST (or CIFAR-10, the JPEG q75 copy: not pixel-exact) from --data_dir or $EEJAX_DATA_DIR;
     validation carved from train (10%), test = the test split; smoke uses the MNIST test split shipped in the package.
 Model (eejax/models/perceiver.py): feature branch = a stride-4 conv stem + 4 residual 3x3-conv stages of width 24
@@ -27,7 +27,7 @@ Paper (arXiv:2306.11248, README figures): 1.8-4.8x fewer FLOPs than static RegNe
 """
 import ml_collections
 
-from eejax.harness.config import Validator
+from _base_vision import check_image, validate_vision
 from eejax.train import default_optim_config
 
 ARMS = ("perceiver", "feature_exits")
@@ -59,11 +59,14 @@ def get_config(arg=None):
         c.data.val_fraction = 0.125
         c.data.batch_size = 64
         c.model.update(width=16, depth=3, latent_tokens=4, latent_dim=32, num_heads=2, mlp_dim=32)
-        c.train.steps = c.train.optim.total_steps = 150
+        c.train.optim.total_steps = 150
         c.train.optim.warmup_steps = 15
-        c.eval.executed_priors = (0.5, 1.5)
-        c.eval.throughput_batch = 64
         c.ckpt_every = 100
+        # the CI scale: tests/test_experiments.py runs every config's smoke variant end to end
+        c.train.steps = 3
+        c.data.update(test_size=200, eval_batch_size=200)
+        c.eval.executed_priors = (1.0,)
+        c.eval.throughput_batch = 16
     elif arg != "fashion_mnist":
         raise ValueError(f"configs/dynamic_perceiver.py: unknown arg {arg!r}; use fashion_mnist, cifar10 or smoke")
     return c
@@ -71,25 +74,15 @@ def get_config(arg=None):
 
 def validate(c):
     """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
-    from eejax.data import pipeline  # noqa: PLC0415
     from eejax.models import perceiver  # noqa: PLC0415
 
-    v = Validator(c)
-    v.str("name")
-    v.int("seed", lo=0)
+    v = validate_vision(c, positive=(
+        "data.batch_size", "data.eval_batch_size", "model.image_size", "model.channels", "model.width",
+        "model.latent_tokens", "model.latent_dim", "model.num_heads", "model.mlp_dim", "train.steps",
+        "eval.throughput_batch", "log_every", "ckpt_every"))
     v.choices("arms", ARMS)
-    v.choice("data.name", pipeline.DATASETS)
-    v.float("data.val_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
-    for key in ("data.train_size", "data.test_size"):
-        v.int(key, lo=0)
-    for key in ("data.batch_size", "data.eval_batch_size", "model.image_size", "model.channels", "model.width",
-                "model.latent_tokens", "model.latent_dim", "model.num_heads", "model.mlp_dim", "train.steps",
-                "eval.throughput_batch", "log_every", "ckpt_every"):
-        v.int(key, lo=1)
     v.int("model.depth", lo=2)
-    if (c.model.image_size, c.model.image_size, c.model.channels) != pipeline.IMAGE_SHAPES[c.data.name]:
-        v.fail("model.image_size", f"with model.channels={c.model.channels} does not match {c.data.name} images "
-                                   f"{pipeline.IMAGE_SHAPES[c.data.name]}")
+    check_image(v, c)
     v.float("train.kd_weight", lo=0.0)
     v.float("train.temperature", lo=1e-2)  # KD on logits / T (x T^2): a tiny T overflows float32
     v.optim("train.optim")

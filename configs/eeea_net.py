@@ -7,7 +7,7 @@ Runbook
 Command (args: fashion_mnist | mnist | smoke):
     nice -n 10 ./launch.sh eeea_net:fashion_mnist --data_dir /work/shared/data \\
         --outdir experiments/results/eeea_net-fashion_mnist
-    ./launch.sh eeea_net:smoke          # embedded MNIST, no download, a minute or two on 2 CPU cores
+    ./launch.sh eeea_net:smoke          # CI: embedded MNIST, two tiny candidates: the plumbing only
 Data: Fashion-MNIST from --data_dir or $EEJAX_DATA_DIR; candidates are scored on a validation split carved from train
     (bounded to ``data.val_size`` examples), the final Pareto fronts once on the 10,000 test images.
 Search space: ViT depth {1..6} x width {16, 32, 48, 64} x heads {1, 2, 4} x MLP ratio {1, 2, 4} x patch {4, 7, 14}
@@ -26,7 +26,7 @@ Expected shape (PAPERS.md, toy NAS): at the same number of evaluations the cappe
 """
 import ml_collections
 
-from eejax.harness.config import Validator
+from _base_vision import validate_vision
 from eejax.train import default_optim_config
 
 NOT_IN_CHECKPOINTS = ("eval", "search")   # a candidate's proxy training does not depend on how it was found
@@ -56,15 +56,16 @@ def get_config(arg=None):
     if arg == "smoke":
         c.data.name = "mnist_embedded"
         c.data.val_fraction = 0.125
-        c.data.val_size = 500
         c.data.batch_size = 32
-        c.data.test_size = 500
-        c.space.update(depth=(1, 2), d_model=(16, 32), patch_size=(7, 14))
-        c.search.update(population=4, generations=2, max_params=12000)
-        c.train.steps = c.train.optim.total_steps = 10
+        c.train.optim.total_steps = 10
         c.train.optim.warmup_steps = 2
         c.log_every = 5
         c.eval.budgets = (5000, 12000)
+        # the CI scale: tests/test_experiments.py runs every config's smoke variant end to end
+        c.data.update(val_size=200, test_size=200, eval_batch_size=200)
+        c.space.update(depth=(1,), d_model=(16,), mlp_ratio=(1,), num_heads=(1,), patch_size=(4, 7, 14))
+        c.search.update(population=2, generations=1, max_params=5000)
+        c.train.steps = 3
     return c
 
 
@@ -72,16 +73,9 @@ def validate(c):
     """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
     from eejax.data import pipeline  # noqa: PLC0415
 
-    v = Validator(c)
-    v.str("name")
-    v.int("seed", lo=0)
-    v.choice("data.name", pipeline.DATASETS)
-    v.float("data.val_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
-    for key in ("data.val_size", "data.train_size", "data.test_size"):
-        v.int(key, lo=0)
-    for key in ("data.batch_size", "data.eval_batch_size", "train.steps", "log_every", "search.population",
-                "search.generations", "search.max_params"):
-        v.int(key, lo=1)
+    v = validate_vision(c, sizes=("data.val_size", "data.train_size", "data.test_size"), positive=(
+        "data.batch_size", "data.eval_batch_size", "train.steps", "log_every", "search.population",
+        "search.generations", "search.max_params"))
     v.float("search.retain", 0.0, 1.0, lo_open=True, hi_open=True)
     if c.search.generations > 1 and int(c.search.retain * c.search.population) < 2:
         v.fail("search.retain", f"keeps {int(c.search.retain * c.search.population)} of the population; need >= 2 "

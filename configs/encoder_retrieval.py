@@ -50,9 +50,12 @@ def get_config(arg=None):
     if arg == "smoke":
         c.model.update(pretrained=False, d_model=32, depth=3, num_heads=2, mlp_dim=64)
         c.data.update(train_size=64, eval_size=48, max_len=16, batch_size=16, eval_batch_size=24)
-        c.train.steps = c.train.optim.total_steps = 3
+        c.train.optim.total_steps = 3
         c.train.optim.warmup_steps = 1
         c.ckpt_every = 3
+        # the CI scale: tests/test_experiments.py runs every config's smoke variant end to end
+        c.train.steps = 2
+        c.arms = ("zero_shot", "self_distill")
     elif arg != "continuation":
         raise ValueError(f"configs/encoder_retrieval.py: unknown arg {arg!r}; use continuation or smoke")
     return c

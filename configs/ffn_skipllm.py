@@ -26,28 +26,21 @@ Expected shape (arXiv:2404.03865, PAPERS.md): 25-30% of FFN blocks skipped with 
 """
 import ml_collections
 
+from _base_smollm2 import skip_config, validate_model
+
 NOT_IN_CHECKPOINTS = ("ppl", "decode")
 
 
 def get_config(arg=None):
-    arg = arg or "wikitext2"
-    if arg not in ("wikitext2", "smoke"):
-        raise ValueError(f"configs/ffn_skipllm.py: unknown arg {arg!r}; use wikitext2 or smoke")
-    c = ml_collections.ConfigDict()
-    c.runbook = __doc__
-    c.name = f"ffn_skipllm-{arg}"
-    c.model = ml_collections.ConfigDict(dict(name="smollm2-135m", depth=0))
+    c = skip_config("ffn_skipllm", arg, __doc__)
     c.gate = ml_collections.ConfigDict(dict(cold_first=2, cold_last=2, warmup=4, max_skip=0,
                                             targets=(0.05, 0.1, 0.3), calib_tokens=2048,
                                             max_skip_variants=((0.3, 1),)))
-    c.ppl = ml_collections.ConfigDict(dict(context=512, batch=2, max_tokens=8192))
     c.decode = ml_collections.ConfigDict(dict(prompts=16, prompt_len=32, new_tokens=64, timing_prompts=2,
                                               timing_repeats=1))
     if arg == "smoke":
-        c.model.name = "random-tiny"
         c.gate.update(cold_first=1, cold_last=1, warmup=2, targets=(0.2,), calib_tokens=64,
                       max_skip_variants=((0.2, 1),))
-        c.ppl.update(context=32, batch=2, max_tokens=128)
         c.decode.update(prompts=2, prompt_len=8, new_tokens=6, timing_prompts=1)
     return c
 
@@ -55,11 +48,9 @@ def get_config(arg=None):
 def validate(c):
     """Every value checked when the config is loaded (called by eejax.harness.config)."""
     from eejax.harness.config import Validator  # noqa: PLC0415
-    from eejax.models import pretrained  # noqa: PLC0415
 
     v = Validator(c)
-    v.choice("model.name", sorted(pretrained.MODELS) + ["random-tiny"])
-    v.int("model.depth", lo=0)
+    validate_model(v, dtype=False, depth=True)
     for key in ("gate.cold_first", "gate.cold_last", "gate.warmup", "gate.max_skip"):
         v.int(key, lo=0)
     v.floats("gate.targets", 0.0, 1.0, lo_open=True)

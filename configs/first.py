@@ -17,7 +17,7 @@ Training (on CPU, on cached prefill features): `train.windows` Gutenberg trainin
     `train.rate_weight` x (keep rate of the hard decisions over the routable layers - target)^2 per sequence
     (straight-through), target = the keep rate of `train.target_skip` skipped layers. Routers are saved in
     <workdir>/routers-<hash of train>.npz (a rerun reuses them).
-Evaluation (experiments/_layer_skip_common.py, as configs/uls.py): WikiText-2 test windows of 64 prompt + 64 tokens,
+Evaluation (experiments/_common_smollm2.py, as configs/uls.py): WikiText-2 test windows of 64 prompt + 64 tokens,
     decode-path perplexity of the 63 tokens predicted by decode steps (48 windows = 3,024 scored tokens: the CPU
     was shared by seven runs), greedy agreement on 16 later prompts x 64 new tokens, decode tokens/s at batch 1
     and 8. Methods: FiRST's hard decisions; and at each skip count k in
@@ -32,7 +32,7 @@ Paper: no number in the abstract; FiRST reports lower latency with quality compe
 """
 import ml_collections
 
-from _layer_skip_base import validate_common
+from _base_smollm2 import validate_layer_skip
 from eejax.train import default_optim_config
 
 # The routers file is named by a hash of `train`, the features are checked against their windows: a run with other
@@ -73,7 +73,7 @@ def validate(c):
     from eejax.harness.config import Validator  # noqa: PLC0415
 
     v = Validator(c)
-    validate_common(v, c)
+    validate_layer_skip(v, c)
     v.int("seed", lo=0)
     for key in ("train.windows", "train.cont_len", "train.prefill_batch", "train.batch", "train.steps",
                 "train.log_every"):

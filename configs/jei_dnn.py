@@ -6,7 +6,7 @@ Runbook
 Command (args: fashion_mnist | smoke):
     nice -n 10 ./launch.sh jei_dnn:fashion_mnist --data_dir /work/shared/data \\
         --outdir experiments/results/jei_dnn-fashion_mnist
-    ./launch.sh jei_dnn:smoke      # embedded MNIST, no download, about a minute on 2 CPU cores
+    ./launch.sh jei_dnn:smoke      # CI: embedded MNIST, no download, a few steps: the plumbing only
 Data: Fashion-MNIST (54,000 train / 6,000 val carved from train / 10,000 test); smoke uses the MNIST test split
     shipped inside the package.
 Model: ViT, 6 layers, width 64, patch 7, trained with label-smoothed CE on its final head only (1200 steps of batch
@@ -27,7 +27,7 @@ Expected shape (arXiv:2310.09163): per lambda, the gate's accuracy-cost point at
 """
 import ml_collections
 
-from _shared_head_vit import base_config, validate_base
+from _base_vision import base_config, validate_base
 
 NOT_IN_CHECKPOINTS = ("eval", "jei")
 
@@ -44,10 +44,13 @@ def get_config(arg=None):
         warmup_steps=1500, rounds=4, gate_steps=300, im_steps=300, batch_size=256, lr=3e-3, seed=0))
     c.eval = ml_collections.ConfigDict(dict(alphas=(0.1, 0.05), ece_bins=15, num_candidates=400,
                                             throughput_batch=256))
-    if arg == "smoke":
-        c.jei.update(lambdas=(0.05, 0.4), warmup_steps=100, rounds=2, gate_steps=40, im_steps=40, batch_size=128)
-        c.eval.num_candidates = 100
-        c.eval.throughput_batch = 64
+    if arg == "smoke":   # the CI scale: tests/test_experiments.py runs every config's smoke variant end to end
+        c.train.steps = 4
+        c.data.update(test_size=500, eval_batch_size=250)
+        c.log_every, c.ckpt_every = 2, 4
+        c.jei.update(lambdas=(0.1,), warmup_steps=10, rounds=1, gate_steps=5, im_steps=5, batch_size=128)
+        c.eval.num_candidates = 20
+        c.eval.throughput_batch = 32
     return c
 
 

@@ -34,8 +34,9 @@ Expected shape (arXiv:2404.18911; PAPERS.md): lossless; at equal l the adapter d
 """
 import ml_collections
 
+from _base_smollm2 import validate_run
+
 NOT_IN_CHECKPOINTS = ("decode",)
-MODELS = ("smollm2-135m", "random")
 RANDOM_DEPTH = 4   # layers of the tiny random LM (experiments/kangaroo.py)
 
 
@@ -66,13 +67,7 @@ def get_config(arg=None):
 
 def validate(c):
     """Every value checked when the config is loaded (called by eejax.harness.config)."""
-    from eejax.harness.config import Validator  # noqa: PLC0415
-
-    v = Validator(c)
-    v.str("name")
-    v.int("seed", lo=0)
-    v.choice("model.name", MODELS)
-    v.int("model.depth", lo=0)
+    v = validate_run(c, random_name="random", dtype=False, depth=True)
     for key in ("data.context", "data.train_windows", "data.val_windows", "data.cache_batch", "train.steps",
                 "train.batch", "train.topk", "train.log_every", "decode.val_prompts", "decode.test_prompts",
                 "decode.prompt_len", "decode.new_tokens", "decode.gamma"):

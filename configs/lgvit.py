@@ -2,16 +2,17 @@
 
 Runbook
 -------
-Command (default = Fashion-MNIST; args: smoke | fashion_mnist | cifar10 | mnist_embedded):
+Command (default = Fashion-MNIST; args: demo | smoke | fashion_mnist | cifar10 | mnist_embedded):
     ./launch.sh lgvit:fashion_mnist --outdir experiments/results/lgvit-fashion_mnist
     ./launch.sh lgvit:cifar10       --outdir experiments/results/lgvit-cifar10
-    ./launch.sh lgvit:smoke         # the README demo: embedded MNIST, no download, a few minutes on 2 CPU cores
-Data: Fashion-MNIST / CIFAR-10 (JPEG q75 copy, not pixel-exact) from --data_dir or $EEJAX_DATA_DIR; smoke uses the
-    MNIST test split shipped inside the package (7000 train / 1000 val / 2000 test).
+    ./launch.sh lgvit:demo          # the README demo: embedded MNIST, no download, a few minutes on 2 CPU cores
+    ./launch.sh lgvit:smoke         # CI: the demo cut to 6 + 4 steps and two head variants, the plumbing only
+Data: Fashion-MNIST / CIFAR-10 (JPEG q75 copy, not pixel-exact) from --data_dir or $EEJAX_DATA_DIR; demo and smoke
+    use the MNIST test split shipped inside the package (7000 train / 1000 val / 2000 test).
 Model: ViT, 6 layers, width 64 / patch 7 (fashion_mnist), width 96 / patch 8 (cifar10), exits after every layer from the 2nd (5 exits);
     LGViT heads (local perception on the shallower exits, global aggregation on the deeper) vs linear vs ViT-EE heads.
 Hardware / wall-clock: 2-core CPU, about 25 min (fashion_mnist) and 30 min (cifar10) for all three head variants;
-    smoke about 2 min.
+    demo about 2 min; smoke well under a minute of compute.
 Expected shape (the paper's ordering, not its numbers): LGViT heads beat linear heads most at the shallow exits;
     stage 2 (self-distillation, frozen backbone) improves the early exits; the dynamic accuracy-vs-FLOPs curve lies
     above the static truncated-depth points at three or more budgets.
@@ -20,7 +21,7 @@ Paper: ~1.8x speed-up with competitive accuracy on ViT-B/16, DeiT-B, Swin-B over
 """
 import ml_collections
 
-from eejax.harness.config import Validator
+from _base_vision import check_image, validate_vision
 from eejax.train import default_optim_config
 
 HEAD_VARIANTS = ("lgvit", "linear", "vitee")
@@ -67,43 +68,38 @@ def get_config(arg=None):
                        local_hidden=96)
         c.stage1.steps = c.stage1.optim.total_steps = 2000
         c.stage2.steps = c.stage2.optim.total_steps = 500
-    elif arg in ("smoke", "mnist_embedded"):
+    elif arg in ("smoke", "demo", "mnist_embedded"):
         c.data.name = "mnist_embedded"
         c.data.val_fraction = 0.125  # of the 8,000 images before the fixed 2,000-image test part: 1,000
-        c.stage1.steps = c.stage1.optim.total_steps = 600 if arg == "smoke" else 2000
+        c.stage1.steps = c.stage1.optim.total_steps = 2000 if arg == "mnist_embedded" else 600
         c.stage1.optim.warmup_steps = 50
-        c.stage2.steps = c.stage2.optim.total_steps = 200 if arg == "smoke" else 600
+        c.stage2.steps = c.stage2.optim.total_steps = 600 if arg == "mnist_embedded" else 200
         c.data.batch_size = 64
         c.model.update(d_model=48, num_heads=4, mlp_dim=96, local_hidden=48)
         c.eval.latency_examples = 50
         c.ckpt_every = 200
+        if arg == "smoke":   # the CI scale: tests/test_experiments.py runs every config's smoke variant end to end
+            c.stage1.steps, c.stage2.steps = 6, 4
+            c.variants = ("lgvit", "linear")
+            c.eval.update(thresholds=(0.3, 0.9), latency_examples=2, throughput_batch=64)
+            c.data.update(test_size=500, eval_batch_size=250)
     elif arg != "fashion_mnist":
-        raise ValueError(f"configs/lgvit.py: unknown arg {arg!r}; use smoke, fashion_mnist, cifar10, mnist_embedded")
+        raise ValueError(f"configs/lgvit.py: unknown arg {arg!r}; use smoke, demo, fashion_mnist, cifar10, "
+                         "mnist_embedded")
     return c
 
 
 def validate(c):
     """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
-    from eejax.data import pipeline  # noqa: PLC0415
     from eejax.models import vit as vit_lib  # noqa: PLC0415
 
-    v = Validator(c)
-    v.str("name")
-    v.int("seed", lo=0)
+    v = validate_vision(c, positive=(
+        "data.batch_size", "data.eval_batch_size", "model.image_size", "model.channels", "model.patch_size",
+        "model.d_model", "model.depth", "model.num_heads", "model.mlp_dim", "model.local_hidden", "model.global_pool",
+        "stage1.steps", "stage2.steps", "eval.throughput_batch", "eval.latency_examples", "log_every", "ckpt_every"))
     v.choices("variants", HEAD_VARIANTS)
-    v.choice("data.name", pipeline.DATASETS)
-    v.float("data.val_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
-    for key in ("data.train_size", "data.test_size"):
-        v.int(key, lo=0)
-    for key in ("data.batch_size", "data.eval_batch_size", "model.image_size", "model.channels", "model.patch_size",
-                "model.d_model", "model.depth", "model.num_heads", "model.mlp_dim", "model.local_hidden",
-                "model.global_pool", "stage1.steps", "stage2.steps", "eval.throughput_batch",
-                "eval.latency_examples", "log_every", "ckpt_every"):
-        v.int(key, lo=1)
     v.choice("model.pool", ("cls", "mean"))
-    if (c.model.image_size, c.model.image_size, c.model.channels) != pipeline.IMAGE_SHAPES[c.data.name]:
-        v.fail("model.image_size", f"with model.channels={c.model.channels} does not match {c.data.name} images "
-                                   f"{pipeline.IMAGE_SHAPES[c.data.name]}")
+    check_image(v, c)
     v.choice("stage1.weighting", STAGE1_WEIGHTINGS)
     v.float("stage2.temperature", lo=1e-2)  # KD on logits / T (x T^2): a tiny T overflows float32
     v.prob("stage2.alpha")

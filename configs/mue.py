@@ -5,12 +5,12 @@ Runbook
 Command (args: fashion_mnist | smoke):
     nice -n 10 ./launch.sh mue:fashion_mnist --outdir experiments/results/mue-fashion_mnist \\
         --config.model_workdir=runs/shared-head-vit-fashion_mnist
-    ./launch.sh mue:smoke          # embedded MNIST, no download, about a minute on 2 CPU cores
+    ./launch.sh mue:smoke          # CI: embedded MNIST, no download, 4 steps: the plumbing only
 Data: Fashion-MNIST from --data_dir or $EEJAX_DATA_DIR (54,000 train / 6,000 val carved from train / 10,000 test);
     smoke uses the MNIST test split shipped inside the package.
 Model: ViT, 6 layers, width 64, patch 7, ONE linear head shared by every layer (MuE follows OFA, whose decoder layers
     share the output projection), trained with label-smoothed CE (0.1) averaged over every layer's output
-    (experiments/_shared_head_vit.py; DeeR's script trains the same backbone with the same recipe and seed).
+    (experiments/_common_vision.py; DeeR's script trains the same backbone with the same recipe and seed).
 Arms on that one model: MuE (cosine similarity of the whole token tensor after layer l with the one before it,
     the embedding for layer 1; no classifier takes part in the decision) vs max-softmax of the shared head, one
     global threshold each, fit on validation to a mean-layer budget and to 99% / 96% of full-depth accuracy.
@@ -22,7 +22,7 @@ Expected shape (arXiv:2211.11152): layers saved rise smoothly as the similarity 
 """
 import ml_collections
 
-from _shared_head_vit import base_config, validate_base
+from _base_vision import base_config, validate_base
 
 NOT_IN_CHECKPOINTS = ("eval",)
 
@@ -38,9 +38,10 @@ def get_config(arg=None):
         budgets=(1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5),   # mean layers per example, fit on validation
         quality=(0.99, 0.96),                                     # fractions of full-depth accuracy (the paper's)
         num_candidates=200, throughput_batch=256))
-    if arg == "smoke":
-        c.eval.budgets = (1.5, 2.0, 3.0)
-        c.eval.throughput_batch = 64
+    if arg == "smoke":   # the CI scale: tests/test_experiments.py runs every config's smoke variant end to end
+        c.train.steps = 4
+        c.data.update(test_size=500, eval_batch_size=250)
+        c.eval.update(budgets=(2.0,), quality=(0.9,), num_candidates=20, throughput_batch=32)
     return c
 
 

@@ -26,7 +26,7 @@ Expected shape (what experiments/results/per_token_exit shows): at equal average
 Paper: CALM (Schuster et al., NeurIPS 2022, arXiv:2207.07061): up to about 3x speed-up on T5 while provably
     keeping consistency with the full model.
 """
-from _lm_base import base_config, validate_base
+from _base_lm import base_config, validate_base
 
 KV_MODES = ("propagate", "oracle")
 # Measures whose score is a probability (thresholds in [0, 1]); cosine similarity lies in [-1, 1].

@@ -8,7 +8,7 @@ Command (args: mnist | fashion_mnist | cifar10 | smoke):
         --outdir experiments/results/shallow_again-fashion_mnist
     nice -n 10 ./launch.sh shallow_again:mnist --data_dir /work/shared/data \\
         --outdir experiments/results/shallow_again-mnist
-    ./launch.sh shallow_again:smoke       # embedded MNIST, no download, about a minute on 2 CPU cores
+    ./launch.sh shallow_again:smoke       # CI: embedded MNIST, no download, 4 steps: the plumbing only
 Data: MNIST / Fashion-MNIST from --data_dir or $EEJAX_DATA_DIR (54,000 train / 6,000 val carved from train / 10,000
     test); cifar10 is the JPEG q75 copy in /work/shared/data (not the original PNGs); smoke uses the MNIST test split
     shipped inside the package.
@@ -26,7 +26,7 @@ Expected shape (arXiv:2309.08414): over the grid, (parallel - sequential) traini
 """
 import ml_collections
 
-from eejax.harness.config import Validator
+from _base_vision import check_image, validate_vision
 from eejax.train import default_optim_config
 
 NOT_IN_CHECKPOINTS = ("eval", "seeds", "parallel", "single_block_control")   # which runs, not how each is trained
@@ -62,39 +62,33 @@ def get_config(arg=None):
         c.data.val_fraction = 0.125
         c.data.batch_size = 64
         c.seeds = (0,)
-        c.parallel = (1, 2, 4)
         c.model.update(d_model=32, num_heads=2, mlp_dim=64, depth=4)
-        c.train.steps = c.train.optim.total_steps = 60
+        c.train.optim.total_steps = 60
         c.train.optim.warmup_steps = 10
         c.log_every = 20
-        c.eval.update(train_subset=500, timing_batches=(1, 64), timing_iters=3)
+        # the CI scale: tests/test_experiments.py runs every config's smoke variant end to end
+        c.train.steps = 4
+        c.parallel = (1, 4)
+        c.single_block_control = False
+        c.data.update(test_size=250, eval_batch_size=250)
+        c.eval.update(train_subset=250, timing_batches=(1, 8), timing_iters=1)
     return c
 
 
 def validate(c):
     """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
-    from eejax.data import pipeline  # noqa: PLC0415
     from eejax.models import vit as vit_lib  # noqa: PLC0415
 
-    v = Validator(c)
-    v.str("name")
-    v.int("seed", lo=0)
+    v = validate_vision(c, sizes=("data.train_size", "data.test_size", "eval.train_subset"), positive=(
+        "data.batch_size", "data.eval_batch_size", "model.image_size", "model.channels", "model.patch_size",
+        "model.d_model", "model.depth", "model.num_heads", "model.mlp_dim", "train.steps", "log_every",
+        "eval.timing_iters"))
     v.ints("seeds", lo=0, unique=True)
     v.ints("parallel", lo=1)
     v.bool("single_block_control")
-    v.choice("data.name", pipeline.DATASETS)
-    v.float("data.val_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
-    for key in ("data.train_size", "data.test_size", "eval.train_subset"):
-        v.int(key, lo=0)
-    for key in ("data.batch_size", "data.eval_batch_size", "model.image_size", "model.channels", "model.patch_size",
-                "model.d_model", "model.depth", "model.num_heads", "model.mlp_dim", "train.steps", "log_every",
-                "eval.timing_iters"):
-        v.int(key, lo=1)
     v.ints("eval.timing_batches", lo=1, unique=True)
     v.choice("model.pool", ("cls", "mean"))
-    if (c.model.image_size, c.model.image_size, c.model.channels) != pipeline.IMAGE_SHAPES[c.data.name]:
-        v.fail("model.image_size", f"with model.channels={c.model.channels} does not match {c.data.name} images "
-                                   f"{pipeline.IMAGE_SHAPES[c.data.name]}")
+    check_image(v, c)
     for k in c.parallel:
         if c.model.depth % k:
             v.fail("parallel", f"{k} blocks per parallel group does not divide model.depth={c.model.depth}")

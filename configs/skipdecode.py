@@ -27,7 +27,7 @@ Paper: SkipDecode reports 2x to 5x inference speed-ups with negligible regressio
 """
 import ml_collections
 
-from _lm_base import base_config, validate_base
+from _base_lm import base_config, validate_base
 from eejax.train import default_optim_config
 
 

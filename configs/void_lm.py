@@ -27,25 +27,18 @@ Expected shape (arXiv:2505.14467, PAPERS.md): the fraction of layers activated f
 """
 import ml_collections
 
+from _base_smollm2 import skip_config, validate_model
+
 NOT_IN_CHECKPOINTS = ("ppl", "decode", "lac")
 
 
 def get_config(arg=None):
-    arg = arg or "wikitext2"
-    if arg not in ("wikitext2", "smoke"):
-        raise ValueError(f"configs/void_lm.py: unknown arg {arg!r}; use wikitext2 or smoke")
-    c = ml_collections.ConfigDict()
-    c.runbook = __doc__
-    c.name = f"void_lm-{arg}"
-    c.model = ml_collections.ConfigDict(dict(name="smollm2-135m", depth=0))
+    c = skip_config("void_lm", arg, __doc__)
     c.lac = ml_collections.ConfigDict(dict(alphas=(0.0, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0), focus_alpha=0.8,
                                            carry_alphas=(0.2, 0.8), carry_tokens=2048))
-    c.ppl = ml_collections.ConfigDict(dict(context=512, batch=2, max_tokens=8192))
     c.decode = ml_collections.ConfigDict(dict(prompts=16, prompt_len=32, new_tokens=64, alphas=(0.2, 0.4, 0.8)))
     if arg == "smoke":
-        c.model.name = "random-tiny"
         c.lac.update(alphas=(0.0, 0.8), carry_alphas=(0.8,), carry_tokens=64)
-        c.ppl.update(context=32, batch=2, max_tokens=128)
         c.decode.update(prompts=2, prompt_len=8, new_tokens=6, alphas=(0.8,))
     return c
 
@@ -53,11 +46,9 @@ def get_config(arg=None):
 def validate(c):
     """Every value checked when the config is loaded (called by eejax.harness.config)."""
     from eejax.harness.config import Validator  # noqa: PLC0415
-    from eejax.models import pretrained  # noqa: PLC0415
 
     v = Validator(c)
-    v.choice("model.name", sorted(pretrained.MODELS) + ["random-tiny"])
-    v.int("model.depth", lo=0)
+    validate_model(v, dtype=False, depth=True)
     v.floats("lac.alphas", 0.0, 10.0)
     v.floats("lac.carry_alphas", 0.0, 10.0, nonempty=False)
     v.floats("decode.alphas", 0.0, 10.0)

@@ -5,7 +5,7 @@ Runbook
 Command (args: fashion_mnist | smoke):
     nice -n 10 ./launch.sh window_cascade:fashion_mnist --data_dir /work/shared/data \\
         --outdir experiments/results/window_cascade-fashion_mnist
-    ./launch.sh window_cascade:smoke   # embedded MNIST, uniform-noise OOD, no download, about a minute
+    ./launch.sh window_cascade:smoke   # CI: embedded MNIST, uniform-noise OOD, 4 steps: the plumbing only
 Data: in-distribution Fashion-MNIST (54,000 train / 6,000 val carved from train / 10,000 test); OOD: the MNIST
     test split (10,000 digits). Smoke: embedded MNIST in distribution, uniform-noise images as OOD.
 Members: three ViTs of growing size trained independently (own seed), label-smoothed CE, 1000 steps of batch 128:
@@ -24,7 +24,7 @@ Expected shape (arXiv:2303.08010): at matched MACs, window cascade >= single-thr
 """
 import ml_collections
 
-from _shared_head_vit import base_config, validate_base
+from _base_vision import base_config, validate_base
 
 NOT_IN_CHECKPOINTS = ("eval",)
 METRICS = ("cov@5", "risk@80", "fpr@95")
@@ -47,10 +47,14 @@ def get_config(arg=None):
         throughput_batch=1024))
     if arg == "smoke":
         c.members.update(depth=(1, 2), d_model=(16, 32), num_heads=(2, 2), mlp_dim=(32, 64))
-        c.train.steps = c.train.optim.total_steps = 150
+        c.train.optim.total_steps = 150
         c.ood = "noise"
-        c.eval.widths = (0.1, 0.2)
-        c.eval.throughput_batch = 128
+        # the CI scale: tests/test_experiments.py runs every config's smoke variant end to end
+        c.train.steps = 4
+        c.data.update(test_size=500, eval_batch_size=250)
+        c.log_every, c.ckpt_every = 2, 4
+        c.eval.widths = (0.2,)
+        c.eval.throughput_batch = 32
     return c
 
 

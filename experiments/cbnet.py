@@ -23,6 +23,7 @@ CBNet is an input transform, not a depth exit: it is compared on accuracy, FLOPs
 from __future__ import annotations
 
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -30,18 +31,17 @@ import numpy as np
 from flax import nnx
 from matplotlib.figure import Figure
 
-from eejax.harness import config as config_lib
-from eejax.harness import run
 from eejax.data import pipeline
-from eejax.eval import bootstrap, budgeted, report
-from eejax.harness import results as result_files
+from eejax.eval import bootstrap, budgeted
+from eejax.eval import report as report_lib
 from eejax.exits import costs, engine, losses
+from eejax.harness import results as result_files
 from eejax.models import cbnet as cbnet_lib
 from eejax.models import perceiver as perceiver_lib
 from eejax.nn.layers import build as nn_build
-from eejax.train import Trainer, make_optimizer, maybe_initialize
-from experiments.dynamic_perceiver import cached_probs, check_agreement, executed, interp_curve, nearest_prior
-from experiments.lgvit import _host_slice, load_data, padded_eval_images
+from eejax.train import Trainer, make_optimizer
+from experiments import _common_vision as vision
+from experiments._common import Report, Run, experiment
 
 
 def cnn_config(cfg, depth: int | None = None) -> perceiver_lib.PerceiverConfig:
@@ -58,8 +58,8 @@ def ae_config(cfg) -> cbnet_lib.AutoencoderConfig:
 
 def exits_loss(graphdef):
     """BranchyNet's joint training: the (equally weighted) mean CE over the exits."""
-    def loss_fn(params, batch, rng, step):
-        del rng, step
+    def loss_fn(params, batch, ctx):
+        del ctx
         logits = nnx.merge(graphdef, params).all_exits(batch["image"]).logits_ExBxC
         e = logits.shape[0]
         loss, ce_E = losses.multi_exit_ce(logits, batch["label"], jnp.full((e,), 1.0 / e))
@@ -70,7 +70,7 @@ def exits_loss(graphdef):
 
 def train_cnn(cfg, mcfg, train_ds, workdir, name):
     graphdef, params = perceiver_lib.build(mcfg, cfg.seed)
-    batches = pipeline.BatchIterator(train_ds, cfg.data.batch_size, seed=cfg.seed, **_host_slice())
+    batches = pipeline.BatchIterator(train_ds, cfg.data.batch_size, seed=cfg.seed, **vision.host_slice())
     with Trainer(exits_loss(graphdef), params, make_optimizer(cfg.train.optim), workdir=workdir / name,
                  seed=cfg.seed, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every) as tr:
         params = tr.fit(batches, cfg.train.steps, desc=name).params
@@ -91,7 +91,8 @@ def build_targets(graphdef, params, train_ds, cfg) -> cbnet_lib.Targets:
     def first_probs(params, x):
         return jax.nn.softmax(nnx.merge(graphdef, params).static(x, 0), -1)
 
-    probs = np.concatenate([np.asarray(first_probs(params, x))[:n] for x, n in padded_eval_images(train_ds, cfg)])
+    probs = np.concatenate([np.asarray(first_probs(params, x))[:n]
+                            for x, n in vision.padded_eval_images(train_ds, cfg)])
     t = cbnet_lib.conversion_targets(probs, train_ds.labels_N, np.zeros((len(train_ds), 1)))
     return t._replace(images_KxHxWxC=normalized_images(train_ds, t.index_K))
 
@@ -100,12 +101,12 @@ def train_autoencoder(cfg, targets, train_ds, workdir):
     graphdef, params = cbnet_lib.build(ae_config(cfg), cfg.seed)
     tgt = jnp.asarray(targets.images_KxHxWxC)
 
-    def loss_fn(params, batch, rng, step):
-        del rng, step
+    def loss_fn(params, batch, ctx):
+        del ctx
         mse = cbnet_lib.conversion_loss(nnx.merge(graphdef, params)(batch["image"]), tgt, batch["label"])
         return mse, {"mse": mse}
 
-    batches = pipeline.BatchIterator(train_ds, cfg.train_ae.batch_size, seed=cfg.seed + 1, **_host_slice())
+    batches = pipeline.BatchIterator(train_ds, cfg.train_ae.batch_size, seed=cfg.seed + 1, **vision.host_slice())
     with Trainer(loss_fn, params, make_optimizer(cfg.train_ae.optim), workdir=workdir / "autoencoder",
                  seed=cfg.seed, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every) as tr:
         params = tr.fit(batches, cfg.train_ae.steps, desc="autoencoder").params
@@ -134,13 +135,13 @@ def train_mlp(cfg, train_ds, workdir):
     acfg = ae_config(cfg)
     graphdef, params = nn_build(lambda rngs: EncoderMlp(acfg, 10, rngs=rngs), cfg.seed)
 
-    def loss_fn(params, batch, rng, step):
-        del rng, step
+    def loss_fn(params, batch, ctx):
+        del ctx
         logits = nnx.merge(graphdef, params)(batch["image"])
         ce = jnp.mean(losses.cross_entropy(logits, batch["label"]))
         return ce, {"acc": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
 
-    batches = pipeline.BatchIterator(train_ds, cfg.data.batch_size, seed=cfg.seed, **_host_slice())
+    batches = pipeline.BatchIterator(train_ds, cfg.data.batch_size, seed=cfg.seed, **vision.host_slice())
     with Trainer(loss_fn, params, make_optimizer(cfg.train.optim), workdir=workdir / "encoder_mlp",
                  seed=cfg.seed, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every) as tr:
         params = tr.fit(batches, cfg.train.steps, desc="encoder-sized MLP").params
@@ -155,14 +156,14 @@ def mlp_dims(acfg, num_classes: int = 10) -> tuple[int, ...]:
 def predict(fn, params, ds, cfg):
     """argmax of ``fn(params, x)`` over ``ds`` in order."""
     jfn = jax.jit(lambda p, x: jnp.argmax(fn(p, x), -1))
-    return np.concatenate([np.asarray(jfn(params, x))[:n] for x, n in padded_eval_images(ds, cfg)])
+    return np.concatenate([np.asarray(jfn(params, x))[:n] for x, n in vision.padded_eval_images(ds, cfg)])
 
 
 def conversion_mse(ae, params, ds, targets, cfg) -> float:
     """Mean squared distance of each converted image to its class's target, over ``ds``."""
     fn = jax.jit(ae)
     sq, off = [], 0
-    for x, n in padded_eval_images(ds, cfg):
+    for x, n in vision.padded_eval_images(ds, cfg):
         conv = np.asarray(fn(params, x))[:n]
         want = targets.images_KxHxWxC[ds.labels_N[off:off + n]]
         sq.append(np.mean(np.square(conv - want).reshape(n, -1), axis=1))
@@ -224,28 +225,8 @@ def plot_conversions(x_BxHxWxC, conv_BxHxWxC, targets_KxHxWxC, path, title):
     fig.savefig(path, dpi=80)
 
 
-@run.cli
-def main(argv=None):
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)   # every value validated before any work
-    train_ds, val, test = load_data(cfg, args.data_dir)
-    maybe_initialize()
-    prov = result_files.provenance("experiments.cbnet", argv)
-    workdir, outdir = run.prepare(cfg, args, "cbnet")
-    print(f"data {cfg.data.name}: train {len(train_ds)} / val {len(val)} / test {len(test)}; devices: "
-          f"{jax.device_count()} x {jax.devices()[0].device_kind}")
-
-    mcfg, scfg, acfg = cnn_config(cfg), cnn_config(cfg, depth=1), ae_config(cfg)
-    graphdef, params = train_cnn(cfg, mcfg, train_ds, workdir, "branchynet")
-    s_graphdef, s_params = train_cnn(cfg, scfg, train_ds, workdir, "small_direct")
-    targets = build_targets(graphdef, params, train_ds, cfg)
-    a_graphdef, a_params = train_autoencoder(cfg, targets, train_ds, workdir)
-    m_graphdef, m_params, mlp_flops = train_mlp(cfg, train_ds, workdir)
-
-    ec = perceiver_lib.flops(mcfg)
-    ae_flops = cbnet_lib.autoencoder_flops(acfg)
-    small_flops = perceiver_lib.flops(scfg).static_flops_E[0]
-    assert abs(small_flops - ec.static_flops_E[0]) < 1e-6   # the same architecture as the truncated CNN
-
+def forwards(graphdef, s_graphdef, m_graphdef, a_graphdef, mcfg) -> types.SimpleNamespace:
+    """Every compared model as ``fn(params, x) -> logits`` (CBNet: the autoencoder, then a classifier)."""
     def trunc(p, x):
         return nnx.merge(graphdef, p).static(x, 0)
 
@@ -267,41 +248,26 @@ def main(argv=None):
     def cbnet_direct(p, x):
         return cbnet_lib.pipeline(lambda z: ae(p[0], z), lambda z: direct(p[1], z), x)
 
-    xb = next(iter(pipeline.BatchIterator(test, cfg.eval.latency_batch, shuffle=False)))["image"]
-    labels = test.labels_N
-    static_rows, preds = [], {}
-    for name, fn, p, flops in (
-            (f"full CNN ({mcfg.depth} stages, static)", full, params, ec.static_flops_E[-1]),
-            ("small classifier = CNN truncated at exit 1 (raw images)", trunc, params, ec.static_flops_E[0]),
-            ("small classifier trained directly (raw images)", direct, s_params, small_flops),
-            ("CBNet: autoencoder + truncated CNN (exit 1)", cbnet_trunc, (a_params, params),
-             ae_flops + ec.static_flops_E[0]),
-            ("CBNet variant: autoencoder + directly trained small classifier", cbnet_direct, (a_params, s_params),
-             ae_flops + small_flops),
-            (f"control: MLP {'-'.join(map(str, mlp_dims(acfg)))} (the encoder's widths) trained directly, "
-             "same budget", mlp,
-             m_params, mlp_flops)):
-        pred = preds[name] = predict(fn, p, test, cfg)
-        static_rows.append({"model": name, "test_acc": 100 * float(np.mean(pred == labels)), "MFLOPs": flops / 1e6,
-                            f"ms_per_batch{xb.shape[0]}": latency(fn, (p, xb), cfg)})
-    ae_ms = latency(ae, (a_params, xb), cfg)
-    conv_mse = conversion_mse(ae, a_params, test, targets, cfg)
+    return types.SimpleNamespace(trunc=trunc, full=full, direct=direct, mlp=mlp, ae=ae, cbnet_trunc=cbnet_trunc,
+                                 cbnet_direct=cbnet_direct)
 
-    # BranchyNet exits: the budgeted curve from cached softmaxes, some priors executed by the engine.
-    probs_val, probs_test = cached_probs(graphdef, params, val, cfg), cached_probs(graphdef, params, test, cfg)
+
+def branchynet_exits(cfg, graphdef, params, mcfg, ec, val, test, xb):
+    """BranchyNet exits: the budgeted curve from cached softmaxes, some priors executed by the engine."""
+    labels = test.labels_N
+    probs_val = vision.exit_probs(graphdef, params, val, cfg)
+    probs_test = vision.exit_probs(graphdef, params, test, cfg)
     curve = budgeted.budgeted_curve(probs_val, val.labels_N, probs_test, labels, ec.cum_flops_E)
     conf_test = probs_test.max(-1)
 
     def dyn(p, x, t):
         return nnx.merge(graphdef, p).dynamic(x, t, executor=engine.BucketCascade()).logits_BxC
 
-    exit_rows = []
+    exit_rows, exit_preds = [], {}
     for prior in cfg.eval.executed_priors:
-        point = next(c for c in curve if abs(c.prior - nearest_prior(prior)) < 1e-9)
+        point, e_run, pred, agree = vision.run_prior(graphdef, params, test, cfg, curve, conf_test, prior)
         thr = point.thresholds_E
-        e_run, pred = executed(graphdef, params, test, cfg, thr)
-        preds[f"BranchyNet exits, prior {point.prior:g}"] = pred
-        agree = check_agreement(e_run, budgeted.simulate_exits(conf_test, thr), conf_test, thr)
+        exit_preds[f"BranchyNet exits, prior {point.prior:g}"] = pred
         exit_rows.append({"model": f"BranchyNet exits, prior {point.prior:g} (engine, bucket cascade)",
                           "test_acc": 100 * float(np.mean(pred == labels)),
                           "MFLOPs": costs.expected_flops(e_run, ec.cum_flops_E) / 1e6,
@@ -311,32 +277,85 @@ def main(argv=None):
                                                        np.bincount(e_run, minlength=mcfg.depth) / len(e_run)),
                           "sim_agrees": agree})
     acc_E = (probs_test.argmax(-1) == labels[None]).mean(1)
-    cb = static_rows[3]
-    at_cb = float(interp_curve(curve, cb["MFLOPs"] * 1e6))
-    paired = paired_differences(preds, labels, cb["model"], cfg.seed)
-    earlier = earlier_rows(cfg.eval.earlier_runs, prov)
+    return curve, acc_E, exit_rows, exit_preds
 
-    if jax.process_index() != 0:
-        return
-    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
-    key = f"ms_per_batch{xb.shape[0]}"
-    report.plot_accuracy_vs_flops(
-        {"BranchyNet exits (budgeted, test)": [(c.expected_flops, 100 * c.accuracy) for c in curve]},
-        [(ec.static_flops_E[e], 100 * acc_E[e], f"exit{e + 1}") for e in range(mcfg.depth)]
-        + [(r["MFLOPs"] * 1e6, r["test_acc"], lbl) for r, lbl in zip(static_rows[2:], ("direct", "CBNet", "CBNet'", "MLP"))],
-        stage.dir / "cbnet_accuracy_flops.png", title=f"CBNet vs BranchyNet exits on {cfg.data.name} (test)")
+
+@experiment("cbnet", data=vision.splits)
+def main(run: Run, data) -> Report:
+    cfg, (train_ds, val, test), workdir = run.cfg, data, run.workdir
+    print(vision.describe(cfg, data))
+
+    mcfg, scfg, acfg = cnn_config(cfg), cnn_config(cfg, depth=1), ae_config(cfg)
+    graphdef, params = train_cnn(cfg, mcfg, train_ds, workdir, "branchynet")
+    s_graphdef, s_params = train_cnn(cfg, scfg, train_ds, workdir, "small_direct")
+    targets = build_targets(graphdef, params, train_ds, cfg)
+    a_graphdef, a_params = train_autoencoder(cfg, targets, train_ds, workdir)
+    m_graphdef, m_params, mlp_flops = train_mlp(cfg, train_ds, workdir)
+
+    ec = perceiver_lib.flops(mcfg)
+    ae_flops = cbnet_lib.autoencoder_flops(acfg)
+    small_flops = perceiver_lib.flops(scfg).static_flops_E[0]
+    assert abs(small_flops - ec.static_flops_E[0]) < 1e-6   # the same architecture as the truncated CNN
+    f = forwards(graphdef, s_graphdef, m_graphdef, a_graphdef, mcfg)
+
+    xb = vision.first_batch(test, cfg.eval.latency_batch)
+    labels = test.labels_N
+    static_rows, preds = [], {}
+    for name, fn, p, flops in (
+            (f"full CNN ({mcfg.depth} stages, static)", f.full, params, ec.static_flops_E[-1]),
+            ("small classifier = CNN truncated at exit 1 (raw images)", f.trunc, params, ec.static_flops_E[0]),
+            ("small classifier trained directly (raw images)", f.direct, s_params, small_flops),
+            ("CBNet: autoencoder + truncated CNN (exit 1)", f.cbnet_trunc, (a_params, params),
+             ae_flops + ec.static_flops_E[0]),
+            ("CBNet variant: autoencoder + directly trained small classifier", f.cbnet_direct, (a_params, s_params),
+             ae_flops + small_flops),
+            (f"control: MLP {'-'.join(map(str, mlp_dims(acfg)))} (the encoder's widths) trained directly, "
+             "same budget", f.mlp, m_params, mlp_flops)):
+        pred = preds[name] = predict(fn, p, test, cfg)
+        static_rows.append({"model": name, "test_acc": 100 * float(np.mean(pred == labels)), "MFLOPs": flops / 1e6,
+                            f"ms_per_batch{xb.shape[0]}": latency(fn, (p, xb), cfg)})
+    ae_ms = latency(f.ae, (a_params, xb), cfg)
+    conv_mse = conversion_mse(f.ae, a_params, test, targets, cfg)
+    curve, acc_E, exit_rows, exit_preds = branchynet_exits(cfg, graphdef, params, mcfg, ec, val, test, xb)
+    preds.update(exit_preds)
+    cb = static_rows[3]
+    at_cb = float(vision.interp_curve(curve, cb["MFLOPs"] * 1e6))
+    paired = paired_differences(preds, labels, cb["model"], cfg.seed)
+    earlier = earlier_rows(cfg.eval.earlier_runs, run.prov)
+    autoencoder = {"MFLOPs": ae_flops / 1e6, "ms_per_batch": ae_ms, "test_conversion_mse": conv_mse}
     sample = normalized_images(test, np.arange(8))
-    plot_conversions(sample, jax.jit(ae)(a_params, jnp.asarray(sample)), targets.images_KxHxWxC,
-                     stage.dir / "cbnet_conversions.png", f"{cfg.data.name}: test inputs, conversions, targets")
-    np.savez_compressed(stage.dir / "cbnet_predictions.npz", labels=labels, names=np.asarray(list(preds)),
-                        preds=np.stack([preds[k] for k in preds]).astype(np.int8))
+    conversions = (sample, jax.jit(f.ae)(a_params, jnp.asarray(sample)))
+    compared = {"paired": paired, "earlier": earlier, "preds": preds}
+    return report(run, data, static_rows, exit_rows, curve, acc_E, ec, mcfg, acfg, targets, autoencoder, at_cb,
+                  conversions, xb, compared)
+
+
+def report(run, data, static_rows, exit_rows, curve, acc_E, ec, mcfg, acfg, targets, autoencoder, at_cb,
+           conversions, xb, compared) -> Report:
+    cfg, (train_ds, val, test) = run.cfg, data
+    ae_mflops, ae_ms, conv_mse = (autoencoder[k] for k in ("MFLOPs", "ms_per_batch", "test_conversion_mse"))
+    cb = static_rows[3]
+    paired, earlier, preds = compared["paired"], compared["earlier"], compared["preds"]
+    key = f"ms_per_batch{xb.shape[0]}"
+    plots = {
+        "cbnet_accuracy_flops.png": lambda path: report_lib.plot_accuracy_vs_flops(
+            {"BranchyNet exits (budgeted, test)": [(c.expected_flops, 100 * c.accuracy) for c in curve]},
+            [(ec.static_flops_E[e], 100 * acc_E[e], f"exit{e + 1}") for e in range(mcfg.depth)]
+            + [(r["MFLOPs"] * 1e6, r["test_acc"], lbl)
+               for r, lbl in zip(static_rows[2:], ("direct", "CBNet", "CBNet'", "MLP"))],
+            path, title=f"CBNet vs BranchyNet exits on {cfg.data.name} (test)"),
+        "cbnet_conversions.png": lambda path: plot_conversions(
+            *conversions, targets.images_KxHxWxC, path, f"{cfg.data.name}: test inputs, conversions, targets"),
+        "cbnet_predictions.npz": lambda path: np.savez_compressed(
+            path, labels=test.labels_N, names=np.asarray(list(preds)),
+            preds=np.stack([preds[k] for k in preds]).astype(np.int8))}
     rows = static_rows + exit_rows
     cols = ["model", "test_acc", "MFLOPs", key, "exit_fractions", "sim_agrees"]
     rows = [{c: r.get(c, "") for c in cols} for r in rows]
     md = "\n\n".join([
         f"# CBNet at small scale on {cfg.data.name}",
-        prov.markdown() + "  \n"
-        f"Data: {cfg.data.name}: train {len(train_ds)} / val {len(val)} (carved from train) / test {len(test)}.  \n"
+        run.prov.markdown() + "  \n"
+        + vision.data_line(cfg, train_ds, val, test) +
         f"Scale: CNN = stride-4 conv stem + {mcfg.depth} residual conv stages of width {mcfg.width} on a "
         f"{mcfg.grid}x{mcfg.grid} grid, a linear exit after each, {cfg.train.steps} steps of batch "
         f"{cfg.data.batch_size} (the directly trained small classifier: the same); autoencoder dense "
@@ -352,32 +371,27 @@ def main(argv=None):
         f"class {np.round(targets.confidence_K, 4).tolist()}); test conversion MSE to the class target "
         f"{conv_mse:.4f}. Plot of conversions: `cbnet_conversions.png`.",
         "## Test accuracy, FLOPs and measured latency\n"
-        f"Autoencoder alone: {ae_flops / 1e6:.3f} MFLOPs, {ae_ms:.2f} ms per batch of {xb.shape[0]}. Per-exit test "
+        f"Autoencoder alone: {ae_mflops:.3f} MFLOPs, {ae_ms:.2f} ms per batch of {xb.shape[0]}. Per-exit test "
         f"accuracy of the CNN: {' / '.join(f'{100 * a:.2f}' for a in acc_E)}. BranchyNet's budgeted accuracy at "
         f"CBNet's FLOPs ({cb['MFLOPs']:.3f} M): {100 * at_cb:.2f}% (interpolated; NaN = outside its range). "
         "Plot: `cbnet_accuracy_flops.png`. sim_agrees: executed exits equal to the simulated ones (asserted).",
-        report.markdown_table(rows, cols),
+        report_lib.markdown_table(rows, cols),
         "## CBNet against every other row, paired on the test images\n"
         "diff_points: CBNet's test accuracy minus the row's, in points; ci95: paired bootstrap 95% interval over the "
-        f"{len(labels)} test images (10,000 resamples, `eejax.eval.bootstrap.paired_bootstrap`). An interval holding "
+        f"{len(test)} test images (10,000 resamples, `eejax.eval.bootstrap.paired_bootstrap`). An interval holding "
         "0 reads \"no difference at this scale\".",
-        report.markdown_table(paired, list(paired[0]), ".2f"),
+        report_lib.markdown_table(paired, list(paired[0]), ".2f"),
         "## Earlier runs of this folder (their CBNet and control rows, kept)\n"
-        + (report.markdown_table(earlier, list(earlier[0]), ".2f") if earlier else "none given (eval.earlier_runs)")])
-    files = stage.write_results("cbnet", md, {
-        "provenance": prov._asdict(), "config": cfg.to_dict(),
-        "results": {"rows": rows, "autoencoder": {"MFLOPs": ae_flops / 1e6, "ms_per_batch": ae_ms,
-                                                  "test_conversion_mse": conv_mse},
+        + (report_lib.markdown_table(earlier, list(earlier[0]), ".2f") if earlier
+           else "none given (eval.earlier_runs)")])
+    return Report(md, {
+        "results": {"rows": rows, "autoencoder": autoencoder,
                     "targets": {"split": "train", "index": targets.index_K.tolist(),
                                 "confidence": targets.confidence_K.tolist()},
                     "paired_differences": paired, "earlier_runs": earlier,
                     "cnn_acc_E": acc_E.tolist(), "cum_flops": ec.cum_flops_E.tolist(),
                     "static_flops": ec.static_flops_E.tolist(), "branchynet_acc_at_cbnet_flops": at_cb,
-                    "budgeted": [{"prior": c.prior, "accuracy": c.accuracy, "expected_flops": c.expected_flops,
-                                  "thresholds": c.thresholds_E.tolist()} for c in curve]}})
-    stage.commit()
-    print(md)
-    print(f"wrote {files.md_path}, {files.json_path} and plots to {outdir}")
+                    "budgeted": vision.budgeted_rows(curve)}}, plots)
 
 
 if __name__ == "__main__":

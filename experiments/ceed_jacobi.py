@@ -12,19 +12,17 @@ Shapes: B prompts, P prompt length, G new tokens, K blocks, N block size, V voca
 from __future__ import annotations
 
 import math
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax.harness import config as config_lib
-from eejax.harness import run
 from eejax.decoding import jacobi, per_token
-from eejax.eval import report
-from eejax.harness import results as result_files
-from experiments import _smollm2_analysis as common
+from eejax.eval import report as report_lib
+from eejax.exits import costs
+from experiments import _common_smollm2 as common
+from experiments._common import Report, Run, experiment
 
 NAME = "ceed_jacobi"
 PAPER = "CEED-VLA: Consistency Vision-Language-Action Model with Early-Exit Decoding (arXiv:2506.13725)"
@@ -41,9 +39,8 @@ def nll_fn(graphdef):
 
 
 def timed(fn, *args):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    return jax.device_get(out), time.perf_counter() - start
+    t = costs.measure(fn, *args, warmup=0, iters=1)      # one call: the callers compile it beforehand
+    return jax.device_get(t.output), t.mean_s
 
 
 def quality(tokens_BxG, greedy_BxG, nll_f, params, prompt_BxP) -> dict:
@@ -95,20 +92,25 @@ def plots(path_iters, path_quality, rows, blocks):
     plt.close(fig)
 
 
-@run.cli
-def main(argv=None):
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = result_files.provenance(f"experiments.{NAME}", argv)
-    _, outdir = run.prepare(cfg, args, NAME)
-    print(f"device: {prov.device}", flush=True)
-    lmod = common.load_model(cfg.model)
-    d, jc = cfg.data, cfg.jacobi
-    ids = common.wikitext_ids(args.data_dir, lmod.tokenizer, d.prompts * d.stride + d.prompt_len, d.split)
+@experiment(NAME)
+def main(run: Run) -> Report:
+    cfg, args = run.cfg, run.args
+    lmod = common.model_of(run)
+    d = cfg.data
+    ids = common.wikitext_head(args.data_dir, lmod.tokenizer, d.prompts * d.stride + d.prompt_len, d.split)
     prompt_BxP = np.stack([ids[i * d.stride:i * d.stride + d.prompt_len] for i in range(d.prompts)])
+    print(f"model: {lmod.description}; {d.prompts} prompts x {d.prompt_len} tokens, {d.new_tokens} new tokens",
+          flush=True)
+    rows, iters_hist, greedy_BxG = decode_arms(cfg, lmod, prompt_BxP)
+    return report(run, lmod, rows, iters_hist, greedy_BxG)
+
+
+def decode_arms(cfg, lmod, prompt_BxP):
+    """AR greedy, then per block size full Jacobi and its early exits, all timed on the same prompts."""
+    d, jc = cfg.data, cfg.jacobi
     lengths_B = np.full((d.prompts,), d.prompt_len, np.int32)
     prompt, lengths = jnp.asarray(prompt_BxP), jnp.asarray(lengths_B)
     g = d.new_tokens
-    print(f"model: {lmod.description}; {d.prompts} prompts x {d.prompt_len} tokens, {g} new tokens", flush=True)
     nll_f = nll_fn(lmod.graphdef)
 
     ar = jax.jit(per_token.decode_fn(lmod.graphdef, per_token.full_depth_step, g))
@@ -141,15 +143,19 @@ def main(argv=None):
                          "seconds": sec, "tokens_per_s": d.prompts * g / sec,
                          "exact": bool((np.asarray(out.tokens_BxG) == greedy_BxG).all())} | q)
             print(rows[-1], flush=True)
-    rows_n = rows[1:]
+    return rows, iters_hist, greedy_BxG
 
-    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
-    plots(stage.dir / "iterations.png", stage.dir / "quality_vs_iterations.png", rows_n, list(jc.blocks))
+
+def report(run, lmod, rows, iters_hist, greedy_BxG) -> Report:
+    cfg, d, jc = run.cfg, run.cfg.data, run.cfg.jacobi
+    g, rows_n = d.new_tokens, rows[1:]
+    files = {".": lambda folder: plots(folder / "iterations.png", folder / "quality_vs_iterations.png", rows_n,
+                                       list(jc.blocks))}
     cols = ["block", "arm", "iters_per_block", "forwards_per_token", "cost_model_speedup", "agree_tokens",
             "agree_prefix", "ppl", "exact", "seconds", "tokens_per_s"]
     md = "\n\n".join([
         f"# {PAPER}: its Jacobi decoder with early exit on {cfg.model.name}",
-        prov.markdown() + f"  \nModel: {lmod.description}.  \nPrompts: {d.prompts} wikitext2/{d.split} prompts of "
+        run.prov.markdown() + f"  \nModel: {lmod.description}.  \nPrompts: {d.prompts} wikitext2/{d.split} prompts of "
         f"{d.prompt_len} tokens (one every {d.stride} tokens), decoded together (batch {d.prompts}), {g} new tokens "
         "each, greedy. Block sizes " + ", ".join(map(str, jc.blocks)) + "; every arm of a block size uses the same "
         "blocks (AR needs n forwards per block).",
@@ -166,15 +172,12 @@ def main(argv=None):
         "to greedy at the same position; agree_prefix: mean matching prefix / new tokens; ppl: perplexity of the "
         "output under the full model; seconds / tokens_per_s: measured wall-clock of the whole batch on this CPU "
         "(compile excluded), where a forward of n tokens costs about n single-token forwards.",
-        report.markdown_table(rows_n, cols, ".3f"),
+        report_lib.markdown_table(rows_n, cols, ".3f"),
         "![iterations per block](iterations.png)\n\n![quality vs iterations](quality_vs_iterations.png)",
     ])
-    files = stage.write_results(NAME, md, {
-        "provenance": prov._asdict(), "config": cfg.to_dict(), "model": lmod.description, "rows": rows,
-        "iterations_histogram": iters_hist, "greedy_tokens": greedy_BxG,
-        "greedy_text": [lmod.tokenizer.decode(t) for t in greedy_BxG[:4]]})
-    stage.commit()
-    print(f"wrote {files.md_path} and {files.json_path}")
+    return Report(md, {
+        "model": lmod.description, "rows": rows, "iterations_histogram": iters_hist, "greedy_tokens": greedy_BxG,
+        "greedy_text": [lmod.tokenizer.decode(t) for t in greedy_BxG[:4]]}, files)
 
 
 if __name__ == "__main__":

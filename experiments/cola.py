@@ -19,13 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax.harness import config as config_lib
-from eejax.harness import run
-from eejax.eval import report
-from eejax.harness import results as result_files
+from eejax.errors import ConfigError
+from eejax.eval import report as report_lib
 from eejax.exits import chain_search, engine
 from eejax.models import lm as lm_lib
-from experiments import _smollm2_analysis as common
+from experiments import _common_smollm2 as common
+from experiments._common import Report, Run, experiment
 
 NAME = "cola"
 PAPER = "Skip a Layer or Loop it? Test-Time Depth Adaptation of Pretrained LLMs (CoLa; arXiv:2507.07996)"
@@ -132,18 +131,15 @@ def plot(path, per_sample, n: int):
     plt.close(fig)
 
 
-@run.cli
-def main(argv=None):
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = result_files.provenance(f"experiments.{NAME}", argv)
-    _, outdir = run.prepare(cfg, args, NAME)
-    print(f"device: {prov.device}", flush=True)
-    lmod = common.load_model(cfg.model)
+@experiment(NAME)
+def main(run: Run) -> Report:
+    cfg, args = run.cfg, run.args
+    lmod = common.model_of(run)
     n, d, sc = lmod.cfg.depth, cfg.data, cfg.search
     if sc.max_len < n:
-        raise config_lib.ConfigError(f"search.max_len={sc.max_len} is shorter than the model's {n} layers")
+        raise ConfigError(f"search.max_len={sc.max_len} is shorter than the model's {n} layers")
     total = d.search_samples + d.heldout_samples
-    ids = common.wikitext_ids(args.data_dir, lmod.tokenizer, total * d.stride + d.context + 1, d.split)
+    ids = common.wikitext_head(args.data_dir, lmod.tokenizer, total * d.stride + d.context + 1, d.split)
     tok_all, lab_all = samples(ids, d.context, d.stride, total)
     is_search = np.arange(total) % 2 == 0       # interleaved: search and held-out prompts from the same text
     is_search[2 * min(d.search_samples, d.heldout_samples):] = d.search_samples > d.heldout_samples
@@ -165,7 +161,12 @@ def main(argv=None):
     rows = aggregate(per_sample, n)
     print(rows, flush=True)
 
-    # Held-out: one chain chosen on the search samples' labels only, applied to prompts it never saw.
+    held_rows, heldout_s = heldout(cfg, ev, per_sample, n, tok_s, lab_s, tok_h, lab_h)
+    return report(run, lmod, ev, per_sample, rows, held_rows, search_s, heldout_s, len(lab_s), len(lab_h))
+
+
+def heldout(cfg, ev, per_sample, n, tok_s, lab_s, tok_h, lab_h):
+    """Held-out: one chain chosen on the search samples' labels only, applied to prompts it never saw."""
     start = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
     original = tuple(range(n))
@@ -189,15 +190,18 @@ def main(argv=None):
     heldout_s = time.perf_counter() - start
     print(held_rows, flush=True)
 
-    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
-    plot(stage.dir / "chain_lengths.png", per_sample, n)
+    return held_rows, heldout_s
+
+
+def report(run, lmod, ev, per_sample, rows, held_rows, search_s, heldout_s, n_search, n_heldout) -> Report:
+    cfg, n, d, sc = run.cfg, lmod.cfg.depth, run.cfg.data, run.cfg.search
     paper = ("Paper [abs] (math and commonsense benchmarks): for >75% of the samples the LLM gets right, MCTS finds a "
              "shorter chain; for >60% of those it gets wrong, a chain that is right.")
     md = "\n\n".join([
         f"# {PAPER} on {cfg.model.name}",
-        prov.markdown() + f"  \nModel: {lmod.description}.  \nTask: next-token prediction on wikitext2/{d.split} "
+        run.prov.markdown() + f"  \nModel: {lmod.description}.  \nTask: next-token prediction on wikitext2/{d.split} "
         f"prompts of {d.context} tokens (one every {d.stride} tokens; even ones for search, odd ones held out): "
-        f"{len(lab_s)} search and {len(lab_h)} held-out samples. Search: {sc.budget} distinct chain evaluations per "
+        f"{n_search} search and {n_heldout} held-out samples. Search: {sc.budget} distinct chain evaluations per "
         f"sample and arm, at most {sc.max_edits} edits (skip / repeat a block of {tuple(sc.widths)} layers, swap "
         f"neighbours), chains of at most {sc.max_len} steps; reward correct x (1 + {sc.length_weight} (N - len) / N) "
         f"+ {sc.prob_weight} p(label). Wall-clock: search {search_s:.0f} s ({ev.calls} chain evaluations, "
@@ -212,20 +216,18 @@ def main(argv=None):
         "chain shorter than the original was found; right_mean_shortest_len: its mean length (the original's "
         f"{n} when none); wrong_flipped_to_right: among the samples the model gets wrong, the fraction with a "
         "correct chain; oracle_acc: the fraction of all samples with some correct chain.",
-        report.markdown_table(rows, list(rows[0].keys()), ".3f"),
+        report_lib.markdown_table(rows, list(rows[0].keys()), ".3f"),
         "![chain lengths](chain_lengths.png)",
         "## Held-out (the chain chosen without the held-out labels)\n"
         "Candidates: the best (correct) chains of the search samples, other than the original; the one with the best "
         "accuracy over all search samples (then the shorter) is applied to the held-out prompts.",
-        report.markdown_table(held_rows, ["arm", "chain_len", "search_acc", "heldout_acc", "candidates", "chain"],
+        report_lib.markdown_table(held_rows, ["arm", "chain_len", "search_acc", "heldout_acc", "candidates", "chain"],
                               ".3f"),
     ])
-    files = stage.write_results(NAME, md, {
-        "provenance": prov._asdict(), "config": cfg.to_dict(), "model": lmod.description, "rows": rows,
-        "heldout": held_rows, "per_sample": per_sample,
-        "timing_s": {"search": search_s, "heldout": heldout_s, "evaluations": ev.calls}})
-    stage.commit()
-    print(f"wrote {files.md_path} and {files.json_path}")
+    return Report(md, {
+        "model": lmod.description, "rows": rows, "heldout": held_rows, "per_sample": per_sample,
+        "timing_s": {"search": search_s, "heldout": heldout_s, "evaluations": ev.calls}},
+        {"chain_lengths.png": lambda path: plot(path, per_sample, n)})
 
 
 if __name__ == "__main__":

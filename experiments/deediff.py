@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pathlib
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +22,14 @@ from flax import nnx
 from matplotlib.figure import Figure
 from PIL import Image
 
-from eejax.harness import config as config_lib
-from eejax.harness import run as run_lib
 from eejax.data import pipeline
-from eejax.eval import fid, report
-from eejax.harness import results as result_files
+from eejax.eval import fid
+from eejax.eval import report as report_lib
+from eejax.exits import costs
 from eejax.models import diffusion as D
-from eejax.train import Trainer, ema_params, make_optimizer, maybe_initialize, read_metrics
+from eejax.train import Trainer, ema_params, make_optimizer, read_metrics
+from experiments import _common_vision as vision
+from experiments._common import Report, Run, experiment
 
 PAPER_NOTE = ("Paper (Tang et al., arXiv:2309.17074): U-ViT-S on CIFAR-10, full-depth FID 3.11; DeeDiff reports "
               "over 40% less inference computation at a similar FID (numbers as quoted in the eejax issue, not "
@@ -39,13 +41,11 @@ PARAM_NOTE = {"eps": "directly", "v": "through a v-style output skip (eps = sqrt
 # ----------------------------------------------------------------------------------------------------- data
 
 
-def load_data(cfg, data_dir):
-    d = cfg.data
+def load_data(cfg, args):
+    """Train images and the FID reference (test) images, checked before anything is written."""
+    d, data_dir = cfg.data, args.data_dir
     if d.name == "mnist_embedded":
-        if data_dir is not None:
-            raise config_lib.ConfigError("--data_dir is not used by data.name='mnist_embedded' (it ships with the "
-                                         "package); drop it or set --config.data.name to a file dataset")
-        train, _, test = pipeline.split_embedded(pipeline.get_dataset("mnist_embedded", "all"), cfg.seed)
+        train, _, test = vision.embedded_splits(cfg.seed, data_dir)
     else:
         train = pipeline.get_dataset(d.name, "train", data_dir)
         test = pipeline.get_dataset(d.name, "test", data_dir)
@@ -138,9 +138,9 @@ def sample_all(sampler, params, cfg, thr_SxE, num_classes):
     for i in range(-(-n // bs)):
         y = jnp.asarray((np.arange(i * bs, (i + 1) * bs) % num_classes).astype(np.int32))
         key = jax.random.fold_in(jax.random.key(cfg.seed + 100), i)
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(sampler(params, key, y, thr_SxE))
-        secs.append(time.perf_counter() - t0)
+        t = costs.measure(sampler, params, key, y, thr_SxE, warmup=0, iters=1)
+        out = t.output
+        secs.append(t.mean_s)
         imgs.append(np.asarray(out.x0_BxHxWxC))
         exits.append(np.asarray(out.exit_layer_SxB))
         runs.append(np.asarray(out.layers_run_S))
@@ -241,46 +241,34 @@ def plot_quality_vs_ratio(rows: list[dict], path: pathlib.Path, title: str):
 # ---------------------------------------------------------------------------------------------------- main
 
 
-@run_lib.cli
-def main(argv=None):
-    wall0 = time.perf_counter()
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)  # every value validated before any work
-    train, test = load_data(cfg, args.data_dir)
-    maybe_initialize()
-    prov = result_files.provenance("experiments.deediff", argv)
-    workdir, outdir = run_lib.prepare(cfg, args, "deediff")  # lock + config bound to the workdir
-    print(f"data {cfg.data.name}: train {len(train)} / reference (test) {len(test)}; devices: {prov.device}")
+class Policies(NamedTuple):
+    """Every sampling policy's row, per-policy results, depth-vs-t curve and sample grid."""
+    rows: list
+    results: dict
+    depth_curves: dict
+    grids: dict
+    calib: dict
 
-    mcfg = D.UViTConfig(**cfg.model.to_dict())
-    sched = D.make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
+
+def evaluate_policies(cfg, mcfg, sched, graphdef, params, quality_fn) -> Policies:
+    """Full depth, DeeDiff per-sample and batch-mean at each target layer ratio (thresholds calibrated on separate
+    noise), and uniform / t-banded / two-depth baselines at DeeDiff's depth, all from the same noise; then measured
+    throughput, round-robin."""
     n_layers, n_steps, num_t = mcfg.depth, cfg.sample.steps, cfg.diffusion.num_timesteps
-
-    cls_gd, cls_params, cls_acc = train_classifier(cfg, train, test, workdir)
-    print(f"feature classifier test accuracy {100 * cls_acc:.2f}%")
-    feat_fn, logit_fn = fid.feature_fn(cls_gd), fid.logits_fn(cls_gd)
-    ref_feats = fid.apply_batched(feat_fn, cls_params, to_unit(test.images_NxHxWxC))
-
-    graphdef, params, train_log, train_secs, train_note = train_diffusion(cfg, mcfg, sched, train, workdir)
-    last = train_log[-1]
-    print(f"U-ViT trained {cfg.train.steps} steps ({train_note}); final logged loss {last['loss']:.4f}")
-
-    mse = exit_mse_vs_t(graphdef, params, sched, test, cfg)
-
     sampler_kw = dict(eta=cfg.sample.eta, clip=cfg.sample.clip, parameterization=cfg.diffusion.parameterization)
     samplers = {"per_sample": D.make_sampler(graphdef, sched, measure="per_sample", **sampler_kw),
                 "batch_mean": D.make_sampler(graphdef, sched, measure="batch_mean", **sampler_kw),
                 "full": D.make_sampler(graphdef, sched, static_full=True, **sampler_kw)}
-    labels = np.arange(cfg.sample.num_samples) % mcfg.num_classes
     # Compile every sampler once on the calibration shapes, so the timed generation below is warm.
     warm_y = jnp.asarray((np.arange(cfg.sample.batch_size) % mcfg.num_classes).astype(np.int32))
     for s in samplers.values():
         jax.block_until_ready(s(params, jax.random.key(0), warm_y, D.full_thresholds(n_steps, n_layers)))
 
-    rows, results, depth_curves, policies = [], {}, {}, {}
+    rows, results, depth_curves, policies, grids = [], {}, {}, {}, {}
 
     def run(name, sampler_kind, thr_SxE, extra):
         res = sample_all(samplers[sampler_kind], params, cfg, thr_SxE, mcfg.num_classes)
-        q = quality(res["images"], feat_fn, logit_fn, cls_params, ref_feats, labels, cfg)
+        q = quality_fn(res["images"])
         layers_SxN = res["exit_layer_SxN"] + 1
         noisy_S, clean_S = res["t_S"] >= 0.7 * num_t, res["t_S"] < 0.3 * num_t
         row = {"policy": name, **extra, "layers/step": float(layers_SxN.mean()),
@@ -295,13 +283,11 @@ def main(argv=None):
                          "generation_batch_seconds": res["batch_seconds"],
                          "mean_layers_per_step_S": layers_SxN.mean(1), "thresholds_SxE": np.asarray(thr_SxE)}
         depth_curves[name] = (res["t_S"], layers_SxN.mean(1))
-        save_grid(res["images"][:cfg.eval.grid], stage.dir / f"samples_{name.replace(' ', '_')}.png")
+        grids[f"samples_{name.replace(' ', '_')}.png"] = res["images"][:cfg.eval.grid]
         print(f"{name}: layers/step {row['layers/step']:.2f}, cFID {row['cFID']:.3f}, "
               f"generation {sum(res['batch_seconds']):.1f} s", flush=True)
         return row
 
-    # Every file goes to a staging folder and replaces earlier results only once all of them are written.
-    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
     run("full depth", "full", D.full_thresholds(n_steps, n_layers), {"target": None, "threshold": None})
     t_S = results["full depth"]["t_S"]
     calib = {}
@@ -324,22 +310,55 @@ def main(argv=None):
     # per policy timed round-robin; the fastest batch counts (the least disturbed by other work on the machine).
     y0 = jnp.asarray((np.arange(cfg.sample.batch_size) % mcfg.num_classes).astype(np.int32))
     best = {name: min(results[name]["generation_batch_seconds"]) for name in policies}
-    for _ in range(cfg.eval.timing_repeats):
-        for name, (kind, thr_SxE) in policies.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(samplers[kind](params, jax.random.key(cfg.seed + 100), y0, thr_SxE))
-            best[name] = min(best[name], time.perf_counter() - t0)
+    if cfg.eval.timing_repeats:
+        calls = {name: (samplers[kind], (params, jax.random.key(cfg.seed + 100), y0, thr_SxE))
+                 for name, (kind, thr_SxE) in policies.items()}
+        for name, t in costs.measure_interleaved(calls, warmup=0, iters=cfg.eval.timing_repeats).items():
+            best[name] = min(best[name], t.min_s)
     for row in rows:
         row["images/s"] = cfg.sample.batch_size / best[row["policy"]]
         results[row["policy"]]["images/s"] = row["images/s"]
     for row in rows:
         row["measured_speedup"] = row["images/s"] / rows[0]["images/s"]
         results[row["policy"]]["measured_speedup"] = row["measured_speedup"]
-    plot_depth_vs_t(depth_curves, n_layers, stage.dir / "deediff_depth_vs_t.png",
-                    title=f"exit depth vs t ({cfg.data.name}, DDIM {n_steps} steps)")
-    plot_mse_vs_t(mse, stage.dir / "deediff_exit_mse_vs_t.png", title="per-exit eps MSE vs full depth")
-    plot_quality_vs_ratio(rows, stage.dir / "deediff_cfid_vs_ratio.png",
-                          title=f"quality vs compute ({cfg.data.name}, DDIM {n_steps} steps)")
+    return Policies(rows, results, depth_curves, grids, calib)
+
+
+@experiment("deediff", data=load_data)
+def main(run: Run, data) -> Report:
+    cfg, (train, test), workdir = run.cfg, data, run.workdir
+    print(f"data {cfg.data.name}: train {len(train)} / reference (test) {len(test)}; devices: {run.prov.device}")
+
+    mcfg = D.UViTConfig(**cfg.model.to_dict())
+    sched = D.make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
+
+    cls_gd, cls_params, cls_acc = train_classifier(cfg, train, test, workdir)
+    print(f"feature classifier test accuracy {100 * cls_acc:.2f}%")
+    feat_fn, logit_fn = fid.feature_fn(cls_gd), fid.logits_fn(cls_gd)
+    ref_feats = fid.apply_batched(feat_fn, cls_params, to_unit(test.images_NxHxWxC))
+
+    graphdef, params, train_log, train_secs, train_note = train_diffusion(cfg, mcfg, sched, train, workdir)
+    last = train_log[-1]
+    print(f"U-ViT trained {cfg.train.steps} steps ({train_note}); final logged loss {last['loss']:.4f}")
+
+    mse = exit_mse_vs_t(graphdef, params, sched, test, cfg)
+    labels = np.arange(cfg.sample.num_samples) % mcfg.num_classes
+    pol = evaluate_policies(cfg, mcfg, sched, graphdef, params,
+                            lambda images: quality(images, feat_fn, logit_fn, cls_params, ref_feats, labels, cfg))
+    return report(run, data, mcfg, pol, mse, cls_acc, train_log, train_secs, train_note)
+
+
+def report(run, data, mcfg, pol, mse, cls_acc, train_log, train_secs, train_note) -> Report:
+    cfg, (train, test) = run.cfg, data
+    rows, results, last = pol.rows, pol.results, train_log[-1]
+    n_layers, n_steps = mcfg.depth, cfg.sample.steps
+    files = {f: (lambda path, images=images: save_grid(images, path)) for f, images in pol.grids.items()}
+    files.update({
+        "deediff_depth_vs_t.png": lambda path: plot_depth_vs_t(
+            pol.depth_curves, n_layers, path, title=f"exit depth vs t ({cfg.data.name}, DDIM {n_steps} steps)"),
+        "deediff_exit_mse_vs_t.png": lambda path: plot_mse_vs_t(mse, path, title="per-exit eps MSE vs full depth"),
+        "deediff_cfid_vs_ratio.png": lambda path: plot_quality_vs_ratio(
+            rows, path, title=f"quality vs compute ({cfg.data.name}, DDIM {n_steps} steps)")})
 
     cols = ["policy", "target", "threshold", "layers/step", "layers@t>=0.7T", "layers@t<0.3T", "layer_ratio",
             "executed_layers/step", "cFID", "KIDx1e3", "class_acc%", "images/s", "measured_speedup"]
@@ -348,9 +367,9 @@ def main(argv=None):
                 for i, t in enumerate(mse["t"])]
     md = "\n\n".join([
         f"# DeeDiff at small scale on {cfg.data.name}",
-        prov.markdown() + "  \n"
+        run.prov.markdown() + "  \n"
         f"Data: {cfg.data.name}: train {len(train)}; FID reference = {len(test)} test images.  \n"
-        f"Wall-clock: {time.perf_counter() - wall0:.0f} s for the whole script (classifier, U-ViT, evaluation).  \n"
+        f"Wall-clock: {run.seconds():.0f} s for the whole script (classifier, U-ViT, evaluation).  \n"
         f"Scale: U-ViT depth {n_layers} (exit after every layer), width {mcfg.d_model}, patch {mcfg.patch_size}, "
         f"class-conditional; {cfg.train.steps} steps of batch {cfg.train.batch_size} with DeeDiff's loss "
         f"(lambda={cfg.loss.lam}, beta={cfg.loss.beta}), {cfg.diffusion.schedule} schedule over "
@@ -375,19 +394,14 @@ def main(argv=None):
         "layer); threshold: DeeDiff's confidence threshold "
         "1 - delta, calibrated on separate noise to the target layer ratio; baselines are matched to the "
         "DeeDiff per-sample row's layers/step.",
-        report.markdown_table(rows, cols, floatfmt=".3f"),
+        report_lib.markdown_table(rows, cols, floatfmt=".3f"),
         "## Per-exit epsilon MSE against the full-depth output, by timestep\n"
         "Plot: `deediff_exit_mse_vs_t.png`; exit depth vs t: `deediff_depth_vs_t.png`; cFID vs layer ratio: "
         "`deediff_cfid_vs_ratio.png`; sample grids: "
         "`samples_*.png` (columns are classes 0-9).",
-        report.markdown_table(mse_rows, list(mse_rows[0].keys()), floatfmt=".4f")])
-    files = stage.write_results("deediff", md, {
-        "provenance": prov._asdict(), "config": cfg.to_dict(),
-        "classifier_test_acc": cls_acc, "train_seconds": train_secs, "train_log": train_log,
-        "calibration": calib, "exit_mse_vs_t": mse, "results": results})
-    stage.commit()
-    print(md)
-    print(f"wrote {files.md_path}, {files.json_path} and figures to {outdir}")
+        report_lib.markdown_table(mse_rows, list(mse_rows[0].keys()), floatfmt=".4f")])
+    return Report(md, {"classifier_test_acc": cls_acc, "train_seconds": train_secs, "train_log": train_log,
+                       "calibration": pol.calib, "exit_mse_vs_t": mse, "results": results}, files)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python -m experiments.deer --config configs/deer.py:smoke [--outdir DIR]
 
-The shared-head multi-exit ViT (experiments/_shared_head_vit.py; MuE's backbone, shareable through
+The shared-head multi-exit ViT (experiments/_common_vision.py; MuE's backbone, shareable through
 ``--config.model_workdir``) is trained or resumed. Every layer's softmax is cached on validation and test. For each
 peak cap M (DeeR's max_layer) and each prior p of eejax.eval.budgeted, DeeR's exit-ratio prior puts a fraction
 q_k proportional to p^k of the VALIDATION examples at exits 2..M (exit 1 has no previous output to agree with),
@@ -13,17 +13,18 @@ executor), and the table shows whether the test average and peak respect B and M
 """
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax.harness import run
-from eejax.eval import bootstrap, budgeted, report
-from eejax.harness import results as result_files
+from eejax.eval import bootstrap, budgeted
+from eejax.eval import report as report_lib
 from eejax.exits import costs, policies
-from experiments import _shared_head_vit as shv
-from experiments.lgvit import padded_eval_images
+from experiments import _common_vision as vision
+from experiments._common import Report, Run, experiment
 
 
 def _exit_and_pred(out):
@@ -61,36 +62,48 @@ def evaluate(score_ExN, correct_ExN, thr_E, cum_flops_E):
             "exits": e_N}
 
 
-@run.cli
-def main(argv=None):
-    su = shv.setup(argv, "deer", __doc__)
-    cfg, args, prov, outdir, ec = su.cfg, su.args, su.prov, su.outdir, su.ec
-    train, val, test = su.train, su.val, su.test
-    graphdef, params, n_layers = su.graphdef, su.params, su.mcfg.depth
+class Engine(NamedTuple):
+    """DeeR's policy run by the engine on the test split: per-example exits, and throughput on one batch."""
+    executed: Any     # (score thresholds, max exit) -> (exit_N, pred_N)
+    throughput: Any   # (score thresholds, max exit) -> images/s on su.xb
+
+
+def engine_paths(su, cfg) -> Engine:
+    graphdef, params, n_layers, xb = su.graphdef, su.params, su.mcfg.depth, su.xb
+
+    def make_policy(thr_E, max_exit):
+        return policies.agreement(thr_E, n_layers, max_exit=max_exit)
+
+    dyn = jax.jit(lambda p, x, thr, m: vision.run_engine(nnx.merge(graphdef, p), x, make_policy(thr, m)).logits_BxC,
+                  static_argnums=3)
+    run_fn = jax.jit(lambda p, x, thr, m: _exit_and_pred(vision.run_engine(nnx.merge(graphdef, p), x,
+                                                                           make_policy(thr, m))), static_argnums=3)
+
+    def executed(thr_E, max_exit):
+        """Exit and prediction per test example, executed by the engine (one compile per cap)."""
+        exits, preds = [], []
+        for x, n in vision.padded_eval_images(su.test, cfg):
+            e, p = run_fn(params, x, jnp.asarray(distance_thresholds(thr_E)), max_exit)
+            exits.append(np.asarray(e)[:n])
+            preds.append(np.asarray(p)[:n])
+        return np.concatenate(exits), np.concatenate(preds)
+
+    def throughput(thr_E, max_exit):
+        return costs.throughput(dyn, xb.shape[0], params, xb, jnp.asarray(distance_thresholds(thr_E)), max_exit)
+
+    return Engine(executed, throughput)
+
+
+@experiment("deer", data=vision.splits)
+def main(run: Run, data) -> Report:
+    su = vision.shared_head_setup(run, data)
+    cfg, ec, val, test = run.cfg, su.ec, su.val, su.test
     probs_val, probs_test = su.probs_val, su.probs_test
     correct_val = probs_val.argmax(-1) == val.labels_N[None]
     correct_test = probs_test.argmax(-1) == test.labels_N[None]
     s_val, s_test = agreement_scores(probs_val), agreement_scores(probs_test)
     static_acc = correct_test.mean(1)
-
-    xb, static_tp = su.xb, su.static_tp
-
-    def make_policy(thr_E, max_exit):
-        return policies.agreement(thr_E, n_layers, max_exit=max_exit)
-
-    dyn = jax.jit(lambda p, x, thr, m: shv.run_engine(nnx.merge(graphdef, p), x, make_policy(thr, m)).logits_BxC,
-                  static_argnums=3)
-    run_fn = jax.jit(lambda p, x, thr, m: _exit_and_pred(shv.run_engine(nnx.merge(graphdef, p), x,
-                                                                        make_policy(thr, m))), static_argnums=3)
-
-    def executed(thr_E, max_exit):
-        """Exit and prediction per test example, executed by the engine (one compile per cap)."""
-        exits, preds = [], []
-        for x, n in padded_eval_images(test, cfg):
-            e, p = run_fn(params, x, jnp.asarray(distance_thresholds(thr_E)), max_exit)
-            exits.append(np.asarray(e)[:n])
-            preds.append(np.asarray(p)[:n])
-        return np.concatenate(exits), np.concatenate(preds)
+    eng = engine_paths(su, cfg)
 
     rows, unfit, curves, results, hist = [], [], {}, {"caps": {}}, {}
     for cap in cfg.eval.max_layers:
@@ -112,25 +125,40 @@ def main(argv=None):
                 continue
             p, thr, v, _ = max(ok, key=lambda x: (x[2]["acc"], x[2]["mean_layers"]))
             sim = evaluate(s_test, correct_test, thr, ec.cum_flops_E)
-            exits_run, preds_run = executed(thr, max_exit)
-            mean_run, peak_run = float(np.mean(exits_run + 1)), int(exits_run.max()) + 1
-            acc_run = float(np.mean(preds_run == test.labels_N))
-            within = [l for l in range(n_layers) if l + 1 <= budget]
-            tp = costs.throughput(dyn, xb.shape[0], params, xb, jnp.asarray(distance_thresholds(thr)), max_exit)
-            rows.append({
-                "budget_layers": budget, "peak_cap": cap, "prior": p, "val_mean_layers": v["mean_layers"],
-                "test_mean_layers": mean_run, "avg_met": "yes" if mean_run <= budget + 1e-9 else "NO",
-                "test_peak_layers": peak_run, "peak_met": "yes" if peak_run <= cap else "NO",
-                "test_acc": 100 * acc_run,
-                "static_acc_at_same_layers": 100 * float(np.interp(mean_run, np.arange(1, n_layers + 1),
-                                                                   static_acc)),
-                "best_static_within_budget": 100 * float(static_acc[within].max()) if within else float("nan"),
-                "speedup_flops": ec.cum_flops_E[-1] / costs.expected_flops(exits_run, ec.cum_flops_E),
-                "b%d_throughput_speedup" % xb.shape[0]: tp / static_tp,
-                "sim_agrees": float(np.mean(sim["exits"] == exits_run))})
+            exits_run, preds_run = eng.executed(thr, max_exit)
+            rows.append(budget_row(budget, cap, p, v, sim, exits_run, preds_run, static_acc, su,
+                                   eng.throughput(thr, max_exit)))
             if cap == max(cfg.eval.max_layers) and budget == cfg.eval.budgets[len(cfg.eval.budgets) // 2]:
                 hist[f"budget {budget:g} layers"] = exits_run
 
+    results.update(rows=rows, unfit=unfit, static_acc=static_acc.tolist(), cum_flops=ec.cum_flops_E.tolist(),
+                   static_flops=ec.static_flops_E.tolist())
+    return report(run, su, results, curves, hist)
+
+
+def budget_row(budget, cap, p, v, sim, exits_run, preds_run, static_acc, su, tp) -> dict:
+    """One average budget under one peak cap, executed on test."""
+    ec, test, n_layers, xb = su.ec, su.test, su.mcfg.depth, su.xb
+    mean_run, peak_run = float(np.mean(exits_run + 1)), int(exits_run.max()) + 1
+    acc_run = float(np.mean(preds_run == test.labels_N))
+    within = [l for l in range(n_layers) if l + 1 <= budget]
+    return {
+        "budget_layers": budget, "peak_cap": cap, "prior": p, "val_mean_layers": v["mean_layers"],
+        "test_mean_layers": mean_run, "avg_met": "yes" if mean_run <= budget + 1e-9 else "NO",
+        "test_peak_layers": peak_run, "peak_met": "yes" if peak_run <= cap else "NO",
+        "test_acc": 100 * acc_run,
+        "static_acc_at_same_layers": 100 * float(np.interp(mean_run, np.arange(1, n_layers + 1),
+                                                           static_acc)),
+        "best_static_within_budget": 100 * float(static_acc[within].max()) if within else float("nan"),
+        "speedup_flops": ec.cum_flops_E[-1] / costs.expected_flops(exits_run, ec.cum_flops_E),
+        "b%d_throughput_speedup" % xb.shape[0]: tp / su.static_tp,
+        "sim_agrees": float(np.mean(sim["exits"] == exits_run))}
+
+
+def report(run, su, results, curves, hist) -> Report:
+    cfg, ec, n_layers = run.cfg, su.ec, su.mcfg.depth
+    train, val, test = su.train, su.val, su.test
+    rows, unfit, static_acc = results["rows"], results["unfit"], np.asarray(results["static_acc"])
     # Several budgets can select the same prior (the same thresholds and test point): count each point once, and
     # say "above static" only when the two-proportion 95% interval (conservative for one test set) excludes 0.
     fitted = list({(r["peak_cap"], r["prior"]): r for r in rows}.values())
@@ -140,21 +168,17 @@ def main(argv=None):
              for r in fitted]
     n_above = sum(r["test_acc"] > r["static_acc_at_same_layers"] for r in fitted)
     n_above_sep = sum(d.separated and d.diff > 0 for d in above)
-    results.update(rows=rows, unfit=unfit, static_acc=static_acc.tolist(), cum_flops=ec.cum_flops_E.tolist(),
-                   static_flops=ec.static_flops_E.tolist())
-    if jax.process_index() != 0:
-        return
-    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
     statics = [(ec.static_flops_E[l], 100 * static_acc[l], f"L{l + 1}") for l in range(n_layers)]
-    report.plot_accuracy_vs_flops(curves, statics, stage.dir / "deer_curves.png",
-                                  title=f"DeeR exits on {cfg.data.name} (test; thresholds fit on validation)")
+    plots = {"deer_curves.png": lambda path: report_lib.plot_accuracy_vs_flops(
+        curves, statics, path, title=f"DeeR exits on {cfg.data.name} (test; thresholds fit on validation)")}
     if hist:
-        report.plot_exit_histogram(hist, n_layers, stage.dir / "deer_exits.png", title="exit layer (executed)")
+        plots["deer_exits.png"] = lambda path: report_lib.plot_exit_histogram(hist, n_layers, path,
+                                                                              title="exit layer (executed)")
     cols = list(rows[0]) if rows else ["budget_layers"]
     md = "\n\n".join([
         f"# DeeR-VLA's exit mechanism at small scale on {cfg.data.name}",
-        prov.markdown() + "  \n"
-        f"Data: {cfg.data.name}: train {len(train)} / val {len(val)} (carved from train) / test {len(test)}.  \n"
+        run.prov.markdown() + "  \n"
+        + vision.data_line(cfg, train, val, test) +
         f"Scale: ViT depth {n_layers}, width {cfg.model.d_model}, patch {cfg.model.patch_size}, one linear head "
         f"shared by every layer (an exit after every layer), {cfg.train.steps} steps of batch "
         f"{cfg.data.batch_size}; the backbone is the one MuE's script trains (same recipe and seed"
@@ -172,18 +196,14 @@ def main(argv=None):
         "best_static_within_budget: the best truncated model whose depth fits the average budget. sim_agrees: "
         "fraction of test examples whose executed exit equals the simulated one."
         + (f" No prior met on validation: {', '.join(unfit)}." if unfit else ""),
-        report.markdown_table(rows, cols),
+        report_lib.markdown_table(rows, cols),
         "## Static depth (test)\n",
-        report.markdown_table([{"layers": l + 1, "test_acc": 100 * static_acc[l],
-                                "MFLOPs": ec.static_flops_E[l] / 1e6} for l in range(n_layers)],
-                              ["layers", "test_acc", "MFLOPs"]),
+        report_lib.markdown_table([{"layers": l + 1, "test_acc": 100 * static_acc[l],
+                                    "MFLOPs": ec.static_flops_E[l] / 1e6} for l in range(n_layers)],
+                                  ["layers", "test_acc", "MFLOPs"]),
         "Plot: `deer_curves.png` (every prior, per cap; static depths as triangles)"
         + ("; exit histogram: `deer_exits.png`." if hist else ".")])
-    files = stage.write_results("deer", md, {"provenance": prov._asdict(), "config": cfg.to_dict(),
-                                             "results": results})
-    stage.commit()
-    print(md)
-    print(f"wrote {files.md_path}, {files.json_path} and plots to {outdir}")
+    return Report(md, {"results": results}, plots)
 
 
 if __name__ == "__main__":

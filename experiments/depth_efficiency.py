@@ -14,19 +14,18 @@ Shapes: N layers, S program steps, B windows, T tokens per window, D width, V vo
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax.harness import config as config_lib
-from eejax.harness import run
-from eejax.eval import report
-from eejax.harness import results as result_files
+from eejax.eval import report as report_lib
 from eejax.exits import engine
 from eejax.models import lm as lm_lib
-from experiments import _smollm2_analysis as common
+from experiments import _common_smollm2 as common
+from experiments._common import Report, Run, experiment
 
 NAME = "depth_efficiency"
 PAPER = ("Do Language Models Use Their Depth Efficiently? (Csordás, Manning, Potts; arXiv:2505.13898; NeurIPS "
@@ -183,20 +182,37 @@ def plots(outdir, contrib_rows, change_SxN, skip_rows, lens_rows, settle_M, n):
     plt.close(fig)
 
 
-@run.cli
-def main(argv=None):
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = result_files.provenance(f"experiments.{NAME}", argv)
-    _, outdir = run.prepare(cfg, args, NAME)
-    print(f"device: {prov.device}", flush=True)
-    lmod = common.load_model(cfg.model)
-    n, d = lmod.cfg.depth, cfg.data
-    ids = common.wikitext_ids(args.data_dir, lmod.tokenizer, d.windows * d.context + 1, d.split)
+@experiment(NAME)
+def main(run: Run) -> Report:
+    cfg, args = run.cfg, run.args
+    lmod = common.model_of(run)
+    d = cfg.data
+    ids = common.wikitext_head(args.data_dir, lmod.tokenizer, d.windows * d.context + 1, d.split)
     tokens_WxT = ids[:-1].reshape(d.windows, d.context)
     targets_WxT = ids[1:].reshape(d.windows, d.context)
     print(f"model: {lmod.description} (loaded in {lmod.load_seconds:.0f} s); data: wikitext2/{d.split}, "
           f"{d.windows} windows x {d.context} tokens", flush=True)
+    acc = passes(cfg, lmod, tokens_WxT, targets_WxT)
+    return summarize(run, lmod, targets_WxT, acc)
 
+
+class Accumulated(NamedTuple):
+    """Sums over the windows of the full-model passes (with the logit lens where run) and the skip runs."""
+    sums: dict
+    tops: list
+    kls: list
+    nlls: list
+    num_SxN: np.ndarray
+    den_SxN: np.ndarray
+    skip_acc: dict
+    skip_tokens: int
+    timing: dict
+
+
+def passes(cfg, lmod, tokens_WxT, targets_WxT) -> Accumulated:
+    """The full model over every window (contributions; the logit lens on the first ``lens.windows``), and on the
+    first ``skip.windows`` the model without each layer in turn."""
+    n, d = lmod.cfg.depth, cfg.data
     fb, fl, fs = base_fn(lmod.graphdef, False), base_fn(lmod.graphdef, True), skip_fn(lmod.graphdef, n)
     sums = None
     tops, kls, nlls = [], [], []
@@ -233,6 +249,12 @@ def main(argv=None):
             print(f"windows {i}..{i + d.chunk - 1}: {n} skip runs done ({time.perf_counter() - start:.0f} s)",
                   flush=True)
 
+    return Accumulated(sums, tops, kls, nlls, num_SxN, den_SxN, skip_acc, skip_tokens, timing)
+
+
+def summarize(run, lmod, targets_WxT, acc: Accumulated) -> Report:
+    cfg, n, d = run.cfg, lmod.cfg.depth, run.cfg.data
+    sums, tops, kls, nlls, num_SxN, den_SxN, skip_acc, skip_tokens, timing = acc
     m = d.windows * d.context
     change_SxN = np.full((n, n), np.nan)
     upper = np.triu(np.ones((n, n), bool), 1)     # later layers only: earlier ones are untouched by construction
@@ -270,12 +292,10 @@ def main(argv=None):
         "timing_s": timing}
     print({k: v for k, v in summary.items() if k != "timing_s"}, flush=True)
 
-    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
-    plots(stage.dir, contrib_rows, change_SxN, skip_rows, lens_rows, settle_M, n)
     h = summary
     md = "\n\n".join([
         f"# {PAPER}: residual-stream analyses on {cfg.model.name}",
-        prov.markdown() + f"  \nModel: {lmod.description}.  \nData: wikitext2/{d.split} (as stored), the first "
+        run.prov.markdown() + f"  \nModel: {lmod.description}.  \nData: wikitext2/{d.split} (as stored), the first "
         f"{m:,} tokens in {d.windows} windows of {d.context} (teacher-forced, no BOS) for the contributions; the logit "
         f"lens on the first {lens_tokens:,} and the skip analysis on the first {skip_tokens:,} of them. Full-model "
         f"next-token NLL {h['full_model_nll']:.3f}, top-1 accuracy {h['full_model_top1_acc']:.3f} (on the logit-lens "
@@ -297,24 +317,23 @@ def main(argv=None):
         f"the first half, {100 * h['settled_at_last_layer']:.1f}% only at the last layer",
         "## 1. Contributions to the residual stream (mean over tokens; h = the layer's input)\n"
         "![contributions](contributions.png)",
-        report.markdown_table(contrib_rows, list(contrib_rows[0].keys()), ".3f"),
+        report_lib.markdown_table(contrib_rows, list(contrib_rows[0].keys()), ".3f"),
         "## 2. Skipping one layer (the model without layer s, as an engine program)\n"
         "mean/max_future_change: relative change sum_t ||c'_l - c_l|| / sum_t ||c_l|| of the contributions of the "
         "layers after s, averaged / maximised over them; kl: mean KL(full || skipped) of the next-token "
         "distribution; top1_changed: fraction of tokens whose argmax changes; nll_change: change of the mean "
         "next-token NLL.\n![skip effects](skip_effects.png)",
-        report.markdown_table(skip_rows, list(skip_rows[0].keys()), ".4f"),
+        report_lib.markdown_table(skip_rows, list(skip_rows[0].keys()), ".4f"),
         "## 3. Logit lens (each layer's residual through the final RMSNorm and the tied head)\n"
         "settled_by_here: fraction of tokens whose top-1 already equals the final one at this layer and at every "
         "later layer.\n![logit lens](logit_lens.png)",
-        report.markdown_table(lens_rows, list(lens_rows[0].keys()), ".4f"),
+        report_lib.markdown_table(lens_rows, list(lens_rows[0].keys()), ".4f"),
     ])
-    files = stage.write_results(NAME, md, {
-        "provenance": prov._asdict(), "config": cfg.to_dict(), "model": lmod.description, "summary": summary,
+    return Report(md, {
+        "model": lmod.description, "summary": summary,
         "contributions": contrib_rows, "skips": skip_rows, "future_change_SxN": change_SxN, "logit_lens": lens_rows,
-        "settle_layer_histogram": np.bincount(settle_M, minlength=n)})
-    stage.commit()
-    print(f"wrote {files.md_path} and {files.json_path}")
+        "settle_layer_histogram": np.bincount(settle_M, minlength=n)},
+        {".": lambda folder: plots(folder, contrib_rows, change_SxN, skip_rows, lens_rows, settle_M, n)})
 
 
 if __name__ == "__main__":

@@ -29,12 +29,9 @@ from flax import nnx
 from eejax.data import composed
 from eejax.eval import paired, report, segmentation
 from eejax.exits import costs, engine, tokens
-from eejax.harness import config as config_lib
-from eejax.harness import results as result_files
-from eejax.harness import run
 from eejax.models import segvit
-from eejax.train import maybe_initialize
-from experiments import _token_exit as tx
+from experiments import _common_tokens as tx
+from experiments._common import Report, Run, experiment
 
 NAME = "dtop"
 PAPER = ("arXiv:2308.01045 (abstract): 20-35% less computation for plain-ViT segmenters without accuracy loss; "
@@ -66,8 +63,8 @@ def model_config(cfg) -> segvit.SegViTConfig:
 
 def aux_loss(graphdef):
     """Mean over the heads of the per-token cross-entropy, every token through every layer (DToP's base model)."""
-    def loss_fn(params, batch, rng, *_):
-        del rng
+    def loss_fn(params, batch, ctx):
+        del ctx
         logits = nnx.merge(graphdef, params).all_exits(batch["image"]).astype(jnp.float32)
         logp = jax.nn.log_softmax(logits, -1)
         nll_E = -jnp.take_along_axis(logp, batch["label"][None, ..., None], -1).mean((1, 2, 3))
@@ -384,20 +381,10 @@ def markdown(cfg, mcfg, prov, r) -> str:
     ]) + "\n"
 
 
-@run.cli
-def main(argv=None):
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    data = load(cfg, args.data_dir)
-    maybe_initialize()
-    prov = result_files.provenance("experiments.dtop", argv)
-    workdir, outdir = run.prepare(cfg, args, NAME)
-    md, payload, files = science(cfg, data, workdir, prov)
-    if jax.process_index() == 0:
-        with result_files.StagedResults(outdir, overwrite=args.overwrite) as stage:
-            for name, write in files.items():
-                write(stage.dir / name)
-            stage.write_results(NAME, md, {**payload, "provenance": prov._asdict(), "config": cfg.to_dict()})
-        print(md)
+@experiment(NAME, data=lambda cfg, args: load(cfg, args.data_dir))
+def main(run: Run, data) -> Report:
+    md, payload, files = science(run.cfg, data, run.workdir, run.prov)
+    return Report(md, payload, files)
 
 
 if __name__ == "__main__":

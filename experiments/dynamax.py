@@ -26,11 +26,10 @@ from eejax.decoding.per_token import static_thresholds
 from eejax.eval import report
 from eejax.exits import confidence as conf_lib
 from eejax.exits import costs, hlo
-from eejax.harness import run
 from eejax.models import exit_classifier as ec
 from eejax.models import lm, mamba_lm
-from eejax.train import Trainer, make_optimizer
-from experiments import _lm_common as lm_common
+from experiments import _common_lm as lm_common
+from experiments._common import Report, Run, experiment
 
 NAME = "dynamax"
 ARCHS = ("mamba", "transformer")
@@ -58,13 +57,6 @@ def build(arch: str, mcfg, seed: int):
     return (mamba_lm.build if arch == "mamba" else lm.build)(mcfg, seed)
 
 
-def _fit(loss_fn, params, optim_cfg, batches, steps, workdir, cfg, desc):
-    with Trainer(loss_fn, params, make_optimizer(optim_cfg), workdir=workdir, seed=cfg.seed, log_every=cfg.log_every,
-                 ckpt_every=cfg.ckpt_every) as tr:
-        state = tr.fit(batches, steps, desc=desc)
-        return state.params
-
-
 def train_backbone(cfg, arch, mcfg, corpus, workdir) -> tuple[Any, Any, float]:
     """Stage 1 (resumes from ``workdir/<arch>``): the LM with exits, final CE + decaying-weight KD of the exits."""
     gd, params = build(arch, mcfg, cfg.seed)
@@ -73,7 +65,7 @@ def train_backbone(cfg, arch, mcfg, corpus, workdir) -> tuple[Any, Any, float]:
                                          temperature=t.temperature)
     batches = WindowIterator(corpus.train_ids, cfg.data.batch_size, cfg.data.seq_len, seed=cfg.seed)
     start = time.perf_counter()
-    params = _fit(loss_fn, params, t.optim, batches, t.steps, pathlib.Path(workdir) / arch / "base", cfg,
+    params = lm_common.fit(loss_fn, params, t.optim, batches, t.steps, pathlib.Path(workdir) / arch / "base", cfg,
                   f"{arch} LM")
     return gd, params, time.perf_counter() - start
 
@@ -94,7 +86,7 @@ def train_classifiers(cfg, arch, lm_gd, lm_params, ccfgs, corpus, workdir) -> tu
     loss_fn = ec.classifier_loss(lm_gd, lm_params, {k: g for k, (g, _) in built.items()}, top_k=cfg.classifier.top_k)
     batches = WindowIterator(corpus.train_ids, cfg.data.batch_size, cfg.data.seq_len, seed=cfg.seed + 1)
     start = time.perf_counter()
-    params = _fit(loss_fn, {k: p for k, (_, p) in built.items()}, cfg.classifier.optim, batches,
+    params = lm_common.fit(loss_fn, {k: p for k, (_, p) in built.items()}, cfg.classifier.optim, batches,
                   cfg.classifier.steps, pathlib.Path(workdir) / arch / "classifiers", cfg, f"{arch} classifiers")
     return {k: (built[k][0], params[k]) for k in ccfgs}, time.perf_counter() - start
 
@@ -438,7 +430,7 @@ def _fmt_row(r: dict) -> dict:
     return keep
 
 
-def write_report(cfg, su, info: dict, evs: dict, points: list, comps: list, stops: list, stage):
+def write_report(cfg, su, info: dict, evs: dict, points: list, comps: list, stops: list) -> Report:
     cols = ["arch", "mode", "gate", "fit", "target", "threshold", "compute", "saving", "layers", "nll",
             "dnll_vs_full", "agreement", "speedup_h200", "speedup_h200_floor"]
     static_rows = []
@@ -508,8 +500,7 @@ def write_report(cfg, su, info: dict, evs: dict, points: list, comps: list, stop
                                                        "exit_hist": sw.exit_hist_E.tolist()}
                                                   for t, sw in res[s].items()} for s in res}
                                   for arm, res in ev["sweeps"].items()} for arch, ev in evs.items()}}
-    plot(evs, stage.dir / "dynamax_quality_vs_compute.png")
-    return stage.write_results(NAME, md, data), md
+    return Report(md, data, {"dynamax_quality_vs_compute.png": lambda path: plot(evs, path)})
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -522,18 +513,6 @@ class Setup(NamedTuple):
     workdir: pathlib.Path
     outdir: pathlib.Path
     corpus: Any
-
-
-def setup(argv) -> Setup:
-    from eejax.harness import config as config_lib  # noqa: PLC0415
-    from eejax.harness import results  # noqa: PLC0415
-
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    corpus = lm_common.load_corpus(cfg, args.data_dir)
-    prov = results.provenance(f"experiments.{NAME}", argv)
-    workdir, outdir = run.prepare(cfg, args, NAME)
-    print(f"data: {corpus.description}; device: {prov.device}", flush=True)
-    return Setup(cfg, args, prov, workdir, outdir, corpus)
 
 
 def prepare_backbone(su: Setup, arch: str, mcfg) -> tuple[Backbone, dict]:
@@ -575,9 +554,10 @@ def host_stop_table(cfg, bb: Backbone, ev: dict, windows) -> tuple[dict, list[di
     return out, rows
 
 
-@run.cli
-def main(argv=None):
-    su = setup(argv)
+@experiment(NAME, data=lm_common.corpus)
+def main(run: Run, corpus) -> Report:
+    su = Setup(run.cfg, run.args, run.prov, run.workdir, run.outdir, corpus)
+    print(f"data: {corpus.description}; device: {run.prov.device}", flush=True)
     cfg, e = su.cfg, su.cfg.eval
     mcfgs = model_configs(cfg, su.corpus.tokenizer.vocab_size)
     calib = lm_common.eval_windows(su.corpus.eval_ids, e.batch, e.prompt_len, e.new_tokens, 0, e.calib_batches)
@@ -593,15 +573,7 @@ def main(argv=None):
         points += operating_points(cfg, bb, evs[arch], calib, host)
         info[arch]["eval_s"] = time.perf_counter() - t0
     comps = comparisons(cfg, evs)
-    with run_results(su) as stage:
-        files, md = write_report(cfg, su, info, evs, points, comps, stops, stage)
-    print(md)
-    print(f"wrote {files.md_path} and {files.json_path}")
-
-
-def run_results(su: Setup):
-    from eejax.harness import results  # noqa: PLC0415
-    return results.StagedResults(su.outdir, overwrite=su.args.overwrite)
+    return write_report(cfg, su, info, evs, points, comps, stops)
 
 
 if __name__ == "__main__":

@@ -17,18 +17,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax.harness import config as config_lib
-from eejax.harness import run
 from eejax.data import pipeline
-from eejax.eval import budgeted, report
+from eejax.eval import budgeted
+from eejax.eval import report as report_lib
+from eejax.exits import costs, engine, losses
 from eejax.harness import results as result_files
-from eejax.exits import costs, engine, losses, policies
 from eejax.models import perceiver as perceiver_lib
-from eejax.train import Trainer, make_optimizer, maybe_initialize
-from experiments.lgvit import _host_slice, load_data, padded_eval_images
+from eejax.train import Trainer, make_optimizer
+from experiments import _common_vision as vision
+from experiments._common import Report, Run, experiment
 
 ARM_NAMES = {"perceiver": "Dyn-Perceiver (latent-branch exits)", "feature_exits": "feature-branch exits"}
-TIE_EPS = 1e-5   # executed and simulated exits may differ only for scores this close to a threshold
 
 
 def model_config(cfg, arm: str) -> perceiver_lib.PerceiverConfig:
@@ -40,8 +39,8 @@ def model_config(cfg, arm: str) -> perceiver_lib.PerceiverConfig:
 
 def loss(graphdef, kd_weight: float, temperature: float):
     """Mean CE over the exits + ``kd_weight`` x mean KD from the (stop-gradient) last exit to the earlier ones."""
-    def loss_fn(params, batch, rng, step):
-        del rng, step
+    def loss_fn(params, batch, ctx):
+        del ctx
         outs = nnx.merge(graphdef, params).all_exits(batch["image"])
         logits = outs.logits_ExBxC
         num_exits = logits.shape[0]
@@ -57,57 +56,17 @@ def loss(graphdef, kd_weight: float, temperature: float):
 def train_arm(cfg, arm, train_ds, workdir):
     mcfg = model_config(cfg, arm)
     graphdef, params = perceiver_lib.build(mcfg, cfg.seed)
-    batches = pipeline.BatchIterator(train_ds, cfg.data.batch_size, seed=cfg.seed, **_host_slice())
+    batches = pipeline.BatchIterator(train_ds, cfg.data.batch_size, seed=cfg.seed, **vision.host_slice())
     with Trainer(loss(graphdef, cfg.train.kd_weight, cfg.train.temperature), params, make_optimizer(cfg.train.optim),
                  workdir=workdir / arm, seed=cfg.seed, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every) as tr:
         params = tr.fit(batches, cfg.train.steps, desc=arm).params
     return mcfg, graphdef, params
 
 
-def cached_probs(graphdef, params, ds, cfg):
-    """Every exit's softmax on ``ds`` from the scan path: ``probs_ExNxC``."""
-    @jax.jit
-    def fn(params, x):
-        return jax.nn.softmax(nnx.merge(graphdef, params).all_exits(x).logits_ExBxC, axis=-1)
-
-    return np.concatenate([np.asarray(fn(params, x))[:, :n] for x, n in padded_eval_images(ds, cfg)], axis=1)
-
-
-def executed(graphdef, params, ds, cfg, thr_E):
-    """Exit and prediction per example, run by the engine (prefix program, per-exit max-softmax thresholds,
-    bucket-cascade executor)."""
-    @jax.jit
-    def fn(params, x, thr):
-        out = nnx.merge(graphdef, params).dynamic(x, thr, executor=engine.BucketCascade())
-        return out.exit_B, jnp.argmax(out.logits_BxC, -1)
-
-    exits, preds = [], []
-    for x, n in padded_eval_images(ds, cfg):
-        e, p = fn(params, x, jnp.asarray(thr_E, jnp.float32))
-        exits.append(np.asarray(e)[:n])
-        preds.append(np.asarray(p)[:n])
-    return np.concatenate(exits), np.concatenate(preds)
-
-
-def check_agreement(e_run, e_sim, conf_ExN, thr_E) -> float:
-    """Executed exits must equal the simulated ones, except for scores within TIE_EPS of a threshold."""
-    diff = np.flatnonzero(e_run != e_sim)
-    finite = np.where(np.isfinite(thr_E), thr_E, 0.0)
-    near = np.any(np.isfinite(thr_E)[:, None] & (np.abs(conf_ExN[:, diff] - finite[:, None]) < TIE_EPS), axis=0)
-    if not np.all(near):
-        raise RuntimeError(f"engine exits differ from the simulated ones for {int(np.sum(~near))} examples whose "
-                           "scores are not at a threshold")
-    return float(np.mean(e_run == e_sim))
-
-
-def nearest_prior(p: float) -> float:
-    pr = budgeted.priors()
-    return float(pr[np.argmin(np.abs(pr - p))])
-
-
 def evaluate_arm(cfg, arm, mcfg, graphdef, params, val, test, xb):
     ec = perceiver_lib.flops(mcfg)
-    probs_val, probs_test = cached_probs(graphdef, params, val, cfg), cached_probs(graphdef, params, test, cfg)
+    probs_val = vision.exit_probs(graphdef, params, val, cfg)
+    probs_test = vision.exit_probs(graphdef, params, test, cfg)
     curve = budgeted.budgeted_curve(probs_val, val.labels_N, probs_test, test.labels_N, ec.cum_flops_E)
     static = budgeted.static_points(probs_test, test.labels_N, ec.static_flops_E)
     conf_test = probs_test.max(-1)
@@ -117,10 +76,8 @@ def evaluate_arm(cfg, arm, mcfg, graphdef, params, val, test, xb):
     static_tp = costs.throughput(static_fn, xb.shape[0], params, xb)
     rows = []
     for p in cfg.eval.executed_priors:
-        point = next(c for c in curve if abs(c.prior - nearest_prior(p)) < 1e-9)
+        point, e_run, pred, agree = vision.run_prior(graphdef, params, test, cfg, curve, conf_test, p)
         thr = point.thresholds_E
-        e_run, pred = executed(graphdef, params, test, cfg, thr)
-        agree = check_agreement(e_run, budgeted.simulate_exits(conf_test, thr), conf_test, thr)
         tp = costs.throughput(dyn_fn, xb.shape[0], params, xb, jnp.asarray(thr, jnp.float32))
         flops_run = costs.expected_flops(e_run, ec.cum_flops_E)
         rows.append({"arm": ARM_NAMES[arm], "prior": point.prior, "test_acc": 100 * float(np.mean(pred ==
@@ -135,26 +92,15 @@ def evaluate_arm(cfg, arm, mcfg, graphdef, params, val, test, xb):
             "acc_E": acc_E}
 
 
-def interp_curve(curve, flops):
-    xs, ys = np.asarray([(c.expected_flops, c.accuracy) for c in curve]).T
-    order = np.argsort(xs)
-    return np.interp(flops, xs[order], ys[order], left=np.nan, right=np.nan)
-
-
-@run.cli
-def main(argv=None):
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)   # every value validated before any work
-    train_ds, val, test = load_data(cfg, args.data_dir)
-    maybe_initialize()
-    prov = result_files.provenance("experiments.dynamic_perceiver", argv)
-    workdir, outdir = run.prepare(cfg, args, "dynamic_perceiver")
-    print(f"data {cfg.data.name}: train {len(train_ds)} / val {len(val)} / test {len(test)}; devices: "
-          f"{jax.device_count()} x {jax.devices()[0].device_kind}")
-    xb = next(iter(pipeline.BatchIterator(test, cfg.eval.throughput_batch, shuffle=False)))["image"]
+@experiment("dynamic_perceiver", data=vision.splits)
+def main(run: Run, data) -> Report:
+    cfg, (train_ds, val, test) = run.cfg, data
+    print(vision.describe(cfg, data))
+    xb = vision.first_batch(test, cfg.eval.throughput_batch)
 
     res = {}
     for arm in cfg.arms:
-        mcfg, graphdef, params = train_arm(cfg, arm, train_ds, workdir)
+        mcfg, graphdef, params = train_arm(cfg, arm, train_ds, run.workdir)
         res[arm] = evaluate_arm(cfg, arm, mcfg, graphdef, params, val, test, xb)
         res[arm]["mcfg"] = mcfg
 
@@ -169,36 +115,37 @@ def main(argv=None):
         hi = min(max(c.expected_flops for c in cp), max(c.expected_flops for c in cf))
         if lo < hi:
             for f in np.linspace(lo, hi, 8):
-                a_p, a_f = float(interp_curve(cp, f)), float(interp_curve(cf, f))
+                a_p, a_f = float(vision.interp_curve(cp, f)), float(vision.interp_curve(cf, f))
                 rows_match.append({"MFLOPs": f / 1e6, "perceiver_acc": 100 * a_p, "feature_exits_acc": 100 * a_f,
                                    "perceiver_minus_feature": 100 * (a_p - a_f)})
     rows_dom = []
     for arm, r in res.items():
         xs = [c.expected_flops for c in r["curve"]]
         beaten = [s for s in r["static"][:-1] if min(xs) <= s.expected_flops <= max(xs)
-                  and interp_curve(r["curve"], s.expected_flops) > s.accuracy]
+                  and vision.interp_curve(r["curve"], s.expected_flops) > s.accuracy]
         rows_dom.append({"arm": ARM_NAMES[arm], "static_points_beaten": f"{len(beaten)}/{len(r['static']) - 1}",
                          "acc@lowest_budget": 100 * min(r["curve"], key=lambda c: c.expected_flops).accuracy,
                          "acc@highest_budget": 100 * max(r["curve"], key=lambda c: c.expected_flops).accuracy,
                          "full_model_acc": 100 * r["static"][-1].accuracy,
                          "full_model_MFLOPs": r["static"][-1].expected_flops / 1e6,
                          "static_full_throughput_img_s": r["static_throughput"]})
+    return report(run, data, res, rows_exit, rows_exec, rows_match, rows_dom, xb)
 
-    if jax.process_index() != 0:
-        return
-    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
+
+def report(run, data, res, rows_exit, rows_exec, rows_match, rows_dom, xb) -> Report:
+    cfg, (train_ds, val, test) = run.cfg, data
     curves = {f"{ARM_NAMES[a]} (budgeted)": [(c.expected_flops, 100 * c.accuracy) for c in r["curve"]]
               for a, r in res.items()}
     statics = [(s.expected_flops, 100 * s.accuracy, f"{'P' if a == 'perceiver' else 'F'}{e + 1}")
                for a, r in res.items() for e, s in enumerate(r["static"])]
-    report.plot_accuracy_vs_flops(curves, statics, stage.dir / "dynamic_perceiver_budgeted.png",
-                                  title=f"Dyn-Perceiver vs feature exits, {cfg.data.name} (test)")
+    plots = {"dynamic_perceiver_budgeted.png": lambda path: report_lib.plot_accuracy_vs_flops(
+        curves, statics, path, title=f"Dyn-Perceiver vs feature exits, {cfg.data.name} (test)")}
     m = next(iter(res.values()))["mcfg"]
     wins = sum(r["perceiver_minus_feature"] > 0 for r in rows_match)
     md = "\n\n".join([
         f"# Dynamic Perceiver at small scale on {cfg.data.name}",
-        prov.markdown() + "  \n"
-        f"Data: {cfg.data.name}: train {len(train_ds)} / val {len(val)} (carved from train) / test {len(test)}.  \n"
+        run.prov.markdown() + "  \n"
+        + vision.data_line(cfg, train_ds, val, test) +
         f"Scale: feature branch = stride-4 conv stem + {m.depth} residual conv stages, width {m.width}, on a "
         f"{m.grid}x{m.grid} grid; latent branch = {cfg.model.latent_tokens} latents of width {m.latent_dim} "
         f"(x2z, one transformer block, z2x per stage). {cfg.train.steps} steps of batch {cfg.data.batch_size} per "
@@ -209,30 +156,25 @@ def main(argv=None):
         "equal ImageNet accuracy, 1.4-2.6x fewer than DVT / CF-ViT, measured latency gains only 1.2-2.3x. Ours is "
         "a CPU-sized model trained from scratch, so only the orderings are comparable.",
         "## Per-exit test accuracy (static truncated models) and cost",
-        report.markdown_table(rows_exit, list(rows_exit[0])),
+        report_lib.markdown_table(rows_exit, list(rows_exit[0])),
         "## Budgeted curves (MSDNet protocol: 39 priors, thresholds fit on validation, applied to test)\n"
         "Plot: `dynamic_perceiver_budgeted.png` (P = Dyn-Perceiver static exits, F = feature-exit static exits).",
-        report.markdown_table(rows_dom, list(rows_dom[0])),
+        report_lib.markdown_table(rows_dom, list(rows_dom[0])),
         f"## Matched FLOPs (test curves interpolated): Dyn-Perceiver ahead at {wins}/{len(rows_match)} points",
-        report.markdown_table(rows_match, list(rows_match[0])) if rows_match else "(one arm only)",
+        report_lib.markdown_table(rows_match, list(rows_match[0])) if rows_match else "(one arm only)",
         "## Executed by the engine (bucket-cascade executor) at some priors\n"
         "sim_agrees: fraction of test examples whose executed exit equals the simulated one (asserted equal up to "
-        f"ties within {TIE_EPS:g} of a threshold). Throughput speed-up: measured images/s of the dynamic model "
-        f"(bucket-cascade executor, one test batch of {xb.shape[0]}) over the same arm's static full model, on "
+        f"ties within {vision.TIE_EPS:g} of a threshold). Throughput speed-up: measured images/s of the dynamic "
+        f"model (bucket-cascade executor, one test batch of {xb.shape[0]}) over the same arm's static full model, on "
         f"{result_files.device_description()}.",
-        report.markdown_table(rows_exec, list(rows_exec[0]))])
-    data = {a: {"acc_E": r["acc_E"].tolist(), "cum_flops": r["ec"].cum_flops_E.tolist(),
+        report_lib.markdown_table(rows_exec, list(rows_exec[0]))])
+    arms = {a: {"acc_E": r["acc_E"].tolist(), "cum_flops": r["ec"].cum_flops_E.tolist(),
                 "static_flops": r["ec"].static_flops_E.tolist(), "static_throughput": r["static_throughput"],
                 "budgeted": [{"prior": c.prior, "accuracy": c.accuracy, "expected_flops": c.expected_flops,
                               "exit_fractions": c.exit_fractions_E.tolist(), "thresholds": c.thresholds_E.tolist()}
                              for c in r["curve"]],
                 "executed": r["executed"]} for a, r in res.items()}
-    files = stage.write_results("dynamic_perceiver", md, {
-        "provenance": prov._asdict(), "config": cfg.to_dict(),
-        "results": {"arms": data, "matched": rows_match, "dominance": rows_dom}})
-    stage.commit()
-    print(md)
-    print(f"wrote {files.md_path}, {files.json_path} and plots to {outdir}")
+    return Report(md, {"results": {"arms": arms, "matched": rows_match, "dominance": rows_dom}}, plots)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,9 @@ from flax import nnx
 from eejax.data import composed
 from eejax.eval import paired, report
 from eejax.exits import costs, tokens
-from eejax.harness import config as config_lib
-from eejax.harness import results as result_files
-from eejax.harness import run
 from eejax.models import vlm
-from eejax.train import maybe_initialize
-from experiments import _token_exit as tx
+from experiments import _common_tokens as tx
+from experiments._common import Report, Run, experiment
 
 NAME = "dyvte"
 PAPER = ("arXiv:2411.19628 (abstract v2): up to 45.7% less computation on LLaVA-1.5 with no performance drop; "
@@ -62,8 +59,8 @@ def model_config(cfg, seq_len: int) -> vlm.VLMConfig:
 
 def answer_loss(graphdef):
     """Cross-entropy of the answer token, every token through every layer."""
-    def loss_fn(params, batch, rng, *_):
-        del rng
+    def loss_fn(params, batch, ctx):
+        del ctx
         model = nnx.merge(graphdef, params)
         x = model.inputs(batch["image"], batch["tokens"])
         logits = model.answer_logits(model.scan(x).h, x.last_B).astype(jnp.float32)
@@ -74,8 +71,8 @@ def answer_loss(graphdef):
 
 def router_loss(num_layers: int):
     """DyVTE's router training on cached, detached features: CE of each layer's router against its label."""
-    def loss_fn(params, batch, rng, *_):
-        del rng
+    def loss_fn(params, batch, ctx):
+        del ctx
         logits = jnp.einsum("nld,ldk->nlk", batch["feat"], params["w"]) + params["b"][None]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :num_layers - 1],
                                                              batch["label"][:, :num_layers - 1])
@@ -350,20 +347,10 @@ def markdown(cfg, mcfg, prov, r) -> str:
     ]) + "\n"
 
 
-@run.cli
-def main(argv=None):
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    data = load(cfg, args.data_dir)
-    maybe_initialize()
-    prov = result_files.provenance("experiments.dyvte", argv)
-    workdir, outdir = run.prepare(cfg, args, NAME)
-    md, payload, files = science(cfg, data, workdir, prov)
-    if jax.process_index() == 0:
-        with result_files.StagedResults(outdir, overwrite=args.overwrite) as stage:
-            for name, write in files.items():
-                write(stage.dir / name)
-            stage.write_results(NAME, md, {**payload, "provenance": prov._asdict(), "config": cfg.to_dict()})
-        print(md)
+@experiment(NAME, data=lambda cfg, args: load(cfg, args.data_dir))
+def main(run: Run, data) -> Report:
+    md, payload, files = science(run.cfg, data, run.workdir, run.prov)
+    return Report(md, payload, files)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ EE-PI (arXiv:2108.06156; official EEEA/cifar/eeea/genetic/optimizer.py, ``create
 initial population, a candidate whose parameter count is at or over the budget is rejected and redrawn, before any
 training. Everything else is the usual multi-objective evolution (NSGA-II rank and crowding on validation error and
 parameters; survivors, tournament, uniform crossover, mutation, no duplicates). Both arms use the same seed and the
-same number of candidates; each candidate is trained once with a short proxy schedule (``experiments._vit_train``)
+same number of candidates; each candidate is trained once with a short proxy schedule (``experiments._common_vision``)
 and cached by its genome, so an architecture drawn by both arms is trained once and its measured cost charged to
 both. Reported: search cost (candidates trained, rejected draws, measured wall-clock, analytic training FLOPs,
 parameters trained), best validation accuracy under parameter budgets, the Pareto fronts (plot), and the final
@@ -20,18 +20,14 @@ import json
 import time
 from typing import Callable, NamedTuple, Sequence
 
-import jax
 import numpy as np
 from matplotlib.figure import Figure
 
-from eejax.harness import config as config_lib
-from eejax.harness import run
-from eejax.eval import report
-from eejax.harness import results as result_files
+from eejax.data import pipeline
+from eejax.eval import report as report_lib
 from eejax.models import vit as vit_lib
-from eejax.train import maybe_initialize
-from experiments import _vit_train as vt
-from experiments.lgvit import load_data
+from experiments import _common_vision as vision
+from experiments._common import Report, Run, experiment
 
 GENES = ("depth", "d_model", "num_heads", "mlp_ratio", "patch_size")
 
@@ -232,13 +228,14 @@ def make_evaluator(cfg, train_ds, val, workdir, image_size, channels, cache: dic
         else:
             mcfg = vit_config(g, image_size, channels)
             graphdef, params = vit_lib.build(mcfg, cfg.seed)
-            if vt.num_params(params) != param_count(g, image_size, channels):
+            if vision.num_params(params) != param_count(g, image_size, channels):
                 raise AssertionError(f"{g}: param_count formula disagrees with the built model")
             fwd = _forward
-            tr = vt.train(graphdef, params, fwd, train_ds, steps=cfg.train.steps, batch_size=cfg.data.batch_size,
-                          optim=cfg.train.optim, seed=cfg.seed, workdir=cdir, log_every=cfg.log_every, desc=g.key)
+            tr = vision.train_classifier(graphdef, params, fwd, train_ds, steps=cfg.train.steps,
+                                         batch_size=cfg.data.batch_size, optim=cfg.train.optim, seed=cfg.seed,
+                                         workdir=cdir, log_every=cfg.log_every, desc=g.key)
             t0 = time.perf_counter()
-            loss, acc = vt.evaluate(graphdef, tr.params, fwd, val, cfg.data.eval_batch_size)
+            loss, acc = vision.evaluate(graphdef, tr.params, fwd, val, cfg.data.eval_batch_size)
             e = Evaluation(acc, loss, tr.train_seconds + time.perf_counter() - t0)
             done.write_text(json.dumps(e._asdict()))
         cache[g] = e
@@ -253,10 +250,10 @@ def test_accuracy(cfg, g: Genome, train_ds, test, workdir, image_size, channels)
     mcfg = vit_config(g, image_size, channels)
     graphdef, params = vit_lib.build(mcfg, cfg.seed)
     fwd = _forward
-    tr = vt.train(graphdef, params, fwd, train_ds, steps=cfg.train.steps, batch_size=cfg.data.batch_size,
-                  optim=cfg.train.optim, seed=cfg.seed, workdir=workdir / "cand" / g.key, log_every=cfg.log_every,
-                  desc=g.key)
-    return vt.evaluate(graphdef, tr.params, fwd, test, cfg.data.eval_batch_size)[1]
+    tr = vision.train_classifier(graphdef, params, fwd, train_ds, steps=cfg.train.steps,
+                                 batch_size=cfg.data.batch_size, optim=cfg.train.optim, seed=cfg.seed,
+                                 workdir=workdir / "cand" / g.key, log_every=cfg.log_every, desc=g.key)
+    return vision.evaluate(graphdef, tr.params, fwd, test, cfg.data.eval_batch_size)[1]
 
 
 def arm_summary(cfg, space: Space, arm: str, init: Initial, history: list, image_size: int, channels: int) -> dict:
@@ -297,17 +294,17 @@ def plot(arms: dict, max_params: int, path, title: str):
     fig.savefig(path, dpi=150, bbox_inches="tight")
 
 
-@run.cli
-def main(argv=None):
-    from eejax.data import pipeline  # noqa: PLC0415
-
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)   # every value validated before any work
-    train_ds, val, test = load_data(cfg, args.data_dir)
+def load_data(cfg, args):
+    """Train / a bounded validation split / test, checked before anything is written."""
+    train_ds, val, test = vision.load_data(cfg, args.data_dir)
     if cfg.data.val_size:
         val = val.subset(np.arange(min(cfg.data.val_size, len(val))), "val")
-    maybe_initialize()
-    prov = result_files.provenance("experiments.eeea_net", argv)
-    workdir, outdir = run.prepare(cfg, args, "eeea_net")
+    return train_ds, val, test
+
+
+@experiment("eeea_net", data=load_data)
+def main(run: Run, data) -> Report:
+    cfg, (train_ds, val, test), workdir = run.cfg, data, run.workdir
     image_size, _, channels = pipeline.IMAGE_SHAPES[cfg.data.name]
     space = Space({k: tuple(int(v) for v in cfg.space[k]) for k in GENES}, image_size, channels)
     space_params = np.asarray([space.params(g) for g in space.all()])
@@ -336,11 +333,14 @@ def main(argv=None):
                 test_acc[g] = test_accuracy(cfg, g, train_ds, test, workdir, image_size, channels)
             fronts.append({"arm": arm, "genome": g.key, "params": h["params"], "val_acc": 100 * h["val_acc"],
                            "test_acc": 100 * test_acc[g], "generation": h["generation"]})
-    if jax.process_index() != 0:
-        return
-    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
-    plot(arms, s.max_params, stage.dir / "eeea_net_pareto.png",
-         f"EEEA-Net toy search on {cfg.data.name}: every candidate (proxy {cfg.train.steps} steps)")
+    return report(run, data, arms, rows, fronts, space_params)
+
+
+def report(run, data, arms, rows, fronts, space_params) -> Report:
+    cfg, (train_ds, val, test), s = run.cfg, data, run.cfg.search
+    plots = {"eeea_net_pareto.png": lambda path: plot(
+        arms, s.max_params, path, f"EEEA-Net toy search on {cfg.data.name}: every candidate (proxy {cfg.train.steps} "
+        "steps)")}
     history_rows = [{"arm": arm, "generation": h["generation"], "genome": h["genome"].key, "params": h["params"],
                      "val_acc": 100 * h["val_acc"], "seconds": h["seconds"]}
                     for arm, r in arms.items() for h in r["history"]]
@@ -349,7 +349,7 @@ def main(argv=None):
         shared &= set(h["genome"] for h in arms[arm]["history"])
     md = "\n\n".join([
         f"# EEEA-Net (Early Exit Population Initialisation) at toy scale on {cfg.data.name}",
-        prov.markdown() + "  \n"
+        run.prov.markdown() + "  \n"
         f"Data: {cfg.data.name}: train {len(train_ds)} / val {len(val)} (carved from train, bounded) / test "
         f"{len(test)}.  \n"
         f"Search space: {len(space_params)} ViTs ({', '.join(f'{k} {tuple(cfg.space[k])}' for k in GENES)}), one "
@@ -366,21 +366,18 @@ def main(argv=None):
         "NASNet 2,000) with 2.46% error on CIFAR-10, 15.02% on CIFAR-100, 23.8% on ImageNet. Ours is a toy search "
         "on CPU: only the shape (similar accuracy from smaller candidates at lower cost) is comparable.",
         "## Search cost and best validation accuracy per arm",
-        report.markdown_table(rows, list(rows[0]), floatfmt=".4g"),
+        report_lib.markdown_table(rows, list(rows[0]), floatfmt=".4g"),
         "## Pareto fronts (every candidate an arm trained; test accuracy of the same proxy-trained weights)",
-        report.markdown_table(fronts, list(fronts[0])),
-        "## Every candidate", report.markdown_table(history_rows, list(history_rows[0])),
+        report_lib.markdown_table(fronts, list(fronts[0])),
+        "## Every candidate", report_lib.markdown_table(history_rows, list(history_rows[0])),
         "Plot: `eeea_net_pareto.png` (validation accuracy vs parameters, both arms, Pareto fronts)."])
-    data = {"provenance": prov._asdict(), "config": cfg.to_dict(), "summary": rows, "fronts": fronts,
+    data = {"summary": rows, "fronts": fronts,
             "history": history_rows, "space_params": space_params.tolist(),
             "initial": {arm: {"population": [g.key for g in r["init"].population], "draws": r["init"].draws,
                               "rejected": r["init"].rejected, "duplicates": r["init"].duplicates}
                         for arm, r in arms.items()},
             "final_population": {arm: [g.key for g in r["final"]] for arm, r in arms.items()}}
-    files = stage.write_results("eeea_net", md, data)
-    stage.commit()
-    print(md)
-    print(f"wrote {files.md_path}, {files.json_path} and plots to {outdir}")
+    return Report(md, data, plots)
 
 
 if __name__ == "__main__":

@@ -18,55 +18,30 @@ Shapes: B batch, T tokens, E exits, C classes, N examples.
 """
 from __future__ import annotations
 
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax.harness import config as config_lib
-from eejax.harness import run
 from eejax.data.sst2 import load_sst2
-from eejax.eval import report
-from eejax.harness import results as result_files
+from eejax.eval import report as report_lib
 from eejax.exits import confidence as conf_lib
-from eejax.exits import engine, losses, policies
+from eejax.exits import costs, engine, losses, policies
 from eejax.models import encoder as enc
 from eejax.models import pretrained_encoder as pe
-from eejax.train import Trainer, make_optimizer, maybe_initialize
+from experiments import _common_encoder as common
+from experiments._common import Report, Run, experiment
 
 NUM_CLASSES = 2
 
 # ----------------------------------------------------------------------------------------------------- data
 
 
-class ArrayBatches:
-    """Shuffled, resumable batches of a dict of equal-length arrays; epoch e's order is from (seed, e)."""
-
-    def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int):
-        self.arrays, self.batch_size, self.seed = arrays, batch_size, seed
-        self.n = len(next(iter(arrays.values())))
-        if self.n < batch_size:
-            raise ValueError(f"{self.n} training examples, fewer than batch_size={batch_size}")
-        self.epoch, self.index = 0, 0
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state):
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self.index >= self.n // self.batch_size:
-            self.epoch, self.index = self.epoch + 1, 0
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        idx = order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
-        self.index += 1
-        return {k: v[idx] for k, v in self.arrays.items()}
+def load(cfg, args):
+    """The tokenizer, SST-2 train (a seeded subset) and dev, read before anything is written."""
+    tok = common.tokenizer()
+    return (tok, *load_data(cfg, args.data_dir, tok))
 
 
 def load_data(cfg, data_dir, tok):
@@ -95,8 +70,8 @@ def build_model(cfg, tok):
 
 
 def make_loss(graphdef, arm, tcfg):
-    def loss_fn(params, batch, rng):
-        del rng
+    def loss_fn(params, batch, ctx):
+        del ctx
         model = nnx.merge(graphdef, params)
         exit_layers = model.cfg.exit_layers
         outs = model.all_exits(batch["ids"], batch["mask"], batch["type_ids"])
@@ -109,12 +84,6 @@ def make_loss(graphdef, arm, tcfg):
                                    prior_lambda=tcfg.ponder_prior, beta=tcfg.ponder_beta)
         return terms.total, {"rec": terms.rec, "kl": terms.kl, "acc_last": acc_E[-1]}
     return loss_fn
-
-
-def trainable(cfg):
-    if not cfg.train.freeze_word_embeddings:
-        return None
-    return lambda path: not path.startswith("tok/")
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -188,9 +157,7 @@ def latencies(graphdef, params, dev, cfg, settings, num_exits):
         b["ids"], b["mask"], thr, measure=m, type_ids_BxT=b["type_ids"]).logits_BxC) for name, m in POLICIES.items()}
 
     def once(fn, b, *extra):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(params, b, *extra))
-        return time.perf_counter() - t0
+        return costs.measure(fn, params, b, *extra, warmup=0, iters=1).mean_s
 
     out = {}
     jax.block_until_ready(static(params, singles[0]))
@@ -223,14 +190,9 @@ def matched(rows, ref_policy, policy):
     return out
 
 
-@run.cli
-def main(argv=None):
-    maybe_initialize()
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = result_files.provenance("experiments.encoder_exits", argv)
-    workdir, outdir = run.prepare(cfg, args, "encoder_exits")  # lock + config bound to the workdir
-    tok = pe.WordPieceTokenizer(pe.minilm_dir() / "tokenizer.json")
-    train, dev = load_data(cfg, args.data_dir, tok)
+@experiment("encoder_exits", data=load)
+def main(run: Run, data) -> Report:
+    cfg, (tok, train, dev) = run.cfg, data
     print(f"SST-2: train {len(train['label'])} (max_len {cfg.data.max_len}) / dev {len(dev['label'])} "
           f"(max_len {cfg.data.eval_max_len}); devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
 
@@ -239,13 +201,8 @@ def main(argv=None):
         graphdef, params = build_model(cfg, tok)
         model_cfg = nnx.merge(graphdef, params).cfg
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-        t0 = time.perf_counter()
-        with Trainer(make_loss(graphdef, arm, cfg.train), params,
-                     make_optimizer(cfg.train.optim, trainable=trainable(cfg)), workdir=workdir / arm,
-                     seed=cfg.seed, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every) as tr:
-            params = tr.fit(ArrayBatches(train, cfg.data.batch_size, cfg.seed), cfg.train.steps,
-                            desc=f"{arm}").params
-        train_s = time.perf_counter() - t0
+        params, train_s = common.fine_tune(make_loss(graphdef, arm, cfg.train), params, train, cfg, run.workdir / arm,
+                                           f"{arm}")
         settings = policy_settings(cfg, model_cfg.ponder)
         acc_E, rows = evaluate(graphdef, params, dev, cfg, settings, model_cfg.exit_layers)
         lat = latencies(graphdef, params, dev, cfg, settings, len(model_cfg.exit_layers))
@@ -268,10 +225,11 @@ def main(argv=None):
         palbert = [r for r in rows_pol if r["arm"] == "ponder" and r["policy"] == "palbert_q"]
         compare += [{"arm": "ponder Q-exit vs multi_exit PABEE", **c} for c in matched(pabee + palbert, "pabee",
                                                                                         "palbert_q")]
+    return report(run, train, dev, results, rows_exit, rows_pol, compare)
 
-    if jax.process_index() != 0:
-        return
-    outdir.mkdir(parents=True, exist_ok=True)
+
+def report(run, train, dev, results, rows_exit, rows_pol, compare) -> Report:
+    cfg = run.cfg
     m = cfg.model
     arch = ("MiniLM-L6-H384 (all-MiniLM-L6-v2 weights)" if m.pretrained and not m.shared_layers else
             f"one MiniLM layer (#{m.shared_from}) shared across 6 repeats + PALBERT Lambda layer" if m.pretrained
@@ -280,7 +238,7 @@ def main(argv=None):
                 "b1_speedup", "sim_agrees"]
     parts = [
         f"# Early-exit text encoders on SST-2 ({cfg.name})",
-        prov.markdown() + "  \n"
+        run.prov.markdown() + "  \n"
         f"Data: SST-2 train subset {len(train['label'])} phrases (max {cfg.data.max_len} tokens), dev "
         f"{len(dev['label'])} sentences (max {cfg.data.eval_max_len} tokens).  \n"
         f"Scale: {arch}; arms {list(cfg.arms)}; {cfg.train.steps} steps of batch {cfg.data.batch_size}, AdamW lr "
@@ -291,7 +249,7 @@ def main(argv=None):
         "(arXiv:2004.12993, BERT-base / RoBERTa-base on GLUE); PABEE improves ALBERT's accuracy and robustness with "
         "a better accuracy-speed trade-off than earlier exits (arXiv:2006.04152; no number in the abstract); "
         "PALBERT outperforms PABEE on a wide range of GLUE tasks (arXiv:2204.03276; no number in the abstract).",
-        "## Dev accuracy (%) of every exit (static truncation)", report.markdown_table(rows_exit,
+        "## Dev accuracy (%) of every exit (static truncation)", report_lib.markdown_table(rows_exit,
                                                                                         list(rows_exit[0].keys())),
         "## Policies, executed by the while-loop engine\n"
         "mean_layers: layers run per sentence (the exit taken); speedup_layers = L / mean_layers (the papers' "
@@ -300,18 +258,13 @@ def main(argv=None):
         "full-depth model timed on the same sentences interleaved with it; b1_speedup = b1_static_ms / "
         "b1_latency_ms; sim_agrees: fraction of sentences whose executed exit equals the one simulated from the cached "
         "scan-path outputs.",
-        report.markdown_table(rows_pol, pol_cols)]
+        report_lib.markdown_table(rows_pol, pol_cols)]
     if compare:
         parts += ["## PALBERT Q-exit vs PABEE at matched mean layers\nPABEE's accuracy is interpolated linearly "
                   "between its patience settings at the Q-exit's mean layers (only settings inside PABEE's range).",
-                  report.markdown_table(compare, list(compare[0].keys()))]
+                  report_lib.markdown_table(compare, list(compare[0].keys()))]
     md = "\n\n".join(parts)
-    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)   # replaces results only when complete
-    files_ = stage.write_results("encoder_exits", md, {"provenance": prov._asdict(), "config": cfg.to_dict(),
-                                                      "results": results, "matched": compare})
-    stage.commit()
-    print(md)
-    print(f"wrote {files_.md_path} and {files_.json_path}")
+    return Report(md, {"results": results, "matched": compare})
 
 
 if __name__ == "__main__":

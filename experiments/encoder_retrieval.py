@@ -10,23 +10,18 @@ Shapes: B batch (pairs), E exits, D width, N evaluation pairs.
 """
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax.harness import config as config_lib
-from eejax.harness import run
 from eejax.data import pairs, text
-from eejax.eval import report
-from eejax.harness import results as result_files
+from eejax.eval import report as report_lib
 from eejax.exits import losses
 from eejax.models import encoder as enc
 from eejax.models import pretrained_encoder as pe
-from eejax.train import Trainer, make_optimizer, maybe_initialize
-from experiments.encoder_exits import ArrayBatches, trainable
+from experiments import _common_encoder as common
+from experiments._common import Report, Run, experiment
 
 
 def load_data(cfg, data_dir, tok):
@@ -50,8 +45,8 @@ def build_model(cfg, tok):
 
 
 def make_loss(graphdef, arm, tcfg):
-    def loss_fn(params, batch, rng):
-        del rng
+    def loss_fn(params, batch, ctx):
+        del ctx
         model = nnx.merge(graphdef, params)
         q_ExBxD = model.all_exits(batch["q_ids"], batch["q_mask"]).hidden_ExBxD
         c_ExBxD = model.all_exits(batch["c_ids"], batch["c_mask"]).hidden_ExBxD
@@ -100,14 +95,15 @@ def retrieval_metrics(q_ExNxD, c_ExNxD, ks):
     return rows
 
 
-@run.cli
-def main(argv=None):
-    maybe_initialize()
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = result_files.provenance("experiments.encoder_retrieval", argv)
-    workdir, outdir = run.prepare(cfg, args, "encoder_retrieval")  # lock + config bound to the workdir
-    tok = pe.WordPieceTokenizer(pe.minilm_dir() / "tokenizer.json")
-    train, (eval_q, eval_c) = load_data(cfg, args.data_dir, tok)
+def load(cfg, args):
+    """The tokenizer, the training pairs and the evaluation pairs, read before anything is written."""
+    tok = common.tokenizer()
+    return (tok, *load_data(cfg, args.data_dir, tok))
+
+
+@experiment("encoder_retrieval", data=load)
+def main(run: Run, data) -> Report:
+    cfg, (tok, train, (eval_q, eval_c)) = run.cfg, data
     print(f"continuation retrieval: train {len(train['q_ids'])} pairs / eval {len(eval_q['ids'])} pairs "
           f"(max_len {cfg.data.max_len}); devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
 
@@ -115,23 +111,21 @@ def main(argv=None):
     for arm in cfg.arms:
         graphdef, params = build_model(cfg, tok)
         exit_layers = nnx.merge(graphdef, params).cfg.exit_layers
-        t0 = time.perf_counter()
+        train_s = 0.0
         if arm != "zero_shot":
-            with Trainer(make_loss(graphdef, arm, cfg.train), params,
-                         make_optimizer(cfg.train.optim, trainable=trainable(cfg)), workdir=workdir / arm,
-                         seed=cfg.seed, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every) as tr:
-                params = tr.fit(ArrayBatches(train, cfg.data.batch_size, cfg.seed), cfg.train.steps, desc=arm).params
-        train_s = time.perf_counter() - t0
+            params, train_s = common.fine_tune(make_loss(graphdef, arm, cfg.train), params, train, cfg,
+                                               run.workdir / arm, arm)
         per_exit = retrieval_metrics(embed_all(graphdef, params, eval_q, cfg.data.eval_batch_size),
                                      embed_all(graphdef, params, eval_c, cfg.data.eval_batch_size), cfg.eval.ks)
         for l, r in zip(exit_layers, per_exit):
             rows.append({"arm": arm, "exit_layer": l + 1, **r})
         results[arm] = {"exit_layers": list(exit_layers), "per_exit": per_exit, "train_seconds": train_s}
         print(f"{arm}: R@1 per exit {[round(r['R@1'], 1) for r in per_exit]} (trained {train_s:.0f} s)")
+    return report(run, train, eval_q, eval_c, rows, results)
 
-    if jax.process_index() != 0:
-        return
-    outdir.mkdir(parents=True, exist_ok=True)
+
+def report(run, train, eval_q, eval_c, rows, results) -> Report:
+    cfg = run.cfg
     k1 = f"R@{cfg.eval.ks[0]}"
     pivot = [{"exit_layer": l + 1, **{arm: results[arm]["per_exit"][i][k1] for arm in cfg.arms}}
              for i, l in enumerate(results[cfg.arms[0]]["exit_layers"])]
@@ -139,7 +133,7 @@ def main(argv=None):
     arch = "all-MiniLM-L6-v2 (6 layers, D=384)" if m.pretrained else f"random tiny encoder d={m.d_model}"
     md = "\n\n".join([
         "# Multi-exit self-distillation for retrieval (MODULARSTARENCODER-style), sentence continuation",
-        prov.markdown() + "  \n"
+        run.prov.markdown() + "  \n"
         f"Data: train {len(train['q_ids'])} (sentence, next sentence) pairs from five Gutenberg books; eval "
         f"{len(eval_q['ids'])} pairs from Alice in Wonderland, each query ranked against all "
         f"{len(eval_c['ids'])} continuations; max {cfg.data.max_len} tokens.  \n"
@@ -151,14 +145,9 @@ def main(argv=None):
         "4/9/18/27/36; the abstract gives no number, it claims self-distillation through multi-exit supervision "
         "\"significantly improves lower-layer representations\" and increases retrieval recall at no extra "
         "training cost. Ours: a 6-layer sentence encoder on an English continuation task; orderings only.",
-        f"## {k1} (%) per exit and arm", report.markdown_table(pivot, list(pivot[0].keys())),
-        "## All metrics", report.markdown_table(rows, list(rows[0].keys()))])
-    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)   # replaces results only when complete
-    files_ = stage.write_results("encoder_retrieval", md, {"provenance": prov._asdict(),
-                                                          "config": cfg.to_dict(), "results": results})
-    stage.commit()
-    print(md)
-    print(f"wrote {files_.md_path} and {files_.json_path}")
+        f"## {k1} (%) per exit and arm", report_lib.markdown_table(pivot, list(pivot[0].keys())),
+        "## All metrics", report_lib.markdown_table(rows, list(rows[0].keys()))])
+    return Report(md, {"results": results})
 
 
 if __name__ == "__main__":

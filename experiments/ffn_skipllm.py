@@ -9,18 +9,20 @@ protocol, scale and wall-clock).
 from __future__ import annotations
 
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax.harness import config as config_lib
-from eejax.harness import run
+from flax import nnx
+
 from eejax.decoding import ffn_skip
 from eejax.decoding import kv as kv_lib
-from eejax.eval import report
-from eejax.harness import results as result_files
-from experiments import _lm_skip_common as common
+from eejax.errors import ConfigError
+from eejax.eval import report as report_lib
+from experiments import _common_smollm2 as common
+from experiments._common import Report, Run, experiment
 
 NAME = "ffn_skipllm"
 
@@ -74,19 +76,14 @@ def plots(rows, drows, layer_skip, profile, out):
                    ylabel="cos(FFN input, FFN output)", title="full model, validation tokens")
 
 
-@run.cli
-def main(argv=None):
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = result_files.provenance(f"experiments.{NAME}", argv)
-    _, outdir = run.prepare(cfg, args, NAME)
-    t_start = time.perf_counter()
-    s = common.load_model(cfg.model.name, cfg.model.depth)
+class Gate(NamedTuple):
+    """The model's FFN gate at a threshold and the teacher-forced window pass under it."""
+    gate: Any          # (threshold, max_skip) -> ffn_skip.Gate
+    window_fn: Any     # jit(params, x_BxT, y_BxT, threshold, max_skip) -> (nll_B, skip_NxBxT, cos_NxBxT)
+
+
+def make_gate(s, g) -> Gate:
     n = s.cfg.depth
-    g, ev, dec = cfg.gate, cfg.ppl, cfg.decode
-    if g.cold_first + g.cold_last >= n:
-        raise config_lib.ConfigError(f"gate.cold_first + gate.cold_last = {g.cold_first + g.cold_last} leave no hot "
-                                     f"layer of the model's {n}")
-    print(f"device: {prov.device}; model {cfg.model.name}: {n} layers, loaded in {s.load_s:.0f} s", flush=True)
 
     def gate(thr, max_skip=g.max_skip):
         # max_skip may be traced (one compile for every setting); saturation() checked the static values.
@@ -95,15 +92,37 @@ def main(argv=None):
 
     @jax.jit
     def window_fn(params, x_BxT, y_BxT, thr, max_skip):
-        m = common.nnx.merge(s.graphdef, params)
+        m = nnx.merge(s.graphdef, params)
         b, t = x_BxT.shape
         r = ffn_skip.forward(m, x_BxT, kv_lib.empty_state(m, b, t), gate(thr, max_skip))
         return common.nll_sum(r.logits, y_BxT), r.skip.skip_NxBxT, r.skip.cos_NxBxT
 
-    # 1. Calibration on validation: the full model's FFN in/out cosines -> thresholds for target skip fractions.
+    return Gate(gate, window_fn)
+
+
+@experiment(NAME)
+def main(run: Run) -> Report:
+    cfg, args = run.cfg, run.args
+    s = common.load_lm(cfg.model.name, depth=cfg.model.depth)
+    n, g = s.cfg.depth, cfg.gate
+    if g.cold_first + g.cold_last >= n:
+        raise ConfigError(f"gate.cold_first + gate.cold_last = {g.cold_first + g.cold_last} leave no hot "
+                          f"layer of the model's {n}")
+    print(f"device: {run.prov.device}; model {cfg.model.name}: {n} layers, loaded in {s.load_seconds:.0f} s",
+          flush=True)
+    gt = make_gate(s, g)
+    val, calib, profile, settings = calibration(cfg, args, s, gt)
+    rows, layer_skip, fl = perplexities(cfg, args, s, gt, settings)
+    drows, trows = decoding(cfg, s, gt, val, settings)
+    return report(run, s, calib, profile, rows, layer_skip, fl, drows, trows)
+
+
+def calibration(cfg, args, s, gt):
+    """Calibration on validation: the full model's FFN in/out cosines -> thresholds for target skip fractions."""
+    n, g, ev, window_fn = s.cfg.depth, cfg.gate, cfg.ppl, gt.window_fn
     val = common.wikitext_ids(args.data_dir, s.tokenizer, "validation", g.calib_tokens)
     cos = []
-    for x, y in common.windows(val, ev.context, ev.batch):
+    for x, y in common.nll_windows(val, ev.context, ev.batch):
         _, _, c = window_fn(s.params, jnp.asarray(x), jnp.asarray(y), jnp.float32(np.inf), jnp.int32(0))
         cos.append(np.asarray(c).reshape(n, -1))
     cos_NxM = np.concatenate(cos, 1)
@@ -121,9 +140,14 @@ def main(argv=None):
         settings.append({"name": f"skip~{c['target']:.2f} max_skip={k}", "threshold": c["threshold"],
                          "max_skip": int(k)})
 
-    # 2. Perplexity on test, decisions per token, causal (one teacher-forced pass = token-by-token decoding).
+    return val, calib, profile, settings
+
+
+def perplexities(cfg, args, s, gt, settings):
+    """Perplexity on test, decisions per token, causal (one teacher-forced pass = token-by-token decoding)."""
+    n, ev, window_fn = s.cfg.depth, cfg.ppl, gt.window_fn
     test = common.wikitext_ids(args.data_dir, s.tokenizer, "test", ev.max_tokens)
-    wins = common.windows(test, ev.context, ev.batch)
+    wins = common.nll_windows(test, ev.context, ev.batch)
     fl = common.layer_flops(s.cfg)
     per_token_flops = n * (fl["attn"] + fl["ffn"]) + fl["head"]
     rows, layer_skip = [], {}
@@ -143,8 +167,14 @@ def main(argv=None):
                      "token_ppl": float(np.exp(nll / tokens)), "seconds": time.perf_counter() - start})
         print(rows[-1], flush=True)
 
-    # 3. Greedy decoding of fixed prompts (validation slices): agreement with the full model, FFNs skipped.
-    prompt_BxP = jnp.asarray(common.prompts(val, dec.prompts, dec.prompt_len))
+    return rows, layer_skip, fl
+
+
+def decoding(cfg, s, gt, val, settings):
+    """Greedy decoding of fixed prompts (validation slices): agreement with the full model, FFNs skipped; then the
+    CPU wall-clock of KV-cached decoding at batch 1 (compile excluded)."""
+    n, dec, gate = s.cfg.depth, cfg.decode, gt.gate
+    prompt_BxP = jnp.asarray(common.spaced_prompts(val, dec.prompts, dec.prompt_len))
     full_gen = common.generator(s.graphdef, common.full_step, dec.new_tokens)
     skip_gen = common.generator(s.graphdef, lambda m, t, st_, i, thr, k: ffn_skip.skip_step(m, t, st_, i,
                                                                                              gate(thr, k)),
@@ -158,7 +188,6 @@ def main(argv=None):
                      | common.agreement(ref, np.asarray(gen.tokens_BxG)))
         print(drows[-1], flush=True)
 
-    # 4. CPU wall-clock of KV-cached decoding at batch 1 (compile excluded).
     trows = []
     t_prompts = prompt_BxP[:dec.timing_prompts]
     for label, fn, extra in [("greedy (kv.full_step)", full_gen, ())] + [
@@ -174,40 +203,42 @@ def main(argv=None):
     for r in trows:
         r["speedup_vs_greedy"] = r["tokens_per_s"] / base
 
-    # 5. Files.
-    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
+    return drows, trows
+
+
+def report(run, s, calib, profile, rows, layer_skip, fl, drows, trows) -> Report:
+    cfg, n = run.cfg, s.cfg.depth
+    g, ev, dec = cfg.gate, cfg.ppl, cfg.decode
     full_ppl = rows[0]["token_ppl"]
-    plots(rows, drows, layer_skip, profile, stage.dir)
-    wall = time.perf_counter() - t_start
+    wall = run.seconds()
     md = "\n\n".join([
         "# FFN-SkipLLM on SmolLM2-135M-Instruct (WikiText-2)",
-        prov.markdown() + f"  \nModel: {cfg.model.name}, {n} layers. Gate: cold layers [0, {g.cold_first}) and "
+        run.prov.markdown() + f"  \nModel: {cfg.model.name}, {n} layers. Gate: cold layers [0, {g.cold_first}) and "
         f"the last {g.cold_last}; warm-up {g.warmup} tokens; max_skip {g.max_skip} (0: to the end of the hot "
         f"region). Whole run {wall / 60:.1f} min.",
         PAPER,
         "## Calibration (validation split, full-model cosines; thresholds never fit on test)",
-        report.markdown_table(calib, ["target", "threshold", "val_estimate"], ".4f"),
+        report_lib.markdown_table(calib, ["target", "threshold", "val_estimate"], ".4f"),
         f"## Perplexity (test, first {rows[0]['tokens']:,} tokens, windows of {ev.context}, decisions per token)\n"
         "ffn_skipped: fraction of all N x tokens FFN blocks skipped. matmul_flops_saved: that fraction times the "
         "FFN's share of a token's matmul multiply-adds (attention projections, FFNs and the output head; attention "
         "scores excluded): the upper bound of a compute saving, not a measured speed-up.",
-        report.markdown_table(rows, list(rows[0]), ".4f"),
+        report_lib.markdown_table(rows, list(rows[0]), ".4f"),
         f"## Greedy decoding ({dec.prompts} prompts of {dec.prompt_len} validation tokens, {dec.new_tokens} new "
         "tokens, batch of all prompts)\nmatch: position-wise equality with the full model's greedy tokens; "
         "identical_prefix: mean tokens before the first difference; identical_rows: fraction of continuations "
         "equal throughout. ffn_skipped counts the decode steps (token 0 comes from the full-depth prefill).",
-        report.markdown_table(drows, list(drows[0]), ".3f"),
+        report_lib.markdown_table(drows, list(drows[0]), ".3f"),
         f"## CPU wall-clock of KV-cached decoding (batch 1, {dec.timing_prompts} prompts x {dec.new_tokens} "
         "tokens, prefill included, compile excluded, best of "
         f"{dec.timing_repeats})\nThe MLP half runs under lax.cond, so at batch 1 a skipped FFN is not computed.",
-        report.markdown_table(trows, list(trows[0]), ".3f"),
+        report_lib.markdown_table(trows, list(trows[0]), ".3f"),
     ])
-    files = stage.write_results(NAME, md, {
-        "provenance": prov._asdict(), "config": cfg.to_dict(), "load_seconds": s.load_s, "wall_seconds": wall,
+    return Report(md, {
+        "load_seconds": s.load_seconds, "wall_seconds": wall,
         "calibration": calib, "cosine_profile_validation": profile, "ppl": rows, "layer_skip_fraction": layer_skip,
-        "decode": drows, "timing": trows, "flops_per_token": fl, "full_ppl": full_ppl})
-    stage.commit()
-    print(f"wrote {files.md_path} and {files.json_path}")
+        "decode": drows, "timing": trows, "flops_per_token": fl, "full_ppl": full_ppl},
+        {".": lambda folder: plots(rows, drows, layer_skip, profile, folder)})
 
 
 if __name__ == "__main__":

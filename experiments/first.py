@@ -9,20 +9,20 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from eejax.harness import run
 from eejax.data.text import load_tokens
 from eejax.decoding import layer_skip as ls
-from eejax.eval import bootstrap, report
-from eejax.harness import results as result_files
-from eejax.train import make_optimizer
-from experiments import _layer_skip_common as common
+from eejax.eval import bootstrap
+from eejax.eval import report as report_lib
+from eejax.train import ArrayIterator, Trainer, make_optimizer, one_device_mesh, read_metrics
+from experiments import _common_smollm2 as common
+from experiments._common import Report, Run, experiment
 
 NAME = "first"
 
@@ -73,8 +73,9 @@ def cached_features(su, windows_WxL: np.ndarray, log=print) -> dict[str, np.ndar
 
 
 def train_routers(su, feats, log=print) -> tuple[ls.Routers, list[dict], float]:
-    """Straight-through router training on the frozen model over the cached features; reuses
-    ``<workdir>/routers-<hash of the train config>.npz`` when it exists (a finished training of that config)."""
+    """Straight-through router training on the frozen model over the cached features (``train.batch`` windows a step,
+    drawn without replacement), resumable in ``<workdir>/routers-<hash of the train config>``; reuses
+    ``<workdir>/routers-<hash>.npz`` when it exists (a finished training of that config)."""
     cfg, t, n = su.cfg, su.cfg.train, su.mcfg.depth
     key = hashlib.sha256(json.dumps(t.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
     path = su.workdir / f"routers-{key}.npz"
@@ -84,13 +85,12 @@ def train_routers(su, feats, log=print) -> tuple[ls.Routers, list[dict], float]:
             return ls.Routers(jnp.asarray(f["w"]), jnp.asarray(f["b"])), json.loads(str(f["log"])), float(f["secs"])
     routable = ls.routable(n)
     rho = 1.0 - t.target_skip / routable.sum()
-    tx = make_optimizer(t.optim)
-    routers = ls.init_routers(n, su.mcfg.d_model, t.keep_bias)
-    opt_state = tx.init(routers)
     p = cfg.eval.prompt_len
 
-    def loss_fn(r, params, pooled_BxNxD, k, v, win_BxL):
-        model = nnx.merge(su.graphdef, params)
+    def loss_fn(r, batch, ctx):
+        model = nnx.merge(su.graphdef, ctx.frozen)
+        pooled_BxNxD, win_BxL = batch["pooled_WxNxD"], batch["windows"]
+        k, v = jnp.swapaxes(batch["k_WxNx"], 0, 1), jnp.swapaxes(batch["v_WxNx"], 0, 1)
         gate, p_keep = ls.straight_through(ls.router_logits(r, pooled_BxNxD.transpose(1, 0, 2)), routable)
         cont = win_BxL[:, p:]
         logits = ls.gated_continuation_logits(model, k, v, cont[:, :-1], gate)
@@ -103,25 +103,22 @@ def train_routers(su, feats, log=print) -> tuple[ls.Routers, list[dict], float]:
         skipped = jnp.mean(jnp.sum(1.0 - gate, 0))
         return ce + t.rate_weight * pen, {"ce": ce, "penalty": pen, "skipped": skipped, "p_keep": jnp.mean(p_keep)}
 
-    @jax.jit
-    def step(r, opt_state, params, pooled, k, v, win):
-        (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(r, params, pooled, k, v, win)
-        updates, opt_state = tx.update(g, opt_state, r)
-        return optax.apply_updates(r, updates), opt_state, aux | {"loss": loss}
-
-    rng = np.random.default_rng(cfg.seed)
-    hist, start = [], time.perf_counter()
-    w = feats["windows"].shape[0]
-    for s in range(t.steps):
-        idx = rng.choice(w, t.batch, replace=False)
-        routers, opt_state, aux = step(routers, opt_state, su.params, jnp.asarray(feats["pooled_WxNxD"][idx]),
-                                       jnp.asarray(feats["k"][:, idx]), jnp.asarray(feats["v"][:, idx]),
-                                       jnp.asarray(feats["windows"][idx]))
-        if (s + 1) % t.log_every == 0 or s == 0 or s + 1 == t.steps:
-            rec = {"step": s + 1, "seconds": time.perf_counter() - start} | {k: float(x) for k, x in aux.items()}
-            hist.append(rec)
-            log(" ".join(f"{k}={x:.4g}" if isinstance(x, float) else f"{k}={x}" for k, x in rec.items()))
+    # The trainer's batch axis leads: the prompt K/V are cached layers first, so swap them (views).
+    arrays = {"pooled_WxNxD": feats["pooled_WxNxD"], "windows": feats["windows"],
+              "k_WxNx": np.swapaxes(feats["k"], 0, 1), "v_WxNx": np.swapaxes(feats["v"], 0, 1)}
+    workdir = su.workdir / f"routers-{key}"
+    start = time.perf_counter()
+    with Trainer(loss_fn, ls.init_routers(n, su.mcfg.d_model, t.keep_bias), make_optimizer(t.optim),
+                 workdir=workdir, seed=cfg.seed, mesh=one_device_mesh(), log_every=t.log_every,
+                 ckpt_every=t.log_every) as tr:
+        routers = tr.fit(ArrayIterator(arrays, t.batch, seed=cfg.seed, draw="without_replacement"), t.steps,
+                         desc="routers", frozen=su.params).params
     secs = time.perf_counter() - start
+    hist = {r["step"]: {"step": r["step"], **{k: float(r[k]) for k in ("ce", "penalty", "skipped", "p_keep", "loss")}}
+            for r in read_metrics(workdir)}
+    hist = list(hist.values())
+    for rec in hist:
+        log(" ".join(f"{k}={x:.4g}" if isinstance(x, float) else f"{k}={x}" for k, x in rec.items()))
     np.savez(path, w=np.asarray(routers.w_NxD), b=np.asarray(routers.b_N), log=json.dumps(hist), secs=secs)
     return routers, hist, secs
 
@@ -200,9 +197,9 @@ def plot(rows, skip_freq, path, n):
     plt.close(fig)
 
 
-@run.cli
-def main(argv=None):
-    su = common.setup(argv, NAME, __doc__)
+@experiment(NAME)
+def main(run: Run) -> Report:
+    su = common.setup(run)
     cfg, e, n = su.cfg, su.cfg.eval, su.mcfg.depth
     routable = ls.routable(n)
     for k in (*e.skips, cfg.train.target_skip):
@@ -213,6 +210,16 @@ def main(argv=None):
     feats = cached_features(su, train_w)
     routers, hist, train_s = train_routers(su, feats)
 
+    methods, meta, first_keep, train_logit_NxW, train_keep, draws = build_methods(su, routers, feats)
+    ev = evaluate(su, data, methods, meta, first_keep, train_keep)
+    return report(su, data, feats, hist, train_s, ev, train_logit_NxW, draws)
+
+
+def build_methods(su, routers, feats):
+    """The full model, FiRST (hard decisions, and top-k per row), and at each k the ULS set, the routers' static
+    set and ``eval.random_draws`` random sets (``draws``: their names per k)."""
+    e, n = su.cfg.eval, su.mcfg.depth
+    routable = ls.routable(n)
     # The router's static set: the layers with the lowest mean keep logit over the training prompts.
     train_logit_NxW = np.asarray(ls.router_logits(routers, jnp.asarray(feats["pooled_WxNxD"]).transpose(1, 0, 2)))
     mean_logit = np.where(routable, train_logit_NxW.mean(1), np.inf)
@@ -242,6 +249,22 @@ def main(argv=None):
             methods.append(common.table_method(name, rand, n, "skips " + skipped(rand)))
             meta.append({"family": "random", "k": k})
 
+    return methods, meta, first_keep, train_logit_NxW, train_keep, draws
+
+
+class Evaluation(NamedTuple):
+    rows: list
+    eval_s: float
+    eval_keep: np.ndarray
+    distinct: int
+    skip_freq: dict
+    ppl: dict      # per method: perplexity, mean layers, per-window NLL (common.perplexity)
+    agree: dict    # per method: greedy agreement with the full model (common.greedy)
+
+
+def evaluate(su, data, methods, meta, first_keep, train_keep) -> Evaluation:
+    """Decode-path perplexity, greedy agreement and speed of every method; FiRST's decisions on the eval prompts."""
+    cfg, e, n = su.cfg, su.cfg.eval, su.mcfg.depth
     runner = common.Runner(su.graphdef, e.prompt_len, e.new_tokens)
     t0 = time.perf_counter()
     ppl = common.perplexity(runner, su.params, data.windows_WxL, methods, e.batch)
@@ -279,8 +302,13 @@ def main(argv=None):
         rows.append(row)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
-    stage = result_files.StagedResults(su.outdir, overwrite=su.args.overwrite)
-    plot(rows, skip_freq, stage.dir / "first_quality_vs_skipped.png", n)
+    return Evaluation(rows, eval_s, eval_keep, distinct, skip_freq, ppl, agree)
+
+
+def report(su, data, feats, hist, train_s, ev, train_logit_NxW, draws) -> Report:
+    cfg, e, n = su.cfg, su.cfg.eval, su.mcfg.depth
+    rows, eval_s, eval_keep, distinct, skip_freq, ppl, agree = ev
+    files = {"first_quality_vs_skipped.png": lambda path: plot(rows, skip_freq, path, n)}
     cols = ["family", "method", "avg_layers", "avg_skipped", "ppl", "agreement", "prefix"]
     tcols = ["method", "avg_layers"] + [f"b{b}_{x}" for b in cfg.timing.batches for x in ("tok_s", "speedup")]
     by = {(r["family"], r["k"]): r for r in rows if r["family"] != "random"}
@@ -319,38 +347,35 @@ def main(argv=None):
         "avg_layers / avg_skipped: measured per generated token (FiRST's hard decisions give each sequence its own "
         "count). The prefill always runs at full depth (the routers read every layer's prompt input), for every "
         "method; its cost is not in these numbers.",
-        report.markdown_table(rows, cols + ["detail"], ".3f"),
+        report_lib.markdown_table(rows, cols + ["detail"], ".3f"),
         "## At equal layers per row (k skipped)\nrandom: the median over the random draws (next table).",
-        report.markdown_table(cmp_rows, list(cmp_rows[0]), ".3f"),
+        report_lib.markdown_table(cmp_rows, list(cmp_rows[0]), ".3f"),
         f"## The random control: {e.random_draws} draws per k\n"
         "Each draw skips k routable layers drawn uniformly. method_rank: the method's perplexity rank among the draws "
         "and itself (1 = lower than every draw). diff_vs_median_draw: the method's perplexity minus the median "
         "draw's, with its paired bootstrap 95% interval over the evaluation windows. Every draw's row is in the "
         "first table.",
-        report.markdown_table(rand_rows, [c for c in rand_rows[0] if c != "method"], ".3f"),
+        report_lib.markdown_table(rand_rows, [c for c in rand_rows[0] if c != "method"], ".3f"),
         "## Paired differences (perplexity, same windows)\n"
         "ppl_a_minus_b with the paired bootstrap 95% interval (10,000 resamples of whole windows, "
         "`eejax.eval.bootstrap.paired_bootstrap`); an interval holding 0 reads \"no difference at this scale\".",
-        report.markdown_table(paired, list(paired[0]), ".3f"),
+        report_lib.markdown_table(paired, list(paired[0]), ".3f"),
         f"## Decode speed (decode-only tokens/s, best of {cfg.timing.rounds} interleaved rounds)\n"
         "FiRST at batch B > 1 runs the union of its rows' kept layers (each row's own skips are masked), so its "
         "saving shrinks as rows disagree; at batch 1 it runs exactly the row's set.",
-        report.markdown_table([r for r in rows if f"b{cfg.timing.batches[0]}_tok_s" in r],
+        report_lib.markdown_table([r for r in rows if f"b{cfg.timing.batches[0]}_tok_s" in r],
                               tcols, ".2f"),
         f"## How input-dependent are the decisions?\n{distinct} distinct skip sets over the "
         f"{eval_keep.shape[1]} WikiText-2 prompts; per-layer skip frequency in `first_quality_vs_skipped.png` "
         "(right).",
     ])
-    files = stage.write_results(NAME, md, {
-        "provenance": su.prov._asdict(), "config": cfg.to_dict(), "data": data.description, "rows": rows,
+    return Report(md, {
+        "data": data.description, "rows": rows,
         "equal_layers": cmp_rows, "random_control": rand_rows, "paired_differences": paired,
         "nll_per_window": {k: v["nll_W"] for k, v in ppl.items()}, "train_log": hist, "train_seconds": train_s,
         "feature_seconds": float(feats["seconds"]), "eval_seconds": eval_s, "skip_frequency": skip_freq,
         "distinct_eval_sets": distinct, "eval_keep_NxW": eval_keep.astype(int).tolist(),
-        "router_mean_train_logit": train_logit_NxW.mean(1).tolist()})
-    stage.commit()
-    print(md)
-    print(f"wrote {files.md_path} and {files.json_path}")
+        "router_mean_train_logit": train_logit_NxW.mean(1).tolist()}, files)
 
 
 if __name__ == "__main__":

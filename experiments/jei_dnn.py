@@ -13,30 +13,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from eejax.harness import config as config_lib
-from eejax.harness import run
-from eejax.data import pipeline
-from eejax.eval import budgeted, report, uncertainty
-from eejax.harness import results as result_files
+from eejax.eval import budgeted, uncertainty
+from eejax.eval import report as report_lib
 from eejax.exits import confidence as conf_lib
 from eejax.exits import costs, engine, policies
 from eejax.models import vit as vit_lib
-from eejax.train import maybe_initialize
-from experiments import _vit_train as vt
-from experiments.lgvit import load_data, padded_eval_images
-
-
-def setup(argv):
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    train, val, test = load_data(cfg, args.data_dir)
-    maybe_initialize()
-    prov = result_files.provenance("experiments.jei_dnn", argv)
-    workdir, outdir = run.prepare(cfg, args, "jei_dnn")
-    print(f"data {cfg.data.name}: train {len(train)} / val {len(val)} / test {len(test)}; devices: "
-          f"{jax.device_count()} x {jax.devices()[0].device_kind}")
-    mcfg = vt.single_head_config(cfg.model.to_dict())
-    graphdef, params = vt.train_vit(mcfg, cfg, train, workdir / "backbone", cfg.seed, "backbone")
-    return cfg, args, prov, outdir, workdir, (train, val, test), mcfg, graphdef, params
+from eejax.train import ArrayIterator, Trainer, one_device_mesh
+from experiments import _common_vision as vision
+from experiments._common import Report, Run, experiment, logged_loss
 
 
 # ------------------------------------------------------------------------------------------- IMs and gates
@@ -109,51 +93,52 @@ def weighted_im_loss(ims, gates, cls_BxLxD, labels_B):
     return jnp.mean(p_ExB * l_ExB * ratio_B[None])
 
 
-def train_jei(cache_tr, labels_tr, final_tr, cost_E, jc, num_classes, log):
-    """Warm-up IMs (plain CE), then per lambda the alternating gate / IM phases. Returns the warm-up IMs and
-    ``{lambda: (ims, gates, history)}``."""
-    n, num_layers, d = cache_tr.shape
-    cache_tr, labels_tr, final_tr = jnp.asarray(cache_tr), jnp.asarray(labels_tr), jnp.asarray(final_tr)
-    opt = optax.adam(jc.lr)
+def train_jei(cache_tr, labels_tr, final_tr, cost_E, jc, num_classes, workdir, log):
+    """Warm-up IMs (plain CE), then per lambda the alternating gate / IM phases, each phase continuing its own
+    Adam state across rounds (the other half passed frozen). Returns the warm-up IMs and ``{lambda: (ims, gates,
+    history)}``. Batches: ``jc.batch_size`` cached CLS tokens drawn with replacement."""
+    num_layers, d = cache_tr.shape[1:]
+    arrays = {"cls": cache_tr, "label": labels_tr, "final": final_tr}
+    opt, mesh = optax.adam(jc.lr), one_device_mesh()
 
-    def batch(key):
-        idx = jax.random.randint(key, (jc.batch_size,), 0, n)
-        return cache_tr[idx], labels_tr[idx], final_tr[idx]
+    def batches(seed):
+        return ArrayIterator(arrays, jc.batch_size, seed=seed, draw="with_replacement")
 
-    def make_step(loss_fn):
-        @jax.jit
-        def step(p, s, key, *extra):
-            x, y, f = batch(key)
-            loss, g = jax.value_and_grad(loss_fn)(p, x, y, f, *extra)
-            u, s = opt.update(g, s, p)
-            return optax.apply_updates(p, u), s, loss
-        return step
+    def warm_loss(ims, b, ctx):
+        del ctx
+        return jnp.mean(ce_ExB(all_im_logits(ims, b["cls"]), b["label"])), {}
 
-    warm_step = make_step(lambda ims, x, y, f: jnp.mean(ce_ExB(all_im_logits(ims, x), y)))
-    gate_step = make_step(lambda gates, x, y, f, ims, lam: gate_loss(gates, all_im_logits(ims, x), f, y, cost_E,
-                                                                     lam))
-    im_step = make_step(lambda ims, x, y, f, gates: weighted_im_loss(ims, gates, x, y))
+    def gate_phase(gates, b, ctx):
+        ims, lam = ctx.frozen
+        return gate_loss(gates, all_im_logits(ims, b["cls"]), b["final"], b["label"], cost_E, lam), {}
 
-    key = jax.random.PRNGKey(jc.seed)
-    ims = init_ims(jax.random.fold_in(key, 0), num_layers - 1, d, num_classes)
-    s = opt.init(ims)
-    for i in range(jc.warmup_steps):
-        ims, s, loss = warm_step(ims, s, jax.random.fold_in(key, 1000 + i))
-    log(f"warm-up IMs: {jc.warmup_steps} steps, last batch mean CE {float(loss):.4f}")
+    def im_phase(ims, b, ctx):
+        return weighted_im_loss(ims, ctx.frozen, b["cls"], b["label"]), {}
+
+    def trainer(loss_fn, params, where):
+        return Trainer(loss_fn, params, opt, workdir=workdir / where, seed=jc.seed, mesh=mesh,
+                       log_every=max(jc.warmup_steps, 1), ckpt_every=max(jc.warmup_steps, 1))
+
+    ims = init_ims(jax.random.fold_in(jax.random.PRNGKey(jc.seed), 0), num_layers - 1, d, num_classes)
+    with trainer(warm_loss, ims, "warmup") as tr:
+        ims = tr.fit(batches(jc.seed), jc.warmup_steps, desc="warm-up IMs").params
+    log(f"warm-up IMs: {jc.warmup_steps} steps, last batch mean CE "
+        f"{logged_loss(workdir / 'warmup', jc.warmup_steps):.4f}")
     out = {}
     for li, lam in enumerate(jc.lambdas):
-        p_ims = jax.tree.map(jnp.array, ims)
         gates = {"w": jnp.zeros((num_layers - 1, conf_lib.NUM_UNCERTAINTY_FEATURES)),
                  "b": jnp.zeros((num_layers - 1,))}
-        s_ims, s_g = opt.init(p_ims), opt.init(gates)
-        hist = []
-        for r in range(jc.rounds):
-            base = 10_000_000 * (li + 1) + 100_000 * r
-            for i in range(jc.gate_steps):
-                gates, s_g, gl = gate_step(gates, s_g, jax.random.fold_in(key, base + i), p_ims, jnp.float32(lam))
-            for i in range(jc.im_steps):
-                p_ims, s_ims, il = im_step(p_ims, s_ims, jax.random.fold_in(key, base + 50_000 + i), gates)
-            hist.append({"round": r + 1, "gate_loss": float(gl), "im_loss": float(il)})
+        p_ims, hist = ims, []
+        where = f"lambda{li}"
+        with trainer(gate_phase, gates, f"{where}/gates") as tg, trainer(im_phase, ims, f"{where}/ims") as ti:
+            bg, bi = batches(jc.seed + 1 + 2 * li), batches(jc.seed + 2 + 2 * li)
+            for r in range(jc.rounds):
+                gates = tg.fit(bg, (r + 1) * jc.gate_steps, desc=f"gates lambda {lam:g}",
+                               frozen=(p_ims, jnp.float32(lam))).params
+                p_ims = ti.fit(bi, (r + 1) * jc.im_steps, desc=f"IMs lambda {lam:g}", frozen=gates).params
+                hist.append({"round": r + 1,
+                             "gate_loss": logged_loss(workdir / where / "gates", (r + 1) * jc.gate_steps),
+                             "im_loss": logged_loss(workdir / where / "ims", (r + 1) * jc.im_steps)})
         log(f"lambda {lam:g}: " + ", ".join(f"round {h['round']} gate {h['gate_loss']:.4f} IM {h['im_loss']:.4f}"
                                             for h in hist))
         out[lam] = (p_ims, gates, hist)
@@ -200,10 +185,13 @@ def check_executed(exit_sim_N, exit_run_N, score_ExN, thr, what, tol=1e-4):
     return float(np.mean(exit_sim_N == exit_run_N))
 
 
-@run.cli
-def main(argv=None):
-    cfg, args, prov, outdir, workdir, (train, val, test), mcfg, graphdef, params = setup(argv)
-    jc, ec_cfg = cfg.jei, cfg.eval
+@experiment("jei_dnn", data=vision.splits)
+def main(run: Run, data) -> Report:
+    cfg, (train, val, test) = run.cfg, data
+    print(vision.describe(cfg, data))
+    mcfg = vision.single_head_config(cfg.model.to_dict())
+    graphdef, params = vision.train_vit(mcfg, cfg, train, run.workdir / "backbone", cfg.seed, "backbone")
+    jc = cfg.jei
     n_layers, c = mcfg.depth, mcfg.num_classes
     ee_cfg = dataclasses.replace(mcfg, exits="all")
     ec = vit_lib.flops(ee_cfg)                 # every exit a linear head; cum_flops counts all heads on the way
@@ -215,7 +203,7 @@ def main(argv=None):
 
     caches = {}
     for name, ds in (("train", train), ("val", val), ("test", test)):
-        cls = vt.cached_cls(graphdef, params, ds, cfg)
+        cls = vision.cached_cls(graphdef, params, ds, cfg)
         caches[name] = (cls, np.asarray(final_logits_fn(params, jnp.asarray(cls[:, -1]))), ds.labels_N)
     print(f"cached CLS tokens: train {caches['train'][0].shape}, val {caches['val'][0].shape}, test "
           f"{caches['test'][0].shape}")
@@ -225,15 +213,30 @@ def main(argv=None):
         print(msg)
         log_lines.append(msg)
 
-    warm_ims, per_lambda = train_jei(caches["train"][0], caches["train"][2], caches["train"][1], cost_E, jc, c, log)
+    warm_ims, per_lambda = train_jei(caches["train"][0], caches["train"][2], caches["train"][1], cost_E, jc, c,
+                                     run.keyed_dir("jei", {"jei": jc, "seed": cfg.seed}), log)
 
     no_gates = {"w": jnp.zeros((n_layers - 1, conf_lib.NUM_UNCERTAINTY_FEATURES)), "b": jnp.zeros(n_layers - 1)}
     probs_warm_test, _ = split_outputs(warm_ims, no_gates, *caches["test"][:2])
-    probs_warm_val, _ = split_outputs(warm_ims, no_gates, *caches["val"][:2])
-    y_val, y_test = val.labels_N, test.labels_N
+    y_test = test.labels_N
     static_rows = [{"exit_after_layer": e + 1, "warmup_IM_test_acc": 100 * float((probs_warm_test[e].argmax(-1)
                                                                                  == y_test).mean()),
                     "MFLOPs_static": ec.static_flops_E[e] / 1e6} for e in range(n_layers)]
+    rows, curves, results = evaluate_lambdas(cfg, graphdef, params, ec, caches, per_lambda, test, val)
+    # The decoupled reference: max-softmax thresholds over the warm-up IMs (plain multi-exit CE, no gates).
+    sweep = budgeted.threshold_sweep(probs_warm_test, y_test, ec.cum_flops_E, np.linspace(0.3, 1.0, 36))
+    curves["accuracy"]["max-softmax, warm-up IMs (sweep)"] = [(p.expected_flops, 100 * p.accuracy) for p in sweep]
+    results.update(rows=rows, static=static_rows, cum_flops=ec.cum_flops_E.tolist(),
+                   static_flops=ec.static_flops_E.tolist(), log=log_lines)
+    return report(run, data, mcfg, ec, results, curves, probs_warm_test)
+
+
+def evaluate_lambdas(cfg, graphdef, params, ec, caches, per_lambda, test, val):
+    """Per lambda: JEI's gates and max-softmax at the validation-matched FLOPs on the same IMs, simulated from the
+    cached CLS tokens and executed by the engine on test (exits must match), with conformal sets and ECE."""
+    ec_cfg = cfg.eval
+    n_layers = len(ec.cum_flops_E)
+    y_val, y_test = val.labels_N, test.labels_N
 
     # Executed runs: the engine on the frozen backbone with the IMs as heads (bucket-cascade executor).
     def dyn(p, ims, x, policy):
@@ -248,13 +251,13 @@ def main(argv=None):
 
     def executed(fn, *extra):
         exits, preds = [], []
-        for x, n in padded_eval_images(test, cfg):
+        for x, n in vision.padded_eval_images(test, cfg):
             e, p = fn(params, *extra[:1], x, *extra[1:])
             exits.append(np.asarray(e)[:n])
             preds.append(np.asarray(p)[:n])
         return np.concatenate(exits), np.concatenate(preds)
 
-    xb = next(iter(pipeline.BatchIterator(test, ec_cfg.throughput_batch, shuffle=False)))["image"]
+    xb = vision.first_batch(test, ec_cfg.throughput_batch)
     static_tp = costs.throughput(jax.jit(lambda p, x: nnx.merge(graphdef, p).static(x, 0)), xb.shape[0], params, xb)
 
     rows, curves, set_curves, ece_curves, results = [], {}, {}, {}, {"lambdas": {}}
@@ -301,30 +304,30 @@ def main(argv=None):
             "im_test_acc": [100 * float((pt[e].argmax(-1) == y_test).mean()) for e in range(n_layers)],
             "exit_fractions_jei": np.bincount(e_test_jei, minlength=n_layers).tolist(),
             "exit_fractions_thr": np.bincount(e_test_thr, minlength=n_layers).tolist()}
-    # The decoupled reference: max-softmax thresholds over the warm-up IMs (plain multi-exit CE, no gates).
-    sweep = budgeted.threshold_sweep(probs_warm_test, y_test, ec.cum_flops_E, np.linspace(0.3, 1.0, 36))
-    curves["max-softmax, warm-up IMs (sweep)"] = [(p.expected_flops, 100 * p.accuracy) for p in sweep]
-    results.update(rows=rows, static=static_rows, cum_flops=ec.cum_flops_E.tolist(),
-                   static_flops=ec.static_flops_E.tolist(), log=log_lines)
+    return rows, {"accuracy": curves, "set": set_curves, "ece": ece_curves}, results
 
-    if jax.process_index() != 0:
-        return
-    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
+
+def report(run, data, mcfg, ec, results, curves, probs_warm_test) -> Report:
+    cfg, (train, val, test) = run.cfg, data
+    jc, ec_cfg, n_layers, y_test = cfg.jei, cfg.eval, mcfg.depth, test.labels_N
+    rows, static_rows, log_lines = results["rows"], results["static"], results["log"]
     statics = [(ec.static_flops_E[e], 100 * float((probs_warm_test[e].argmax(-1) == y_test).mean()), f"L{e + 1}")
                for e in range(n_layers)]
     title = f"JEI-DNN vs max-softmax on {cfg.data.name} (test; one point per lambda)"
-    report.plot_accuracy_vs_flops(curves, statics, stage.dir / "jei_accuracy.png", title=title)
     a0 = ec_cfg.alphas[0]
-    report.plot_accuracy_vs_flops(set_curves, [], stage.dir / "jei_conformal.png", title=title,
-                                  ylabel=f"mean LAC set size at alpha={a0:g}")
-    report.plot_accuracy_vs_flops(ece_curves, [], stage.dir / "jei_ece.png", title=title, ylabel="ECE (%)")
+    plots = {"jei_accuracy.png": lambda path: report_lib.plot_accuracy_vs_flops(curves["accuracy"], statics, path,
+                                                                               title=title),
+             "jei_conformal.png": lambda path: report_lib.plot_accuracy_vs_flops(
+                 curves["set"], [], path, title=title, ylabel=f"mean LAC set size at alpha={a0:g}"),
+             "jei_ece.png": lambda path: report_lib.plot_accuracy_vs_flops(curves["ece"], [], path, title=title,
+                                                                           ylabel="ECE (%)")}
     pairs = [(rows[i], rows[i + 1]) for i in range(0, len(rows), 2)]
     wins = {k: sum(j[k] < m[k] for j, m in pairs) for k in ("test_ece_%", f"set@{a0:g}")}
     wins["test_acc"] = sum(j["test_acc"] > m["test_acc"] for j, m in pairs)
     md = "\n\n".join([
         f"# JEI-DNN at small scale on {cfg.data.name}",
-        prov.markdown() + "  \n"
-        f"Data: {cfg.data.name}: train {len(train)} / val {len(val)} (carved from train) / test {len(test)}.  \n"
+        run.prov.markdown() + "  \n"
+        + vision.data_line(cfg, train, val, test) +
         f"Scale: frozen ViT depth {n_layers}, width {cfg.model.d_model}, patch {cfg.model.patch_size}, trained "
         f"{cfg.train.steps} steps of batch {cfg.data.batch_size} on its final head only; {n_layers - 1} IMs "
         f"(LayerNorm + linear on CLS) and gates on 4 uncertainty features, warm-up {jc.warmup_steps} steps, then "
@@ -340,17 +343,13 @@ def main(argv=None):
         f"{len(pairs)}, smaller sets at alpha={a0:g} {wins[f'set@{a0:g}']}/{len(pairs)}. sim_agrees: fraction of "
         "test examples whose executed exit (engine, bucket cascade) equals the simulated one; throughput speed-up is "
         "measured against the static full-depth model on one batch.",
-        report.markdown_table(rows, list(rows[0])),
+        report_lib.markdown_table(rows, list(rows[0])),
         "## Warm-up IMs (plain multi-exit CE) per exit, test\n",
-        report.markdown_table(static_rows, list(static_rows[0])),
+        report_lib.markdown_table(static_rows, list(static_rows[0])),
         "## Training log\n" + "\n".join(f"    {line}" for line in log_lines),
         "Plots: `jei_accuracy.png` (accuracy vs FLOPs; the warm-up IMs' max-softmax sweep and per-exit accuracies "
         "for reference), `jei_conformal.png` (set size vs FLOPs), `jei_ece.png` (ECE vs FLOPs)."])
-    files = stage.write_results("jei_dnn", md, {"provenance": prov._asdict(), "config": cfg.to_dict(),
-                                                "results": results})
-    stage.commit()
-    print(md)
-    print(f"wrote {files.md_path}, {files.json_path} and plots to {outdir}")
+    return Report(md, {"results": results}, plots)
 
 
 def _exit_pred(out):

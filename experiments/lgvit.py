@@ -17,56 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax.harness import config as config_lib
-from eejax.harness import run
 from eejax.data import pipeline
-from eejax.eval import budgeted, report
-from eejax.harness import results as result_files
+from eejax.eval import budgeted
+from eejax.eval import report as report_lib
 from eejax.exits import costs, losses
 from eejax.models import vit as vit_lib
-from eejax.train import Trainer, make_optimizer, maybe_initialize
-
-# ----------------------------------------------------------------------------------------------------- data
-
-
-def load_data(cfg, data_dir):
-    d = cfg.data
-    if d.name == "mnist_embedded":
-        if data_dir is not None:
-            raise config_lib.ConfigError("--data_dir is not used by data.name='mnist_embedded' (it ships with the "
-                                         "package); drop it or set --config.data.name to a file dataset")
-        full = pipeline.get_dataset("mnist_embedded", "all")
-        num_val = int(round(d.val_fraction * (len(full) - 2000)))  # of the pool before the fixed test part
-        train, val, test = pipeline.split_embedded(full, cfg.seed, num_val=num_val)
-    else:
-        full = pipeline.get_dataset(d.name, "train", data_dir)
-        train, val = pipeline.split_train_val(full, d.val_fraction, cfg.seed)
-        test = pipeline.get_dataset(d.name, "test", data_dir)
-    if d.train_size:
-        train = train.subset(np.arange(min(d.train_size, len(train))), "train")
-    if d.test_size:
-        test = test.subset(np.arange(min(d.test_size, len(test))), "test")
-    # Checked against the data before any training (the timing batch is drawn from the test split).
-    tb = cfg.get("eval", {}).get("throughput_batch")
-    if tb is not None and tb > len(test):
-        raise config_lib.ConfigError(f"config.eval.throughput_batch={tb} exceeds the {len(test)} test images "
-                                     f"(data.test_size={d.get('test_size', 0)}); lower it or test on more images")
-    return train, val, test
-
-
-def _host_slice():
-    """Each host loads its slice of every global batch (multi-host runs)."""
-    return {"process_index": jax.process_index(), "process_count": jax.process_count()}
-
-
-def padded_eval_images(ds, cfg):
-    """One in-order pass as ``(images, n_real)``, the last batch zero-padded so one compiled program serves all."""
-    bs = cfg.data.eval_batch_size
-    for batch in pipeline.BatchIterator(ds, bs, shuffle=False, drop_remainder=False):
-        x = batch["image"]
-        n = x.shape[0]
-        yield (np.concatenate([x, np.zeros((bs - n,) + x.shape[1:], x.dtype)]) if n < bs else x), n
-
+from eejax.train import Trainer, make_optimizer
+from experiments import _common_vision as vision
+from experiments._common import Report, Run, experiment
 
 # ---------------------------------------------------------------------------------------------------- model
 
@@ -80,11 +38,10 @@ def early_heads_mask(params, num_exits: int):
 
 
 def stage1_loss(graphdef, mcfg, weighting):
-    def loss_fn(params, batch, rng, step):
-        del rng
+    def loss_fn(params, batch, ctx):
         outs = nnx.merge(graphdef, params).all_exits(batch["image"])
         if weighting == "alternating":
-            weights = losses.lgvit_stage1_weights(step, mcfg.exit_layers)
+            weights = losses.lgvit_stage1_weights(ctx.step, mcfg.exit_layers)
         else:
             weights = losses.exit_weights(mcfg.exit_layers, weighting)
         loss, ce_E = losses.multi_exit_ce(outs.logits_ExBxC, batch["label"], weights)
@@ -94,8 +51,8 @@ def stage1_loss(graphdef, mcfg, weighting):
 
 
 def stage2_loss(graphdef, mcfg, s2):
-    def loss_fn(params, batch, rng, step):
-        del rng, step
+    def loss_fn(params, batch, ctx):
+        del ctx
         model = nnx.merge(graphdef, params)
         outs = model.all_exits(batch["image"])
         final_feat = jax.lax.stop_gradient(outs.feat_ExBxD[-1])
@@ -110,28 +67,10 @@ def stage2_loss(graphdef, mcfg, s2):
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
-def cached_probs(graphdef, params, ds, cfg):
-    """Every exit's softmax for every example: ``probs_ExNxC`` (the last batch is padded to keep one compile)."""
-    @jax.jit
-    def probs_fn(params, x):
-        return jax.nn.softmax(nnx.merge(graphdef, params).all_exits(x).logits_ExBxC, axis=-1)
-
-    return np.concatenate([np.asarray(probs_fn(params, x))[:, :n] for x, n in padded_eval_images(ds, cfg)], axis=1)
-
-
 def executed_exits(graphdef, params, ds, cfg, threshold):
     """Run the while-loop engine for real; returns (exit_N, correct_N)."""
-    @jax.jit
-    def dyn(params, x, thr):
-        out = nnx.merge(graphdef, params).dynamic(x, thr)
-        return out.exit_B, jnp.argmax(out.logits_BxC, -1)
-
-    exits, preds = [], []
-    for x, n in padded_eval_images(ds, cfg):
-        e, p = dyn(params, x, threshold)
-        exits.append(np.asarray(e)[:n])
-        preds.append(np.asarray(p)[:n])
-    return np.concatenate(exits), np.concatenate(preds) == ds.labels_N
+    exits, preds = vision.executed(graphdef, params, ds, cfg, threshold)
+    return exits, preds == ds.labels_N
 
 
 def timings(graphdef, params, ds, cfg, thresholds):
@@ -165,15 +104,15 @@ def _mkw(cfg, head_types):
 def run_variant(variant, cfg, data, workdir, mcfg):
     train, val, test = data
     graphdef, params = vit_lib.build(mcfg, cfg.seed)
-    batches = pipeline.BatchIterator(train, cfg.data.batch_size, seed=cfg.seed, **_host_slice())
+    batches = pipeline.BatchIterator(train, cfg.data.batch_size, seed=cfg.seed, **vision.host_slice())
     with Trainer(stage1_loss(graphdef, mcfg, cfg.stage1.weighting), params, make_optimizer(cfg.stage1.optim),
                  workdir=workdir / variant / "stage1", seed=cfg.seed, log_every=cfg.log_every,
                  ckpt_every=cfg.ckpt_every) as tr:
         params1 = tr.fit(batches, cfg.stage1.steps, desc=f"{variant} stage 1").params
-    probs1 = cached_probs(graphdef, params1, test, cfg)
+    probs1 = vision.exit_probs(graphdef, params1, test, cfg)
 
     num_exits = len(mcfg.exit_layers)
-    batches = pipeline.BatchIterator(train, cfg.data.batch_size, seed=cfg.seed + 1, **_host_slice())
+    batches = pipeline.BatchIterator(train, cfg.data.batch_size, seed=cfg.seed + 1, **vision.host_slice())
     with Trainer(stage2_loss(graphdef, mcfg, cfg.stage2), params1,
                  make_optimizer(cfg.stage2.optim, trainable=early_heads_mask(params1, num_exits)),
                  workdir=workdir / variant / "stage2", seed=cfg.seed, log_every=cfg.log_every,
@@ -182,48 +121,45 @@ def run_variant(variant, cfg, data, workdir, mcfg):
     return graphdef, params2, probs1
 
 
-@run.cli
-def main(argv=None):
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)  # every value validated before any work
-    data = load_data(cfg, args.data_dir)
-    maybe_initialize()  # Multi-host: before the first device query below (the Trainer would be too late).
-    prov = result_files.provenance("experiments.lgvit", argv)
-    workdir, outdir = run.prepare(cfg, args, "lgvit")  # lock + config bound to the workdir
-    train, val, test = data
-    print(f"data {cfg.data.name}: train {len(train)} / val {len(val)} / test {len(test)}; devices: "
-          f"{jax.device_count()} x {jax.devices()[0].device_kind}")
+def threshold_sweep(variant, cfg, mcfg, ec, graphdef, params, test, probs_test):
+    """Confidence-threshold sweep: simulated from cached softmax, and executed by the while-loop engine."""
+    conf_test = probs_test.max(-1)
+    full_flops = ec.static_flops_E[-1]
+    times = timings(graphdef, params, test, cfg, cfg.eval.thresholds)
+    sweep = []
+    for t in cfg.eval.thresholds:
+        sim_exit = budgeted.simulate_exits(conf_test, np.full(len(mcfg.exit_layers), t))
+        run_exit, run_correct = executed_exits(graphdef, params, test, cfg, t)
+        layers = np.asarray(mcfg.exit_layers)[run_exit]
+        row = {"heads": variant, "threshold": t, "acc": 100 * run_correct.mean(),
+               "mean_layers": layers.mean() + 1,
+               "speedup_layers": costs.layer_speedup(layers, mcfg.depth),
+               "speedup_flops": full_flops / costs.expected_flops(run_exit, ec.cum_flops_E),
+               "b1_latency_speedup": times["static_full"]["latency_ms"] / times[f"{t:g}"]["latency_ms"],
+               "b256_throughput_speedup": times[f"{t:g}"]["throughput"] / times["static_full"]["throughput"],
+               "sim_agrees": float((sim_exit == run_exit).mean())}
+        sweep.append(row)
+    return sweep, times
 
+
+@experiment("lgvit", data=vision.splits)
+def main(run: Run, data) -> Report:
+    cfg, (_, val, test) = run.cfg, data
+    print(vision.describe(cfg, data))
     labels_val, labels_test = val.labels_N, test.labels_N
     rows_exit, rows_thr, rows_budget, curves, statics, hist, results = [], [], [], {}, [], {}, {}
     for variant in cfg.variants:
         mcfg = vit_lib.ViTConfig(**_mkw(cfg, variant))
         ec = vit_lib.flops(mcfg)
-        graphdef, params, probs1_test = run_variant(variant, cfg, data, workdir, mcfg)
-        probs_val = cached_probs(graphdef, params, val, cfg)
-        probs_test = cached_probs(graphdef, params, test, cfg)
+        graphdef, params, probs1_test = run_variant(variant, cfg, data, run.workdir, mcfg)
+        probs_val = vision.exit_probs(graphdef, params, val, cfg)
+        probs_test = vision.exit_probs(graphdef, params, test, cfg)
         acc1 = (probs1_test.argmax(-1) == labels_test[None]).mean(1)
         acc2 = (probs_test.argmax(-1) == labels_test[None]).mean(1)
         for stage, acc in (("stage 1", acc1), ("stage 2", acc2)):
             rows_exit.append({"heads": variant, "stage": stage,
                               **{f"exit@L{l + 1}": 100 * a for l, a in zip(mcfg.exit_layers, acc)}})
-
-        # Confidence-threshold sweep: simulated from cached softmax, and executed by the while-loop engine.
-        conf_test = probs_test.max(-1)
-        full_flops = ec.static_flops_E[-1]
-        times = timings(graphdef, params, test, cfg, cfg.eval.thresholds)
-        sweep = []
-        for t in cfg.eval.thresholds:
-            sim_exit = budgeted.simulate_exits(conf_test, np.full(len(mcfg.exit_layers), t))
-            run_exit, run_correct = executed_exits(graphdef, params, test, cfg, t)
-            layers = np.asarray(mcfg.exit_layers)[run_exit]
-            row = {"heads": variant, "threshold": t, "acc": 100 * run_correct.mean(),
-                   "mean_layers": layers.mean() + 1,
-                   "speedup_layers": costs.layer_speedup(layers, mcfg.depth),
-                   "speedup_flops": full_flops / costs.expected_flops(run_exit, ec.cum_flops_E),
-                   "b1_latency_speedup": times["static_full"]["latency_ms"] / times[f"{t:g}"]["latency_ms"],
-                   "b256_throughput_speedup": times[f"{t:g}"]["throughput"] / times["static_full"]["throughput"],
-                   "sim_agrees": float((sim_exit == run_exit).mean())}
-            sweep.append(row)
+        sweep, times = threshold_sweep(variant, cfg, mcfg, ec, graphdef, params, test, probs_test)
         rows_thr += sweep
         hist[variant] = executed_exits(graphdef, params, test, cfg, 0.9)[0]
 
@@ -246,42 +182,39 @@ def main(argv=None):
                             "sweep": sweep, "timings": times,
                             "budgeted": [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p._asdict()
                                          for p in curve]}
+    return report(run, data, rows_exit, rows_thr, rows_budget, curves, statics, hist, results)
 
-    if jax.process_index() != 0:  # every host computed the same results; one writes them
-        return
-    # Everything goes to a staging folder and replaces earlier results only once all of it is written.
-    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
-    report.plot_accuracy_vs_flops(curves, statics, stage.dir / "lgvit_budgeted.png",
-                                  title=f"LGViT-small on {cfg.data.name}: budgeted (MSDNet protocol)")
-    report.plot_exit_histogram(hist, len(vit_lib.ViTConfig(**_mkw(cfg, "lgvit")).exit_layers),
-                               stage.dir / "lgvit_exits.png", title="exit histogram at threshold 0.9 (executed)")
+
+def report(run, data, rows_exit, rows_thr, rows_budget, curves, statics, hist, results) -> Report:
+    cfg, (train, val, test) = run.cfg, data
+    exit_layers = vit_lib.ViTConfig(**_mkw(cfg, "lgvit")).exit_layers
+    plots = {"lgvit_budgeted.png": lambda path: report_lib.plot_accuracy_vs_flops(
+                 curves, statics, path, title=f"LGViT-small on {cfg.data.name}: budgeted (MSDNet protocol)"),
+             "lgvit_exits.png": lambda path: report_lib.plot_exit_histogram(
+                 hist, len(exit_layers), path, title="exit histogram at threshold 0.9 (executed)")}
     exit_cols = list(rows_exit[0].keys())
     md = "\n\n".join([
         f"# LGViT at small scale on {cfg.data.name}",
-        prov.markdown() + "  \n"
-        f"Data: {cfg.data.name}: train {len(train)} / val {len(val)} (carved from train) / test {len(test)}.  \n"
+        run.prov.markdown() + "  \n"
+        + vision.data_line(cfg, train, val, test) +
         f"Scale: ViT depth {cfg.model.depth}, width {cfg.model.d_model}, patch {cfg.model.patch_size}, "
         f"{cfg.stage1.steps} + {cfg.stage2.steps} steps of batch {cfg.data.batch_size}; exits after layers "
-        f"{[l + 1 for l in vit_lib.ViTConfig(**_mkw(cfg, 'lgvit')).exit_layers]}.",
+        f"{[l + 1 for l in exit_layers]}.",
         "Paper (arXiv:2308.00255, abstract): LGViT reaches competitive accuracy with about 1.8x speed-up on "
         "ViT-B/16, DeiT-B and Swin-B over CIFAR-100, Food-101 and ImageNet-1K. Ours is a 6-layer ViT trained from "
         "scratch, so absolute accuracies are not comparable; the orderings are.",
-        "## Per-exit test accuracy (%)", report.markdown_table(rows_exit, exit_cols),
+        "## Per-exit test accuracy (%)", report_lib.markdown_table(rows_exit, exit_cols),
         "## Accuracy vs speed-up over confidence thresholds (executed by the while-loop engine)\n"
         "speedup_layers is LGViT's definition (L / mean layers run); speedup_flops counts every head evaluated "
         "on the way; b1_latency_speedup and b256_throughput_speedup are measured wall-clock against the static "
         "full-depth model (a batched masked loop only saves time when the whole batch has exited); sim_agrees is "
         "the fraction of test samples whose executed exit equals the one simulated from cached softmax.",
-        report.markdown_table(rows_thr, list(rows_thr[0].keys())),
+        report_lib.markdown_table(rows_thr, list(rows_thr[0].keys())),
         "## Budgeted evaluation (MSDNet protocol: 39 priors, thresholds fit on validation)\n"
         "static_points_beaten counts static truncated-depth models whose accuracy the dynamic curve exceeds at "
         "the same FLOPs. Plot: `lgvit_budgeted.png`; exit histogram: `lgvit_exits.png`.",
-        report.markdown_table(rows_budget, list(rows_budget[0].keys()))])
-    files = stage.write_results("lgvit", md, {"provenance": prov._asdict(), "config": cfg.to_dict(),
-                                              "results": results})
-    stage.commit()
-    print(md)
-    print(f"wrote {files.md_path}, {files.json_path} and plots to {outdir}")
+        report_lib.markdown_table(rows_budget, list(rows_budget[0].keys()))])
+    return Report(md, {"results": results}, plots)
 
 
 if __name__ == "__main__":

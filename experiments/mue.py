@@ -2,7 +2,7 @@
 
     python -m experiments.mue --config configs/mue.py:smoke [--outdir DIR]
 
-One ViT whose every layer exits through the same shared head (experiments/_shared_head_vit.py) is trained once.
+One ViT whose every layer exits through the same shared head (experiments/_common_vision.py) is trained once.
 Every layer's softmax and MuE's layer-to-layer cosine similarity (the whole token tensor, layer 1 against the
 embedding) are cached on validation and test. Each arm has one global threshold (MuE's rule), fit on VALIDATION
 to a mean-layer budget and to a fraction of full-depth accuracy (the paper's 99% / 96%), then applied to TEST.
@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax.harness import run
-from eejax.eval import budgeted, report
-from eejax.harness import results as result_files
+from eejax.eval import budgeted
+from eejax.eval import report as report_lib
 from eejax.exits import costs, policies
-from experiments import _shared_head_vit as shv
+from experiments import _common_vision as vision
+from experiments._common import Report, Run, experiment
 
 ARMS = ("MuE (cosine of consecutive states)", "max-softmax")
 
@@ -60,16 +60,60 @@ def fit_quality(val_pts, fraction, full_acc):
 def _policy_maker(arm, num_exits):
     """``(threshold -> policy, whether the heads must report the whole layer state)``."""
     if arm == ARMS[0]:
-        return (lambda t: policies.saturation(t, num_exits, first=shv.flat_state)), True
+        return (lambda t: policies.saturation(t, num_exits, first=vision.flat_state)), True
     return (lambda t: policies.threshold("max_softmax", t, num_exits)), False
 
 
-@run.cli
-def main(argv=None):
-    su = shv.setup(argv, "mue", __doc__)
-    cfg, args, prov, outdir, ec = su.cfg, su.args, su.prov, su.outdir, su.ec
-    train, val, test = su.train, su.val, su.test
-    graphdef, params, n_layers = su.graphdef, su.params, su.mcfg.depth
+def evaluate_arm(arm, su, cfg, scores, correct_val, correct_test, full_val, full_test):
+    """One arm: its candidate thresholds' operating points on validation and test, the thresholds fit to the budgets
+    and quality targets on validation, executed on test by the engine."""
+    ec, test, graphdef, params, n_layers = su.ec, su.test, su.graphdef, su.params, su.mcfg.depth
+    xb, static_tp = su.xb, su.static_tp
+    s_val, s_test = scores[arm]
+    cands = candidate_thresholds(s_val, cfg.eval.num_candidates)
+    val_pts = operating_points(s_val, correct_val, cands, ec.cum_flops_E)
+    test_pts = operating_points(s_test, correct_test, cands, ec.cum_flops_E)
+    make_policy, report_state = _policy_maker(arm, n_layers)
+    dyn = jax.jit(lambda p, x, t: vision.run_engine(nnx.merge(graphdef, p), x, make_policy(t),
+                                                    report_state=report_state).logits_BxC)
+
+    def executed(t):
+        return vision.executed_shared_head(graphdef, params, test, cfg, make_policy, jnp.float32(t),
+                                           report_state=report_state)
+
+    def point(t, target, kind):
+        e_sim = budgeted.simulate_exits(s_test, np.full(n_layers, t))
+        e_run, pred_run = executed(t)
+        tp = costs.throughput(dyn, xb.shape[0], params, xb, jnp.float32(t))
+        v = val_pts[np.flatnonzero(val_pts[:, 0] == t)[0]]
+        return {"arm": arm, kind: target, "threshold": t, "val_layers": v[1], "val_acc": 100 * v[2],
+                "test_layers": float(np.mean(e_run + 1)), "test_acc": 100 * float(np.mean(pred_run ==
+                                                                                           test.labels_N)),
+                "layers_saved_%": 100 * (1 - np.mean(e_run + 1) / n_layers),
+                "speedup_flops": ec.cum_flops_E[-1] / costs.expected_flops(e_run, ec.cum_flops_E),
+                "b%d_throughput_speedup" % xb.shape[0]: tp / static_tp,
+                "sim_agrees": float(np.mean(e_sim == e_run))}
+
+    rows_budget, rows_quality, hist = [], [], None
+    for b in cfg.eval.budgets:
+        t = fit_budget(val_pts, b)
+        if t is not None:
+            rows_budget.append(point(t, b, "budget_layers"))
+    for q in cfg.eval.quality:
+        t = fit_quality(val_pts, q, full_val)
+        row = point(t, q, "quality")
+        row["test_acc_/_full_%"] = 100 * (row["test_acc"] / 100) / full_test
+        rows_quality.append(row)
+        if q == cfg.eval.quality[0]:
+            hist = executed(t)[0]
+    points = {"candidates": cands.tolist(), "val_points": val_pts.tolist(), "test_points": test_pts.tolist()}
+    return rows_budget, rows_quality, hist, points
+
+
+@experiment("mue", data=vision.splits)
+def main(run: Run, data) -> Report:
+    su = vision.shared_head_setup(run, data)
+    cfg, ec, val, test, n_layers = run.cfg, su.ec, su.val, su.test, su.mcfg.depth
     probs_val, cos_val, probs_test, cos_test = su.probs_val, su.cos_val, su.probs_test, su.cos_test
     correct_val = probs_val.argmax(-1) == val.labels_N[None]
     correct_test = probs_test.argmax(-1) == test.labels_N[None]
@@ -79,48 +123,13 @@ def main(argv=None):
     rows_static = [{"layers": l + 1, "test_acc": 100 * correct_test[l].mean(),
                     "MFLOPs": ec.static_flops_E[l] / 1e6,
                     "mean_cos_to_previous": float(cos_test[l].mean())} for l in range(n_layers)]
-    rows_budget, rows_quality, curves, results = [], [], {}, {"arms": {}}
-    xb, static_tp = su.xb, su.static_tp
-    hist = {}
+    rows_budget, rows_quality, curves, results, hist = [], [], {}, {"arms": {}}, {}
     for arm in ARMS:
-        s_val, s_test = scores[arm]
-        cands = candidate_thresholds(s_val, cfg.eval.num_candidates)
-        val_pts = operating_points(s_val, correct_val, cands, ec.cum_flops_E)
-        test_pts = operating_points(s_test, correct_test, cands, ec.cum_flops_E)
-        curves[arm] = [(f, 100 * a) for _, _, a, f in test_pts]
-        make_policy, report_state = _policy_maker(arm, n_layers)
-        dyn = jax.jit(lambda p, x, t, mp=make_policy, rs=report_state: shv.run_engine(
-            nnx.merge(graphdef, p), x, mp(t), report_state=rs).logits_BxC)
-
-        def executed(t, mp=make_policy, rs=report_state):
-            return shv.executed_exits(graphdef, params, test, cfg, mp, jnp.float32(t), report_state=rs)
-
-        def point(t, target, kind):
-            e_sim = budgeted.simulate_exits(s_test, np.full(n_layers, t))
-            e_run, pred_run = executed(t)
-            tp = costs.throughput(dyn, xb.shape[0], params, xb, jnp.float32(t))
-            v = val_pts[np.flatnonzero(val_pts[:, 0] == t)[0]]
-            return {"arm": arm, kind: target, "threshold": t, "val_layers": v[1], "val_acc": 100 * v[2],
-                    "test_layers": float(np.mean(e_run + 1)), "test_acc": 100 * float(np.mean(pred_run ==
-                                                                                               test.labels_N)),
-                    "layers_saved_%": 100 * (1 - np.mean(e_run + 1) / n_layers),
-                    "speedup_flops": ec.cum_flops_E[-1] / costs.expected_flops(e_run, ec.cum_flops_E),
-                    "b%d_throughput_speedup" % xb.shape[0]: tp / static_tp,
-                    "sim_agrees": float(np.mean(e_sim == e_run))}
-
-        for b in cfg.eval.budgets:
-            t = fit_budget(val_pts, b)
-            if t is not None:
-                rows_budget.append(point(t, b, "budget_layers"))
-        for q in cfg.eval.quality:
-            t = fit_quality(val_pts, q, full_val)
-            row = point(t, q, "quality")
-            row["test_acc_/_full_%"] = 100 * (row["test_acc"] / 100) / full_test
-            rows_quality.append(row)
-            if q == cfg.eval.quality[0]:
-                hist[arm] = executed(t)[0]
-        results["arms"][arm] = {"candidates": cands.tolist(), "val_points": val_pts.tolist(),
-                                "test_points": test_pts.tolist()}
+        budget, quality, hist[arm], results["arms"][arm] = evaluate_arm(arm, su, cfg, scores, correct_val,
+                                                                        correct_test, full_val, full_test)
+        rows_budget += budget
+        rows_quality += quality
+        curves[arm] = [(f, 100 * a) for _, _, a, f in results["arms"][arm]["test_points"]]
 
     # The paper's ordering at matched layers: MuE's test accuracy vs max-softmax's, interpolated on the test curves.
     def interp(arm, layers):
@@ -133,20 +142,26 @@ def main(argv=None):
     results.update(static=rows_static, budget=rows_budget, quality=rows_quality, matched=rows_match,
                    full_val_acc=float(full_val), full_test_acc=float(full_test),
                    cum_flops=ec.cum_flops_E.tolist(), static_flops=ec.static_flops_E.tolist())
+    return report(run, su, results, curves, hist, correct_test)
 
-    if jax.process_index() != 0:
-        return
-    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
+
+def report(run, su, results, curves, hist, correct_test) -> Report:
+    cfg, ec, n_layers = run.cfg, su.ec, su.mcfg.depth
+    train, val, test = su.train, su.val, su.test
+    rows_static, rows_quality, rows_budget, rows_match = (results[k] for k in ("static", "quality", "budget",
+                                                                               "matched"))
+    full_val, full_test = results["full_val_acc"], results["full_test_acc"]
     statics = [(ec.static_flops_E[l], 100 * correct_test[l].mean(), f"L{l + 1}") for l in range(n_layers)]
-    report.plot_accuracy_vs_flops(curves, statics, stage.dir / "mue_curves.png",
-                                  title=f"MuE vs max-softmax on {cfg.data.name} (test; one global threshold)")
-    report.plot_exit_histogram(hist, n_layers, stage.dir / "mue_exits.png",
-                               title=f"exit layer at {100 * cfg.eval.quality[0]:g}% of full accuracy (executed)")
+    plots = {"mue_curves.png": lambda path: report_lib.plot_accuracy_vs_flops(
+                 curves, statics, path, title=f"MuE vs max-softmax on {cfg.data.name} (test; one global threshold)"),
+             "mue_exits.png": lambda path: report_lib.plot_exit_histogram(
+                 hist, n_layers, path,
+                 title=f"exit layer at {100 * cfg.eval.quality[0]:g}% of full accuracy (executed)")}
     wins = sum(r["MuE_minus_maxprob"] > 0 for r in rows_match)
     md = "\n\n".join([
         f"# MuE at small scale on {cfg.data.name}",
-        prov.markdown() + "  \n"
-        f"Data: {cfg.data.name}: train {len(train)} / val {len(val)} (carved from train) / test {len(test)}.  \n"
+        run.prov.markdown() + "  \n"
+        + vision.data_line(cfg, train, val, test) +
         f"Scale: ViT depth {n_layers}, width {cfg.model.d_model}, patch {cfg.model.patch_size}, one linear head "
         f"shared by every layer, {cfg.train.steps} steps of batch {cfg.data.batch_size}, label smoothing "
         f"{cfg.train.label_smoothing}. FLOPs count the shared head at every exit evaluated on the way (the engine "
@@ -155,24 +170,20 @@ def main(argv=None):
         "performance (SNLI-VE) and 40% at 96% (MS COCO captioning). Ours is a "
         f"{n_layers}-layer ViT classifier trained from scratch on {cfg.data.name}, so only the orderings are "
         "comparable.",
-        "## Static depth (the shared head after layer l, test)", report.markdown_table(rows_static,
-                                                                                      list(rows_static[0])),
+        "## Static depth (the shared head after layer l, test)", report_lib.markdown_table(rows_static,
+                                                                                          list(rows_static[0])),
         "## At the paper's operating points (thresholds fit on validation to a fraction of full-depth validation "
         "accuracy, executed on test by the engine)\n"
         f"Full depth: val {100 * full_val:.2f}%, test {100 * full_test:.2f}%. sim_agrees: fraction of test "
         "examples whose executed exit equals the simulated one; throughput is measured (bucket-cascade executor) "
         "against the static full-depth model on one batch.",
-        report.markdown_table(rows_quality, list(rows_quality[0])),
+        report_lib.markdown_table(rows_quality, list(rows_quality[0])),
         "## At mean-layer budgets (thresholds fit on validation, executed on test)",
-        report.markdown_table(rows_budget, list(rows_budget[0])),
+        report_lib.markdown_table(rows_budget, list(rows_budget[0])),
         f"## Matched mean layers (test curves interpolated): MuE ahead at {wins}/{len(rows_match)} points\n"
         "Plot: `mue_curves.png` (accuracy vs FLOPs, static depths as triangles); exit histogram: `mue_exits.png`.",
-        report.markdown_table(rows_match, list(rows_match[0]))])
-    files = stage.write_results("mue", md, {"provenance": prov._asdict(), "config": cfg.to_dict(),
-                                            "results": results})
-    stage.commit()
-    print(md)
-    print(f"wrote {files.md_path}, {files.json_path} and plots to {outdir}")
+        report_lib.markdown_table(rows_match, list(rows_match[0]))])
+    return Report(md, {"results": results}, plots)
 
 
 if __name__ == "__main__":

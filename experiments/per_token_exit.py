@@ -18,11 +18,10 @@ import numpy as np
 from flax import nnx
 
 from eejax.decoding import calibration, per_token
-from experiments import _lm_common as recipe
-from eejax.harness import run
-from eejax.eval import report
-from eejax.harness import results as result_files
+from eejax.eval import report as report_lib
 from eejax.models import lm as lm_lib
+from experiments import _common_lm as recipe
+from experiments._common import Report, Run, experiment
 
 NAME = "per_token_exit"
 
@@ -61,17 +60,10 @@ def against_static(raw: dict, full: dict, n: int, seed: int) -> list[dict]:
     return out
 
 
-@run.cli
-def main(argv=None):
-    cfg, args, prov, workdir, outdir, model_dir, corpus = recipe.setup(argv, NAME, __doc__)
-
-    record = model_dir / "base" / f"ckpt{result_files.RECORD_SUFFIX}"
-    trained_elsewhere = bool(cfg.model_workdir) and record.exists()
-    graphdef, params, mcfg, train_s = recipe.train_base(cfg, corpus, model_dir)
-    if trained_elsewhere:   # a shared base model another run trained: name what was read
-        result_files.record_input(prov, model_dir / "base" / "ckpt", "base model (config.model_workdir)")
-    elif cfg.model_workdir:   # trained (or finished) here: leave who trained it for its readers
-        result_files.write_artefact_record(model_dir / "base" / "ckpt", prov, step=cfg.train.steps)
+@experiment(NAME, data=recipe.corpus)
+def main(run: Run, corpus) -> Report:
+    cfg, workdir = run.cfg, run.workdir
+    graphdef, params, mcfg, train_s = recipe.shared_base(run, corpus, producer=True)
     clf = recipe.train_classifier(cfg, graphdef, params, mcfg, corpus, workdir) if "learned" in cfg.eval.measures \
         else lm_lib.init_classifier(mcfg)
     e, n = cfg.eval, mcfg.depth
@@ -86,6 +78,23 @@ def main(argv=None):
     full_tps = recipe.tokens_per_second(dec, recipe.full_policy, params, None, prompt0, e.timing_iters)
     ref = full["tokens"]
 
+    rows, raw = sweep(cfg, mcfg, dec, params, clf, test, ref, prompt0, full, full_tps)
+    ltt_rows, ltt_raw = learn_then_test(cfg, dec, params, clf, calib, test, ref, n)
+
+    # The full model is timed again at the end; the faster of the two runs is the baseline (the machine is shared).
+    full_tps = max(full_tps, recipe.tokens_per_second(dec, recipe.full_policy, params, None, prompt0,
+                                                      e.timing_iters))
+    rows[0]["tok_s"] = rows[0]["ideal_tok_s"] = full_tps
+    for r in rows[1:]:
+        r["ideal_tok_s"] *= full_tps
+
+    paired = against_static(raw, full, n, cfg.seed)
+    return report(run, corpus, mcfg, test, train_s, exit_nll, rows, raw, ltt_rows, ltt_raw, paired)
+
+
+def sweep(cfg, mcfg, dec, params, clf, test, ref, prompt0, full, full_tps):
+    """The full model, the static exits, and every measure x KV strategy x threshold of per-token exit."""
+    e, n = cfg.eval, mcfg.depth
     rows, raw = [], {}
 
     def add(method, measure, kv, thr, step, arg, compute_full: bool):
@@ -119,9 +128,14 @@ def main(argv=None):
                 add(f"per-token exit, decayed (tau={e.decay_tau:g})", measure, "propagate", thr, step,
                     (jnp.float32(thr), clf), False)
 
+    return rows, raw
+
+
+def learn_then_test(cfg, dec, params, clf, calib, test, ref, n):
     # Learn-then-Test: the smallest threshold whose risk of inconsistency with the full model is <= eps with
     # probability >= 1 - delta, certified on the calibration windows, then measured on the report windows.
     full_calib = recipe.evaluate(dec, recipe.full_policy, params, None, calib, None)["tokens"]
+    e = cfg.eval
     ltt_rows, ltt_raw = [], {}
     for measure in e.ltt_measures:
         step = recipe.exit_policy(measure, "propagate")
@@ -143,18 +157,16 @@ def main(argv=None):
             ltt_rows.append(row)
             print(row, flush=True)
 
-    # The full model is timed again at the end; the faster of the two runs is the baseline (the machine is shared).
-    full_tps = max(full_tps, recipe.tokens_per_second(dec, recipe.full_policy, params, None, prompt0,
-                                                      e.timing_iters))
-    rows[0]["tok_s"] = rows[0]["ideal_tok_s"] = full_tps
-    for r in rows[1:]:
-        r["ideal_tok_s"] *= full_tps
+    return ltt_rows, ltt_raw
 
-    paired = against_static(raw, full, n, cfg.seed)
+
+
+def report(run, corpus, mcfg, test, train_s, exit_nll, rows, raw, ltt_rows, ltt_raw, paired) -> Report:
+    cfg, e = run.cfg, run.cfg.eval
     m = cfg.model
     md = "\n\n".join([
         "# Per-token early exit in batched, KV-cached decoding",
-        prov.markdown() + f"  \nData: {corpus.description}; "
+        run.prov.markdown() + f"  \nData: {corpus.description}; "
         f"reported on {len(test.prompts)} batches of {e.batch} validation windows ({e.prompt_len} prompt + "
         f"{e.new_tokens} generated tokens), after {e.calib_batches} calibration batches.  \n"
         f"Scale: decoder LM, {m.depth} layers, width {m.d_model}, {m.num_heads} query / {m.num_kv_heads} KV heads, "
@@ -166,7 +178,7 @@ def main(argv=None):
         "while provably keeping consistency with the full model. Ours is a tiny character-level model, so only "
         "the orderings are comparable.",
         "## Teacher-forced validation NLL of each exit (full-sequence forward)",
-        report.markdown_table([{f"L{l + 1}": v for l, v in zip(mcfg.exit_layers, exit_nll)}],
+        report_lib.markdown_table([{f"L{l + 1}": v for l, v in zip(mcfg.exit_layers, exit_nll)}],
                               [f"L{l + 1}" for l in mcfg.exit_layers], ".3f"),
         "## Quality vs average layers per token\n"
         "avg_layers: mean layers a generated token ran (its exit depth; the compute metric). loop_layers: mean "
@@ -176,7 +188,7 @@ def main(argv=None):
         "identical prefix length. tok_s: measured tokens/s of free-running generation at batch "
         f"{e.batch} (compile excluded, best of {e.timing_iters}; for the full model, the better of two such "
         "timings, at the start and the end); ideal_tok_s = full-depth tok/s x speedup_layers.",
-        report.markdown_table(rows, list(rows[0].keys()), ".3f"),
+        report_lib.markdown_table(rows, list(rows[0].keys()), ".3f"),
         "## Learn-then-Test threshold calibration (state-propagated K/V)\n"
         "Risk = 1 - fraction of greedy tokens equal to the full model's, per sequence. The threshold is the "
         "smallest candidate certified by fixed-sequence testing with Hoeffding-Bentkus p-values on the "
@@ -184,19 +196,15 @@ def main(argv=None):
         f"{ {k: e.ltt_thresholds[k] for k in e.ltt_measures} }); test_risk is measured on the "
         "report windows. A blank threshold means no candidate could be certified at that epsilon with this many "
         "calibration sequences.",
-        report.markdown_table(ltt_rows, list(ltt_rows[0].keys()), ".3f") if ltt_rows else "(no LTT measures)",
+        report_lib.markdown_table(ltt_rows, list(ltt_rows[0].keys()), ".3f") if ltt_rows else "(no LTT measures)",
         "## Per-token exit against static truncation at its (rounded) average depth, paired\n"
         "a minus b on the same report windows: validation NLL (lower is better) and greedy agreement with the full "
         "model, each with its paired bootstrap 95% interval over the windows (`eejax.eval.bootstrap`); an interval "
         "holding 0 reads \"no difference at this scale\". tok_s is measured (CPU, batch "
         f"{e.batch}, shared machine); speedup_layers and ideal_tok_s are the layer-count cost model.",
-        report.markdown_table(paired, list(paired[0]), ".3f") if paired else "(no max_softmax rows)"])
-    files = result_files.write_results(outdir, NAME, md, {"ltt": ltt_rows, "ltt_raw": ltt_raw,
-        "provenance": prov._asdict(), "data": corpus.description, "config": cfg.to_dict(),
-        "train_seconds": train_s, "exit_nll": exit_nll, "rows": rows, "paired_differences": paired,
-        "raw": raw}, overwrite=args.overwrite)
-    print(md)
-    print(f"wrote {files.md_path} and {files.json_path}")
+        report_lib.markdown_table(paired, list(paired[0]), ".3f") if paired else "(no max_softmax rows)"])
+    return Report(md, {"ltt": ltt_rows, "ltt_raw": ltt_raw, "data": corpus.description, "train_seconds": train_s,
+                       "exit_nll": exit_nll, "rows": rows, "paired_differences": paired, "raw": raw})
 
 
 if __name__ == "__main__":

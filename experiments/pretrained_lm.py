@@ -14,15 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax.harness import config as config_lib
-from eejax.harness import run
 from eejax.data.lm import WindowIterator
 from eejax.data.text import detokenize_wikitext, load_text
 from eejax.decoding import kv as kv_lib
 from eejax.decoding import per_token
-from eejax.eval import report
-from eejax.harness import results as result_files
+from eejax.errors import ConfigError
+from eejax.eval import report as report_lib
 from eejax.models import pretrained
+from experiments._common import Report, Run, experiment
 
 NAME = "pretrained_lm"
 TEXTS = ("stored", "detokenized")   # WikiText-2 as stored (word-tokenized), or after `detokenize_wikitext`
@@ -93,17 +92,15 @@ def _md_text(s: str) -> str:
     return s.replace("\n", "\\n")
 
 
-@run.cli
-def main(argv=None):
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = result_files.provenance(f"experiments.{NAME}", argv)
-    _, outdir = config_lib.run_dirs(cfg, args, NAME)
+@experiment(NAME, bind_workdir=False)
+def main(run: Run) -> Report:
+    cfg, args = run.cfg, run.args
     p, g = cfg.ppl, cfg.generate
-    print(f"device: {prov.device}")
+    print(f"device: {run.prov.device}")
 
     runs = [tuple(r.split(":")) for r in p.runs]
     if bad := [r for r in runs if len(r) != 2 or r[0] not in TEXTS]:
-        raise config_lib.ConfigError(f"ppl.runs entries are 'TEXT:DTYPE' with TEXT in {TEXTS}; got {bad}")
+        raise ConfigError(f"ppl.runs entries are 'TEXT:DTYPE' with TEXT in {TEXTS}; got {bad}")
     start = time.perf_counter()
     depth = cfg.model.depth or None
     models = {dt: pretrained.load(cfg.model.name, dtype=dt, depth=depth)
@@ -118,6 +115,16 @@ def main(argv=None):
         print(f"{p.dataset}/{p.split} ({name}): {len(texts[name]):,} characters, {len(a):,} tokens; evaluating the "
               f"first {len(ids[name]) - 1:,} in windows of {p.context}")
 
+    rows, raw = perplexities(runs, models, tok, ids, p)
+    qk_rows = rotary_check(cfg, runs, tok, ids, raw)
+    gens = greedy(models[g.dtype], list(g.prompts), g.new_tokens)
+    for r in gens:
+        print(repr(r["prompt"]), "->", repr(r["continuation"]), f"(uncached agreement {r['uncached_argmax_agree']})")
+    return report(run, next(iter(models.values())).cfg, load_s, texts, all_ids, rows, raw, qk_rows, gens)
+
+
+def perplexities(runs, models, tok, ids, p):
+    """Window perplexity of every TEXT:DTYPE run."""
     rows, raw = [], {}
     for name, dt in runs:
         nll_W, tok_s = window_nlls(models[dt], ids[name], p.context, p.batch)
@@ -127,8 +134,13 @@ def main(argv=None):
                      "word_ppl": res["word_ppl"], "bits_per_byte": res["bits_per_byte"], "tok_s": tok_s})
         print(rows[-1], flush=True)
 
-    # The rotary check: the first windows again, with the Q/K rows as stored in the GGUF (GGML's adjacent-pair
-    # order) under eejax's half-split RoPE.
+    return rows, raw
+
+
+def rotary_check(cfg, runs, tok, ids, raw):
+    """The first windows again, with the Q/K rows as stored in the GGUF (GGML's adjacent-pair order) under
+    eejax's half-split RoPE."""
+    p, depth = cfg.ppl, cfg.model.depth or None
     wrong = pretrained.load_gguf(pretrained.weights_path(cfg.model.name), depth=depth, qk_order="gguf")
     first = runs[0][0]
     wrong_W, _ = window_nlls(wrong, ids[first][:p.qk_check_tokens + 1], p.context, p.batch)
@@ -140,14 +152,14 @@ def main(argv=None):
     qk_rows = [{k: r[k] for k in ("qk_order", "tokens", "token_ppl", "word_ppl")} for r in qk_rows]
     print(qk_rows, flush=True)
 
-    gens = greedy(models[g.dtype], list(g.prompts), g.new_tokens)
-    for r in gens:
-        print(repr(r["prompt"]), "->", repr(r["continuation"]), f"(uncached agreement {r['uncached_argmax_agree']})")
+    return qk_rows
 
-    cfg_m = next(iter(models.values())).cfg
+
+def report(run, cfg_m, load_s, texts, all_ids, rows, raw, qk_rows, gens) -> Report:
+    cfg, p, g = run.cfg, run.cfg.ppl, run.cfg.generate
     md = "\n\n".join([
         "# SmolLM2-135M-Instruct in eejax: WikiText-2 perplexity and greedy continuations",
-        prov.markdown() + f"  \nModel: {cfg.model.name} from `{pretrained.weights_path(cfg.model.name).name}` "
+        run.prov.markdown() + f"  \nModel: {cfg.model.name} from `{pretrained.weights_path(cfg.model.name).name}` "
         f"(GGUF, Q4_1 blocks + Q8_0 embedding, dequantized to float32 on load, {load_s:.0f} s per load): "
         f"{cfg_m.depth} layers, width {cfg_m.d_model}, {cfg_m.num_heads} query / {cfg_m.num_kv_heads} KV heads, "
         f"SwiGLU {cfg_m.mlp_dim}, RoPE base {cfg_m.rope_base:g}, RMSNorm eps {cfg_m.norm_eps:.0e}, tied "
@@ -166,26 +178,23 @@ def main(argv=None):
         "exp(total NLL / whitespace-separated words of the scored text, so it is per stored WikiText word for "
         "`stored` and per detokenized word, fewer, for `detokenized`); bits_per_byte = total NLL in bits / UTF-8 "
         f"bytes. tok_s: measured forward throughput (batch {p.batch} x {p.context}, compile excluded).",
-        report.markdown_table(rows, list(rows[0].keys()), ".3f"),
+        report_lib.markdown_table(rows, list(rows[0].keys()), ".3f"),
         "## Rotary convention check\n"
         "llama.cpp stores each head's Q/K rows permuted for GGML's adjacent-pair RoPE; eejax's RoPE rotates the two "
         "halves of a head, so the loader undoes the permutation. Left as stored, the attention is wrong:",
-        report.markdown_table(qk_rows, list(qk_rows[0].keys()), ".3f"),
+        report_lib.markdown_table(qk_rows, list(qk_rows[0].keys()), ".3f"),
         f"## Greedy continuations ({g.dtype}, {g.new_tokens} new tokens, KV-cached decode loop)\n"
         "agree: fraction of generated tokens equal to the argmax of an uncached full forward over prompt + "
         "continuation (1.0 = the cached decode path and the plain forward agree).",
-        report.markdown_table([{"prompt": _md_text(r["prompt"]), "continuation": _md_text(r["continuation"]),
+        report_lib.markdown_table([{"prompt": _md_text(r["prompt"]), "continuation": _md_text(r["continuation"]),
                                 "agree": r["uncached_argmax_agree"]} for r in gens],
                               ["prompt", "continuation", "agree"], ".2f"),
     ])
-    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)   # replaces earlier results only when complete
-    files = stage.write_results(NAME, md, {
-        "provenance": prov._asdict(), "config": cfg.to_dict(), "load_seconds": load_s,
+    return Report(md, {
+        "load_seconds": load_s,
         "eval_tokens_available": {name: len(a) for name, a in all_ids.items()}, "rows": rows, "qk_check": qk_rows,
         "raw": raw,
         "greedy": gens})
-    stage.commit()
-    print(f"wrote {files.md_path} and {files.json_path}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ static (E, k) baseline and DEL's per-row dynamic (exit, length).
     python -m experiments.self_speculative --config configs/self_speculative.py:smoke [--outdir DIR]
 
 See configs/self_speculative.py for the runbook (protocol, scale, wall-clock). The mechanisms are in the library:
-``eejax.decoding.exit_training`` (cache, train, load exits) and ``eejax.decoding.speculative`` (the loop, the static
-and DEL drafters); this script is the recipe and the tables.
+``eejax.decoding.exit_training`` (cache, evaluate and load exits; trained by the one Trainer through
+experiments/_common_smollm2.py) and ``eejax.decoding.speculative`` (the loop, the static and DEL drafters); this
+script is the recipe and the tables.
 """
 from __future__ import annotations
 
@@ -17,21 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax.harness import config as config_lib
-from eejax.harness import run
-from eejax.data.text import ByteTokenizer
+from eejax.data.text import load_text
 from eejax.decoding import exit_training as et
 from eejax.decoding import kv as kv_lib
 from eejax.decoding import per_token, speculative
-from eejax.eval import report
+from eejax.errors import ConfigError
+from eejax.eval import report as report_lib
 from eejax.exits import costs, engine
-from eejax.harness import results as result_files
-from eejax.models import lm as lm_lib
-from eejax.models import pretrained
-from experiments import _spec_data as sd
+from experiments import _common_smollm2 as common
+from experiments._common import Report, Run, experiment
 
 NAME = "self_speculative"
-ARMS = ("untrained", "norm", "lowrank")   # exit heads: the model's own final norm; trained norm; norm + adapter
+ARMS = common.ARMS
 EXIT_FIELDS = ("seed", "model", "exits")  # what the trained exits depend on
 
 
@@ -49,30 +47,26 @@ def load_model(c):
     """``(graphdef, params, tokenizer, cfg)``: SmolLM2 with exits after ``exits.layers`` layers (lowrank heads, so
     the norm-only arm is the adapter at zero), or for smoke a tiny random LM with byte tokens."""
     exits = tuple(l - 1 for l in c.exits.layers)
-    if c.model.random_depth:
-        d = c.model.random_depth
-        cfg = lm_lib.LMConfig(vocab_size=256, d_model=32, depth=d, num_heads=4, num_kv_heads=2, mlp_dim=64,
-                              mlp="swiglu", exits=exits + (d - 1,), exit_head="lowrank", exit_rank=c.exits.rank)
-        if exits[-1] >= d - 1:
-            raise config_lib.ConfigError(f"exits.layers {tuple(c.exits.layers)} must be < model.random_depth={d}")
-        gd, params = lm_lib.build(cfg, c.seed)
+    depth = c.model.random_depth
+    if depth and exits[-1] >= depth - 1:
+        raise ConfigError(f"exits.layers {tuple(c.exits.layers)} must be < model.random_depth={depth}")
+    lm = common.load_lm("random" if depth else c.model.name, depth=depth, seed=c.seed, exits=exits,
+                        exit_head="lowrank", exit_rank=c.exits.rank)
+    gd, params = lm.graphdef, lm.params
+    if depth:
         model = nnx.merge(gd, params)
         model.embed.embedding[...] = model.embed.embedding[...] * 5     # sharper than at init
         gd, params = nnx.split(model)
-        return gd, params, ByteTokenizer(), cfg
-    pre = pretrained.load(c.model.name, exits=exits, exit_head="lowrank", exit_rank=c.exits.rank)
-    if exits[-1] >= pre.cfg.depth - 1:
-        raise config_lib.ConfigError(f"exits.layers {tuple(c.exits.layers)} must be < the model's depth "
-                                     f"{pre.cfg.depth}")
-    return pre.graphdef, pre.params, pre.tokenizer, pre.cfg
+    elif exits[-1] >= lm.cfg.depth - 1:
+        raise ConfigError(f"exits.layers {tuple(c.exits.layers)} must be < the model's depth {lm.cfg.depth}")
+    return gd, params, lm.tokenizer, lm.cfg
 
 
-def exits_dir(c, args, workdir):
-    if not c.exits_workdir:
-        return workdir / "exits"
+def exits_dir(run):
+    """``exits_workdir`` (locked, bound to the fields the trained exits depend on) or ``<workdir>/exits``."""
+    c = run.cfg
     base = {k: c[k].to_dict() if hasattr(c[k], "to_dict") else c[k] for k in EXIT_FIELDS}
-    return run.open_workdir(c.exits_workdir, c, fresh=getattr(args, "fresh", False), what="exits_workdir",
-                            record=run.config_record(base))
+    return run.shared_workdir(c.exits_workdir, base, run.workdir / "exits", what="exits_workdir")
 
 
 # ------------------------------------------------------------------------------------------------- exits
@@ -82,10 +76,10 @@ def train_exits(c, data_dir, d, gd, params, tok, log) -> dict:
     """Cache the frozen model's hidden states once (in ``d``), train the two arms, evaluate before and after."""
     e = c.exits
     d.mkdir(parents=True, exist_ok=True)
-    windows = {"train": sd.spread_windows(sd.load(data_dir, "gutenberg", "train"), tok, e.train_windows,
-                                          e.context + 1),
-               "eval": sd.contiguous_windows(sd.load(data_dir, "wikitext2", "test"), tok, e.eval_windows,
-                                             e.context + 1)}
+    windows = {"train": common.spread_windows(load_text(data_dir, "gutenberg", "train"), tok, e.train_windows,
+                                              e.context + 1),
+               "eval": common.contiguous_windows(load_text(data_dir, "wikitext2", "test"), tok, e.eval_windows,
+                                                 e.context + 1)}
     caches, info_path = {}, d / "cache_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     for split, w in windows.items():
@@ -113,11 +107,13 @@ def train_exits(c, data_dir, d, gd, params, tok, log) -> dict:
             continue
         log(f"exits {arm}: training {e.steps} steps of {e.batch_tokens} cached tokens")
         p0 = et.init_exit_params(model, rank=rank, seed=c.seed)
-        p, hist = et.train_exits(gd, params, caches["train"], p0, steps=e.steps, batch_tokens=e.batch_tokens,
-                                 lr=e.lr, seed=c.seed, log_every=e.log_every, log=lambda m, a=arm: log(f"{a}: {m}"))
+        p, hist, seconds = common.train_exits(gd, params, caches["train"], p0, steps=e.steps,
+                                              batch_tokens=e.batch_tokens, lr=e.lr, workdir=d / f"train_{arm}",
+                                              seed=c.seed, log_every=e.log_every,
+                                              log=lambda m, a=arm: log(f"{a}: {m}"))
         np.savez(ppath, **et.params_to_numpy(p))
         rec = {"steps": e.steps, "batch_tokens": e.batch_tokens, "lr": e.lr, "rank": rank,
-               "seconds": hist[-1]["seconds"] if hist else 0.0, "log": hist,
+               "seconds": seconds, "log": hist,
                "trained_params_per_exit": int(p.scale_ExD.shape[1]) * (1 + 2 * rank)}
         lpath.write_text(json.dumps(rec, indent=1))
         out["arms"][arm], out["train"][arm] = p, rec
@@ -201,35 +197,6 @@ def replay(pred_NxG: np.ndarray, cont_NxG: np.ndarray, k: int) -> dict:
             "acceptance": accepted / max(drafted, 1), "tokens_per_verify": (accepted + rounds) / max(rounds, 1)}
 
 
-COST_COLUMNS = ("Speed-up columns: `speedup_measured` = measured (this machine, its load); `speedup_cost_cpu` = "
-                "cost model (CPU, measured verify); `speedup_cost_h200` = cost model (roofline, H200 calibrated "
-                "2026-12-04; eejax.exits.costs); `speedup_cost_h200_floor` = cost model (roofline floor, H200 spec "
-                "sheet). Every cost model counts each draft's vocabulary head and DEL's shadow heads.")
-
-
-def cost_speedups(tpv: float, k_mean: float, draft_layers: float, mcfg, verify_s: dict, step_s: float, *,
-                  batch: int, cache_len: int, shadow_heads: int = 0) -> dict:
-    """Cost-model speed-ups over greedy of a round drafting ``k_mean`` tokens at ``draft_layers`` layers each (mean)
-    that yields ``tpv`` tokens. Every draft pays its exit's vocabulary head (SmolLM2's tied 49,152 x 576 head is
-    ~21 % of the weights) and DEL's verify ``shadow_heads`` more heads on every verified position; both models
-    count them (``eejax.exits.costs``, the one cost model of every decoder):
-
-    * ``speedup_cost_cpu``: cost model (CPU, measured verify): a draft token costs (E layers + head) / (L layers +
-      head) of a measured full step in FLOPs, the verify of k + 1 tokens its measured time;
-    * ``speedup_cost_h200``: cost model (roofline, H200 calibrated 2026-12-04): ``costs.predicted_speedup`` with
-      bf16 weights, eejax's decoder as it ran on the H200 (launch-bound at these batches);
-    * ``speedup_cost_h200_floor``: the same counts on the roofline floor (H200 spec sheet: weights, cache, FLOPs)."""
-    counts = costs.self_speculative_counts(draft_layers, k_mean, tpv, shadow_heads=shadow_heads)
-    flops = lambda c: costs.predict(costs.decode_work(mcfg, c, batch=batch, cache_len=cache_len)).flops  # noqa: E731
-    step = flops(costs.greedy_counts(mcfg))
-    draft = (k_mean * flops(costs.TokenCounts(layers=draft_layers)) + shadow_heads * (k_mean + 1) *
-             flops(costs.TokenCounts(layers=0))) / step * step_s
-    verify = verify_s.get(int(round(k_mean)) + 1, (k_mean + 1) * step_s)
-    sp = costs.predicted_speedup(mcfg, counts, batch=batch, cache_len=cache_len)
-    return {"speedup_cost_cpu": tpv * step_s / (draft + verify), "speedup_cost_h200": sp.value,
-            "speedup_cost_h200_floor": sp.limit}
-
-
 def verify_costs(gd, params, prompts, lengths_t, batch):
     """Seconds of one full-depth ``kv.extend`` of t tokens per row at ``batch`` (AOT-compiled, median of 3)."""
     t_, l_ = kv_lib.pad_prompts(prompts[:batch])
@@ -241,12 +208,7 @@ def verify_costs(gd, params, prompts, lengths_t, batch):
     for t in lengths_t:
         toks = jnp.ones((batch, t), jnp.int32)
         fn = jax.jit(lambda p, x, s: kv_lib.extend(nnx.merge(gd, p), x, s)[0]).lower(params, toks, st).compile()
-        times = []
-        for _ in range(4):
-            s0 = time.perf_counter()
-            jax.block_until_ready(fn(params, toks, st))
-            times.append(time.perf_counter() - s0)
-        out[t] = float(np.median(times[1:]))
+        out[t] = float(np.median(costs.measure(fn, params, toks, st, warmup=1, iters=3).times_s))
     return out
 
 
@@ -262,10 +224,9 @@ def timed_decode(make, gd, params, prompts, batch, num_new):
         t, l = (jnp.asarray(a) for a in kv_lib.pad_prompts(prompts[i:i + batch]))
         if compiled is None:
             compiled = fn.lower(params, t, l).compile()
-        start = time.perf_counter()
-        o = jax.block_until_ready(compiled(params, t, l))
-        seconds += time.perf_counter() - start
-        o = jax.device_get(o)
+        timing = costs.measure(compiled, params, t, l, warmup=0, iters=1)
+        seconds += timing.mean_s
+        o = jax.device_get(timing.output)
         outs.append(o)
         toks.append(np.asarray(o.tokens_BxG))
     return np.concatenate(toks), seconds, outs
@@ -286,7 +247,7 @@ def spec_row(label, arm, m, seconds, greedy_s, tokens, ref, mcfg, verify_s, step
     row = {"drafter": label, "exits": arm, "mean_draft_layers": e_mean, "mean_k": k_mean,
            "acceptance": accepted / max(drafted, 1), "tokens_per_verify": tpv, "seconds": seconds,
            "tokens_per_s": n_tok / seconds, "speedup_measured": greedy_s / seconds}
-    row.update(cost_speedups(tpv, k_mean, e_mean, mcfg, verify_s, step_s, **cost_kw))
+    row.update(common.cost_speedups(tpv, k_mean, e_mean, mcfg, verify_s, step_s, **cost_kw))
     row["equals_greedy"] = float(np.mean(np.all(tokens == ref, 1)))
     return row
 
@@ -294,44 +255,16 @@ def spec_row(label, arm, m, seconds, greedy_s, tokens, ref, mcfg, verify_s, step
 # ------------------------------------------------------------------------------------------------- plots
 
 
-def plot_sweep(sweep, layers, ks, path, title):
-    import matplotlib  # noqa: PLC0415
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    for arm in ARMS:
-        acc = [sweep[arm][(l, 1)]["acceptance"] for l in layers]
-        ax[0].plot(layers, acc, "o-", label=arm)
-    ax[0].set(xlabel="draft exit E (layers)", ylabel="per-token acceptance (k=1)", title="acceptance vs E")
-    ax[0].legend()
-    best_arm = "norm"
-    for i, key in enumerate(("speedup_cost_cpu", "speedup_cost_h200")):
-        for k in ks:
-            ax[1 + i].plot(layers, [sweep[best_arm][(l, k)][key] for l in layers], "o-", label=f"k={k}")
-        ax[1 + i].axhline(1.0, color="gray", lw=0.8)
-        ax[1 + i].set(xlabel="draft exit E (layers)", ylabel=key, title=f"{key} (trained norm exits)")
-        ax[1 + i].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ------------------------------------------------------------------------------------------------- main
 
 
-@run.cli
-def main(argv=None):
-    c, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = result_files.provenance(f"experiments.{NAME}", argv)
-    workdir, outdir = run.prepare(c, args, "del" if c.variant == "del" else NAME)
-    data_dir = args.data_dir
-    t_start = time.perf_counter()
+@experiment(NAME, result_name=lambda c: "del" if c.variant == "del" else NAME)
+def main(run: Run) -> Report:
+    c, data_dir = run.cfg, run.args.data_dir
     log_lines = []
 
     def log(msg):
-        line = f"[{time.perf_counter() - t_start:7.0f} s] {msg}"
+        line = f"[{run.seconds():7.0f} s] {msg}"
         log_lines.append(line)
         print(line, flush=True)
 
@@ -339,17 +272,27 @@ def main(argv=None):
     depth, layers = mcfg.depth, tuple(c.exits.layers)
     idx = {l: i for i, l in enumerate(layers)}          # layers run -> exit index
     log(f"model: {c.model.name if not c.model.random_depth else 'random'} depth {depth}, exits after {layers}")
-    ex = train_exits(c, data_dir, exits_dir(c, args, workdir), gd, params, tok, log)
+    ex = train_exits(c, data_dir, exits_dir(run), gd, params, tok, log)
     arm_p = {arm: arm_params(gd, params, p) for arm, p in ex["arms"].items()}
 
     dc = c.decode
-    g_new, p_len = dc.new_tokens, dc.prompt_tokens
+    p_len = dc.prompt_tokens
     half = dc.fit_prompts // 2
-    fit_prompts = (sd.prompts(sd.load(data_dir, "gutenberg", "validation"), tok, dc.fit_prompts - half, p_len)
-                   + sd.prompts(sd.load(data_dir, "wikitext2", "validation"), tok, half, p_len))
-    test_prompts = sd.prompts(sd.load(data_dir, "wikitext2", "test"), tok, dc.test_prompts, p_len)
-    b_main = max(dc.batches)
+    fit_prompts = (common.paragraph_prompts(load_text(data_dir, "gutenberg", "validation"), tok,
+                                            dc.fit_prompts - half, p_len)
+                   + common.paragraph_prompts(load_text(data_dir, "wikitext2", "validation"), tok, half, p_len))
+    test_prompts = common.paragraph_prompts(load_text(data_dir, "wikitext2", "test"), tok, dc.test_prompts, p_len)
+    sweeps, verify_s, best, best_gpu = offline_sweep(c, gd, params, arm_p, layers, idx, mcfg, fit_prompts,
+                                                     test_prompts, log)
+    measured = measure(c, gd, params, arm_p, mcfg, idx, best, verify_s, test_prompts, log)
+    return report(run, ex, sweeps, measured, verify_s, best, best_gpu, depth, layers, log_lines)
 
+
+def offline_sweep(c, gd, params, arm_p, layers, idx, mcfg, fit_prompts, test_prompts, log):
+    """Exact replay of every (arm, E, k) on the fitting and the held-out prompts, the verify costs, and the static
+    (arm, E, k) fit on the fitting prompts by the CPU (and the GPU) cost model."""
+    dc = c.decode
+    g_new, b_main, p_len = dc.new_tokens, max(dc.batches), dc.prompt_tokens
     # ---- offline sweep (exact replay) on the fitting prompts and on the held-out prompts
     sweeps, conts = {}, {}
     for split, prompts in (("fit", fit_prompts), ("test", test_prompts)):
@@ -365,7 +308,7 @@ def main(argv=None):
     for split in sweeps:
         for arm in ARMS:
             for (l, k), r in sweeps[split][arm].items():
-                r.update(cost_speedups(r["tokens_per_verify"], k, l, mcfg, verify_s[b_main], verify_s[b_main][1],
+                r.update(common.cost_speedups(r["tokens_per_verify"], k, l, mcfg, verify_s[b_main], verify_s[b_main][1],
                                        batch=b_main, cache_len=p_len + g_new))
     # Fit (arm, E, k) on the fitting prompts by the CPU cost model at the main batch.
     best = max(((arm, l, k) for arm in ("norm", "lowrank") for l in layers for k in dc.ks),
@@ -375,7 +318,14 @@ def main(argv=None):
     arm_b, e_b, k_b = best
     log(f"fit: best static (arm, E, k) = {best} by the CPU cost model, {best_gpu} by the cost model (roofline, H200)")
 
-    # ---- measured decoding on the held-out prompts
+    return sweeps, verify_s, best, best_gpu
+
+
+def measure(c, gd, params, arm_p, mcfg, idx, best, verify_s, test_prompts, log):
+    """Measured decoding on the held-out prompts: greedy, the fitted static drafter and its variants, DEL."""
+    dc = c.decode
+    g_new, b_main, p_len = dc.new_tokens, max(dc.batches), dc.prompt_tokens
+    arm_b, e_b, k_b = best
     n_measure = {b: (dc.test_prompts if b == b_main else min(dc.batch1_prompts, dc.test_prompts)) // b * b
                  for b in dc.batches}
     measured, ref_tokens = {}, {}
@@ -428,7 +378,13 @@ def main(argv=None):
                 "exit_trace_row0": v["exit_trace"][0].tolist(), "k_trace_row0": v["k_trace"][0].tolist()}
             for k, v in dels.items()}}
 
-    # ---- tables
+    return measured
+
+
+def report(run, ex, sweeps, measured, verify_s, best, best_gpu, depth, layers, log_lines) -> Report:
+    c, dc = run.cfg, run.cfg.decode
+    g_new, p_len = dc.new_tokens, dc.prompt_tokens
+    arm_b, e_b, k_b = best
     ev = ex["eval"]
     exit_rows = [{"exit_after_layers": l,
                   **{f"agree_{a}": 100 * ev[a]["agree"][i] for a in ARMS},
@@ -443,16 +399,13 @@ def main(argv=None):
                     sweep_rows.append({"prompts": split, "exits": arm, "E": l, "k": k, **{
                         x: r[x] for x in ("acceptance", "tokens_per_verify", "speedup_cost_cpu", "speedup_cost_h200",
                                           "speedup_cost_h200_floor")}})
-    results = {"provenance": prov._asdict(), "config": c.to_dict(), "model_depth": depth, "exit_layers": layers,
+    results = {"model_depth": depth, "exit_layers": layers,
                "exits": {"cache": ex["cache"], "train": ex["train"], "eval_wikitext2_test": ev},
                "fit": {"best_cpu_cost": best, "best_gpu_cost": best_gpu},
                "verify_seconds": {str(b): {str(t): s for t, s in v.items()} for b, v in verify_s.items()},
                "sweep": sweep_rows, "measured": {str(b): v for b, v in measured.items()}, "log": log_lines}
-    if jax.process_index() != 0:
-        return
-    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
-    plot_sweep(sweeps["test"], layers, dc.ks, stage.dir / f"{c.variant}_sweep.png",
-               "held-out prompts (exact replay of greedy self-speculation)")
+    files = {f"{c.variant}_sweep.png": lambda path: common.plot_sweep(
+        sweeps["test"], layers, dc.ks, path, "held-out prompts (exact replay of greedy self-speculation)")}
     short = lambda r: {k: r.get(k, "") for k in ("drafter", "exits", "mean_draft_layers", "mean_k",  # noqa: E731
                                                   "acceptance", "tokens_per_verify", "seconds", "tokens_per_s",
                                                   "speedup_measured", "speedup_cost_cpu", "speedup_cost_h200",
@@ -461,7 +414,7 @@ def main(argv=None):
     tr = ex["train"]
     parts = [
         f"# Self-speculative decoding on SmolLM2-135M ({c.variant})",
-        prov.markdown() + f"  \nTotal wall-clock of this run: {time.perf_counter() - t_start:.0f} s.",
+        run.prov.markdown() + f"  \nTotal wall-clock of this run: {run.seconds():.0f} s.",
         PAPER,
         "## Exits trained on the frozen model (WikiText-2 test, "
         f"{ev['norm']['tokens']} tokens, windows of {c.exits.context})\n"
@@ -469,26 +422,24 @@ def main(argv=None):
             f"{a}: {tr[a]['steps']} steps x {tr[a]['batch_tokens']} tokens, lr {tr[a]['lr']}, {tr[a]['seconds']:.0f} s"
             for a in tr) + f". Full model perplexity on these tokens: {ev['norm']['full_ppl']:.2f}. agree = top-1 "
         "agreement (%) with the full model; KL = KL(p_full || p_exit) in nats; ppl = the exit's own perplexity.",
-        report.markdown_table(exit_rows, list(exit_rows[0].keys()), ".2f"),
+        report_lib.markdown_table(exit_rows, list(exit_rows[0].keys()), ".2f"),
         f"## Fit (fitting prompts: {dc.fit_prompts} from Gutenberg validation + WikiText-2 validation)\n"
         f"Best static by the CPU cost model: exits {arm_b}, E={e_b}, k={k_b}; by the cost model (roofline, H200): "
-        f"{best_gpu}. " + COST_COLUMNS,
+        f"{best_gpu}. " + common.COST_COLUMNS,
     ]
     for b in dc.batches:
         parts.append(f"## Held-out decoding, batch {b} ({measured[b]['prompts']} WikiText-2 test prompts of "
                      f"{p_len} tokens x {g_new} new tokens; wall-clock summed over batches, compile excluded)")
         rows = [short(r) for r in measured[b]["rows"]]
-        parts.append(report.markdown_table(rows, list(rows[0].keys()), ".3f"))
+        parts.append(report_lib.markdown_table(rows, list(rows[0].keys()), ".3f"))
         if measured[b]["del"]:
             parts.append("DEL choices (layers of the chosen exit, draft lengths: counts over rounds and rows): " +
                          json.dumps(measured[b]["del"]))
     sel = [r for r in sweep_rows if r["prompts"] == "test" and (r["k"] == k_b or r["E"] == e_b)]
     parts += ["## Replay sweep on the held-out prompts (rows at the fitted k and at the fitted E)",
-              report.markdown_table(sel, list(sel[0].keys()), ".3f"),
+              report_lib.markdown_table(sel, list(sel[0].keys()), ".3f"),
               f"Verify seconds (one extend of t tokens per row at full depth): {json.dumps(results['verify_seconds'])}"]
-    files = stage.write_results("del" if c.variant == "del" else NAME, "\n\n".join(parts), results)
-    stage.commit()
-    print(f"wrote {files.md_path} and {files.json_path}")
+    return Report("\n\n".join(parts), results, files)
 
 
 if __name__ == "__main__":

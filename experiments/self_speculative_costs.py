@@ -4,7 +4,7 @@
 
 The run of 2026-11-28 charged each draft k E/L of a decode step and left out the vocabulary head that every draft
 evaluates (SmolLM2's tied 49,152 x 576 head, ~21 % of the weights; issue 22). This rewrites every sweep and
-measured row's cost columns with ``experiments.self_speculative.cost_speedups`` (``eejax.exits.costs``: every head,
+measured row's cost columns with ``experiments._common_smollm2.cost_speedups`` (``eejax.exits.costs``: every head,
 DEL's shadow heads too) from the counts the run recorded (tokens per verify, mean k, mean draft layers, the measured
 verify seconds), keeps the run's own values under ``*_as_run`` keys, records the recomputation (commit, date,
 command) under ``cost_recomputed``, and rewrites the markdown's decoding and sweep tables (marked as recomputed) and
@@ -22,7 +22,7 @@ import subprocess
 import sys
 
 from eejax.eval import report
-from experiments import self_speculative as ss
+from experiments import _common_smollm2 as ss
 
 # SmolLM2-135M (the GGUF's header: 30 layers, D=576, 9 query / 3 KV heads, SwiGLU 1536, vocabulary 49,152, tied)
 SMOLLM2_135M = dict(depth=30, d_model=576, num_heads=9, num_kv_heads=3, mlp_dim=1536, vocab_size=49152,

@@ -21,15 +21,11 @@ import numpy as np
 from flax import nnx
 from matplotlib.figure import Figure
 
-from eejax.harness import config as config_lib
-from eejax.harness import run
-from eejax.eval import report
-from eejax.harness import results as result_files
+from eejax.eval import report as report_lib
 from eejax.exits import costs, parallel
 from eejax.models import vit as vit_lib
-from eejax.train import maybe_initialize
-from experiments import _vit_train as vt
-from experiments.lgvit import load_data
+from experiments import _common_vision as vision
+from experiments._common import Report, Run, experiment
 
 CONTROL = "1 block"
 
@@ -80,22 +76,23 @@ def run_one(cfg, data, workdir, k, seed: int):
     done = workdir / f"{tag}-s{seed}" / "scores.json"
     if done.exists():              # scored by an earlier (killed or partial) run: keep its measurements
         return json.loads(done.read_text()), done.parent / "metrics.jsonl"
-    tr = vt.train(graphdef, params, forward_fn(kk), train_ds, steps=cfg.train.steps, batch_size=cfg.data.batch_size,
-                  optim=cfg.train.optim, seed=seed, workdir=workdir / f"{tag}-s{seed}", log_every=cfg.log_every,
-                  desc=f"{name} seed {seed}")
+    tr = vision.train_classifier(graphdef, params, forward_fn(kk), train_ds, steps=cfg.train.steps,
+                                 batch_size=cfg.data.batch_size, optim=cfg.train.optim, seed=seed,
+                                 workdir=workdir / f"{tag}-s{seed}", log_every=cfg.log_every,
+                                 desc=f"{name} seed {seed}")
     fwd, bs = forward_fn(kk), cfg.data.eval_batch_size
-    score = vt.scorer(graphdef, fwd)
-    train_loss, train_acc = vt.evaluate(graphdef, tr.params, fwd, train_sub, bs, fn=score)
-    val_loss, val_acc = vt.evaluate(graphdef, tr.params, fwd, val, bs, fn=score)
-    test_loss, test_acc = vt.evaluate(graphdef, tr.params, fwd, test, bs, fn=score)
+    score = vision.scorer(graphdef, fwd)
+    train_loss, train_acc = vision.evaluate(graphdef, tr.params, fwd, train_sub, bs, fn=score)
+    val_loss, val_acc = vision.evaluate(graphdef, tr.params, fwd, val, bs, fn=score)
+    test_loss, test_acc = vision.evaluate(graphdef, tr.params, fwd, test, bs, fn=score)
     row = {"variant": name, "k": kk if k != CONTROL else 0, "seed": seed, "depth": depth // kk,
-           "params": vt.num_params(tr.params), "MFLOPs": flops(mcfg, kk) / 1e6,
+           "params": vision.num_params(tr.params), "MFLOPs": flops(mcfg, kk) / 1e6,
            "train_loss": train_loss, "train_acc": 100 * train_acc, "val_loss": val_loss, "val_acc": 100 * val_acc,
            "test_loss": test_loss, "test_acc": 100 * test_acc, "train_steps_per_s": tr.steps_per_sec,
            "train_wall_s": tr.train_seconds}
     # Inference wall-clock, every variant through the same engine loop; checked against the training path.
     fn = static_fn(graphdef, kk)
-    x0 = next(vt.padded(test, max(cfg.eval.timing_batches)))[0]
+    x0 = next(vision.padded(test, max(cfg.eval.timing_batches)))[0]
     np.testing.assert_allclose(np.asarray(fn(tr.params, x0[:8])),
                                np.asarray(jax.jit(lambda p, x: fwd(nnx.merge(graphdef, p), x))(tr.params, x0[:8])),
                                rtol=1e-4, atol=1e-4)
@@ -116,11 +113,12 @@ def interleaved_timing(cfg, data, workdir, variants, seed: int):
         depth, kk = (1, 1) if k == CONTROL else (cfg.model.depth, k)
         graphdef, params = vit_lib.build(model_config(cfg, depth), seed)
         tag = "single" if k == CONTROL else f"k{k}"
-        params = vt.train(graphdef, params, forward_fn(kk), train_ds, steps=cfg.train.steps,
-                          batch_size=cfg.data.batch_size, optim=cfg.train.optim, seed=seed,
-                          workdir=workdir / f"{tag}-s{seed}", log_every=cfg.log_every, desc="restore").params
+        params = vision.train_classifier(graphdef, params, forward_fn(kk), train_ds, steps=cfg.train.steps,
+                                         batch_size=cfg.data.batch_size, optim=cfg.train.optim, seed=seed,
+                                         workdir=workdir / f"{tag}-s{seed}", log_every=cfg.log_every,
+                                         desc="restore").params
         fns[variant_name(k, cfg.model.depth)] = (static_fn(graphdef, kk), params)
-    x0 = next(vt.padded(test, max(cfg.eval.timing_batches)))[0]
+    x0 = next(vision.padded(test, max(cfg.eval.timing_batches)))[0]
     rows = []
     for b in cfg.eval.timing_batches:
         x = jnp.asarray(x0[:b])
@@ -182,17 +180,12 @@ def plot(rows, path, title):
     fig.savefig(path, dpi=150, bbox_inches="tight")
 
 
-@run.cli
-def main(argv=None):
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)   # every value validated before any work
-    train_ds, val, test = load_data(cfg, args.data_dir)
-    maybe_initialize()
-    prov = result_files.provenance("experiments.shallow_again", argv)
-    workdir, outdir = run.prepare(cfg, args, "shallow_again")
+@experiment("shallow_again", data=vision.splits)
+def main(run: Run, data) -> Report:
+    cfg, (train_ds, val, test), workdir = run.cfg, data, run.workdir
     n_sub = min(cfg.eval.train_subset or len(train_ds), len(train_ds))
     train_sub = train_ds.subset(np.arange(n_sub), "train")
-    print(f"data {cfg.data.name}: train {len(train_ds)} / val {len(val)} / test {len(test)}; devices: "
-          f"{jax.device_count()} x {jax.devices()[0].device_kind}")
+    print(vision.describe(cfg, data))
     variants = list(cfg.parallel) + ([CONTROL] if cfg.single_block_control else [])
     rows, logs = [], []
     for seed in cfg.seeds:
@@ -207,18 +200,20 @@ def main(argv=None):
     keys = ["train_loss", "val_loss", "val_acc", "test_acc", "train_steps_per_s", *timing_keys]
     summary = summarize(rows, keys)
     diffs = paired_differences(rows, cfg.model.depth)
+    return report(run, data, n_sub, rows, logs, timing, summary, diffs)
+
+
+def report(run, data, n_sub, rows, logs, timing, summary, diffs) -> Report:
+    cfg, (train_ds, val, test) = run.cfg, data
     d_val = np.asarray([d["d_val_loss"] for d in diffs])
     d_train = np.asarray([d["d_train_loss"] for d in diffs])
-    if jax.process_index() != 0:
-        return
-    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
-    plot(rows, stage.dir / "shallow_again.png",
-         f"sequential vs parallel blocks on {cfg.data.name} (every seed a dot)")
-    (stage.dir / "train_logs.jsonl").write_text("\n".join(logs) + "\n")
+    files = {"shallow_again.png": lambda path: plot(
+                 rows, path, f"sequential vs parallel blocks on {cfg.data.name} (every seed a dot)"),
+             "train_logs.jsonl": lambda path: path.write_text("\n".join(logs) + "\n")}
     m = cfg.model
     md = "\n\n".join([
         f"# Make Deep Networks Shallow Again at small scale on {cfg.data.name}",
-        prov.markdown() + "  \n"
+        run.prov.markdown() + "  \n"
         f"Data: {cfg.data.name}: train {len(train_ds)} / val {len(val)} (carved from train) / test {len(test)}; "
         f"training loss measured after training on the first {n_sub} training examples.  \n"
         f"Scale: ViT patch {m.patch_size}, width {m.d_model}, {m.num_heads} heads, MLP {m.mlp_dim}, {m.depth} pre-LN "
@@ -232,26 +227,22 @@ def main(argv=None):
         "transformer blocks instead of conv layers, one small grid (variants x seeds), so only the shape is "
         "comparable.",
         "## Per variant (mean ± std over seeds; every seed is in the json and the plot)",
-        report.markdown_table(summary, list(summary[0])),
+        report_lib.markdown_table(summary, list(summary[0])),
         "## Paired differences against the sequential stack (same seed, same init, same batches)\n"
         + (f"Over {len(diffs)} pairs: mean (variant - sequential) validation loss {d_val.mean():+.4f} "
            f"(range {d_val.min():+.4f} .. {d_val.max():+.4f}); training loss {d_train.mean():+.4f} "
            f"(range {d_train.min():+.4f} .. {d_train.max():+.4f})." if len(diffs) else "no pairs"),
-        report.markdown_table(diffs, list(diffs[0])) if diffs else "",
+        report_lib.markdown_table(diffs, list(diffs[0])) if diffs else "",
         f"## Inference wall-clock, interleaved rounds (seed {cfg.seeds[0]}'s weights)\n"
         f"{cfg.eval.timing_iters} rounds, each calling every variant once (engine static prefix program over its "
         "groups, jit, after warm-up); min and median per variant. On a shared, loaded CPU the minimum is the more "
         "stable number; the per-run b*_ms columns above were timed one variant at a time and are noisier.",
-        report.markdown_table(timing, list(timing[0]), floatfmt=".3f"),
-        "## Every run", report.markdown_table(rows, list(rows[0]), floatfmt=".4g"),
+        report_lib.markdown_table(timing, list(timing[0]), floatfmt=".3f"),
+        "## Every run", report_lib.markdown_table(rows, list(rows[0]), floatfmt=".4g"),
         "Plot: `shallow_again.png` (training loss, validation loss and test accuracy per variant, one dot per seed); "
         "training logs: `train_logs.jsonl`."])
-    files = stage.write_results("shallow_again", md, {
-        "provenance": prov._asdict(), "config": cfg.to_dict(), "runs": rows, "summary": summary,
-        "paired_differences": diffs, "timing_interleaved": timing, "model": dataclasses.asdict(model_config(cfg, cfg.model.depth))})
-    stage.commit()
-    print(md)
-    print(f"wrote {files.md_path}, {files.json_path} and plots to {outdir}")
+    return Report(md, {"runs": rows, "summary": summary, "paired_differences": diffs, "timing_interleaved": timing,
+                       "model": dataclasses.asdict(model_config(cfg, cfg.model.depth))}, files)
 
 
 if __name__ == "__main__":

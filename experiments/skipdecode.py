@@ -10,28 +10,23 @@ the decode loop (teacher forced) and token agreement with the full model's greed
 """
 from __future__ import annotations
 
-
 import jax.numpy as jnp
 
 from eejax.decoding import per_token, skipdecode
-from experiments import _lm_common as recipe
-from eejax.harness import run
-from eejax.eval import report
-from eejax.harness import results as result_files
+from eejax.eval import report as report_lib
 from eejax.models import lm as lm_lib
+from experiments import _common_lm as recipe
+from experiments._common import Report, Run, experiment
 
 NAME = "skipdecode"
 
 
-@run.cli
-def main(argv=None):
-    cfg, args, prov, workdir, outdir, model_dir, corpus = recipe.setup(argv, NAME, __doc__)
-
-    graphdef, params, mcfg, train_s = recipe.train_base(cfg, corpus, model_dir)
-    if cfg.model_workdir:   # a base model shared with another run (per_token_exit's): name what was read
-        result_files.record_input(prov, model_dir / "base" / "ckpt", "base model (config.model_workdir)")
+@experiment(NAME, data=recipe.corpus)
+def main(run: Run, corpus) -> Report:
+    cfg, workdir = run.cfg, run.workdir
+    graphdef, params, mcfg, train_s = recipe.shared_base(run, corpus, producer=False)
     clf = lm_lib.init_classifier(mcfg)   # unused by max_softmax
-    e, n, sd = cfg.eval, mcfg.depth, cfg.skipdecode
+    e = cfg.eval
     calib = recipe.eval_windows(corpus.eval_ids, e.batch, e.prompt_len, e.new_tokens, 0, e.calib_batches)
     test = recipe.eval_windows(corpus.eval_ids, e.batch, e.prompt_len, e.new_tokens, e.calib_batches,
                                e.eval_batches)
@@ -39,10 +34,23 @@ def main(argv=None):
     prompt0 = test.prompts[0]
     full = recipe.evaluate(dec, recipe.full_policy, params, None, test, None)
     full_tps = recipe.tokens_per_second(dec, recipe.full_policy, params, None, prompt0, e.timing_iters)
-    ref = full["tokens"]
+    rows, raw, schedules = sweep(cfg, corpus, graphdef, params, mcfg, clf, dec, calib, test, full, full_tps, workdir)
+
+    # The full model is timed again at the end; the faster of the two runs is the baseline (the machine is shared).
+    full_tps = max(full_tps, recipe.tokens_per_second(dec, recipe.full_policy, params, None, prompt0,
+                                                      e.timing_iters))
+    rows[0]["tok_s"] = full_tps
+    for r in rows:
+        r["wall_speedup"] = r["tok_s"] / full_tps
+
+    return report(run, corpus, test, train_s, rows, raw, schedules)
+
+
+def sweep(cfg, corpus, graphdef, params, mcfg, clf, dec, calib, test, full, full_tps, workdir):
+    """Per target speed-up: SkipDecode with the base and the fine-tuned model, static truncation, per-token exit."""
+    e, n, sd, prompt0, ref = cfg.eval, mcfg.depth, cfg.skipdecode, test.prompts[0], full["tokens"]
     skip = recipe.skip_policy(sd.keep_bottom)
     exit_step = recipe.exit_policy(e.exit_measure)
-
     rows = [{"target": "1x", "method": "full model", "avg_layers": float(n), "speedup_layers": 1.0,
              "val_nll": full["nll"], "val_ppl": full["ppl"], "agreement": 1.0, "prefix": float(e.new_tokens),
              "tok_s": full_tps, "wall_speedup": 1.0, "detail": ""}]
@@ -77,25 +85,30 @@ def main(argv=None):
         add(target, f"per-token exit ({e.exit_measure})", exit_step, params, (jnp.float32(thr), clf),
             f"threshold {thr:g} (calibration: {calib_layers:.2f} layers)")
 
+    return rows, raw, schedules
+
+
+def paired_differences(cfg, raw) -> list[dict]:
+    """At each target: fine-tuned SkipDecode and per-token exit against static truncation, and fine-tuned against
+    plain SkipDecode, on the same windows (``recipe.paired_quality``)."""
     paired = []
-    for s in sd.speedups:
+    for s in cfg.skipdecode.speedups:
         t = f"{s:g}x"
-        ft, st, pt = (f"{t}|SkipDecode (fine-tuned)", f"{t}|static truncated", f"{t}|per-token exit ({e.exit_measure})")
+        ft, st = f"{t}|SkipDecode (fine-tuned)", f"{t}|static truncated"
+        pt = f"{t}|per-token exit ({cfg.eval.exit_measure})"
         for a, b in ((ft, st), (pt, st), (ft, f"{t}|SkipDecode (no fine-tuning)")):
             paired.append({"target": t} | recipe.paired_quality(raw[a], raw[b], a.split("|")[1], b.split("|")[1],
                                                                 cfg.seed))
+    return paired
 
-    # The full model is timed again at the end; the faster of the two runs is the baseline (the machine is shared).
-    full_tps = max(full_tps, recipe.tokens_per_second(dec, recipe.full_policy, params, None, prompt0,
-                                                      e.timing_iters))
-    rows[0]["tok_s"] = full_tps
-    for r in rows:
-        r["wall_speedup"] = r["tok_s"] / full_tps
 
+def report(run, corpus, test, train_s, rows, raw, schedules) -> Report:
+    cfg, e = run.cfg, run.cfg.eval
+    paired = paired_differences(cfg, raw)
     m = cfg.model
     md = "\n\n".join([
         "# SkipDecode vs static truncation vs per-token exit",
-        prov.markdown() + f"  \nData: {corpus.description}; "
+        run.prov.markdown() + f"  \nData: {corpus.description}; "
         f"reported on {len(test.prompts)} batches of {e.batch} validation windows ({e.prompt_len} prompt + "
         f"{e.new_tokens} generated tokens); thresholds fitted on the {e.calib_batches} batches before them.  \n"
         f"Scale: decoder LM, {m.depth} layers, width {m.d_model}, {m.num_heads} query / {m.num_kv_heads} KV heads, "
@@ -112,19 +125,15 @@ def main(argv=None):
         "greedy tokens equal to the full model's; prefix: mean identical prefix length. tok_s: measured "
         f"tokens/s of free-running generation at batch {e.batch} (compile excluded, best of {e.timing_iters}); "
         "wall_speedup = tok_s / full model tok_s (the full model's best of two timings, at the start and the end).",
-        report.markdown_table(rows, list(rows[0].keys()), ".3f"),
+        report_lib.markdown_table(rows, list(rows[0].keys()), ".3f"),
         "## Paired differences at each target (same validation windows)\n"
         "a minus b: validation NLL (lower is better) and greedy agreement, each with its paired bootstrap 95% "
         f"interval over the {len(raw['full']['nll_W'])} windows (`eejax.eval.bootstrap.paired_bootstrap`); an "
         "interval holding 0 reads \"no difference at this scale\". wall_speedup above is measured (CPU, batch "
         f"{e.batch}, shared machine); speedup_layers is the layer-count cost model (layers per token only).",
-        report.markdown_table(paired, list(paired[0]), ".3f")])
-    files = result_files.write_results(outdir, NAME, md, {
-        "provenance": prov._asdict(), "data": corpus.description, "config": cfg.to_dict(),
-        "train_seconds": train_s, "schedules": schedules, "rows": rows, "paired_differences": paired,
-        "raw": raw}, overwrite=args.overwrite)
-    print(md)
-    print(f"wrote {files.md_path} and {files.json_path}")
+        report_lib.markdown_table(paired, list(paired[0]), ".3f")])
+    return Report(md, {"data": corpus.description, "train_seconds": train_s, "schedules": schedules, "rows": rows,
+                       "paired_differences": paired, "raw": raw})
 
 
 if __name__ == "__main__":

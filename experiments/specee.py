@@ -3,8 +3,8 @@ features, then per-token early-exit decoding of held-out prompts with the SpecEE
 
     python -m experiments.specee --config configs/specee.py:smoke [--outdir DIR]
 
-See configs/specee.py for the runbook. The draft head is a Kangaroo drafter (experiments/kangaroo.py), standing in
-for the paper's EAGLE head.
+See configs/specee.py for the runbook. The draft head is a Kangaroo drafter (trained as experiments/kangaroo.py trains
+its adapters, or read from a Kangaroo run), standing in for the paper's EAGLE head.
 """
 from __future__ import annotations
 
@@ -18,20 +18,21 @@ import numpy as np
 import optax
 from flax import nnx
 
-from eejax.harness import config as config_lib
-from eejax.harness import run
 from eejax.decoding import kangaroo as kg
 from eejax.decoding import specee
-from eejax.eval import report
+from eejax.errors import ConfigError
+from eejax.eval import report as report_lib
 from eejax.exits import costs, engine
 from eejax.harness import results as result_files
 from eejax.models import lm as lm_lib
-from experiments import kangaroo as kexp
+from eejax.train import ArrayIterator, Trainer, one_device_mesh, read_metrics
+from experiments import _common_smollm2 as common
+from experiments._common import Report, Run, experiment
 
 NAME = "specee"
 
 
-def drafter(model: kexp.Model, cfg, args, workdir: pathlib.Path, prov=None) -> tuple[dict, str]:
+def drafter(model: common.LM, cfg, args, workdir: pathlib.Path, prov=None) -> tuple[dict, str]:
     """The Kangaroo adapter at ``drafter.exit_layer``: from a finished Kangaroo run, else trained here. A drafter
     read from a file (another run's, or an earlier run of this workdir) is recorded in ``prov.inputs`` with its
     sha256 and its producer's commit and step (``result_files.record_input``)."""
@@ -46,17 +47,18 @@ def drafter(model: kexp.Model, cfg, args, workdir: pathlib.Path, prov=None) -> t
                 art = result_files.record_input(prov, path, "drafter (Kangaroo adapter)")
                 src += (f" (sha256 {art.sha256[:16]}, produced at commit {art.producer_commit}, "
                         f"step {art.producer_step})")
-            return kexp.load_tree(path, like), src
+            return common.load_tree(path, like), src
     dc = cfg.data
     feats = {}
     for split, num in (("train", dc.train_windows), ("validation", dc.val_windows)):
-        feats[split] = kexp.cache_features(model, kexp.windows(args.data_dir, model.tokenizer, split, num, dc.context),
-                                           (d.exit_layer,), d.topk, dc.cache_batch,
-                                           workdir / f"drafter_cache_{split}.npz")
+        feats[split] = common.cache_draft_features(
+            model, common.gutenberg_windows(args.data_dir, model.tokenizer, split, num, dc.context), (d.exit_layer,),
+            d.topk, dc.cache_batch, workdir / f"drafter_cache_{split}.npz")
     tcfg = types.SimpleNamespace(steps=d.steps, batch=min(d.batch, dc.train_windows), lr=d.lr,
                                  log_every=max(d.steps // 4, 1))
-    adapter, _ = kexp.train_adapter(model, 0, d.exit_layer, feats["train"], feats["validation"], tcfg, cfg.seed)
-    kexp.save_tree(workdir / f"adapter_l{d.exit_layer}.npz", adapter)
+    adapter, _ = common.train_adapter(model, 0, d.exit_layer, feats["train"], feats["validation"], tcfg, cfg.seed,
+                                      workdir / "drafter")
+    common.save_tree(workdir / f"adapter_l{d.exit_layer}.npz", adapter)
     if prov is not None:
         result_files.write_artefact_record(workdir / f"adapter_l{d.exit_layer}.npz", prov, step=d.steps)
     return adapter, f"Kangaroo adapter trained here ({d.steps} steps on {dc.train_windows} windows)"
@@ -119,30 +121,26 @@ def schedule_features(f: dict, schedule) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(feats), labels.astype(np.float32)
 
 
-def train_predictors(feats_SxMxF, labels_SxM, pcfg, seed: int) -> tuple[specee.Predictors, list]:
-    """BCE per scheduled layer (all layers' MLPs trained jointly, full batch, Adam)."""
-    s_count, _, f_dim = feats_SxMxF.shape
+def train_predictors(feats_SxMxF, labels_SxM, pcfg, seed: int, workdir) -> tuple[specee.Predictors, list]:
+    """BCE per scheduled layer (all layers' MLPs trained jointly, full batch, Adam), resumable in ``workdir``; the
+    log holds the loss at every quarter of the steps and the last."""
+    s_count, m_count, f_dim = feats_SxMxF.shape
     pred = specee.init_predictors(jax.random.key(seed), s_count, f_dim // 3, pcfg.hidden)
-    opt = optax.adam(pcfg.lr)
-    state = opt.init(pred)
-    x, y = jnp.asarray(feats_SxMxF), jnp.asarray(labels_SxM)
 
-    def loss_fn(p):
+    def loss_fn(p, batch, ctx):
+        del ctx
+        x, y = jnp.swapaxes(batch["x_MxSxF"], 0, 1), jnp.swapaxes(batch["y_MxS"], 0, 1)
         logit = jax.vmap(lambda s, xs: specee.logit(p, s, xs))(jnp.arange(s_count), x)
-        return jnp.mean(optax.sigmoid_binary_cross_entropy(logit, y))
+        return jnp.mean(optax.sigmoid_binary_cross_entropy(logit, y)), {}
 
-    @jax.jit
-    def step(p, st):
-        loss, g = jax.value_and_grad(loss_fn)(p)
-        upd, st = opt.update(g, st, p)
-        return optax.apply_updates(p, upd), st, loss
-
-    log = []
-    for i in range(pcfg.steps):
-        pred, state, loss = step(pred, state)
-        if i % max(pcfg.steps // 4, 1) == 0 or i == pcfg.steps - 1:
-            log.append({"step": i + 1, "bce": float(loss)})
-    return pred, log
+    # The trainer's batch axis leads: the tokens (M), every one of them each step.
+    batches = ArrayIterator({"x_MxSxF": np.swapaxes(feats_SxMxF, 0, 1), "y_MxS": np.swapaxes(labels_SxM, 0, 1)},
+                            m_count, draw="all")
+    with Trainer(loss_fn, pred, optax.adam(pcfg.lr), workdir=workdir, seed=seed, mesh=one_device_mesh(),
+                 log_every=max(pcfg.steps // 4, 1), ckpt_every=max(pcfg.steps, 1)) as tr:
+        pred = tr.fit(batches, pcfg.steps, desc="predictors").params
+    log = {r["step"]: {"step": r["step"], "bce": r["loss"]} for r in read_metrics(workdir)}
+    return pred, list(log.values())
 
 
 def simulate(pred, feats_SxMxF, f: dict, schedule, threshold: float) -> dict:
@@ -171,24 +169,20 @@ def decode_run(model, adapter, pred, prompt_BxP, cfg, schedule):
     dc, d = cfg.decode, cfg.drafter
     lengths = jnp.full((prompt_BxP.shape[0],), prompt_BxP.shape[1], jnp.int32)
     f = specee.decode_fn(model.graphdef, dc.new_tokens, exit_layer=d.exit_layer, schedule=tuple(schedule), k=d.k)
-    return kexp.timed(f, model.params, adapter, pred, jnp.asarray(prompt_BxP), lengths)
+    return common.timed(f, model.params, adapter, pred, jnp.asarray(prompt_BxP), lengths)
 
 
-@run.cli
-def main(argv=None):
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = result_files.provenance(f"experiments.{NAME}", argv)
-    workdir, outdir = run.prepare(cfg, args, NAME)
-    print(f"device: {prov.device}")
-    t0 = time.perf_counter()
-    model = kexp.load_model(cfg)
-    n, d, dc = model.cfg.depth, cfg.drafter, cfg.decode
+@experiment(NAME)
+def main(run: Run) -> Report:
+    cfg, args, workdir = run.cfg, run.args, run.workdir
+    model = common.model_of(run)
+    n, d = model.cfg.depth, cfg.drafter
     if not 1 <= d.exit_layer < n - 1:
-        raise config_lib.ConfigError(f"drafter.exit_layer {d.exit_layer} must lie in [1, {n - 1})")
-    adapter, drafter_src = drafter(model, cfg, args, workdir, prov=prov)
+        raise ConfigError(f"drafter.exit_layer {d.exit_layer} must lie in [1, {n - 1})")
+    adapter, drafter_src = drafter(model, cfg, args, workdir, prov=run.prov)
     print(drafter_src)
-    feats = {split: offline_features(model, adapter, kexp.windows(args.data_dir, model.tokenizer, split, num,
-                                                                  cfg.data.context), cfg,
+    feats = {split: offline_features(model, adapter, common.gutenberg_windows(args.data_dir, model.tokenizer, split,
+                                                                              num, cfg.data.context), cfg,
                                      workdir / f"features_{split}.npz")
              for split, num in (("train", cfg.data.train_windows), ("validation", cfg.data.val_windows))}
     hist_train = np.bincount(first_exitable(feats["train"]), minlength=n)
@@ -196,19 +190,32 @@ def main(argv=None):
     schedules = {"all": list(range(n - 1)), "static": static}
     print(f"offline first-exitable histogram (train): {hist_train.tolist()}; static schedule {static}")
 
+    preds, offline, train_logs = fit_schedules(cfg, feats, schedules, workdir)
+    rows, hists = decode(cfg, args, model, adapter, preds, offline, schedules)
+    return report(run, model, drafter_src, hist_train, static, schedules, offline, train_logs, rows, hists)
+
+
+def fit_schedules(cfg, feats, schedules, workdir):
+    """Per schedule: the predictors trained on the train features, checked offline on the validation book."""
     preds, offline, train_logs = {}, {}, {}
     for name, sched in schedules.items():
         x, y = schedule_features(feats["train"], sched)
-        preds[name], train_logs[name] = train_predictors(x, y, cfg.predictor, cfg.seed)
+        preds[name], train_logs[name] = train_predictors(x, y, cfg.predictor, cfg.seed, workdir / f"predictors-{name}")
         xv, _ = schedule_features(feats["validation"], sched)
         offline[name] = simulate(preds[name], xv, feats["validation"], sched, cfg.predictor.threshold)
         print(f"offline (validation book) {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in offline[name].items()
                                                                  if isinstance(v, float)))
 
-    test_p = kexp.prompts(args.data_dir, model.tokenizer, "test", dc.test_prompts, dc.prompt_len)
+    return preds, offline, train_logs
+
+
+def decode(cfg, args, model, adapter, preds, offline, schedules):
+    """Per-token early-exit decoding of the held-out prompts (batch and batch 1), against plain greedy."""
+    n, d, dc = model.cfg.depth, cfg.drafter, cfg.decode
+    test_p = common.wikitext_prompts(args.data_dir, model.tokenizer, "test", dc.test_prompts, dc.prompt_len)
     b = len(test_p)
-    ref, greedy_s, _ = kexp.greedy(model, test_p, dc.new_tokens)
-    ref1_s = sum(kexp.greedy(model, test_p[i:i + 1], dc.new_tokens)[1] for i in range(dc.latency_prompts))
+    ref, greedy_s, _ = common.greedy_decode(model, test_p, dc.new_tokens)
+    ref1_s = sum(common.greedy_decode(model, test_p[i:i + 1], dc.new_tokens)[1] for i in range(dc.latency_prompts))
     print(f"full depth: batch {b} {greedy_s:.2f} s; batch 1 x {dc.latency_prompts} prompts {ref1_s:.2f} s")
     rows = [{"method": "full depth (plain greedy)", "schedule": "", "predictors": 0, "agreement": 1.0,
              "rows_identical": 1.0, "mean_layers": float(n), "batch_layers": float(n), "preds_per_token": 0.0,
@@ -241,44 +248,43 @@ def main(argv=None):
         hists[f"{method} {name}"] = np.bincount(exits.reshape(-1), minlength=n).tolist()
         print(f"{method} {name}: agreement {rows[-1]['agreement']:.3f}, layers {mean_layers:.2f}, wall "
               f"x{rows[-1]['wall_speedup']:.2f}, cost x{rows[-1]['cost_speedup']:.2f}")
-    if jax.process_index() != 0:
-        return
+    return rows, hists
+
+
+def report(run, model, drafter_src, hist_train, static, schedules, offline, train_logs, rows, hists) -> Report:
+    cfg, d, dc = run.cfg, run.cfg.drafter, run.cfg.decode
+    b = dc.test_prompts
     c = kg.layer_params(model.cfg)
     pred_params = d.k * model.cfg.d_model + 3 * d.k * cfg.predictor.hidden + 2 * cfg.predictor.hidden + 1
     md = "\n\n".join([
         f"# SpecEE (arXiv:2504.08850) on {cfg.model.name}",
-        prov.markdown() + "  \n"
+        run.prov.markdown() + "  \n"
         f"Model: {model.description}.  \nDraft head: {drafter_src}; Kangaroo drafter with l = {d.exit_layer} "
         f"(the paper's EAGLE head stand-in), top-{d.k} candidates.  \n"
         f"Offline features: {cfg.data.train_windows} x {cfg.data.context} Gutenberg train tokens (predictor "
         f"training), {cfg.data.val_windows} x {cfg.data.context} tokens of the validation book (offline check).  \n"
         f"Decoding: {b} WikiText-2 test prompts of {dc.prompt_len} tokens, {dc.new_tokens} new tokens; batch {b} and "
         f"batch 1 on the first {dc.latency_prompts} prompts. K/V of exited tokens: state propagation (CALM). "
-        f"Total wall-clock {(time.perf_counter() - t0) / 60:.1f} min.  \n"
+        f"Total wall-clock {run.seconds() / 60:.1f} min.  \n"
         f"Predictor: {pred_params:,} parameters read per evaluation (k head rows + MLP) vs {c['layer']:,} per layer "
         f"and {c['head']:,} for the full head.",
         f"## Offline exit histogram (train; first layer from which the argmax is final and a candidate)\n\n"
         f"{hist_train.tolist()}  \nstatic schedule: {static}",
         "## Offline check (validation book, teacher-forced)",
-        report.markdown_table([{"schedule": k, **{kk: vv for kk, vv in v.items() if isinstance(vv, float)}}
+        report_lib.markdown_table([{"schedule": k, **{kk: vv for kk, vv in v.items() if isinstance(vv, float)}}
                                for k, v in offline.items()],
                               ["schedule", "agreement", "mean_layers", "full_head_per_token",
                                "predictor_evals_per_token"], ".3f"),
         "## Decoding (test prompts)",
-        report.markdown_table(rows, ["method", "schedule", "predictors", "agreement", "rows_identical",
+        report_lib.markdown_table(rows, ["method", "schedule", "predictors", "agreement", "rows_identical",
                                      "mean_layers", "batch_layers", "preds_per_token", "seconds", "wall_speedup",
                                      "b1_seconds", "b1_wall_speedup", "cost_speedup"], ".3f"),
         "## Exit-layer histograms (test, generated tokens)",
         "\n".join(f"- {k}: {v}" for k, v in hists.items()),
     ])
-    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
-    stage.write_results(NAME, md, {"rows": rows, "offline": offline, "exit_hist_test": hists,
-                                   "hist_train": hist_train.tolist(), "schedules": schedules,
-                                   "predictor_logs": train_logs, "drafter": drafter_src,
-                                   "provenance": prov._asdict(), "config": cfg.to_dict(),
-                                   "total_seconds": time.perf_counter() - t0})
-    for f in stage.commit():
-        print(f"wrote {f}")
+    return Report(md, {"rows": rows, "offline": offline, "exit_hist_test": hists, "hist_train": hist_train.tolist(),
+                       "schedules": schedules, "predictor_logs": train_logs, "drafter": drafter_src,
+                       "total_seconds": run.seconds()})
 
 
 if __name__ == "__main__":

@@ -11,12 +11,11 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from eejax.harness import run
 from eejax.decoding import layer_skip as ls
 from eejax.decoding import skipdecode
-from eejax.eval import report
-from eejax.harness import results as result_files
-from experiments import _layer_skip_common as common
+from eejax.eval import report as report_lib
+from experiments import _common_smollm2 as common
+from experiments._common import Report, Run, experiment
 
 NAME = "uls"
 FAMILIES = ("ULS", "early exit", "SkipDecode")
@@ -73,9 +72,9 @@ def plot(rows, path, n, batches):
     plt.close(fig)
 
 
-@run.cli
-def main(argv=None):
-    su = common.setup(argv, NAME, __doc__)
+@experiment(NAME)
+def main(run: Run) -> Report:
+    su = common.setup(run)
     cfg, e, n = su.cfg, su.cfg.eval, su.mcfg.depth
     data = common.wikitext_eval(cfg, su.args, su.tokenizer)
     runner = common.Runner(su.graphdef, e.prompt_len, e.new_tokens)
@@ -97,8 +96,12 @@ def main(argv=None):
         rows.append(row)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
-    stage = result_files.StagedResults(su.outdir, overwrite=su.args.overwrite)
-    plot(rows, stage.dir / "uls_quality_vs_layers.png", n, cfg.timing.batches)
+    return report(su, data, methods, rows, agree, eval_s)
+
+
+def report(su, data, methods, rows, agree, eval_s) -> Report:
+    cfg, e, n = su.cfg, su.cfg.eval, su.mcfg.depth
+    files = {"uls_quality_vs_layers.png": lambda path: plot(rows, path, n, cfg.timing.batches)}
     cols = [k for k in rows[0] if k != "detail"] + ["detail"]
     b = cfg.timing.batches
     best = {}
@@ -123,21 +126,17 @@ def main(argv=None):
         f"excluded, best of {cfg.timing.rounds} interleaved rounds); b{{B}}_speedup: against plain greedy decoding "
         f"(`per_token.full_depth_step`) at the same batch. Early exit uses the model's final norm and head after "
         "its last kept layer: the model has no trained exit norms or heads.",
-        report.markdown_table(rows, cols, ".3f"),
+        report_lib.markdown_table(rows, cols, ".3f"),
         "Lowest perplexity at each target: " + ", ".join(f"{k}: {v}" for k, v in best.items()) + ".",
         f"Plot: `uls_quality_vs_layers.png` (perplexity and agreement vs mean layers; measured speed-up vs target at "
         f"batch {b[0]} and {b[-1]}).",
     ])
-    files = stage.write_results(NAME, md, {
-        "provenance": su.prov._asdict(), "config": cfg.to_dict(), "data": data.description,
-        "load_seconds": su.load_s, "eval_seconds": eval_s, "rows": rows,
+    return Report(md, {
+        "data": data.description, "load_seconds": su.load_s, "eval_seconds": eval_s, "rows": rows,
         "skip_sets": {m.name: m.detail for m in methods},
         "uls_keep": {f"{r:g}": ls.uls_layers(n, r, keep_first=cfg.uls.keep_first,
                                             keep_last=cfg.uls.keep_last).tolist() for r in cfg.uls.speedups},
-        "greedy_tokens": {m.name: agree[m.name]["tokens"].tolist() for m in methods[:1]}})
-    stage.commit()
-    print(md)
-    print(f"wrote {files.md_path} and {files.json_path}")
+        "greedy_tokens": {m.name: agree[m.name]["tokens"].tolist() for m in methods[:1]}}, files)
 
 
 if __name__ == "__main__":

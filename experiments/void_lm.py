@@ -10,21 +10,21 @@ protocol, the causal question and the scale.
 from __future__ import annotations
 
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax.harness import config as config_lib
-from eejax.harness import run
 from eejax.decoding import kv as kv_lib
+from eejax.decoding import per_token
 from eejax.decoding import void
-from eejax.eval import report
-from eejax.harness import results as result_files
+from eejax.eval import report as report_lib
 from eejax.exits import engine
 from eejax.models import lm as lm_lib
-from experiments import _lm_skip_common as common
+from experiments import _common_smollm2 as common
+from experiments._common import Report, Run, experiment
 
 NAME = "void_lm"
 
@@ -48,19 +48,14 @@ def norms_of(stack):
     return jnp.linalg.norm(stack.astype(jnp.float32), axis=-1)
 
 
-@run.cli
-def main(argv=None):
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    prov = result_files.provenance(f"experiments.{NAME}", argv)
-    _, outdir = run.prepare(cfg, args, NAME)
-    t_start = time.perf_counter()
-    s = common.load_model(cfg.model.name, cfg.model.depth)
-    n = s.cfg.depth
-    last_exit = s.cfg.num_exits - 1
-    lac, ev, dec = cfg.lac, cfg.ppl, cfg.decode
-    alphas = [float(a) for a in lac.alphas]
-    print(f"device: {prov.device}; model {cfg.model.name}: {n} layers, loaded in {s.load_s:.0f} s", flush=True)
+class Passes(NamedTuple):
+    """The jitted teacher-forced passes of the LAC rule over the model."""
+    official: Any   # (params, x_BxT, y_BxT, alphas_A) -> (full nll_B, nll_AxB, voids_AxN)
+    carry: Any      # (params, x_BxT, y_BxT, alpha) -> (nll_B, voids_N)
+    norms: Any      # (params, x_BxT) -> the hidden-state norms of every layer
 
+
+def passes(s, last_exit) -> Passes:
     @jax.jit
     def official_fn(params, x_BxT, y_BxT, alphas_A):
         """Official LAC (run-and-discard, the full model's stream): NLL per alpha and window, void counts per layer,
@@ -88,9 +83,31 @@ def main(argv=None):
     def norms_fn(params, x_BxT):
         return norms_of(hidden_stack(nnx.merge(s.graphdef, params), x_BxT))
 
-    # 1. Perplexity on test (every token processed as in prompt processing: one causal pass).
+    return Passes(official_fn, carry_fn, norms_fn)
+
+
+@experiment(NAME)
+def main(run: Run) -> Report:
+    cfg, args = run.cfg, run.args
+    s = common.load_lm(cfg.model.name, depth=cfg.model.depth)
+    n = s.cfg.depth
+    lac = cfg.lac
+    alphas = [float(a) for a in lac.alphas]
+    print(f"device: {run.prov.device}; model {cfg.model.name}: {n} layers, loaded in {s.load_seconds:.0f} s",
+          flush=True)
+    fns = passes(s, s.cfg.num_exits - 1)
+    rows, layer_void_test, full_ppl, tokens = perplexities(cfg, args, s, fns, alphas)
+    pp_rg = pp_and_rg(cfg, args, s, fns, alphas)
+    drows, pp_void_NxB = generating(cfg, s, pp_rg)
+    return report(run, s, alphas, rows, layer_void_test, full_ppl, tokens, pp_rg, drows, pp_void_NxB)
+
+
+def perplexities(cfg, args, s, fns, alphas):
+    """Perplexity on test (every token processed as in prompt processing: one causal pass)."""
+    n, lac, ev = s.cfg.depth, cfg.lac, cfg.ppl
+    official_fn, carry_fn = fns.official, fns.carry
     test = common.wikitext_ids(args.data_dir, s.tokenizer, "test", ev.max_tokens)
-    wins = common.windows(test, ev.context, ev.batch)
+    wins = common.nll_windows(test, ev.context, ev.batch)
     start = time.perf_counter()
     full_nll, nll_A, void_AxN = 0.0, np.zeros(len(alphas)), np.zeros((len(alphas), n))
     for x, y in wins:
@@ -126,11 +143,26 @@ def main(argv=None):
         rows.append({"mode": f"full model (first {carry_tokens} tokens)", "alpha": None, "layers_active": 1.0,
                      "layers_computed": 1.0, "token_ppl": float(np.exp(nll / carry_tokens))})
 
-    # 2. Fixed prompts: the full model's greedy continuation; void maps in PP (prompt tokens) and RG (the tokens
-    # fed while generating), from the full model's states (official LAC leaves the stream as it is, so the maps of
-    # a teacher-forced pass equal the ones measured while decoding: tests/test_ffn_skip_void.py).
+    return rows, layer_void_test, full_ppl, tokens
+
+
+class PpRg(NamedTuple):
+    prompt_BxP: Any
+    ref: np.ndarray
+    nrm: Any
+    maps: dict
+    focus: float
+    vd_focus: np.ndarray
+    pp_rg_rows: list
+
+
+def pp_and_rg(cfg, args, s, fns, alphas) -> PpRg:
+    """Fixed prompts: the full model's greedy continuation; void maps in PP (prompt tokens) and RG (the tokens fed
+    while generating), from the full model's states (official LAC leaves the stream as it is, so the maps of a
+    teacher-forced pass equal the ones measured while decoding: tests/test_ffn_skip_void.py)."""
+    lac, dec, norms_fn = cfg.lac, cfg.decode, fns.norms
     val = common.wikitext_ids(args.data_dir, s.tokenizer, "validation", max(4 * dec.prompt_len * dec.prompts, 2048))
-    prompt_BxP = jnp.asarray(common.prompts(val, dec.prompts, dec.prompt_len))
+    prompt_BxP = jnp.asarray(common.spaced_prompts(val, dec.prompts, dec.prompt_len))
     full_gen = common.generator(s.graphdef, common.full_step, dec.new_tokens)
     ref = np.asarray(full_gen(s.params, prompt_BxP).tokens_BxG)
     seq = jnp.concatenate([prompt_BxP, jnp.asarray(ref[:, :-1])], axis=1)
@@ -148,6 +180,13 @@ def main(argv=None):
                   for a in alphas]
     print(pp_rg_rows, flush=True)
 
+    return PpRg(prompt_BxP, ref, nrm, maps, focus, vd_focus, pp_rg_rows)
+
+
+def generating(cfg, s, pp_rg):
+    """LAC while generating, and the causal PP-pattern skip."""
+    n, dec, p = s.cfg.depth, cfg.decode, cfg.decode.prompt_len
+    prompt_BxP, ref, nrm = pp_rg.prompt_BxP, pp_rg.ref, pp_rg.nrm
     # 3. LAC while generating (official: the head reads the last activated layer's output; RG phase; token 0 from
     # the full prefill), and a causal variant that skips layers without running them: the layers void for at least
     # half of a row's prompt tokens (PP pattern, decided before generating) are skipped for all its generated
@@ -156,7 +195,7 @@ def main(argv=None):
 
     def pp_step(m, t, st, i, keep_NxB):
         out, st = kv_lib.forward(m, t[:, None], st, engine.row_skip(keep_NxB, [n - 1]), kv_lib.final_head(m))
-        return out.logits_BxC, common.per_token.StepStats(
+        return out.logits_BxC, per_token.StepStats(
             out.exit_layer_B, jnp.sum(keep_NxB, 0).astype(jnp.int32), out.score_B, out.layers_run,
             out.out.hidden_BxD), st
 
@@ -179,38 +218,45 @@ def main(argv=None):
                       "layers_computed": frac} | common.agreement(ref, np.asarray(gen.tokens_BxG)))
         print(drows[-1], flush=True)
 
-    # 4. Files.
-    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
+    return drows, pp_void_NxB
+
+
+def plots(rows, drows, maps, alphas, focus, vd_focus, full_ppl, n, p, folder):
     off = [r for r in rows if r["mode"].startswith("official")]
     car = [r for r in rows if r["mode"].startswith("carry")]
     curves = {"official (run-and-discard)": ([r["layers_active"] for r in off], [r["token_ppl"] for r in off])}
     if car:
         curves["carry (first windows)"] = ([r["layers_active"] for r in car], [r["token_ppl"] for r in car])
-    common.plot_xy(curves, stage.dir / "ppl_vs_layers_active.png", xlabel="fraction of layers activated (LAC)",
+    common.plot_xy(curves, folder / "ppl_vs_layers_active.png", xlabel="fraction of layers activated (LAC)",
                    ylabel="WikiText-2 token perplexity", title="LAC on SmolLM2-135M", hline=full_ppl)
     dcurves = {}
     for name in ("LAC official (RG)", "PP-pattern skip (causal)"):
         rr = [r for r in drows if r["decoder"] == name]
         dcurves[name] = ([r["layers_active"] for r in rr], [r["match"] for r in rr])
-    common.plot_xy(dcurves, stage.dir / "agreement_vs_layers_active.png", xlabel="fraction of layers activated",
+    common.plot_xy(dcurves, folder / "agreement_vs_layers_active.png", xlabel="fraction of layers activated",
                    ylabel="token match with full greedy", title="LAC while generating")
     common.plot_xy({"PP (prompt tokens)": (np.arange(n), maps[focus]["pp"]),
-                    "RG (generated tokens)": (np.arange(n), maps[focus]["rg"])}, stage.dir / "void_by_layer.png",
+                    "RG (generated tokens)": (np.arange(n), maps[focus]["rg"])}, folder / "void_by_layer.png",
                    xlabel="layer", ylabel="fraction of tokens for which the layer is a void",
                    title=f"voids per layer, alpha={focus}")
     common.plot_map(np.asarray([maps[a]["pp"] for a in alphas]), [f"PP a={a}" for a in alphas],
-                    stage.dir / "void_map_pp.png", title="void fraction per layer, prompt processing",
+                    folder / "void_map_pp.png", title="void fraction per layer, prompt processing",
                     cbar="void fraction")
     common.plot_map(np.asarray([maps[a]["rg"] for a in alphas]), [f"RG a={a}" for a in alphas],
-                    stage.dir / "void_map_rg.png", title="void fraction per layer, response generation",
+                    folder / "void_map_rg.png", title="void fraction per layer, response generation",
                     cbar="void fraction")
-    common.plot_map(vd_focus[:, 0, :].astype(float), list(range(n)), stage.dir / "void_map_prompt0.png",
+    common.plot_map(vd_focus[:, 0, :].astype(float), list(range(n)), folder / "void_map_prompt0.png",
                     title=f"prompt 0: voids (1) per layer and token, alpha={focus}; prompt | generated at {p}",
                     cbar="void", xlabel="token")
-    wall = time.perf_counter() - t_start
+
+
+def report(run, s, alphas, rows, layer_void_test, full_ppl, tokens, pp_rg, drows, pp_void_NxB) -> Report:
+    cfg, n, p, wall = run.cfg, s.cfg.depth, run.cfg.decode.prompt_len, run.seconds()
+    ev, dec = cfg.ppl, cfg.decode
+    maps, focus, vd_focus, pp_rg_rows = pp_rg.maps, pp_rg.focus, pp_rg.vd_focus, pp_rg.pp_rg_rows
     md = "\n\n".join([
         "# Void in Language Models (LAC) on SmolLM2-135M-Instruct (WikiText-2)",
-        prov.markdown() + f"  \nModel: {cfg.model.name}, {n} layers. Rule: layer l is a void for a token when "
+        run.prov.markdown() + f"  \nModel: {cfg.model.name}, {n} layers. Rule: layer l is a void for a token when "
         "||h_l|| - ||h_{l-1}|| < alpha (max_{j<l} - min_{j<l} of the same differences) (the released lac.py). "
         f"Whole run {wall / 60:.1f} min.",
         PAPER,
@@ -219,25 +265,24 @@ def main(argv=None):
         "token's last activated layer): decided after running the layer, so layers_computed is 1. carry: a void "
         "layer's output is also dropped from the stream the next layer reads (still decided after running it). "
         "layers_active: the paper's 'fraction of layers used'.",
-        report.markdown_table(rows, list(rows[0]), ".4f"),
+        report_lib.markdown_table(rows, list(rows[0]), ".4f"),
         f"## Prompt processing vs response generation ({dec.prompts} prompts of {dec.prompt_len} validation tokens, "
         f"the full model's greedy {dec.new_tokens}-token continuation)\nPP: the prompt tokens; RG: the tokens fed "
         "while generating. PP_vs_RG_layer_profile_L1: mean over layers of |void fraction PP - RG|.",
-        report.markdown_table(pp_rg_rows, list(pp_rg_rows[0]), ".3f"),
+        report_lib.markdown_table(pp_rg_rows, list(pp_rg_rows[0]), ".3f"),
         "## Generating with voids skipped\nLAC official (RG): LAC on every generated token, the head reading the "
         "last activated layer (no layer is saved). PP-pattern skip (causal): a row's layers that were voids for "
         ">= half of its prompt tokens are skipped for all its generated tokens, decided before generating, so "
         "they are not run (layers_computed = layers_active; the last layer always runs). match etc. against the "
         "full model's greedy tokens.",
-        report.markdown_table(drows, list(drows[0]), ".3f"),
+        report_lib.markdown_table(drows, list(drows[0]), ".3f"),
     ])
-    files = stage.write_results(NAME, md, {
-        "provenance": prov._asdict(), "config": cfg.to_dict(), "load_seconds": s.load_s, "wall_seconds": wall,
+    return Report(md, {
+        "load_seconds": s.load_seconds, "wall_seconds": wall,
         "ppl": rows, "full_ppl": full_ppl, "layer_void_fraction_test": layer_void_test, "pp_rg": maps,
         "pp_rg_rows": pp_rg_rows, "decode": drows, "pp_pattern_skip_fraction": pp_void_NxB, "focus_alpha": focus,
-        "void_map_prompt0": vd_focus[:, 0, :].astype(int).tolist()})
-    stage.commit()
-    print(f"wrote {files.md_path} and {files.json_path}")
+        "void_map_prompt0": vd_focus[:, 0, :].astype(int).tolist()},
+        {".": lambda folder: plots(rows, drows, maps, alphas, focus, vd_focus, full_ppl, n, p, folder)})
 
 
 if __name__ == "__main__":

@@ -21,25 +21,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eejax.harness import config as config_lib
-from eejax.harness import run
 from eejax.data import pipeline
-from eejax.eval import report, uncertainty
-from eejax.harness import results as result_files
+from eejax.eval import report as report_lib
+from eejax.eval import uncertainty
 from eejax.exits import cascade, costs, engine, policies
 from eejax.exits import confidence as conf_lib
 from eejax.models import vit as vit_lib
-from eejax.train import maybe_initialize
-from experiments import _vit_train as vt
-from experiments.lgvit import load_data, padded_eval_images
+from experiments import _common_vision as vision
+from experiments._common import Report, Run, experiment
 
 NAMES = "SMLXYZ"
 
 
 def member_configs(cfg) -> list[vit_lib.ViTConfig]:
     m = cfg.members
-    return [vt.single_head_config(cfg.model.to_dict(), depth=m.depth[k], d_model=m.d_model[k],
-                                  num_heads=m.num_heads[k], mlp_dim=m.mlp_dim[k]) for k in range(len(m.depth))]
+    return [vision.single_head_config(cfg.model.to_dict(), depth=m.depth[k], d_model=m.d_model[k],
+                                      num_heads=m.num_heads[k], mlp_dim=m.mlp_dim[k]) for k in range(len(m.depth))]
 
 
 def member_flops(mcfg: vit_lib.ViTConfig) -> float:
@@ -59,21 +56,10 @@ def ood_dataset(cfg, data_dir, test):
     return dataclasses.replace(ood, name=test.name, split="ood")
 
 
-def setup(argv):
-    cfg, args = config_lib.parse_cli(argv, description=__doc__)
-    train, val, test = load_data(cfg, args.data_dir)
-    ood = ood_dataset(cfg, args.data_dir, test)
-    maybe_initialize()
-    prov = result_files.provenance("experiments.window_cascade", argv)
-    workdir, outdir = run.prepare(cfg, args, "window_cascade")
-    print(f"data {cfg.data.name}: train {len(train)} / val {len(val)} / test {len(test)} / OOD ({cfg.ood}) "
-          f"{len(ood)}; devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
-    members = []
-    for k, mcfg in enumerate(member_configs(cfg)):
-        gd, params = vt.train_vit(mcfg, cfg, train, workdir / f"member_{NAMES[k]}", cfg.seed + k,
-                                  f"member {NAMES[k]}")
-        members.append((mcfg, gd, params))
-    return cfg, args, prov, outdir, workdir, (train, val, test, ood), members
+def load_data(cfg, args):
+    """In-distribution train / val / test and the OOD images, checked before anything is written."""
+    train, val, test = vision.load_data(cfg, args.data_dir)
+    return train, val, test, ood_dataset(cfg, args.data_dir, test)
 
 
 # ------------------------------------------------------------------------------------------------ the rule
@@ -146,14 +132,21 @@ def check_executed(exit_sim_N, exit_run_N, score_KxN, lo_K, hi_K, what, tol=1e-5
     return float(np.mean(exit_sim_N == exit_run_N))
 
 
-@run.cli
-def main(argv=None):
-    cfg, args, prov, outdir, workdir, (train, val, test, ood), members = setup(argv)
+@experiment("window_cascade", data=load_data)
+def main(run: Run, data) -> Report:
+    cfg, (train, val, test, ood) = run.cfg, data
+    print(f"data {cfg.data.name}: train {len(train)} / val {len(val)} / test {len(test)} / OOD ({cfg.ood}) "
+          f"{len(ood)}; devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
+    members = []
+    for k, mcfg in enumerate(member_configs(cfg)):
+        gd, params = vision.train_vit(mcfg, cfg, train, run.workdir / f"member_{NAMES[k]}", cfg.seed + k,
+                                      f"member {NAMES[k]}")
+        members.append((mcfg, gd, params))
     ec = cfg.eval
     k_all = len(members)
     f_K = np.asarray([member_flops(m[0]) for m in members])
     cum_K = np.cumsum(f_K)
-    probs = {name: np.stack([vt.cached_probs(gd, p, ds, cfg) for _, gd, p in members])
+    probs = {name: np.stack([vision.final_probs(gd, p, ds, cfg) for _, gd, p in members])
              for name, ds in (("val", val), ("test", test), ("ood", ood))}
     sv, pv = stage_scores(probs["val"])
     st, pt = stage_scores(probs["test"])
@@ -183,8 +176,16 @@ def main(argv=None):
                     rows.append({"cascade": chain, "target": metric, "width": width, "kind": kind, **r,
                                  "lo": lo.tolist(), "hi": hi.tolist()})
                     curves[metric].setdefault(f"{kind} cascade {chain}", []).append((1e6 * r["MFLOPs"], r[metric]))
+    executed, timing, w_exec, xb = execute(cfg, members, probs, sv, cv, st, f_K, cum_K, test)
+    results = {"rows": rows, "singles": singles, "ensembles": ensembles, "executed": executed, "timing": timing,
+               "member_flops": f_K.tolist(), "members": [dataclasses.asdict(m[0]) for m in members]}
+    return report(run, data, members, results, curves, w_exec, xb)
 
-    # Executed by the engine: the full cascade at the paper's width (+-10 points = 0.2), every target metric.
+
+def execute(cfg, members, probs, sv, cv, st, f_K, cum_K, test):
+    """Executed by the engine: the full cascade at the paper's width (+-10 points = 0.2), every target metric;
+    batched throughput of the bucket-cascade (and once the masked) executor against the largest member."""
+    ec, k_all, y = cfg.eval, len(members), test.labels_N
     w_exec = min(ec.widths, key=lambda w: abs(w - 0.2))
     member_fns = [(gd, p) for _, gd, p in members]
     params_list = [p for _, p in member_fns]
@@ -197,7 +198,7 @@ def main(argv=None):
         return jax.jit(fn)
 
     run_c, run_m = cascade_fn(engine.BucketCascade()), cascade_fn(engine.Masked())
-    xb = next(iter(pipeline.BatchIterator(test, ec.throughput_batch, shuffle=False)))["image"]
+    xb = vision.first_batch(test, ec.throughput_batch)
     largest = jax.jit(lambda p, x: nnx.merge(member_fns[-1][0], p).static(x, 0))
     smallest = jax.jit(lambda p, x: nnx.merge(member_fns[0][0], p).static(x, 0))
     tp_l = costs.throughput(largest, xb.shape[0], params_list[-1], xb)
@@ -212,7 +213,7 @@ def main(argv=None):
             lo, hi = fit_window(metric, sv, cv, w_exec, ec, kind)
             lo_j, hi_j = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
             exits, preds = [], []
-            for x, n in padded_eval_images(test, cfg):
+            for x, n in vision.padded_eval_images(test, cfg):
                 e, p, _ = run_c(params_list, x, lo_j, hi_j)
                 exits.append(np.asarray(e)[:n])
                 preds.append(np.asarray(p)[:n])
@@ -230,17 +231,21 @@ def main(argv=None):
                 timing.append({"path": f"{kind} cascade {'->'.join(NAMES[:k_all])} ({metric}), {name}",
                                "images_per_s": tp, "speedup_vs_largest": tp / tp_l,
                                "MFLOPs": float(np.mean(cum_K[e_b])) / 1e6})
-    results = {"rows": rows, "singles": singles, "ensembles": ensembles, "executed": executed, "timing": timing,
-               "member_flops": f_K.tolist(), "members": [dataclasses.asdict(m[0]) for m in members]}
-    if jax.process_index() != 0:
-        return
-    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
+    return executed, timing, w_exec, xb
+
+
+def report(run, data, members, results, curves, w_exec, xb) -> Report:
+    cfg, (train, val, test, ood), ec = run.cfg, data, run.cfg.eval
+    rows, singles, executed, timing = results["rows"], results["singles"], results["executed"], results["timing"]
+    f_K, k_all = np.asarray(results["member_flops"]), len(members)
     lower = {"risk@80", "fpr@95"}
+    plots = {}
     for metric in ec.metrics:
         statics = [(1e6 * r["MFLOPs"], r[metric], r["model"].replace("single ", "")) for r in singles]
-        report.plot_accuracy_vs_flops(curves[metric], statics, stage.dir / f"window_{metric.replace('@', '_at_')}.png",
-                                      title=f"{metric} vs compute on {cfg.data.name} (test; OOD: {cfg.ood})",
-                                      ylabel=f"{metric} (%)" + (", lower is better" if metric in lower else ""))
+        plots[f"window_{metric.replace('@', '_at_')}.png"] = (
+            lambda path, metric=metric, statics=statics: report_lib.plot_accuracy_vs_flops(
+                curves[metric], statics, path, title=f"{metric} vs compute on {cfg.data.name} (test; OOD: {cfg.ood})",
+                ylabel=f"{metric} (%)" + (", lower is better" if metric in lower else "")))
     cols = ["cascade", "target", "kind", "MFLOPs", "forwarded_%", "acc", "cov@5", "risk@80", "fpr@95", "auroc"]
     paper_rows = [r for r in rows if r["width"] == w_exec]
 
@@ -260,7 +265,7 @@ def main(argv=None):
     n_v = len(verdicts)
     md = "\n\n".join([
         f"# Window-based early-exit cascades at small scale on {cfg.data.name}",
-        prov.markdown() + "  \n"
+        run.prov.markdown() + "  \n"
         f"Data: {cfg.data.name}: train {len(train)} / val {len(val)} (carved from train) / test {len(test)}; OOD: "
         f"{cfg.ood} ({len(ood)} images, normalised like the in-distribution data).  \n"
         "Members (trained independently, own seed, " f"{cfg.train.steps} steps of batch {cfg.data.batch_size}): "
@@ -273,12 +278,12 @@ def main(argv=None):
         f"scaling the model. Ours: ViTs of {f_K.min() / 1e6:.2f}-{f_K.max() / 1e6:.2f} MFLOPs on {cfg.data.name}; "
         "only orderings are comparable.",
         "## Single members and full ensembles (test)\n",
-        report.markdown_table(singles + ensembles, ["model"] + cols[3:]),
+        report_lib.markdown_table(singles + results["ensembles"], ["model"] + cols[3:]),
         f"## Cascades at width {w_exec:g} (the paper's +-10 percentile points), thresholds fit on validation\n"
         "target: the metric the window is placed for; kind: window (only scores near the operating threshold go "
         "on) or threshold (the lowest-confidence fraction goes on, same compute). Metrics in %; risk@80 and "
         "fpr@95: lower is better.",
-        report.markdown_table(paper_rows, cols),
+        report_lib.markdown_table(paper_rows, cols),
         f"## Orderings over every width ({n_v} cascade x target x width points, each at its own target metric)\n"
         f"window beats the plain threshold cascade at {sum(v[3] for v in verdicts)}/{n_v}; window cascade beats "
         f"its largest member alone at {sum(v[4] for v in verdicts)}/{n_v}. Per point (cascade, target, width, "
@@ -286,17 +291,13 @@ def main(argv=None):
         f"## Executed by the engine (full cascade, width {w_exec:g}, bucket-cascade executor; test)\n"
         "sim_agrees: fraction of test examples whose executed stage equals the simulated one; forwarded_%: "
         "fraction reaching stage 2, 3, ...",
-        report.markdown_table(executed, list(executed[0])),
+        report_lib.markdown_table(executed, list(executed[0])),
         f"## Batched wall-clock (one batch of {xb.shape[0]} test images, this CPU)\n"
         "bucket: stage k+1 runs on a bucket holding the forwarded rows only; masked: every stage on every row.",
-        report.markdown_table(timing, list(timing[0])),
+        report_lib.markdown_table(timing, list(timing[0])),
         "Plots: `window_cov_at_5.png`, `window_risk_at_80.png`, `window_fpr_at_95.png` (metric vs MFLOPs, one "
         "point per width; single members as triangles)."])
-    files = stage.write_results("window_cascade", md, {"provenance": prov._asdict(), "config": cfg.to_dict(),
-                                                       "results": results})
-    stage.commit()
-    print(md)
-    print(f"wrote {files.md_path}, {files.json_path} and plots to {outdir}")
+    return Report(md, {"results": results}, plots)
 
 
 if __name__ == "__main__":

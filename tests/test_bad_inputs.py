@@ -74,7 +74,7 @@ CLI_CASES = [
      "data directory /nonexistent does not exist"),
     ("lgvit", ["--bogus_flag"], "unrecognized arguments: --bogus_flag"),
     ("lgvit", ["--config.seed=1"], "was run with a different config: seed (0 -> 1)"),
-    ("lgvit", ["--config.stage1.steps=5"], "stage1.steps (600 -> 5)"),
+    ("lgvit", ["--config.stage1.steps=5"], "stage1.steps (6 -> 5)"),
     # DeeDiff
     ("deediff", ["--config.eval.target_ratios=(1.5,)"], "config.eval.target_ratios[0]=1.5: must be a finite number "
                                                          "in (0, 1]"),
@@ -140,8 +140,8 @@ CLI_CASES = [
     ("lgvit", ["--config.seed=99999999999999999999"], "config.seed=99999999999999999999: must be an integer in "
                                                       "[0, 2147483647]"),
     ("deediff", ["--config.seed=4294967296"], "config.seed=4294967296"),
-    ("lgvit", ["--config.stage1.optim.total_steps=10", "--config.stage1.optim.warmup_steps=5"],
-     "config.stage1.optim.total_steps=10 < config.stage1.steps=600"),
+    ("lgvit", ["--config.stage1.optim.total_steps=5", "--config.stage1.optim.warmup_steps=2"],
+     "config.stage1.optim.total_steps=5 < config.stage1.steps=6"),
     ("lgvit", ["--config.variants=('lgvit', 'linear', 'lgvit')"], "config.variants[2]='lgvit' is repeated"),
     ("lgvit", ["--config.eval.thresholds=(0.5, 0.5000001)"], "config.eval.thresholds[1]=0.5000001 and 0.5 are the "
                                                              "same at the tables' precision"),
@@ -151,19 +151,19 @@ CLI_CASES = [
     ("kangaroo", ["--config.decode.gamma=100000"], "config.decode.gamma=100000: must be <= decode.new_tokens=6"),
     ("kangaroo", ["--config.model.depth=2"], "config.model.depth=2: is ignored by model.name='random'"),
     ("kangaroo", ["--config.drafter.exit_layers=(5,)"], "must be < the random model's 4 layers"),
-    ("encoder_exits", ["--config.data.max_len=100000"], "config.data.max_len=100000: must be an integer in [1, 512]"),
+    ("encoder_exits", ["--config.data.max_len=1000"], "config.data.max_len=1000: must be an integer in [1, 512]"),
     ("self_speculative", ["--config.decode.batches=(5,)"], "the largest batch 5 exceeds the prompts"),
     ("self_speculative", ["--config.decode.ks=(2, 3)"], "config.decode.ks=(2, 3): must include 1"),
     ("self_speculative", ["--config.decode.ks=(1, 50)"], "must be <= decode.new_tokens=6"),
     ("self_speculative", ["--config.decode.ks=(1, 2, 1)"], "holds a value twice"),
     ("deediff", ["--config.sample.eta=1e9"], "config.sample.eta=1000000000.0: must be a finite number in [0, 1]"),
     ("deediff", ["--config.data.ref_size=3"], "config.data.ref_size=3: must be 0 (the whole test split) or >= "
-                                              "sample.num_samples=40"),
+                                              "sample.num_samples=20"),
     ("lgvit", ["--config.stage2.temperature=1e-30"], "config.stage2.temperature=1e-30: must be a finite number >= "
                                                      "0.01"),
-    ("lgvit", ["--config.eval.throughput_batch=5000"], "config.eval.throughput_batch=5000 exceeds the 2000 test "
+    ("lgvit", ["--config.eval.throughput_batch=5000"], "config.eval.throughput_batch=5000 exceeds the 500 test "
                                                        "images"),
-    ("lgvit", ["--config.data.test_size=1"], "config.eval.throughput_batch=256 exceeds the 1 test images"),
+    ("lgvit", ["--config.data.test_size=1"], "config.eval.throughput_batch=64 exceeds the 1 test images"),
 ]
 
 
@@ -263,7 +263,7 @@ def test_config_binding_and_fresh(tmp_path):
     other = config.load(f"{CONFIGS['lgvit']}:smoke")
     with other.unlocked():
         other.stage1.steps, other.model.depth = 5, 4
-    with pytest.raises(run.ConfigMismatchError, match=r"model.depth \(6 -> 4\), stage1.steps \(600 -> 5\)"):
+    with pytest.raises(run.ConfigMismatchError, match=r"model.depth \(6 -> 4\), stage1.steps \(6 -> 5\)"):
         run.open_workdir(tmp_path / "w", other)
     run.release_locks()
     fresh = run.open_workdir(tmp_path / "w", other, fresh=True)

@@ -91,6 +91,15 @@ def test_measure_and_throughput():
     timing = costs.measure(fn, x, warmup=1, iters=3)
     assert timing.mean_s > 0 and timing.std_s >= 0 and timing.iters == 3 and len(timing.times_s) == 3
     assert costs.throughput(fn, 16, x, iters=2) > 0
+    np.testing.assert_array_equal(timing.output, np.asarray(x @ x))       # the timed call's result comes back
+    assert timing.min_s == min(timing.times_s)
+    calls = []
+    both = costs.measure_interleaved({"a": (lambda v: calls.append("a") or fn(v), (x,)),
+                                      "b": (lambda v: calls.append("b") or fn(v), (x,))}, warmup=1, iters=2)
+    assert calls == ["a", "b"] * 3                                          # round-robin: one of each per round
+    assert set(both) == {"a", "b"} and all(t.iters == 2 and len(t.times_s) == 2 for t in both.values())
+    with pytest.raises(ValueError, match="iters"):
+        costs.measure_interleaved({"a": (fn, (x,))}, iters=0)
 
 
 def test_markdown_table():

@@ -8,6 +8,7 @@ from flax import nnx
 from eejax.eval import fid
 from eejax.exits import engine, policies
 from eejax.models import diffusion as D
+from eejax.train import StepContext
 
 CFG = D.UViTConfig(image_size=8, channels=1, patch_size=2, d_model=32, depth=5, num_heads=4, mlp_dim=64,
                    num_classes=3)
@@ -133,7 +134,8 @@ def test_training_loss_gradients(model_and_inputs, parameterization):
     gd, p, x, t, y = model_and_inputs
     loss_fn = D.training_loss(gd, SCHED, parameterization=parameterization)
     batch = {"image": jnp.tanh(x), "label": y}
-    (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(p, batch, jax.random.key(3))
+    ctx = StepContext(jnp.int32(0), jax.random.key(3), None)
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(p, batch, ctx)
     assert np.isfinite(float(loss)) and {"simple", "uem", "ual"} <= set(metrics)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
     assert float(jnp.abs(grads["uem_w"][...]).sum()) > 0 and float(jnp.abs(grads["skip_w"][...]).sum()) > 0

@@ -1,6 +1,5 @@
 """EEEA-Net's search pieces: the parameter formula against the real model, the EE-PI filter, NSGA-II ranking, the
-search's reproducibility, and the experiment's smoke run."""
-import json
+search's reproducibility (the experiment's smoke run: tests/test_experiments.py)."""
 import pathlib
 import zlib
 
@@ -67,18 +66,3 @@ def test_search_is_reproducible_for_a_fixed_seed():
     assert keys[0] != keys[2]
     assert len(keys[0]) == len(set(keys[0])) == 6 + 2 * 3       # no candidate trained twice
     assert all(SPACE.params(g) < 40000 for g in runs[0][0].population)
-
-
-def test_eeea_net_smoke(tmp_path):
-    out = tmp_path / "results"
-    ee.main([f"--config={ROOT / 'configs/eeea_net.py'}:smoke", f"--workdir={tmp_path / 'run'}", f"--outdir={out}",
-             "--config.train.steps=3", "--config.search.generations=1", "--config.space.depth=(1,)",
-             "--config.space.d_model=(16,)", "--config.space.mlp_ratio=(1,)", "--config.space.num_heads=(1,)",
-             "--config.search.population=2", "--config.space.patch_size=(4, 7, 14)",
-             "--config.search.max_params=5000", "--config.data.val_size=200", "--config.data.test_size=200",
-             "--config.data.eval_batch_size=200"])
-    data = json.loads((out / "eeea_net.json").read_text())
-    rows = {r["arm"]: r for r in data["summary"]}
-    assert set(rows) == {"normal", "ee"} and all(r["candidates_trained"] == 2 for r in rows.values())
-    assert all(h["params"] < 5000 for h in data["history"] if h["arm"] == "ee")
-    assert data["fronts"] and (out / "eeea_net_pareto.png").stat().st_size > 0

@@ -7,6 +7,7 @@ from flax import nnx
 
 from eejax.data.lm import WindowIterator
 from eejax.models import lm
+from eejax.train import StepContext
 
 V = 19
 SMALL = dict(vocab_size=V, d_model=32, depth=3, num_heads=4, num_kv_heads=2, mlp_dim=48)
@@ -85,7 +86,8 @@ def test_multi_exit_loss_trains():
 
     @jax.jit
     def step(p, k):
-        (loss, aux), g = jax.value_and_grad(lambda p: loss_fn(p, batch, jax.random.key(k), k), has_aux=True)(p)
+        ctx = StepContext(k, jax.random.key(k), None)
+        (loss, aux), g = jax.value_and_grad(lambda p: loss_fn(p, batch, ctx), has_aux=True)(p)
         return jax.tree.map(lambda a, b: a - 0.05 * b, p, g), loss, aux
 
     losses = []
@@ -95,7 +97,7 @@ def test_multi_exit_loss_trains():
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[2]
     assert float(aux["w_first"]) > 0
     clf = lm.init_classifier(cfg)
-    l, aux = jax.jit(lm.classifier_loss(gd, params))(clf, batch, jax.random.key(0))
+    l, aux = jax.jit(lm.classifier_loss(gd, params))(clf, batch, StepContext(0, jax.random.key(0), None))
     assert np.isfinite(float(l)) and 0 <= float(aux["gate_acc"]) <= 1
 
 

@@ -304,25 +304,6 @@ def test_bad_file_architecture_and_quantization_are_one_line(tmp_path):
 # ------------------------------------------------------------------------------------------ experiment
 
 
-@needs_weights
-def test_pretrained_lm_smoke(tmp_path, shared_data):
-    import json  # noqa: PLC0415
-    import pathlib  # noqa: PLC0415
-
-    from experiments import pretrained_lm  # noqa: PLC0415
-    root = pathlib.Path(__file__).resolve().parents[1]
-    pretrained_lm.main([f"--config={root / 'configs' / 'pretrained_lm.py'}:smoke", f"--outdir={tmp_path}",
-                        f"--data_dir={shared_data}"])
-    data = json.loads((tmp_path / "pretrained_lm.json").read_text())
-    row = data["rows"][0]
-    # The smoke config keeps 2 of the 30 layers: the numbers are plumbing, not quality.
-    assert row["tokens"] == 256 and np.isfinite(row["token_ppl"]) and row["tok_s"] > 0
-    assert [r["text"] for r in data["rows"]] == ["stored", "detokenized"]
-    assert [r["tokens"] for r in data["qk_check"]] == [128, 128]
-    assert all(g["uncached_argmax_agree"] == 1.0 and len(g["ids"]) == 4 for g in data["greedy"])
-    assert "## Rotary convention check" in (tmp_path / "pretrained_lm.md").read_text()
-
-
 def test_detokenize_wikitext():
     from eejax.data.text import detokenize_wikitext  # noqa: PLC0415
     stored = (' = = Early life = = \n He had a guest @-@ starring role , in 1 @,@ 000 films ( 2000 ) ; '

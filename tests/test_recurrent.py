@@ -243,7 +243,7 @@ def test_classifier_budget_labels_and_loss():
     lm_gd, lm_params = nnx.split(model)
     cgd, cparams = nnx.split(clf)
     loss_fn = ec.classifier_loss(lm_gd, lm_params, cgd, top_k=2)
-    (loss, metrics), grads = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, {"tokens": _tokens()}, None, 0),
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, {"tokens": _tokens()}, None),
                                                         has_aux=True))(cparams)
     assert np.isfinite(loss) and 0 <= float(metrics["positive"]) <= 1
     assert float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(grads))) > 0
@@ -251,8 +251,8 @@ def test_classifier_budget_labels_and_loss():
     lgd, lparams = ec.build(ec.ClassifierConfig("linear", 16, CFG.num_exits), 3)
     joint = ec.classifier_loss(lm_gd, lm_params, {"mamba": cgd, "linear": lgd}, top_k=2)
     single = ec.classifier_loss(lm_gd, lm_params, lgd, top_k=2)
-    j, jm = jax.jit(lambda p: joint(p, {"tokens": _tokens()}, None, 0))({"mamba": cparams, "linear": lparams})
-    np.testing.assert_allclose(j, loss + jax.jit(lambda p: single(p, {"tokens": _tokens()}, None, 0)[0])(lparams),
+    j, jm = jax.jit(lambda p: joint(p, {"tokens": _tokens()}, None))({"mamba": cparams, "linear": lparams})
+    np.testing.assert_allclose(j, loss + jax.jit(lambda p: single(p, {"tokens": _tokens()}, None)[0])(lparams),
                                rtol=1e-5)
     assert {"mamba_bce", "linear_acc"} <= set(jm)
 
@@ -262,7 +262,7 @@ def test_distilled_lm_loss_trains_both_backbones():
     batch = {"tokens": toks[:, :-1], "targets": toks[:, 1:]}
     for gd, params, layers in (mamba_lm.build(CFG, 0) + (CFG.exit_layers,), lm.build(TCFG, 0) + (TCFG.exit_layers,)):
         loss_fn = mamba_lm.distilled_lm_loss(gd, layers)
-        (loss, m), g = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, None, 0), has_aux=True))(params)
+        (loss, m), g = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, None), has_aux=True))(params)
         assert float(loss) > float(m["ce_last"]) > 0 and float(m["kd_first"]) > 0
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(g))
 

@@ -1,6 +1,5 @@
-"""Parallel layer groups (Make Deep Networks Shallow Again, arXiv:2309.08414) against plain references, and the
-experiment's smoke run."""
-import json
+"""Parallel layer groups (Make Deep Networks Shallow Again, arXiv:2309.08414) against plain references (the
+experiment's smoke run: tests/test_experiments.py)."""
 import pathlib
 
 import jax
@@ -59,21 +58,3 @@ def test_grouping_keeps_the_parameters_and_rejects_bad_k():
     assert sum(np.prod(s) for s in shapes) == sum(np.size(p) for p in jax.tree.leaves(nnx.state(model.layers)))
     with pytest.raises(ValueError, match="divide"):
         parallel.group_layers(model.layers, 3)
-
-
-def test_shallow_again_smoke(tmp_path):
-    from experiments import shallow_again
-
-    out = tmp_path / "results"
-    shallow_again.main([f"--config={ROOT / 'configs/shallow_again.py'}:smoke", f"--workdir={tmp_path / 'run'}",
-                        f"--outdir={out}", "--config.train.steps=4", "--config.parallel=(1, 4)",
-                        "--config.single_block_control=False", "--config.data.test_size=250",
-                        "--config.data.eval_batch_size=250", "--config.eval.train_subset=250",
-                        "--config.eval.timing_batches=(1, 8)", "--config.eval.timing_iters=1"])
-    data = json.loads((out / "shallow_again.json").read_text())
-    runs = {r["variant"]: r for r in data["runs"]}
-    assert set(runs) == {"sequential", "fully parallel"}
-    assert runs["sequential"]["params"] == runs["fully parallel"]["params"]       # the same budget
-    assert runs["sequential"]["depth"] == 4 and runs["fully parallel"]["depth"] == 1
-    assert len(data["paired_differences"]) == 1
-    assert (out / "shallow_again.png").stat().st_size > 0

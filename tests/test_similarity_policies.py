@@ -8,7 +8,7 @@ from flax import nnx
 
 from eejax.exits import engine, policies
 from eejax.models.vit import ViT, ViTConfig
-from experiments import _shared_head_vit as shv
+from experiments import _common_vision as shv
 from margins import float_tol, threshold_between
 
 CFG = ViTConfig(image_size=16, channels=1, patch_size=4, d_model=32, depth=5, num_heads=4, mlp_dim=64,

@@ -1,6 +1,5 @@
 """The SmolLM2 analyses (depth efficiency, CoLa, CEED-VLA's Jacobi decoder): their layer programs against references
-on a tiny random LM, the settle-depth rule, and a smoke run of each experiment script."""
-import json
+on a tiny random LM, the settle-depth rule (the scripts' smoke runs: tests/test_experiments.py)."""
 import pathlib
 
 import jax
@@ -11,7 +10,7 @@ from flax import nnx
 
 from eejax.exits import engine
 from eejax.models import lm
-from experiments import _smollm2_analysis as common
+from experiments import _common_smollm2 as common
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CFG = lm.LMConfig(vocab_size=31, d_model=32, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=48, mlp="swiglu",
@@ -70,44 +69,6 @@ def test_settle_layer():
 
     top_NxM = np.asarray([[5, 1, 2, 7], [5, 2, 2, 7], [5, 1, 2, 3], [5, 2, 2, 7]])
     np.testing.assert_array_equal(settle_layer(top_NxM), [0, 3, 0, 3])
-
-
-def _argv(name, tmp_path, shared_data):
-    return [f"--config={ROOT / 'configs' / name}.py:smoke", f"--workdir={tmp_path / 'run'}",
-            f"--outdir={tmp_path / 'results'}", f"--data_dir={shared_data}"]
-
-
-def test_depth_efficiency_smoke(tmp_path, shared_data):
-    from experiments import depth_efficiency
-
-    depth_efficiency.main(_argv("depth_efficiency", tmp_path, shared_data))
-    data = json.loads((tmp_path / "results" / "depth_efficiency.json").read_text())
-    assert len(data["contributions"]) == len(data["skips"]) == len(data["logit_lens"]) == 4
-    assert data["logit_lens"][-1]["top1_eq_final"] == 1.0 and data["logit_lens"][-1]["settled_by_here"] == 1.0
-    assert all(r["kl"] >= -1e-6 for r in data["skips"])
-    for png in ("contributions", "skip_effects", "logit_lens"):
-        assert (tmp_path / "results" / f"{png}.png").is_file()
-
-
-def test_cola_smoke(tmp_path, shared_data):
-    from experiments import cola
-
-    cola.main(_argv("cola", tmp_path, shared_data))
-    data = json.loads((tmp_path / "results" / "cola.json").read_text())
-    assert [r["arm"] for r in data["rows"]] == ["mcts", "random"]
-    for s in data["per_sample"]:
-        assert s["mcts"]["evaluations"] == s["random"]["evaluations"] == 5    # matched budget
-    assert "ORACLE" in (tmp_path / "results" / "cola.md").read_text()
-
-
-def test_ceed_jacobi_smoke(tmp_path, shared_data):
-    from experiments import ceed_jacobi
-
-    ceed_jacobi.main(_argv("ceed_jacobi", tmp_path, shared_data))
-    data = json.loads((tmp_path / "results" / "ceed_jacobi.json").read_text())
-    full = next(r for r in data["rows"] if r["arm"] == "full Jacobi")
-    assert full["exact"] and full["agree_tokens"] == 1.0 and full["iters_per_block"] <= full["block"]
-    assert "NOT lossless" in (tmp_path / "results" / "ceed_jacobi.md").read_text()
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ default backend for the rest of the suite. `pytest -s` prints each program's `me
 """
 import importlib.util
 import os
+import pathlib
 
 # libtpu takes /tmp/libtpu_lockfile on load, so a second process that loads it (another test run, a developer's
 # script) would fail here; AOT compilation uses no TPU, so sharing the library is safe.
@@ -20,7 +21,7 @@ import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from configs import lgvit as lgvit_config  # noqa: E402
+from eejax.harness import config as config_lib  # noqa: E402
 from eejax.models import vit as vit_lib  # noqa: E402
 from eejax.train import Trainer, make_optimizer  # noqa: E402
 from experiments import lgvit  # noqa: E402
@@ -57,7 +58,7 @@ def _mesh(topology_name: str) -> Mesh:
 
 
 def _recipe():
-    cfg = lgvit_config.get_config("cifar10")
+    cfg = config_lib.load(str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "lgvit.py") + ":cifar10")
     mcfg = vit_lib.ViTConfig(**lgvit._mkw(cfg, "lgvit"))
     model = nnx.eval_shape(lambda: vit_lib.ViT(mcfg, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(model)  # params: a tree of ShapeDtypeStructs, nothing allocated.
@@ -85,7 +86,7 @@ def test_train_step_compiles_for_tpu(topology_name, tmp_path):
         state = trainer._abstract_state()  # Replicated on the TPU mesh.
         batch = {"image": _images(mcfg, trainer.batch_sharding),
                  "label": jax.ShapeDtypeStruct((BATCH,), jnp.int32, sharding=trainer.batch_sharding)}
-        compiled = trainer._step.lower(state, batch).compile()
+        compiled = trainer._step.lower(state, batch, None).compile()
     new_state, _ = compiled.output_shardings
     assert all(s.is_fully_replicated for s in jax.tree.leaves(new_state))
     _report(f"{topology_name} ({len(mesh.devices)} chips) LGViT stage-1 train step, batch {BATCH}", compiled)

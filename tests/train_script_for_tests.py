@@ -54,10 +54,10 @@ def logits_fn(params, x_BxD):
     return x_BxD @ w + b[None]
 
 
-def loss_fn(params, batch, rng):
+def loss_fn(params, batch, ctx):
     logits_BxC = logits_fn(params, batch["x"])
     # Small logit noise so the test also covers the per-step RNG (fold_in) being reproduced on resume.
-    logits_BxC = logits_BxC + 0.01 * jax.random.normal(rng, logits_BxC.shape)
+    logits_BxC = logits_BxC + 0.01 * jax.random.normal(ctx.rng, logits_BxC.shape)
     logp_BxC = jax.nn.log_softmax(logits_BxC)
     loss = -jnp.mean(jnp.take_along_axis(logp_BxC, batch["y"][:, None], axis=-1))
     return loss, {"accuracy": jnp.mean(jnp.argmax(logits_BxC, -1) == batch["y"])}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import pathlib
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from eejax.decoding import per_token
-from eejax.exits import hlo
+from eejax.exits import costs, hlo
 from eejax.models import lm as lm_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -70,13 +69,8 @@ def compiled(fn, *args, trips=1, per: int = 1) -> tuple:
 
 def timed(fn, *args, repeats: int) -> tuple[float, tuple]:
     """Median seconds of ``fn(*args)`` after one warm-up call (compile excluded), block_until_ready each time."""
-    out = jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+    t = costs.measure(fn, *args, warmup=1, iters=repeats)
+    return statistics.median(t.times_s), t.output
 
 
 def run_variant(fn, *args, repeats: int, new: int, trips=1) -> tuple[float, tuple, dict]:

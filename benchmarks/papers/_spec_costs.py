@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import re
 import statistics
-import time
 
 import jax
 import numpy as np
 
-from eejax.exits import hlo
+from eejax.exits import costs, hlo
 
 _OPERANDS = re.compile(r"^([^)]*)\)")
 _CONTRACT = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
@@ -86,14 +85,20 @@ def compile_profiled(fn, *args):
 
 
 def median_time(exe, args, repeats: int = 3):
-    """Median wall-clock seconds of ``repeats`` calls after one warm call (``block_until_ready``), and the output."""
-    out = jax.block_until_ready(exe(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(exe(*args))
-        times.append(time.perf_counter() - t0)
-    return float(statistics.median(times)), out
+    """Median wall-clock seconds of ``repeats`` calls after one warm call (``costs.measure``: ``block_until_ready``
+    each time), and the output."""
+    t = costs.measure(exe, *args, warmup=1, iters=repeats)
+    return float(statistics.median(t.times_s)), t.output
 
 
-__all__ = ["dot_cost", "compile_profiled", "median_time"]
+def time_profiled(fn, *args, profile: dict | None = None):
+    """``(output, seconds)`` of one timed call of ``fn`` compiled AOT, after a warm-up (compile excluded); with
+    ``profile``, the compiled program's HloProfile is stored there under "prof"."""
+    exe, prof = compile_profiled(fn, *args)
+    if profile is not None:
+        profile["prof"] = prof
+    t = costs.measure(exe, *args, warmup=1, iters=1)
+    return t.output, t.mean_s
+
+
+__all__ = ["dot_cost", "compile_profiled", "median_time", "time_profiled"]

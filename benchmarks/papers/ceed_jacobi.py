@@ -32,6 +32,7 @@ from flax import nnx
 
 from benchmarks.papers._spec_costs import compile_profiled
 from eejax.decoding import jacobi, per_token
+from eejax.exits import costs
 from eejax.models import lm as lm_lib
 
 PAPER = "CEED-VLA (arXiv:2506.13725)"
@@ -63,13 +64,7 @@ def measured_iters(path=RESULTS) -> dict:
 
 def _time(fn, args, repeats: int) -> float:
     """Median seconds of ``repeats`` calls of the AOT-compiled ``fn`` after a warm-up (compile excluded)."""
-    jax.block_until_ready(fn(*args))                       # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(costs.measure(fn, *args, warmup=1, iters=repeats).times_s)
 
 
 def run(size: str, budget_s: float, log) -> list[dict]:

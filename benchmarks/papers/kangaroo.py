@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.papers._spec_costs import compile_profiled, dot_cost
+from benchmarks.papers._spec_costs import dot_cost, time_profiled
 from eejax.decoding import kangaroo as kg
 from eejax.decoding import kv as kv_lib
 from eejax.decoding import per_token
@@ -63,18 +63,6 @@ def measured_stats() -> dict:
         return {**DEFAULTS, "source": "stated default (no committed CPU results)"}
 
 
-def _time(fn, *args, profile: dict | None = None):
-    """One timed call after a warm-up (compile excluded); with ``profile``, the compiled program's HloProfile is
-    stored there under "prof"."""
-    exe, prof = compile_profiled(fn, *args)
-    if profile is not None:
-        profile["prof"] = prof
-    jax.block_until_ready(exe(*args))                       # warm-up
-    start = time.perf_counter()
-    out = jax.block_until_ready(exe(*args))
-    return out, time.perf_counter() - start
-
-
 def run(size: str, budget_s: float, log) -> list[dict]:
     if size not in SIZES:
         raise ValueError(f"size {size!r}: use one of {sorted(SIZES)}")
@@ -98,11 +86,11 @@ def run(size: str, budget_s: float, log) -> list[dict]:
         new = spec["new"]
         base = {"paper": PAPER, "batch": b, "new_tokens": new, "size": size, "dtype": spec["dtype"], "l": l}
         pg, pk = {}, {}
-        _, t_greedy = _time(per_token.decode_fn(gd, per_token.full_depth_step, new), params, prompt, lengths,
+        _, t_greedy = time_profiled(per_token.decode_fn(gd, per_token.full_depth_step, new), params, prompt, lengths,
                             profile=pg)
         rows.append({**base, "variant": "greedy", "seconds": t_greedy, "tokens_per_s": b * new / t_greedy,
                      "host_stops": pg["prof"].host_stops(per=new)})
-        out, t_kg = _time(kg.kangaroo_fn(gd, new, exit_layer=l, gamma=GAMMA), params, adapter, prompt, lengths,
+        out, t_kg = time_profiled(kg.kangaroo_fn(gd, new, exit_layer=l, gamma=GAMMA), params, adapter, prompt, lengths,
                           jnp.float32(stats["eta"]), profile=pk)
         rounds = float(out.batch_rounds)
         rows.append({**base, "variant": "kangaroo_executed", "seconds": t_kg, "tokens_per_s": b * new / t_kg,
@@ -140,11 +128,11 @@ def run(size: str, budget_s: float, log) -> list[dict]:
             return kv_lib.full_step(m, prompt[:, -1], st)[0]
 
         pd, pdp, pst, pp = {}, {}, {}, {}
-        _, t_d = _time(draft_step, params, adapter, prompt, lengths, profile=pd)
-        _, t_dp = _time(prefill_draft, params, adapter, prompt, lengths, profile=pdp)
-        _, t_v = _time(verify, params, prompt, lengths)
-        _, t_p = _time(prefill, params, prompt, lengths, profile=pp)
-        _, t_st = _time(step, params, prompt, lengths, profile=pst)
+        _, t_d = time_profiled(draft_step, params, adapter, prompt, lengths, profile=pd)
+        _, t_dp = time_profiled(prefill_draft, params, adapter, prompt, lengths, profile=pdp)
+        _, t_v = time_profiled(verify, params, prompt, lengths)
+        _, t_p = time_profiled(prefill, params, prompt, lengths, profile=pp)
+        _, t_st = time_profiled(step, params, prompt, lengths, profile=pst)
         draft_bytes = dot_cost(pd["prof"])["bytes"] - dot_cost(pdp["prof"])["bytes"]
         step_bytes = dot_cost(pst["prof"])["bytes"] - dot_cost(pp["prof"])["bytes"]
         t_draft, t_verify = max(t_d - t_dp, 1e-6), max(t_v - t_p, 1e-6)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.papers._spec_costs import compile_profiled
+from benchmarks.papers._spec_costs import time_profiled
 from eejax.decoding import kangaroo as kg
 from eejax.decoding import per_token, specee
 from eejax.models import lm as lm_lib
@@ -60,18 +60,6 @@ def measured_stats(depth: int) -> dict:
         sched = tuple(range(depth - 8, depth - 2))
         return {"schedule": sched, "mean_layers": 0.8 * depth, "preds_per_token": 4.0, "agreement": None, "l": 2,
                 "k": 4, "source": "stated default (no committed CPU results)"}
-
-
-def _time(fn, *args, profile: dict | None = None):
-    """One timed call after a warm-up (compile excluded); with ``profile``, the compiled program's HloProfile is
-    stored there under "prof"."""
-    exe, prof = compile_profiled(fn, *args)
-    if profile is not None:
-        profile["prof"] = prof
-    jax.block_until_ready(exe(*args))                       # warm-up
-    start = time.perf_counter()
-    out = jax.block_until_ready(exe(*args))
-    return out, time.perf_counter() - start
 
 
 def run(size: str, budget_s: float, log) -> list[dict]:
@@ -103,18 +91,18 @@ def run(size: str, budget_s: float, log) -> list[dict]:
         base = {"paper": PAPER, "batch": b, "new_tokens": new, "size": size, "dtype": spec["dtype"], "l": l, "k": k,
                 "schedule": list(sched)}
         pg, pf = {}, {}
-        _, t_greedy = _time(per_token.decode_fn(gd, per_token.full_depth_step, new), params, prompt, lengths,
+        _, t_greedy = time_profiled(per_token.decode_fn(gd, per_token.full_depth_step, new), params, prompt, lengths,
                             profile=pg)
         rows.append({**base, "variant": "greedy", "seconds": t_greedy, "tokens_per_s": b * new / t_greedy,
                      "host_stops": pg["prof"].host_stops(per=new)})
         f = specee.decode_fn(gd, new, exit_layer=l, schedule=sched, k=k)
-        out0, t_f0 = _time(f, params, adapter, forced0, prompt, lengths, profile=pf)
+        out0, t_f0 = time_profiled(f, params, adapter, forced0, prompt, lengths, profile=pf)
         trips = (len(sched) + 1.0, depth / (len(sched) + 1.0))
         stops = pf["prof"].host_stops(trips=trips, per=new)
         rows.append({**base, "variant": "specee_forced0", "seconds": t_f0, "tokens_per_s": b * new / t_f0,
                      "mean_layers": float(np.mean(np.asarray(out0.exit_layer_BxG) + 1)), "host_stops": stops,
                      "host_stop_trips": list(trips)})
-        out, t_ex = _time(f, params, adapter, pred, prompt, lengths)
+        out, t_ex = time_profiled(f, params, adapter, pred, prompt, lengths)
         rows.append({**base, "variant": "specee_executed", "seconds": t_ex, "tokens_per_s": b * new / t_ex,
                      "mean_layers": float(np.mean(np.asarray(out.exit_layer_BxG)[:, 1:] + 1)), "host_stops": stops,
                      "host_stop_trips": list(trips), "note": "random weights and predictors"})
@@ -130,7 +118,7 @@ def run(size: str, budget_s: float, log) -> list[dict]:
             return jax.lax.scan(body, (prompt[:, -1], st), None, length=new - 1)[0][0]
 
         pdr = {}
-        _, t_draft_all = _time(drafts, params, adapter, prompt, lengths, profile=pdr)
+        _, t_draft_all = time_profiled(drafts, params, adapter, prompt, lengths, profile=pdr)
         per_tok_greedy, per_tok_draft = t_greedy / new, t_draft_all / new
         t_pred = max(t_f0 / new - per_tok_greedy - per_tok_draft, 0.0)
         est = new * (per_tok_draft + stats["mean_layers"] / depth * per_tok_greedy

@@ -32,6 +32,7 @@ from flax import nnx
 
 from eejax.decoding import layer_skip as ls
 from eejax.decoding import per_token
+from eejax.exits import costs
 from eejax.models import lm as lm_lib
 from papers import _ffn_void_common as common
 
@@ -72,16 +73,12 @@ def time_decode(graphdef, params, pre: ls.Prefilled, new: int, step_fn, args, re
         return per_token.decode(nnx.merge(graphdef, p), logits, state, new,
                                 step_fn if not a else (lambda m, t, s, i: step_fn(m, t, s, i, *a)))
 
-    exe, costs = common.compiled(f, params, pre.logits_BxV, pre.state, *args, trips=trips, per=new)
-    dec = jax.block_until_ready(exe(params, pre.logits_BxV, pre.state, *args))   # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(exe(params, pre.logits_BxV, pre.state, *args))
-        times.append(time.perf_counter() - t0)
-    return {"seconds": statistics.median(times), "min_seconds": min(times),
+    exe, prog = common.compiled(f, params, pre.logits_BxV, pre.state, *args, trips=trips, per=new)
+    t = costs.measure(exe, params, pre.logits_BxV, pre.state, *args, warmup=1, iters=repeats)   # compile excluded
+    dec = t.output
+    return {"seconds": statistics.median(t.times_s), "min_seconds": t.min_s,
             "layers_per_token": float(np.mean(np.asarray(dec.layers_BxG[:, 1:]))),
-            "layers_run_per_step": float(np.mean(np.asarray(dec.layers_run_G[1:]))), **costs}
+            "layers_run_per_step": float(np.mean(np.asarray(dec.layers_run_G[1:]))), **prog}
 
 
 def measured_quality() -> dict:

@@ -1,5 +1,7 @@
-"""Exits for an LM that was not trained with them: cache a frozen model's hidden states once, train per-exit
-parameters from the cache, load them back into the model's exit heads.
+"""Exits for an LM that was not trained with them: cache a frozen model's hidden states once, evaluate per-exit
+parameters on the cache, load them back into the model's exit heads. The training itself runs on the one Trainer
+(``eejax.train``: the exit parameters trained, the model passed as frozen parameters, the cache served by
+``ArrayIterator``); experiments/_common_smollm2.py ``train_exits`` is that recipe.
 
 A pretrained decoder read at an early layer through its own final norm and tied head (LayerSkip's reading without
 LayerSkip's training recipe) drafts poorly. What self-speculative decoding needs at inference is an exit head whose
@@ -17,7 +19,7 @@ tokens (the teacher's distribution is recomputed from the cached last hidden sta
 
     cache = exit_training.cache_features(graphdef, params, windows_WxT1, batch=4)
     p0 = exit_training.init_exit_params(model, rank=0)
-    p, log = exit_training.train_exits(graphdef, params, cache, p0, steps=300, batch_tokens=32, lr=5e-3)
+    # train p0 on the cache: loss sum(exit_metrics(model, p, h_ExNxD, final_NxD)["soft_ce"]), the Trainer
     params = exit_training.load_exit_params(graphdef, params, p)     # the model's exit heads now give p's logits
 
 Shapes: W windows, T tokens per window, N cached tokens, E early exits (the model's exits but the last), D width,
@@ -31,7 +33,6 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from eejax.exits import engine
@@ -164,47 +165,6 @@ def exit_metrics(model, p: ExitParams, h_ExNxD, final_NxD, targets_N=None) -> di
     return out
 
 
-def _loss(graphdef):
-    def loss_fn(p: ExitParams, params, h_ExNxD, final_NxD):
-        m = exit_metrics(nnx.merge(graphdef, params), p, h_ExNxD, final_NxD)
-        return jnp.sum(m["soft_ce"]), m
-    return loss_fn
-
-
-def train_exits(graphdef, params, cache: FeatureCache, p0: ExitParams, *, steps: int, batch_tokens: int, lr: float,
-                seed: int = 0, log_every: int = 50, log: Callable[[str], None] | None = None
-                ) -> tuple[ExitParams, list[dict]]:
-    """Adam on the summed per-exit soft CE, ``batch_tokens`` cached tokens per step (the same tokens for every exit),
-    the backbone and the shared head frozen. Returns the trained parameters and the training log (step, loss,
-    mean KL and agreement over exits on the step's batch, seconds since start)."""
-    n = cache.final_NxD.shape[0]
-    if steps < 0 or batch_tokens < 1 or batch_tokens > n:
-        raise ValueError(f"need {steps=} >= 0 and 1 <= {batch_tokens=} <= {n} cached tokens")
-    opt = optax.adam(lr)
-    grad_fn = jax.value_and_grad(_loss(graphdef), has_aux=True)
-
-    @jax.jit   # the frozen weights are an argument, not constants folded into the program
-    def step(p, s, params, h, f):
-        (loss, m), g = grad_fn(p, params, h, f)
-        u, s = opt.update(g, s, p)
-        return optax.apply_updates(p, u), s, loss, m
-
-    p, s = p0, opt.init(p0)
-    rng = np.random.default_rng(seed)
-    hist, start = [], time.perf_counter()
-    for i in range(1, steps + 1):
-        idx = rng.integers(0, n, batch_tokens)
-        p, s, loss, m = step(p, s, params, jnp.asarray(cache.hidden_ExNxD[:, idx]), jnp.asarray(cache.final_NxD[idx]))
-        if i % log_every == 0 or i == steps or i == 1:
-            row = {"step": i, "loss": float(loss), "mean_kl": float(jnp.mean(m["kl"])),
-                   "mean_agree": float(jnp.mean(m["agree"])), "seconds": time.perf_counter() - start}
-            hist.append(row)
-            if log is not None:
-                log(f"step {i}: loss {row['loss']:.3f}, mean KL {row['mean_kl']:.3f}, mean top-1 agreement "
-                    f"{row['mean_agree']:.3f} ({row['seconds']:.0f} s)")
-    return p, hist
-
-
 def evaluate_exits(graphdef, params, cache: FeatureCache, p: ExitParams, batch_tokens: int = 512,
                    max_tokens: int = 0) -> dict:
     """Per-exit KL to the full model, top-1 agreement with it and perplexity on the text, over the first
@@ -260,5 +220,5 @@ def params_from_numpy(d) -> ExitParams:
 
 
 __all__ = ["FeatureCache", "ExitParams", "cache_features", "save_cache", "load_cache", "init_exit_params",
-           "causal_layer", "exit_logits", "teacher_logprobs", "exit_metrics", "train_exits", "evaluate_exits",
+           "causal_layer", "exit_logits", "teacher_logprobs", "exit_metrics", "evaluate_exits",
            "load_exit_params", "params_to_numpy", "params_from_numpy"]

@@ -6,7 +6,7 @@ trained here on the same dataset (MNIST / Fashion-MNIST), because Inception weig
 are therefore comparable only with each other (same classifier checkpoint, same reference set, same sample count),
 never with published FIDs.
 
-Shapes: N examples, F feature width, H/W/C image, C classes.
+Shapes: Q examples, F feature width, HxWxC an image, C classes.
 """
 from __future__ import annotations
 
@@ -30,13 +30,13 @@ class SmallCNN(nnx.Module):
         self.fc = nnx.Linear((image_size // 4) ** 2 * 64, features, rngs=rngs)
         self.cls = nnx.Linear(features, num_classes, rngs=rngs)
 
-    def features(self, x_NxHxWxC: jax.Array) -> jax.Array:
-        h = nnx.avg_pool(jax.nn.relu(self.conv1(x_NxHxWxC)), (2, 2), (2, 2))
+    def features(self, x_BxHxWxC: jax.Array) -> jax.Array:
+        h = nnx.avg_pool(jax.nn.relu(self.conv1(x_BxHxWxC)), (2, 2), (2, 2))
         h = nnx.avg_pool(jax.nn.relu(self.conv2(h)), (2, 2), (2, 2))
         return jax.nn.relu(self.fc(h.reshape(h.shape[0], -1)))
 
-    def __call__(self, x_NxHxWxC: jax.Array) -> jax.Array:
-        return self.cls(self.features(x_NxHxWxC))
+    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+        return self.cls(self.features(x_BxHxWxC))
 
 
 def build_classifier(seed: int = 0, **kw):
@@ -46,9 +46,9 @@ def build_classifier(seed: int = 0, **kw):
 
 
 def classifier_loss(graphdef):
-    """Cross-entropy ``loss_fn(params, batch, rng)`` for the Trainer (batch: image in [-1, 1], int label)."""
-    def loss_fn(params, batch, rng):
-        del rng
+    """Cross-entropy ``loss_fn(params, batch, ctx)`` for the Trainer (batch: image in [-1, 1], int label)."""
+    def loss_fn(params, batch, ctx):
+        del ctx
         logits = nnx.merge(graphdef, params)(batch["image"])
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         ce = -jnp.mean(jnp.take_along_axis(logp, batch["label"][:, None].astype(jnp.int32), axis=-1))
@@ -56,11 +56,11 @@ def classifier_loss(graphdef):
     return loss_fn
 
 
-def apply_batched(fn, params, x_NxHxWxC: np.ndarray, batch_size: int = 500) -> np.ndarray:
+def apply_batched(fn, params, x_QxHxWxC: np.ndarray, batch_size: int = 500) -> np.ndarray:
     """``fn(params, x)`` over ``x`` in fixed-size chunks (the last padded, so one compile), concatenated."""
-    outs, n = [], x_NxHxWxC.shape[0]
+    outs, n = [], x_QxHxWxC.shape[0]
     for i in range(0, n, batch_size):
-        x = np.asarray(x_NxHxWxC[i:i + batch_size])
+        x = np.asarray(x_QxHxWxC[i:i + batch_size])
         k = x.shape[0]
         if k < batch_size:
             x = np.concatenate([x, np.zeros((batch_size - k,) + x.shape[1:], x.dtype)])
@@ -98,17 +98,17 @@ def frechet_distance(mu1_F, cov1_FxF, mu2_F, cov2_FxF) -> float:
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(c1) + np.trace(c2) - 2 * tr_sqrt)
 
 
-def fid_from_features(feats1_NxF: np.ndarray, feats2_NxF: np.ndarray) -> float:
+def fid_from_features(feats1_QxF: np.ndarray, feats2_QxF: np.ndarray) -> float:
     """FID between two feature sets (sample covariance with N - 1)."""
-    f1, f2 = np.asarray(feats1_NxF, np.float64), np.asarray(feats2_NxF, np.float64)
+    f1, f2 = np.asarray(feats1_QxF, np.float64), np.asarray(feats2_QxF, np.float64)
     if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1] or min(len(f1), len(f2)) < 2:
         raise ValueError(f"need two N x F feature sets with N >= 2, got {f1.shape} and {f2.shape}")
     return frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
 
 
-def polynomial_mmd2(x_NxF: np.ndarray, y_MxF: np.ndarray) -> float:
+def polynomial_mmd2(x_QxF: np.ndarray, y_QxF: np.ndarray) -> float:
     """Unbiased MMD^2 with the KID kernel ``k(a, b) = (a.b / F + 1)^3`` (Bińkowski et al., 2018, Eq. 3)."""
-    x, y = np.asarray(x_NxF, np.float64), np.asarray(y_MxF, np.float64)
+    x, y = np.asarray(x_QxF, np.float64), np.asarray(y_QxF, np.float64)
     d = x.shape[1]
     kxx, kyy, kxy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3, ((x @ y.T) / d + 1) ** 3
     n, m = len(x), len(y)
@@ -116,10 +116,10 @@ def polynomial_mmd2(x_NxF: np.ndarray, y_MxF: np.ndarray) -> float:
                  - 2 * kxy.mean())
 
 
-def kid_from_features(feats1_NxF: np.ndarray, feats2_NxF: np.ndarray, *, num_subsets: int = 50,
+def kid_from_features(feats1_QxF: np.ndarray, feats2_QxF: np.ndarray, *, num_subsets: int = 50,
                       subset_size: int = 500, seed: int = 0) -> tuple[float, float]:
     """KID: mean and std of the unbiased polynomial MMD^2 over random subsets (as in torch-fidelity / clean-fid)."""
-    f1, f2 = np.asarray(feats1_NxF), np.asarray(feats2_NxF)
+    f1, f2 = np.asarray(feats1_QxF), np.asarray(feats2_QxF)
     size = min(subset_size, len(f1), len(f2))
     if size < 2:
         raise ValueError(f"KID needs at least 2 examples per set, got {len(f1)} and {len(f2)}")

@@ -9,7 +9,7 @@ over a stage index (``engine.sequence(range(K), exit_steps=range(K))``) and the 
 (``policies.window`` for window cascades, ``policies.threshold`` for the plain one); with ``engine.BucketCascade()``
 stage k runs only on a bucket holding the rows still going on, so its cost follows the forwarded fraction.
 
-Shapes: B batch, C classes, K stages (= exits).
+Shapes: B batch, C classes, E stages (the cascade's exits).
 """
 from __future__ import annotations
 

@@ -170,20 +170,47 @@ class Timing(NamedTuple):
     std_s: float
     iters: int
     times_s: tuple[float, ...] = ()  # every timed call, for medians and minima
+    output: Any = None               # what the last timed call returned (ready on the device)
+
+    @property
+    def min_s(self) -> float:
+        """The fastest call: the least disturbed by other work on a shared machine."""
+        return float(min(self.times_s))
 
 
 def measure(fn: Callable[..., Any], *args, warmup: int = 2, iters: int = 10) -> Timing:
-    """Times ``fn(*args)`` with ``jax.block_until_ready``, so asynchronous dispatch is not mistaken for speed."""
+    """Times ``fn(*args)`` with ``jax.block_until_ready``, so asynchronous dispatch is not mistaken for speed: the
+    one timer of eejax (experiments and benchmarks time through it, or through ``measure_interleaved``)."""
     if iters < 1 or warmup < 0:
         raise ValueError(f"need {iters=} >= 1 and {warmup=} >= 0")
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
-    times = []
+    times, out = [], None
     for _ in range(iters):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        out = jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
-    return Timing(mean_s=float(np.mean(times)), std_s=float(np.std(times)), iters=iters, times_s=tuple(times))
+    return Timing(mean_s=float(np.mean(times)), std_s=float(np.std(times)), iters=iters, times_s=tuple(times),
+                  output=out)
+
+
+def measure_interleaved(calls: Mapping[str, tuple[Callable[..., Any], Sequence[Any]]], *, warmup: int = 1,
+                        iters: int = 3) -> dict[str, Timing]:
+    """``measure`` of several ``name -> (fn, args)`` calls run round-robin (``warmup`` untimed rounds, then one timed
+    call of each per round for ``iters`` rounds), so a slow spell of a shared machine hits every candidate alike."""
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"need {iters=} >= 1 and {warmup=} >= 0")
+    for _ in range(warmup):
+        for fn, args in calls.values():
+            jax.block_until_ready(fn(*args))
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    outs: dict[str, Any] = {}
+    for _ in range(iters):
+        for name, (fn, args) in calls.items():
+            start = time.perf_counter()
+            outs[name] = jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - start)
+    return {name: Timing(float(np.mean(t)), float(np.std(t)), iters, tuple(t), outs[name]) for name, t in times.items()}
 
 
 def throughput(fn: Callable[..., Any], batch_size: int, *args, warmup: int = 2, iters: int = 10) -> float:

@@ -11,7 +11,7 @@ stacked layers, only viewed as ``(N / k, k, ...)``; so a grouped stack runs on t
 prefix program over ``N / k`` steps for the static path, ``run_layers`` / ``scan_exits`` for training), with
 ``parallel_layer_fn`` as the ``layer_fn`` that evaluates one group as a ``vmap`` over its ``k`` layers and sums.
 
-Shapes: N stored layers, G = N / k groups, K = k layers per group, B batch, T tokens, D width.
+Shapes: N stored layers, U = N / k groups, L = k layers per group, B batch, T tokens, D width.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from eejax.exits import engine
 
 
 def group_layers(layers: nnx.Module, k: int) -> nnx.Module:
-    """The stacked ``layers`` (leading axis N) viewed as ``N / k`` groups of ``k`` (leading axes G x K); the
+    """The stacked ``layers`` (leading axis N) viewed as ``N / k`` groups of ``k`` (leading axes U x L); the
     parameters are reshaped, not copied or re-initialised, so gradients flow to the same leaves."""
     n = engine.num_layers_of(layers)
     if k < 1 or n % k:
@@ -38,8 +38,8 @@ def parallel_layer_fn(layer: nnx.Module, h, ctx: engine.StepCtx):
     if ctx.sub_B is not None:
         raise ValueError("parallel layer groups run whole layers; the program must not set sublayer bits")
     layer_def, group = nnx.split(layer)
-    delta_KxBx = jax.vmap(lambda p: nnx.merge(layer_def, p)(h) - h)(group)
-    return h + delta_KxBx.sum(axis=0)
+    delta_LxBx = jax.vmap(lambda p: nnx.merge(layer_def, p)(h) - h)(group)
+    return h + delta_LxBx.sum(axis=0)
 
 
 def static_run(layers: nnx.Module, head, h0, k: int):

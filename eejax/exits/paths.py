@@ -13,7 +13,7 @@ same outputs; tested).
   the full matmul; only the kernel skips work). Its speed is timed by ``benchmarks/vit_paths.py`` (path
   ``gated_kernel``).
 
-Shapes: B batch, P devices on the data axis, T tokens, D width.
+Shapes: B batch, Z devices on the data axis, T tokens, D width.
 """
 from __future__ import annotations
 

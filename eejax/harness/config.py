@@ -133,7 +133,7 @@ def _load(spec: str):
                           "the ':' for the default")
     module_spec = importlib.util.spec_from_file_location(f"eejax_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    # Configs may import the shared pieces beside them (configs/_lm_base.py) by bare name.
+    # Configs may import the shared pieces beside them (configs/_base_*.py) by bare name.
     sys.path.insert(0, str(file.resolve().parent))
     try:
         module_spec.loader.exec_module(module)
@@ -258,7 +258,7 @@ def run_dirs(cfg: ml_collections.ConfigDict, args: argparse.Namespace, result_na
     unless ``--overwrite`` was given."""
     workdir = pathlib.Path(args.workdir or f"runs/{cfg.name}")
     outdir = pathlib.Path(args.outdir or workdir / "results")
-    _writable_dir(outdir, "--outdir" if args.outdir else f"the results folder (default --outdir)")
+    _writable_dir(outdir, "--outdir" if args.outdir else "the results folder (default --outdir)")
     for f in (f"{result_name}.md", f"{result_name}.json"):
         if (outdir / f).is_dir():
             raise ResultsExistError(f"{outdir / f} is a folder where the results file goes; move it away")

@@ -42,7 +42,7 @@ import threading
 import time
 from typing import Any, Callable, Mapping
 
-from eejax.errors import ConfigError, ConfigMismatchError, DiskFullError, EejaxError, RunError, WorkdirLockedError
+from eejax.errors import ConfigMismatchError, DiskFullError, EejaxError, WorkdirLockedError
 
 RESUME_FORMAT = 1
 RUN_CONFIG = "run_config.json"

@@ -387,17 +387,17 @@ def deediff_loss(eps_pred_ExBxP: jax.Array, uem_logit_ExB: jax.Array, noise_BxP:
 
 def training_loss(graphdef, sched: NoiseSchedule, *, lam: float = 1.0, beta: float = 1.0,
                   detach_ual_weight: bool = True, remat: bool = False, parameterization: str = "eps"):
-    """``loss_fn(params, batch, rng)`` for the Trainer; batch = ``{"image": B x H x W x C in [-1, 1], "label": B}``.
+    """``loss_fn(params, batch, ctx)`` for the Trainer; batch = ``{"image": B x H x W x C in [-1, 1], "label": B}``.
 
     ``lam = beta = 0`` is plain DDPM training of the last exit (the early exits then get no training signal).
     """
     num_t = sched.betas_T.shape[0]
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, batch, ctx):
         model = nnx.merge(graphdef, params)
         x0 = batch["image"]
         b = x0.shape[0]
-        k_t, k_n = jax.random.split(rng)
+        k_t, k_n = jax.random.split(ctx.rng)
         t_B = jax.random.randint(k_t, (b,), 0, num_t)
         noise = jax.random.normal(k_n, x0.shape, x0.dtype)
         y = batch["label"] if model.cfg.num_classes else None

@@ -185,7 +185,7 @@ class ClassifierMetrics(NamedTuple):
 
 
 def classifier_loss(lm_graphdef, lm_params, clf_graphdef, *, top_k: int = 1, weighting: str = "decaying"):
-    """Loss on the frozen LM: ``loss_fn(clf_params, batch, rng, step)`` for the Trainer (``batch["tokens"]``);
+    """Loss on the frozen LM: ``loss_fn(clf_params, batch, ctx)`` for the Trainer (``batch["tokens"]``);
     only the classifiers train. The LM may be ``eejax.models.lm.DecoderLM`` or ``mamba_lm.MambaLM``.
 
     ``clf_graphdef`` may be a dict ``{name: graphdef}`` (then ``clf_params`` is ``{name: params}``): classifiers of
@@ -206,8 +206,8 @@ def classifier_loss(lm_graphdef, lm_params, clf_graphdef, *, top_k: int = 1, wei
         total = jnp.sum(w_E * jnp.mean(bce_ExBxT, axis=(1, 2)))
         return total, ClassifierMetrics(total, jnp.mean((gate > 0) == (label > 0)), jnp.mean(label))
 
-    def loss_fn(clf_params, batch, rng, step):
-        del rng, step
+    def loss_fn(clf_params, batch, ctx):
+        del ctx
         outs = jax.lax.stop_gradient(nnx.merge(lm_graphdef, lm_params).all_exits(batch["tokens"]))
         label = relaxed_labels(outs.logits_ExBxTxV, top_k)
         params = clf_params if many else {"": clf_params}

@@ -446,7 +446,7 @@ def lm_ce(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weight_BxT: jax.Array
 
 def multi_exit_lm_loss(graphdef, cfg: LMConfig, *, weighting: str = "uniform", gamma: float = 2.0,
                        warmup_steps: int = 0, layer_drop: float = 0.0, pos_mask_NxT=None, remat: bool = False):
-    """``loss_fn(params, batch, rng, step)`` for the Trainer; ``batch = {"tokens", "targets"}`` (``B x T`` int32).
+    """``loss_fn(params, batch, ctx)`` for the Trainer; ``batch = {"tokens", "targets"}`` (``B x T`` int32).
 
     Weighted CE over exits (``weighting`` uniform / linear / geometric, ``losses.exit_weights``) with the EE-LLM
     warm-up, LayerSkip layer dropout of maximum rate ``layer_drop``, and optionally SkipDecode's per-position layer
@@ -456,16 +456,16 @@ def multi_exit_lm_loss(graphdef, cfg: LMConfig, *, weighting: str = "uniform", g
     rates_N = layerskip_rates(cfg.depth, layer_drop)
     final_only = pos_mask_NxT is not None
 
-    def loss_fn(params, batch, rng, step):
+    def loss_fn(params, batch, ctx):
         tokens, targets = batch["tokens"], batch["targets"]
-        mask = layer_drop_mask(rng, rates_N, tokens.shape[0]) if layer_drop > 0 else None
+        mask = layer_drop_mask(ctx.rng, rates_N, tokens.shape[0]) if layer_drop > 0 else None
         model = nnx.merge(graphdef, params)
         exits = [cfg.num_exits - 1] if final_only else None
         outs = model.all_exits(tokens, layer_mask_NxB=mask, pos_mask_NxT=pos_mask_NxT, exits=exits, remat=remat)
         ce_E = jnp.stack([lm_ce(lg, targets) for lg in outs.logits_ExBxTxV])
         if final_only:
             return ce_E[0], {"ce_last": ce_E[0]}
-        w_E = warmup_exit_weights(step, base_E, warmup_steps)
+        w_E = warmup_exit_weights(ctx.step, base_E, warmup_steps)
         return jnp.sum(w_E * ce_E), {"ce_first": ce_E[0], "ce_last": ce_E[-1], "w_first": w_E[0]}
 
     return loss_fn
@@ -495,10 +495,10 @@ def classifier_gate(clf: dict, h_BxD: jax.Array, e) -> jax.Array:
 
 def classifier_loss(graphdef, model_params):
     """Second-stage loss on the frozen model: BCE of each exit's gate against "this exit's argmax equals the final
-    argmax" (CALM's consistency label). ``loss_fn(clf, batch, rng)``; only the classifier is trained."""
+    argmax" (CALM's consistency label). ``loss_fn(clf, batch, ctx)``; only the classifier is trained."""
 
-    def loss_fn(clf, batch, rng):
-        del rng
+    def loss_fn(clf, batch, ctx):
+        del ctx
         outs = jax.lax.stop_gradient(nnx.merge(graphdef, model_params).all_exits(batch["tokens"]))
         pred_ExBxT = jnp.argmax(outs.logits_ExBxTxV, -1)
         label = (pred_ExBxT == pred_ExBxT[-1:]).astype(jnp.float32)

@@ -228,7 +228,7 @@ def param_count(params) -> int:
 
 def distilled_lm_loss(graphdef, exit_layers: Sequence[int], *, weighting: str = "decaying", kd_weight: float = 1.0,
                       temperature: float = 1.0, remat: bool = False):
-    """``loss_fn(params, batch, rng, step)`` for the Trainer, for any LM whose ``all_exits(tokens)`` gives
+    """``loss_fn(params, batch, ctx)`` for the Trainer, for any LM whose ``all_exits(tokens)`` gives
     ``logits_ExBxTxV`` (this model, ``eejax.models.lm.DecoderLM``); ``batch = {"tokens", "targets"}``.
 
     Loss = CE(final exit, targets) + ``kd_weight`` * sum_e w_e KD(final -> exit e) over the early exits, the final
@@ -239,8 +239,8 @@ def distilled_lm_loss(graphdef, exit_layers: Sequence[int], *, weighting: str = 
     w_E = jnp.asarray(losses.exit_weights(exit_layers[:-1], weighting) if len(exit_layers) > 1 else np.zeros(0),
                       jnp.float32)
 
-    def loss_fn(params, batch, rng, step):
-        del rng, step
+    def loss_fn(params, batch, ctx):
+        del ctx
         model = nnx.merge(graphdef, params)
         logits = model.all_exits(batch["tokens"], remat=remat).logits_ExBxTxV
         ce_final = lm_ce(logits[-1], batch["targets"])

@@ -5,9 +5,16 @@
     state = trainer.fit(batches, num_steps)          # resumes from workdir/ckpt if a checkpoint is there
     sums = trainer.evaluate(eval_fn, eval_batches)
 
-`loss_fn(params, batch, rng[, step]) -> (loss, {name: scalar})`; `params` is any pytree (a dict, an `nnx.State` from
-`nnx.split`). `batches` yields dicts of numpy arrays with a leading batch axis B (this process's slice) and has
-`state_dict()` / `load_state_dict()`, saved with every checkpoint so a rerun continues on the same data.
+`loss_fn(params, batch, ctx) -> (loss, {name: scalar})` is the one signature: `params` is what is trained, any
+pytree (a dict, an `nnx.State` from `nnx.split`); `batch` a dict of arrays; `ctx` a `StepContext`: `ctx.step` the
+updates applied so far (losses with a schedule, e.g. LGViT's alternating stage 1, exit-weight warm-ups), `ctx.rng`
+this step's key, `ctx.frozen` the `fit(..., frozen=...)` pytree (None without it). `batches` yields dicts of numpy
+arrays with a leading batch axis B (this process's slice) and has `state_dict()` / `load_state_dict()`, saved with
+every checkpoint so a rerun continues on the same data (`ArrayIterator` serves arrays already in memory).
+
+Frozen parameters (a pretrained backbone under trained exit heads, the other half of an alternating fit) go in
+`fit(..., frozen=...)`: an argument of the jitted step, placed once on the mesh and never donated, so they are
+neither trained, nor baked into the program as constants, nor consumed by the step.
 
 Step k is the k-th update: it draws the k-th batch, uses `fold_in(rng, k - 1)` and produces `state.step == k`;
 the checkpoint of step k holds that state. A run killed anywhere and rerun with the same command ends with the
@@ -19,7 +26,6 @@ Env vars: EEJAX_NO_PROGRESS=1 hides the progress bar; EEJAX_CRASH_AT_STEP=k (tes
 with code 17 right after step k, as a kill would, to test resumption.
 """
 import functools
-import inspect
 import os
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
@@ -37,7 +43,14 @@ from eejax.train.distributed import maybe_initialize
 from eejax.train.metrics import MetricsWriter, Throughput
 from eejax.train.optim import learning_rate
 
-LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
+class StepContext(NamedTuple):
+    """What a loss gets beside the trained params and the batch (the third argument of every loss_fn)."""
+    step: jax.Array  # int32[]: updates applied so far (0 at the first step)
+    rng: jax.Array   # this step's key: fold_in(seed key, step)
+    frozen: Any      # fit(..., frozen=...) as given (on the mesh), or None
+
+
+LossFn = Callable[[Any, Mapping[str, jax.Array], StepContext], tuple[jax.Array, Mapping[str, jax.Array]]]
 EvalFn = Callable[[Any, Mapping[str, jax.Array]], Mapping[str, jax.Array]]
 MASK_KEY = "_mask"  # float32[B] added to every eval batch: 1 for real examples, 0 for padding.
 CRASH_EXIT_CODE = 17
@@ -56,13 +69,10 @@ class TrainState(NamedTuple):
 
 
 def _train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, state: TrainState,
-                batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+                batch: Mapping[str, jax.Array], frozen: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update; ordinary single-device code, XLA inserts the gradient all-reduce over the batch sharding."""
-    rng = jax.random.fold_in(state.rng, state.step)
-    # Losses whose schedule depends on the step (LGViT's alternating stage 1, exit-weight warm-ups) declare a
-    # `step` parameter and get the number of updates applied so far.
-    extra = {"step": state.step} if "step" in inspect.signature(loss_fn).parameters else {}
-    (loss, aux), grads = jax.value_and_grad(lambda p: loss_fn(p, batch, rng, **extra), has_aux=True)(state.params)
+    ctx = StepContext(state.step, jax.random.fold_in(state.rng, state.step), frozen)
+    (loss, aux), grads = jax.value_and_grad(lambda p: loss_fn(p, batch, ctx), has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # grad_norm is checked with the loss: a finite loss with NaN gradients would poison the next checkpoint.
@@ -77,7 +87,7 @@ def _checked_loss(loss_fn: LossFn) -> LossFn:
     """``loss_fn`` whose outputs are checked while tracing: a non-scalar loss or metric is one ValueError naming
     it, not value_and_grad's TypeError or a failed float() at the first log step."""
 
-    @functools.wraps(loss_fn)  # (inspect.signature follows __wrapped__: a `step` parameter is still seen)
+    @functools.wraps(loss_fn)
     def checked(*args, **kwargs):
         out = loss_fn(*args, **kwargs)
         if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
@@ -131,9 +141,10 @@ class Trainer:
         self._init = jax.jit(
             lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p), jax.random.PRNGKey(seed)),
             out_shardings=self.replicated)
+        # Frozen parameters are an argument (replicated, not donated), so one program serves any of their values.
         loss_fn = _checked_loss(loss_fn)
-        self._step = jax.jit(lambda s, b: _train_step(loss_fn, optimizer, s, b),
-                             in_shardings=(self.replicated, self.batch_sharding),
+        self._step = jax.jit(lambda s, b, f: _train_step(loss_fn, optimizer, s, b, f),
+                             in_shardings=(self.replicated, self.batch_sharding, self.replicated),
                              out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
         self._eval_fns: dict[EvalFn, Callable] = {}
         self._is_chief = jax.process_index() == 0
@@ -166,12 +177,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ loop
 
-    def fit(self, batches: Iterator[Mapping[str, np.ndarray]], num_steps: int, *, desc: str = "train") -> TrainState:
-        """Trains until `state.step == num_steps`, resuming from the latest checkpoint in `workdir/ckpt`."""
+    def fit(self, batches: Iterator[Mapping[str, np.ndarray]], num_steps: int, *, desc: str = "train",
+            frozen: Any = None) -> TrainState:
+        """Trains until `state.step == num_steps`, resuming from the latest checkpoint in `workdir/ckpt`.
+
+        `frozen` reaches the loss as `ctx.frozen` (not trained, not checkpointed: a rerun passes the same)."""
         num_steps = checks.integer(num_steps, "num_steps", lo=0)  # fit(2.5) or fit(-3) must not train 2 or 0 steps
         if not (hasattr(batches, "state_dict") and hasattr(batches, "load_state_dict")):
             raise ValueError(f"batches (a {type(batches).__name__}) needs state_dict()/load_state_dict() so runs can "
-                             "resume (eejax.data.pipeline.BatchIterator, eejax.data.lm.WindowIterator have them)")
+                             "resume (eejax.data.pipeline.BatchIterator, eejax.data.lm.WindowIterator and "
+                             "eejax.train.ArrayIterator have them)")
         # The newest checkpoint that passes its checksum and restores; bad newer ones are reported and set aside.
         restored = self.checkpointer.restore_latest_good(self._abstract_state())
         if restored is None:
@@ -186,6 +201,7 @@ class Trainer:
             self.state = state
             return state
 
+        frozen = None if frozen is None else jax.device_put(frozen, self.replicated)
         crash_at = int(os.environ.get("EEJAX_CRASH_AT_STEP", "-1"))
         writer = MetricsWriter(self.workdir, enabled=self._is_chief)
         bar = tqdm(total=num_steps, initial=start, desc=desc, dynamic_ncols=True,
@@ -195,7 +211,7 @@ class Trainer:
         try:
             for step in range(start + 1, num_steps + 1):
                 batch = self.shard_batch(next(batches))
-                state, metrics = self._step(state, batch)
+                state, metrics = self._step(state, batch, frozen)
                 # Fetch the previous step's metrics now: the device already has this step queued, so never idles.
                 if pending is not None:
                     self._finish(pending, writer, bar, throughput, num_steps)

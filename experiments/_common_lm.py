@@ -1,4 +1,5 @@
-"""Shared plumbing of the LM decoding experiments (experiments/per_token_exit.py, experiments/skipdecode.py).
+"""Shared plumbing of the experiments on LMs trained here (experiments/per_token_exit.py, experiments/skipdecode.py,
+experiments/dynamax.py).
 
 data (offline text, char/byte tokenizer) -> base model (multi-exit LM loss, LayerSkip dropout, EE-LLM warm-up, the
 one Trainer; resumable, in <workdir>/base-lm or a shared model_workdir) -> optional stages on top (CALM's learned exit
@@ -27,51 +28,41 @@ from eejax.data.text import ByteTokenizer, CharTokenizer, load_text
 from eejax.decoding import per_token, skipdecode
 from eejax.exits import confidence as conf_lib
 from eejax.exits import costs
+from eejax.harness import results as result_files
 from eejax.models import lm as lm_lib
 from eejax.train import Trainer, make_optimizer
 
 # ------------------------------------------------------------------------------------------------------ data
 
 
-class Setup(NamedTuple):
-    """What both LM experiment scripts start from."""
-    cfg: Any
-    args: Any
-    prov: Any   # eejax.eval.results.Provenance: command, device, commit, date
-    workdir: pathlib.Path
-    outdir: pathlib.Path
-    model_dir: pathlib.Path
-    corpus: Any
-
-
-def setup(argv, name: str, description: str) -> Setup:
-    """Parse and validate the command line, load the corpus, lock the workdir and bind it to the config, refuse to
-    overwrite results, and record the provenance.
-
-    The base model lives in ``<workdir>/base-lm``, or in ``cfg.model_workdir`` when set (to share it between
-    experiments): that directory is then locked and bound to the fields the base model depends on.
-    """
-    from eejax.harness import config as config_lib
-    from eejax.harness import run
-    from eejax.harness import results
-    from eejax.train import maybe_initialize
-
-    cfg, args = config_lib.parse_cli(argv, description=description)  # every value validated before any work
-    corpus = load_corpus(cfg, args.data_dir)
-    maybe_initialize()
-    prov = results.provenance(f"experiments.{name}", argv)
-    workdir, outdir = run.prepare(cfg, args, name)
-    if cfg.model_workdir:
-        base = {k: cfg[k].to_dict() if hasattr(cfg[k], "to_dict") else cfg[k] for k in BASE_MODEL_FIELDS}
-        model_dir = run.open_workdir(cfg.model_workdir, cfg, fresh=args.fresh, what="model_workdir",
-                                     record=run.config_record(base))
-    else:
-        model_dir = workdir / "base-lm"
-    print(f"data: {corpus.description}; device: {prov.device}")
-    return Setup(cfg, args, prov, workdir, outdir, model_dir, corpus)
+def model_dir(run, corpus) -> pathlib.Path:
+    """Where the base model lives: ``<workdir>/base-lm``, or ``cfg.model_workdir`` when set (to share it between
+    experiments), that directory then locked and bound to the fields the base model depends on. Prints the data
+    line every LM run starts with."""
+    cfg = run.cfg
+    print(f"data: {corpus.description}; device: {run.prov.device}")
+    base = {k: cfg[k].to_dict() if hasattr(cfg[k], "to_dict") else cfg[k] for k in BASE_MODEL_FIELDS}
+    return run.shared_workdir(cfg.model_workdir, base, run.workdir / "base-lm")
 
 
 BASE_MODEL_FIELDS = ("seed", "data", "model", "train")  # what the base model's checkpoints depend on
+
+
+def shared_base(run, corpus, *, producer: bool) -> tuple[Any, Any, lm_lib.LMConfig, float]:
+    """``train_base`` in ``model_dir(run, corpus)``, with the provenance of a base model shared through
+    ``cfg.model_workdir``: the run that trains it (``producer``: per_token_exit) leaves a record beside its
+    checkpoint for its readers (``results.write_artefact_record``); a run that reads one another run trained
+    (skipdecode, or the producer resuming someone else's) names it among its inputs (``results.record_input``)."""
+    cfg = run.cfg
+    directory = model_dir(run, corpus)
+    ckpt = directory / "base" / "ckpt"
+    trained_elsewhere = bool(cfg.model_workdir) and ckpt.with_name(f"ckpt{result_files.RECORD_SUFFIX}").exists()
+    out = train_base(cfg, corpus, directory)
+    if cfg.model_workdir and producer and not trained_elsewhere:
+        result_files.write_artefact_record(ckpt, run.prov, step=cfg.train.steps)
+    elif cfg.model_workdir:
+        result_files.record_input(run.prov, ckpt, "base model (config.model_workdir)")
+    return out
 
 
 class Corpus(NamedTuple):
@@ -79,6 +70,11 @@ class Corpus(NamedTuple):
     train_ids: np.ndarray
     eval_ids: np.ndarray
     description: str
+
+
+def corpus(cfg, args) -> Corpus:
+    """The runner's ``data`` hook: ``load_corpus`` from ``--data_dir``, before any file is written."""
+    return load_corpus(cfg, args.data_dir)
 
 
 def load_corpus(cfg, data_dir) -> Corpus:
@@ -110,7 +106,9 @@ def model_config(cfg, vocab_size: int) -> lm_lib.LMConfig:
 # -------------------------------------------------------------------------------------------------- training
 
 
-def _fit(loss_fn, params, optim_cfg, batches, steps, workdir, cfg, desc, trainable=None):
+def fit(loss_fn, params, optim_cfg, batches, steps, workdir, cfg, desc, trainable=None):
+    """``steps`` updates of ``loss_fn`` on the one Trainer, resumable in ``workdir`` (its log and checkpoint
+    cadence from ``cfg``); returns the trained parameters."""
     with Trainer(loss_fn, params, make_optimizer(optim_cfg, trainable=trainable), workdir=workdir, seed=cfg.seed,
                  log_every=cfg.log_every, ckpt_every=cfg.ckpt_every) as tr:
         return tr.fit(batches, steps, desc=desc).params
@@ -125,14 +123,14 @@ def train_base(cfg, corpus: Corpus, workdir) -> tuple[Any, Any, lm_lib.LMConfig,
                                         warmup_steps=t.warmup_steps, layer_drop=t.layer_drop)
     batches = WindowIterator(corpus.train_ids, cfg.data.batch_size, cfg.data.seq_len, seed=cfg.seed)
     start = time.perf_counter()
-    params = _fit(loss_fn, params, t.optim, batches, t.steps, pathlib.Path(workdir) / "base", cfg, "base LM")
+    params = fit(loss_fn, params, t.optim, batches, t.steps, pathlib.Path(workdir) / "base", cfg, "base LM")
     return graphdef, params, mcfg, time.perf_counter() - start
 
 
 def train_classifier(cfg, graphdef, params, mcfg, corpus: Corpus, workdir) -> dict:
     """Stage 2 on the frozen model: CALM's learned exit classifier (label: exit argmax == final argmax)."""
     batches = WindowIterator(corpus.train_ids, cfg.data.batch_size, cfg.data.seq_len, seed=cfg.seed + 1)
-    return _fit(lm_lib.classifier_loss(graphdef, params), lm_lib.init_classifier(mcfg), cfg.classifier.optim,
+    return fit(lm_lib.classifier_loss(graphdef, params), lm_lib.init_classifier(mcfg), cfg.classifier.optim,
                 batches, cfg.classifier.steps, pathlib.Path(workdir) / "classifier", cfg, "exit classifier")
 
 
@@ -148,7 +146,7 @@ def finetune_skipdecode(cfg, graphdef, params, mcfg, corpus: Corpus, layers_G, w
     batches = WindowIterator(corpus.train_ids, cfg.data.batch_size, cfg.data.seq_len, seed=cfg.seed + 2)
     kb = cfg.skipdecode.keep_bottom
     run = f"skipdecode-{name}" + (f"-keep{kb}" if kb else "")   # one checkpoint directory per schedule
-    return _fit(loss_fn, params, cfg.skipdecode.optim, batches, cfg.skipdecode.finetune_steps,
+    return fit(loss_fn, params, cfg.skipdecode.optim, batches, cfg.skipdecode.finetune_steps,
                 pathlib.Path(workdir) / run, cfg, f"SkipDecode fine-tune {name}")
 
 

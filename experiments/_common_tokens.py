@@ -1,5 +1,5 @@
-"""Plumbing shared by the token-exit papers (DToP, DyVTE): digit splits, resumable batches of in-memory arrays,
-training on the one Trainer, padded batched evaluation, measured CPU timing with the machine's load beside it.
+"""Plumbing shared by the token-exit papers (DToP, DyVTE): digit splits, training on the one Trainer over in-memory
+arrays, padded batched evaluation, measured CPU timing with the machine's load beside it.
 
 Shapes: N examples, B batch.
 """
@@ -8,14 +8,14 @@ from __future__ import annotations
 import os
 import pathlib
 import time
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import jax
 import numpy as np
 
 from eejax.data import pipeline
 from eejax.exits import costs
-from eejax.train import Trainer, make_optimizer
+from eejax.train import ArrayIterator, Trainer, make_optimizer
 
 
 def digit_splits(cfg, data_dir):
@@ -35,43 +35,15 @@ def normalise(images_uint8: np.ndarray, name: str) -> np.ndarray:
     return (x - np.asarray(norm.mean_C, np.float32)) / np.asarray(norm.std_C, np.float32)
 
 
-class Batches:
-    """Endless shuffled epochs of a dict of equal-length arrays (epoch e's order ``default_rng([seed, e])``,
-    remainder dropped); its position is saved with every checkpoint, so a rerun resumes on the same batches."""
-
-    def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, seed: int):
-        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
-        self.n = len(next(iter(self.arrays.values())))
-        if any(len(v) != self.n for v in self.arrays.values()) or not 1 <= batch_size <= self.n:
-            raise ValueError(f"need equal-length arrays and 1 <= batch_size <= {self.n}, got {batch_size}")
-        self.batch_size, self.seed, self.epoch, self.index = batch_size, seed, 0, 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self.index >= self.n // self.batch_size:
-            self.epoch, self.index = self.epoch + 1, 0
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        idx = order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
-        self.index += 1
-        return {k: v[idx] for k, v in self.arrays.items()}
-
-
 def fit(loss_fn, params, arrays: Mapping[str, np.ndarray], tcfg, workdir: pathlib.Path, *, seed: int,
         log_every: int, desc: str):
-    """``tcfg.steps`` updates of ``loss_fn(params, batch, rng)`` over shuffled batches of ``arrays``; resumes from
+    """``tcfg.steps`` updates of ``loss_fn(params, batch, ctx)`` over shuffled epochs of ``arrays``
+    (``eejax.train.ArrayIterator``, epoch e's order ``default_rng([seed, e])``, remainder dropped); resumes from
     ``workdir/ckpt``. Returns ``(params, seconds)`` (0 seconds when a finished run was resumed)."""
     start = time.perf_counter()
     with Trainer(loss_fn, params, make_optimizer(tcfg.optim), workdir=workdir, seed=seed, log_every=log_every,
                  ckpt_every=tcfg.steps) as tr:
-        params = tr.fit(Batches(arrays, tcfg.batch_size, seed), tcfg.steps, desc=desc).params
+        params = tr.fit(ArrayIterator(arrays, tcfg.batch_size, seed=seed), tcfg.steps, desc=desc).params
     return params, time.perf_counter() - start
 
 
@@ -93,17 +65,13 @@ def batched(fn: Callable, arrays: Mapping[str, np.ndarray], batch_size: int):
 
 
 def timed(calls: Mapping[str, tuple[Callable, tuple]], iters: int) -> dict[str, dict[str, float]]:
-    """Measured wall-clock per call (``costs.measure``, compilation excluded by its warm-up), round-robin so a slow
-    spell of the shared machine hits every candidate alike; the 1-minute load average is recorded beside it."""
-    times = {name: [] for name in calls}
-    for name, (fn, args) in calls.items():
-        costs.measure(fn, *args, warmup=1, iters=1)
-    for _ in range(iters):
-        for name, (fn, args) in calls.items():
-            times[name].append(costs.measure(fn, *args, warmup=0, iters=1).mean_s)
+    """Measured wall-clock per call (``costs.measure_interleaved``: compilation excluded by its warm-up round,
+    round-robin so a slow spell of the shared machine hits every candidate alike); the 1-minute load average is
+    recorded beside it."""
+    t = costs.measure_interleaved(calls, warmup=1, iters=iters)
     load = os.getloadavg()[0]
-    return {name: {"median_s": float(np.median(t)), "min_s": float(np.min(t)), "load_1min": load}
-            for name, t in times.items()}
+    return {name: {"median_s": float(np.median(x.times_s)), "min_s": x.min_s, "load_1min": load}
+            for name, x in t.items()}
 
 
 def cpu_label(load: float) -> str:

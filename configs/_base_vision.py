@@ -1,5 +1,7 @@
-"""The shared-head multi-exit ViT that MuE's and DeeR's configs both train (experiments/_shared_head_vit.py): one
-recipe, so one trained backbone (``model_workdir``) serves both papers."""
+"""The shared pieces of the vision configs: the checks every one of them makes (run name and seed, the dataset and
+its splits, the model's image shape against the dataset's), and the shared-head multi-exit ViT that MuE's, DeeR's,
+JEI-DNN's and the window cascade's configs all train (experiments/_common_vision.py): one recipe, so one trained
+backbone (``model_workdir``) serves MuE and DeeR."""
 import ml_collections
 
 from eejax.harness.config import Validator
@@ -32,29 +34,47 @@ def base_config(arg: str) -> ml_collections.ConfigDict:
     return c
 
 
-def validate_base(c) -> Validator:
-    """Checks of the backbone's fields; returns the Validator for the experiment's own checks."""
+def validate_vision(c, *, sizes=("data.train_size", "data.test_size"), positive=()) -> Validator:
+    """The checks every vision config makes: ``name``, ``seed``, ``data.name`` (a known dataset),
+    ``data.val_fraction`` (when the config has one), the split ``sizes`` (>= 0, 0 = all) and the ``positive``
+    integer fields (>= 1). Returns the Validator for the config's own checks."""
     from eejax.data import pipeline  # noqa: PLC0415
-    from eejax.models import vit as vit_lib  # noqa: PLC0415
 
     v = Validator(c)
     v.str("name")
-    v.str("model_workdir", nonempty=False)
     v.int("seed", lo=0)
     v.choice("data.name", pipeline.DATASETS)
-    v.float("data.val_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
-    for key in ("data.train_size", "data.test_size"):
+    if "val_fraction" in c.data:
+        v.float("data.val_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
+    for key in sizes:
         v.int(key, lo=0)
-    for key in ("data.batch_size", "data.eval_batch_size", "model.image_size", "model.channels", "model.patch_size",
-                "model.d_model", "model.depth", "model.num_heads", "model.mlp_dim", "train.steps", "log_every",
-                "ckpt_every"):
+    for key in positive:
         v.int(key, lo=1)
-    if c.model.depth < 2:
-        v.fail("model.depth", "must be >= 2 (an early exit needs a layer after it)")
-    v.choice("model.pool", ("cls", "mean"))
+    return v
+
+
+def check_image(v: Validator, c) -> None:
+    """``model.image_size`` x ``model.image_size`` x ``model.channels`` must be the dataset's image shape."""
+    from eejax.data import pipeline  # noqa: PLC0415
+
     if (c.model.image_size, c.model.image_size, c.model.channels) != pipeline.IMAGE_SHAPES[c.data.name]:
         v.fail("model.image_size", f"with model.channels={c.model.channels} does not match {c.data.name} images "
                                    f"{pipeline.IMAGE_SHAPES[c.data.name]}")
+
+
+def validate_base(c) -> Validator:
+    """Checks of the backbone's fields; returns the Validator for the experiment's own checks."""
+    from eejax.models import vit as vit_lib  # noqa: PLC0415
+
+    v = validate_vision(c, positive=(
+        "data.batch_size", "data.eval_batch_size", "model.image_size", "model.channels", "model.patch_size",
+        "model.d_model", "model.depth", "model.num_heads", "model.mlp_dim", "train.steps", "log_every",
+        "ckpt_every"))
+    v.str("model_workdir", nonempty=False)
+    if c.model.depth < 2:
+        v.fail("model.depth", "must be >= 2 (an early exit needs a layer after it)")
+    v.choice("model.pool", ("cls", "mean"))
+    check_image(v, c)
     v.float("train.label_smoothing", 0.0, 1.0, hi_open=True)
     v.optim("train.optim")
     v.build("model", lambda: vit_lib.ViTConfig(**c.model.to_dict(), num_classes=10, exits=[c.model.depth - 1],
