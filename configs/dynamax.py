@@ -4,9 +4,11 @@
 
 Runbook
 -------
-Command (args: shakespeare (default) | smoke):
+Command (args: shakespeare (default) | cpu | smoke):
     EEJAX_PYTHON=... nice -n 10 ./launch.sh dynamax:shakespeare --outdir experiments/results/dynamax-shakespeare
-    ./launch.sh dynamax:smoke          # tiny models, a few steps: tens of seconds
+    EEJAX_PYTHON=... nice -n 15 ./launch.sh dynamax:cpu --workdir runs/dynamax-cpu \
+        --outdir experiments/results/dynamax-shakespeare     # the committed run: see "cpu" below
+    ./launch.sh dynamax:smoke          # tiny models, a few steps: about 1.5 minutes (mostly compiling the decoders)
 Data: Tiny Shakespeare (first 90% of characters train, last 10% validation), character-level (65 symbols). The
     validation split is cut into windows of 64 prompt + 64 continuation characters: the first `eval.calib_batches`
     batches of 32 windows fit the thresholds, the next `eval.test_batches` are reported.
@@ -43,6 +45,12 @@ Comparisons: thresholds fit on the calibration windows to each target relative c
 Hardware / wall-clock: 2 CPU cores (AMD EPYC) shared with up to eight other runs (load average 12-17): Mamba LM
     ~3.4 s per step (~60 min), transformer ~1.1 s per step (~20 min), classifiers ~10 min, decoding sweep ~45 min;
     2-2.5 hours in all (resumable from the workdir).
+`cpu`: the same models, data and protocol cut to fit under an hour of the shared 2-core CPU (load average 3-6):
+    300 training steps per LM (warmup 30), 100 classifier steps, 32 continuation characters per window (31
+    scored), 2 calibration + 3 test batches of 32 windows (96 test windows, 2,976 scored characters), 6 thresholds,
+    no oracle arm (the state modes propagate and freeze only). Wall-clock: 28 minutes measured at load average 3-13
+    (expect up to ~50 under heavier load; resumable from the workdir up to the decoding sweep, which reruns whole).
+    Undertrained LMs: the shape, not the paper's scale (results: experiments/results/dynamax-shakespeare).
 Expected shape (PAPERS-WAVE4.md [inf]): both backbones' per-token exit curves above static truncation; a Mamba-block
     classifier at least as good as the MLP one at equal parameters; state propagation costs the SSM more than the
     transformer (its skipped-layer update is a larger share of a block), so at equal quality the SSM may save less.
@@ -63,8 +71,8 @@ NOT_IN_CHECKPOINTS = ("eval", "costs")
 
 def get_config(arg=None):
     arg = arg or "shakespeare"
-    if arg not in ("shakespeare", "smoke"):
-        raise ValueError(f"configs/dynamax.py: unknown arg {arg!r}; use shakespeare or smoke")
+    if arg not in ("shakespeare", "cpu", "smoke"):
+        raise ValueError(f"configs/dynamax.py: unknown arg {arg!r}; use shakespeare, cpu or smoke")
     c = ml_collections.ConfigDict()
     c.runbook = __doc__
     c.name = f"dynamax-{arg}"
@@ -91,6 +99,16 @@ def get_config(arg=None):
     c.costs = ml_collections.ConfigDict(dict(device="h200", batch=1, cache_len=128, dtype="bfloat16"))
     c.log_every = 100
     c.ckpt_every = 250
+    if arg == "cpu":
+        # The same models and protocol, cut to fit about 50 minutes of a shared 2-core CPU (see the runbook).
+        c.train.steps = c.train.optim.total_steps = 300
+        c.train.optim.warmup_steps = 30
+        c.classifier.steps = 100
+        c.eval.update(new_tokens=32, calib_batches=2, test_batches=3, oracle_gates=(),
+                      modes=dict(mamba=("propagate", "freeze"), transformer=("propagate",)),
+                      thresholds=(0.3, 0.5, 0.7, 0.85, 0.94, 0.99), resamples=2000)
+        c.log_every = 50
+        c.ckpt_every = 100
     if arg == "smoke":
         c.exits = "from:1"
         c.mamba.update(d_model=16, depth=4, d_state=2)

@@ -291,11 +291,25 @@ def check_skipdecode(data, out, tmp_path, *_):
 
 
 def check_dynamax(data, out, *_):
-    assert set(data["models"]) == {"mamba", "transformer"}
-    assert data["static"] and data["operating_points"] and data["host_stops"]
-    for r in (r for r in data["operating_points"] if r["threshold"] is not None):
-        assert 0 < r["compute"] <= 1.5 and 0 <= r["agreement"] <= 1
+    models = data["models"]
+    assert set(models) == {"mamba", "transformer"}
+    # Equal parameters: the transformer's MLP width is matched to the Mamba block.
+    assert abs(models["mamba"]["params"] - models["transformer"]["params"]) <= 0.01 * models["mamba"]["params"]
+    assert 0 < models["mamba"]["head_share"] < 1
+    arms = {(p["arch"], p["mode"], p["gate"]) for p in data["operating_points"]}
+    assert arms == {("mamba", "propagate", "max_softmax"), ("mamba", "propagate", "mamba"),
+                    ("mamba", "freeze", "max_softmax"), ("mamba", "freeze", "mamba"),
+                    ("transformer", "propagate", "max_softmax"), ("transformer", "propagate", "mamba")}
+    for p in data["operating_points"]:
+        if p["threshold"] is not None:
+            assert 0 < p["compute"] < 1.5 and 0 <= p["agreement"] <= 1 and p["speedup_h200"] > 0
+            lo, hi = p["dnll_vs_full"][1:]
+            assert lo <= p["dnll_vs_full"][0] <= hi
+    statics = [r for r in data["static"] if r["exit"] != "full model"]
+    assert len(statics) == 2 * 2 and all(r["compute"] < 1 for r in statics)
+    assert {r["arm"] for r in data["host_stops"]} >= {"full model", "propagate/mamba"}
     assert (out / "dynamax_quality_vs_compute.png").stat().st_size > 0
+    assert "| arch | mode | gate | fit |" in (out / "dynamax.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------------ token exit
