@@ -260,9 +260,14 @@ class Unrolled(NamedTuple):
     keep_running: bool = False
     on_stop: Callable | None = None
 
-    def run(self, layers, heads, h0, program: engine.Program, policy, *, layer_fn, aux) -> engine.DynamicOutputs:
+    def run(self, layers, heads, h0, program: engine.Program, policy, *, layer_fn, aux,
+            fields=None) -> engine.DynamicOutputs:
+        """``engine.run``'s executor protocol. ``fields`` (the ``HeadOut`` fields the caller reads) is honoured on
+        the static path; with a policy every field of the heads is carried (decode heads compute nothing unread:
+        ``gate_heads`` has no vocabulary)."""
         if policy is None:   # the static path: every step, the last head
-            return engine.run(layers, heads, h0, program, None, engine.Masked(), layer_fn=layer_fn, aux=aux)
+            return engine.run(layers, heads, h0, program, None, engine.Masked(), layer_fn=layer_fn, aux=aux,
+                              fields=fields)
         if not checks.is_concrete(program.exit_step_E):
             raise ValueError("the Unrolled executor needs static exit steps (a traced program: use engine.Masked)")
         ends_E = np.asarray(program.exit_step_E).astype(np.int64) + 1
