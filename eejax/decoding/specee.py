@@ -12,9 +12,10 @@ on one of the candidates; the row's token is then that argmax. Rows that never f
 the full head. So the output is near-lossless, not lossless: an exited token may differ from the full model's.
 
 K/V of exited tokens at deeper layers (the PAPERS.md red flag: SpecEE's ``AutoEE/Pure`` never writes them): CALM's
-state propagation, as ``per_token.exit_step`` does. Inside the loop the masked executor writes every row's K/V at
-every layer it runs, an exited row's from its frozen hidden state; after the loop the layers no row reached get
-their K/V from the same frozen states. Later tokens therefore attend over every slot of every layer.
+state propagation, as ``per_token.exit_step`` does, on the same decode executor (``kv.propagating``: one
+``lax.cond`` per exit decision, no data-dependent loop). Every layer the step runs writes every row's K/V, an exited
+row's from its frozen hidden state; in the branch where the batch stops the layers no row reached get their K/V
+from the same frozen states (one batched computation). Later tokens therefore attend over every slot of every layer.
 
 Shapes: B batch, K candidates (``k``), F = 3K features, H predictor width, E exits (scheduled layers + the last),
 D width, V vocabulary, G generated tokens, N layers.
@@ -131,16 +132,18 @@ class StepOut(NamedTuple):
 
 def target_step(model: DecoderLM, tok_B, state: kv_lib.DecodeState, cand_BxK, pred: Predictors,
                 schedule: Sequence[int], threshold: float = 0.5) -> tuple[StepOut, kv_lib.DecodeState]:
-    """One token per row through the target with SpecEE's exit policy (masked executor, state-propagated K/V)."""
+    """One token per row through the target with SpecEE's exit policy on the decode executor
+    (``kv.propagating``: one ``lax.cond`` per scheduled exit decision, the K/V of the layers no row reached filled
+    from each row's frozen exit state in the branch where the batch stops). Host round trips per token on a GPU:
+    per scheduled layer reached the predictor's full-head check (a cond, taken only when some row's score passes)
+    and the decision, plus one for the last layer's full head."""
     n = model.cfg.depth
     program = schedule_program(n, schedule)
     num_exits = program.num_exits
     full_head = lambda x: model.shared_head(x)   # noqa: E731  (x is already normed by the final norm)
     policy = SpecEEPolicy(pred, cand_BxK, full_head, threshold)
     out, new_state = kv_lib.forward(model, tok_B[:, None], state, program,
-                                    candidate_heads(model, cand_BxK, num_exits), policy)
-    # K/V of the layers no row reached, from each row's frozen exit state (one batched computation)
-    cache = kv_lib.propagate(model, new_state.cache, out.h, state.pos_B[:, None], out.layers_run)
+                                    candidate_heads(model, cand_BxK, num_exits), policy, kv_lib.propagating(model))
     last = out.exit_B == num_exits - 1
     cand_tok = jnp.take_along_axis(cand_BxK, jnp.argmax(out.out.logits_BxC, -1)[:, None], 1)[:, 0]
     final_tok = jax.lax.cond(jnp.any(last), lambda x: jnp.argmax(full_head(x), -1).astype(jnp.int32),
@@ -148,7 +151,7 @@ def target_step(model: DecoderLM, tok_B, state: kv_lib.DecodeState, cand_BxK, pr
     tok = jnp.where(last, final_tok, cand_tok).astype(jnp.int32)
     sched = jnp.asarray(program.exit_step_E)
     preds_B = jnp.where(last, num_exits - 1, out.exit_B + 1)   # predictor evaluations (the last layer has none)
-    return StepOut(tok, sched[out.exit_B], out.layers_run, preds_B), new_state._replace(cache=cache)
+    return StepOut(tok, sched[out.exit_B], out.layers_run, preds_B), new_state
 
 
 class SpecEEOutputs(NamedTuple):
