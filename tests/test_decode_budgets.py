@@ -114,6 +114,16 @@ def test_bf16_decode_has_no_f32_dot():
     for name in sorted(PATHS):
         dots = _dot_dtypes(name, "bfloat16")
         assert dots and _f32_dots(dots) == 0, (name, dots)
+    # The variants kept for comparison (the masked executor's while loop, traced layer counts, the FFN cond) too.
+    for name, step, args in (
+            ("masked", lambda m, t, s, i: per_token.exit_step(m, t, s, i, 0.5, executor="masked"), ()),
+            ("uls_traced", ls.table_step, (jnp.arange(N), jnp.int32(N))),
+            ("ffn_cond", lambda m, t, s, i: ffn_skip.skip_step(m, t, s, i, _never, branch="cond"), ())):
+        gd, params = _model("bfloat16")
+        fn = lambda p, *a: per_token.generate(nnx.merge(gd, p), PROMPT, LENGTHS, G,   # noqa: E731
+                                              lambda m, t, s, i: step(m, t, s, i, *a))
+        dots = hlo.dot_dtypes_of(jax.jit(fn).lower(params, *args).as_text())
+        assert dots and _f32_dots(dots) == 0, (name, dots)
     # The old default (a float32 cache under a bfloat16 model) shows up as float32 dots: the check has teeth.
     assert _f32_dots(_dot_dtypes("full", "bfloat16", jnp.float32)) > 0
     # Parameters cast to bfloat16 with LMConfig.dtype=None compute in bfloat16 too (the benchmarks did this).

@@ -171,11 +171,14 @@ def test_bf16_decoders_add_no_float32_dot(setup):
                                                 schedule=(1, 3), k=k),
         "jacobi": lambda p, t, l: jacobi.jacobi_decode(nnx.merge(gd, p), t, l, G, block=4),
     }
+    assert allowed == set()   # greedy decoding of a bfloat16 model runs no float32 dot at all
     for name, fn in decoders.items():
         text = lower(fn)
         f32 = _f32_dots(text, exempt_rhs=predictor if name == "specee" else ())
         assert f32 <= allowed, (name, f32, allowed)
         assert any("bf16" in t[:2] for t in hlo.dot_dtypes_of(text)), name   # it does compute in bfloat16
+        if name == "specee":   # the exemption names only the predictor: without it, float32 x float32 dots only
+            assert _f32_dots(text) == {("f32", "f32", "f32")}
 
 
 def test_draft_token_reads_less_than_a_greedy_step(setup):
