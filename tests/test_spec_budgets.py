@@ -8,8 +8,8 @@ On a GPU every data-dependent loop iteration and every conditional waits on the 
 * Kangaroo adds only its own keep-drafting decisions (one per draft step after the first) and the choice of the
   verify length; with ``gamma = 1`` it has exactly the static loop's structure;
 * SpecEE adds nothing to its target step's exit decisions (the drafter and the token loop: no stop), and the target
-  step runs on the decode executor: per scheduled layer one decision and one full-head check, plus the last
-  layer's full head, no data-dependent loop;
+  step runs on the decode executor: per scheduled layer one decision and one full-head check, nothing else, no
+  data-dependent loop;
 * CEED Jacobi decoding: one stop per fixed-point iteration (+1 to leave the block), no conditional;
 * bfloat16 decoding has no float32 dot that plain greedy decoding of the same model does not have;
 * a draft token's matrix products read less than a greedy step's, and less than the masked engine's draft.
@@ -110,9 +110,9 @@ def test_specee_adds_nothing_to_its_target_step(setup):
 
 def test_specee_target_step_has_no_loop_and_two_stops_per_scheduled_exit(setup):
     """``kv.propagating`` (the decode executor): no data-dependent loop, a ``lax.cond`` per scheduled exit decision,
-    one per scheduled layer's full-head check (run only when some predictor passes) and one for the last layer's
-    full head. With the predictor forced to 0 every one is evaluated: 2 S + 1 per token. The masked executor it
-    replaced had a while loop over the exits and a segment loop."""
+    one per scheduled layer's full-head check (run only when some predictor passes); the last layer's full head
+    runs in the last stage with no conditional of its own. With the predictor forced to 0 every one is evaluated:
+    2 S per token. The masked executor it replaced had a while loop over the exits and a segment loop."""
     gd, params, prompt, lengths = setup
     model = nnx.merge(gd, params)
     st = _state(gd, params, prompt, lengths)
@@ -122,12 +122,12 @@ def test_specee_target_step_has_no_loop_and_two_stops_per_scheduled_exit(setup):
         forced0 = pred._replace(b2_S=jnp.full_like(pred.b2_S, -1e9))
         step = hlo.profile(lambda p, t, s, c: specee.target_step(nnx.merge(gd, p), t, s, c, forced0, schedule),
                            params, prompt[:, 0], st, cand)
-        assert step.unknown_whiles == 0 and step.conditionals == 2 * len(schedule) + 1, schedule
-        assert step.host_stops(trips=100) == 2 * len(schedule) + 1, schedule
+        assert step.unknown_whiles == 0 and step.conditionals == 2 * len(schedule), schedule
+        assert step.host_stops(trips=100) == 2 * len(schedule), schedule
         adapter = kangaroo.init_adapter(model, 1)
         whole = hlo.profile(specee.decode_fn(gd, G, exit_layer=1, schedule=schedule, k=3), params, adapter,
                             forced0, prompt, lengths)
-        assert whole.host_stops(trips=100, per=G - 1) == 2 * len(schedule) + 1, schedule
+        assert whole.host_stops(trips=100, per=G - 1) == 2 * len(schedule), schedule
 
 
 def test_jacobi_stops_once_per_iteration(setup):

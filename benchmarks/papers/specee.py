@@ -17,8 +17,8 @@ t_forced0 - t_greedy - t_draft`` (per token). Compile excluded (AOT, one warm-up
 
 Host stops per generated token (``eejax.exits.hlo``, from each executed row's compiled program): greedy 0; the
 drafter's steps 0 (``draft_host_stops``); SpecEE's are its target step's on the decode executor (``kv.propagating``,
-no data-dependent loop): per scheduled layer one exit decision and one full-head check, plus the last layer's full
-head, all evaluated when no row exits (an upper bound otherwise).
+no data-dependent loop): per scheduled layer one exit decision and one full-head check, all evaluated when no row
+exits (an upper bound otherwise).
 """
 from __future__ import annotations
 
