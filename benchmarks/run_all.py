@@ -7,7 +7,8 @@
 Parts, in order, each a subprocess (a crash or a time-out of one part costs only that part; partial JSON is kept):
 
 1. ``vit``: ``vit_paths.py`` on one ViT-S-shape configuration (12 layers, D=384, 65 tokens, batch 1024, bf16;
-   the issue's table), paths static / masked / compacted under two bucket lists (default, eighths) / gated kernel;
+   the issue's table), paths static / masked / bucket cascade and compacted, each under two bucket lists (default,
+   eighths) / gated kernel;
 2. ``lm``: ``lm_decode.py``, GPT-2-small shape in bf16, batches 1/8/32/128, every decoding path;
 3. ``papers``: ``lm_papers.py``, every paper's decoder in ``benchmarks/papers/`` (self-speculative variants, layer
    skipping, Jacobi decoding) on a SmolLM2-135M-shaped model in bf16, each beside plain greedy decoding;
@@ -27,7 +28,7 @@ appends arguments to a part's preset (a later ``--paths`` wins), so new variants
 Only the standard library is imported here, and the benchmarks import no tensorflow-datasets or grain (absent on
 the GPU machine).
 
-The summary answers, for each question, which candidate won in this run: the compacted executor's bucket list,
+The summary answers, for each question, which candidate won in this run: each bucketed executor's bucket list,
 the best exit executor, kernel vs XLA for the gated MLP (``gated_kernel`` vs ``masked``), the attention kind, remat,
 the dtype, the speculative draft, fewer LM exits, command buffers; it shows every row's ``host_stops`` (issue 20:
 per forward for ViT paths, per token for LM paths) where the row has one, the training candidates side by side by
@@ -66,9 +67,11 @@ CMDBUF_ENV = {"EEJAX_COMMAND_BUFFERS": "1"}
 CMDBUF_FLAGS = "EEJAX_COMMAND_BUFFERS=1 (--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL)"
 VIT_PRESETS = {
     "gpu": ["--sizes", "gpu", "--dtype", "bfloat16", "--widths", "384", "--patches", "64", "--batches", "1024",
-            "--paths", "static,masked,compacted,gated_kernel", "--buckets", "default,eighths", "--repeats", "5"],
-    "small": ["--sizes", "small", "--paths", "static,masked,compacted,gated_kernel", "--buckets", "default,eighths"],
-    "tiny": ["--sizes", "tiny", "--paths", "static,masked,compacted,gated_kernel,continuous",
+            "--paths", "static,masked,cascade,compacted,gated_kernel", "--buckets", "default,eighths",
+            "--repeats", "5"],
+    "small": ["--sizes", "small", "--paths", "static,masked,cascade,compacted,gated_kernel",
+              "--buckets", "default,eighths"],
+    "tiny": ["--sizes", "tiny", "--paths", "static,masked,cascade,compacted,gated_kernel,continuous",
              "--buckets", "default,eighths"],
 }
 LM_PRESETS = {
@@ -221,13 +224,14 @@ def vit_summary(res: dict) -> tuple[dict, list[str], dict]:
             md.append(f"\n`{n}`: failed: {str(err).strip().splitlines()[-1][:160]}")
         md.append("")
         exit_pats = [p for p in pats if p != "full"]
-        compacted = [n for n in names if n.startswith("compacted")]
-        if compacted:
-            score = {n: _gmean([pats[p]["paths"].get(n, {}).get("speedup") for p in exit_pats]) for n in compacted}
-            best = max(score, key=lambda n: score[n] or 0)
-            win[f"{cfg['name']}: compacted bucket list"] = {
-                "winner": best, "buckets": cfg.get("buckets", {}).get(best),
-                "geomean_speedup_over_exit_patterns": {n: score[n] for n in compacted}}
+        for executor in ("cascade", "compacted"):   # the bucketed executors: which bucket list won, per executor
+            bucketed = [n for n in names if n == executor or n.startswith(executor + "_")]
+            if bucketed:
+                score = {n: _gmean([pats[p]["paths"].get(n, {}).get("speedup") for p in exit_pats]) for n in bucketed}
+                best = max(score, key=lambda n: score[n] or 0)
+                win[f"{cfg['name']}: {executor} bucket list"] = {
+                    "winner": best, "buckets": cfg.get("buckets", {}).get(best),
+                    "geomean_speedup_over_exit_patterns": {n: score[n] for n in bucketed}}
         dynamic = [n for n in names if n != "static"]
         if len(dynamic) > 1:
             score = {n: _gmean([pats[p]["paths"].get(n, {}).get("speedup") for p in exit_pats]) for n in dynamic}

@@ -45,11 +45,13 @@ def test_vit_schema_and_provenance(suite):
     assert result["all_agree"] is True and result["errors"] == {}
     (cfg,) = result["configs"]
     assert cfg["batch"] == 16 and cfg["depth"] == 4 and cfg["num_slots"] == 4
-    assert cfg["buckets"] == {"compacted": [8, 16], "compacted_eighths": [2, 4, 6, 8, 10, 12, 14, 16]}
+    eighths = [2, 4, 6, 8, 10, 12, 14, 16]
+    assert cfg["buckets"] == {"cascade": [8, 16], "cascade_eighths": eighths, "compacted": [8, 16],
+                              "compacted_eighths": eighths}
     assert set(cfg["patterns"]) == {"bimodal", "uniform", "geometric", "full"}
     for name, pat in cfg["patterns"].items():
-        assert set(pat["paths"]) == {"static", "masked", "compacted", "compacted_eighths", "gated_kernel",
-                                     "continuous"}, name
+        assert set(pat["paths"]) == {"static", "masked", "cascade", "cascade_eighths", "compacted",
+                                     "compacted_eighths", "gated_kernel", "continuous"}, name
         assert sum(pat["depth_histogram"]) == cfg["batch"]
         mean = np.dot(np.arange(1, cfg["depth"] + 1), pat["depth_histogram"]) / cfg["batch"]
         assert pat["mean_depth"] == pytest.approx(mean)
@@ -175,11 +177,14 @@ def test_suite_summary_names_every_winner(suite):
     assert summary["all_agree"] is True
     assert {s["returncode"] for s in summary["status"].values()} == {0}
     keys = " | ".join(summary["winners"])
-    for question in ("compacted bucket list", "gated MLP kernel vs XLA", "train attention kind", "train remat",
-                     "LM forced exit: every exit vs only the used exit", "LM speculative candidate"):
+    for question in ("cascade bucket list", "compacted bucket list", "gated MLP kernel vs XLA", "train attention kind",
+                     "train remat", "LM forced exit: every exit vs only the used exit", "LM speculative candidate"):
         assert question in keys, question
-    bucket = next(w for k, w in summary["winners"].items() if "bucket list" in k)
-    assert bucket["winner"] in ("compacted", "compacted_eighths")
+    for executor in ("cascade", "compacted"):   # both bucketed executors, each with its winning bucket list
+        (bucket,) = [w for k, w in summary["winners"].items() if k.endswith(f": {executor} bucket list")]
+        assert bucket["winner"] in (executor, f"{executor}_eighths")
+    best = next(w for k, w in summary["winners"].items() if k.endswith("best exit executor"))
+    assert {"cascade", "cascade_eighths"} <= set(best["geomean_speedup_over_exit_patterns"])
     assert any("MFU" in g["goal"] for g in summary["goals"]) is False   # MFU is not a goal result on CPU
     md = (suite / "summary.md").read_text()
     assert "## Winners" in md and "## Goals of issue 12" in md and "CPU run" in md

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from eejax.decoding import ffn_skip, kv as kv_lib, layer_skip as ls, per_token, skipdecode, void
-from eejax.exits import confidence, hlo
+from eejax.exits import confidence, engine, hlo
 from eejax.models import lm
 
 N, G = 4, 3
@@ -61,6 +61,14 @@ def _f32_dots(dots) -> int:
 
 
 _never = ffn_skip.saturation(np.inf, N, cold_first=0, cold_last=0)
+
+
+def _row_skip_step(m, t, s, keep_NxB):
+    """Whole layers skipped per row by a traced keep pattern (the voids benchmark's ``pp_pattern_skip``)."""
+    out, s = kv_lib.forward(m, t[:, None], s, engine.row_skip(keep_NxB, [N - 1]), kv_lib.final_head(m))
+    stats = per_token.StepStats(out.exit_layer_B, jnp.sum(keep_NxB, 0).astype(jnp.int32), out.score_B,
+                                out.layers_run, out.out.hidden_BxD)
+    return out.logits_BxC, stats, s
 # name -> (step function, traced extra arguments); counts and schedules that must be static are static.
 PATHS = {
     "full": (per_token.full_depth_step, ()),
@@ -76,11 +84,12 @@ PATHS = {
     "first_static": (lambda m, t, s, i, keep: ls.row_step(m, t, s, i, keep, count=N), (jnp.ones((N, 2), bool),)),
     "ffn_where": (lambda m, t, s, i: ffn_skip.skip_step(m, t, s, i, _never), ()),
     "lac": (lambda m, t, s, i: void.lac_step(m, t, s, i, 0.8), ()),
+    "void_pattern_skip": (lambda m, t, s, i, keep: _row_skip_step(m, t, s, keep), (jnp.ones((N, 2), bool),)),
 }
 
 
 @pytest.mark.parametrize("name", ["full", "forced_static", "threshold_oracle", "skipdecode_grouped", "uls_static",
-                                  "first_static", "ffn_where", "lac"])
+                                  "first_static", "ffn_where", "lac", "void_pattern_skip"])
 def test_no_host_stop(name):
     """Full decode and every mechanism with nothing data-dependent to decide: 0 host stops (greedy's count)."""
     prof = _profile(name)
@@ -113,6 +122,16 @@ def test_the_variants_kept_for_comparison_do_stop():
 def test_bf16_decode_has_no_f32_dot():
     for name in sorted(PATHS):
         dots = _dot_dtypes(name, "bfloat16")
+        assert dots and _f32_dots(dots) == 0, (name, dots)
+    # The variants kept for comparison (the masked executor's while loop, traced layer counts, the FFN cond) too.
+    for name, step, args in (
+            ("masked", lambda m, t, s, i: per_token.exit_step(m, t, s, i, 0.5, executor="masked"), ()),
+            ("uls_traced", ls.table_step, (jnp.arange(N), jnp.int32(N))),
+            ("ffn_cond", lambda m, t, s, i: ffn_skip.skip_step(m, t, s, i, _never, branch="cond"), ())):
+        gd, params = _model("bfloat16")
+        fn = lambda p, *a: per_token.generate(nnx.merge(gd, p), PROMPT, LENGTHS, G,   # noqa: E731
+                                              lambda m, t, s, i: step(m, t, s, i, *a))
+        dots = hlo.dot_dtypes_of(jax.jit(fn).lower(params, *args).as_text())
         assert dots and _f32_dots(dots) == 0, (name, dots)
     # The old default (a float32 cache under a bfloat16 model) shows up as float32 dots: the check has teeth.
     assert _f32_dots(_dot_dtypes("full", "bfloat16", jnp.float32)) > 0

@@ -88,6 +88,38 @@ def test_summary_shows_host_stops_and_command_buffers_side_by_side(run):
     assert summary["files"]["vit_cmdbuf"] == "vit_paths_cmdbuf.json"
 
 
+def test_summary_sets_the_cascade_beside_compacted(run):
+    """The ViT part lists the bucket cascade by default beside compacted; the summary gives it its column, its host
+    stops and its own bucket-list question, and lets it win the best-executor question when it is fastest."""
+    for size, preset in run_all.VIT_PRESETS.items():
+        paths = preset[preset.index("--paths") + 1].split(",")
+        assert {"cascade", "compacted"} <= set(paths), size
+    stops = {"static": 0, "masked": 49, "compacted": 61, "compacted_eighths": 61, "cascade": 20, "cascade_eighths": 24}
+
+    def add_cascade(d):   # the cascade rows: compacted's timings halved (eighths: / 1.5), with their host stops
+        for cfg in d["configs"]:
+            cfg["buckets"].update({"cascade": cfg["buckets"]["compacted"],
+                                   "cascade_eighths": cfg["buckets"]["compacted_eighths"]})
+            for pat in cfg["patterns"].values():
+                for name, div in (("cascade", 2.0), ("cascade_eighths", 1.5)):
+                    rec = dict(pat["paths"]["compacted"], time_s=pat["paths"]["compacted"]["time_s"] / div)
+                    rec["speedup"] = pat["paths"]["static"]["time_s"] / rec["time_s"]
+                    pat["paths"][name] = rec
+                for n, rec in pat["paths"].items():
+                    rec["hlo"] = {"host_stops": stops[n], "dot_dtypes": {}}
+
+    _edit(run / "vit_paths.json", add_cascade)
+    summary = run_all.summarize(run)
+    md = (run / "summary.md").read_text()
+    cfg = next(k.split(":")[0] for k in summary["winners"] if k.endswith("compacted bucket list"))
+    assert summary["winners"][f"{cfg}: cascade bucket list"]["winner"] == "cascade"
+    assert summary["winners"][f"{cfg}: compacted bucket list"]["winner"] in ("compacted", "compacted_eighths")
+    assert summary["winners"][f"{cfg}: best exit executor"]["winner"] == "cascade"
+    assert summary["host_stops"][f"vit {cfg}: cascade"] == "20"
+    header = next(line for line in md.splitlines() if line.startswith("| pattern (ideal) | static ms |"))
+    assert "| cascade | cascade_eighths |" in header and "compacted" in header
+
+
 def test_parts_and_budget_shares():
     assert sum(p.share for p in run_all.PARTS.values()) == pytest.approx(1.0)
     assert run_all.default_parts("gpu") == list(run_all.PARTS)

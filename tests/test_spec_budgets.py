@@ -7,7 +7,10 @@ On a GPU every data-dependent loop iteration and every conditional waits on the 
   host, so a round costs one stop (plus one to leave the loop);
 * Kangaroo adds only its own keep-drafting decisions (one per draft step after the first) and the choice of the
   verify length; with ``gamma = 1`` it has exactly the static loop's structure;
-* SpecEE adds nothing to its target step's exit decisions (the drafter and the token loop: no stop);
+* SpecEE adds nothing to its target step's exit decisions (the drafter and the token loop: no stop), and the target
+  step runs on the decode executor: per scheduled layer one decision and one full-head check, nothing else, no
+  data-dependent loop;
+* CEED Jacobi decoding: one stop per fixed-point iteration (+1 to leave the block), no conditional;
 * bfloat16 decoding has no float32 dot that plain greedy decoding of the same model does not have;
 * a draft token's matrix products read less than a greedy step's, and less than the masked engine's draft.
 """
@@ -105,6 +108,40 @@ def test_specee_adds_nothing_to_its_target_step(setup):
         assert whole.host_stops(trips=trips) == (G - 1) * step.host_stops(trips=trips)
 
 
+def test_specee_target_step_has_no_loop_and_two_stops_per_scheduled_exit(setup):
+    """``kv.propagating`` (the decode executor): no data-dependent loop, a ``lax.cond`` per scheduled exit decision,
+    one per scheduled layer's full-head check (run only when some predictor passes); the last layer's full head
+    runs in the last stage with no conditional of its own. With the predictor forced to 0 every one is evaluated:
+    2 S per token. The masked executor it replaced had a while loop over the exits and a segment loop."""
+    gd, params, prompt, lengths = setup
+    model = nnx.merge(gd, params)
+    st = _state(gd, params, prompt, lengths)
+    cand = jnp.zeros((2, 3), jnp.int32)
+    for schedule in ((1, 3), (0, 2, 4)):
+        pred = specee.init_predictors(jax.random.key(0), len(schedule), 3)
+        forced0 = pred._replace(b2_S=jnp.full_like(pred.b2_S, -1e9))
+        step = hlo.profile(lambda p, t, s, c: specee.target_step(nnx.merge(gd, p), t, s, c, forced0, schedule),
+                           params, prompt[:, 0], st, cand)
+        assert step.unknown_whiles == 0 and step.conditionals == 2 * len(schedule), schedule
+        assert step.host_stops(trips=100) == 2 * len(schedule), schedule
+        adapter = kangaroo.init_adapter(model, 1)
+        whole = hlo.profile(specee.decode_fn(gd, G, exit_layer=1, schedule=schedule, k=3), params, adapter,
+                            forced0, prompt, lengths)
+        assert whole.host_stops(trips=100, per=G - 1) == 2 * len(schedule), schedule
+
+
+def test_jacobi_stops_once_per_iteration(setup):
+    """CEED-VLA's Jacobi decoding: the blocks in a loop of known trip count, inside each the fixed-point iteration
+    (a data-dependent loop: it stops when no token changes), nothing else decides on the host."""
+    gd, params, prompt, lengths = setup
+    block = 4
+    prof = hlo.profile(lambda p, t, l: jacobi.jacobi_decode(nnx.merge(gd, p), t, l, G, block=block), params, prompt,
+                       lengths)
+    assert prof.unknown_whiles == 1 and prof.conditionals == 0
+    for iters in (1, 3):
+        assert prof.host_stops(trips=iters) == (G // block) * (iters + 1)
+
+
 def _f32_dots(text: str, exempt_rhs=()) -> set:
     """Dtype triples of a lowered program's dots with a float32 operand, leaving out dots whose right operand has
     one of the ``exempt_rhs`` MLIR types."""
@@ -134,11 +171,14 @@ def test_bf16_decoders_add_no_float32_dot(setup):
                                                 schedule=(1, 3), k=k),
         "jacobi": lambda p, t, l: jacobi.jacobi_decode(nnx.merge(gd, p), t, l, G, block=4),
     }
+    assert allowed == set()   # greedy decoding of a bfloat16 model runs no float32 dot at all
     for name, fn in decoders.items():
         text = lower(fn)
         f32 = _f32_dots(text, exempt_rhs=predictor if name == "specee" else ())
         assert f32 <= allowed, (name, f32, allowed)
         assert any("bf16" in t[:2] for t in hlo.dot_dtypes_of(text)), name   # it does compute in bfloat16
+        if name == "specee":   # the exemption names only the predictor: without it, float32 x float32 dots only
+            assert _f32_dots(text) == {("f32", "f32", "f32")}
 
 
 def test_draft_token_reads_less_than_a_greedy_step(setup):

@@ -154,3 +154,6 @@ def test_remat_policy_names():
         "none", "full", "none", "full", "dots_saveable"]
     with pytest.raises(ValueError, match="remat='dots'"):
         engine.remat_policy("dots")
+    # the remat helpers are public (eejax.exits.tokens and the training benchmark use them)
+    assert {"REMAT_POLICIES", "remat_policy", "remat_step"} <= set(engine.__all__)
+    assert all(hasattr(engine, name) for name in engine.__all__)

@@ -16,9 +16,9 @@ times, ``t_draft + (mean_layers / N) * t_greedy + (preds_per_token / S) * t_pred
 t_forced0 - t_greedy - t_draft`` (per token). Compile excluded (AOT, one warm-up call), blocked until ready.
 
 Host stops per generated token (``eejax.exits.hlo``, from each executed row's compiled program): greedy 0; the
-drafter's steps 0 (``draft_host_stops``); SpecEE's are its target step's exit decisions on the engine's executor,
-counted with every data-dependent loop at (scheduled exits + 1, mean segment length) trips: an upper bound (the
-state-propagation fill runs fewer).
+drafter's steps 0 (``draft_host_stops``); SpecEE's are its target step's on the decode executor (``kv.propagating``,
+no data-dependent loop): per scheduled layer one exit decision and one full-head check, all evaluated when no row
+exits (an upper bound otherwise).
 """
 from __future__ import annotations
 

@@ -262,7 +262,9 @@ class Unrolled(NamedTuple):
 
     def run(self, layers, heads, h0, program: engine.Program, policy, *, layer_fn, aux,
             fields=None) -> engine.DynamicOutputs:
-        """``fields``: as ``engine.run``'s; this executor computes every head field (its heads are called directly)."""
+        """``engine.run``'s executor protocol. ``fields`` (the ``HeadOut`` fields the caller reads) is honoured on
+        the static path; with a policy every field of the heads is carried (decode heads compute nothing unread:
+        ``gate_heads`` has no vocabulary)."""
         if policy is None:   # the static path: every step, the last head
             return engine.run(layers, heads, h0, program, None, engine.Masked(), layer_fn=layer_fn, aux=aux,
                               fields=fields)

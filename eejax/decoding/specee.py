@@ -12,9 +12,10 @@ on one of the candidates; the row's token is then that argmax. Rows that never f
 the full head. So the output is near-lossless, not lossless: an exited token may differ from the full model's.
 
 K/V of exited tokens at deeper layers (the PAPERS.md red flag: SpecEE's ``AutoEE/Pure`` never writes them): CALM's
-state propagation, as ``per_token.exit_step`` does. Inside the loop the masked executor writes every row's K/V at
-every layer it runs, an exited row's from its frozen hidden state; after the loop the layers no row reached get
-their K/V from the same frozen states. Later tokens therefore attend over every slot of every layer.
+state propagation, as ``per_token.exit_step`` does, on the same decode executor (``kv.propagating``: one
+``lax.cond`` per exit decision, no data-dependent loop). Every layer the step runs writes every row's K/V, an exited
+row's from its frozen hidden state; in the branch where the batch stops the layers no row reached get their K/V
+from the same frozen states (one batched computation). Later tokens therefore attend over every slot of every layer.
 
 Shapes: B batch, K candidates (``k``), F = 3K features, H predictor width, E exits (scheduled layers + the last),
 D width, V vocabulary, G generated tokens, N layers.
@@ -95,18 +96,28 @@ def candidate_heads(model: DecoderLM, cand_BxK: jax.Array, num_exits: int) -> li
 
 class SpecEEState(NamedTuple):
     prev_p_BxK: jax.Array   # candidate softmax at the previous scheduled layer
+    final_tok_B: jax.Array  # the full head's argmax at the last layer, for the rows that reach it (else -1)
 
 
 class SpecEEPolicy(NamedTuple):
+    """SpecEE's exit rule (module docstring). ``num_exits``: at the last exit (a Python int ``e``, as the decode
+    executor ``kv.Unrolled`` passes it) no predictor runs: the full head's argmax is recorded for the rows still
+    running, with no conditional of its own (the stage runs only when some row reached it)."""
+
     pred: Predictors
     cand_BxK: jax.Array
     full_head: object           # normed hidden B x D -> vocabulary logits B x V
     threshold: float = 0.5
+    num_exits: int | None = None
 
     def init(self, probe, zero_B, h0=None):
-        return SpecEEState(jnp.zeros(probe.logits_BxC.shape, jnp.float32) + zero_B[:, None])
+        return SpecEEState(jnp.zeros(probe.logits_BxC.shape, jnp.float32) + zero_B[:, None], zero_B - 1)
 
     def decide(self, out, state, e):
+        if self.num_exits is not None and isinstance(e, int) and e == self.num_exits - 1:
+            tok_B = jnp.argmax(self.full_head(out.feat_BxD), -1).astype(jnp.int32)
+            zero_B = jnp.zeros(tok_B.shape, jnp.float32)
+            return zero_B > 0, zero_B, state._replace(final_tok_B=tok_B)
         f, p = features(out.logits_BxC, state.prev_p_BxK)
         s_B = score(self.pred, jnp.minimum(e, self.pred.b2_S.shape[0] - 1), f)
         want_B = s_B > self.threshold
@@ -114,7 +125,7 @@ class SpecEEPolicy(NamedTuple):
         argmax_B = jax.lax.cond(jnp.any(want_B), lambda x: jnp.argmax(self.full_head(x), -1).astype(jnp.int32),
                                 lambda x: jnp.full(x.shape[:1], -1, jnp.int32), out.feat_BxD)
         fire_B = want_B & jnp.any(argmax_B[:, None] == self.cand_BxK, -1)
-        return fire_B, s_B, SpecEEState(p)
+        return fire_B, s_B, state._replace(prev_p_BxK=p)
 
 
 def schedule_program(num_layers: int, schedule: Sequence[int]) -> engine.Program:
@@ -131,24 +142,24 @@ class StepOut(NamedTuple):
 
 def target_step(model: DecoderLM, tok_B, state: kv_lib.DecodeState, cand_BxK, pred: Predictors,
                 schedule: Sequence[int], threshold: float = 0.5) -> tuple[StepOut, kv_lib.DecodeState]:
-    """One token per row through the target with SpecEE's exit policy (masked executor, state-propagated K/V)."""
+    """One token per row through the target with SpecEE's exit policy on the decode executor
+    (``kv.propagating``: one ``lax.cond`` per scheduled exit decision, the K/V of the layers no row reached filled
+    from each row's frozen exit state in the branch where the batch stops). Host round trips per token on a GPU:
+    per scheduled layer reached the predictor's full-head check (a cond, taken only when some row's score passes)
+    and the decision; the last layer's full head runs in the last stage (reached only when some row is left)."""
     n = model.cfg.depth
     program = schedule_program(n, schedule)
     num_exits = program.num_exits
     full_head = lambda x: model.shared_head(x)   # noqa: E731  (x is already normed by the final norm)
-    policy = SpecEEPolicy(pred, cand_BxK, full_head, threshold)
+    policy = SpecEEPolicy(pred, cand_BxK, full_head, threshold, num_exits)
     out, new_state = kv_lib.forward(model, tok_B[:, None], state, program,
-                                    candidate_heads(model, cand_BxK, num_exits), policy)
-    # K/V of the layers no row reached, from each row's frozen exit state (one batched computation)
-    cache = kv_lib.propagate(model, new_state.cache, out.h, state.pos_B[:, None], out.layers_run)
+                                    candidate_heads(model, cand_BxK, num_exits), policy, kv_lib.propagating(model))
     last = out.exit_B == num_exits - 1
     cand_tok = jnp.take_along_axis(cand_BxK, jnp.argmax(out.out.logits_BxC, -1)[:, None], 1)[:, 0]
-    final_tok = jax.lax.cond(jnp.any(last), lambda x: jnp.argmax(full_head(x), -1).astype(jnp.int32),
-                             lambda x: cand_tok, out.out.feat_BxD)
-    tok = jnp.where(last, final_tok, cand_tok).astype(jnp.int32)
+    tok = jnp.where(last, out.policy_state.final_tok_B, cand_tok).astype(jnp.int32)
     sched = jnp.asarray(program.exit_step_E)
     preds_B = jnp.where(last, num_exits - 1, out.exit_B + 1)   # predictor evaluations (the last layer has none)
-    return StepOut(tok, sched[out.exit_B], out.layers_run, preds_B), new_state._replace(cache=cache)
+    return StepOut(tok, sched[out.exit_B], out.layers_run, preds_B), new_state
 
 
 class SpecEEOutputs(NamedTuple):

@@ -157,36 +157,19 @@ def draft_step(model: DecoderLM, tok_B: jax.Array, state: kv_lib.DecodeState, dr
     return out.logits_BxC, state
 
 
-def row_exit_head(model: DecoderLM, exit_B: jax.Array):
-    """An engine head giving each row the logits of its own early exit ``exit_B[b]`` (traced): every row's exit
-    parameters gathered, then ONE vocabulary projection (the shared head), instead of every exit's head."""
-    head_def, head_state = nnx.split(model.exit_heads)
-
-    def head(h_BxTxD):
-        h_BxD = h_BxTxD[:, -1]
-        rows = jax.tree.map(lambda p: p[exit_B], head_state)
-        x_BxD = jax.vmap(lambda st, x: nnx.merge(head_def, st).features(x))(rows, h_BxD)
-        if model.cfg.exit_head == "own":   # an output matrix per exit: gathered per row
-            logits = jax.vmap(lambda st, x: nnx.merge(head_def, st).proj(x))(rows, x_BxD)
-        else:
-            logits = model.shared_head(x_BxD)
-        return engine.HeadOut(logits_BxC=logits, feat_BxD=x_BxD, hidden_BxD=h_BxD,
-                              gate_B=jnp.zeros(h_BxD.shape[:1], jnp.float32))
-
-    return head
-
-
 def rows_draft_step(model: DecoderLM, tok_B: jax.Array, state: kv_lib.DecodeState, exit_B: jax.Array,
                     deepest: int):
     """One draft token per row from each row's own early exit ``exit_B[b]`` (traced): stored layers up to the
     layer of exit ``deepest`` (static; no row's exit is deeper) in a loop with a known trip count, each row frozen
-    after its own exit's layer, then ``row_exit_head``. Returns ``(logits_BxV, state)``."""
+    after its own exit's layer, then each row's own exit head with one vocabulary projection
+    (``DecoderLM.taken_logits``). Returns ``(logits_BxV, state)``."""
     cfg = model.cfg
     layer = cfg.exit_layers[_exit_index(cfg, deepest, "deepest")]
     layer_B = jnp.asarray(cfg.exit_layers, jnp.int32)[exit_B]
     program = engine.row_skip(jnp.arange(layer + 1)[:, None] <= layer_B[None, :], [layer])
-    out, state = kv_lib.forward(model, tok_B[:, None], state, program, [row_exit_head(model, exit_B)])
-    return out.logits_BxC, state
+    head = kv_lib.gate_heads(model, exits=[cfg.num_exits - 1])   # the hidden state only: no vocabulary here
+    out, state = kv_lib.forward(model, tok_B[:, None], state, program, head)
+    return model.taken_logits(out.out.hidden_BxD, exit_B), state
 
 
 def masked_draft_step(model: DecoderLM, tok_B: jax.Array, state: kv_lib.DecodeState, draft_exit):
@@ -534,4 +517,4 @@ def self_speculative(model: DecoderLM, prompt_BxP: jax.Array, lengths_B: jax.Arr
 
 
 __all__ = ["SpecOutputs", "Plan", "Choice", "Verified", "check_prompts", "Static", "Dynamic", "DynamicState", "static",
-           "dynamic", "draft_step", "row_exit_head", "rows_draft_step", "masked_draft_step", "verify", "self_speculative"]
+           "dynamic", "draft_step", "rows_draft_step", "masked_draft_step", "verify", "self_speculative"]

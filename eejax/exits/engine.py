@@ -990,5 +990,5 @@ __all__ = ["ATTN", "MLP", "FULL", "HeadOut", "ExitOutputs", "StackedExits", "Dyn
            "Scores", "IndexedHeads", "stack_heads", "head_program", "HEAD_KINDS", "call_layer", "prefix", "sequence",
            "repeat", "row_skip", "mlp_skip", "check_exit_steps", "exit_layers_from", "check_exits", "check_h0",
            "check_program", "num_layers_of", "where_rows", "mask_like", "zeros_from", "exit_check", "default_buckets",
-           "check_buckets", "run", "Simulated", "simulate", "run_layers", "scan_exits", "while_exits",
-           "scores_from_outputs", "take_exit"]
+           "check_buckets", "run", "Simulated", "simulate", "run_layers", "REMAT_POLICIES", "remat_policy",
+           "remat_step", "scan_exits", "while_exits", "scores_from_outputs", "take_exit"]
