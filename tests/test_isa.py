@@ -46,7 +46,10 @@ def _host_flags() -> set[str]:
 def test_sensitive_tests_pass_under_a_second_instruction_set():
     if not {"avx", "fma"} & _host_flags():
         pytest.skip(f"this CPU has no instruction set above {ISA} to compare with")
-    env = {**os.environ, "XLA_FLAGS": f"--xla_cpu_max_isa={ISA}", "EEJAX_NO_PROGRESS": "1"}
+    # Its own compilation cache: executables compiled for the host's instruction set must not be read back here.
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/eejax-jax-tests"))
+    env = {**os.environ, "XLA_FLAGS": f"--xla_cpu_max_isa={ISA}", "EEJAX_NO_PROGRESS": "1",
+           "JAX_COMPILATION_CACHE_DIR": f"{cache}-{ISA.lower()}"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *SENSITIVE],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"under --xla_cpu_max_isa={ISA}:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
