@@ -24,8 +24,9 @@ Measured per run: validation CE at the final exit (diverged: non-finite or above
     l alone is skipped (`layer_mask_NxB`).
 Comparisons: per learning rate, placement minus Pre-LN, per seed (same seed = same init and data) and the seed
     range; with 2-3 seeds this is a range, not a confidence interval: say so.
-Hardware / wall-clock: 2 CPU cores shared with other runs: ~25-35 min for 3 placements x 4 learning rates x 2
-    seeds at 600 steps (measured in the README).
+Hardware / wall-clock: 2 CPU cores shared with other runs (load average ~11): ~0.3 s per step, ~25 min for 3
+    placements x 3 learning rates x 2 seeds at 300 steps (measured in the README; a first attempt at 600 steps x 4
+    learning rates measured 190 s per run, ~75 min, and was stopped).
 Expected shape (PAPERS-WAVE4.md [inf]): Pre-LN hidden-state variance grows fast with depth, Peri-LN about linearly
     and less, Post-LN stays flat; Peri-LN keeps the widest stable learning-rate range; early exits read better
     where each layer's relative update is more uniform.
@@ -54,9 +55,9 @@ def get_config(arg=None):
     c.model = ml_collections.ConfigDict(dict(d_model=64, depth=8, num_heads=4, num_kv_heads=2, mlp_dim=256,
                                              mlp="gelu"))
     c.norms = NORMS
-    c.train = ml_collections.ConfigDict(dict(steps=600, lrs=(1e-3, 3e-3, 1e-2, 3e-2),
+    c.train = ml_collections.ConfigDict(dict(steps=300, lrs=(2e-3, 1e-2, 5e-2),
                                              optim=default_optim_config()))
-    c.train.optim.update(lr=1.0, schedule="warmup_cosine", warmup_steps=20, total_steps=600, weight_decay=0.01,
+    c.train.optim.update(lr=1.0, schedule="warmup_cosine", warmup_steps=20, total_steps=300, weight_decay=0.01,
                          grad_clip=1.0)
     c.eval = ml_collections.ConfigDict(dict(batch=32, batches=4))
     c.log_every = 200

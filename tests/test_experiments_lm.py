@@ -100,3 +100,26 @@ def test_self_speculative_smoke(tmp_path, shared_data):
     assert set(data["exits"]["eval_wikitext2_test"]) == {"untrained", "norm", "lowrank"}
     assert all(len(v["agree"]) == 2 for v in data["exits"]["eval_wikitext2_test"].values())
     assert (tmp_path / "results" / "both_sweep.png").exists()
+
+
+def test_peri_ln_smoke(tmp_path, shared_data):
+    """Every placement x learning rate x seed trains and is measured; the paired differences are against Pre-LN of
+    the same seed, and every per-layer profile has one value per layer (plus the embedding where stated)."""
+    from experiments import peri_ln
+
+    peri_ln.main(_argv("peri_ln", tmp_path, shared_data))
+    data = json.loads((tmp_path / "results" / "peri_ln.json").read_text())
+    cfg = data["config"]
+    depth, n_lr = cfg["model"]["depth"], len(cfg["train"]["lrs"])
+    assert len(data["runs"]) == 3 * n_lr * len(cfg["seeds"]) and len(data["rows"]) == 3 * n_lr
+    by = {(r["norm"], r["lr"], r["seed"]): r for r in data["runs"]}
+    for d in data["minus_pre"]:
+        s = cfg["seeds"][0]
+        assert abs(d["per_seed"][0] - (by[(d["norm"], d["lr"], s)]["val_ce"] - by[("pre", d["lr"], s)]["val_ce"])) \
+            < 1e-12
+    for prof in data["profiles"].values():
+        assert len(prof["var"]) == len(prof["maxabs"]) == depth + 1
+        assert len(prof["exit_ce"]) == len(prof["skip_ce"]) == len(prof["rel_update"]) == depth
+    # the last layer's read-out is the model's final exit
+    r = data["runs"][0]
+    assert r["exit_ce"][-1] == r["val_ce"]
