@@ -490,6 +490,37 @@ def multi_exit_lm_loss(graphdef, cfg: LMConfig, *, weighting: str = "uniform", g
     return loss_fn
 
 
+def skip_path_lm_loss(graphdef, cfg: LMConfig, *, stage_size: int, keep_stages: int, swap_prob: float = 0.0,
+                      micro_batches: int = 1, remat: bool = False):
+    """``loss_fn(params, batch, rng, step)``: SkipPipe training (arXiv:2502.19913) on the scan path. The batch is cut
+    into ``micro_batches`` equal micro-batches; each runs its own ``engine.stage_path`` (stage 0, then
+    ``keep_stages - 1`` random other stages of ``stage_size`` layers, one adjacent pair swapped with probability
+    ``swap_prob``) and is scored by next-token CE at the final exit (final norm + shared head); the loss is their
+    mean. ``keep_stages = depth / stage_size`` and ``swap_prob = 0`` is ordinary full-order training."""
+    engine.check_stage_path(cfg.depth, stage_size, keep_stages, swap_prob)
+    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+        raise ValueError(f"micro_batches={micro_batches!r} must be an integer >= 1")
+    last = cfg.num_exits - 1
+
+    def loss_fn(params, batch, rng, step):
+        del step
+        tokens, targets = batch["tokens"], batch["targets"]
+        if tokens.shape[0] % micro_batches:
+            raise ValueError(f"batch of {tokens.shape[0]} rows does not split into micro_batches={micro_batches}")
+        model = nnx.merge(graphdef, params)
+        m = tokens.shape[0] // micro_batches
+        ces = []
+        for i, key in enumerate(jax.random.split(rng, micro_batches)):
+            program = engine.stage_path(key, cfg.depth, stage_size, keep_stages, swap_prob)
+            rows = slice(i * m, (i + 1) * m)
+            h_BxTxD = model.hidden_states(tokens[rows], program=program, remat=remat)[-1]
+            ces.append(lm_ce(model.exit_logits(h_BxTxD, last), targets[rows]))
+        ce = jnp.mean(jnp.stack(ces))
+        return ce, {"ce_path": ce}
+
+    return loss_fn
+
+
 # ------------------------------------------------------------------------------------- learned exit classifier
 
 
