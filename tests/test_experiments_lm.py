@@ -123,3 +123,19 @@ def test_peri_ln_smoke(tmp_path, shared_data):
     # the last layer's read-out is the model's final exit
     r = data["runs"][0]
     assert r["exit_ce"][-1] == r["val_ce"]
+
+
+def test_skippipe_smoke(tmp_path, shared_data):
+    """Every arm trains from the same init and is scored in full order and under every half-depth path; the
+    perplexity change is computed from the two CEs it reports."""
+    import math
+
+    from experiments import skippipe
+
+    skippipe.main(_argv("skippipe", tmp_path, shared_data))
+    data = json.loads((tmp_path / "results" / "skippipe.json").read_text())
+    assert [r["arm"] for r in data["rows"]] == list(data["config"]["arms"])
+    assert len(data["half_paths"]) == 3 and all(p[0] == 0 and len(p) == 2 for p in data["half_paths"])
+    for r in data["runs"]:
+        assert len(r["ce_paths"]) == 3 and math.isclose(r["ppl_change_half"],
+                                                         math.expm1(r["ce_half"] - r["ce_full"]), rel_tol=1e-9)
