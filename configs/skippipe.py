@@ -60,8 +60,9 @@ def get_config(arg=None):
     c.ckpt_every = 200
     if arg == "smoke":
         c.seeds = (0,)
+        c.arms = ("full", "skip_swap", "layerdrop")     # "skip" is skip_swap's code path with swap_prob 0
         c.model.update(d_model=16, depth=4, num_heads=2, num_kv_heads=1, mlp_dim=32)
-        c.data.update(seq_len=16, batch_size=4)
+        c.data.update(seq_len=16, batch_size=8)      # the test suite's 8 CPU devices split the batch
         c.train.update(steps=3, stage_size=1, keep_stages=3, micro_batches=2)
         c.train.optim.update(total_steps=3, warmup_steps=1)
         c.eval.update(batch=4, batches=1, keep_stages=2)

@@ -70,12 +70,15 @@ def make_eval(graphdef, depth: int):
         norm = jnp.linalg.norm(h_all, axis=-1)
         rel_N = jnp.mean(jnp.linalg.norm(h_all[1:] - h_all[:-1], axis=-1) / norm[:-1], axis=(1, 2))
         read = lambda h: model.shared_head(model.final_norm(h))
-        exit_ce_N = jnp.stack([lm.lm_ce(read(h_NxBxTxD[l]), targets) for l in range(depth)])
-        skip_ce_N = []
-        for l in range(depth):
-            mask = jnp.ones((depth, tokens.shape[0]), bool).at[l].set(False)
-            skip_ce_N.append(lm.lm_ce(read(model.hidden_states(tokens, layer_mask_NxB=mask)[-1]), targets))
-        return dict(var=var_N1, maxabs=maxabs_N1, rel_update=rel_N, exit_ce=exit_ce_N, skip_ce=jnp.stack(skip_ce_N))
+        exit_ce_N = jax.lax.map(lambda h: lm.lm_ce(read(h), targets), h_NxBxTxD)
+
+        def skip_ce(l):      # one compiled forward for every skipped layer (a loop, not depth copies)
+            mask = jnp.arange(depth)[:, None] != l
+            return lm.lm_ce(read(model.hidden_states(tokens, layer_mask_NxB=jnp.broadcast_to(
+                mask, (depth, tokens.shape[0])))[-1]), targets)
+
+        skip_ce_N = jax.lax.map(skip_ce, jnp.arange(depth))
+        return dict(var=var_N1, maxabs=maxabs_N1, rel_update=rel_N, exit_ce=exit_ce_N, skip_ce=skip_ce_N)
 
     return evaluate
 
