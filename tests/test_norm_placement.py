@@ -119,3 +119,24 @@ def test_half_layer_program_and_skip_mask_follow_the_placement(norm):
     skip = jnp.ones((cfg.depth, 2), bool).at[1:, 0].set(False)      # row 0 runs layer 0 only
     masked = model.hidden_states(tokens, layer_mask_NxB=skip)
     np.testing.assert_allclose(masked[-1, 0], layer0(h0, pos, mask)[0], **TOL)
+
+
+@pytest.mark.parametrize("norm", nn.NORM_PLACEMENTS)
+def test_cached_decode_primitives_follow_the_placement(norm):
+    """The pieces KV-cached decoding composes: ``kv`` gives ``project``'s keys/values, and the last token attending to
+    the cached keys/values (``attend``) equals the teacher-forced layer at that position."""
+    cfg = lm.LMConfig(**SMALL, norm=norm)
+    gd, params = lm.build(cfg, 0)
+    model = nnx.merge(gd, _perturbed(params))
+    layer_def, stacked = nnx.split(model.layers)
+    layer0 = nnx.merge(layer_def, jax.tree.map(lambda a: a[0], stacked))
+    tokens = jax.random.randint(jax.random.key(4), (2, 6), 0, V)
+    h0 = model.embed_tokens(tokens)
+    pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    _, k, v = layer0.project(h0, pos)
+    k2, v2 = layer0.kv(h0, pos)
+    np.testing.assert_allclose(k2, k, **TOL)
+    np.testing.assert_allclose(v2, v, **TOL)
+    full = layer0(h0, pos, lm.causal_mask(jnp.ones((2, 6), bool)))
+    last = layer0.attend(h0[:, -1:], pos[:, -1:], k, v, jnp.ones((2, 1, 6), bool))
+    np.testing.assert_allclose(last, full[:, -1:], **TOL)
