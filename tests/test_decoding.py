@@ -288,7 +288,7 @@ def test_learn_then_test_guarantee():
 
 @pytest.mark.parametrize("variant", [dict(), dict(norm="peri", exit_head="own", tie_embeddings=False,
                                                   exits="every:2"),
-                                     dict(exit_head="block")])
+                                     dict(exit_head="block"), dict(norm="post", exits="every:2")])
 def test_static_exit_decode_equals_teacher_forced_exit(prompts, variant):
     """Every row leaving at exit e reads only K/V of layers <= e, which are real: the decode's logits equal exit e's
     logits of the teacher-forced full-sequence forward (for every exit-head kind)."""

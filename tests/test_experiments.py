@@ -457,4 +457,34 @@ def check_pretrained_lm(data, out, *_):
     assert "## Rotary convention check" in (out / "pretrained_lm.md").read_text()
 
 
+def check_peri_ln(data, out, *_):
+    """Every placement x learning rate x seed trains and is measured; the paired differences are against Pre-LN of
+    the same seed, and every per-layer profile has one value per layer (plus the embedding where stated)."""
+    cfg = data["config"]
+    depth, n_lr = cfg["model"]["depth"], len(cfg["train"]["lrs"])
+    assert len(data["runs"]) == 3 * n_lr * len(cfg["seeds"]) and len(data["rows"]) == 3 * n_lr
+    by = {(r["norm"], r["lr"], r["seed"]): r for r in data["runs"]}
+    for d in data["minus_pre"]:
+        s = cfg["seeds"][0]
+        assert abs(d["per_seed"][0] - (by[(d["norm"], d["lr"], s)]["val_ce"] - by[("pre", d["lr"], s)]["val_ce"])) \
+            < 1e-12
+    for prof in data["profiles"].values():
+        assert len(prof["var"]) == len(prof["maxabs"]) == depth + 1
+        assert len(prof["exit_ce"]) == len(prof["skip_ce"]) == len(prof["rel_update"]) == depth
+    r = data["runs"][0]
+    assert r["exit_ce"][-1] == r["val_ce"]   # the last layer's read-out is the model's final exit
+
+
+def check_skippipe(data, *_):
+    """Every arm trains from the same init and is scored in full order and under every half-depth path; the
+    perplexity change is computed from the two CEs it reports."""
+    import math
+
+    assert [r["arm"] for r in data["rows"]] == list(data["config"]["arms"])
+    assert len(data["half_paths"]) == 3 and all(p[0] == 0 and len(p) == 2 for p in data["half_paths"])
+    for r in data["runs"]:
+        assert len(r["ce_paths"]) == 3 and math.isclose(r["ppl_change_half"],
+                                                         math.expm1(r["ce_half"] - r["ce_full"]), rel_tol=1e-9)
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}

@@ -51,7 +51,7 @@ def test_config_errors():
     with pytest.raises(ValueError, match="exit_head"):
         lm.LMConfig(**SMALL, exit_head="mlp")
     with pytest.raises(ValueError, match="norm"):
-        lm.LMConfig(**SMALL, norm="post")
+        lm.LMConfig(**SMALL, norm="sandwich")
 
 
 def test_exit_weights_warmup_and_layerskip_rates():

@@ -200,6 +200,47 @@ def mlp_skip(skip_mlp_NxB, exit_layers: Sequence[int]) -> Program:
     return base._replace(row_sub_SxB=jnp.where(skip_mlp_NxB, ATTN, FULL).astype(jnp.int32))
 
 
+def check_stage_path(num_layers: int, stage_size: int, keep_stages: int, swap_prob: float) -> int:
+    """The number of stages of ``stage_path``'s arguments, or a ValueError naming the bad one."""
+    for name, v in (("num_layers", num_layers), ("stage_size", stage_size), ("keep_stages", keep_stages)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name}={v!r} must be an integer >= 1")
+    if num_layers % stage_size:
+        raise ValueError(f"stage_size={stage_size} must divide num_layers={num_layers} (stages of equal size)")
+    stages = num_layers // stage_size
+    if keep_stages > stages:
+        raise ValueError(f"keep_stages={keep_stages} exceeds the {stages} stages of {num_layers} layers")
+    if not (isinstance(swap_prob, (int, float)) and 0.0 <= swap_prob <= 1.0):
+        raise ValueError(f"swap_prob={swap_prob!r} must be a probability in [0, 1]")
+    return stages
+
+
+def stage_path(rng: jax.Array, num_layers: int, stage_size: int, keep_stages: int, swap_prob: float = 0.0
+               ) -> Program:
+    """One micro-batch's SkipPipe training path (Blagoev, Chen, Ersoy 2025, arXiv:2502.19913), drawn under ``jit``
+    (traced ``layer_S``, static length ``keep_stages * stage_size``), for the scan path (``run_layers`` /
+    ``DecoderLM.hidden_states(program=...)``).
+
+    The layers form ``num_layers / stage_size`` pipeline stages of consecutive layers. Stage 0 always runs first
+    (it holds the embedding in a pipeline); ``keep_stages - 1`` of the other stages, drawn uniformly without
+    replacement, follow in their stored order, so the rest are skipped; with probability ``swap_prob`` one adjacent
+    pair of those (chosen uniformly; needs at least two) runs in swapped order, SkipPipe's reordering. Each layer
+    runs at most once; one exit, after the last step. (SkipPipe's released simulator draws paths from a
+    collision-aware scheduler over nodes; a uniform draw is the scheduler-free version of the same training
+    signal.)"""
+    stages = check_stage_path(num_layers, stage_size, keep_stages, swap_prob)
+    k_pick, k_swap, k_where = jax.random.split(rng, 3)
+    others = jnp.sort(jax.random.permutation(k_pick, jnp.arange(1, stages))[:keep_stages - 1])
+    order_K = jnp.concatenate([jnp.zeros((1,), others.dtype), others]).astype(jnp.int32)
+    if keep_stages >= 3 and swap_prob > 0:
+        j = 1 + jax.random.randint(k_where, (), 0, keep_stages - 2)        # swap positions j, j + 1 (never stage 0)
+        swapped = order_K.at[j].set(order_K[j + 1]).at[j + 1].set(order_K[j])
+        order_K = jnp.where(jax.random.uniform(k_swap) < swap_prob, swapped, order_K)
+    layer_S = (order_K[:, None] * stage_size + jnp.arange(stage_size)[None, :]).reshape(-1)
+    steps = keep_stages * stage_size
+    return Program(layer_S.astype(jnp.int32), np.zeros(steps, np.int32), np.asarray([steps - 1], np.int32))
+
+
 def check_exit_steps(exit_steps: Sequence[int], num_steps: int) -> tuple[int, ...]:
     exit_steps = tuple(int(s) for s in exit_steps)
     if not exit_steps or any(b <= a for a, b in zip(exit_steps, exit_steps[1:])) or exit_steps[0] < 0 \
@@ -988,7 +1029,8 @@ def take_exit(x_ExB_: jax.Array, exit_B: jax.Array) -> jax.Array:
 __all__ = ["ATTN", "MLP", "FULL", "HeadOut", "ExitOutputs", "StackedExits", "DynamicOutputs", "StepCtx", "Program",
            "LoopCarry", "BufferCarry", "RowResults", "Masked", "BucketCascade", "Compacted", "ExitRun", "exit_runs",
            "Scores", "IndexedHeads", "stack_heads", "head_program", "HEAD_KINDS", "call_layer", "prefix", "sequence",
-           "repeat", "row_skip", "mlp_skip", "check_exit_steps", "exit_layers_from", "check_exits", "check_h0",
-           "check_program", "num_layers_of", "where_rows", "mask_like", "zeros_from", "exit_check", "default_buckets",
-           "check_buckets", "run", "Simulated", "simulate", "run_layers", "REMAT_POLICIES", "remat_policy",
-           "remat_step", "scan_exits", "while_exits", "scores_from_outputs", "take_exit"]
+           "repeat", "row_skip", "mlp_skip", "stage_path", "check_stage_path", "check_exit_steps", "exit_layers_from",
+           "check_exits", "check_h0", "check_program", "num_layers_of", "where_rows", "mask_like", "zeros_from",
+           "exit_check", "default_buckets", "check_buckets", "run", "Simulated", "simulate", "run_layers",
+           "REMAT_POLICIES", "remat_policy", "remat_step", "scan_exits", "while_exits", "scores_from_outputs",
+           "take_exit"]

@@ -1,10 +1,11 @@
 """Exit-aware decoder-only language model over stacked layers, and its multi-exit training loss.
 
-Architecture: token embedding -> N pre-LN blocks (RMSNorm, grouped-query attention with RoPE, GELU MLP or with
-``mlp="swiglu"`` LLaMA's gated SiLU MLP; with ``norm="peri"`` each sublayer's output is also normalised before the
-residual add, Peri-LN, Kim et al. 2025) -> an exit after any set of layers. Every exit maps its hidden state to
-logits through its own RMSNorm and then the output head, which is shared by all exits (tied to the embedding or
-untied). ``exit_head`` picks what an early exit adds on top of that:
+Architecture: token embedding -> N blocks (RMSNorm, grouped-query attention with RoPE, GELU MLP or with
+``mlp="swiglu"`` LLaMA's gated SiLU MLP) with the norms placed by ``norm`` (``eejax.nn.sublayer_residual``):
+``"pre"`` (default) ``h + F(Norm(h))``; ``"peri"`` ``h + Norm_out(F(Norm_in(h)))``, each sublayer's output also
+normalised before the residual add (Peri-LN, Kim et al. 2025, arXiv:2502.02732); ``"post"`` ``Norm(h + F(h))``
+(Post-LN) -> an exit after any set of layers. Every exit maps its hidden state to logits through its own RMSNorm
+and then the output head, which is shared by all exits (tied to the embedding or untied). ``exit_head`` picks what an early exit adds on top of that:
 
 * ``"shared"``: per-exit RMSNorm + the shared output head (CALM, LayerSkip);
 * ``"own"``: per-exit RMSNorm + the exit's own output matrix;
@@ -51,10 +52,11 @@ from flax import nnx
 
 from eejax import checks
 from eejax.exits import engine, losses
-from eejax.nn.layers import MLPS, build as nn_build, make_mlp, stacked
+from eejax.nn.layers import (MLPS, NORM_PLACEMENTS, build as nn_build, make_mlp, stacked, sublayer_input,
+                             sublayer_residual)
 
 EXIT_HEADS = ("shared", "own", "block", "lowrank")
-NORMS = ("pre", "peri")
+NORMS = NORM_PLACEMENTS                      # "pre" | "post" | "peri"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +68,7 @@ class LMConfig:
     num_kv_heads: int = 2
     mlp_dim: int = 512
     rope_base: float = 10000.0
-    norm: str = "pre"                        # "pre" | "peri"
+    norm: str = "pre"                        # "pre" | "post" | "peri"
     tie_embeddings: bool = True
     exits: str | Sequence[int] = "all"       # see engine.exit_layers_from
     exit_head: str = "shared"                # "shared" | "own" | "block" | "lowrank"
@@ -192,30 +194,46 @@ def gqa_attention_blocks(q_BxTxHxK, blocks) -> jax.Array:
 
 
 class Block(nnx.Module):
-    """Pre-LN (or Peri-LN) decoder block. ``project`` (one GEMM for q, k, v), ``attn_out`` and ``mlp_half`` are the
-    pieces KV-cached decoding composes; ``kv`` / ``attn_half`` / ``attend`` are the same with keys and values
-    given."""
+    """Decoder block, Pre-LN / Peri-LN / Post-LN by ``cfg.norm``. Parameters: ``norm1`` / ``norm2`` normalise each
+    sublayer's input (pre and peri), ``post1`` / ``post2`` its output (peri) or the residual sum (post).
+    ``project`` (one GEMM for q, k, v), ``attn_out`` and ``mlp_half`` are the pieces KV-cached decoding composes;
+    ``kv`` / ``attn_half`` / ``attend`` are the same with keys and values given."""
 
     def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
         d, k = cfg.d_model, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, k
         self.rope_base = cfg.rope_base
-        self.peri = cfg.norm == "peri"
-        self.norm1 = _norm(cfg, rngs)
+        self.placement = cfg.norm
+        post = cfg.norm == "post"
+        # Built in this order so a "pre" / "peri" model drawn from a seed has the weights it always had, and a
+        # "post" model (its norms drawn where pre's input norms are) the same projections: placements compare paired.
+        norm1 = _norm(cfg, rngs)
         self.qkv = _fused_qkv(cfg, rngs)
         self.o = _linear(cfg, cfg.num_heads * k, d, rngs)
-        self.norm2 = _norm(cfg, rngs)
+        norm2 = _norm(cfg, rngs)
         self.mlp = make_mlp(cfg.mlp, d, cfg.mlp_dim, rngs=rngs, dtype=cfg.compute_dtype)
-        if self.peri:
+        if post:
+            self.post1, self.post2 = norm1, norm2
+        else:
+            self.norm1, self.norm2 = norm1, norm2
+        if cfg.norm == "peri":
             self.post1 = _norm(cfg, rngs)
             self.post2 = _norm(cfg, rngs)
+
+    def _input(self, sub: int, h_BxTxD: jax.Array) -> jax.Array:
+        """What sublayer ``sub`` (1 attention, 2 MLP) reads under the placement."""
+        return sublayer_input(self.placement, getattr(self, f"norm{sub}", None), h_BxTxD)
+
+    def _residual(self, sub: int, h_BxTxD: jax.Array, y_BxTxD: jax.Array) -> jax.Array:
+        """The residual update of sublayer ``sub`` with output ``y`` under the placement."""
+        return sublayer_residual(self.placement, h_BxTxD, y_BxTxD, getattr(self, f"post{sub}", None))
 
     def project(self, h_BxTxD: jax.Array, pos_BxT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Rotated queries ``B x T x H x K``, rotated keys and values ``B x J x T x K`` (the cache layout) of hidden
         states ``h`` (the layer's *input*) at positions ``pos``: one norm, one GEMM, one RoPE."""
         b, t, _ = h_BxTxD.shape
         hq, j = self.num_heads, self.num_kv_heads
-        y_BxTxCxK = self.qkv(self.norm1(h_BxTxD)).reshape(b, t, hq + 2 * j, self.head_dim)
+        y_BxTxCxK = self.qkv(self._input(1, h_BxTxD)).reshape(b, t, hq + 2 * j, self.head_dim)
         qk = rope(y_BxTxCxK[:, :, :hq + j], pos_BxT, self.rope_base)
         k_BxJxTxK = qk[:, :, hq:].transpose(0, 2, 1, 3)
         v_BxJxTxK = y_BxTxCxK[:, :, hq + j:].transpose(0, 2, 1, 3)
@@ -227,7 +245,8 @@ class Block(nnx.Module):
         read)."""
         b, t, _ = h_BxTxD.shape
         hq, j = self.num_heads, self.num_kv_heads
-        x, w = self.qkv.promote_dtype((self.norm1(h_BxTxD), self.qkv.kernel[...][:, hq * self.head_dim:], None),
+        x_BxTxD = self._input(1, h_BxTxD)
+        x, w = self.qkv.promote_dtype((x_BxTxD, self.qkv.kernel[...][:, hq * self.head_dim:], None),
                                       dtype=self.qkv.dtype)[:2]
         y_BxTxCxK = jnp.dot(x, w, precision=self.qkv.precision).reshape(b, t, 2 * j, self.head_dim)
         k_BxJxTxK = rope(y_BxTxCxK[:, :, :j], pos_BxT, self.rope_base).transpose(0, 2, 1, 3)
@@ -237,7 +256,7 @@ class Block(nnx.Module):
         """The attention half's output for queries already projected (``project``) attending to the given keys /
         values (the cache or the sequence) and to any ``extra`` blocks ``(k, v, mask)`` (``gqa_attention_blocks``)."""
         y = self.o(gqa_attention_blocks(q_BxTxHxK, [(k_BxJxSxK, v_BxJxSxK, mask_BxTxS), *extra]))
-        return h_BxTxD + (self.post1(y) if self.peri else y)
+        return self._residual(1, h_BxTxD, y)
 
     def attn_half(self, h_BxTxD, pos_BxT, k_BxJxSxK, v_BxJxSxK, mask_BxTxS) -> jax.Array:
         """The attention half: queries ``h`` attend to the given keys/values (the cache or the sequence)."""
@@ -246,8 +265,8 @@ class Block(nnx.Module):
 
     def mlp_half(self, h_BxTxD) -> jax.Array:
         """The MLP half (position-wise; no cache)."""
-        y = self.mlp(self.norm2(h_BxTxD))
-        return h_BxTxD + (self.post2(y) if self.peri else y)
+        y = self.mlp(self._input(2, h_BxTxD))
+        return self._residual(2, h_BxTxD, y)
 
     def attend(self, h_BxTxD, pos_BxT, k_BxJxSxK, v_BxJxSxK, mask_BxTxS) -> jax.Array:
         """The block's output for queries ``h`` attending to the given keys/values (both halves)."""
@@ -467,6 +486,37 @@ def multi_exit_lm_loss(graphdef, cfg: LMConfig, *, weighting: str = "uniform", g
             return ce_E[0], {"ce_last": ce_E[0]}
         w_E = warmup_exit_weights(ctx.step, base_E, warmup_steps)
         return jnp.sum(w_E * ce_E), {"ce_first": ce_E[0], "ce_last": ce_E[-1], "w_first": w_E[0]}
+
+    return loss_fn
+
+
+def skip_path_lm_loss(graphdef, cfg: LMConfig, *, stage_size: int, keep_stages: int, swap_prob: float = 0.0,
+                      micro_batches: int = 1, remat: bool = False):
+    """``loss_fn(params, batch, ctx)``: SkipPipe training (arXiv:2502.19913) on the scan path. The batch is cut
+    into ``micro_batches`` equal micro-batches; each runs its own ``engine.stage_path`` (stage 0, then
+    ``keep_stages - 1`` random other stages of ``stage_size`` layers, one adjacent pair swapped with probability
+    ``swap_prob``) and is scored by next-token CE at the final exit (final norm + shared head); the loss is their
+    mean. ``keep_stages = depth / stage_size`` and ``swap_prob = 0`` is ordinary full-order training."""
+    engine.check_stage_path(cfg.depth, stage_size, keep_stages, swap_prob)
+    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+        raise ValueError(f"micro_batches={micro_batches!r} must be an integer >= 1")
+    last = cfg.num_exits - 1
+
+    def loss_fn(params, batch, ctx):
+        rng = ctx.rng
+        tokens, targets = batch["tokens"], batch["targets"]
+        if tokens.shape[0] % micro_batches:
+            raise ValueError(f"batch of {tokens.shape[0]} rows does not split into micro_batches={micro_batches}")
+        model = nnx.merge(graphdef, params)
+        m = tokens.shape[0] // micro_batches
+        ces = []
+        for i, key in enumerate(jax.random.split(rng, micro_batches)):
+            program = engine.stage_path(key, cfg.depth, stage_size, keep_stages, swap_prob)
+            rows = slice(i * m, (i + 1) * m)
+            h_BxTxD = model.hidden_states(tokens[rows], program=program, remat=remat)[-1]
+            ces.append(lm_ce(model.exit_logits(h_BxTxD, last), targets[rows]))
+        ce = jnp.mean(jnp.stack(ces))
+        return ce, {"ce_path": ce}
 
     return loss_fn
 

@@ -1,4 +1,5 @@
-"""Small shared layers: multi-head self-attention, MLP (GELU, or LLaMA's SwiGLU), and the pre-LN transformer block.
+"""Small shared layers: multi-head self-attention, MLP (GELU, or LLaMA's SwiGLU), the pre-LN transformer block, and
+the normalisation placement around a residual sublayer (pre / post / peri: ``sublayer_input``, ``sublayer_residual``).
 
 Shapes: B batch, T tokens, D width, H heads, K head dim (D = H*K), F MLP width.
 """
@@ -223,6 +224,41 @@ def make_mlp(kind: str, d_model: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype=Non
     if kind == "swiglu":
         return SwiGLU(d_model, mlp_dim, rngs=rngs, dtype=dtype)
     raise ValueError(f"mlp={kind!r}: use one of {MLPS}")
+
+
+NORM_PLACEMENTS = ("pre", "post", "peri")
+
+
+def check_norm_placement(placement: str) -> str:
+    if placement not in NORM_PLACEMENTS:
+        raise ValueError(f"norm={placement!r}: use one of {NORM_PLACEMENTS}")
+    return placement
+
+
+def sublayer_input(placement: str, norm_in, h_BxTxD: jax.Array) -> jax.Array:
+    """What a residual sublayer ``F`` reads under a normalisation placement: ``Norm_in(h)`` for Pre-LN and
+    Peri-LN, the raw residual ``h`` for Post-LN (``norm_in`` is then unused and may be None)."""
+    return h_BxTxD if placement == "post" else norm_in(h_BxTxD)
+
+
+def sublayer_residual(placement: str, h_BxTxD: jax.Array, y_BxTxD: jax.Array, norm_out=None) -> jax.Array:
+    """The residual update of one sublayer whose output is ``y = F(sublayer_input(h))``, by placement:
+
+    * ``"pre"``: ``h + y`` (Pre-LN, GPT-2 / LLaMA; ``norm_out`` unused);
+    * ``"peri"``: ``h + Norm_out(y)``: the sublayer's output is normalised *before* it joins the residual stream
+      (Peri-LN, Kim et al. 2025, arXiv:2502.02732; Gemma 2/3 and OLMo 2 use this or close variants);
+    * ``"post"``: ``Norm_out(h + y)``: the sum is normalised, so the residual stream itself is re-normalised after
+      every sublayer (Post-LN, the original Transformer, arXiv:1706.03762).
+
+    One pure function, so every path (teacher-forced scan, KV-cached decoding, half-layer programs) applies the same
+    placement."""
+    if placement == "pre":
+        return h_BxTxD + y_BxTxD
+    if placement == "peri":
+        return h_BxTxD + norm_out(y_BxTxD)
+    if placement == "post":
+        return norm_out(h_BxTxD + y_BxTxD)
+    raise ValueError(f"norm={placement!r}: use one of {NORM_PLACEMENTS}")
 
 
 class Block(nnx.Module):

@@ -1,0 +1,142 @@
+"""Normalisation placement (pre / post / peri, ``eejax.nn.sublayer_residual``, Peri-LN arXiv:2502.02732): the LM's
+every path equals a plain layer loop written from the formulas, the default is unchanged, and the half-layer program
+and the layer-skip mask read the same placement."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from eejax import nn
+from eejax.exits import engine
+from eejax.models import lm
+from margins import float_tol
+
+V = 23
+SMALL = dict(vocab_size=V, d_model=32, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=48)
+TOL = float_tol(4)
+
+
+def _rms(x, scale, eps=1e-6):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * scale[None, None, :]
+
+
+def _residual(norm, h, y, norm_out):
+    if norm == "pre":
+        return h + y
+    return h + norm_out(y) if norm == "peri" else norm_out(h + y)
+
+
+def _reference_hidden(layers, cfg, tokens, emb):
+    """Plain loop over layer l of the stacked parameters, straight from the three formulas."""
+    b, t = tokens.shape
+    h = emb[tokens]
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    hq, j, k = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    out = []
+    for l in range(cfg.depth):
+        p = jax.tree.map(lambda a: a[l], layers)
+        scale = lambda name: p[name]["scale"]
+        # attention sublayer
+        x = h if cfg.norm == "post" else _rms(h, scale("norm1"))
+        y = (x @ p["qkv"]["kernel"]).reshape(b, t, hq + 2 * j, k)
+        qk = lm.rope(y[:, :, :hq + j], pos, cfg.rope_base)
+        att = lm.gqa_attention(qk[:, :, :hq], qk[:, :, hq:].transpose(0, 2, 1, 3),
+                               y[:, :, hq + j:].transpose(0, 2, 1, 3), mask) @ p["o"]["kernel"]
+        h = _residual(cfg.norm, h, att, lambda x: _rms(x, scale("post1")))
+        # MLP sublayer
+        x = h if cfg.norm == "post" else _rms(h, scale("norm2"))
+        fc1, fc2 = p["mlp"]["fc1"], p["mlp"]["fc2"]
+        m = jax.nn.gelu(x @ fc1["kernel"] + fc1["bias"][None, None]) @ fc2["kernel"] + fc2["bias"][None, None]
+        h = _residual(cfg.norm, h, m, lambda x: _rms(x, scale("post2")))
+        out.append(h)
+    return jnp.stack(out)
+
+
+def _perturbed(params, seed=5):
+    """Norm scales away from 1 (as after training), so a misplaced norm shows."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [a * (1 + 0.3 * jax.random.normal(kk, a.shape)) for a, kk in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("norm", nn.NORM_PLACEMENTS)
+def test_hidden_states_equal_plain_reference(norm):
+    cfg = lm.LMConfig(**SMALL, norm=norm)
+    gd, params = lm.build(cfg, 0)
+    params = _perturbed(params)
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, V)
+    got = jax.jit(lambda p, t: nnx.merge(gd, p).hidden_states(t))(params, tokens)
+    pure = nnx.to_pure_dict(params)
+    want = _reference_hidden(pure["layers"], cfg, tokens, pure["embed"]["embedding"])
+    np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_parameters_per_placement_and_default_unchanged():
+    """Pre has input norms only, post output norms only, peri both; a pre / peri model drawn from a seed has the same
+    shared weights as before the option existed (the build order is kept), and a post model the same projections."""
+    built = {n: nnx.to_pure_dict(lm.build(lm.LMConfig(**SMALL, norm=n), 0)[1]) for n in nn.NORM_PLACEMENTS}
+    keys = {n: set(p["layers"]) for n, p in built.items()}
+    assert keys["pre"] >= {"norm1", "norm2"} and not keys["pre"] & {"post1", "post2"}
+    assert keys["post"] >= {"post1", "post2"} and not keys["post"] & {"norm1", "norm2"}
+    assert keys["peri"] == keys["pre"] | {"post1", "post2"}
+    for n in ("post", "peri"):
+        for name in ("qkv", "o", "mlp"):
+            jax.tree.map(np.testing.assert_array_equal, built[n]["layers"][name], built["pre"]["layers"][name])
+    assert lm.LMConfig(**SMALL).norm == "pre"
+
+
+def test_sublayer_residual_formulas_and_bad_placement():
+    h, y = jnp.arange(6.0).reshape(2, 3), jnp.ones((2, 3))
+    double = lambda x: 2 * x
+    np.testing.assert_array_equal(nn.sublayer_residual("pre", h, y), h + y)
+    np.testing.assert_array_equal(nn.sublayer_residual("peri", h, y, double), h + 2 * y)
+    np.testing.assert_array_equal(nn.sublayer_residual("post", h, y, double), 2 * (h + y))
+    np.testing.assert_array_equal(nn.sublayer_input("post", None, h), h)
+    np.testing.assert_array_equal(nn.sublayer_input("pre", double, h), 2 * h)
+    with pytest.raises(ValueError, match="norm='sandwich'"):
+        nn.sublayer_residual("sandwich", h, y)
+    with pytest.raises(ValueError, match="norm"):
+        lm.LMConfig(**SMALL, norm="sandwich")
+
+
+@pytest.mark.parametrize("norm", ("post", "peri"))
+def test_half_layer_program_and_skip_mask_follow_the_placement(norm):
+    """An attention-only step and a per-row skip mask run the same placement as the full layer."""
+    cfg = lm.LMConfig(**SMALL, norm=norm)
+    gd, params = lm.build(cfg, 0)
+    params = _perturbed(params)
+    tokens = jax.random.randint(jax.random.key(2), (2, 6), 0, V)
+    model = nnx.merge(gd, params)
+    pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    mask = lm.causal_mask(jnp.ones((2, 6), bool))
+    layer_def, stacked = nnx.split(model.layers)
+    layer0 = nnx.merge(layer_def, jax.tree.map(lambda a: a[0], stacked))
+    h0 = model.embed_tokens(tokens)
+    attn_only = model.hidden_states(tokens, program=engine.sequence([0])._replace(sub_S=np.asarray([engine.ATTN])))[-1]
+    np.testing.assert_allclose(attn_only, layer0.attn_half(h0, pos, *layer0.project(h0, pos)[1:], mask), **TOL)
+    skip = jnp.ones((cfg.depth, 2), bool).at[1:, 0].set(False)      # row 0 runs layer 0 only
+    masked = model.hidden_states(tokens, layer_mask_NxB=skip)
+    np.testing.assert_allclose(masked[-1, 0], layer0(h0, pos, mask)[0], **TOL)
+
+
+@pytest.mark.parametrize("norm", nn.NORM_PLACEMENTS)
+def test_cached_decode_primitives_follow_the_placement(norm):
+    """The pieces KV-cached decoding composes: ``kv`` gives ``project``'s keys/values, and the last token attending to
+    the cached keys/values (``attend``) equals the teacher-forced layer at that position."""
+    cfg = lm.LMConfig(**SMALL, norm=norm)
+    gd, params = lm.build(cfg, 0)
+    model = nnx.merge(gd, _perturbed(params))
+    layer_def, stacked = nnx.split(model.layers)
+    layer0 = nnx.merge(layer_def, jax.tree.map(lambda a: a[0], stacked))
+    tokens = jax.random.randint(jax.random.key(4), (2, 6), 0, V)
+    h0 = model.embed_tokens(tokens)
+    pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    _, k, v = layer0.project(h0, pos)
+    k2, v2 = layer0.kv(h0, pos)
+    np.testing.assert_allclose(k2, k, **TOL)
+    np.testing.assert_allclose(v2, v, **TOL)
+    full = layer0(h0, pos, lm.causal_mask(jnp.ones((2, 6), bool)))
+    last = layer0.attend(h0[:, -1:], pos[:, -1:], k, v, jnp.ones((2, 1, 6), bool))
+    np.testing.assert_allclose(last, full[:, -1:], **TOL)
