@@ -60,8 +60,9 @@ def blockiness_quality(images_BxHxWxC: jax.Array, block: int = 8, eps: float = 1
     edge_y = (jnp.arange(h - 1) % block) == block - 1
     n_edge = edge_x.sum() * h + edge_y.sum() * w
     n_in = (~edge_x).sum() * h + (~edge_y).sum() * w
-    d_edge = (jnp.sum(dx_BxHxW1 * edge_x, axis=(1, 2)) + jnp.sum(dy_BxH1xW * edge_y[:, None], axis=(1, 2))) / n_edge
-    d_in = (jnp.sum(dx_BxHxW1 * ~edge_x, axis=(1, 2)) + jnp.sum(dy_BxH1xW * ~edge_y[:, None], axis=(1, 2))) / n_in
+    ex_1x1xW1, ey_1xH1x1 = edge_x[None, None, :], edge_y[None, :, None]
+    d_edge = (jnp.sum(dx_BxHxW1 * ex_1x1xW1, axis=(1, 2)) + jnp.sum(dy_BxH1xW * ey_1xH1x1, axis=(1, 2))) / n_edge
+    d_in = (jnp.sum(dx_BxHxW1 * ~ex_1x1xW1, axis=(1, 2)) + jnp.sum(dy_BxH1xW * ~ey_1xH1x1, axis=(1, 2))) / n_in
     return (d_in + eps) / (d_in + d_edge + 2 * eps)   # a flat image (no steps at all) scores 0.5
 
 
