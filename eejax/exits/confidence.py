@@ -11,6 +11,9 @@ A row exits when ``score >= threshold``: every measure is oriented so that large
 * ``uncertainty_features(logits)``: not a measure but the 4 features JEI-DNN's learned gates read (max prob,
   entropy, top-2 margin, entropy of the squared-and-renormalised softmax); ``policies.uncertainty_gate`` maps them
   to an exit decision.
+* ``image_measure(score_fn)``: a measure built from a no-reference quality score of an image head's output
+  (``out.image_BxHxWxC``): the exit measure of image-output exits (RBQE, arXiv:2006.16581; see
+  ``eejax.exits.image_quality``).
 * ``patience(k)``: PABEE (Zhou et al., 2020), the number of consecutive exits, ending at this one, whose argmax equals
   the previous exit's; threshold = patience.
 * ``cached_score``: a score computed ahead (``engine.Scores``), for ``engine.simulate`` over cached scores.
@@ -105,6 +108,16 @@ def patience(out, state):
 def cached_score(out, state):
     """The score computed ahead (``engine.Scores``), in float32 as every measure's."""
     return out.score_B.astype(jnp.float32), _advance(out, state)
+
+
+def image_measure(score_fn: Callable[[jax.Array], jax.Array]) -> Measure:
+    """A measure from a no-reference image quality score: ``score_fn(out.image_BxHxWxC) -> score_B`` (larger =
+    better), for heads whose output is an image (``eejax.exits.image_quality.ImageOut``). The state advances as
+    for any head without class logits (the pooled hidden state only)."""
+    @_reads("image_BxHxWxC")
+    def measure(out, state):
+        return score_fn(out.image_BxHxWxC).astype(jnp.float32), _advance(out, state)
+    return measure
 
 
 NUM_UNCERTAINTY_FEATURES = 4

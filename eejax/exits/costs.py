@@ -67,6 +67,14 @@ def patch_embed_flops(tokens: int, patch_dim: int, d_model: int) -> int:
     return 2 * tokens * patch_dim * d_model
 
 
+def conv2d_flops(height: int, width: int, kernel: int, c_in: int, c_out: int) -> int:
+    """A stride-1 'same' convolution with a ``kernel x kernel`` window on a ``height x width`` map (every tap counted
+    at every position, as fvcore / ptflops do for zero padding)."""
+    if min(height, width, kernel, c_in, c_out) < 1:
+        raise ValueError(f"{height=}, {width=}, {kernel=}, {c_in=}, {c_out=} must all be >= 1")
+    return 2 * height * width * kernel * kernel * c_in * c_out
+
+
 def linear_head_flops(d_model: int, num_classes: int) -> int:
     """A linear classifier on one pooled (or CLS) vector."""
     return 2 * d_model * num_classes
