@@ -7,7 +7,7 @@ Command (args: fashion_mnist | smoke):
     ./launch.sh eco_m2f:smoke      # embedded MNIST, no download, about a minute on 2 CPU cores
 Data: Fashion-MNIST from --data_dir or $EEJAX_DATA_DIR (54,000 train / 6,000 val carved from train / 10,000 test);
     smoke uses the MNIST test split shipped inside the package.
-Model (step A, the multi-exit model): the shared-head ViT of MuE / DeeR (experiments/_shared_head_vit.py: 6 layers,
+Model (step A, the multi-exit model): the shared-head ViT of MuE / DeeR (experiments/_common_vision.py: 6 layers,
     width 64, patch 7, one linear head applied after every layer, label-smoothed CE averaged over the layers);
     ``model_workdir`` may point at the backbone those scripts trained (same recipe, checked).
 Step B (the derived dataset): on VALIDATION (held out from step A), quality q_e = the true class's softmax
@@ -25,7 +25,7 @@ Expected shape (arXiv:2404.15244, Fig. / Tab. on COCO panoptic): sweeping beta t
 """
 import ml_collections
 
-from _shared_head_vit import base_config, validate_base
+from _base_vision import base_config, validate_base
 
 NOT_IN_CHECKPOINTS = ("eval",)
 
@@ -40,8 +40,10 @@ def get_config(arg=None):
     c.eval = ml_collections.ConfigDict(dict(
         betas=(0.0, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2),   # price of one layer (quality units)
         gate_steps=500, gate_lr=0.05, throughput_batch=256, timing_betas=(0.005, 0.02, 0.05), timing_iters=5))
-    if arg == "smoke":
-        c.eval.update(betas=(0.0, 0.05), gate_steps=20, throughput_batch=64, timing_betas=(0.05,), timing_iters=1)
+    if arg == "smoke":   # the CI scale: tests/test_experiments.py runs every config's smoke variant end to end
+        c.train.steps = 4
+        c.data.update(test_size=200, eval_batch_size=100)
+        c.eval.update(betas=(0.0, 0.05), gate_steps=5, throughput_batch=16, timing_betas=(0.05,), timing_iters=1)
     return c
 
 

@@ -2,7 +2,7 @@
 
     python -m experiments.eco_m2f --config configs/eco_m2f.py:smoke [--outdir DIR]
 
-Step A: the shared-head multi-exit ViT (experiments/_shared_head_vit.py; one head after every layer). Step B: on
+Step A: the shared-head multi-exit ViT (experiments/_common_vision.py; one head after every layer). Step B: on
 validation, the quality of exit e is the true class's probability there, and each example's label is
 ``argmax_e [q_e - beta * (e + 1)]`` (``gate_first.gate_labels``). Step C: ``gate_first.DepthGate`` (pooled embedding
 tokens, one linear layer) trained with cross-entropy on those labels; only B and C are redone per beta (their wall
@@ -26,10 +26,8 @@ from flax import nnx
 
 from eejax.eval import bootstrap, report
 from eejax.exits import costs, engine, gate_first
-from eejax.harness import results as result_files
-from eejax.harness import run
-from experiments import _shared_head_vit as shv
-from experiments.lgvit import padded_eval_images
+from experiments import _common_vision as vision
+from experiments._common import Report, Run, experiment
 
 
 def pooled_inputs(graphdef, params, ds, cfg) -> np.ndarray:
@@ -37,7 +35,7 @@ def pooled_inputs(graphdef, params, ds, cfg) -> np.ndarray:
     @jax.jit
     def fn(params, x):
         return gate_first.pool_tokens(nnx.merge(graphdef, params).embed(x))
-    return np.concatenate([np.asarray(fn(params, x))[:n] for x, n in padded_eval_images(ds, cfg)])
+    return np.concatenate([np.asarray(fn(params, x))[:n] for x, n in vision.padded_eval_images(ds, cfg)])
 
 
 def train_gate(pooled_NxD: np.ndarray, labels_N: np.ndarray, num_exits: int, *, steps: int, lr: float, seed: int):
@@ -91,11 +89,11 @@ def static_mix_correct(depth: float, correct_ExN: np.ndarray) -> np.ndarray:
 
 def executed(model, gate, ds, cfg, program):
     """Exit and softmax per example from the grouped executor driven by the gate (one host stop per batch)."""
-    heads = shv.shared_heads(model, False)
+    heads = vision.shared_heads(model, False)
     policy = gate_first.gate_policy(gate)
     embed = jax.jit(model.embed)
     exits, probs, chunks, padding = [], [], 0, 0
-    for x, n in padded_eval_images(ds, cfg):
+    for x, n in vision.padded_eval_images(ds, cfg):
         h0 = embed(x)
         exit_B = gate_first.planned_exits(policy, h0, program.num_exits)
         g = gate_first.run_grouped(model.layers, heads, h0, program, exit_B)
@@ -108,7 +106,7 @@ def executed(model, gate, ds, cfg, program):
 def timings(model, gate, xb, program, iters: int) -> dict:
     """Measured seconds per batch of ``xb``: the grouped executor (gate, host stop and chunks), the per-row masked
     loop with the same gate (``engine.Masked``: every row waits for the batch's deepest), and the static full depth."""
-    heads = shv.shared_heads(model, False)
+    heads = vision.shared_heads(model, False)
     policy = gate_first.gate_policy(gate)
     embed = jax.jit(model.embed)
 
@@ -122,10 +120,10 @@ def timings(model, gate, xb, program, iters: int) -> dict:
             for name, fn in (("grouped_s", grouped), ("masked_s", masked), ("static_full_s", full))}
 
 
-@run.cli
-def main(argv=None):
-    su = shv.setup(argv, "eco_m2f", __doc__)
-    cfg, args, prov, outdir, ec = su.cfg, su.args, su.prov, su.outdir, su.ec
+@experiment("eco_m2f", data=vision.splits)
+def main(run: Run, data) -> Report:
+    su = vision.shared_head_setup(run, data)
+    cfg, prov, ec = run.cfg, run.prov, su.ec
     val, test, graphdef, params, n_layers = su.val, su.test, su.graphdef, su.params, su.mcfg.depth
     q_val = su.probs_val[:, np.arange(len(val)), val.labels_N]          # E x N, the true class's probability
     q_test = su.probs_test[:, np.arange(len(test)), test.labels_N]
@@ -136,7 +134,7 @@ def main(argv=None):
     gflops = gate_first.gate_flops(su.mcfg.d_model, n_layers)
     flops_E = np.asarray(ec.static_flops_E)     # a truncated model: layers up to the exit and that exit's head
     model = nnx.merge(graphdef, params)
-    program = engine.prefix(n_layers, shv.exit_layers(su.mcfg))
+    program = engine.prefix(n_layers, vision.exit_layers(su.mcfg))
 
     rows_static = [{"depth": e + 1, "test_acc": 100 * float(static_acc[e]), "MFLOPs": flops_E[e] / 1e6}
                    for e in range(n_layers)]
@@ -191,16 +189,12 @@ def main(argv=None):
     results = {"static": rows_static, "arms": rows, "compare": rows_cmp, "executed": rows_exec, "timing": rows_time,
                "per_beta": per_beta, "full_test_acc": float(static_acc[-1]), "gate_MFLOPs": gflops / 1e6,
                "static_flops": flops_E.tolist()}
-    if jax.process_index() != 0:
-        return
-    stage = result_files.StagedResults(outdir, overwrite=args.overwrite)
     gate_rows = [r for r in rows if r["arm"] == "gate"]
     oracle_rows = [r for r in rows if r["arm"] != "gate"]
     curves = {"gate (beta sweep)": [(r["MFLOPs"] * 1e6, r["test_acc"]) for r in gate_rows],
               "oracle (labels applied)": [(r["MFLOPs"] * 1e6, r["test_acc"]) for r in oracle_rows]}
     statics = [(flops_E[e], 100 * static_acc[e], f"L{e + 1}") for e in range(n_layers)]
-    report.plot_accuracy_vs_flops(curves, statics, stage.dir / "eco_m2f_curves.png",
-                                  title=f"ECO-M2F gate vs oracle vs static depth on {cfg.data.name} (test)")
+    title = f"ECO-M2F gate vs oracle vs static depth on {cfg.data.name} (test)"
     cols = ["arm", "beta", "mean_depth", "test_acc", "static_acc_at_depth", "MFLOPs"]
     md = "\n\n".join([
         f"# ECO-M2F at small scale on {cfg.data.name}",
@@ -222,11 +216,8 @@ def main(argv=None):
         report.markdown_table(rows_exec, list(rows_exec[0]), ".4g"),
         f"## Measured seconds per batch of {xb.shape[0]} (shared CPU; grouped includes the gate and its host stop)",
         report.markdown_table(rows_time, list(rows_time[0]), ".4g") if rows_time else "(none)"])
-    files = stage.write_results("eco_m2f", md, {"provenance": prov._asdict(), "config": cfg.to_dict(),
-                                                "results": results})
-    stage.commit()
-    print(md)
-    print(f"wrote {files.md_path}, {files.json_path} and a plot to {outdir}")
+    return Report(md, {"results": results}, files={
+        "eco_m2f_curves.png": lambda path: report.plot_accuracy_vs_flops(curves, statics, path, title=title)})
 
 
 if __name__ == "__main__":

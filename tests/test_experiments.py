@@ -487,4 +487,14 @@ def check_skippipe(data, *_):
                                                          math.expm1(r["ce_half"] - r["ce_full"]), rel_tol=1e-9)
 
 
+def check_eco_m2f(data, out, *_):
+    res = data["results"]
+    assert [r["arm"] for r in res["arms"]][:1] == ["gate"] and len(res["arms"]) == 4   # 2 betas x (gate, oracle)
+    # The grouped executor driven by the gate takes the simulated exit of every row and predicts the same class.
+    for row in res["executed"]:
+        assert row["exits_equal"] == 1.0 and row["preds_equal"] == 1.0 and row["max_abs_prob_diff"] < 1e-4
+    assert res["per_beta"]["0"]["oracle_exits_test"] != [] and len(res["compare"]) == 2
+    assert len(res["timing"]) == 1 and (out / "eco_m2f_curves.png").stat().st_size > 0
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
