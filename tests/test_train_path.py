@@ -17,6 +17,20 @@ B = 8
 _COMPILED = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_persistent_cache():
+    """This module's programs compile without jax's persistent cache: writing or reading their executables there
+    crashed the process (SIGSEGV / abort inside compilation_cache) on this CPU, in a different test each run."""
+    from jax._src import compilation_cache  # noqa: PLC0415
+
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
+
+
 @pytest.fixture(scope="module")
 def setup():
     graphdef, params = vit_lib.build(CFG, 0)
