@@ -8,8 +8,8 @@ On a GPU every data-dependent loop iteration and every conditional waits on the 
 * Kangaroo adds only its own keep-drafting decisions (one per draft step after the first) and the choice of the
   verify length; with ``gamma = 1`` it has exactly the static loop's structure;
 * SpecEE adds nothing to its target step's exit decisions (the drafter and the token loop: no stop), and the target
-  step runs on the decode executor: per scheduled layer one decision and one full-head check, nothing else, no
-  data-dependent loop;
+  step runs on the decode executor: per scheduled layer one decision and (``head_check="cond"``) one full-head
+  check, nothing else, no data-dependent loop; with ``head_check="always"`` one stop per decision point;
 * CEED Jacobi decoding: one stop per fixed-point iteration (+1 to leave the block), no conditional;
 * bfloat16 decoding has no float32 dot that plain greedy decoding of the same model does not have;
 * a draft token's matrix products read less than a greedy step's, and less than the masked engine's draft.
@@ -128,6 +128,26 @@ def test_specee_target_step_has_no_loop_and_two_stops_per_scheduled_exit(setup):
         whole = hlo.profile(specee.decode_fn(gd, G, exit_layer=1, schedule=schedule, k=3), params, adapter,
                             forced0, prompt, lengths)
         assert whole.host_stops(trips=100, per=G - 1) == 2 * len(schedule), schedule
+
+
+def test_specee_head_check_always_stops_once_per_scheduled_exit(setup):
+    """``head_check="always"``: the full head at every scheduled layer reached without a conditional, so the exit
+    decision is the only host stop of a decision point (the budget of issue 20), a token the drafter plus S."""
+    gd, params, prompt, lengths = setup
+    model = nnx.merge(gd, params)
+    st = _state(gd, params, prompt, lengths)
+    cand = jnp.zeros((2, 3), jnp.int32)
+    for schedule in ((1, 3), (0, 2, 4)):
+        pred = specee.init_predictors(jax.random.key(0), len(schedule), 3)
+        forced0 = pred._replace(b2_S=jnp.full_like(pred.b2_S, -1e9))
+        step = hlo.profile(lambda p, t, s, c: specee.target_step(nnx.merge(gd, p), t, s, c, forced0, schedule,
+                                                                 head_check="always"), params, prompt[:, 0], st, cand)
+        assert step.unknown_whiles == 0 and step.conditionals == len(schedule), schedule
+        assert step.host_stops(trips=100) == len(schedule), schedule
+        adapter = kangaroo.init_adapter(model, 1)
+        whole = hlo.profile(specee.decode_fn(gd, G, exit_layer=1, schedule=schedule, k=3, head_check="always"),
+                            params, adapter, forced0, prompt, lengths)
+        assert whole.host_stops(trips=100, per=G - 1) == len(schedule), schedule
 
 
 def test_jacobi_stops_once_per_iteration(setup):

@@ -32,7 +32,9 @@ def _np_score(pred, s, f):
     return 1 / (1 + np.exp(-(hid @ np.asarray(pred.w2_SxH[s]) + float(pred.b2_S[s]))))
 
 
-def test_decision_equals_hand_reference(setup):
+@pytest.mark.parametrize("head_check", specee.HEAD_CHECKS)
+def test_decision_equals_hand_reference(setup, head_check):
+    """Either way of running the full head (under a cond, or at every scheduled layer) gives the same decisions."""
     gd, params, prompt, lengths = setup
     model = nnx.merge(gd, params)
     pred = specee.init_predictors(jax.random.key(3), len(SCHEDULE), K, 8)
@@ -48,8 +50,8 @@ def test_decision_equals_hand_reference(setup):
     cand = _rng.integers(0, CFG.vocab_size, (len(PROMPTS), K))
     cand[::2, 0] = argmax_BxN[::2, SCHEDULE[1]]            # even rows: a middle layer's argmax is a candidate
     cand = jnp.asarray(cand, jnp.int32)
-    out, _ = jax.jit(lambda p, t, s, c: specee.target_step(nnx.merge(gd, p), t, s, c, pred, SCHEDULE))(
-        params, tok, state, cand)
+    out, _ = jax.jit(lambda p, t, s, c: specee.target_step(nnx.merge(gd, p), t, s, c, pred, SCHEDULE,
+                                                           head_check=head_check))(params, tok, state, cand)
     exits, toks = [], []
     for b in range(len(PROMPTS)):
         prev = np.zeros(K)

@@ -10,8 +10,9 @@ CPU run (experiments/results/specee-smollm2/specee.json, the "SpecEE static" row
 defaults (schedule of 6 layers, 80% of the layers, 4 predictor evaluations per token).
 
 Rows per batch: ``greedy`` (plain full-depth greedy), ``specee_forced0`` (the SpecEE loop with every predictor
-forced to 0: full depth + the drafter + every scheduled predictor: the overhead), ``specee_executed`` (random
-predictors around 0.5: the loop as it runs), and ``specee_estimate``: seconds per token composed from the measured
+forced to 0: full depth + the drafter + every scheduled predictor: the overhead), ``specee_forced0_head_always``
+(the same with ``head_check="always"``: the full head at every scheduled layer, one host stop per decision point
+instead of two), ``specee_executed`` (random predictors around 0.5: the loop as it runs), and ``specee_estimate``: seconds per token composed from the measured
 times, ``t_draft + (mean_layers / N) * t_greedy + (preds_per_token / S) * t_predictors`` with ``t_predictors =
 t_forced0 - t_greedy - t_draft`` (per token). Compile excluded (AOT, one warm-up call), blocked until ready.
 
@@ -102,6 +103,13 @@ def run(size: str, budget_s: float, log) -> list[dict]:
         rows.append({**base, "variant": "specee_forced0", "seconds": t_f0, "tokens_per_s": b * new / t_f0,
                      "mean_layers": float(np.mean(np.asarray(out0.exit_layer_BxG) + 1)), "host_stops": stops,
                      "host_stop_trips": list(trips)})
+        # The same loop with the full head at every scheduled layer (one host stop per decision point, one head
+        # read more): which of the two is faster on this GPU (specee.HEAD_CHECKS).
+        pa = {}
+        f_always = specee.decode_fn(gd, new, exit_layer=l, schedule=sched, k=k, head_check="always")
+        _, t_fa = time_profiled(f_always, params, adapter, forced0, prompt, lengths, profile=pa)
+        rows.append({**base, "variant": "specee_forced0_head_always", "seconds": t_fa, "tokens_per_s": b * new / t_fa,
+                     "host_stops": pa["prof"].host_stops(trips=trips, per=new), "host_stop_trips": list(trips)})
         out, t_ex = time_profiled(f, params, adapter, pred, prompt, lengths)
         rows.append({**base, "variant": "specee_executed", "seconds": t_ex, "tokens_per_s": b * new / t_ex,
                      "mean_layers": float(np.mean(np.asarray(out.exit_layer_BxG)[:, 1:] + 1)), "host_stops": stops,

@@ -7,8 +7,15 @@ with an exit after every *scheduled* layer. At an exit the head (``candidate_hea
 state on only the ``k`` candidate rows of the LM head; a tiny per-layer 2-layer MLP (``Predictors``) reads the k
 logits, their softmax and the change of that softmax since the previous scheduled layer (``features``), trained with
 BCE on "this layer's argmax equals the final token". The policy (``SpecEEPolicy``) fires for a row when the score
-is above 0.5 **and** the full LM head at that layer (computed only when some row's score passes) puts its argmax
-on one of the candidates; the row's token is then that argmax. Rows that never fire leave at the last layer with
+is above 0.5 **and** the full LM head at that layer puts its argmax on one of the candidates; the row's token is
+then that argmax.
+
+When the full head runs (``head_check``) trades a host round trip against one read of the vocabulary matrix:
+``"cond"`` (default, the paper's saving) computes it only when some row's score passes, so a decision point costs
+two host stops on a GPU (that ``lax.cond`` and the executor's "is any row left?"); ``"always"`` computes it at every
+scheduled layer reached, one host stop per decision point. At decode batch sizes the head is memory-bound (SmolLM2:
+V x D = 49152 x 576 bf16, 57 MB, about 12 us of H200 bandwidth), the same order as a round trip, so which wins is a
+GPU measurement (``benchmarks/papers/specee.py`` times both); the cost model counts the heads each one runs. Rows that never fire leave at the last layer with
 the full head. So the output is near-lossless, not lossless: an exited token may differ from the full model's.
 
 K/V of exited tokens at deeper layers (the PAPERS.md red flag: SpecEE's ``AutoEE/Pure`` never writes them): CALM's
@@ -99,16 +106,21 @@ class SpecEEState(NamedTuple):
     final_tok_B: jax.Array  # the full head's argmax at the last layer, for the rows that reach it (else -1)
 
 
+HEAD_CHECKS = ("cond", "always")
+
+
 class SpecEEPolicy(NamedTuple):
     """SpecEE's exit rule (module docstring). ``num_exits``: at the last exit (a Python int ``e``, as the decode
     executor ``kv.Unrolled`` passes it) no predictor runs: the full head's argmax is recorded for the rows still
-    running, with no conditional of its own (the stage runs only when some row reached it)."""
+    running, with no conditional of its own (the stage runs only when some row reached it). ``head_check``: when
+    the full head runs at a scheduled layer (module docstring)."""
 
     pred: Predictors
     cand_BxK: jax.Array
     full_head: object           # normed hidden B x D -> vocabulary logits B x V
     threshold: float = 0.5
     num_exits: int | None = None
+    head_check: str = "cond"
 
     def init(self, probe, zero_B, h0=None):
         return SpecEEState(jnp.zeros(probe.logits_BxC.shape, jnp.float32) + zero_B[:, None], zero_B - 1)
@@ -121,9 +133,12 @@ class SpecEEPolicy(NamedTuple):
         f, p = features(out.logits_BxC, state.prev_p_BxK)
         s_B = score(self.pred, jnp.minimum(e, self.pred.b2_S.shape[0] - 1), f)
         want_B = s_B > self.threshold
-        # The full head only when some row's predictor passes (the saving of SpecEE's k-row features).
-        argmax_B = jax.lax.cond(jnp.any(want_B), lambda x: jnp.argmax(self.full_head(x), -1).astype(jnp.int32),
-                                lambda x: jnp.full(x.shape[:1], -1, jnp.int32), out.feat_BxD)
+        full_argmax = lambda x: jnp.argmax(self.full_head(x), -1).astype(jnp.int32)   # noqa: E731
+        if self.head_check == "always":   # no conditional: one head read more, one host stop less
+            argmax_B = full_argmax(out.feat_BxD)
+        else:   # the full head only when some row's predictor passes (the saving of SpecEE's k-row features)
+            argmax_B = jax.lax.cond(jnp.any(want_B), full_argmax, lambda x: jnp.full(x.shape[:1], -1, jnp.int32),
+                                    out.feat_BxD)
         fire_B = want_B & jnp.any(argmax_B[:, None] == self.cand_BxK, -1)
         return fire_B, s_B, state._replace(prev_p_BxK=p)
 
@@ -141,17 +156,21 @@ class StepOut(NamedTuple):
 
 
 def target_step(model: DecoderLM, tok_B, state: kv_lib.DecodeState, cand_BxK, pred: Predictors,
-                schedule: Sequence[int], threshold: float = 0.5) -> tuple[StepOut, kv_lib.DecodeState]:
+                schedule: Sequence[int], threshold: float = 0.5,
+                head_check: str = "cond") -> tuple[StepOut, kv_lib.DecodeState]:
     """One token per row through the target with SpecEE's exit policy on the decode executor
     (``kv.propagating``: one ``lax.cond`` per scheduled exit decision, the K/V of the layers no row reached filled
     from each row's frozen exit state in the branch where the batch stops). Host round trips per token on a GPU:
-    per scheduled layer reached the predictor's full-head check (a cond, taken only when some row's score passes)
-    and the decision; the last layer's full head runs in the last stage (reached only when some row is left)."""
+    per scheduled layer reached the decision, and with ``head_check="cond"`` the full-head check (a cond, taken
+    only when some row's score passes); the last layer's full head runs in the last stage (reached only when some
+    row is left)."""
+    if head_check not in HEAD_CHECKS:
+        raise ValueError(f"head_check={head_check!r}: use one of {HEAD_CHECKS}")
     n = model.cfg.depth
     program = schedule_program(n, schedule)
     num_exits = program.num_exits
     full_head = lambda x: model.shared_head(x)   # noqa: E731  (x is already normed by the final norm)
-    policy = SpecEEPolicy(pred, cand_BxK, full_head, threshold, num_exits)
+    policy = SpecEEPolicy(pred, cand_BxK, full_head, threshold, num_exits, head_check)
     out, new_state = kv_lib.forward(model, tok_B[:, None], state, program,
                                     candidate_heads(model, cand_BxK, num_exits), policy, kv_lib.propagating(model))
     last = out.exit_B == num_exits - 1
@@ -177,9 +196,11 @@ class _Token(NamedTuple):
 
 
 def decode(model: DecoderLM, adapter: dict, prompt_BxP, lengths_B, num_new: int, *, exit_layer: int,
-           pred: Predictors, schedule: Sequence[int], k: int = 4, threshold: float = 0.5) -> SpecEEOutputs:
+           pred: Predictors, schedule: Sequence[int], k: int = 4, threshold: float = 0.5,
+           head_check: str = "cond") -> SpecEEOutputs:
     """Greedy SpecEE decoding: per token the Kangaroo drafter (``kangaroo.drafter``: first ``exit_layer`` layers +
-    adapter + head, its own KV cache) proposes its top-``k``, then the target runs with SpecEE's exit policy."""
+    adapter + head, its own KV cache) proposes its top-``k``, then the target runs with SpecEE's exit policy
+    (``head_check``: module docstring)."""
     cfg = model.cfg
     sched = [int(l) for l in schedule]
     if not sched or sched != sorted(set(sched)) or sched[0] < 0 or sched[-1] >= cfg.depth - 1:
@@ -193,6 +214,8 @@ def decode(model: DecoderLM, adapter: dict, prompt_BxP, lengths_B, num_new: int,
         raise ValueError(f"pred reads {pred.w1_SxFxH.shape[1]} features; k={k} candidates give {3 * k}")
     if isinstance(num_new, bool) or not isinstance(num_new, (int, np.integer)) or num_new < 1:
         raise ValueError(f"num_new={num_new!r} must be an int >= 1")
+    if head_check not in HEAD_CHECKS:
+        raise ValueError(f"head_check={head_check!r}: use one of {HEAD_CHECKS}")
     if checks.is_concrete(threshold) and not 0.0 < float(threshold) < 1.0:
         raise ValueError(f"threshold={threshold!r} must lie in (0, 1): the predictor's sigmoid score never reaches "
                          "0 or 1")
@@ -207,7 +230,7 @@ def decode(model: DecoderLM, adapter: dict, prompt_BxP, lengths_B, num_new: int,
     def body(c: _Token, _):
         dlogits, dstate = drafter.propose(c.tok_B, c.draft)
         cand_BxK = jax.lax.top_k(dlogits.astype(jnp.float32), k)[1].astype(jnp.int32)
-        so, state = target_step(model, c.tok_B, c.state, cand_BxK, pred, sched, threshold)
+        so, state = target_step(model, c.tok_B, c.state, cand_BxK, pred, sched, threshold, head_check)
         return _Token(so.tok_B, state, dstate), so
 
     first_B = jnp.argmax(logits, -1).astype(jnp.int32)
@@ -219,12 +242,13 @@ def decode(model: DecoderLM, adapter: dict, prompt_BxP, lengths_B, num_new: int,
                          full(steps.preds_B, 0))
 
 
-def decode_fn(graphdef, num_new: int, *, exit_layer: int, schedule: Sequence[int], k: int = 4):
+def decode_fn(graphdef, num_new: int, *, exit_layer: int, schedule: Sequence[int], k: int = 4,
+              head_check: str = "cond"):
     """``jit``-ready ``f(params, adapter, pred, prompt_BxP, lengths_B)``."""
 
     def f(params, adapter, pred, prompt_BxP, lengths_B):
         return decode(nnx.merge(graphdef, params), adapter, prompt_BxP, lengths_B, num_new, exit_layer=exit_layer,
-                      pred=pred, schedule=schedule, k=k)
+                      pred=pred, schedule=schedule, k=k, head_check=head_check)
 
     return f
 
@@ -245,6 +269,6 @@ def cost_per_token(cfg, *, exit_layer: int, k: int, hidden: int, mean_layers: fl
             "predictor_per_eval": pred, "layer": c["layer"], "head": c["head"]}
 
 
-__all__ = ["Predictors", "init_predictors", "features", "logit", "score", "head_rows", "candidate_heads", "SpecEEState",
+__all__ = ["HEAD_CHECKS", "Predictors", "init_predictors", "features", "logit", "score", "head_rows", "candidate_heads", "SpecEEState",
            "SpecEEPolicy", "schedule_program", "StepOut", "target_step", "SpecEEOutputs", "decode", "decode_fn",
            "cost_per_token"]
