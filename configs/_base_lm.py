@@ -54,6 +54,26 @@ def base_config(arg: str | None):
 
 
 
+def validate_text(c, *, positive=(), seeds: bool = False) -> Validator:
+    """The checks every text-LM config makes: ``name``, ``seed`` (and ``seeds`` when it has them), the dataset, its
+    tokenizer and evaluation split, ``data.seq_len``, and the ``positive`` integer fields (>= 1). Returns the
+    Validator for the config's own checks."""
+    from eejax.data.text import TEXT_SPLITS  # noqa: PLC0415
+
+    v = Validator(c)
+    v.str("name")
+    v.int("seed", lo=0)
+    if seeds:
+        v.ints("seeds", lo=0, unique=True)
+    v.choice("data.name", TEXT_SPLITS)
+    v.choice("data.tokenizer", TOKENIZERS)
+    v.choice("data.eval_split", TEXT_SPLITS[c.data.eval_name or c.data.name])
+    v.int("data.seq_len", lo=2)
+    for key in positive:
+        v.int(key, lo=1)
+    return v
+
+
 def validate_base(c) -> Validator:
     """Checks of the fields both LM experiments share; returns the Validator for the experiment's own checks."""
     from eejax.data.text import TEXT_SPLITS  # noqa: PLC0415

@@ -58,6 +58,7 @@ Paper: the abstract (arXiv:2504.20922) gives no number; it reports Mistral 7B ag
     TruthfulQA, CoQA and TriviaQA and calls Mamba "a powerful EE classifier".
 """
 import ml_collections
+from _base_lm import validate_text
 
 from eejax.train import default_optim_config
 
@@ -129,26 +130,16 @@ def get_config(arg=None):
 
 def validate(c):
     """Every value checked when the config is loaded, before any work (called by eejax.harness.config)."""
-    from eejax.data.text import TEXT_SPLITS  # noqa: PLC0415
     from eejax.exits import costs, engine, losses  # noqa: PLC0415
-    from eejax.harness.config import Validator  # noqa: PLC0415
     from eejax.models import exit_classifier, lm, mamba_lm  # noqa: PLC0415
     from eejax.nn.ssm import SCANS  # noqa: PLC0415
 
-    v = Validator(c)
-    v.str("name")
-    v.int("seed", lo=0)
-    v.choice("data.name", TEXT_SPLITS)
-    v.choice("data.tokenizer", ("char", "byte"))
-    v.choice("data.eval_split", TEXT_SPLITS[c.data.eval_name or c.data.name])
-    v.int("data.seq_len", lo=2)
-    for key in ("data.batch_size", "mamba.d_model", "mamba.depth", "mamba.expand", "mamba.d_state",
-                "mamba.conv_width", "transformer.d_model", "transformer.depth", "transformer.num_heads",
-                "transformer.num_kv_heads", "train.steps", "classifier.budget", "classifier.d_state",
-                "classifier.conv_width", "classifier.top_k", "classifier.steps", "eval.prompt_len",
-                "eval.new_tokens", "eval.batch", "eval.calib_batches", "eval.test_batches", "log_every",
-                "ckpt_every", "costs.batch", "costs.cache_len"):
-        v.int(key, lo=1)
+    v = validate_text(c, positive=(
+        "data.batch_size", "mamba.d_model", "mamba.depth", "mamba.expand", "mamba.d_state", "mamba.conv_width",
+        "transformer.d_model", "transformer.depth", "transformer.num_heads", "transformer.num_kv_heads",
+        "train.steps", "classifier.budget", "classifier.d_state", "classifier.conv_width", "classifier.top_k",
+        "classifier.steps", "eval.prompt_len", "eval.new_tokens", "eval.batch", "eval.calib_batches",
+        "eval.test_batches", "log_every", "ckpt_every", "costs.batch", "costs.cache_len"))
     v.int("mamba.dt_rank", lo=0)
     v.int("transformer.mlp_dim", lo=0)
     v.choice("mamba.scan", SCANS)

@@ -34,6 +34,7 @@ Paper: arXiv:2502.02732, up to 3.2B parameters on 30B tokens: "more balanced var
     flow, and convergence stability"; up to +2.8 points on a 5-task average over Pre-LN.
 """
 import ml_collections
+from _base_lm import validate_text
 
 from eejax.train import default_optim_config
 
@@ -74,21 +75,11 @@ def get_config(arg=None):
 
 def validate(c):
     """Every value checked when the config is loaded, before any work (called by eejax.harness.config)."""
-    from eejax.data.text import TEXT_SPLITS  # noqa: PLC0415
-    from eejax.harness.config import Validator  # noqa: PLC0415
     from eejax.models import lm  # noqa: PLC0415
 
-    v = Validator(c)
-    v.str("name")
-    v.int("seed", lo=0)
-    v.ints("seeds", lo=0, unique=True)
-    v.choice("data.name", TEXT_SPLITS)
-    v.choice("data.tokenizer", ("char", "byte"))
-    v.choice("data.eval_split", TEXT_SPLITS[c.data.eval_name or c.data.name])
-    v.int("data.seq_len", lo=2)
-    for key in ("data.batch_size", "model.d_model", "model.depth", "model.num_heads", "model.num_kv_heads",
-                "model.mlp_dim", "train.steps", "eval.batch", "eval.batches", "log_every"):
-        v.int(key, lo=1)
+    v = validate_text(c, seeds=True, positive=(
+        "data.batch_size", "model.d_model", "model.depth", "model.num_heads", "model.num_kv_heads", "model.mlp_dim",
+        "train.steps", "eval.batch", "eval.batches", "log_every"))
     norms = v.choices("norms", NORMS)
     if "pre" not in norms:
         v.fail("norms", "must hold 'pre': every placement is compared with Pre-LN")

@@ -31,6 +31,7 @@ Expected shape (PAPERS-WAVE4.md [inf]): full-order CE close for every arm (skip-
     500M-8B); the withdrawn ICLR 2026 version: 2% when running 75% of the model (500M-1.5B). Quote one version.
 """
 import ml_collections
+from _base_lm import validate_text
 
 from eejax.train import default_optim_config
 
@@ -74,23 +75,12 @@ def get_config(arg=None):
 
 def validate(c):
     """Every value checked when the config is loaded, before any work (called by eejax.harness.config)."""
-    from eejax.data.text import TEXT_SPLITS  # noqa: PLC0415
     from eejax.exits import engine  # noqa: PLC0415
-    from eejax.harness.config import Validator  # noqa: PLC0415
     from eejax.models import lm  # noqa: PLC0415
 
-    v = Validator(c)
-    v.str("name")
-    v.int("seed", lo=0)
-    v.ints("seeds", lo=0, unique=True)
-    v.choice("data.name", TEXT_SPLITS)
-    v.choice("data.tokenizer", ("char", "byte"))
-    v.choice("data.eval_split", TEXT_SPLITS[c.data.eval_name or c.data.name])
-    v.int("data.seq_len", lo=2)
-    for key in ("data.batch_size", "model.d_model", "model.depth", "model.num_heads", "model.num_kv_heads",
-                "model.mlp_dim", "train.steps", "train.micro_batches", "eval.batch", "eval.batches", "log_every",
-                "ckpt_every"):
-        v.int(key, lo=1)
+    v = validate_text(c, seeds=True, positive=(
+        "data.batch_size", "model.d_model", "model.depth", "model.num_heads", "model.num_kv_heads", "model.mlp_dim",
+        "train.steps", "train.micro_batches", "eval.batch", "eval.batches", "log_every", "ckpt_every"))
     arms = v.choices("arms", ARMS)
     if "full" not in arms:
         v.fail("arms", "must hold 'full': every arm is compared with full-order training")

@@ -108,31 +108,14 @@ def test_specee_adds_nothing_to_its_target_step(setup):
         assert whole.host_stops(trips=trips) == (G - 1) * step.host_stops(trips=trips)
 
 
-def test_specee_target_step_has_no_loop_and_two_stops_per_scheduled_exit(setup):
-    """``kv.propagating`` (the decode executor): no data-dependent loop, a ``lax.cond`` per scheduled exit decision,
-    one per scheduled layer's full-head check (run only when some predictor passes); the last layer's full head
-    runs in the last stage with no conditional of its own. With the predictor forced to 0 every one is evaluated:
-    2 S per token. The masked executor it replaced had a while loop over the exits and a segment loop."""
-    gd, params, prompt, lengths = setup
-    model = nnx.merge(gd, params)
-    st = _state(gd, params, prompt, lengths)
-    cand = jnp.zeros((2, 3), jnp.int32)
-    for schedule in ((1, 3), (0, 2, 4)):
-        pred = specee.init_predictors(jax.random.key(0), len(schedule), 3)
-        forced0 = pred._replace(b2_S=jnp.full_like(pred.b2_S, -1e9))
-        step = hlo.profile(lambda p, t, s, c: specee.target_step(nnx.merge(gd, p), t, s, c, forced0, schedule),
-                           params, prompt[:, 0], st, cand)
-        assert step.unknown_whiles == 0 and step.conditionals == 2 * len(schedule), schedule
-        assert step.host_stops(trips=100) == 2 * len(schedule), schedule
-        adapter = kangaroo.init_adapter(model, 1)
-        whole = hlo.profile(specee.decode_fn(gd, G, exit_layer=1, schedule=schedule, k=3), params, adapter,
-                            forced0, prompt, lengths)
-        assert whole.host_stops(trips=100, per=G - 1) == 2 * len(schedule), schedule
-
-
-def test_specee_head_check_always_stops_once_per_scheduled_exit(setup):
-    """``head_check="always"``: the full head at every scheduled layer reached without a conditional, so the exit
-    decision is the only host stop of a decision point (the budget of issue 20), a token the drafter plus S."""
+@pytest.mark.parametrize("head_check, per_exit", [("cond", 2), ("always", 1)])
+def test_specee_target_step_has_no_loop_and_its_stops_per_scheduled_exit(setup, head_check, per_exit):
+    """``kv.propagating`` (the decode executor): no data-dependent loop, a ``lax.cond`` per scheduled exit decision
+    and, with ``head_check="cond"``, one per scheduled layer's full-head check (run only when some predictor
+    passes); ``"always"`` runs that head without a conditional, so the decision is the only stop of a decision point
+    (issue 20's budget). The last layer's full head runs in the last stage with no conditional of its own. With the
+    predictor forced to 0 every one is evaluated: ``per_exit`` x S per token. The masked executor it replaced had a
+    while loop over the exits and a segment loop."""
     gd, params, prompt, lengths = setup
     model = nnx.merge(gd, params)
     st = _state(gd, params, prompt, lengths)
@@ -141,13 +124,13 @@ def test_specee_head_check_always_stops_once_per_scheduled_exit(setup):
         pred = specee.init_predictors(jax.random.key(0), len(schedule), 3)
         forced0 = pred._replace(b2_S=jnp.full_like(pred.b2_S, -1e9))
         step = hlo.profile(lambda p, t, s, c: specee.target_step(nnx.merge(gd, p), t, s, c, forced0, schedule,
-                                                                 head_check="always"), params, prompt[:, 0], st, cand)
-        assert step.unknown_whiles == 0 and step.conditionals == len(schedule), schedule
-        assert step.host_stops(trips=100) == len(schedule), schedule
+                                                                 head_check=head_check), params, prompt[:, 0], st, cand)
+        assert step.unknown_whiles == 0 and step.conditionals == per_exit * len(schedule), schedule
+        assert step.host_stops(trips=100) == per_exit * len(schedule), schedule
         adapter = kangaroo.init_adapter(model, 1)
-        whole = hlo.profile(specee.decode_fn(gd, G, exit_layer=1, schedule=schedule, k=3, head_check="always"),
+        whole = hlo.profile(specee.decode_fn(gd, G, exit_layer=1, schedule=schedule, k=3, head_check=head_check),
                             params, adapter, forced0, prompt, lengths)
-        assert whole.host_stops(trips=100, per=G - 1) == len(schedule), schedule
+        assert whole.host_stops(trips=100, per=G - 1) == per_exit * len(schedule), schedule
 
 
 def test_jacobi_stops_once_per_iteration(setup):

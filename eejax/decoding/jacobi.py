@@ -34,7 +34,6 @@ import numpy as np
 
 from eejax import checks
 from eejax.decoding import kv as kv_lib
-from eejax.decoding import speculative
 from eejax.models.lm import DecoderLM
 
 
@@ -113,7 +112,7 @@ def jacobi_decode(model: DecoderLM, prompt_BxP: jax.Array, lengths_B: jax.Array,
     if max_iters is not None and checks.is_concrete(max_iters) and (
             np.ndim(max_iters) != 0 or int(max_iters) != max_iters or max_iters < 1):
         raise ValueError(f"max_iters={max_iters!r} must be an int >= 1 or None")
-    speculative.check_prompts(prompt_BxP, lengths_B, model.cfg.vocab_size)
+    kv_lib.check_prompts(prompt_BxP, lengths_B, model.cfg.vocab_size)
     b, p = prompt_BxP.shape
     lengths_B = jnp.asarray(lengths_B, jnp.int32)
     _, state = kv_lib.prefill(model, prompt_BxP, lengths_B, p + num_new + 1)

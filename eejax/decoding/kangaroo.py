@@ -248,7 +248,7 @@ def kangaroo(model: DecoderLM, adapter: dict, prompt_BxP: jax.Array, lengths_B: 
     if isinstance(gamma, (int, np.integer)) and gamma > num_new:
         raise ValueError(f"gamma={gamma} > num_new={num_new}: a round emits at most num_new tokens, so longer drafts "
                          "only grow the caches and the compiled program; use gamma <= num_new")
-    speculative.check_prompts(prompt_BxP, lengths_B, model.cfg.vocab_size)   # before the draft model is built
+    kv_lib.check_prompts(prompt_BxP, lengths_B, model.cfg.vocab_size)   # before the draft model is built
     out = speculative.self_speculative(model, prompt_BxP, lengths_B, num_new,
                                        drafter=drafter(model, adapter, exit_layer, eta=eta, gamma=gamma))
     return KangarooOutputs(out.tokens_BxG, out.rounds_B, out.drafted_B, out.accepted_B, out.draft_steps,

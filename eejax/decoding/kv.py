@@ -67,6 +67,22 @@ class DecodeAux(NamedTuple):
     pos_BxT: jax.Array   # positions (= slots) of the T tokens being run
 
 
+def check_prompts(prompt_BxP, lengths_B, vocab_size: int) -> None:
+    """Right-padded prompts: integer ids ``B x P`` in the vocabulary and one length per row in ``[1, P]`` (values
+    checked when concrete; ``kv.pad_prompts`` gives both). A length past P would be clamped by the gather that reads
+    each row's last token: a wrong answer, not an error."""
+    if np.ndim(prompt_BxP) != 2 or 0 in np.shape(prompt_BxP):
+        raise ValueError(f"prompt_BxP of shape {np.shape(prompt_BxP)} must be B x P with B, P >= 1")
+    checks.token_ids(prompt_BxP, vocab_size, name="prompt_BxP")
+    b, p = np.shape(prompt_BxP)
+    if np.shape(lengths_B) != (b,):
+        raise ValueError(f"lengths_B has shape {np.shape(lengths_B)}; want one length per prompt row, ({b},)")
+    if checks.is_concrete(lengths_B):
+        lengths = np.asarray(lengths_B)
+        if not np.issubdtype(lengths.dtype, np.integer) or lengths.min() < 1 or lengths.max() > p:
+            raise ValueError(f"lengths_B={lengths.tolist()} must be integers in [1, {p}] (the padded prompt length)")
+
+
 def pad_prompts(prompts: Sequence, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Left-align token lists into ``int32[B, P]`` (right padding); returns ``(tokens_BxP, lengths_B)``."""
     if not prompts or min(len(x) for x in prompts) < 1:

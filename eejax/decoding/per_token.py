@@ -255,22 +255,6 @@ def decode(model: DecoderLM, logits_BxV: jax.Array, state: kv_lib.DecodeState, n
     return Generation(rec.tok_B.T, rec.logprob_B.T, rec.exit_layer_B.T, rec.layers_B.T, rec.layers_run)
 
 
-def check_prompts(prompt_BxP, lengths_B, vocab_size: int) -> None:
-    """``prompt_BxP`` integer ids of shape B x P in the vocabulary; ``lengths_B`` one length per row in ``[1, P]``
-    (values checked when concrete)."""
-    if np.ndim(prompt_BxP) != 2 or 0 in np.shape(prompt_BxP):
-        raise ValueError(f"prompt_BxP of shape {np.shape(prompt_BxP)} must be B x P with B, P >= 1")
-    checks.token_ids(prompt_BxP, vocab_size, name="prompt_BxP")
-    b, p = np.shape(prompt_BxP)
-    if np.shape(lengths_B) != (b,):
-        raise ValueError(f"lengths_B has shape {np.shape(lengths_B)}; want one length per prompt row, ({b},)")
-    if checks.is_concrete(lengths_B):
-        lengths = np.asarray(lengths_B)
-        if not np.issubdtype(lengths.dtype, np.integer) or lengths.min() < 1 or lengths.max() > p:
-            raise ValueError(f"lengths_B={lengths.tolist()} must be integers in [1, {p}] (the padded prompt length "
-                             "P; kv.pad_prompts gives both)")
-
-
 def generate(model: DecoderLM, prompt_BxP: jax.Array, lengths_B: jax.Array, num_new: int,
              step_fn: StepFn | Sequence[tuple[int, StepFn]], *,
              rng: jax.Array | None = None, temperature: float = 0.0, top_k: int = 0,
@@ -280,7 +264,7 @@ def generate(model: DecoderLM, prompt_BxP: jax.Array, lengths_B: jax.Array, num_
     Prompts are right-padded (``kv.pad_prompts``) with per-row ``lengths_B`` in ``[1, P]``. ``cache_dtype``: the
     KV cache's dtype (default the model's compute dtype, ``kv.compute_dtype``)."""
     _check_num_new(num_new)
-    check_prompts(prompt_BxP, lengths_B, model.cfg.vocab_size)
+    kv_lib.check_prompts(prompt_BxP, lengths_B, model.cfg.vocab_size)
     kv_lib.check_sampling(temperature, top_k, model.cfg.vocab_size)
     logits, state = kv_lib.prefill(model, prompt_BxP, lengths_B, prompt_BxP.shape[1] + num_new, dtype=cache_dtype)
     return decode(model, logits, state, num_new, step_fn, rng=rng, temperature=temperature, top_k=top_k,

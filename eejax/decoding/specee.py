@@ -39,7 +39,6 @@ from flax import nnx
 from eejax import checks
 from eejax.decoding import kangaroo as kg
 from eejax.decoding import kv as kv_lib
-from eejax.decoding import speculative
 from eejax.exits import engine
 from eejax.models.lm import DecoderLM
 
@@ -219,7 +218,7 @@ def decode(model: DecoderLM, adapter: dict, prompt_BxP, lengths_B, num_new: int,
     if checks.is_concrete(threshold) and not 0.0 < float(threshold) < 1.0:
         raise ValueError(f"threshold={threshold!r} must lie in (0, 1): the predictor's sigmoid score never reaches "
                          "0 or 1")
-    speculative.check_prompts(prompt_BxP, lengths_B, cfg.vocab_size)
+    kv_lib.check_prompts(prompt_BxP, lengths_B, cfg.vocab_size)
     drafter = kg.drafter(model, adapter, exit_layer)
     b, p = prompt_BxP.shape
     cache_len = p + num_new

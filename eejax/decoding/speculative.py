@@ -54,9 +54,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from eejax import checks
 from eejax.decoding import kv as kv_lib
 from eejax.exits import engine, policies
 from eejax.models.lm import DecoderLM
@@ -124,22 +122,6 @@ def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}={value!r} must be an int >= 1")
     return int(value)
-
-
-def check_prompts(prompt_BxP, lengths_B, vocab_size: int) -> None:
-    """Right-padded prompts: integer ids ``B x P`` in the vocabulary and one length per row in ``[1, P]`` (values
-    checked when concrete; ``kv.pad_prompts`` gives both). A length past P would be clamped by the gather that reads
-    each row's last token: a wrong answer, not an error."""
-    if np.ndim(prompt_BxP) != 2 or 0 in np.shape(prompt_BxP):
-        raise ValueError(f"prompt_BxP of shape {np.shape(prompt_BxP)} must be B x P with B, P >= 1")
-    checks.token_ids(prompt_BxP, vocab_size, name="prompt_BxP")
-    b, p = np.shape(prompt_BxP)
-    if np.shape(lengths_B) != (b,):
-        raise ValueError(f"lengths_B has shape {np.shape(lengths_B)}; want one length per prompt row, ({b},)")
-    if checks.is_concrete(lengths_B):
-        lengths = np.asarray(lengths_B)
-        if not np.issubdtype(lengths.dtype, np.integer) or lengths.min() < 1 or lengths.max() > p:
-            raise ValueError(f"lengths_B={lengths.tolist()} must be integers in [1, {p}] (the padded prompt length)")
 
 
 # ------------------------------------------------------------------------------------------------- draft steps
@@ -445,7 +427,7 @@ def self_speculative(model: DecoderLM, prompt_BxP: jax.Array, lengths_B: jax.Arr
         raise ValueError("give draft_exit and k, or a drafter, not both")
     num_new = _positive_int(num_new, "num_new")
     drafter.check(model)
-    check_prompts(prompt_BxP, lengths_B, model.cfg.vocab_size)
+    kv_lib.check_prompts(prompt_BxP, lengths_B, model.cfg.vocab_size)
     lengths = tuple(sorted(set(int(t) for t in drafter.lengths)))
     kmax = max(lengths)
     if kmax > num_new:
@@ -516,5 +498,5 @@ def self_speculative(model: DecoderLM, prompt_BxP: jax.Array, lengths_B: jax.Arr
                        f.k_trace_BxG, f.draft_steps, f.verify_tokens, f.batch_rounds, f.dstate)
 
 
-__all__ = ["SpecOutputs", "Plan", "Choice", "Verified", "check_prompts", "Static", "Dynamic", "DynamicState", "static",
+__all__ = ["SpecOutputs", "Plan", "Choice", "Verified", "Static", "Dynamic", "DynamicState", "static",
            "dynamic", "draft_step", "rows_draft_step", "masked_draft_step", "verify", "self_speculative"]

@@ -9,35 +9,17 @@ Letters: N examples, R resamples, K the trailing shape of each example's contrib
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import numpy as np
+
+from eejax.eval.bootstrap import Difference
 
 _CHUNK = 200   # resamples per block: R x N indices are never held at once
 
 
-class PairedDifference(NamedTuple):
-    """``diff`` = stat(A) - stat(B) on the full sample; ``[lo, hi]`` its ``level`` percentile interval."""
-
-    diff: float
-    lo: float
-    hi: float
-    level: float
-    n: int
-    method: str
-
-    @property
-    def separated(self) -> bool:
-        """True when the interval excludes 0."""
-        return self.lo > 0 or self.hi < 0
-
-    def reading(self, a: str = "A", b: str = "B") -> str:
-        if not self.separated:
-            return "no difference at this scale"
-        return f"{a} {'above' if self.diff > 0 else 'below'} {b}"
-
-    def text(self, fmt: str = ".3g") -> str:
-        return f"{self.diff:+{fmt}} [{self.lo:+{fmt}}, {self.hi:+{fmt}}]"
+# The result type of every interval in eejax.eval (``bootstrap.Difference``), under this module's older name.
+PairedDifference = Difference
 
 
 def paired_bootstrap_sums(stat: Callable[[np.ndarray], float], a_NxK, b_NxK, *, level: float = 0.95,

@@ -250,6 +250,26 @@ def check_exit_steps(exit_steps: Sequence[int], num_steps: int) -> tuple[int, ..
     return exit_steps
 
 
+class ExitSpec:
+    """Mixin for a model config with fields ``exits`` (an exit spec, ``exit_layers_from``) and ``depth``: the exit
+    layers it names, their count and the layer -> exit table, one definition for every model family."""
+
+    @property
+    def exit_layers(self) -> tuple[int, ...]:
+        return exit_layers_from(self.exits, self.depth)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_layers)
+
+    @property
+    def exit_of_layer(self) -> np.ndarray:
+        """``int32[N]``: the exit index after layer l, or -1 where layer l has no exit."""
+        table = np.full(self.depth, -1, np.int32)
+        table[list(self.exit_layers)] = np.arange(self.num_exits)
+        return table
+
+
 def exit_layers_from(spec, num_layers: int) -> tuple[int, ...]:
     """Exit positions as sorted 0-based layer indices; the last layer is always an exit.
 
@@ -1029,7 +1049,7 @@ def take_exit(x_ExB_: jax.Array, exit_B: jax.Array) -> jax.Array:
 __all__ = ["ATTN", "MLP", "FULL", "HeadOut", "ExitOutputs", "StackedExits", "DynamicOutputs", "StepCtx", "Program",
            "LoopCarry", "BufferCarry", "RowResults", "Masked", "BucketCascade", "Compacted", "ExitRun", "exit_runs",
            "Scores", "IndexedHeads", "stack_heads", "head_program", "HEAD_KINDS", "call_layer", "prefix", "sequence",
-           "repeat", "row_skip", "mlp_skip", "stage_path", "check_stage_path", "check_exit_steps", "exit_layers_from",
+           "repeat", "row_skip", "mlp_skip", "stage_path", "check_stage_path", "check_exit_steps", "ExitSpec", "exit_layers_from",
            "check_exits", "check_h0", "check_program", "num_layers_of", "where_rows", "mask_like", "zeros_from",
            "exit_check", "default_buckets", "check_buckets", "run", "Simulated", "simulate", "run_layers",
            "REMAT_POLICIES", "remat_policy", "remat_step", "scan_exits", "while_exits", "scores_from_outputs",

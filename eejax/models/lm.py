@@ -60,7 +60,7 @@ NORMS = NORM_PLACEMENTS                      # "pre" | "post" | "peri"
 
 
 @dataclasses.dataclass(frozen=True)
-class LMConfig:
+class LMConfig(engine.ExitSpec):
     vocab_size: int = 65
     d_model: int = 128
     depth: int = 6
@@ -111,21 +111,6 @@ class LMConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
-
-    @property
-    def exit_layers(self) -> tuple[int, ...]:
-        return engine.exit_layers_from(self.exits, self.depth)
-
-    @property
-    def num_exits(self) -> int:
-        return len(self.exit_layers)
-
-    @property
-    def exit_of_layer(self) -> np.ndarray:
-        """``int32[N]``: the exit index after layer l, or -1 where layer l has no exit."""
-        table = np.full(self.depth, -1, np.int32)
-        table[list(self.exit_layers)] = np.arange(self.num_exits)
-        return table
 
 
 # ------------------------------------------------------------------------------------------------- layers

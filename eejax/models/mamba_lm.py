@@ -41,7 +41,7 @@ from eejax.nn.ssm import SCANS, MambaMixer, SSMState, default_dt_rank, mixer_par
 
 
 @dataclasses.dataclass(frozen=True)
-class MambaConfig:
+class MambaConfig(engine.ExitSpec):
     vocab_size: int = 65
     d_model: int = 128
     depth: int = 8
@@ -81,21 +81,6 @@ class MambaConfig:
     @property
     def compute_dtype(self):
         return None if self.dtype is None else jnp.dtype(self.dtype)
-
-    @property
-    def exit_layers(self) -> tuple[int, ...]:
-        return engine.exit_layers_from(self.exits, self.depth)
-
-    @property
-    def num_exits(self) -> int:
-        return len(self.exit_layers)
-
-    @property
-    def exit_of_layer(self) -> np.ndarray:
-        """``int32[N]``: the exit index after layer l, or -1 where layer l has no exit."""
-        table = np.full(self.depth, -1, np.int32)
-        table[list(self.exit_layers)] = np.arange(self.num_exits)
-        return table
 
     def layer_params(self) -> int:
         """Parameters of one block (mixer + its norm scale)."""
