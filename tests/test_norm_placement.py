@@ -140,3 +140,59 @@ def test_cached_decode_primitives_follow_the_placement(norm):
     full = layer0(h0, pos, lm.causal_mask(jnp.ones((2, 6), bool)))
     last = layer0.attend(h0[:, -1:], pos[:, -1:], k, v, jnp.ones((2, 1, 6), bool))
     np.testing.assert_allclose(last, full[:, -1:], **TOL)
+
+
+# ------------------------------------------------------------------ the encoder / ViT block (LayerNorm placements)
+
+def _ln(mod, x):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + mod.epsilon) * mod.scale[...][None, None] + mod.bias[...][None, None]
+
+
+@pytest.mark.parametrize("norm", nn.NORM_PLACEMENTS)
+def test_block_placement_equals_its_formula(norm):
+    """``nn.Block(norm=...)`` against the three formulas written with the block's own sublayers and LayerNorms."""
+    blk = nn.Block(16, 2, 32, rngs=nnx.Rngs(0), norm=norm)
+    if norm == "peri":   # non-trivial output norms, so a missing one would show
+        for post in (blk.post1, blk.post2):
+            post.scale[...] = 1.5 + jax.random.normal(jax.random.key(1), post.scale.shape) * 0.1
+    x = jax.random.normal(jax.random.key(2), (2, 5, 16))
+    h = x
+    for ln, f, post in ((blk.ln1, blk.attn, getattr(blk, "post1", None)),
+                        (blk.ln2, blk.mlp, getattr(blk, "post2", None))):
+        if norm == "post":
+            h = _ln(ln, h + f(h))
+        else:
+            y = f(_ln(ln, h))
+            h = h + (_ln(post, y) if norm == "peri" else y)
+    np.testing.assert_allclose(np.asarray(blk(x)), np.asarray(h), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ("peri", "post"))
+def test_vit_with_a_placement_exits_like_its_static_path(norm):
+    """A ViT built with ``norm`` runs it on every path: the dynamic loop's output at a forced exit equals the
+    all-exits scan at that exit; paths that open the block up as Pre-LN refuse it by name."""
+    from eejax.exits import continuous  # noqa: PLC0415
+    from eejax.models import vit as vit_lib  # noqa: PLC0415
+
+    cfg = vit_lib.ViTConfig(image_size=8, channels=1, patch_size=4, d_model=16, depth=3, num_heads=2, mlp_dim=32,
+                            exits="all", head_types="linear", norm=norm)
+    gd, params = vit_lib.build(cfg, 0)
+    model = nnx.merge(gd, params)
+    assert model.layers.placement == norm
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+    every = model.all_exits(x).logits_ExBxC
+    pre = nnx.merge(*vit_lib.build(dataclasses_replace(cfg, norm="pre"), 0)).all_exits(x).logits_ExBxC
+    assert not np.allclose(np.asarray(every), np.asarray(pre), atol=1e-3)   # the placement changes the function
+    out = model.dynamic(x, jnp.inf)   # +inf: no row exits early, every row to the last exit
+    np.testing.assert_allclose(np.asarray(out.logits_BxC), np.asarray(every[-1]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="Pre-LN"):
+        continuous.block_weights(model.layers)
+    with pytest.raises(ValueError, match="norm="):
+        vit_lib.ViTConfig(norm="sandwich")
+
+
+def dataclasses_replace(cfg, **kw):
+    import dataclasses  # noqa: PLC0415
+    return dataclasses.replace(cfg, **kw)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from eejax.exits import engine, tokens
+from eejax.nn.layers import require_pre_ln
 
 
 class TokenCache(NamedTuple):
@@ -58,6 +59,7 @@ def write(cache: TokenCache, layer, pos_BxQ, k_BxQxHxK, v_BxQxHxK, mask_BxQ) -> 
 def prefill_layer_fn(layer, h_BxQxD, ctx: engine.StepCtx):
     """``tokens.run``'s layer function for a causal ``eejax.nn.Block`` stack that fills the cache: the key slots'
     keys / values are written at their positions, then the slots attend causally among the key slots."""
+    require_pre_ln(layer, "the token cache")
     view, cache = ctx.aux.view, ctx.aux.aux
     q, k, v = layer.attn.project(layer.ln1(h_BxQxD))
     cache = write(cache, ctx.layer, view.pos_BxQ, k, v, view.key_BxQ)
@@ -68,6 +70,7 @@ def prefill_layer_fn(layer, h_BxQxD, ctx: engine.StepCtx):
 def decode_layer_fn(layer, h_BxTxD, ctx: engine.StepCtx):
     """The engine's layer function for a decode step: write the new tokens' keys / values (visible), then attend
     over the slots this layer holds at or before each token's position."""
+    require_pre_ln(layer, "the token cache")
     cache, pos_BxT = ctx.aux
     q, k, v = layer.attn.project(layer.ln1(h_BxTxD))
     cache = write(cache, ctx.layer, pos_BxT, k, v, jnp.ones(pos_BxT.shape, bool))

@@ -44,7 +44,7 @@ from flax.nnx.nn import dtypes
 
 from eejax.exits import confidence as conf_lib
 from eejax.exits import engine, policies
-from eejax.nn.layers import Block
+from eejax.nn.layers import Block, require_pre_ln
 
 
 class ContinuousOutputs(NamedTuple):
@@ -113,6 +113,7 @@ def block_weights(layers: nnx.Module) -> BlockWeights:
     if not isinstance(layers, Block):
         raise TypeError(f"continuous batching implements the pre-LN eejax.nn.layers.Block; got "
                         f"{type(layers).__name__}")
+    require_pre_ln(layers, "continuous batching")
     a, m = layers.attn, layers.mlp
     return BlockWeights(ln1=layers.ln1, ln2=layers.ln2,
                         qkv_NxDx3D=a.qkv.kernel[...], qkv_b_Nx3D=a.qkv.bias[...],

@@ -27,7 +27,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from eejax.exits import confidence as conf_lib
 from eejax.exits import engine, policies
 from eejax.kernels.gated_step import gated_mlp_auto
-from eejax.nn.layers import Block
+from eejax.nn.layers import Block, require_pre_ln
 
 default_buckets = engine.default_buckets
 
@@ -85,6 +85,7 @@ class GatedKernel(NamedTuple):
         block_rows = self.block_rows
 
         def kernel_layer(layer, h_BxTxD, ctx: engine.StepCtx):
+            require_pre_ln(layer, "the gated-MLP kernel path")
             run_B = ctx.run_B
             if ctx.sub_B is not None:
                 h_BxTxD = engine.where_rows((ctx.sub_B & engine.ATTN) > 0, layer.attn_half(h_BxTxD), h_BxTxD)

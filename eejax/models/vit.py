@@ -19,7 +19,7 @@ from eejax.exits import confidence as conf_lib
 from eejax.exits import costs
 from eejax.exits import engine, policies
 from eejax.models import vit_heads as heads_lib
-from eejax.nn.layers import Block, build as nn_build, stacked
+from eejax.nn.layers import NORM_PLACEMENTS, Block, build as nn_build, stacked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +37,7 @@ class ViTConfig:
     pool: str = "cls"                          # pooling of linear heads
     local_hidden: int = 64                     # channels of LGViT's local perception head
     global_pool: int = 2                       # LGViT global head: average-pool the patch grid by this factor
+    norm: str = "pre"                          # LayerNorm placement of every block: "pre" | "peri" | "post"
 
     def __post_init__(self):
         # Sizes first (a classifier needs two classes: the margin measure reads the top two).
@@ -46,6 +47,8 @@ class ViTConfig:
             raise ValueError(f"{self.image_size=} not divisible by {self.patch_size=}")
         if self.d_model % self.num_heads:
             raise ValueError(f"{self.d_model=} not divisible by {self.num_heads=}")
+        if self.norm not in NORM_PLACEMENTS:
+            raise ValueError(f"norm={self.norm!r}: use one of {NORM_PLACEMENTS}")
         self.head_kinds  # validates the head spec  # noqa: B018
 
     @property
@@ -83,7 +86,8 @@ class ViT(nnx.Module):
         self.patch = nnx.Linear(patch_dim, cfg.d_model, rngs=rngs)
         self.cls_token = nnx.Param(jnp.zeros((1, 1, cfg.d_model)))
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, cfg.tokens, cfg.d_model)))
-        self.layers = stacked(lambda r: Block(cfg.d_model, cfg.num_heads, cfg.mlp_dim, rngs=r), cfg.depth, rngs)
+        self.layers = stacked(lambda r: Block(cfg.d_model, cfg.num_heads, cfg.mlp_dim, rngs=r, norm=cfg.norm),
+                              cfg.depth, rngs)
         self.heads = nnx.List([
             heads_lib.make_head(kind, cfg.d_model, cfg.num_classes, grid=cfg.grid, num_heads=cfg.num_heads,
                                 mlp_dim=cfg.mlp_dim, local_hidden=cfg.local_hidden, global_pool=cfg.global_pool,

@@ -2,9 +2,9 @@
 
 Nothing here imports from the rest of eejax.
 """
-from eejax.nn.layers import (MLPS, NORM_PLACEMENTS, Block, Mlp, SelfAttention, SwiGLU, build, make_mlp, stacked,
-                             sublayer_input, sublayer_residual)
+from eejax.nn.layers import (MLPS, NORM_PLACEMENTS, Block, Mlp, SelfAttention, SwiGLU, build, make_mlp,
+                             require_pre_ln, stacked, sublayer_input, sublayer_residual)
 from eejax.nn.ssm import MambaMixer, SSMState
 
 __all__ = ["MLPS", "NORM_PLACEMENTS", "Block", "Mlp", "SelfAttention", "SwiGLU", "build", "make_mlp", "stacked",
-           "sublayer_input", "sublayer_residual", "MambaMixer", "SSMState"]
+           "require_pre_ln", "sublayer_input", "sublayer_residual", "MambaMixer", "SSMState"]

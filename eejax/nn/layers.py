@@ -262,24 +262,49 @@ def sublayer_residual(placement: str, h_BxTxD: jax.Array, y_BxTxD: jax.Array, no
 
 
 class Block(nnx.Module):
-    """Pre-LN transformer block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``."""
+    """Transformer block with LayerNorms placed by ``norm`` (``sublayer_residual``): ``"pre"`` (default)
+    ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``; ``"peri"`` also normalises each sublayer's output before the add
+    (``post1`` / ``post2``, Peri-LN, arXiv:2502.02732); ``"post"`` normalises the sum (``ln1`` / ``ln2`` then sit
+    after the add, so a Post-LN block has Pre-LN's parameter tree and, from the same seed, its projections)."""
 
     def __init__(self, d_model: int, num_heads: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 attention: str = "auto"):
+                 attention: str = "auto", norm: str = "pre"):
+        if norm not in NORM_PLACEMENTS:
+            raise ValueError(f"norm={norm!r}: use one of {NORM_PLACEMENTS}")
+        self.placement = norm
         self.ln1 = nnx.LayerNorm(d_model, rngs=rngs, dtype=dtype)
         self.attn = SelfAttention(d_model, num_heads, rngs=rngs, dtype=dtype, attention=attention)
         self.ln2 = nnx.LayerNorm(d_model, rngs=rngs, dtype=dtype)
         self.mlp = Mlp(d_model, mlp_dim, rngs=rngs, dtype=dtype)
+        if norm == "peri":
+            self.post1 = nnx.LayerNorm(d_model, rngs=rngs, dtype=dtype)
+            self.post2 = nnx.LayerNorm(d_model, rngs=rngs, dtype=dtype)
+
+    def _sublayer(self, sub: int, f, x_BxTxD: jax.Array) -> jax.Array:
+        """Sublayer ``sub`` (1 attention, 2 MLP) with residual ``f`` under the block's placement."""
+        ln = getattr(self, f"ln{sub}")
+        if self.placement == "post":
+            return sublayer_residual("post", x_BxTxD, f(x_BxTxD), ln)
+        return sublayer_residual(self.placement, x_BxTxD, f(ln(x_BxTxD)), getattr(self, f"post{sub}", None))
 
     def attn_half(self, x_BxTxD: jax.Array, mask=None) -> jax.Array:
         """``mask``: see ``SelfAttention`` (None: every token sees every token)."""
-        return x_BxTxD + self.attn(self.ln1(x_BxTxD), mask)
+        return self._sublayer(1, lambda x: self.attn(x, mask), x_BxTxD)
 
     def mlp_half(self, x_BxTxD: jax.Array) -> jax.Array:
-        return x_BxTxD + self.mlp(self.ln2(x_BxTxD))
+        return self._sublayer(2, self.mlp, x_BxTxD)
 
     def __call__(self, x_BxTxD: jax.Array, mask=None) -> jax.Array:
         return self.mlp_half(self.attn_half(x_BxTxD, mask))
+
+
+def require_pre_ln(layer, what: str) -> None:
+    """Paths that open a ``Block`` up (fused kernels, per-slot weights, token caches) compute Pre-LN; refuse a block
+    of another placement by name instead of computing the wrong function."""
+    placement = getattr(layer, "placement", "pre")
+    if placement != "pre":
+        raise ValueError(f"{what} implements Pre-LN blocks; this model's blocks are norm={placement!r} (use the "
+                         "model's own dynamic path)")
 
 
 def stacked(make_layer, num_layers: int, rngs: nnx.Rngs):
