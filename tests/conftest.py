@@ -4,6 +4,7 @@
 instruction set the way another CPU would compile it (issue 23):
 ``XLA_FLAGS=--xla_cpu_max_isa=AVX2 pytest tests/`` (or ``SSE4_2``).
 """
+import gc
 import os
 
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -31,3 +32,17 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data directory {SHARED_DATA} not found (set EEJAX_DATA_DIR)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs(request):
+    """Each module's compiled programs and cached models are dropped when it ends (jax's jit caches and the
+    module's own ``functools.lru_cache``s, e.g. test_pretrained's SmolLM2 weights). Kept for the whole session, the
+    suite's process grew past 10 GB by test_train_path (about 95% of the way), and there, in CI and in three runs
+    here, XLA's CPU compiler died with SIGSEGV inside a compilation that passes in a fresh process."""
+    yield
+    for obj in list(vars(request.module).values()):
+        if callable(getattr(obj, "cache_clear", None)) and hasattr(obj, "cache_info"):
+            obj.cache_clear()
+    jax.clear_caches()
+    gc.collect()
