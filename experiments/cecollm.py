@@ -67,8 +67,6 @@ def main(run: Run, corpus) -> Report:
     cfg = run.cfg
     graphdef, params, mcfg, train_s = recipe.shared_base(run, corpus, producer=True)
     e, s = cfg.eval, cfg.split
-    k, n = s.k, mcfg.depth
-    exit_k = list(mcfg.exit_layers).index(k - 1)
     test = recipe.eval_windows(corpus.eval_ids, e.batch, e.prompt_len, e.new_tokens, 0, e.eval_batches)
     dec = recipe.Decoder(graphdef, e.new_tokens)
     windows = len(test.prompts) * e.batch
@@ -77,50 +75,63 @@ def main(run: Run, corpus) -> Report:
     full = recipe.evaluate(dec, recipe.full_policy, params, None, test, None)
     ref = full["tokens"]
     full |= {"agreement": 1.0, "agreement_W": [1.0] * windows}
-    edge_only = recipe.evaluate(dec, edge_only_policy(exit_k), params, None, test, ref)
-    print(f"full model: nll={full['nll']:.4f}; edge only (exit after layer {k}): nll={edge_only['nll']:.4f} "
-          f"agreement={edge_only['agreement']:.4f}", flush=True)
-
-    rows, paired, raw, latency_rows = [], [], {}, []
-    shape = costs.lm_shape(mcfg)
-    for rule in s.cloud_kv:
-        step = split_policy(k, rule)
-        for thr in s.thresholds:
-            res = recipe.evaluate(dec, step, params, jnp.float32(thr), test, ref)
-            edge = edge_masks(dec, step, params, jnp.float32(thr), test, k)
-            t = split.traffic(edge, lengths_W, d_model=mcfg.d_model, depth=n, edge_layers=k, cloud_kv=rule,
-                              bytes_per_value=s.bytes_per_value, token_bytes=s.token_id_bytes)
-            frac = mean_ci(t.edge_tokens / (e.new_tokens - 1), cfg.seed)
-            name = f"split ({rule}) thr={thr:g}"
-            row = {"method": name, "cloud_kv": rule, "threshold": thr, "edge_frac": frac["mean"],
-                   "edge_frac_lo": frac["lo"], "edge_frac_hi": frac["hi"], "agreement": res["agreement"],
-                   "val_nll": res["nll"], "val_ppl": res["ppl"], "cloud_calls": float(t.cloud_calls.mean()),
-                   "up_kB": float(t.up_bytes.mean()) / 1e3, "naive_up_kB": float(t.naive_up_bytes.mean()) / 1e3,
-                   "down_kB": float(t.down_bytes.mean()) / 1e3,
-                   "cloud_token_layers": float(t.cloud_token_layers.mean()),
-                   "cloud_kv_token_layers": float(t.cloud_kv_token_layers.mean())}
-            rows.append(row)
-            print(" ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in row.items()), flush=True)
-            raw[name] = {kk: v for kk, v in res.items() if kk != "tokens"} | {
-                "traffic": {kk: v.tolist() for kk, v in t._asdict().items()}}
-            paired.append(equal_as_floats({"threshold": thr, "cloud_kv": rule}
-                          | recipe.paired_quality(res, full, name, "full model (cloud only)", cfg.seed)))
-            paired.append({"threshold": thr, "cloud_kv": rule}
-                          | recipe.paired_quality(res, edge_only, name, f"edge only (exit L{k})", cfg.seed))
-            latency_rows += latency_table(t, edge, lengths_W, shape, k, s, name, thr, rule, cfg.seed, "ours")
-            if rule == s.cloud_kv[0]:
-                tp = split.traffic(edge, lengths_W, d_model=SMOLLM2_SHAPE.d_model, depth=SMOLLM2_SHAPE.depth,
-                                   edge_layers=SMOLLM2_SHAPE.depth // 2, cloud_kv=rule,
-                                   bytes_per_value=s.bytes_per_value, token_bytes=s.token_id_bytes)
-                latency_rows += latency_table(tp, edge, lengths_W, SMOLLM2_SHAPE, SMOLLM2_SHAPE.depth // 2, s, name,
-                                              thr, rule, cfg.seed, "SmolLM2-135M shape (projection)")
-    base_rows = [{"method": "full model (cloud only)", "val_nll": full["nll"], "val_ppl": full["ppl"],
-                  "agreement": 1.0},
-                 {"method": f"edge only (exit after layer {k})", "val_nll": edge_only["nll"],
-                  "val_ppl": edge_only["ppl"], "agreement": edge_only["agreement"]}]
-    raw["full"] = {kk: v for kk, v in full.items() if kk != "tokens"}
-    raw["edge_only"] = {kk: v for kk, v in edge_only.items() if kk != "tokens"}
+    raw = {"full": {kk: v for kk, v in full.items() if kk != "tokens"}}
+    base_rows = [{"method": "full model (cloud only)", "k": mcfg.depth, "val_nll": full["nll"],
+                  "val_ppl": full["ppl"], "agreement": 1.0}]
+    rows, paired, latency_rows = [], [], []
+    for k in s.ks:
+        edge_only = recipe.evaluate(dec, edge_only_policy(list(mcfg.exit_layers).index(k - 1)), params, None, test,
+                                    ref)
+        base_rows.append({"method": f"edge only (exit after layer {k})", "k": k, "val_nll": edge_only["nll"],
+                          "val_ppl": edge_only["ppl"], "agreement": edge_only["agreement"]})
+        raw[f"edge_only k={k}"] = {kk: v for kk, v in edge_only.items() if kk != "tokens"}
+        print(base_rows[-1], flush=True)
+        for rule in s.cloud_kv:
+            r, p, lt, rw = split_rows(cfg, mcfg, dec, params, test, ref, lengths_W, full, edge_only, k, rule)
+            rows += r
+            paired += p
+            latency_rows += lt
+            raw |= rw
     return report(run, corpus, mcfg, test, train_s, base_rows, rows, paired, latency_rows, raw)
+
+
+def split_rows(cfg, mcfg, dec, params, test, ref, lengths_W, full, edge_only, k: int, rule: str):
+    """The split after layer ``k`` with one cloud K/V rule at every threshold: quality, edge share, bytes, latency."""
+    e, s = cfg.eval, cfg.split
+    step = split_policy(k, rule)
+    rows, paired, latency_rows, raw = [], [], [], {}
+    for thr in s.thresholds:
+        res = recipe.evaluate(dec, step, params, jnp.float32(thr), test, ref)
+        edge = edge_masks(dec, step, params, jnp.float32(thr), test, k)
+        t = split.traffic(edge, lengths_W, d_model=mcfg.d_model, depth=mcfg.depth, edge_layers=k, cloud_kv=rule,
+                          bytes_per_value=s.bytes_per_value, token_bytes=s.token_id_bytes)
+        frac = mean_ci(t.edge_tokens / (e.new_tokens - 1), cfg.seed)
+        name = f"split k={k} ({rule}) thr={thr:g}"
+        row = {"method": name, "k": k, "cloud_kv": rule, "threshold": thr, "edge_frac": frac["mean"],
+               "edge_frac_lo": frac["lo"], "edge_frac_hi": frac["hi"], "agreement": res["agreement"],
+               "val_nll": res["nll"], "val_ppl": res["ppl"], "cloud_calls": float(t.cloud_calls.mean()),
+               "up_kB": float(t.up_bytes.mean()) / 1e3, "naive_up_kB": float(t.naive_up_bytes.mean()) / 1e3,
+               "down_kB": float(t.down_bytes.mean()) / 1e3,
+               "cloud_token_layers": float(t.cloud_token_layers.mean()),
+               "cloud_kv_token_layers": float(t.cloud_kv_token_layers.mean())}
+        rows.append(row)
+        print(" ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in row.items()), flush=True)
+        raw[name] = {kk: v for kk, v in res.items() if kk != "tokens"} | {
+            "traffic": {kk: v.tolist() for kk, v in t._asdict().items()}}
+        paired.append(equal_as_floats({"k": k, "threshold": thr, "cloud_kv": rule}
+                      | recipe.paired_quality(res, full, name, "full model (cloud only)", cfg.seed)))
+        paired.append(equal_as_floats({"k": k, "threshold": thr, "cloud_kv": rule}
+                      | recipe.paired_quality(res, edge_only, name, f"edge only (exit L{k})", cfg.seed)))
+        latency_rows += latency_table(t, edge, lengths_W, costs.lm_shape(mcfg), k, s, name, thr, rule, cfg.seed,
+                                      "ours")
+        if rule == s.cloud_kv[0]:   # the same token pattern, a SmolLM2-135M-shaped model cut at the same fraction
+            kp = round(SMOLLM2_SHAPE.depth * k / mcfg.depth)
+            tp = split.traffic(edge, lengths_W, d_model=SMOLLM2_SHAPE.d_model, depth=SMOLLM2_SHAPE.depth,
+                               edge_layers=kp, cloud_kv=rule, bytes_per_value=s.bytes_per_value,
+                               token_bytes=s.token_id_bytes)
+            latency_rows += latency_table(tp, edge, lengths_W, SMOLLM2_SHAPE, kp, s, name, thr, rule, cfg.seed,
+                                          f"SmolLM2-135M shape, cut after {kp} (projection)")
+    return rows, paired, latency_rows, raw
 
 
 def equal_as_floats(row: dict, tol: float = 1e-6) -> dict:
@@ -154,7 +165,6 @@ def latency_table(t, edge, lengths_W, shape, k, s, name, thr, rule, seed, scale)
 def report(run, corpus, mcfg, test, train_s, base_rows, rows, paired, latency_rows, raw) -> Report:
     cfg, e, s = run.cfg, run.cfg.eval, run.cfg.split
     m = cfg.model
-    k = s.k
     lp = costs.lm_param_counts(mcfg)
     md = "\n\n".join([
         "# CE-CoLLM: cloud-edge split decoding (split after layer k, max-probability exit on the edge)",
@@ -162,8 +172,9 @@ def report(run, corpus, mcfg, test, train_s, base_rows, rows, paired, latency_ro
         f"windows ({e.prompt_len} prompt + {e.new_tokens} generated characters).  \n"
         f"Scale: decoder LM, {m.depth} layers, width {m.d_model}, {m.num_heads} query / {m.num_kv_heads} KV heads, "
         f"exits after every layer, {cfg.train.steps} steps of batch {cfg.data.batch_size} x {cfg.data.seq_len} "
-        f"(training wall-clock in this run {train_s:.0f} s; about 0 when resumed). Edge: layers 1..{k} + the exit "
-        f"after layer {k}; cloud: layers {k + 1}..{m.depth} + the final exit. Head cost: one vocabulary head is "
+        f"(training wall-clock in this run {train_s:.0f} s; about 0 when resumed). Split after layer k for k in "
+        f"{list(s.ks)}: the edge runs layers 1..k and the exit after layer k, the cloud layers k+1..{m.depth} and the "
+        "final exit. Head cost: one vocabulary head is "
         f"{lp['head']:,} parameters against {lp['layer']:,} per layer ({lp['head'] / lp['layer']:.2f} layers; "
         "SmolLM2-135M's is about 8 of its 30 layers).",
         "Paper: CE-CoLLM (Jin, Wu; arXiv:2411.02829) reports up to 13.81% less inference time and 84.55% less "
@@ -175,7 +186,7 @@ def report(run, corpus, mcfg, test, train_s, base_rows, rows, paired, latency_ro
         "## Split decoding at the paper's thresholds\n"
         "edge_frac: fraction of generated tokens (after the first, which the prefill's cloud call returns) "
         "finished on the edge, free-running greedy, with its bootstrap 95% interval over sequences. up_kB: mean "
-        f"kB uploaded per sequence with the cloud context manager (fp16 layer-{k} hidden states, "
+        f"kB uploaded per sequence with the cloud context manager (fp16 layer-k hidden states, "
         f"{m.d_model} x {s.bytes_per_value} bytes each: the prompt's, then at each cloud call the pending states of "
         "the edge-finished tokens since the last call and its own); naive_up_kB: without it (each cloud call "
         f"re-sends the whole context); down_kB: token ids returned ({s.token_id_bytes} bytes per call). "
@@ -195,7 +206,7 @@ def report(run, corpus, mcfg, test, train_s, base_rows, rows, paired, latency_ro
         "saved_vs_cloud: 1 - split / cloud_only with its paired bootstrap 95% interval over sequences; "
         "cloud_flops_share: the cloud's FLOPs under the split over cloud-only's. The projection rows keep our "
         "model's per-token edge/cloud pattern and charge the bytes and FLOPs of a SmolLM2-135M-shaped model split "
-        "at half depth (that model's own exit rates would differ).",
+        "cut after the same fraction of its depth (that model's own exit rates would differ).",
         report_lib.markdown_table(latency_rows, list(latency_rows[0]), ".4g")])
     return Report(md, {"data": corpus.description, "train_seconds": train_s, "reference": base_rows,
                        "rows": rows, "paired_differences": paired, "latency": latency_rows, "raw": raw})

@@ -493,12 +493,12 @@ def check_cecollm(data, *_):
     model; the context manager never uploads more than naive collaboration; the latency rows cover every split."""
     c = data["config"]
     g = c["eval"]["new_tokens"]
-    edge_only = data["reference"][1]
+    edge_only = {r["k"]: r for r in data["reference"][1:]}
     for r in data["rows"]:
         assert 0 <= r["edge_frac"] <= 1 and r["up_kB"] <= r["naive_up_kB"]
         assert np.isclose(r["cloud_calls"], 1 + (g - 1) * (1 - r["edge_frac"]))
         if r["threshold"] == 0.0:
-            assert r["edge_frac"] == 1.0 and np.isclose(r["agreement"], edge_only["agreement"])
+            assert r["edge_frac"] == 1.0 and np.isclose(r["agreement"], edge_only[r["k"]]["agreement"])
         if r["threshold"] == 1.0:
             assert r["edge_frac"] == 0.0 and (r["cloud_kv"] != "deferred" or r["agreement"] == 1.0)
     assert {(r["method"], r["uplink_mbps"]) for r in data["latency"] if r["scale"] == "ours"} == {
