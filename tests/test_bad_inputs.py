@@ -20,7 +20,7 @@ from eejax.harness import config, run
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = {name: str(ROOT / "configs" / f"{name}.py") for name in ("lgvit", "deediff", "per_token_exit", "skipdecode",
                                                                      "mue", "deer", "kangaroo", "encoder_exits",
-                                                                     "self_speculative")}
+                                                                     "self_speculative", "cecollm")}
 
 # (paper, extra argv, a fragment the one-line message must hold)
 CLI_CASES = [
@@ -122,6 +122,13 @@ CLI_CASES = [
     ("skipdecode", ["--config.eval.prompt_len=20"], "config.data.seq_len=32: must equal eval.prompt_len"),
     ("skipdecode", ["--config.skipdecode.finetune_steps=0"], "config.skipdecode.finetune_steps=0"),
     ("skipdecode", ["--config.eval.exit_measure=bogus"], "config.eval.exit_measure='bogus'"),
+    # CE-CoLLM (cloud-edge split)
+    ("cecollm", ["--config.split.ks=(3,)"], "config.split.ks[0]=3: must be an integer in [1, 2]"),
+    ("cecollm", ["--config.split.thresholds=(1.5,)"], "config.split.thresholds[0]=1.5"),
+    ("cecollm", ["--config.split.cloud_kv=('copy',)"], "config.split.cloud_kv[0]='copy'"),
+    ("cecollm", ["--config.split.uplink_mbps=(0.0,)"], "config.split.uplink_mbps[0]=0.0"),
+    ("cecollm", ["--config.split.rtt_ms=-1"], "config.split.rtt_ms=-1.0"),
+    ("cecollm", ["--config.model.exits=every:2"], "config.model.exits"),
     # MuE and DeeR (one shared-head backbone)
     ("mue", ["--config.eval.budgets=(0.5,)"], "config.eval.budgets[0]=0.5: must be a finite number in [1, 4]"),
     ("mue", ["--config.eval.quality=(1.5,)"], "config.eval.quality[0]=1.5"),

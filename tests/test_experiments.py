@@ -487,6 +487,24 @@ def check_skippipe(data, *_):
                                                          math.expm1(r["ce_half"] - r["ce_full"]), rel_tol=1e-9)
 
 
+def check_cecollm(data, *_):
+    """The split's ends: threshold 0 finishes every token after the first on the edge and is the edge-only model;
+    1.0 (no smoke score reaches it) sends every token to the cloud and, with the deferred cloud K/V, is the full
+    model; the context manager never uploads more than naive collaboration; the latency rows cover every split."""
+    c = data["config"]
+    g = c["eval"]["new_tokens"]
+    edge_only = {r["k"]: r for r in data["reference"][1:]}
+    for r in data["rows"]:
+        assert 0 <= r["edge_frac"] <= 1 and r["up_kB"] <= r["naive_up_kB"]
+        assert np.isclose(r["cloud_calls"], 1 + (g - 1) * (1 - r["edge_frac"]))
+        if r["threshold"] == 0.0:
+            assert r["edge_frac"] == 1.0 and np.isclose(r["agreement"], edge_only[r["k"]]["agreement"])
+        if r["threshold"] == 1.0:
+            assert r["edge_frac"] == 0.0 and (r["cloud_kv"] != "deferred" or r["agreement"] == 1.0)
+    assert {(r["method"], r["uplink_mbps"]) for r in data["latency"] if r["scale"] == "ours"} == {
+        (r["method"], u) for r in data["rows"] for u in c["split"]["uplink_mbps"]}
+
+
 def check_eco_m2f(data, out, *_):
     res = data["results"]
     assert [r["arm"] for r in res["arms"]][:1] == ["gate"] and len(res["arms"]) == 4   # 2 betas x (gate, oracle)
