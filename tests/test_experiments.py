@@ -505,6 +505,28 @@ def check_cecollm(data, *_):
         (r["method"], u) for r in data["rows"] for u in c["split"]["uplink_mbps"]}
 
 
+def check_soft(data, *_):
+    """Every arm is read at every nested depth; SFT+ICT's backbone and final head are SFT's frozen ones, so its
+    full-depth perplexity is SFT's; the table and the per-seed differences come from the runs it reports."""
+    import math
+
+    cfg = data["config"]
+    depths, arms = cfg["depths"], cfg["arms"]
+    assert [r["arm"] for r in data["rows"]] == list(arms)
+    by = {(r["arm"], r["seed"]): r["ppl"] for r in data["runs"]}
+    assert all(len(p) == len(depths) for p in by.values()) and len(by) == len(arms) * len(cfg["seeds"])
+    for s in cfg["seeds"]:
+        assert math.isclose(by[("ict", s)][-1], by[("sft", s)][-1], rel_tol=1e-4)
+    for c in data["compare"]:
+        i = depths.index(c["depth"])
+        assert c["ci95_lo"] <= c["ci95_hi"]
+        assert [round(x, 9) for x in c["per_seed"]] == [round(by[("soft", s)][i] - by[(c["soft_minus"], s)][i], 9)
+                                                        for s in cfg["seeds"]]
+    assert [r["arm"] for r in data["spec"]] == [a for a in arms if a != "pretrained"]
+    assert all(0 <= r["acceptance"] <= 1 for r in data["spec"])
+    assert data["costs"][-1]["relative_cost"] == 1.0
+
+
 def check_eco_m2f(data, out, *_):
     res = data["results"]
     assert [r["arm"] for r in res["arms"]][:1] == ["gate"] and len(res["arms"]) == 4   # 2 betas x (gate, oracle)

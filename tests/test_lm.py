@@ -14,7 +14,7 @@ SMALL = dict(vocab_size=V, d_model=32, depth=3, num_heads=4, num_kv_heads=2, mlp
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(norm="peri", exit_head="own", tie_embeddings=False),
-                                dict(exit_head="block", exits="every:2")])
+                                dict(exit_head="block", exits="every:2"), dict(exit_head="final")])
 def test_variants_shapes_and_causality(kw):
     cfg = lm.LMConfig(**SMALL, **kw)
     tokens = jax.random.randint(jax.random.key(0), (2, 7), 0, V)
@@ -75,6 +75,34 @@ def test_layer_mask_skips_layers_per_sample():
     full = jax.jit(lambda p, t: nnx.merge(gd, p).all_exits(t))(params, tokens)
     np.testing.assert_allclose(out.hidden_ExBxTxD[2, 0], full.hidden_ExBxTxD[0, 0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out.logits_ExBxTxV[:, 1], full.logits_ExBxTxV[:, 1], rtol=1e-5, atol=1e-5)
+
+
+def test_final_exit_head_is_a_nested_sub_model_with_no_new_parameter():
+    """``exit_head="final"`` (Sorted LLaMA / SoFT, arXiv:2309.08968): exit e is the first n layers, then the model's
+    final norm + shared head; the parameters are those of the one-exit model, and the uniform multi-exit loss is
+    the mean of the sub-models' CEs, each computed here by hand from the layer outputs."""
+    nested = lm.LMConfig(**SMALL, exits=(0, 2), exit_head="final")
+    gd, params = lm.build(nested, 0)
+    last_cfg = lm.LMConfig(**SMALL, exits=(2,), exit_head="final")
+    gd_last, params_last = lm.build(last_cfg, 0)
+    assert jax.tree.structure(params) == jax.tree.structure(params_last)
+    tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, V)
+    targets = (tokens + 1) % V
+    model = nnx.merge(gd, params)
+    h_NxBxTxD = model.hidden_states(tokens)
+    ref_E = [model.final_norm(h) @ model.embed.embedding[...].T for h in (h_NxBxTxD[0], h_NxBxTxD[2])]
+    out = model.all_exits(tokens)
+    for e in range(2):
+        np.testing.assert_allclose(out.logits_ExBxTxV[e], ref_E[e], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(model.taken_logits(h_NxBxTxD[0][:, -1], jnp.zeros(2, jnp.int32)), ref_E[0][:, -1],
+                               rtol=1e-4, atol=1e-4)
+    ctx = StepContext(0, jax.random.key(0), None)
+    batch = {"tokens": tokens, "targets": targets}
+    loss, _ = lm.multi_exit_lm_loss(gd, nested)(params, batch, ctx)
+    expected = np.mean([float(lm.lm_ce(r, targets)) for r in ref_E])
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    last, _ = lm.multi_exit_lm_loss(gd_last, last_cfg)(params, batch, ctx)
+    np.testing.assert_allclose(float(last), float(lm.lm_ce(ref_E[1], targets)), rtol=1e-5)
 
 
 def test_multi_exit_loss_trains():

@@ -12,7 +12,10 @@ and then the output head, which is shared by all exits (tied to the embedding or
 * ``"block"``: one extra position-wise residual MLP block, then per-exit RMSNorm + the shared head. The extra block
   has no attention, so it needs no KV cache of its own and decoding stays exact;
 * ``"lowrank"``: per-exit RMSNorm, then a residual low-rank linear adapter ``x + up(down(x))`` of rank
-  ``exit_rank``, then the shared head (exits trained on a frozen model: ``eejax.decoding.exit_training``).
+  ``exit_rank``, then the shared head (exits trained on a frozen model: ``eejax.decoding.exit_training``);
+* ``"final"``: no per-exit part at all: every exit is the model's final norm + shared head, so a sub-model of the
+  first n layers adds no parameter and the parameter tree does not depend on ``exits`` (Sorted LLaMA / SoFT,
+  Kavehzadeh et al. 2023, arXiv:2309.08968: nested sub-models sharing one norm and LM head).
 The last exit is always the model's final norm + shared head.
 
 Compute dtype: ``dtype=None`` (default) computes in the parameters' dtype (float32 when freshly built); e.g.
@@ -55,7 +58,7 @@ from eejax.exits import engine, losses
 from eejax.nn.layers import (MLPS, NORM_PLACEMENTS, build as nn_build, make_mlp, stacked, sublayer_input,
                              sublayer_residual)
 
-EXIT_HEADS = ("shared", "own", "block", "lowrank")
+EXIT_HEADS = ("shared", "own", "block", "lowrank", "final")
 NORMS = NORM_PLACEMENTS                      # "pre" | "post" | "peri"
 
 
@@ -71,7 +74,7 @@ class LMConfig(engine.ExitSpec):
     norm: str = "pre"                        # "pre" | "post" | "peri"
     tie_embeddings: bool = True
     exits: str | Sequence[int] = "all"       # see engine.exit_layers_from
-    exit_head: str = "shared"                # "shared" | "own" | "block" | "lowrank"
+    exit_head: str = "shared"                # "shared" | "own" | "block" | "lowrank" | "final"
     exit_rank: int = 16                      # rank of the "lowrank" exit adapter
     mlp: str = "gelu"                        # "gelu" (with biases) | "swiglu" (LLaMA: no biases)
     norm_eps: float = 1e-6                   # epsilon of every RMSNorm
@@ -304,8 +307,8 @@ class DecoderLM(nnx.Module):
         self.final_norm = _norm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.unembed = _linear(cfg, cfg.d_model, cfg.vocab_size, rngs)
-        self.exit_heads = stacked(lambda r: ExitHead(cfg, rngs=r), cfg.num_exits - 1, rngs) if cfg.num_exits > 1 \
-            else None
+        self.exit_heads = stacked(lambda r: ExitHead(cfg, rngs=r), cfg.num_exits - 1, rngs) \
+            if cfg.num_exits > 1 and cfg.exit_head != "final" else None
 
     # ---------------------------------------------------------------------------------------------- heads
 
@@ -335,10 +338,10 @@ class DecoderLM(nnx.Module):
         """Logits of exit ``e`` (a Python int or a traced int32) for hidden states ``h``."""
         last = self.cfg.num_exits - 1
         final = lambda h: self.shared_head(self.final_norm(h))
+        if self.exit_heads is None:                   # one exit, or exit_head="final": every exit is the final one
+            return final(h_BxTxD)
         if isinstance(e, (int, np.integer)):
             return final(h_BxTxD) if e == last else self._early_head(h_BxTxD, e)
-        if last == 0:
-            return final(h_BxTxD)
         return jax.lax.cond(e == last, final, lambda h: self._early_head(h, jnp.minimum(e, last - 1)), h_BxTxD)
 
     def taken_logits(self, h_BxD: jax.Array, exit_B: jax.Array) -> jax.Array:
@@ -352,7 +355,7 @@ class DecoderLM(nnx.Module):
         cfg = self.cfg
         last = cfg.num_exits - 1
         final_BxD = self.final_norm(h_BxD)
-        if last == 0:
+        if self.exit_heads is None:                   # one exit, or exit_head="final"
             return self.shared_head(final_BxD)
         exit_B = jnp.asarray(exit_B, jnp.int32)
         head_def, head_state = nnx.split(self.exit_heads)
@@ -455,6 +458,8 @@ def multi_exit_lm_loss(graphdef, cfg: LMConfig, *, weighting: str = "uniform", g
     Weighted CE over exits (``weighting`` uniform / linear / geometric, ``losses.exit_weights``) with the EE-LLM
     warm-up, LayerSkip layer dropout of maximum rate ``layer_drop``, and optionally SkipDecode's per-position layer
     program ``pos_mask_NxT`` (then only the final exit is trained: SkipDecode decodes with the final head).
+    On a model with ``exit_head="final"`` and uniform weights this is SoFT's many-in-one loss (Sorted LLaMA,
+    arXiv:2309.08968): the mean over the nested sub-models (first n layers, the one final norm + head) of their CE.
     """
     base_E = losses.exit_weights(cfg.exit_layers, weighting, gamma)
     rates_N = layerskip_rates(cfg.depth, layer_drop)
