@@ -46,3 +46,31 @@ def test_zero_full_cfid_and_bad_input():
         args = {"full_class_acc": 0.95, "cfid_full": 10.0, "cfid_truncated": 13.0, **kw}
         with pytest.raises(ValueError, match=arg):
             P.depth_preflight(args.pop("full_class_acc"), args.pop("cfid_full"), args.pop("cfid_truncated"), **args)
+
+
+def test_deediff_verdict_is_computed_and_gated():
+    """experiments/deediff.py's verdict: per seed DeeDiff per-sample vs uniform, and a failed preflight wins."""
+    from experiments.deediff import policy_verdict   # noqa: PLC0415
+
+    def results(dee, uni):
+        out = {}
+        for k, (d, u) in enumerate(zip(dee, uni)):
+            tag = f"@{0.4 + 0.2 * k:g}"
+            out[f"DeeDiff per-sample {tag}"] = {"cfid_per_seed": d, "layers/step": 3.0}
+            out[f"uniform {tag}"] = {"cfid_per_seed": u, "layers/step": 3.0}
+        return out
+
+    ok, bad = P.depth_preflight(0.95, 10.0, 13.0), P.depth_preflight(0.24, 10.0, 10.1)
+    targets = (0.4, 0.6)
+    better = results([[10.0, 11.0], [9.0, 9.5]], [[12.0, 12.5], [10.0, 10.0]])
+    verdict, cmp = policy_verdict(better, targets, 2, ok)
+    assert verdict.startswith("reproduced") and [c["deediff_vs_uniform"] for c in cmp] == ["better", "better"]
+    assert cmp[0]["cfid_uniform_minus_deediff_per_seed"] == [2.0, 1.5]
+    assert policy_verdict(better, targets, 2, bad)[0] == P.INCONCLUSIVE
+    mixed = results([[10.0, 11.0], [9.0, 11.0]], [[12.0, 12.5], [10.0, 10.0]])   # seeds disagree at 0.6
+    verdict, cmp = policy_verdict(mixed, targets, 2, ok)
+    assert verdict.startswith("partly") and cmp[1]["deediff_vs_uniform"] == "tied"
+    worse = results([[13.0, 14.0], [12.0, 12.0]], [[12.0, 12.5], [10.0, 10.0]])
+    assert policy_verdict(worse, targets, 2, ok)[0].startswith("not reproduced")
+    one_seed = results([[10.0], [9.0]], [[12.0], [10.0]])
+    assert policy_verdict(one_seed, targets, 1, ok)[0].startswith(P.INCONCLUSIVE)
