@@ -493,7 +493,8 @@ def report(run, data, mcfg, pol, mse, cls_acc, train_log, train_secs, train_note
         "1 - delta, calibrated on separate noise to the target layer ratio; baselines are matched to the "
         "DeeDiff per-sample row's layers/step.",
         report_lib.markdown_table(rows, cols, floatfmt=".3f"),
-        "## DeeDiff per-sample vs uniform truncation at the same measured depth\n"
+        "## DeeDiff per-sample vs uniform truncation at matched measured depth\n"
+        "Uniform truncation runs the whole depth nearest DeeDiff's measured layers/step (both columns below). "
         "Per seed (the same noise for both policies); \"better\" / \"worse\" only when every seed agrees. "
         "The verdict below is computed by the script from these rows and the preflight.",
         report_lib.markdown_table(cmp_rows, list(cmp_rows[0].keys()), floatfmt=".3f"),
