@@ -2,10 +2,12 @@
 
 Runbook
 -------
-Command (args: mnist | fashion_mnist | cifar10 | smoke):
+Command (args: mnist | fashion_mnist | cifar10 | gpu | gpu_x0uem | smoke):
     ./launch.sh deediff:mnist --data_dir ../shared/data --outdir experiments/results/deediff-mnist
     ./launch.sh deediff:fashion_mnist --data_dir ../shared/data --outdir experiments/results/deediff-fashion_mnist
     ./launch.sh deediff:cifar10 --data_dir DIR   # for a GPU: half-width U-ViT-S layout, 100k steps (not run here)
+    ./launch.sh deediff:gpu --data_dir DIR --outdir experiments/results/deediff-gpu              # one H200
+    ./launch.sh deediff:gpu_x0uem --data_dir DIR --outdir experiments/results/deediff-gpu-x0uem  # UEM ablation
     ./launch.sh deediff:smoke        # CI: embedded MNIST, tiny everything, seconds of compute
     A finished training run is not retrained: rerun with --overwrite to re-evaluate from its final checkpoint.
 Data: MNIST / Fashion-MNIST from --data_dir or $EEJAX_DATA_DIR (exact copies, ../shared/data); smoke uses the MNIST
@@ -28,6 +30,28 @@ Evaluation: a small CNN trained here on the same dataset gives 128-d features fo
 Hardware / wall-clock: 2-core CPU, no other jobs: 10,000 U-ViT steps in 4,684 s (about 2.1 steps/s), evaluation
     (calibration, 16 policies x 500 samples, timing) about 8 minutes. Results and an honest reading in
     experiments/results/deediff-mnist/ (README.md there).
+Preflight (every arg): before any policy comparison the script computes and prints (a) the share of full-depth
+    class-conditional samples the feature CNN labels with their class (>= 90% required) and (b) cFID(uniform
+    truncation at 0.4 of the depth) / cFID(full) (>= 1.2 required: depth must matter); a failed gate is the first
+    line of the report and makes the computed verdict "inconclusive at this scale" (eejax.eval.preflight). The
+    mnist run in experiments/results/deediff-mnist predates the gates; by its numbers it fails both (24% of its
+    samples labelled with their class, uniform at 3 of 7 layers within 0.3% of full-depth cFID).
+gpu (issue 25, the depth-limited base; not run yet): MNIST, a U-ViT-S layout at width 128: depth 13 (6 in / 1 mid /
+    6 out, long skips), patch 2 (196 patches + time and class tokens = 198 tokens), 4 heads, MLP 512. A base phase
+    of 40,000 steps of plain DDPM on the last exit (batch 128, AdamW 1e-3 warmup-cosine, EMA 0.9999), then DeeDiff's
+    fine-tune from the base EMA for 6,000 steps (15% more, AdamW 4e-4 as the paper's fine-tune; the paper fine-tunes
+    a pretrained U-ViT for 200k steps at batch 512, see PAPERS-WAVE4.md). Evaluation: 5,000 samples x 2 noise
+    seeds per policy (every policy sees the same noise per seed), baselines at DeeDiff per-sample's measured depth;
+    the verdict compares DeeDiff per-sample with uniform truncation per seed. gpu_x0uem: the same with the
+    x0-space UEM target (loss.uem_target="x0"), a labelled deviation from the paper.
+    H200 wall-clock, an ESTIMATE (not measured): eejax.models.diffusion.flops gives 1.354 GFLOP per image forward
+    (all 13 exits' heads included); a training step ~ 3 x forward x 128 = 0.52 TFLOP; 46,000 steps = 2.4e16 FLOP.
+    At an assumed 10% of the H200's 989 TFLOP/s bf16 dense peak (the H200 run in gpu-results/h200-2026-12-04
+    measured 17.6% for a ViT-B train step in bf16; this model is 6x narrower and runs in float32) that is ~4 min of
+    training; sampling 17 policy runs x 2 seeds x 5,000 samples x 50 DDIM steps at ~0.7 of full depth ~ 8e15
+    FLOP ~ 1.5 min, calibration ~ 10 s. With compilation of the samplers and per-step overheads a small model
+    cannot hide, expect 10-20 minutes per arg; a device call of at most 10 minutes stops mid-way, and rerunning the
+    same command resumes from the last checkpoint (every 2,000 steps), so split it across calls.
 Expected shape: the UEM's exit depth falls as noise rises (large t exits early); at the same average depth, DeeDiff
     and the t-banded schedule beat uniform truncation in FID-proxy. At our scale the first holds and the second does
     not (uniform truncation wins; see experiments/results/deediff-mnist/README.md).
@@ -57,20 +81,31 @@ def get_config(arg=None):
     # parameterization "v": the head's output is read as v and eps = sqrt(ab) v + sqrt(1 - ab) x_t (an output skip);
     # the loss is DeeDiff's epsilon loss either way. "eps" (head = epsilon) gave speckled samples at this scale.
     c.diffusion = ml_collections.ConfigDict(dict(schedule="cosine", num_timesteps=1000, parameterization="v"))
-    c.loss = ml_collections.ConfigDict(dict(lam=1.0, beta=1.0, detach_ual_weight=True))
+    # uem_target "eps": the paper's pseudo uncertainty on the epsilon error (Eq. 6); "x0": the labelled ablation on
+    # the implied clean image's error (eejax.models.diffusion.deediff_loss).
+    c.loss = ml_collections.ConfigDict(dict(lam=1.0, beta=1.0, detach_ual_weight=True, uem_target="eps"))
+    # base.steps > 0: plain DDPM training of the last exit first (the converged U-ViT DeeDiff fine-tunes), then
+    # train.steps of DeeDiff's loss from it; 0: DeeDiff's loss from scratch (the earlier runs).
+    c.base = ml_collections.ConfigDict(dict(steps=0, optim=default_optim_config()))
     c.train = ml_collections.ConfigDict(dict(steps=10000, batch_size=128, optim=default_optim_config()))
     c.train.optim.update(lr=2e-3, schedule="warmup_cosine", warmup_steps=200, total_steps=10000, weight_decay=0.0,
                          grad_clip=1.0, ema_decay=0.999)
     c.classifier = ml_collections.ConfigDict(dict(steps=400, batch_size=128, optim=default_optim_config()))
     c.classifier.optim.update(lr=2e-3)
 
-    c.sample = ml_collections.ConfigDict(dict(steps=50, eta=0.0, num_samples=500, batch_size=250, clip=True))
+    # seeds: evaluation noise seeds per policy (every policy sees the same noise per seed), num_samples each.
+    c.sample = ml_collections.ConfigDict(dict(steps=50, eta=0.0, num_samples=500, batch_size=250, clip=True,
+                                              seeds=1))
     c.eval = ml_collections.ConfigDict(dict(
         target_ratios=(0.4, 0.6, 0.8),  # DeeDiff thresholds are calibrated so that layers / N is about this
         calib_iters=6,                # bisection steps of that calibration (on a separate batch of noise)
         two_depth_shallow=2,          # the shallow depth of the two-depth switch
         mse_images=256, mse_timesteps=(0, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999),
-        kid_subsets=20, kid_subset_size=250, grid=100, timing_repeats=1))
+        kid_subsets=20, kid_subset_size=250, grid=100, timing_repeats=1,
+        # Gates printed before any policy comparison (eejax.eval.preflight): (a) the feature CNN labels >= min_acc
+        # of full-depth samples with their class; (b) cFID(uniform at `ratio` of the depth) >= min_cfid_ratio x
+        # cFID(full). A failed gate makes the computed verdict "inconclusive at this scale".
+        preflight=ml_collections.ConfigDict(dict(ratio=0.4, min_acc=0.9, min_cfid_ratio=1.2))))
     c.log_every = 100
     c.ckpt_every = 500
 
@@ -88,6 +123,24 @@ def get_config(arg=None):
         c.sample.update(num_samples=5000, batch_size=500)
         c.eval.kid_subset_size = 1000
         c.ckpt_every = 5000
+    elif arg in ("gpu", "gpu_x0uem"):
+        # The depth-limited base of issue 25 (one H200; see the runbook): a U-ViT-S layout at width 128 on MNIST,
+        # 13 layers (6 in / 1 mid / 6 out, long skips), patch 2 (196 patches + time + class tokens); a base phase
+        # of plain DDPM to convergence, then DeeDiff's fine-tune for 15% more steps at the paper's lr 4e-4;
+        # 5,000 samples x 2 noise seeds per policy. gpu_x0uem: the same with the x0-space UEM target (ablation).
+        c.model.update(patch_size=2, d_model=128, depth=13, num_heads=4, mlp_dim=512)
+        c.base.steps = 40_000
+        c.base.optim.update(lr=1e-3, schedule="warmup_cosine", warmup_steps=1000, total_steps=40_000,
+                            weight_decay=0.03, grad_clip=1.0, ema_decay=0.9999)
+        c.train.steps = 6000
+        c.train.optim.update(lr=4e-4, schedule="warmup_cosine", warmup_steps=200, total_steps=6000,
+                             weight_decay=0.03, grad_clip=1.0, ema_decay=0.999)
+        c.classifier.steps = 1000
+        c.sample.update(num_samples=5000, batch_size=500, seeds=2)
+        c.eval.update(kid_subset_size=1000, timing_repeats=2)
+        c.ckpt_every = 2000
+        if arg == "gpu_x0uem":
+            c.loss.uem_target = "x0"
     elif arg == "smoke":
         c.data.name = "mnist_embedded"
         c.model.update(patch_size=7, d_model=32, depth=3, mlp_dim=64)
@@ -102,8 +155,11 @@ def get_config(arg=None):
         c.log_every = 10
         # the CI scale: tests/test_experiments.py runs every config's smoke variant end to end
         c.train.steps, c.classifier.steps, c.sample.num_samples = 6, 4, 20
+        c.base.steps = 2                 # exercises the base phase + fine-tune path
+        c.base.optim.update(warmup_steps=1, total_steps=2)
     elif arg != "mnist":
-        raise ValueError(f"configs/deediff.py: unknown arg {arg!r}; use mnist, fashion_mnist, cifar10 or smoke")
+        raise ValueError(f"configs/deediff.py: unknown arg {arg!r}; use mnist, fashion_mnist, cifar10, gpu, "
+                         "gpu_x0uem or smoke")
     return c
 
 
@@ -125,6 +181,9 @@ def validate(c):
     v.float("loss.lam", lo=0.0)
     v.float("loss.beta", lo=0.0)
     v.bool("loss.detach_ual_weight")
+    v.choice("loss.uem_target", D.UEM_TARGETS)
+    v.int("base.steps", lo=0)
+    v.optim("base.optim")
     v.optim("train.optim")
     v.optim("classifier.optim")
     v.int("sample.steps", lo=1, hi=c.diffusion.num_timesteps)
@@ -137,6 +196,10 @@ def validate(c):
                                 f"{c.sample.num_samples}: the cFID/KID reference set must not be smaller than the "
                                 "generated one")
     v.bool("sample.clip")
+    v.int("sample.seeds", lo=1)
+    v.float("eval.preflight.ratio", 0.0, 1.0, lo_open=True, hi_open=True)
+    v.float("eval.preflight.min_acc", 0.0, 1.0, lo_open=True)
+    v.float("eval.preflight.min_cfid_ratio", lo=1.0)
     v.floats("eval.target_ratios", 0.0, 1.0, lo_open=True)  # layers / N: (0, 1]
     v.int("eval.two_depth_shallow", lo=1, hi=mcfg.depth)
     v.ints("eval.mse_timesteps", lo=0, hi=c.diffusion.num_timesteps - 1, unique=True)

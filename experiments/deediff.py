@@ -3,11 +3,15 @@
     python -m experiments.deediff --config configs/deediff.py:smoke [--config.train.steps=100] [--outdir DIR]
 
 Steps: (1) train a small CNN on the dataset (its features define the classifier-FID/KID, not Inception FID);
-(2) train the U-ViT with DeeDiff's loss; (3) per-exit epsilon-MSE against the full-depth output (and the true
-noise) as a function of t, with the mean UEM uncertainty; (4) DDIM samples for each exit policy from the same noise:
-full depth, DeeDiff per-sample and batch-mean (thresholds calibrated to a target layer ratio on separate noise), and
-uniform / t-banded / two-depth baselines at DeeDiff's average depth; (5) table (classifier-FID, KID, layer ratio,
-measured images/s), plots and sample grids, written with provenance and never over an existing result.
+(2) train the U-ViT: optionally a base phase of plain DDPM (``base.steps``), then DeeDiff's loss (its fine-tune);
+(3) per-exit epsilon-MSE against the full-depth output (and the true noise) as a function of t, with the mean UEM
+uncertainty; (4) DDIM samples from the same noise per evaluation seed: full depth, then the preflight (full-depth
+class accuracy; uniform truncation at 0.4 of the depth against full depth, ``eejax.eval.preflight``), printed before
+any policy comparison, then DeeDiff per-sample and batch-mean (thresholds calibrated to a target layer ratio on
+separate noise), and uniform / t-banded / two-depth baselines at DeeDiff's measured average depth; (5) table
+(classifier-FID, KID, layer ratio, measured images/s) under the preflight line, the per-seed DeeDiff-vs-uniform
+comparison and the verdict it implies (gated by the preflight), plots and sample grids, written with provenance and
+never over an existing result.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from PIL import Image
 
 from eejax.data import pipeline
 from eejax.eval import fid
+from eejax.eval import preflight as preflight_lib
 from eejax.eval import report as report_lib
 from eejax.exits import costs
 from eejax.models import diffusion as D
@@ -84,24 +89,47 @@ def train_classifier(cfg, train, test, workdir):
     return graphdef, params, acc
 
 
-def train_diffusion(cfg, mcfg, sched, train, workdir):
-    graphdef, params = D.build(mcfg, cfg.seed)
-    loss_fn = D.training_loss(graphdef, sched, lam=cfg.loss.lam, beta=cfg.loss.beta,
-                              detach_ual_weight=cfg.loss.detach_ual_weight,
-                              parameterization=cfg.diffusion.parameterization)
+def _fit(loss_fn, params, optim_cfg, steps, cfg, train, workdir, desc):
+    """One Trainer phase; returns (params to continue from / sample with, seconds, step it resumed from)."""
     batches = pipeline.BatchIterator(train, cfg.train.batch_size, seed=cfg.seed, normalization=unit_range(train))
     t0 = time.perf_counter()
-    with Trainer(loss_fn, params, make_optimizer(cfg.train.optim), workdir=workdir / "uvit", seed=cfg.seed,
+    with Trainer(loss_fn, params, make_optimizer(optim_cfg), workdir=workdir, seed=cfg.seed,
                  log_every=cfg.log_every, ckpt_every=cfg.ckpt_every) as tr:
         resumed_from = tr.checkpointer.latest_step() or 0
-        state = tr.fit(batches, cfg.train.steps, desc="U-ViT (DeeDiff loss)")
-    # Sample and evaluate with the parameter EMA when the config keeps one (as U-ViT and DeeDiff do).
-    params = ema_params(state.opt_state) if cfg.train.optim.ema_decay else state.params
-    secs = time.perf_counter() - t0
-    note = (f"{secs:.0f} s" if resumed_from == 0 else
+        state = tr.fit(batches, steps, desc=desc)
+    # Continue from / sample with the parameter EMA when the config keeps one (as U-ViT and DeeDiff do).
+    out = ema_params(state.opt_state) if optim_cfg.ema_decay else state.params
+    return out, time.perf_counter() - t0, resumed_from
+
+
+def _phase_note(secs, resumed_from, steps):
+    return (f"{secs:.0f} s" if resumed_from == 0 else
             f"restored from an earlier invocation's checkpoint at step {resumed_from}"
-            + (f", then {secs:.0f} s" if resumed_from < cfg.train.steps else " (no training in this run)"))
-    return graphdef, params, read_metrics(workdir / "uvit"), secs, note
+            + (f", then {secs:.0f} s" if resumed_from < steps else " (no training in this run)"))
+
+
+def train_diffusion(cfg, mcfg, sched, train, workdir):
+    """Optionally a base phase (plain DDPM on the last exit, ``base.steps`` > 0, as the U-ViT checkpoint DeeDiff
+    starts from), then ``train.steps`` with DeeDiff's loss from those parameters (the paper's fine-tune), or from
+    scratch when there is no base phase."""
+    graphdef, params = D.build(mcfg, cfg.seed)
+    kw = dict(detach_ual_weight=cfg.loss.detach_ual_weight, parameterization=cfg.diffusion.parameterization)
+    logs, secs, notes = [], 0.0, []
+    if cfg.base.steps:
+        base_loss = D.training_loss(graphdef, sched, lam=0.0, beta=0.0, **kw)
+        params, s, resumed = _fit(base_loss, params, cfg.base.optim, cfg.base.steps, cfg, train,
+                                  workdir / "uvit_base", "U-ViT base (DDPM loss)")
+        secs += s
+        logs += [{**r, "phase": "base"} for r in read_metrics(workdir / "uvit_base")]
+        notes.append(f"base phase {cfg.base.steps} steps: {_phase_note(s, resumed, cfg.base.steps)}")
+    loss_fn = D.training_loss(graphdef, sched, lam=cfg.loss.lam, beta=cfg.loss.beta,
+                              uem_target=cfg.loss.uem_target, **kw)
+    params, s, resumed = _fit(loss_fn, params, cfg.train.optim, cfg.train.steps, cfg, train, workdir / "uvit",
+                              "U-ViT (DeeDiff loss)" + (" fine-tune" if cfg.base.steps else ""))
+    secs += s
+    logs += [{**r, "phase": "deediff"} for r in read_metrics(workdir / "uvit")]
+    notes.append(("DeeDiff fine-tune: " if cfg.base.steps else "") + _phase_note(s, resumed, cfg.train.steps))
+    return graphdef, params, logs, secs, "; ".join(notes)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -131,13 +159,14 @@ def exit_mse_vs_t(graphdef, params, sched, test, cfg):
             "uncertainty_TxE": u}
 
 
-def sample_all(sampler, params, cfg, thr_SxE, num_classes):
-    """All evaluation samples for one policy from the shared noise seeds; returns arrays and wall seconds."""
+def sample_all(sampler, params, cfg, thr_SxE, num_classes, noise_seed: int = 0):
+    """All evaluation samples for one policy from the shared noise of evaluation seed ``noise_seed`` (every policy
+    gets the same noise for the same seed); returns arrays and wall seconds."""
     bs, n = cfg.sample.batch_size, cfg.sample.num_samples
     imgs, exits, runs, secs = [], [], [], []
     for i in range(-(-n // bs)):
         y = jnp.asarray((np.arange(i * bs, (i + 1) * bs) % num_classes).astype(np.int32))
-        key = jax.random.fold_in(jax.random.key(cfg.seed + 100), i)
+        key = jax.random.fold_in(jax.random.key(cfg.seed + 100 + 1000 * noise_seed), i)
         t = costs.measure(sampler, params, key, y, thr_SxE, warmup=0, iters=1)
         out = t.output
         secs.append(t.mean_s)
@@ -248,6 +277,8 @@ class Policies(NamedTuple):
     depth_curves: dict
     grids: dict
     calib: dict
+    preflight: preflight_lib.Preflight
+    preflight_depth: int     # layers of the uniform truncation the preflight's (b) measured
 
 
 def evaluate_policies(cfg, mcfg, sched, graphdef, params, quality_fn) -> Policies:
@@ -266,30 +297,49 @@ def evaluate_policies(cfg, mcfg, sched, graphdef, params, quality_fn) -> Policie
 
     rows, results, depth_curves, policies, grids = [], {}, {}, {}, {}
 
+    def sample_seeds(sampler_kind, thr_SxE):
+        """Samples and quality for every evaluation seed (the same noise per seed for every policy)."""
+        per_seed = [sample_all(samplers[sampler_kind], params, cfg, thr_SxE, mcfg.num_classes, k)
+                    for k in range(cfg.sample.seeds)]
+        return per_seed, [quality_fn(res["images"]) for res in per_seed]
+
     def run(name, sampler_kind, thr_SxE, extra):
-        res = sample_all(samplers[sampler_kind], params, cfg, thr_SxE, mcfg.num_classes)
-        q = quality_fn(res["images"])
-        layers_SxN = res["exit_layer_SxN"] + 1
+        per_seed, qs = sample_seeds(sampler_kind, thr_SxE)
+        res = per_seed[0]
+        layers_SxN = np.concatenate([r["exit_layer_SxN"] for r in per_seed], axis=1) + 1
+        cfids = [q["cfid"] for q in qs]
         noisy_S, clean_S = res["t_S"] >= 0.7 * num_t, res["t_S"] < 0.3 * num_t
         row = {"policy": name, **extra, "layers/step": float(layers_SxN.mean()),
                "layers@t>=0.7T": float(layers_SxN[noisy_S].mean()),
                "layers@t<0.3T": float(layers_SxN[clean_S].mean()),
                "layer_ratio": float(layers_SxN.mean()) / n_layers,
-               "executed_layers/step": float(res["layers_run_BxS"].mean()),
-               "cFID": q["cfid"], "KIDx1e3": 1e3 * q["kid"], "class_acc%": 100 * q["class_acc"]}
+               "executed_layers/step": float(np.mean([r["layers_run_BxS"].mean() for r in per_seed])),
+               "cFID": float(np.mean(cfids)), "cFID_range": float(np.ptp(cfids)),
+               "KIDx1e3": 1e3 * float(np.mean([q["kid"] for q in qs])),
+               "class_acc%": 100 * float(np.mean([q["class_acc"] for q in qs]))}
         rows.append(row)
         policies[name] = (sampler_kind, thr_SxE)
-        results[name] = {**row, "kid_std": q["kid_std"], "t_S": res["t_S"],
-                         "generation_batch_seconds": res["batch_seconds"],
+        results[name] = {**row, "kid_std": qs[0]["kid_std"], "t_S": res["t_S"], "cfid_per_seed": cfids,
+                         "class_acc_per_seed": [q["class_acc"] for q in qs],
+                         "generation_batch_seconds": [t for r in per_seed for t in r["batch_seconds"]],
                          "mean_layers_per_step_S": layers_SxN.mean(1), "thresholds_SxE": np.asarray(thr_SxE)}
         depth_curves[name] = (res["t_S"], layers_SxN.mean(1))
         grids[f"samples_{name.replace(' ', '_')}.png"] = res["images"][:cfg.eval.grid]
         print(f"{name}: layers/step {row['layers/step']:.2f}, cFID {row['cFID']:.3f}, "
-              f"generation {sum(res['batch_seconds']):.1f} s", flush=True)
+              f"generation {sum(results[name]['generation_batch_seconds']):.1f} s", flush=True)
         return row
 
     run("full depth", "full", D.full_thresholds(n_steps, n_layers), {"target": None, "threshold": None})
     t_S = results["full depth"]["t_S"]
+    # Preflight, before any policy comparison: does the full model work, and does truncation hurt?
+    pf_cfg = cfg.eval.preflight
+    pf_depth = int(np.clip(round(pf_cfg.ratio * n_layers), 1, n_layers))
+    _, pf_q = sample_seeds("per_sample", D.depth_thresholds(D.uniform_depth(n_steps, pf_depth), n_layers))
+    full = results["full depth"]
+    pf = preflight_lib.depth_preflight(full["class_acc%"] / 100, full["cFID"],
+                                       float(np.mean([q["cfid"] for q in pf_q])), truncated_ratio=pf_cfg.ratio,
+                                       min_acc=pf_cfg.min_acc, min_cfid_ratio=pf_cfg.min_cfid_ratio)
+    print(f"{pf.line} (uniform truncation at {pf_depth} of {n_layers} layers)", flush=True)
     calib = {}
     for target in cfg.eval.target_ratios:
         tag = f"@{target:g}"
@@ -321,7 +371,7 @@ def evaluate_policies(cfg, mcfg, sched, graphdef, params, quality_fn) -> Policie
     for row in rows:
         row["measured_speedup"] = row["images/s"] / rows[0]["images/s"]
         results[row["policy"]]["measured_speedup"] = row["measured_speedup"]
-    return Policies(rows, results, depth_curves, grids, calib)
+    return Policies(rows, results, depth_curves, grids, calib, pf, pf_depth)
 
 
 @experiment("deediff", data=load_data)
@@ -348,6 +398,35 @@ def main(run: Run, data) -> Report:
     return report(run, data, mcfg, pol, mse, cls_acc, train_log, train_secs, train_note)
 
 
+def policy_verdict(results: dict, targets, num_seeds: int, pf: preflight_lib.Preflight) -> tuple[str, list]:
+    """The verdict, computed: DeeDiff per-sample against uniform truncation at the same measured depth, per target
+    ratio, paired by evaluation noise seed (both policies see the same noise). A ratio counts as "better" / "worse"
+    only when every seed's cFID difference has that sign, else "tied". A failed preflight, or a single seed (no
+    spread to judge a difference by), gives ``inconclusive at this scale`` whatever the differences are."""
+    comparisons = []
+    for target in targets:
+        tag = f"@{target:g}"
+        dee, uni = results[f"DeeDiff per-sample {tag}"], results[f"uniform {tag}"]
+        diffs = [u - d for u, d in zip(uni["cfid_per_seed"], dee["cfid_per_seed"])]   # > 0: DeeDiff better
+        call = "better" if min(diffs) > 0 else "worse" if max(diffs) < 0 else "tied"
+        comparisons.append({"target": target, "deediff_layers/step": dee["layers/step"],
+                            "uniform_layers/step": uni["layers/step"], "cfid_uniform_minus_deediff_per_seed": diffs,
+                            "deediff_vs_uniform": call})
+    calls = [c["deediff_vs_uniform"] for c in comparisons]
+    if num_seeds < 2:
+        verdict = preflight_lib.INCONCLUSIVE + " (one evaluation seed: no spread to judge a cFID difference by)"
+    elif all(c == "better" for c in calls):
+        verdict = ("reproduced: DeeDiff per-sample has a lower cFID than uniform truncation at the same measured "
+                   "depth at every target ratio, for every seed")
+    elif "better" in calls:
+        verdict = ("partly reproduced: DeeDiff per-sample beats uniform truncation at the same measured depth at "
+                   f"{calls.count('better')} of {len(calls)} target ratios (every seed)")
+    else:
+        verdict = ("not reproduced: DeeDiff per-sample never beats uniform truncation at the same measured depth "
+                   "for every seed")
+    return preflight_lib.gated_verdict(pf, verdict), comparisons
+
+
 def report(run, data, mcfg, pol, mse, cls_acc, train_log, train_secs, train_note) -> Report:
     cfg, (train, test) = run.cfg, data
     rows, results, last = pol.rows, pol.results, train_log[-1]
@@ -361,12 +440,30 @@ def report(run, data, mcfg, pol, mse, cls_acc, train_log, train_secs, train_note
             rows, path, title=f"quality vs compute ({cfg.data.name}, DDIM {n_steps} steps)")})
 
     cols = ["policy", "target", "threshold", "layers/step", "layers@t>=0.7T", "layers@t<0.3T", "layer_ratio",
-            "executed_layers/step", "cFID", "KIDx1e3", "class_acc%", "images/s", "measured_speedup"]
+            "executed_layers/step", "cFID", "cFID_range", "KIDx1e3", "class_acc%", "images/s", "measured_speedup"]
     mse_rows = [{"t": t, **{f"exit{e + 1}": float(mse["mse_vs_full_TxE"][i, e]) for e in range(n_layers - 1)},
                  "u_first": float(mse["uncertainty_TxE"][i, 0]), "u_last": float(mse["uncertainty_TxE"][i, -1])}
                 for i, t in enumerate(mse["t"])]
+    pf = pol.preflight
+    verdict, comparisons = policy_verdict(results, cfg.eval.target_ratios, cfg.sample.seeds, pf)
+    cmp_rows = [{"target": c["target"], "DeeDiff layers/step": c["deediff_layers/step"],
+                 "uniform layers/step": c["uniform_layers/step"],
+                 "cFID uniform - DeeDiff, per seed": ", ".join(
+                     f"{d:.3f}" for d in c["cfid_uniform_minus_deediff_per_seed"]),
+                 "DeeDiff vs uniform": c["deediff_vs_uniform"]} for c in comparisons]
+    uem_note = ("UEM target: x0-space error (an ablation, a deviation from the paper: the pseudo uncertainty reads "
+                "the implied clean image's error, eps error x sqrt((1 - ab) / ab))" if cfg.loss.uem_target == "x0"
+                else "UEM target: eps-space error (the paper's Eq. 6)")
     md = "\n\n".join([
         f"# DeeDiff at small scale on {cfg.data.name}",
+        f"**{pf.line}**",
+        "## Preflight (computed before any policy comparison)\n"
+        f"(a) the feature CNN labels {pf.full_class_acc:.1%} of full-depth class-conditional samples with their "
+        f"class (need >= {pf.min_acc:.0%}): {'ok' if pf.acc_ok else 'FAILED'}.  \n"
+        f"(b) uniform truncation at {pol.preflight_depth} of {n_layers} layers (ratio {pf.truncated_ratio:g}): "
+        f"cFID {pf.cfid_truncated:.3f} vs full depth {pf.cfid_full:.3f}, ratio {pf.cfid_ratio:.3f} (need >= "
+        f"{pf.min_cfid_ratio:g}: depth must matter): {'ok' if pf.depth_ok else 'FAILED'}.  \n"
+        f"Means over {cfg.sample.seeds} evaluation seed(s) of {cfg.sample.num_samples} samples each.",
         run.prov.markdown() + "  \n"
         f"Data: {cfg.data.name}: train {len(train)}; FID reference = {len(test)} test images.  \n"
         f"Wall-clock: {run.seconds():.0f} s for the whole script (classifier, U-ViT, evaluation).  \n"
@@ -379,7 +476,8 @@ def report(run, data, mcfg, pol, mse, cls_acc, train_log, train_secs, train_note
         + (f"sampled from the parameter EMA (decay {cfg.train.optim.ema_decay}). " if cfg.train.optim.ema_decay
            else "sampled from the final parameters (no EMA). ") +
         f"DDIM {n_steps} steps, eta {cfg.sample.eta}, {cfg.sample.num_samples} samples per policy in batches of "
-        f"{cfg.sample.batch_size}, the same noise for every policy.",
+        f"{cfg.sample.batch_size}, the same noise for every policy, {cfg.sample.seeds} evaluation noise seed(s) "
+        f"(cFID: the mean over seeds; cFID_range: max - min over seeds). {uem_note}.",
         "**cFID / KID are NOT Inception FID**: they use the 128-d penultimate features of a small CNN trained here "
         f"on {cfg.data.name} (test accuracy {100 * cls_acc:.2f}%); compare them only within this table.",
         PAPER_NOTE,
@@ -395,13 +493,21 @@ def report(run, data, mcfg, pol, mse, cls_acc, train_log, train_secs, train_note
         "1 - delta, calibrated on separate noise to the target layer ratio; baselines are matched to the "
         "DeeDiff per-sample row's layers/step.",
         report_lib.markdown_table(rows, cols, floatfmt=".3f"),
+        "## DeeDiff per-sample vs uniform truncation at matched measured depth\n"
+        "Uniform truncation runs the whole depth nearest DeeDiff's measured layers/step (both columns below). "
+        "Per seed (the same noise for both policies); \"better\" / \"worse\" only when every seed agrees. "
+        "The verdict below is computed by the script from these rows and the preflight.",
+        report_lib.markdown_table(cmp_rows, list(cmp_rows[0].keys()), floatfmt=".3f"),
+        f"**Verdict (computed):** {verdict}",
         "## Per-exit epsilon MSE against the full-depth output, by timestep\n"
         "Plot: `deediff_exit_mse_vs_t.png`; exit depth vs t: `deediff_depth_vs_t.png`; cFID vs layer ratio: "
         "`deediff_cfid_vs_ratio.png`; sample grids: "
         "`samples_*.png` (columns are classes 0-9).",
         report_lib.markdown_table(mse_rows, list(mse_rows[0].keys()), floatfmt=".4f")])
     return Report(md, {"classifier_test_acc": cls_acc, "train_seconds": train_secs, "train_log": train_log,
-                       "calibration": pol.calib, "exit_mse_vs_t": mse, "results": results}, files)
+                       "calibration": pol.calib, "exit_mse_vs_t": mse, "results": results,
+                       "preflight": {**pf.as_dict(), "uniform_layers": pol.preflight_depth},
+                       "comparisons": comparisons, "verdict": verdict}, files)
 
 
 if __name__ == "__main__":

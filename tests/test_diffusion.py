@@ -129,10 +129,41 @@ def test_deediff_loss_hand_computation():
     assert float(g_att[0].sum()) < 0 and float(jnp.abs(g_att[1]).sum()) == 0.0   # UAL skips the last exit
 
 
-@pytest.mark.parametrize("parameterization", D.PARAMETERIZATIONS)
-def test_training_loss_gradients(model_and_inputs, parameterization):
+def test_deediff_loss_x0_uem_target_matches_reference():
+    """uem_target='x0': the pseudo uncertainty is tanh(mean |x0_i - x_0|), x0_i reconstructed from x_t by hand."""
+    rng = np.random.default_rng(0)
+    e, b, p = 3, 4, 5
+    x0 = rng.uniform(-1, 1, (b, p))
+    noise = rng.normal(size=(b, p))
+    eps_pred = noise[None] + 0.1 * rng.normal(size=(e, b, p))
+    ab = np.array([0.99, 0.6, 0.1, 0.002])
+    x_t = np.sqrt(ab)[:, None] * x0 + np.sqrt(1 - ab)[:, None] * noise
+    logit = rng.normal(size=(e, b))
+    want_u_hat = np.zeros((e, b))
+    for i in range(e):
+        for r in range(b):
+            x0_i = (x_t[r] - np.sqrt(1 - ab[r]) * eps_pred[i, r]) / np.sqrt(ab[r])
+            want_u_hat[i, r] = np.tanh(np.mean(np.abs(x0_i - x0[r])))
+    u = 1 / (1 + np.exp(-logit))
+    args = [jnp.asarray(a, jnp.float32) for a in (eps_pred, logit, noise)]
+    out = D.deediff_loss(*args, uem_target="x0", alpha_bar_B=jnp.asarray(ab, jnp.float32))
+    np.testing.assert_allclose(out.u_target_E, want_u_hat.mean(1), rtol=1e-4)
+    np.testing.assert_allclose(out.uem, np.mean(((u - want_u_hat) ** 2).sum(0)), rtol=1e-4)
+    eps_out = D.deediff_loss(*args)
+    # Only the UEM target moves: L_simple and L_UAL stay in eps space; the x0 target is the larger at high noise.
+    np.testing.assert_allclose(out.simple, eps_out.simple, rtol=1e-6)
+    np.testing.assert_allclose(out.ual, eps_out.ual, rtol=1e-6)
+    assert float(out.u_target_E.mean()) > float(eps_out.u_target_E.mean())
+    with pytest.raises(ValueError, match="alpha_bar_B"):
+        D.deediff_loss(*args, uem_target="x0")
+    with pytest.raises(ValueError, match="uem_target"):
+        D.deediff_loss(*args, uem_target="v")
+
+
+@pytest.mark.parametrize("parameterization,uem_target", [("eps", "eps"), ("v", "eps"), ("v", "x0")])
+def test_training_loss_gradients(model_and_inputs, parameterization, uem_target):
     gd, p, x, t, y = model_and_inputs
-    loss_fn = D.training_loss(gd, SCHED, parameterization=parameterization)
+    loss_fn = D.training_loss(gd, SCHED, parameterization=parameterization, uem_target=uem_target)
     batch = {"image": jnp.tanh(x), "label": y}
     ctx = StepContext(jnp.int32(0), jax.random.key(3), None)
     (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(p, batch, ctx)

@@ -178,6 +178,18 @@ def check_deediff(data, out, tmp_path, mod, argv, capsys):
         assert (out / f).stat().st_size > 0
     md = (out / "deediff.md").read_text()
     assert "| policy | target |" in md and "NOT Inception FID" in md and "Command:" in md
+    # The preflight is computed from the run, stated right under the title, and gates the computed verdict.
+    pf = data["preflight"]
+    assert {"full_class_acc", "cfid_full", "cfid_truncated", "cfid_ratio", "acc_ok", "depth_ok", "passed", "line",
+            "uniform_layers"} <= set(pf)
+    assert pf["cfid_full"] == pytest.approx(res["full depth"]["cFID"])
+    assert pf["full_class_acc"] == pytest.approx(res["full depth"]["class_acc%"] / 100)
+    assert pf["passed"] == (pf["acc_ok"] and pf["depth_ok"]) and pf["uniform_layers"] == max(1, round(0.4 * depth))
+    assert md.split("\n\n")[1] == f"**{pf['line']}**"
+    assert pf["line"].startswith("preflight passed" if pf["passed"] else "preflight failed")
+    assert f"**Verdict (computed):** {data['verdict']}" in md
+    assert data["verdict"].startswith("inconclusive at this scale")   # one evaluation seed in the smoke config
+    assert {r["phase"] for r in data["train_log"]} == {"base", "deediff"}   # base phase, then DeeDiff's fine-tune
     _refused_rerun(mod, argv, capsys)
     # A rerun with --overwrite re-evaluates the finished run without training, and says so in the table.
     mod.main(argv + ["--overwrite"])

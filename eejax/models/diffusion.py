@@ -360,8 +360,12 @@ class DeeDiffLoss(NamedTuple):
     u_target_E: jax.Array  # per-exit mean pseudo uncertainty
 
 
+UEM_TARGETS = ("eps", "x0")
+
+
 def deediff_loss(eps_pred_ExBxP: jax.Array, uem_logit_ExB: jax.Array, noise_BxP: jax.Array, *,
-                 lam: float = 1.0, beta: float = 1.0, detach_ual_weight: bool = True) -> DeeDiffLoss:
+                 lam: float = 1.0, beta: float = 1.0, detach_ual_weight: bool = True, uem_target: str = "eps",
+                 alpha_bar_B: jax.Array | None = None) -> DeeDiffLoss:
     """DeeDiff's training objective (Tang et al., arXiv:2309.17074, Eqs. 6-9), per sample then batch-averaged.
 
     * pseudo uncertainty ``u_hat_i = tanh(mean_P |g_i(L_i) - eps|)`` (Eq. 6; a target, so gradient-stopped);
@@ -372,11 +376,27 @@ def deediff_loss(eps_pred_ExBxP: jax.Array, uem_logit_ExB: jax.Array, noise_BxP:
     ``detach_ual_weight``: stop the gradient of ``u`` through the UAL weight. Otherwise ``L_UAL`` alone pushes every
     ``u`` towards 1 (a larger uncertainty lowers the loss), working against ``L_u``; the paper does not say, and
     the reproduction by Gallo et al. (2024) reports that degenerate solution. The UEM is still trained by ``L_u``.
+
+    ``uem_target="x0"`` (an ablation, a deviation from the paper): the pseudo uncertainty reads the error of the
+    implied clean image instead, ``u_hat_i = tanh(mean_P |x0_i - x_0|)`` with ``x0_i = (x_t - sqrt(1 - ab) g_i) /
+    sqrt(ab)``, i.e. the epsilon error scaled by ``sqrt((1 - ab) / ab)`` per row (``alpha_bar_B`` required). The
+    epsilon error is small at high noise for every exit, while the image error it implies is not, so an eps-space
+    UEM is confident exactly where a shallow exit harms the layout. Only the UEM's target changes; ``L_UAL`` and
+    ``L_simple`` stay in eps space.
     """
+    if uem_target not in UEM_TARGETS:
+        raise ValueError(f"uem_target must be one of {UEM_TARGETS}, got {uem_target!r}")
     err_ExBxP = eps_pred_ExBxP - noise_BxP[None]
     mse_ExB = jnp.mean(err_ExBxP ** 2, axis=-1)
     u_ExB = jax.nn.sigmoid(uem_logit_ExB)
-    u_hat_ExB = jax.lax.stop_gradient(jnp.tanh(jnp.mean(jnp.abs(err_ExBxP), axis=-1)))
+    abs_err_ExB = jnp.mean(jnp.abs(err_ExBxP), axis=-1)
+    if uem_target == "x0":
+        if alpha_bar_B is None or alpha_bar_B.shape != noise_BxP.shape[:1]:
+            raise ValueError(f"uem_target='x0' needs alpha_bar_B of shape {noise_BxP.shape[:1]}, got "
+                             f"{None if alpha_bar_B is None else alpha_bar_B.shape}")
+        ab_B = jnp.maximum(alpha_bar_B, jnp.finfo(jnp.float32).tiny)   # finite scale even at abar = 0
+        abs_err_ExB = abs_err_ExB * jnp.sqrt((1 - ab_B) / ab_B)[None]
+    u_hat_ExB = jax.lax.stop_gradient(jnp.tanh(abs_err_ExB))
     l_u = jnp.mean(jnp.sum((u_ExB - u_hat_ExB) ** 2, axis=0))
     w_ExB = jax.lax.stop_gradient(u_ExB) if detach_ual_weight else u_ExB
     l_ual = jnp.mean(jnp.sum((1 - w_ExB[:-1]) * mse_ExB[:-1], axis=0))
@@ -386,11 +406,15 @@ def deediff_loss(eps_pred_ExBxP: jax.Array, uem_logit_ExB: jax.Array, noise_BxP:
 
 
 def training_loss(graphdef, sched: NoiseSchedule, *, lam: float = 1.0, beta: float = 1.0,
-                  detach_ual_weight: bool = True, remat: bool = False, parameterization: str = "eps"):
+                  detach_ual_weight: bool = True, remat: bool = False, parameterization: str = "eps",
+                  uem_target: str = "eps"):
     """``loss_fn(params, batch, ctx)`` for the Trainer; batch = ``{"image": B x H x W x C in [-1, 1], "label": B}``.
 
-    ``lam = beta = 0`` is plain DDPM training of the last exit (the early exits then get no training signal).
+    ``lam = beta = 0`` is plain DDPM training of the last exit (the early exits then get no training signal): the
+    base model that DeeDiff's fine-tune starts from. ``uem_target``: see ``deediff_loss``.
     """
+    if uem_target not in UEM_TARGETS:
+        raise ValueError(f"uem_target must be one of {UEM_TARGETS}, got {uem_target!r}")
     num_t = sched.betas_T.shape[0]
 
     def loss_fn(params, batch, ctx):
@@ -405,7 +429,8 @@ def training_loss(graphdef, sched: NoiseSchedule, *, lam: float = 1.0, beta: flo
         outs = model.all_exits(x_t, t_B, y, remat=remat)
         eps_ExBxP = eps_from_output(sched, outs.eps_ExBxP, x_t.reshape(b, -1), t_B, parameterization)
         parts = deediff_loss(eps_ExBxP, -outs.gate_ExB, noise.reshape(b, -1), lam=lam, beta=beta,
-                             detach_ual_weight=detach_ual_weight)
+                             detach_ual_weight=detach_ual_weight, uem_target=uem_target,
+                             alpha_bar_B=sched.alpha_bars_T[t_B])
         e = parts.mse_E.shape[0]
         metrics = {"simple": parts.simple, "uem": parts.uem, "ual": parts.ual, "mse_first": parts.mse_E[0],
                    "mse_mid": parts.mse_E[e // 2], "u_first": parts.u_E[0], "u_last": parts.u_E[-1]}
