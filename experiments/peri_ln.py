@@ -28,7 +28,7 @@ from eejax.data.lm import WindowIterator
 from eejax.eval import report
 from eejax.models import lm
 from eejax.errors import NonFiniteLossError
-from eejax.train import Trainer, make_optimizer, read_metrics
+from eejax.train import Trainer, make_optimizer, one_device_mesh, read_metrics
 from experiments import _common_lm as lm_common
 from experiments._common import Report, Run, experiment
 
@@ -101,15 +101,16 @@ def eval_batches(ids: np.ndarray, batch: int, seq_len: int, count: int) -> list[
 
 
 def train_and_measure(cfg, corpus, norm: str, lr: float, seed: int, loss_fn, evaluate, val, workdir) -> dict:
-    """One run of the sweep on the one Trainer (resumable in ``workdir``). A NaN/inf loss or gradient stops the run
-    (``NonFiniteLossError``): it is recorded as diverged (``nonfinite`` holds the error), its measurements NaN, and
-    its train log is what the Trainer logged before the blow-up."""
+    """One run of the sweep on the one Trainer, on one device (a tiny LM: its batch need not divide the devices),
+    resumable in ``workdir``. A NaN/inf loss or gradient stops the run (``NonFiniteLossError``): it is
+    recorded as diverged (``nonfinite`` holds the error), its measurements NaN, and its train log is what the
+    Trainer logged before the blow-up."""
     mcfg = model_config(cfg, corpus.tokenizer.vocab_size, norm)
     _, params = lm.build(mcfg, seed)
     batches = WindowIterator(corpus.train_ids, cfg.data.batch_size, cfg.data.seq_len, seed=seed)
     t0, nonfinite = time.perf_counter(), None
     with Trainer(loss_fn, params, sweep_optimizer(cfg.train.optim, lr), workdir=workdir, seed=seed,
-                 log_every=cfg.log_every, ckpt_every=cfg.train.steps) as tr:
+                 mesh=one_device_mesh(), log_every=cfg.log_every, ckpt_every=cfg.train.steps) as tr:
         try:
             params = tr.fit(batches, cfg.train.steps, desc=f"{norm} lr={lr:g} seed={seed}").params
         except NonFiniteLossError as e:
