@@ -26,6 +26,7 @@ from flax import nnx
 
 from eejax.eval import bootstrap, report
 from eejax.exits import costs, engine, gate_first
+from eejax.train import ArrayIterator, Trainer, one_device_mesh
 from experiments import _common_vision as vision
 from experiments._common import Report, Run, experiment
 
@@ -38,28 +39,23 @@ def pooled_inputs(graphdef, params, ds, cfg) -> np.ndarray:
     return np.concatenate([np.asarray(fn(params, x))[:n] for x, n in vision.padded_eval_images(ds, cfg)])
 
 
-def train_gate(pooled_NxD: np.ndarray, labels_N: np.ndarray, num_exits: int, *, steps: int, lr: float, seed: int):
-    """Step C: ``DepthGate`` fit by full-batch Adam on cross-entropy to the derived labels; returns the gate
-    (an nnx module) and the wall-clock seconds of the fit (compilation included)."""
+def train_gate(pooled_NxD: np.ndarray, labels_N: np.ndarray, num_exits: int, *, steps: int, lr: float, seed: int,
+               workdir):
+    """Step C: ``DepthGate`` fit by full-batch Adam (every row every step: ``ArrayIterator(draw="all")``) on
+    cross-entropy to the derived labels, on the one Trainer (resumable in ``workdir``); returns the gate (an nnx
+    module) and the wall-clock seconds of the fit (compilation included)."""
     start = time.perf_counter()
     gdef, state = nnx.split(gate_first.DepthGate(pooled_NxD.shape[1], num_exits, rngs=nnx.Rngs(seed)))
-    opt = optax.adam(lr)
-    x, y = jnp.asarray(pooled_NxD), jnp.asarray(labels_N)
 
-    def loss(s):
-        logits = nnx.merge(gdef, s).from_pooled(x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    def loss_fn(s, batch, ctx):
+        del ctx
+        logits = nnx.merge(gdef, s).from_pooled(batch["x_NxD"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label_N"]).mean(), {}
 
-    @jax.jit
-    def fit(s):
-        def step(carry, _):
-            s, o = carry
-            g = jax.grad(loss)(s)
-            upd, o = opt.update(g, o, s)
-            return (optax.apply_updates(s, upd), o), None
-        return jax.lax.scan(step, (s, opt.init(s)), None, length=steps)[0][0]
-
-    state = jax.block_until_ready(fit(state))
+    batches = ArrayIterator({"x_NxD": pooled_NxD, "label_N": labels_N}, len(labels_N), draw="all")
+    with Trainer(loss_fn, state, optax.adam(lr), workdir=workdir, seed=seed, mesh=one_device_mesh(),
+                 log_every=steps, ckpt_every=steps) as tr:
+        state = jax.block_until_ready(tr.fit(batches, steps, desc="gate").params)
     return nnx.merge(gdef, state), time.perf_counter() - start
 
 
@@ -142,7 +138,8 @@ def main(run: Run, data) -> Report:
     for beta in cfg.eval.betas:
         labels_val = gate_first.gate_labels(q_val, beta)
         gate, fit_s = train_gate(pooled_val, labels_val, n_layers, steps=cfg.eval.gate_steps, lr=cfg.eval.gate_lr,
-                                 seed=cfg.seed)
+                                 seed=cfg.seed, workdir=run.keyed_dir(f"gate-beta{beta:g}", {
+                                     "beta": beta, "steps": cfg.eval.gate_steps, "lr": cfg.eval.gate_lr}))
         gates[beta] = gate
         e_gate = gate_exits(gate, pooled_test)
         e_oracle = gate_first.gate_labels(q_test, beta)

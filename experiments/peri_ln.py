@@ -5,9 +5,11 @@ single-layer skips (an analysis).
     python -m experiments.peri_ln --config configs/peri_ln.py:smoke --data_dir DIR [--outdir DIR]
 
 See configs/peri_ln.py for the runbook. The recipe: for every placement x learning rate x seed, build the LM
-(`LMConfig.norm`), train it on final-exit CE, then measure on fixed validation windows the per-layer statistics of
-the residual stream, every layer's read-out through the shared final norm and head, and the CE with each layer
-skipped (`hidden_states(layer_mask_NxB=...)`).
+(`LMConfig.norm`), train it on final-exit CE with the one Trainer (resumable per run in
+<workdir>/<norm>-lr<lr>-seed<seed>; a run whose loss or gradient turns NaN/inf stops there and is recorded as
+diverged), then measure on fixed validation windows the per-layer statistics of the residual stream, every layer's
+read-out through the shared final norm and head, and the CE with each layer skipped
+(`hidden_states(layer_mask_NxB=...)`).
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from flax import nnx
 from eejax.data.lm import WindowIterator
 from eejax.eval import report
 from eejax.models import lm
-from eejax.train import make_optimizer
+from eejax.errors import NonFiniteLossError
+from eejax.train import Trainer, make_optimizer, one_device_mesh, read_metrics
 from experiments import _common_lm as lm_common
 from experiments._common import Report, Run, experiment
 
@@ -46,21 +49,21 @@ def model_config(cfg, vocab: int, norm: str) -> lm.LMConfig:
     return lm.LMConfig(vocab_size=vocab, norm=norm, exits=(cfg.model.depth - 1,), **cfg.model.to_dict())
 
 
-def make_step(graphdef, tx):
-    """One AdamW step on final-exit CE; the update is scaled by the run's peak learning rate ``lr`` (the optimizer
-    carries the schedule's shape at peak 1), so one compiled step serves the whole sweep."""
+def make_loss(graphdef):
+    """Final-exit CE: the only trained loss (the early exits are read-outs)."""
 
-    def loss_fn(params, tokens, targets):
-        return lm.lm_ce(nnx.merge(graphdef, params)(tokens), targets)
+    def loss_fn(params, batch, ctx):
+        del ctx
+        return lm.lm_ce(nnx.merge(graphdef, params)(batch["tokens"]), batch["targets"]), {}
 
-    @jax.jit
-    def step(params, opt_state, tokens, targets, lr):
-        loss, grads = jax.value_and_grad(loss_fn)(params, tokens, targets)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, jax.tree.map(lambda u: lr * u, updates))
-        return params, opt_state, loss, optax.tree.norm(grads)
+    return loss_fn
 
-    return step
+
+def sweep_optimizer(optim_cfg, lr: float) -> optax.GradientTransformation:
+    """The config's AdamW with the schedule's shape at peak 1 (``train.optim.lr == 1``), its update scaled by the
+    run's peak learning rate ``lr``: every run of the sweep shares one optimizer recipe and only ``lr`` moves. (The
+    trainer's logged ``lr`` is therefore the schedule's shape; the run's peak is the record's ``lr``.)"""
+    return optax.chain(make_optimizer(optim_cfg), optax.scale(lr))
 
 
 def make_eval(graphdef, depth: int):
@@ -97,25 +100,35 @@ def eval_batches(ids: np.ndarray, batch: int, seq_len: int, count: int) -> list[
     return [next(it) for _ in range(count)]
 
 
-def train_and_measure(cfg, corpus, norm: str, lr: float, seed: int, step, evaluate, graphdef, tx, val) -> dict:
+def train_and_measure(cfg, corpus, norm: str, lr: float, seed: int, loss_fn, evaluate, val, workdir) -> dict:
+    """One run of the sweep on the one Trainer, on one device (a tiny LM: its batch need not divide the devices),
+    resumable in ``workdir``. A NaN/inf loss or gradient stops the run (``NonFiniteLossError``): it is
+    recorded as diverged (``nonfinite`` holds the error), its measurements NaN, and its train log is what the
+    Trainer logged before the blow-up."""
     mcfg = model_config(cfg, corpus.tokenizer.vocab_size, norm)
     _, params = lm.build(mcfg, seed)
-    opt_state = tx.init(params)
     batches = WindowIterator(corpus.train_ids, cfg.data.batch_size, cfg.data.seq_len, seed=seed)
-    log, t0 = [], time.perf_counter()
-    lr_arr = jnp.float32(lr)
-    for i in range(cfg.train.steps):
-        b = next(batches)
-        params, opt_state, loss, gnorm = step(params, opt_state, b["tokens"], b["targets"], lr_arr)
-        if (i + 1) % cfg.log_every == 0 or i == 0:
-            log.append({"step": i + 1, "loss": float(loss), "grad_norm": float(gnorm)})
-    stats = [jax.tree.map(np.asarray, evaluate(params, v["tokens"], v["targets"])) for v in val]
-    out = {k: np.mean([s[k] for s in stats], axis=0) for k in stats[0]}
+    t0, nonfinite = time.perf_counter(), None
+    with Trainer(loss_fn, params, sweep_optimizer(cfg.train.optim, lr), workdir=workdir, seed=seed,
+                 mesh=one_device_mesh(), log_every=cfg.log_every, ckpt_every=cfg.train.steps) as tr:
+        try:
+            params = tr.fit(batches, cfg.train.steps, desc=f"{norm} lr={lr:g} seed={seed}").params
+        except NonFiniteLossError as e:
+            params, nonfinite = None, str(e)
+    if params is None:
+        n = cfg.model.depth
+        out = {"var": np.full(n + 1, np.nan), "maxabs": np.full(n + 1, np.nan), "rel_update": np.full(n, np.nan),
+               "exit_ce": np.full(n, np.nan), "skip_ce": np.full(n, np.nan)}
+    else:
+        stats = [jax.tree.map(np.asarray, evaluate(params, v["tokens"], v["targets"])) for v in val]
+        out = {k: np.mean([s[k] for s in stats], axis=0) for k in stats[0]}
     final_ce = float(out["exit_ce"][-1])
     diverged = not math.isfinite(final_ce) or final_ce > math.log(corpus.tokenizer.vocab_size)
     print(f"{norm:>4} lr={lr:g} seed={seed}: val CE {final_ce:.4f}{' DIVERGED' if diverged else ''} "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    return {"norm": norm, "lr": lr, "seed": seed, "val_ce": final_ce, "diverged": diverged,
+    log = [{"step": r["step"], "loss": float(r["loss"]), "grad_norm": float(r["grad_norm"])}
+           for r in read_metrics(workdir)]
+    return {"norm": norm, "lr": lr, "seed": seed, "val_ce": final_ce, "diverged": diverged, "nonfinite": nonfinite,
             "train_seconds": time.perf_counter() - t0, "train_log": log,
             **{k: [float(x) for x in v] for k, v in out.items()}}
 
@@ -205,16 +218,15 @@ def write_report(cfg, su, runs, wall_s):
 def main(run: Run, corpus) -> Report:
     su = Setup(run.cfg, run.prov, run.workdir, corpus)
     cfg = su.cfg
-    tx = make_optimizer(cfg.train.optim)
     val = eval_batches(su.corpus.eval_ids, cfg.eval.batch, cfg.data.seq_len, cfg.eval.batches)
     runs, t0 = [], time.perf_counter()
     for norm in cfg.norms:
         graphdef, _ = lm.build(model_config(cfg, su.corpus.tokenizer.vocab_size, norm), 0)
-        step, evaluate = make_step(graphdef, tx), make_eval(graphdef, cfg.model.depth)
+        loss_fn, evaluate = make_loss(graphdef), make_eval(graphdef, cfg.model.depth)
         for lr in cfg.train.lrs:
             for seed in cfg.seeds:
-                runs.append(train_and_measure(cfg, su.corpus, norm, float(lr), int(seed), step, evaluate, graphdef,
-                                              tx, val))
+                runs.append(train_and_measure(cfg, su.corpus, norm, float(lr), int(seed), loss_fn, evaluate, val,
+                                              su.workdir / f"{norm}-lr{float(lr):g}-seed{int(seed)}"))
     return write_report(cfg, su, runs, time.perf_counter() - t0)
 
 
