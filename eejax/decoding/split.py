@@ -39,7 +39,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from eejax.decoding import kv as kv_lib
