@@ -292,6 +292,14 @@ class LMOutputs(NamedTuple):
     hidden_ExBxTxD: jax.Array   # backbone hidden state at each exit (before the exit's head)
 
 
+def exit_outputs(model, h_NxBxTxD: jax.Array, exits: Sequence[int] | None = None) -> LMOutputs:
+    """Every layer's hidden state -> the hidden state and logits (``model.exit_logits``) at each exit, or only at
+    the exit indices ``exits``: the read-out of every LM's ``all_exits``."""
+    exits = range(model.cfg.num_exits) if exits is None else exits
+    hidden = [h_NxBxTxD[model.cfg.exit_layers[e]] for e in exits]
+    return LMOutputs(jnp.stack([model.exit_logits(h, e) for h, e in zip(hidden, exits)]), jnp.stack(hidden))
+
+
 def causal_mask(valid_BxT: jax.Array) -> jax.Array:
     """``B x T x T``: query t sees key s <= t when key s is a real token."""
     t = valid_BxT.shape[1]
@@ -399,10 +407,7 @@ class DecoderLM(nnx.Module):
         indices ``exits``)."""
         h_NxBxTxD = self.hidden_states(tokens_BxT, valid_BxT=valid_BxT, layer_mask_NxB=layer_mask_NxB,
                                        pos_mask_NxT=pos_mask_NxT, remat=remat)
-        exits = range(self.cfg.num_exits) if exits is None else exits
-        hidden = [h_NxBxTxD[self.cfg.exit_layers[e]] for e in exits]
-        logits = [self.exit_logits(h, e) for h, e in zip(hidden, exits)]
-        return LMOutputs(jnp.stack(logits), jnp.stack(hidden))
+        return exit_outputs(self, h_NxBxTxD, exits)
 
     def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
         """Final-exit logits ``B x T x V`` of a full-depth causal forward."""

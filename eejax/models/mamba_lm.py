@@ -35,7 +35,7 @@ from flax import nnx
 
 from eejax import checks
 from eejax.exits import engine, losses
-from eejax.models.lm import LMOutputs, lm_ce
+from eejax.models.lm import LMOutputs, exit_outputs, lm_ce
 from eejax.nn.layers import build as nn_build, stacked
 from eejax.nn.ssm import SCANS, MambaMixer, SSMState, default_dt_rank, mixer_param_count
 
@@ -189,10 +189,7 @@ class MambaLM(nnx.Module):
 
         _, h_NxBxTxD = engine.run_layers(self.layers, self.embed_tokens(tokens_BxT), layer_fn=layer_fn,
                                          remat=remat)
-        exits = range(self.cfg.num_exits) if exits is None else exits
-        hidden = [h_NxBxTxD[self.cfg.exit_layers[e]] for e in exits]
-        logits = [self.exit_logits(h, e) for h, e in zip(hidden, exits)]
-        return LMOutputs(jnp.stack(logits), jnp.stack(hidden))
+        return exit_outputs(self, h_NxBxTxD, exits)
 
     def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
         """Final-exit logits ``B x T x V`` of a full-depth forward."""
