@@ -54,6 +54,25 @@ def base_config(arg: str | None):
 
 
 
+def char_lm_config(paper: str, arg: str | None, doc: str, *, seeds=(0, 1)):
+    """``(config, arg)``: the run name, seeds, data and model of the from-scratch 8-layer character LM on Tiny
+    Shakespeare that Peri-LN, SkipPipe and SoFT train (``doc``, the paper config's docstring, is its runbook);
+    ``arg`` in (tiny_shakespeare, smoke), the paper's config adds its own fields and its smoke sizes."""
+    arg = arg or "tiny_shakespeare"
+    if arg not in ("tiny_shakespeare", "smoke"):
+        raise ValueError(f"configs/{paper}.py: unknown arg {arg!r}; use tiny_shakespeare or smoke")
+    c = ml_collections.ConfigDict()
+    c.runbook = doc
+    c.name = f"{paper}-{arg}"
+    c.seed = 0
+    c.seeds = tuple(seeds)
+    c.data = ml_collections.ConfigDict(dict(name="tiny_shakespeare", tokenizer="char", eval_name="",
+                                            eval_split="validation", seq_len=64, batch_size=16))
+    c.model = ml_collections.ConfigDict(dict(d_model=64, depth=8, num_heads=4, num_kv_heads=2, mlp_dim=256,
+                                             mlp="gelu"))
+    return c, arg
+
+
 def validate_text(c, *, positive=(), seeds: bool = False) -> Validator:
     """The checks every text-LM config makes: ``name``, ``seed`` (and ``seeds`` when it has them), the dataset, its
     tokenizer and evaluation split, ``data.seq_len``, and the ``positive`` integer fields (>= 1). Returns the

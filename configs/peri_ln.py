@@ -34,7 +34,7 @@ Paper: arXiv:2502.02732, up to 3.2B parameters on 30B tokens: "more balanced var
     flow, and convergence stability"; up to +2.8 points on a 5-task average over Pre-LN.
 """
 import ml_collections
-from _base_lm import validate_text
+from _base_lm import char_lm_config, validate_text
 
 from eejax.train import default_optim_config
 
@@ -42,19 +42,8 @@ NORMS = ("pre", "post", "peri")
 
 
 def get_config(arg=None):
-    arg = arg or "tiny_shakespeare"
-    if arg not in ("tiny_shakespeare", "smoke"):
-        raise ValueError(f"configs/peri_ln.py: unknown arg {arg!r}; use tiny_shakespeare or smoke")
-    c = ml_collections.ConfigDict()
-    c.runbook = __doc__
-    c.name = f"peri_ln-{arg}"
-    c.seed = 0
-    c.seeds = (0, 1)
+    c, arg = char_lm_config("peri_ln", arg, __doc__, seeds=(0, 1))
     c.model_workdir = ""
-    c.data = ml_collections.ConfigDict(dict(name="tiny_shakespeare", tokenizer="char", eval_name="",
-                                            eval_split="validation", seq_len=64, batch_size=16))
-    c.model = ml_collections.ConfigDict(dict(d_model=64, depth=8, num_heads=4, num_kv_heads=2, mlp_dim=256,
-                                             mlp="gelu"))
     c.norms = NORMS
     c.train = ml_collections.ConfigDict(dict(steps=300, lrs=(2e-3, 1e-2, 5e-2),
                                              optim=default_optim_config()))

@@ -31,7 +31,7 @@ Expected shape (PAPERS-WAVE4.md [inf]): full-order CE close for every arm (skip-
     500M-8B); the withdrawn ICLR 2026 version: 2% when running 75% of the model (500M-1.5B). Quote one version.
 """
 import ml_collections
-from _base_lm import validate_text
+from _base_lm import char_lm_config, validate_text
 
 from eejax.train import default_optim_config
 
@@ -39,19 +39,8 @@ ARMS = ("full", "skip", "skip_swap", "layerdrop")
 
 
 def get_config(arg=None):
-    arg = arg or "tiny_shakespeare"
-    if arg not in ("tiny_shakespeare", "smoke"):
-        raise ValueError(f"configs/skippipe.py: unknown arg {arg!r}; use tiny_shakespeare or smoke")
-    c = ml_collections.ConfigDict()
-    c.runbook = __doc__
-    c.name = f"skippipe-{arg}"
-    c.seed = 0
-    c.seeds = (0, 1)
+    c, arg = char_lm_config("skippipe", arg, __doc__, seeds=(0, 1))
     c.model_workdir = ""
-    c.data = ml_collections.ConfigDict(dict(name="tiny_shakespeare", tokenizer="char", eval_name="",
-                                            eval_split="validation", seq_len=64, batch_size=16))
-    c.model = ml_collections.ConfigDict(dict(d_model=64, depth=8, num_heads=4, num_kv_heads=2, mlp_dim=256,
-                                             mlp="gelu"))
     c.arms = ARMS
     c.train = ml_collections.ConfigDict(dict(steps=300, stage_size=2, keep_stages=3, swap_prob=0.5,
                                              micro_batches=4, layerdrop=0.25, optim=default_optim_config()))

@@ -32,6 +32,7 @@ Expected shape (PAPERS-WAVE4.md [inf]): SoFT's sub-models far better than SFT's 
     exceeding performance", better than SFT and SFT+ICT on Alpaca / TriviaQA (PandaLM judge).
 """
 import ml_collections
+from _base_lm import char_lm_config, validate_text
 
 from eejax.train import default_optim_config
 
@@ -39,18 +40,7 @@ ARMS = ("pretrained", "sft", "ict", "soft")
 
 
 def get_config(arg=None):
-    arg = arg or "tiny_shakespeare"
-    if arg not in ("tiny_shakespeare", "smoke"):
-        raise ValueError(f"configs/soft.py: unknown arg {arg!r}; use tiny_shakespeare or smoke")
-    c = ml_collections.ConfigDict()
-    c.runbook = __doc__
-    c.name = f"soft-{arg}"
-    c.seed = 0
-    c.seeds = (0, 1, 2)
-    c.data = ml_collections.ConfigDict(dict(name="tiny_shakespeare", tokenizer="char", eval_name="",
-                                            eval_split="validation", seq_len=64, batch_size=16))
-    c.model = ml_collections.ConfigDict(dict(d_model=64, depth=8, num_heads=4, num_kv_heads=2, mlp_dim=256,
-                                             mlp="gelu"))
+    c, arg = char_lm_config("soft", arg, __doc__, seeds=(0, 1, 2))
     c.depths = (2, 4, 6, 8)
     c.arms = ARMS
     c.train = ml_collections.ConfigDict(dict(pretrain_steps=500, steps=300, pretrain_optim=default_optim_config(),
@@ -80,22 +70,12 @@ def get_config(arg=None):
 
 def validate(c):
     """Every value checked when the config is loaded, before any work (called by eejax.harness.config)."""
-    from eejax.data.text import TEXT_SPLITS  # noqa: PLC0415
-    from eejax.harness.config import Validator  # noqa: PLC0415
     from eejax.models import lm  # noqa: PLC0415
 
-    v = Validator(c)
-    v.str("name")
-    v.int("seed", lo=0)
-    v.ints("seeds", lo=0, unique=True)
-    v.choice("data.name", TEXT_SPLITS)
-    v.choice("data.tokenizer", ("char", "byte"))
-    v.choice("data.eval_split", TEXT_SPLITS[c.data.eval_name or c.data.name])
-    v.int("data.seq_len", lo=2)
-    for key in ("data.batch_size", "model.d_model", "model.depth", "model.num_heads", "model.num_kv_heads",
-                "model.mlp_dim", "train.pretrain_steps", "train.steps", "eval.batch", "eval.batches", "spec.k",
-                "spec.prompt_len", "spec.new_tokens", "spec.batches", "log_every", "ckpt_every"):
-        v.int(key, lo=1)
+    v = validate_text(c, seeds=True, positive=(
+        "data.batch_size", "model.d_model", "model.depth", "model.num_heads", "model.num_kv_heads", "model.mlp_dim",
+        "train.pretrain_steps", "train.steps", "eval.batch", "eval.batches", "spec.k", "spec.prompt_len",
+        "spec.new_tokens", "spec.batches", "log_every", "ckpt_every"))
     depths = v.ints("depths", lo=1, unique=True)
     if list(depths) != sorted(depths) or depths[-1] != c.model.depth or len(depths) < 2:
         v.fail("depths", f"must rise to model.depth={c.model.depth} with at least one shallower sub-model")
