@@ -116,63 +116,50 @@ def timings(model, gate, xb, program, iters: int) -> dict:
             for name, fn in (("grouped_s", grouped), ("masked_s", masked), ("static_full_s", full))}
 
 
-@experiment("eco_m2f", data=vision.splits)
-def main(run: Run, data) -> Report:
-    su = vision.shared_head_setup(run, data)
-    cfg, prov, ec = run.cfg, run.prov, su.ec
-    val, test, graphdef, params, n_layers = su.val, su.test, su.graphdef, su.params, su.mcfg.depth
+def beta_arms(run: Run, su, beta, pooled_val, pooled_test, correct_test, static_acc, flops_E, gflops, model,
+              program) -> dict:
+    """One beta: labels on val, the gate's fit, gate and oracle rows on test, their paired comparisons and the
+    grouped executor's agreement with the simulated exits."""
+    cfg, val, test, n_layers = run.cfg, su.val, su.test, su.mcfg.depth
     q_val = su.probs_val[:, np.arange(len(val)), val.labels_N]          # E x N, the true class's probability
     q_test = su.probs_test[:, np.arange(len(test)), test.labels_N]
-    correct_test = su.probs_test.argmax(-1) == test.labels_N[None]
-    static_acc = correct_test.mean(1)
-    pooled_val = pooled_inputs(graphdef, params, val, cfg)
-    pooled_test = pooled_inputs(graphdef, params, test, cfg)
-    gflops = gate_first.gate_flops(su.mcfg.d_model, n_layers)
-    flops_E = np.asarray(ec.static_flops_E)     # a truncated model: layers up to the exit and that exit's head
-    model = nnx.merge(graphdef, params)
-    program = engine.prefix(n_layers, vision.exit_layers(su.mcfg))
+    labels_val = gate_first.gate_labels(q_val, beta)
+    gate, fit_s = train_gate(pooled_val, labels_val, n_layers, steps=cfg.eval.gate_steps, lr=cfg.eval.gate_lr,
+                             seed=cfg.seed, workdir=run.keyed_dir(f"gate-beta{beta:g}", {
+                                 "beta": beta, "steps": cfg.eval.gate_steps, "lr": cfg.eval.gate_lr}))
+    e_gate = gate_exits(gate, pooled_test)
+    e_oracle = gate_first.gate_labels(q_test, beta)
+    g = arm_row("gate", beta, e_gate, correct_test, flops_E, gflops, static_acc)
+    g.update(gate_val_label_acc=100 * float(np.mean(gate_exits(gate, pooled_val) == labels_val)),
+             gate_test_label_acc=100 * float(np.mean(e_gate == e_oracle)), gate_fit_s=fit_s)
+    o = arm_row("oracle (test labels applied; reads the answer)", beta, e_oracle, correct_test, flops_E, 0.0,
+                static_acc)
+    o.update(gate_val_label_acc=None, gate_test_label_acc=None, gate_fit_s=None)
+    ok_gate = correct_test[e_gate, np.arange(len(test))].astype(np.float64)
+    ok_oracle = correct_test[e_oracle, np.arange(len(test))].astype(np.float64)
+    d_static = bootstrap.paired_bootstrap(ok_gate, static_mix_correct(g["mean_depth"], correct_test))
+    d_oracle = bootstrap.paired_bootstrap(ok_oracle, ok_gate)
+    cmp = {"beta": beta, "gate_depth": g["mean_depth"],
+           "gate_minus_static_pp": 100 * d_static.diff, "lo": 100 * d_static.lo,
+           "hi": 100 * d_static.hi, "reading": d_static.reading("gate", "static"),
+           "oracle_minus_gate_pp": 100 * d_oracle.diff, "lo_o": 100 * d_oracle.lo,
+           "hi_o": 100 * d_oracle.hi}
+    # Executed: the grouped executor driven by the gate must take the simulated exits and give the cached
+    # softmax there (the same layers and head; float differences only from batch composition).
+    e_run, p_run, chunks, padding = executed(model, gate, test, cfg, program)
+    p_sim = su.probs_test[e_gate, np.arange(len(test))]
+    ex = {"beta": beta, "exits_equal": float(np.mean(e_run == e_gate)),
+          "preds_equal": float(np.mean(p_run.argmax(-1) == p_sim.argmax(-1))),
+          "max_abs_prob_diff": float(np.max(np.abs(p_run - p_sim))), "chunks": chunks, "padding_rows": padding}
+    per_beta = {"labels_val_histogram": np.bincount(labels_val, minlength=n_layers).tolist(),
+                "gate_exits_test": e_gate.tolist(), "oracle_exits_test": e_oracle.tolist()}
+    print(f"beta={beta:g}: gate depth {g['mean_depth']:.2f} acc {g['test_acc']:.2f}; oracle depth "
+          f"{o['mean_depth']:.2f} acc {o['test_acc']:.2f}; exec exits equal {ex['exits_equal']:.3f}")
+    return {"gate": gate, "rows": [g, o], "compare": cmp, "executed": ex, "per_beta": per_beta}
 
-    rows_static = [{"depth": e + 1, "test_acc": 100 * float(static_acc[e]), "MFLOPs": flops_E[e] / 1e6}
-                   for e in range(n_layers)]
-    rows, rows_cmp, rows_exec, gates, per_beta = [], [], [], {}, {}
-    for beta in cfg.eval.betas:
-        labels_val = gate_first.gate_labels(q_val, beta)
-        gate, fit_s = train_gate(pooled_val, labels_val, n_layers, steps=cfg.eval.gate_steps, lr=cfg.eval.gate_lr,
-                                 seed=cfg.seed, workdir=run.keyed_dir(f"gate-beta{beta:g}", {
-                                     "beta": beta, "steps": cfg.eval.gate_steps, "lr": cfg.eval.gate_lr}))
-        gates[beta] = gate
-        e_gate = gate_exits(gate, pooled_test)
-        e_oracle = gate_first.gate_labels(q_test, beta)
-        g = arm_row("gate", beta, e_gate, correct_test, flops_E, gflops, static_acc)
-        g.update(gate_val_label_acc=100 * float(np.mean(gate_exits(gate, pooled_val) == labels_val)),
-                 gate_test_label_acc=100 * float(np.mean(e_gate == e_oracle)), gate_fit_s=fit_s)
-        o = arm_row("oracle (test labels applied; reads the answer)", beta, e_oracle, correct_test, flops_E, 0.0,
-                    static_acc)
-        o.update(gate_val_label_acc=None, gate_test_label_acc=None, gate_fit_s=None)
-        rows += [g, o]
-        ok_gate = correct_test[e_gate, np.arange(len(test))].astype(np.float64)
-        ok_oracle = correct_test[e_oracle, np.arange(len(test))].astype(np.float64)
-        d_static = bootstrap.paired_bootstrap(ok_gate, static_mix_correct(g["mean_depth"], correct_test))
-        d_oracle = bootstrap.paired_bootstrap(ok_oracle, ok_gate)
-        rows_cmp.append({"beta": beta, "gate_depth": g["mean_depth"],
-                         "gate_minus_static_pp": 100 * d_static.diff, "lo": 100 * d_static.lo,
-                         "hi": 100 * d_static.hi, "reading": d_static.reading("gate", "static"),
-                         "oracle_minus_gate_pp": 100 * d_oracle.diff, "lo_o": 100 * d_oracle.lo,
-                         "hi_o": 100 * d_oracle.hi})
-        # Executed: the grouped executor driven by the gate must take the simulated exits and give the cached
-        # softmax there (the same layers and head; float differences only from batch composition).
-        e_run, p_run, chunks, padding = executed(model, gate, test, cfg, program)
-        p_sim = su.probs_test[e_gate, np.arange(len(test))]
-        rows_exec.append({"beta": beta, "exits_equal": float(np.mean(e_run == e_gate)),
-                          "preds_equal": float(np.mean(p_run.argmax(-1) == p_sim.argmax(-1))),
-                          "max_abs_prob_diff": float(np.max(np.abs(p_run - p_sim))), "chunks": chunks,
-                          "padding_rows": padding})
-        per_beta[f"{beta:g}"] = {"labels_val_histogram": np.bincount(labels_val, minlength=n_layers).tolist(),
-                                 "gate_exits_test": e_gate.tolist(), "oracle_exits_test": e_oracle.tolist()}
-        print(f"beta={beta:g}: gate depth {g['mean_depth']:.2f} acc {g['test_acc']:.2f}; oracle depth "
-              f"{o['mean_depth']:.2f} acc {o['test_acc']:.2f}; exec exits equal {rows_exec[-1]['exits_equal']:.3f}")
 
-    xb = su.xb
+def timing_rows(model, gates: dict, xb, program, cfg) -> list[dict]:
+    """Measured seconds per batch for the timing betas (grouped, masked and static full depth)."""
     rows_time = []
     for beta in cfg.eval.timing_betas:
         if beta not in gates:
@@ -183,21 +170,19 @@ def main(run: Run, data) -> Report:
                           "batch_max_depth": int(e_b.max() + 1), **t,
                           "grouped_/_full": t["grouped_s"] / t["static_full_s"],
                           "masked_/_full": t["masked_s"] / t["static_full_s"]})
-    results = {"static": rows_static, "arms": rows, "compare": rows_cmp, "executed": rows_exec, "timing": rows_time,
-               "per_beta": per_beta, "full_test_acc": float(static_acc[-1]), "gate_MFLOPs": gflops / 1e6,
-               "static_flops": flops_E.tolist()}
-    gate_rows = [r for r in rows if r["arm"] == "gate"]
-    oracle_rows = [r for r in rows if r["arm"] != "gate"]
-    curves = {"gate (beta sweep)": [(r["MFLOPs"] * 1e6, r["test_acc"]) for r in gate_rows],
-              "oracle (labels applied)": [(r["MFLOPs"] * 1e6, r["test_acc"]) for r in oracle_rows]}
-    statics = [(flops_E[e], 100 * static_acc[e], f"L{e + 1}") for e in range(n_layers)]
-    title = f"ECO-M2F gate vs oracle vs static depth on {cfg.data.name} (test)"
+    return rows_time
+
+
+def markdown(run: Run, su, r: dict, gflops: float, batch: int) -> str:
+    cfg, n_layers = run.cfg, su.mcfg.depth
+    rows_static, rows, rows_cmp, rows_exec, rows_time = (r["static"], r["arms"], r["compare"], r["executed"],
+                                                         r["timing"])
     cols = ["arm", "beta", "mean_depth", "test_acc", "static_acc_at_depth", "MFLOPs"]
-    md = "\n\n".join([
+    return "\n\n".join([
         f"# ECO-M2F at small scale on {cfg.data.name}",
-        prov.markdown() + "  \n"
-        f"Data: {cfg.data.name}: train {len(su.train)} / val {len(val)} (carved from train; labels of step B and "
-        f"the gate's fit) / test {len(test)}.  \n"
+        run.prov.markdown() + "  \n"
+        f"Data: {cfg.data.name}: train {len(su.train)} / val {len(su.val)} (carved from train; labels of step B and "
+        f"the gate's fit) / test {len(su.test)}.  \n"
         f"Scale: ViT depth {n_layers}, width {cfg.model.d_model}, patch {cfg.model.patch_size}, one linear head "
         f"shared by every layer, {cfg.train.steps} steps of batch {cfg.data.batch_size}; gate: one linear layer on "
         f"the pooled embedding ({gflops} FLOPs), {cfg.eval.gate_steps} full-batch Adam steps per beta. MFLOPs per "
@@ -211,9 +196,36 @@ def main(run: Run, data) -> Report:
         report.markdown_table(rows_cmp, list(rows_cmp[0]), ".4g"),
         "## Executed by the grouped executor (test): agreement with the simulated exits",
         report.markdown_table(rows_exec, list(rows_exec[0]), ".4g"),
-        f"## Measured seconds per batch of {xb.shape[0]} (shared CPU; grouped includes the gate and its host stop)",
+        f"## Measured seconds per batch of {batch} (shared CPU; grouped includes the gate and its host stop)",
         report.markdown_table(rows_time, list(rows_time[0]), ".4g") if rows_time else "(none)"])
-    return Report(md, {"results": results}, files={
+
+
+@experiment("eco_m2f", data=vision.splits)
+def main(run: Run, data) -> Report:
+    su = vision.shared_head_setup(run, data)
+    cfg, test, graphdef, params, n_layers = run.cfg, su.test, su.graphdef, su.params, su.mcfg.depth
+    correct_test = su.probs_test.argmax(-1) == test.labels_N[None]
+    static_acc = correct_test.mean(1)
+    pooled_val, pooled_test = pooled_inputs(graphdef, params, su.val, cfg), pooled_inputs(graphdef, params, test, cfg)
+    gflops = gate_first.gate_flops(su.mcfg.d_model, n_layers)
+    flops_E = np.asarray(su.ec.static_flops_E)     # a truncated model: layers up to the exit and that exit's head
+    model = nnx.merge(graphdef, params)
+    program = engine.prefix(n_layers, vision.exit_layers(su.mcfg))
+    arms = {beta: beta_arms(run, su, beta, pooled_val, pooled_test, correct_test, static_acc, flops_E, gflops, model,
+                            program) for beta in cfg.eval.betas}
+    rows = [row for a in arms.values() for row in a["rows"]]
+    results = {"static": [{"depth": e + 1, "test_acc": 100 * float(static_acc[e]), "MFLOPs": flops_E[e] / 1e6}
+                          for e in range(n_layers)],
+               "arms": rows, "compare": [a["compare"] for a in arms.values()],
+               "executed": [a["executed"] for a in arms.values()],
+               "timing": timing_rows(model, {b: a["gate"] for b, a in arms.items()}, su.xb, program, cfg),
+               "per_beta": {f"{b:g}": a["per_beta"] for b, a in arms.items()}, "full_test_acc": float(static_acc[-1]),
+               "gate_MFLOPs": gflops / 1e6, "static_flops": flops_E.tolist()}
+    curves = {"gate (beta sweep)": [(r["MFLOPs"] * 1e6, r["test_acc"]) for r in rows if r["arm"] == "gate"],
+              "oracle (labels applied)": [(r["MFLOPs"] * 1e6, r["test_acc"]) for r in rows if r["arm"] != "gate"]}
+    statics = [(flops_E[e], 100 * static_acc[e], f"L{e + 1}") for e in range(n_layers)]
+    title = f"ECO-M2F gate vs oracle vs static depth on {cfg.data.name} (test)"
+    return Report(markdown(run, su, results, gflops, su.xb.shape[0]), {"results": results}, files={
         "eco_m2f_curves.png": lambda path: report.plot_accuracy_vs_flops(curves, statics, path, title=title)})
 
 
