@@ -17,15 +17,17 @@ Model: a plain ViT (eejax.models.segvit): 7 x 7 patches (64 tokens, no CLS), wid
     mean per-token cross-entropy over the three heads (DToP's auxiliary-loss model; every token runs every layer).
 Evaluation (test; every threshold choice made on validation): each head on all tokens ("fewer layers for every
     token": 3 static points, and per-image mixtures of two neighbouring depths at any mean FLOPs); DToP executed by
-    eejax.exits.tokens (compacted executor, drop mode, batch 100) for a grid of thresholds shared by the two early
-    heads, with top-k = 5 tokens per class kept (the paper's k) and k = 0 (the ablation); mIoU over the 11 classes
+    eejax.exits.tokens (drop mode, DToP's rule, on the compacted executor; freeze mode, where an exited token stays
+    a key, on the masked executor; batch 100) for a grid of thresholds up to 0.99999 shared by the two early heads,
+    with top-k = 5 tokens per class kept (the paper's k) and k = 0 (the ablation); mIoU over the 11 classes
     at the token level with paired bootstrap intervals over test images; FLOPs per image counted from the tokens
     each layer actually updated (cost model: eejax.exits.costs, heads included) and the batched bucket slots;
-    executed = teacher-forced simulation under the executed schedule (exits and FLOPs); savings against each image's
+    executed = teacher-forced simulation under the executed schedule (exits, FLOPs, and predictions whose top-2
+    logits are more than pred_margin apart); savings against each image's
     background fraction; measured CPU time (load recorded) and the roofline H200 cost model.
 Hardware / wall-clock: a shared 2-core CPU under a load of ~20 (many runs at once): mnist about 1.5-2 h (1,500
-    training steps of batch 32, then 16 executed runs over 1,000 validation and 2,000 test canvases); about 20 min
-    on a quiet machine; smoke a minute or two (mostly compilation).
+    training steps of batch 32, then 40 executed runs over 1,000 validation and 2,000 test canvases); about 25 min
+    on a quiet machine; evaluation alone (a finished workdir) about 10 min; smoke a minute or two (mostly compilation).
 Expected shape (PAPERS-WAVE4.md): background tokens exit at the first head; the threshold-traced mIoU-vs-FLOPs curve
     lies above "fewer layers for every token"; keeping the top-k per class matters (k = 0 loses mIoU at the same
     threshold); the savings grow with the background fraction. Paper: 20-35% less computation without accuracy
@@ -54,8 +56,10 @@ def get_config(arg=None):
     c.train = ml_collections.ConfigDict(dict(steps=1500, batch_size=32, optim=default_optim_config()))
     c.train.optim.update(lr=1e-3, schedule="warmup_cosine", warmup_steps=100, total_steps=1500, weight_decay=0.05)
     c.eval = ml_collections.ConfigDict(dict(
-        thresholds=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.999),   # shared by the early heads
+        thresholds=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.999, 0.9999, 0.99999),  # shared by the early heads
         top_ks=(5, 0),             # the paper's k first, then the ablation
+        modes=("drop", "freeze"),  # drop: DToP's rule (compacted executor); freeze: an exited token stays a key
+        pred_margin=1e-4,          # exec = sim compares predictions whose top-2 logits are further apart than this
         max_drop=0.5,              # mIoU points below full depth allowed on validation for the operating point
         batch_size=100, buckets=(16, 24, 32, 40, 48, 56, 64), time_iters=5, resamples=2000))
     c.log_every = 100
@@ -91,6 +95,8 @@ def validate(c):
     v.optim("train.optim")
     v.floats("eval.thresholds", 0.0, 1.0)
     v.ints("eval.top_ks", 0)
+    v.choices("eval.modes", ("drop", "freeze"))
+    v.float("eval.pred_margin", 0.0)
     v.float("eval.max_drop", 0.0)
     v.int("eval.batch_size", lo=2)
     v.ints("eval.buckets", 1)

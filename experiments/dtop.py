@@ -88,14 +88,17 @@ def confidence_policy(thr, num_exits: int, top_k: int):
                              num_exits, top_k)
 
 
-def dtop_fns(graphdef, mcfg, buckets, top_k):
-    """``(run, check)`` jitted for one top-k: the executed DToP (compacted, drop; per token the prediction and the
-    exit, per row the counts, per step the slots) and the teacher-forced pass under the executed schedule (the
-    policy replayed on its heads must take the same exits, its predictions and counts must be the same)."""
+def dtop_fns(graphdef, mcfg, buckets, top_k, mode="drop", margin=1e-4):
+    """``(run, check)`` jitted for one top-k and mode: the executed DToP (drop: the compacted executor; freeze: the
+    masked one, the only executor that keeps a frozen token as a key; per token the prediction and the exit, per row
+    the counts, per step the slots) and the teacher-forced pass under the executed schedule (the policy replayed on
+    its heads must take the same exits and counts, and the same predictions wherever the teacher-forced top-2 logits
+    are more than ``margin`` apart: a closer pair flips under float32 reassociation of compacted vs masked math)."""
     E = len(mcfg.exit_layers)
+    executor = tokens.Compacted(buckets) if mode == "drop" else tokens.Masked()
 
     def run_fn(p, x, thr):
-        out = nnx.merge(graphdef, p).token_exit(x, confidence_policy(thr, E, top_k), tokens.Compacted(buckets))
+        out = nnx.merge(graphdef, p).token_exit(x, confidence_policy(thr, E, top_k), executor, mode=mode)
         b = x.shape[0]
         return dict(pred=out.out.logits_BxQxC.argmax(-1).astype(jnp.int8), exit=out.exit_BxT.astype(jnp.int8),
                     queries=out.queries_SxB.T, keys=out.keys_SxB.T,
@@ -104,26 +107,29 @@ def dtop_fns(graphdef, mcfg, buckets, top_k):
     def check_fn(p, x, thr, exit_BxT, pred_BxT, queries_BxS):
         pol = confidence_policy(thr, E, top_k)
         exit_BxT = exit_BxT.astype(jnp.int32)
-        sim = nnx.merge(graphdef, p).scan(x, exit_BxT)
-        replayed = tokens.replay(pol, sim, exit_BxT, mcfg.program)
-        sim_pred = tokens.take_exit(sim.out_E, exit_BxT).logits_BxQxC.argmax(-1)
-        q_sim = tokens.schedule_masks(replayed, mcfg.program)[0].sum(-1).T
-        return ((replayed == exit_BxT).all(1) & (sim_pred == pred_BxT).all(1) & (q_sim == queries_BxS).all(1))
+        sim = nnx.merge(graphdef, p).scan(x, exit_BxT, mode=mode)
+        replayed = tokens.replay(pol, sim, exit_BxT, mcfg.program, mode=mode)
+        logits = tokens.take_exit(sim.out_E, exit_BxT).logits_BxQxC
+        top2 = jax.lax.top_k(logits, 2)[0]
+        clear = top2[..., 0] - top2[..., 1] > margin
+        same_pred = (logits.argmax(-1) == pred_BxT) | ~clear
+        q_sim = tokens.schedule_masks(replayed, mcfg.program, mode=mode)[0].sum(-1).T
+        return ((replayed == exit_BxT).all(1) & same_pred.all(1) & (q_sim == queries_BxS).all(1))
 
     return jax.jit(run_fn), jax.jit(check_fn)
 
 
-def naive_exits(plain_logits_ExNxTxC, thr, top_k, mcfg):
+def naive_exits(plain_logits_ExNxTxC, thr, top_k, mcfg, mode="drop"):
     """The exits the policy takes on the plain all-token pass (the simulation that ignores that dropping tokens
     changes the states of the others)."""
     E, n, t = plain_logits_ExNxTxC.shape[:3]
     pol = confidence_policy(thr, E, top_k)
     fn = jax.jit(lambda lg: tokens.replay(pol, tokens.TokenScan(tokens.TokenHeadOut(lg), None),
-                                          jnp.full(lg.shape[1:3], E - 1, jnp.int32), mcfg.program))
+                                          jnp.full(lg.shape[1:3], E - 1, jnp.int32), mcfg.program, mode=mode))
     return np.concatenate([np.asarray(fn(plain_logits_ExNxTxC[:, s:s + 500])) for s in range(0, n, 500)])
 
 
-def evaluate_point(fns, params, split, thr, bs, mcfg, plain_logits=None, top_k=0):
+def evaluate_point(fns, params, split, thr, bs, mcfg, plain_logits=None, top_k=0, mode="drop"):
     run_fn, check_fn = fns
     r = tx.batched(lambda b: run_fn(params, b["image"], jnp.float32(thr)), {"image": split["image"]}, bs)
     r["flops"] = segvit.run_flops(mcfg, r["queries"].T, r["keys"].T)
@@ -133,7 +139,7 @@ def evaluate_point(fns, params, split, thr, bs, mcfg, plain_logits=None, top_k=0
                                                          b["queries"]),
                                       {"image": split["image"], "exit": r["exit"], "pred": r["pred"],
                                        "queries": r["queries"]}, bs)
-        r["naive_agree"] = (naive_exits(plain_logits, thr, top_k, mcfg) == r["exit"]).mean(1)
+        r["naive_agree"] = (naive_exits(plain_logits, thr, top_k, mcfg, mode) == r["exit"]).mean(1)
     return r
 
 
@@ -207,19 +213,21 @@ def science(cfg, data, workdir, prov):
         rows_static.append({"head after layer": mcfg.exit_layers[e] + 1, "test mIoU %": 100 * m,
                             "95% CI": f"[{100 * lo:.1f}, {100 * hi:.1f}]", "MFLOPs / image": static_flops[e] / 1e6})
 
+    arms = [(mode, k) for mode in cfg.eval.modes for k in cfg.eval.top_ks]
     sweep, points = [], {}
-    for k in cfg.eval.top_ks:
-        fns = dtop_fns(graphdef, mcfg, tuple(cfg.eval.buckets), k)
+    for mode, k in arms:
+        fns = dtop_fns(graphdef, mcfg, tuple(cfg.eval.buckets), k, mode, cfg.eval.pred_margin)
         for thr in cfg.eval.thresholds:
             v = evaluate_point(fns, params, val, thr, bs, mcfg)
-            t = evaluate_point(fns, params, test, thr, bs, mcfg, plain_test, k)
-            points[(k, thr)] = (v, t)
+            t = evaluate_point(fns, params, test, thr, bs, mcfg, plain_test, k, mode)
+            points[(mode, k, thr)] = (v, t)
             d = segmentation.miou_difference(t["conf"], full_test, resamples=rs)
             label = test["label"]
             sweep.append({
-                "top_k": k, "threshold": thr, "val mIoU %": 100 * segmentation.miou(v["conf"].sum(0)),
+                "mode": mode, "top_k": k, "threshold": f"{thr:g}",
+                "val mIoU %": 100 * segmentation.miou(v["conf"].sum(0)),
                 "val MFLOPs": float(v["flops"].mean()) / 1e6, "test mIoU %": 100 * segmentation.miou(t["conf"].sum(0)),
-                "vs full (points)": f"{100 * d.diff:+.2f} [{100 * d.lo:+.2f}, {100 * d.hi:+.2f}]",
+                "vs full (points)": _interval(d),
                 "test MFLOPs": float(t["flops"].mean()) / 1e6,
                 "saved %": 100 * (1 - t["flops"].mean() / static_flops[-1]),
                 "saved % (batched slots)": 100 * (1 - physical_flops(mcfg, t["slots"], bs) / static_flops[-1]),
@@ -231,57 +239,64 @@ def science(cfg, data, workdir, prov):
 
     # operating points, fit on validation: the cheapest threshold within max_drop points of full depth
     rows_op, ops = [], {}
-    for k in cfg.eval.top_ks:
+    for mode, k in arms:
         ok = [thr for thr in cfg.eval.thresholds
-              if segmentation.miou(points[(k, thr)][0]["conf"].sum(0)) >= full_val - cfg.eval.max_drop / 100]
+              if segmentation.miou(points[(mode, k, thr)][0]["conf"].sum(0)) >= full_val - cfg.eval.max_drop / 100]
         if not ok:
             continue
-        thr = min(ok, key=lambda x: points[(k, x)][0]["flops"].mean())
-        t = points[(k, thr)][1]
-        ops[k] = thr
+        thr = min(ok, key=lambda x: points[(mode, k, x)][0]["flops"].mean())
+        t = points[(mode, k, thr)][1]
+        ops[(mode, k)] = thr
         d = segmentation.miou_difference(t["conf"], full_test, resamples=rs)
         mix = mixture_conf(static["test"], static_flops, float(t["flops"].mean()))
         dm = segmentation.miou_difference(t["conf"], mix, resamples=rs) if mix is not None else None
-        rows_op.append({"top_k": k, "threshold (val)": thr,
+        rows_op.append({"mode": mode, "top_k": k, "threshold (val)": f"{thr:g}",
                         "test mIoU %": 100 * segmentation.miou(t["conf"].sum(0)),
-                        "vs full depth": f"{100 * d.diff:+.2f} [{100 * d.lo:+.2f}, {100 * d.hi:+.2f}]",
+                        "vs full depth": _interval(d),
                         "reading": d.reading("DToP", "full depth"),
                         "FLOPs saved %": 100 * (1 - t["flops"].mean() / static_flops[-1]),
-                        "vs fewer layers, same FLOPs": "outside the static range" if dm is None else
-                        f"{100 * dm.diff:+.2f} [{100 * dm.lo:+.2f}, {100 * dm.hi:+.2f}]",
+                        "vs fewer layers, same FLOPs": "outside the static range" if dm is None else _interval(dm),
                         "reading ": "" if dm is None else dm.reading("DToP", "fewer layers")})
 
     # the curve against "fewer layers for every token" at matched FLOPs, every threshold
     rows_match = []
-    for k in cfg.eval.top_ks:
+    for mode, k in arms:
         for thr in cfg.eval.thresholds:
-            t = points[(k, thr)][1]
+            t = points[(mode, k, thr)][1]
             mix = mixture_conf(static["test"], static_flops, float(t["flops"].mean()))
             if mix is None:
                 continue
             dm = segmentation.miou_difference(t["conf"], mix, resamples=rs)
-            rows_match.append({"top_k": k, "threshold": thr, "MFLOPs": float(t["flops"].mean()) / 1e6,
-                               "DToP - fewer layers (points)": f"{100 * dm.diff:+.2f} [{100 * dm.lo:+.2f}, "
-                                                               f"{100 * dm.hi:+.2f}]",
+            rows_match.append({"mode": mode, "top_k": k, "threshold": f"{thr:g}",
+                               "MFLOPs": float(t["flops"].mean()) / 1e6,
+                               "DToP - fewer layers (points)": _interval(dm),
                                "reading": dm.reading("DToP", "fewer layers")})
 
-    # top-k ablation: same threshold, k = paper's vs k = 0
-    rows_topk = []
-    if len(cfg.eval.top_ks) > 1:
-        k0, k1 = cfg.eval.top_ks[0], cfg.eval.top_ks[-1]
+    # ablations at the same threshold: top-k (the paper's k vs k = 0) per mode; freeze vs drop per k
+    rows_topk, rows_mode = [], []
+    k0, k1 = cfg.eval.top_ks[0], cfg.eval.top_ks[-1]
+    for mode in cfg.eval.modes if len(cfg.eval.top_ks) > 1 else ():
         for thr in cfg.eval.thresholds:
-            a, b = points[(k0, thr)][1], points[(k1, thr)][1]
+            a, b = points[(mode, k0, thr)][1], points[(mode, k1, thr)][1]
             dk = segmentation.miou_difference(a["conf"], b["conf"], resamples=rs)
             df = paired.mean_difference(a["flops"] / 1e6, b["flops"] / 1e6, resamples=rs)
-            rows_topk.append({"threshold": thr, f"mIoU k={k0} - k={k1} (points)":
-                              f"{100 * dk.diff:+.2f} [{100 * dk.lo:+.2f}, {100 * dk.hi:+.2f}]",
+            rows_topk.append({"mode": mode, "threshold": f"{thr:g}", f"mIoU k={k0} - k={k1} (points)": _interval(dk),
                               "reading": dk.reading(f"k={k0}", f"k={k1}"),
                               f"MFLOPs k={k0} - k={k1}": f"{df.diff:+.3f} [{df.lo:+.3f}, {df.hi:+.3f}]"})
+    if {"drop", "freeze"} <= set(cfg.eval.modes):
+        for k in cfg.eval.top_ks:
+            for thr in cfg.eval.thresholds:
+                a, b = points[("freeze", k, thr)][1], points[("drop", k, thr)][1]
+                dk = segmentation.miou_difference(a["conf"], b["conf"], resamples=rs)
+                df = paired.mean_difference(a["flops"] / 1e6, b["flops"] / 1e6, resamples=rs)
+                rows_mode.append({"top_k": k, "threshold": f"{thr:g}", "mIoU freeze - drop (points)": _interval(dk),
+                                  "reading": dk.reading("freeze", "drop"),
+                                  "MFLOPs freeze - drop": f"{df.diff:+.3f} [{df.lo:+.3f}, {df.hi:+.3f}]"})
 
     # savings against the background fraction, and which tokens leave first, at the paper-k operating point
     k_op = cfg.eval.top_ks[0]
-    thr_op = ops.get(k_op, cfg.eval.thresholds[len(cfg.eval.thresholds) // 2])
-    t = points[(k_op, thr_op)][1]
+    thr_op = ops.get(("drop", k_op), cfg.eval.thresholds[len(cfg.eval.thresholds) // 2])
+    t = points[("drop", k_op, thr_op)][1]
     saved = 1 - t["flops"] / static_flops[-1]
     rho = spearman_interval(test["bg_frac"], saved, min(rs, 1000))
     rows_bg = []
@@ -315,14 +330,15 @@ def science(cfg, data, workdir, prov):
                        "label": "cost model (roofline, H200 calibrated; gathers not modelled)"})
 
     results = dict(static=rows_static, sweep=sweep, operating=rows_op, matched=rows_match, top_k=rows_topk,
+                   freeze_vs_drop=rows_mode,
                    background=rows_bg, spearman_bg_saved=rho, bg_minus_digit_exit=gap, speed=rows_speed,
                    op_threshold=thr_op, op_top_k=k_op, train_seconds=train_s, static_mflops=[f / 1e6 for f in
                                                                                             static_flops],
                    full_val_miou=full_val, paper=PAPER,
                    scale=dict(train=cfg.data.num_train, val=cfg.data.num_val, test=cfg.data.num_test,
                               tokens=mcfg.tokens, d_model=mcfg.d_model, depth=mcfg.depth, steps=cfg.train.steps))
-    curves = {f"DToP k={k}": [(points[(k, th)][1]["flops"].mean(), 100 * segmentation.miou(
-        points[(k, th)][1]["conf"].sum(0))) for th in cfg.eval.thresholds] for k in cfg.eval.top_ks}
+    curves = {f"DToP {mode} k={k}": [(points[(mode, k, th)][1]["flops"].mean(), 100 * segmentation.miou(
+        points[(mode, k, th)][1]["conf"].sum(0))) for th in cfg.eval.thresholds] for mode, k in arms}
     curves["fewer layers (mixtures)"] = [(f, 100 * segmentation.miou(static["test"][e].sum(0)))
                                          for e, f in enumerate(static_flops)]
     statics = [(static_flops[e], 100 * segmentation.miou(static["test"][e].sum(0)), f"L{mcfg.exit_layers[e] + 1}")
@@ -333,6 +349,11 @@ def science(cfg, data, workdir, prov):
                  ylabel="mIoU %"),
              "dtop_bg_savings.png": lambda p: _scatter(test["bg_frac"], 100 * saved, p, rho)}
     return md, {"results": results}, files
+
+
+def _interval(d) -> str:
+    """A paired mIoU difference in points: ``+d [lo, hi]``."""
+    return f"{100 * d.diff:+.2f} [{100 * d.lo:+.2f}, {100 * d.hi:+.2f}]"
 
 
 def _executed(graphdef, E, k, p, x, thr, executor):
@@ -370,6 +391,8 @@ def markdown(cfg, mcfg, prov, r) -> str:
         "## The curve against fewer layers at the same mean FLOPs (per-image mixtures of two static depths)",
         t(r["matched"], first(r["matched"])),
         "## Top-k ablation (same threshold)", t(r["top_k"], first(r["top_k"])),
+        "## Freeze vs drop (same threshold and k; freeze keeps an exited token as a key, run by the masked executor, "
+        "so its batched slots save nothing)", t(r["freeze_vs_drop"], first(r["freeze_vs_drop"])),
         f"## Background (k={r['op_top_k']}, threshold {r['op_threshold']})",
         t(r["background"], first(r["background"])) + "\n\n" +
         f"Spearman(background fraction, FLOPs saved) = {r['spearman_bg_saved'][0]:.2f} "

@@ -331,6 +331,10 @@ def check_dtop(data, out, *_):
     res = data["results"]
     assert res["static"] and res["sweep"] and res["speed"]
     assert res["scale"]["steps"] == data["config"]["train"]["steps"]
+    assert {r["mode"] for r in res["sweep"]} == set(data["config"]["eval"]["modes"])
+    assert all(r["exec = sim (exits, preds, FLOPs)"] for r in res["sweep"])   # both executors equal the scan
+    n_thr, n_k = len(data["config"]["eval"]["thresholds"]), len(data["config"]["eval"]["top_ks"])
+    assert len(res["freeze_vs_drop"]) == (n_thr * n_k if len(data["config"]["eval"]["modes"]) == 2 else 0)
     assert (out / "dtop_miou_flops.png").stat().st_size > 0 and (out / "dtop_bg_savings.png").stat().st_size > 0
 
 
