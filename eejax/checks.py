@@ -75,6 +75,16 @@ def positive_number(value, name: str, *, allow_zero: bool = False) -> float:
     return float(value)
 
 
+def dtype_name(value, name: str = "dtype") -> None:
+    """``None`` or a name ``jnp.dtype`` accepts (a model config's compute dtype)."""
+    if value is None:
+        return
+    try:
+        jnp.dtype(value)
+    except TypeError:
+        raise ValueError(f"{name}={value!r} is not a dtype name (e.g. 'float32', 'bfloat16')") from None
+
+
 def config_ints(cfg, **lowest: int) -> None:
     """Model-config fields that are sizes: each ``getattr(cfg, name)`` an integer >= its bound, named in the
     error (``d_model=-8`` otherwise fails deep inside an initializer with an unrelated shape error, and

@@ -719,6 +719,17 @@ def plot_sweep(sweep, layers, ks, path, title):
         ax[1 + i].axhline(1.0, color="gray", lw=0.8)
         ax[1 + i].set(xlabel="draft exit E (layers)", ylabel=key, title=f"{key} (trained norm exits)")
         ax[1 + i].legend(fontsize=7)
+    finish_figure(fig, (), title, path)
+
+
+def finish_figure(fig, axes, title: str, path) -> None:
+    """Grid and legend on each of ``axes``, the title, then save ``fig`` to ``path`` and close it (the tail of every
+    multi-panel figure of the SmolLM2 papers)."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

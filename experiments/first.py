@@ -188,13 +188,7 @@ def plot(rows, skip_freq, path, n):
     for name, freq in skip_freq.items():
         axes[2].plot(np.arange(n), freq, marker=".", label=name)
     axes[2].set(xlabel="layer", ylabel="fraction of sequences skipping it (hard decisions)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"FiRST routers vs static skip sets on a {n}-layer LM (frozen model)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.finish_figure(fig, axes, f"FiRST routers vs static skip sets on a {n}-layer LM (frozen model)", path)
 
 
 @experiment(NAME)

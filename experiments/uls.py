@@ -63,13 +63,7 @@ def plot(rows, path, n, batches):
     ts = sorted({r["target"] for r in rows})
     axes[2].plot(ts, ts, color="k", lw=0.8, label="target")
     axes[2].set(xlabel="target speed-up r (layers N / (N - k))", ylabel="measured decode speed-up (CPU)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"ULS vs early exit vs SkipDecode on a {n}-layer LM (no fine-tuning)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.finish_figure(fig, axes, f"ULS vs early exit vs SkipDecode on a {n}-layer LM (no fine-tuning)", path)
 
 
 @experiment(NAME)

@@ -104,11 +104,7 @@ class LMConfig(engine.ExitSpec):
             raise ValueError(f"{self.exit_rank=} must be >= 1 for exit_head='lowrank'")
         if self.mlp not in MLPS:
             raise ValueError(f"mlp={self.mlp!r}: use one of {MLPS}")
-        if self.dtype is not None:
-            try:
-                jnp.dtype(self.dtype)
-            except TypeError:
-                raise ValueError(f"dtype={self.dtype!r} is not a dtype name (e.g. 'float32', 'bfloat16')") from None
+        checks.dtype_name(self.dtype)
         self.exit_layers  # validates the exit spec  # noqa: B018
 
     @property

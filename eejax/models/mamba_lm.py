@@ -63,11 +63,7 @@ class MambaConfig(engine.ExitSpec):
             raise ValueError(f"MambaConfig: scan={self.scan!r}: use one of {SCANS}")
         if self.dt_rank < 0:
             raise ValueError(f"MambaConfig: dt_rank={self.dt_rank} must be >= 0 (0 = ceil(d_model / 16))")
-        if self.dtype is not None:
-            try:
-                jnp.dtype(self.dtype)
-            except TypeError:
-                raise ValueError(f"dtype={self.dtype!r} is not a dtype name (e.g. 'float32', 'bfloat16')") from None
+        checks.dtype_name(self.dtype)
         self.exit_layers  # validates the exit spec  # noqa: B018
 
     @property
