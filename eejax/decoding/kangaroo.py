@@ -229,14 +229,8 @@ class KangarooOutputs(NamedTuple):
     batch_rounds: jax.Array    # int32[]: verify steps the batch ran
     conf_hist_2xC: jax.Array   # counts of draft top-1 probability in CONF_BINS bins: [accepted, first rejected]
 
-    @property
-    def acceptance_rate(self) -> jax.Array:
-        return jnp.sum(self.accepted_B) / jnp.maximum(jnp.sum(self.drafted_B), 1)
-
-    @property
-    def tokens_per_verify(self) -> jax.Array:
-        """CR: mean tokens a verify step produced (accepted drafts + the full model's own token)."""
-        return (jnp.sum(self.accepted_B) + jnp.sum(self.rounds_B)) / jnp.maximum(jnp.sum(self.rounds_B), 1)
+    acceptance_rate = property(speculative.acceptance_rate)
+    tokens_per_verify = property(speculative.tokens_per_verify)
 
 
 def kangaroo(model: DecoderLM, adapter: dict, prompt_BxP: jax.Array, lengths_B: jax.Array, num_new: int, *,

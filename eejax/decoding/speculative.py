@@ -60,6 +60,16 @@ from eejax.exits import engine, policies
 from eejax.models.lm import DecoderLM
 
 
+def acceptance_rate(out) -> jax.Array:
+    """Accepted over drafted tokens, over the batch (``out``: any output with ``accepted_B`` and ``drafted_B``)."""
+    return jnp.sum(out.accepted_B) / jnp.maximum(jnp.sum(out.drafted_B), 1)
+
+
+def tokens_per_verify(out) -> jax.Array:
+    """Mean tokens a verify step produced (accepted drafts + the full model's own token; Kangaroo's CR)."""
+    return (jnp.sum(out.accepted_B) + jnp.sum(out.rounds_B)) / jnp.maximum(jnp.sum(out.rounds_B), 1)
+
+
 class SpecOutputs(NamedTuple):
     tokens_BxG: jax.Array     # the generated tokens (greedy-exact)
     rounds_B: jax.Array       # draft-and-verify rounds each row needed (= verify steps)
@@ -73,14 +83,8 @@ class SpecOutputs(NamedTuple):
     batch_rounds: jax.Array | None = None     # int32[]: verify passes the batch ran
     drafter_state: Any = None                 # the drafter's final state (e.g. Kangaroo's confidence histograms)
 
-    @property
-    def acceptance_rate(self) -> jax.Array:
-        return jnp.sum(self.accepted_B) / jnp.maximum(jnp.sum(self.drafted_B), 1)
-
-    @property
-    def tokens_per_verify(self) -> jax.Array:
-        """Mean tokens a verify step produced (accepted drafts + the full model's own token)."""
-        return (jnp.sum(self.accepted_B) + jnp.sum(self.rounds_B)) / jnp.maximum(jnp.sum(self.rounds_B), 1)
+    acceptance_rate = property(acceptance_rate)
+    tokens_per_verify = property(tokens_per_verify)
 
 
 class Plan(NamedTuple):
