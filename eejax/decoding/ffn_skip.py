@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eejax.decoding import kv as kv_lib
-from eejax.decoding.per_token import StepStats
+from eejax.decoding.per_token import full_depth_stats
 from eejax.exits import engine
 from eejax.models.lm import DecoderLM
 
@@ -197,12 +197,7 @@ def skip_step(model: DecoderLM, tok_B: jax.Array, state: kv_lib.DecodeState, i, 
     runs in all N layers)."""
     res = forward(model, tok_B[:, None], state, gate, index_BxT=jnp.asarray(i, jnp.int32), last_token=True,
                   branch=branch)
-    n = model.cfg.depth
-    b = tok_B.shape[0]
-    ffn_B = n - jnp.sum(res.skip.skip_NxBxT[:, :, 0], axis=0).astype(jnp.int32)
-    stats = StepStats(jnp.full((b,), n - 1, jnp.int32), ffn_B, jnp.zeros((b,), jnp.float32), jnp.int32(n),
-                      jnp.zeros((b, model.cfg.d_model), jnp.float32))
-    return res.logits, stats, res.state
+    return res.logits, full_depth_stats(model.cfg, res.skip.skip_NxBxT[:, :, 0]), res.state
 
 
 def first_crossing_skips(cos_NxM: np.ndarray, threshold: float, *, cold_first: int, cold_last: int) -> np.ndarray:

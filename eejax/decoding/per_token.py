@@ -68,6 +68,14 @@ class StepStats(NamedTuple):
     h_BxD: jax.Array          # the row's hidden state at its exit
 
 
+def full_depth_stats(cfg, skipped_NxB: jax.Array) -> StepStats:
+    """Stats of a step whose every row runs to the last layer and reads the final head, with ``layers_B`` = the
+    layers (or sublayers) the row did not skip (``skipped_NxB``: bool per layer and row; FFN-skip, LAC)."""
+    n, b = skipped_NxB.shape
+    return StepStats(jnp.full((b,), n - 1, jnp.int32), n - jnp.sum(skipped_NxB, axis=0).astype(jnp.int32),
+                     jnp.zeros((b,), jnp.float32), jnp.int32(n), jnp.zeros((b, cfg.d_model), jnp.float32))
+
+
 decayed_threshold = policies.calm_threshold
 
 

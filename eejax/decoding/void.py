@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from eejax.decoding import kv as kv_lib
-from eejax.decoding.per_token import StepStats
+from eejax.decoding.per_token import full_depth_stats
 from eejax.exits import engine
 from eejax.models.lm import DecoderLM
 
@@ -136,12 +136,7 @@ def lac_step(model: DecoderLM, tok_B: jax.Array, state: kv_lib.DecodeState, i, a
     activated layers of the token."""
     del i
     res = forward(model, tok_B[:, None], state, alpha, mode=mode, last_token=True)
-    n = model.cfg.depth
-    b = tok_B.shape[0]
-    active_B = n - jnp.sum(res.lac.void_NxBxT[:, :, 0], axis=0).astype(jnp.int32)
-    stats = StepStats(jnp.full((b,), n - 1, jnp.int32), active_B, jnp.zeros((b,), jnp.float32), jnp.int32(n),
-                      jnp.zeros((b, model.cfg.d_model), jnp.float32))
-    return res.logits, stats, res.state
+    return res.logits, full_depth_stats(model.cfg, res.lac.void_NxBxT[:, :, 0]), res.state
 
 
 __all__ = ["MODES", "voids", "last_active", "LACState", "LACAux", "LACForward", "init_state", "lac_layer", "forward",
