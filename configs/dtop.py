@@ -59,6 +59,7 @@ def get_config(arg=None):
         thresholds=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.999, 0.9999, 0.99999),  # shared by the early heads
         top_ks=(5, 0),             # the paper's k first, then the ablation
         modes=("drop", "freeze"),  # drop: DToP's rule (compacted executor); freeze: an exited token stays a key
+        analysis_threshold=0.95,   # background / speed rows: drop mode, the paper's k, this threshold
         pred_margin=1e-4,          # exec = sim compares predictions whose top-2 logits are further apart than this
         max_drop=0.5,              # mIoU points below full depth allowed on validation for the operating point
         batch_size=100, buckets=(16, 24, 32, 40, 48, 56, 64), time_iters=5, resamples=2000))
@@ -69,7 +70,8 @@ def get_config(arg=None):
         c.model.update(d_model=16, num_heads=2, mlp_dim=32)
         c.train.update(steps=6, batch_size=16)
         c.train.optim.update(total_steps=6, warmup_steps=1)
-        c.eval.update(thresholds=(0.5, 0.9), batch_size=16, buckets=(32, 64), time_iters=1, resamples=200)
+        c.eval.update(thresholds=(0.5, 0.9), analysis_threshold=0.9, batch_size=16, buckets=(32, 64), time_iters=1,
+                      resamples=200)
         c.log_every = 3
     return c
 
@@ -97,6 +99,8 @@ def validate(c):
     v.ints("eval.top_ks", 0)
     v.choices("eval.modes", ("drop", "freeze"))
     v.float("eval.pred_margin", 0.0)
+    if v.float("eval.analysis_threshold", 0.0, 1.0) not in tuple(c.eval.thresholds):
+        v.fail("eval.analysis_threshold", f"must be one of eval.thresholds {tuple(c.eval.thresholds)}")
     v.float("eval.max_drop", 0.0)
     v.int("eval.batch_size", lo=2)
     v.ints("eval.buckets", 1)
