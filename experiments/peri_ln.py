@@ -186,7 +186,7 @@ def write_report(cfg, su, runs, wall_s):
         f"Scale: {m.depth} layers, width {m.d_model}, {m.num_heads} query / {m.num_kv_heads} KV heads, MLP "
         f"{m.mlp_dim}, {n_params:,} parameters (Pre-LN; Peri-LN adds {2 * m.depth * m.d_model:,}); {t.steps} "
         f"steps of batch {cfg.data.batch_size} x {cfg.data.seq_len}, seeds {list(cfg.seeds)}, peak learning rates "
-        f"{[float(x) for x in t.lrs]}; wall-clock of the whole sweep {wall_s:.0f} s.",
+        f"{[float(x) for x in t.lrs]} after a {t.optim.warmup_steps}-step linear warm-up; wall-clock of the whole sweep {wall_s:.0f} s.",
         "## Final validation CE (nats/char) per placement and peak learning rate\n"
         "val_ce: seed mean [min, max]; diverged: runs whose CE is non-finite or above ln(vocab); var_growth: "
         "residual-stream variance after the last layer / after the first (seed mean over non-diverged runs); "
