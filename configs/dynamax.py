@@ -47,8 +47,8 @@ Hardware / wall-clock: 2 CPU cores (AMD EPYC) shared with up to eight other runs
     2-2.5 hours in all (resumable from the workdir).
 `cpu`: the same models, data and protocol cut to fit under an hour of the shared 2-core CPU (load average 3-6):
     300 training steps per LM (warmup 30), 100 classifier steps, 32 continuation characters per window (31
-    scored), 2 calibration + 3 test batches of 32 windows (96 test windows, 2,976 scored characters), 9 thresholds (dense near 1),
-    no oracle arm (the state modes propagate and freeze only). Wall-clock: 28 minutes measured at load average 3-13
+    scored), 2 calibration + 3 test batches of 32 windows (96 test windows, 2,976 scored characters), 9
+    thresholds (dense near 1), no oracle arm (the state modes propagate and freeze only). Wall-clock: 28 minutes measured at load average 3-13
     (expect up to ~50 under heavier load; resumable from the workdir up to the decoding sweep, which reruns whole).
     Undertrained LMs: the shape, not the paper's scale (results: experiments/results/dynamax-shakespeare).
 Expected shape (PAPERS-WAVE4.md [inf]): both backbones' per-token exit curves above static truncation; a Mamba-block
