@@ -423,6 +423,8 @@ def _fmt_row(r: dict) -> dict:
     keep = {k: v for k, v in r.items() if k not in ("counts", "dnll_vs_full", "saving_ci", "agreement_ci",
                                                     "speedup_label", "bound")}
     keep["dnll_vs_full"] = ""
+    if r.get("threshold") is not None:
+        keep["threshold"] = f"{r['threshold']:g}"   # as given: 0.9995 must not print as 1.000
     if r["dnll_vs_full"] is not None:
         keep["dnll_vs_full"] = ci_text(r["dnll_vs_full"])
         keep["saving"] = f"{r['saving']:.3f} [{r['saving_ci'][1]:.3f}, {r['saving_ci'][2]:.3f}]"
