@@ -338,6 +338,20 @@ def check_dtop(data, out, *_):
     assert (out / "dtop_miou_flops.png").stat().st_size > 0 and (out / "dtop_bg_savings.png").stat().st_size > 0
 
 
+def check_rbqe(data, out, *_):
+    res, cfg = data["results"], data["config"]
+    qs = list(cfg["data"]["qualities"])
+    assert [r["QF"] for r in res["per_qf"]] == qs and len(res["static"]) == cfg["model"]["stages"]
+    # The engine's blind exits equal the simulated first-exit-over-threshold for every row clear of the threshold.
+    ex = res["executed"]
+    assert ex["rows"] == len(qs) * cfg["data"]["test_size"] and ex["exits_equal_clear"] == 1.0
+    # The oracle's dPSNR is the per-image best over exits, so never below the blind rule's.
+    assert res["compare"][0]["dB"] >= 0
+    # One specialist per QF, each compared at full depth and at the blind exit.
+    assert [r["QF"] for r in res["specialists"]] == [q for q in qs for _ in range(2)]
+    assert (out / "rbqe_curves.png").stat().st_size > 0
+
+
 def check_dyvte(data, out, *_):
     res = data["results"]
     assert res["static"] and res["arms"] and res["speed"] and 1 <= res["knee_layer"] <= res["scale"]["depth"]
