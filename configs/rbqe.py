@@ -23,8 +23,9 @@ Exit rule: the first stage whose output's blind blockiness score (``image_qualit
 Comparisons (paired bootstrap over test images x QFs, or over test images per QF): blind exit vs a fixed-depth mix
     of equal mean FLOPs at every swept threshold; oracle vs blind; per QF, the blind model (full depth, and at its
     exit) minus the specialist (full depth).
-Hardware / wall-clock: a shared 2-core CPU (load ~5-10): ~1 s per training step of the default model, so the blind
-    model and 5 specialists (6 x 600 steps) take about an hour, evaluation a few minutes; smoke about a minute.
+Hardware / wall-clock: a shared 2-core CPU (load ~10): about 1 s per training step of the default model (width 12,
+    batch 16), so the blind model and 5 specialists (6 x 400 steps) take 30-40 min, evaluation a few minutes (a
+    width-16, batch-32 model ran at ~3 s per step under that load); smoke about a minute.
 Expected shape (arXiv:2006.16581): mean exit depth falls as QF rises; the one blind model is close to per-QF
     specialists in dPSNR; the blind-exit dPSNR vs FLOPs curve lies above fixed depth; an oracle exit bounds it from
     above.
@@ -47,9 +48,9 @@ def get_config(arg=None):
     c.seed = 0
     c.data = ml_collections.ConfigDict(dict(name=arg, val_fraction=0.1, train_size=8000, test_size=2000,
                                             eval_batch_size=500, qualities=(10, 20, 30, 40, 50)))
-    c.model = ml_collections.ConfigDict(dict(image_size=28, channels=1, width=16, stages=5, convs_per_stage=2,
+    c.model = ml_collections.ConfigDict(dict(image_size=28, channels=1, width=12, stages=5, convs_per_stage=2,
                                              kernel=3))
-    c.train = ml_collections.ConfigDict(dict(steps=600, batch_size=32, specialists=True,
+    c.train = ml_collections.ConfigDict(dict(steps=400, batch_size=16, specialists=True,
                                              optim=default_optim_config()))
     c.train.optim.update(lr=2e-3, weight_decay=0.0)
     c.eval = ml_collections.ConfigDict(dict(num_thresholds=40, val_size=1000, depth_fraction=0.95,
