@@ -44,7 +44,7 @@ def _decode(model, clf, step, prompt, force):
 
 
 @functools.lru_cache(maxsize=None)
-def _exit_decoder(backbone: str, kind: str, mode: str, measure: str):
+def _exit_decoder(backbone: str, kind: str, mode: str, measure: str, executor: str = "unrolled"):
     """One jitted teacher-forced exit decoder per setting; the per-exit thresholds ``float[E]`` are traced, so a
     sweep compiles once per batch shape."""
     model, clf = _mamba(kind) if backbone == "mamba" else _transformer(kind)
@@ -52,7 +52,7 @@ def _exit_decoder(backbone: str, kind: str, mode: str, measure: str):
 
     def f(thr_E, prompt, force):
         step = lambda m, t, s, i: rec.exit_step(m, t, s, i, thr_E, measure=meas, mode=mode,  # noqa: E731
-                                                classifiers=clf)
+                                                classifiers=clf, executor=executor)
         return rec.generate(model, prompt, jnp.full((prompt.shape[0],), prompt.shape[1]), force.shape[1], step,
                             classifiers=clf, force_BxG=force)
 
@@ -143,6 +143,43 @@ def test_per_row_exits_in_a_batch_equal_each_row_alone(backbone, mode, measure):
         alone = run(thr, toks[b:b + 1, :5], toks[b:b + 1, 5:])   # one compile for batch 1, reused
         np.testing.assert_array_equal(alone.exit_layer_BxG[0], batch.exit_layer_BxG[b])
         np.testing.assert_allclose(alone.logprob_BxG[0], batch.logprob_BxG[b], atol=ATOL)
+
+
+@pytest.mark.parametrize("backbone,mode", [("mamba", "propagate"), ("mamba", "freeze"),
+                                           ("transformer", "propagate")])
+def test_unrolled_executor_equals_the_masked_loop(backbone, mode):
+    """The default executor (one cond per decision, the stop branch filling the skipped layers' states over a
+    static range) and the masked while loop (a traced fill after it) give the same exits, log-probs and states."""
+    toks = _tokens(seed=3)
+    num_exits = (CFG if backbone == "mamba" else TCFG).num_exits
+    runs = {ex: _exit_decoder(backbone, "mamba", mode, "learned", ex) for ex in rec.EXECUTORS}
+    scores = np.concatenate([np.asarray(runs["masked"](jnp.full((num_exits,), jnp.inf).at[e].set(-jnp.inf),
+                                                       toks[:, :5], toks[:, 5:]).score_BxG[:, 1:])
+                             for e in range(num_exits - 1)])
+    thr, margin = _gap_threshold(scores)
+    assert margin > 1e-4    # every decision is clear of float noise
+    out = {ex: run(thr, toks[:, :5], toks[:, 5:]) for ex, run in runs.items()}
+    assert len(np.unique(np.asarray(out["masked"].exit_layer_BxG[:, 1:]))) > 1
+    np.testing.assert_array_equal(out["unrolled"].exit_layer_BxG, out["masked"].exit_layer_BxG)
+    np.testing.assert_allclose(out["unrolled"].logprob_BxG, out["masked"].logprob_BxG, atol=ATOL)
+
+
+def test_unrolled_decode_step_stops_at_most_once_per_decision():
+    """GPU cost, read from the compiled step on CPU (``eejax.exits.hlo``): no data-dependent loop and at most one
+    conditional per exit decision (E - 1), against the masked loop's while over exits and traced fill loop."""
+    from eejax.exits import hlo   # noqa: PLC0415
+
+    model, clf = _mamba()
+    toks = _tokens(b=2, t=6, seed=4)
+    _, state = rec.prefill(model, toks, jnp.full((2,), 6), 8, classifiers=clf)
+    stops = {}
+    for ex in rec.EXECUTORS:
+        prof = hlo.profile(lambda tok, st, ex=ex: rec.exit_step(model, tok, st, 0, 0.5, measure=conf_lib.learned,
+                                                                 classifiers=clf, executor=ex)[0],
+                           toks[:, -1], state)
+        stops[ex] = (prof.unknown_whiles, prof.host_stops(trips=(CFG.num_exits, CFG.depth)))
+    assert stops["unrolled"][0] == 0 and 0 < stops["unrolled"][1] <= CFG.num_exits - 1, stops
+    assert stops["masked"][1] > CFG.num_exits - 1, stops
 
 
 def _reference_decode(model, clf, prompt_P, force_G, exit_layer_G, mode):

@@ -57,6 +57,7 @@ from eejax.exits import engine, policies
 from eejax.models.mamba_lm import MambaLM
 
 STATE_MODES = ("propagate", "freeze", "oracle")
+EXECUTORS = ("unrolled", "masked")
 
 
 class Gated(NamedTuple):
@@ -221,7 +222,8 @@ def forward(model, tokens_BxT: jax.Array, state: DecodeState, program: engine.Pr
     if is_recurrent(model):
         base_aux = state.base
     else:
-        base_aux = kv_lib.DecodeAux(state.base.cache, state.base.pos_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :])
+        pos_BxT = state.base.pos_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        base_aux = kv_lib.DecodeAux(state.base.cache, pos_BxT)
     h0 = Gated(model.embed_tokens(tokens_BxT), jnp.zeros((b,), jnp.float32))
     out = engine.run(model.layers, heads_, h0, program, policy, executor,
                      layer_fn=layer_fn(model, classifiers, mode), aux=StepAux(base_aux, state.gates, valid_BxT))
@@ -233,36 +235,70 @@ def forward(model, tokens_BxT: jax.Array, state: DecodeState, program: engine.Pr
     return out, DecodeState(base, out.aux.gates)
 
 
-def fill_skipped(model, state: DecodeState, h_BxD: jax.Array, first_layer, classifiers=None) -> DecodeState:
-    """State propagation for the layers ``first_layer .. N-1`` that no row ran this step (traced
-    ``first_layer``): each advances its state by the token with ``h`` (each row's frozen exit hidden state) as its
-    input; so do the classifiers of the exits after those layers. The layers' outputs are discarded (XLA drops
-    them: only the state update is computed)."""
+def _fill(model, base, gates, h_BxD: jax.Array, first_layer, classifiers=None):
+    """State propagation of layers ``first_layer .. N-1`` (and of the classifiers of the exits after them) from
+    each row's frozen hidden state ``h_BxD``: ``base`` is the Mamba LM's per-layer ``SSMState`` or, for the
+    transformer, ``kv.DecodeAux(cache, pos_Bx1)`` at the token's position. A Python-int ``first_layer`` gives loops
+    with a known trip count (no host round trip); a traced one, loops with traced bounds."""
     cfg = model.cfg
     n = cfg.depth
     if is_recurrent(model):
         def body(l, states):
             _, st = layer_at(model.layers, l).step(h_BxD, _at(states, l))
             return _put(states, l, st)
-        base = jax.lax.fori_loop(first_layer, n, body, state.base)
     else:
-        pos_Bx1 = state.base.pos_B[:, None] - 1   # the token just run (forward advanced pos)
-
         def body(l, aux):
             ctx = engine.StepCtx(l, l, jnp.int32(0), None, aux)
             return kv_lib.cache_layer(layer_at(model.layers, l), h_BxD[:, None], ctx)[1]
-        aux = jax.lax.fori_loop(first_layer, n, body, kv_lib.DecodeAux(state.base.cache, pos_Bx1))
-        base = state.base._replace(cache=aux.cache)
-    gates = state.gates
+    base = jax.lax.fori_loop(first_layer, n, body, base)
     if classifiers is not None and gates is not None:
-        exit_layers = jnp.asarray(cfg.exit_layers[:-1], jnp.int32)
-        first_exit = jnp.sum((exit_layers < first_layer).astype(jnp.int32))
+        exit_layers = cfg.exit_layers[:-1]
+        if isinstance(first_layer, (int, np.integer)):
+            first_exit = int(np.sum(np.asarray(exit_layers) < first_layer))
+        else:
+            first_exit = jnp.sum((jnp.asarray(exit_layers, jnp.int32) < first_layer).astype(jnp.int32))
 
         def gbody(e, gates):
             _, st = classifiers.at(e).step(h_BxD, _at(gates, e))
             return _put(gates, e, st)
         gates = jax.lax.fori_loop(first_exit, cfg.num_exits - 1, gbody, gates)
-    return DecodeState(base, gates)
+    return base, gates
+
+
+def fill_skipped(model, state: DecodeState, h_BxD: jax.Array, first_layer, classifiers=None) -> DecodeState:
+    """State propagation for the layers ``first_layer .. N-1`` that no row ran this step (traced
+    ``first_layer``): each advances its state by the token with ``h`` (each row's frozen exit hidden state) as its
+    input; so do the classifiers of the exits after those layers. The layers' outputs are discarded (XLA drops
+    them: only the state update is computed)."""
+    if is_recurrent(model):
+        base, gates = _fill(model, state.base, state.gates, h_BxD, first_layer, classifiers)
+        return DecodeState(base, gates)
+    pos_Bx1 = state.base.pos_B[:, None] - 1   # the token just run (forward advanced pos)
+    aux, gates = _fill(model, kv_lib.DecodeAux(state.base.cache, pos_Bx1), state.gates, h_BxD, first_layer,
+                       classifiers)
+    return DecodeState(state.base._replace(cache=aux.cache), gates)
+
+
+def unrolled(model, mode: str, classifiers=None) -> kv_lib.Unrolled:
+    """The decode executor of ``exit_step``: ``kv.Unrolled`` (each exit segment traced once, one ``lax.cond`` per
+    exit decision, so at most one host round trip per decision point on a GPU). Under ``propagate`` its stop branch
+    fills the state of the layers not run from each row's frozen hidden state, over a static layer range (the
+    masked executor's ``fill_skipped`` after the loop, without a traced loop bound); ``freeze`` fills nothing;
+    ``oracle`` runs every layer for every row (no decision stops the batch)."""
+    if mode == "oracle":
+        return kv_lib.Unrolled(keep_running=True)
+    if mode == "freeze":
+        return kv_lib.Unrolled()
+    n = model.cfg.depth
+
+    def on_stop(layers_S, h: Gated, aux: StepAux) -> StepAux:
+        first = int(layers_S[0])
+        if not np.array_equal(np.asarray(layers_S), np.arange(first, n)):
+            raise ValueError(f"state propagation fills a suffix of the layers, got {list(layers_S)}")
+        base, gates = _fill(model, aux.base, aux.gates, h.h_BxTxD[:, -1], first, classifiers)
+        return StepAux(base, gates, aux.valid_BxT)
+
+    return kv_lib.Unrolled(on_stop=on_stop)
 
 
 def prefill(model, tokens_BxP: jax.Array, lengths_B: jax.Array, cache_len: int, *, classifiers=None
@@ -286,9 +322,12 @@ def prefill(model, tokens_BxP: jax.Array, lengths_B: jax.Array, cache_len: int, 
 
 def exit_step(model, tok_B: jax.Array, state: DecodeState, i, threshold, *,
               measure: conf_lib.Measure = conf_lib.max_softmax, mode: str = "propagate", classifiers=None,
-              tau: float = 0.0, horizon: int = 1) -> tuple[jax.Array, StepStats, DecodeState]:
+              tau: float = 0.0, horizon: int = 1, executor: str = "unrolled"
+              ) -> tuple[jax.Array, StepStats, DecodeState]:
     """One token per row with per-row early exit: the prefix program over the model's exits x a (CALM-decayed)
-    threshold policy on ``measure`` x the masked executor (``keep_running`` for ``mode="oracle"``).
+    threshold policy on ``measure`` x the ``unrolled`` executor (at most one host stop per decision point;
+    ``executor="masked"``: ``engine.Masked``, the while loop over exits and a traced fill loop after it, kept as
+    the comparison variant; both give the same tokens and states, tested).
 
     With ``measure=confidence.learned`` the classifiers' gates decide and the vocabulary is projected once per
     row, at its exit; with a softmax measure every exit passed projects it. ``threshold``: scalar or ``float[E]``;
@@ -299,10 +338,14 @@ def exit_step(model, tok_B: jax.Array, state: DecodeState, i, threshold, *,
     if gate_driven and classifiers is None:
         raise ValueError("measure=learned reads the exit classifiers' gates: pass classifiers=")
     policy = policies.threshold(measure, policies.calm_threshold(threshold, i, tau, horizon), cfg.num_exits)
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor={executor!r}: use one of {EXECUTORS}")
+    ex = (unrolled(model, mode, classifiers) if executor == "unrolled"
+          else engine.Masked(keep_running=mode == "oracle"))
     out, new_state = forward(model, tok_B[:, None], state, engine.prefix(cfg.depth, cfg.exit_layers),
-                             heads(model, vocab_at_exits=not gate_driven), policy,
-                             engine.Masked(keep_running=mode == "oracle"), classifiers=classifiers, mode=mode)
-    if mode == "propagate":
+                             heads(model, vocab_at_exits=not gate_driven), policy, ex, classifiers=classifiers,
+                             mode=mode)
+    if mode == "propagate" and executor == "masked":   # the layers the loop never reached (a traced count)
         new_state = fill_skipped(model, new_state, out.h.h_BxTxD[:, -1], out.layers_run, classifiers)
     hidden_BxD = out.out.hidden_BxD
     logits = taken_logits(model, hidden_BxD, out.exit_B) if gate_driven else out.logits_BxC
@@ -369,6 +412,6 @@ def generate(model, prompt_BxP: jax.Array, lengths_B: jax.Array, num_new: int, s
     return Decoded(tok.T, logp.T, pred.T, exit_l.T, score.T, run)
 
 
-__all__ = ["STATE_MODES", "Gated", "DecodeState", "StepAux", "is_recurrent", "check_mode", "layer_at", "layer_fn",
-           "heads", "taken_logits", "empty_state", "forward", "fill_skipped", "prefill", "exit_step", "full_step",
-           "Decoded", "generate"]
+__all__ = ["STATE_MODES", "EXECUTORS", "Gated", "DecodeState", "StepAux", "is_recurrent", "check_mode",
+           "layer_at", "layer_fn", "heads", "taken_logits", "empty_state", "forward", "fill_skipped", "unrolled",
+           "prefill", "exit_step", "full_step", "Decoded", "generate"]
