@@ -27,7 +27,7 @@ import scipy.stats
 from flax import nnx
 
 from eejax.data import composed
-from eejax.eval import paired, report, segmentation
+from eejax.eval import budgeted, paired, report, segmentation
 from eejax.exits import costs, engine, tokens
 from eejax.models import segvit
 from experiments import _common_tokens as tx
@@ -167,17 +167,6 @@ def roofline_speedup(mcfg, slots_NxS, bs: int) -> float:
     return costs.predict(dense, "h200").time_s / float(np.mean(times))
 
 
-def mixture_conf(static_conf, static_flops, target: float):
-    """Per-image expected confusion of running depth i with probability pi and depth i+1 otherwise, pi chosen so the
-    mean FLOPs equal ``target`` ("fewer layers for every token" at any compute); None outside the static range."""
-    s = np.asarray(static_flops)
-    if target < s[0] - 1e-6 or target > s[-1] + 1e-6:
-        return None
-    i = int(np.clip(np.searchsorted(s, target) - 1, 0, len(s) - 2))
-    pi = float(np.clip((s[i + 1] - target) / (s[i + 1] - s[i]), 0, 1))
-    return pi * static_conf[i] + (1 - pi) * static_conf[i + 1]
-
-
 def spearman_interval(x, y, resamples: int, seed: int = 0):
     n = len(x)
     rng = np.random.default_rng(seed)
@@ -248,7 +237,7 @@ def science(cfg, data, workdir, prov):
         t = points[(mode, k, thr)][1]
         ops[(mode, k)] = thr
         d = segmentation.miou_difference(t["conf"], full_test, resamples=rs)
-        mix = mixture_conf(static["test"], static_flops, float(t["flops"].mean()))
+        mix = budgeted.static_mix(static["test"], static_flops, float(t["flops"].mean()))
         dm = segmentation.miou_difference(t["conf"], mix, resamples=rs) if mix is not None else None
         rows_op.append({"mode": mode, "top_k": k, "threshold (val)": f"{thr:g}",
                         "test mIoU %": 100 * segmentation.miou(t["conf"].sum(0)),
@@ -263,7 +252,7 @@ def science(cfg, data, workdir, prov):
     for mode, k in arms:
         for thr in cfg.eval.thresholds:
             t = points[(mode, k, thr)][1]
-            mix = mixture_conf(static["test"], static_flops, float(t["flops"].mean()))
+            mix = budgeted.static_mix(static["test"], static_flops, float(t["flops"].mean()))
             if mix is None:
                 continue
             dm = segmentation.miou_difference(t["conf"], mix, resamples=rs)

@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from eejax.data import composed
-from eejax.eval import paired, report
+from eejax.eval import budgeted, paired, report
 from eejax.exits import costs, tokens
 from eejax.models import vlm
 from experiments import _common_tokens as tx
@@ -137,17 +137,6 @@ def executed(graphdef, params, split, thr, bs, mcfg, buckets):
                       {k: split[k] for k in ("image", "tokens")}, bs)
 
 
-def mixture_correct(correct_NxL, flops_NxL, target: float):
-    """Per-row expected correctness of a static exit at layer i with probability pi and i+1 otherwise, pi chosen so
-    the mean FLOPs equal ``target`` (the best static exit at equal compute, as a curve); None outside the range."""
-    f = flops_NxL.mean(0)
-    if target < f[0] - 1e-6 or target > f[-1] + 1e-6:
-        return None
-    i = int(np.clip(np.searchsorted(f, target) - 1, 0, len(f) - 2))
-    pi = float(np.clip((f[i + 1] - target) / (f[i + 1] - f[i]), 0, 1))
-    return pi * correct_NxL[:, i] + (1 - pi) * correct_NxL[:, i + 1]
-
-
 def interval_text(d, scale=100.0, fmt=".2f") -> str:
     return f"{scale * d.diff:+{fmt}} [{scale * d.lo:+{fmt}}, {scale * d.hi:+{fmt}}]"
 
@@ -239,7 +228,7 @@ def science(cfg, data, workdir, prov):
         c = correct[idx, lay].astype(np.float64)
         fl = flops[idx, lay]
         dfull = paired.mean_difference(c, correct[:, -1], resamples=rs)
-        mix = mixture_correct(correct, flops, float(fl.mean()))
+        mix = budgeted.static_mix(correct.T, flops.mean(0), float(fl.mean()))
         dmix = paired.mean_difference(c, mix, resamples=rs) if mix is not None else None
         rows_arms.append({"arm": name, "test acc %": 100 * c.mean(), "vs full": interval_text(dfull),
                           "mean layers with image": float(np.mean(lay + 1)), "MFLOPs / row": fl.mean() / 1e6,

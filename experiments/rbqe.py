@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from eejax.data import jpeg
-from eejax.eval import bootstrap, report
+from eejax.eval import bootstrap, budgeted, report
 from eejax.exits import image_quality as iq
 from eejax.models import enhancer as enh
 from experiments import _common_tokens as tx
@@ -92,17 +92,6 @@ def blind_exits(score_ExM: np.ndarray, thr: float) -> np.ndarray:
     return np.where(ok.any(0), np.argmax(ok, 0), score_ExM.shape[0] - 1)
 
 
-def static_mix(gain_ExM, static_flops_E, target: float):
-    """Per-image expected dPSNR of a fixed-depth mix of two neighbouring depths with mean FLOPs ``target`` (None
-    outside the static range)."""
-    s = np.asarray(static_flops_E)
-    if target < s[0] - 1e-6 or target > s[-1] + 1e-6:
-        return None
-    i = int(np.clip(np.searchsorted(s, target) - 1, 0, len(s) - 2))
-    w = float(np.clip((s[i + 1] - target) / (s[i + 1] - s[i]), 0, 1))
-    return w * gain_ExM[i] + (1 - w) * gain_ExM[i + 1]
-
-
 def _diff(d: bootstrap.Difference, a: str, b: str) -> dict:
     return {"dB": d.diff, "95% CI": f"[{d.lo:+.3f}, {d.hi:+.3f}]", "reading": d.reading(a, b)}
 
@@ -117,7 +106,7 @@ def sweep(cfg, sv, gv, st, gt, cum_E, static_E):
         ev, et = blind_exits(sv2, t), blind_exits(st2, t)
         g = gt2[et, np.arange(et.size)]
         flops = float(np.mean(cum_E[et]))
-        mix = static_mix(gt2, static_E, flops)
+        mix = budgeted.static_mix(gt2, static_E, flops)
         d = bootstrap.paired_bootstrap(g, mix, resamples=cfg.eval.resamples) if mix is not None else None
         curve.append({"threshold": float(t), "val_depth": float(np.mean(ev + 1)),
                       "val_dpsnr": float(gv2[ev, np.arange(ev.size)].mean()), "test_depth": float(np.mean(et + 1)),

@@ -137,3 +137,15 @@ def test_shape_errors():
         budgeted.threshold_sweep(probs, labels, [1.0, 2.0], [0.5])
     with pytest.raises(ValueError, match="labels"):
         budgeted.static_points(probs, labels[:-1], CUM_FLOPS_E)
+
+
+def test_static_mix_interpolates_neighbouring_depths_at_a_target_cost():
+    per_depth = np.asarray([[0.0, 1.0], [1.0, 1.0], [1.0, 0.0]])   # depth e's metric on two examples
+    flops = [10.0, 20.0, 40.0]
+    for e in range(3):   # at a static cost, exactly that depth
+        np.testing.assert_allclose(budgeted.static_mix(per_depth, flops, flops[e]), per_depth[e])
+    np.testing.assert_allclose(budgeted.static_mix(per_depth, flops, 15.0), [0.5, 1.0])     # half of depth 0 and 1
+    np.testing.assert_allclose(budgeted.static_mix(per_depth, flops, 35.0), [1.0, 0.25])    # 1/4 depth 1, 3/4 depth 2
+    assert budgeted.static_mix(per_depth, flops, 9.0) is None and budgeted.static_mix(per_depth, flops, 41.0) is None
+    with pytest.raises(ValueError, match="two static depths"):
+        budgeted.static_mix(per_depth[:1], [10.0], 10.0)

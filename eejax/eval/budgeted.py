@@ -138,3 +138,18 @@ def static_points(probs_ExNxC, labels_N, static_flops_E) -> list[BudgetPoint]:
                         # Thresholds that route every example to exit e: nobody leaves before, all leave at e.
                         thresholds_E=np.where(np.arange(num_exits) == e, -np.inf, np.inf))
             for e in range(num_exits)]
+
+
+def static_mix(per_depth, static_flops_E, target: float):
+    """"Fewer layers for every example" at any compute: the per-example expectation of running fixed depth i with
+    probability w and depth i + 1 otherwise, w chosen so that the mean FLOPs equal ``target``. ``per_depth[e]``:
+    depth e's per-example metric (an array, or anything that scales and adds, e.g. confusion counts). None when
+    ``target`` lies outside ``[static_flops_E[0], static_flops_E[-1]]``."""
+    s = _check_flops(static_flops_E, len(static_flops_E))
+    if len(s) < 2:
+        raise ValueError(f"a mixture needs at least two static depths, got {len(s)}")
+    if target < s[0] - 1e-6 or target > s[-1] + 1e-6:
+        return None
+    i = int(np.clip(np.searchsorted(s, target) - 1, 0, len(s) - 2))
+    w = float(np.clip((s[i + 1] - target) / (s[i + 1] - s[i]), 0, 1))
+    return w * per_depth[i] + (1 - w) * per_depth[i + 1]
