@@ -27,8 +27,8 @@ Evaluation: validation perplexity of each arm right after conversion and after u
     when its max-softmax there reaches each of `batching.thresholds`; layer-slot utilisation of a masked batch vs
     continuous depth-wise batching over `batching.slots` slots (`recursive.masked_counts` / `depthwise_counts`: a
     count, not CPU time), distinct adapters per call and the per-row LoRA multiply-adds (`lora_row_flops`).
-Hardware / wall-clock: tiny_shakespeare: 2 CPU cores shared with other runs, 2 seeds x (600 + 7 x 300) steps,
-    ~15-30 min. smollm2: untested on CPU (~3-5 s a step there: hours); ESTIMATE for one H200: 8 arms x 300 steps
+Hardware / wall-clock: tiny_shakespeare: 2 CPU cores shared with other runs, 3 seeds x (600 + 7 x 300) steps,
+    ~25 min (2 seeds took 17 min). smollm2: untested on CPU (~3-5 s a step there: hours); ESTIMATE for one H200: 8 arms x 300 steps
     of 8 x 512 tokens through 30 layer-steps of a 135M model ~ 0.1-0.2 s a step, ~5-10 min with compilation.
 Expected shape (PAPERS-WAVE4.md [inf]): right after conversion strict recursive >> full; after equal uptraining
     full < relaxed(large r) < relaxed(small r) < recursive, monotone in r; recursive beats truncated. Paper: recursive
@@ -46,7 +46,7 @@ INITS = ("average", "stepwise", "lower")
 
 def get_config(arg=None):
     smollm2 = arg == "smollm2"
-    c, arg = char_lm_config("rrt", None if smollm2 else arg, __doc__, seeds=(0, 1))
+    c, arg = char_lm_config("rrt", None if smollm2 else arg, __doc__, seeds=(0, 1, 2))
     c.source = "scratch"
     c.unique = 4
     c.loops = 2

@@ -100,11 +100,13 @@ def ppl(nll_WxT) -> float:
 
 def compare_pairs(cfg) -> list[tuple[str, str]]:
     """The expected ordering, each pair ``(better, worse)``: full < relaxed(large r) < ... < relaxed(small r) <
-    recursive (the relaxed arms' init), every recursive arm < truncated, and the init ordering."""
+    recursive (the relaxed arms' init), full < every relaxed arm, every recursive arm < truncated, and the init
+    ordering."""
     relaxed = [f"relaxed-r{r}" for r in sorted(cfg.ranks, reverse=True)]
     chain = ["full", *relaxed, f"recursive-{cfg.relaxed_init}"] if cfg.relaxed_init in cfg.inits else [
         "full", *relaxed]
-    pairs = list(zip(chain, chain[1:])) + [(f"recursive-{i}", "truncated") for i in cfg.inits]
+    pairs = list(zip(chain, chain[1:])) + [("full", r) for r in relaxed[1:]]
+    pairs += [(f"recursive-{i}", "truncated") for i in cfg.inits]
     if {"average", "stepwise"} <= set(cfg.inits):
         pairs.append(("recursive-stepwise", "recursive-average"))
     return pairs
@@ -141,7 +143,9 @@ def batching(cfg, mcfg, arm: Arm, nll_XxWxT, conf_XxWxT) -> list[dict]:
                      "masked_util": m.utilisation, "depthwise_util": d.utilisation,
                      "masked_calls": m.block_calls, "depthwise_calls": d.block_calls,
                      "calls_ratio": m.block_calls / d.block_calls, "adapters_per_call": d.adapters_per_call,
-                     "lora_row_overhead": lora / dense})
+                     "lora_row_overhead": lora / dense,
+                     # block multiply-adds, masked (one adapter per call, merged) over depth-wise (per-row LoRA)
+                     "macs_ratio": m.block_calls * dense / (d.block_calls * (dense + lora))})
     return rows
 
 
@@ -181,8 +185,10 @@ def write_report(run, src, mcfg, specs, runs, after, batch_rows, wall_s) -> Repo
         f"(seed {cfg.seeds[0]}): a token exits after loop 1 when its max-softmax there reaches the threshold. "
         f"Layer-slot utilisation of a masked batch of {cfg.batching.slots} rows vs continuous depth-wise batching "
         f"over {cfg.batching.slots} slots, block calls of each, distinct loop adapters per depth-wise call (rows at "
-        "different loops need different LoRA adapters: batched per-row LoRA), and that per-row LoRA's multiply-adds "
-        f"relative to the tied block's dense ones. The head costs {head / dense:.2f} of a block per token here "
+        "different loops need different LoRA adapters: batched per-row LoRA), that per-row LoRA's multiply-adds "
+        "relative to the tied block's dense ones, and `macs_ratio`: the masked batch's block multiply-adds over "
+        "depth-wise batching's with the per-row LoRA (a masked call has every row at one loop, so its adapter is "
+        "merged into the tied weights, a cost of R / slots of a block per row left out). The head costs {head / dense:.2f} of a block per token here "
         "(about 8 of 30 blocks in SmolLM2-135M) and every exit pays it.",
         report.markdown_table(batch_rows, list(batch_rows[0]), ".3f")])
     return Report(md, {"data": src.corpus.description, "rows": rows, "compare": compare, "batching": batch_rows,
