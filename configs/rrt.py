@@ -36,7 +36,7 @@ Expected shape (PAPERS-WAVE4.md [inf]): right after conversion strict recursive 
     batching 2-3x throughput in a theoretical analysis.
 """
 import ml_collections
-from _base_lm import char_lm_config, validate_text
+from _base_lm import CHAR_LM_POSITIVE, char_lm_config, char_lm_smoke, validate_text
 from _base_smollm2 import RANDOM_TINY
 
 from eejax.train import default_optim_config
@@ -74,15 +74,12 @@ def get_config(arg=None):
         c.eval.update(batch=8, batches=8)
     elif arg == "smoke":
         c.seeds = (0,)
-        c.model.update(d_model=16, depth=4, num_heads=2, num_kv_heads=1, mlp_dim=32)
+        char_lm_smoke(c)
         c.unique, c.ranks, c.batching.arm, c.batching.slots = 2, (2, 8), "relaxed-r2", 4
-        c.data.update(seq_len=16, batch_size=8)      # the test suite's 8 CPU devices split the batch
         c.train.update(pretrain_steps=3, steps=2)
         c.train.pretrain_optim.update(total_steps=3, warmup_steps=1)
         c.train.optim.update(total_steps=2, warmup_steps=1)
         c.eval.update(batch=8, batches=1)
-        c.log_every = 1
-        c.ckpt_every = 100
     return c
 
 
@@ -90,10 +87,8 @@ def validate(c):
     """Every value checked when the config is loaded, before any work (called by eejax.harness.config)."""
     from eejax.models import lm, pretrained  # noqa: PLC0415
 
-    v = validate_text(c, seeds=True, positive=(
-        "data.batch_size", "model.d_model", "model.depth", "model.num_heads", "model.num_kv_heads", "model.mlp_dim",
-        "unique", "loops", "train.steps", "eval.batch", "eval.batches", "batching.slots", "log_every",
-        "ckpt_every"))
+    v = validate_text(c, seeds=True, positive=CHAR_LM_POSITIVE + (
+        "unique", "loops", "train.steps", "eval.batch", "eval.batches", "batching.slots"))
     v.choice("source", ("scratch", *sorted(pretrained.MODELS), RANDOM_TINY))
     v.int("train.pretrain_steps", lo=1 if c.source == "scratch" else 0)
     if c.source == "scratch" and c.unique * c.loops != c.model.depth:

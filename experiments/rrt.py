@@ -188,7 +188,7 @@ def write_report(run, src, mcfg, specs, runs, after, batch_rows, wall_s) -> Repo
         "different loops need different LoRA adapters: batched per-row LoRA), that per-row LoRA's multiply-adds "
         "relative to the tied block's dense ones, and `macs_ratio`: the masked batch's block multiply-adds over "
         "depth-wise batching's with the per-row LoRA (a masked call has every row at one loop, so its adapter is "
-        "merged into the tied weights, a cost of R / slots of a block per row left out). The head costs {head / dense:.2f} of a block per token here "
+        f"merged into the tied weights, a cost of R / slots of a block per row left out). The head costs {head / dense:.2f} of a block per token here "
         "(about 8 of 30 blocks in SmolLM2-135M) and every exit pays it.",
         report.markdown_table(batch_rows, list(batch_rows[0]), ".3f")])
     return Report(md, {"data": src.corpus.description, "rows": rows, "compare": compare, "batching": batch_rows,
