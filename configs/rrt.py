@@ -28,8 +28,10 @@ Evaluation: validation perplexity of each arm right after conversion and after u
     continuous depth-wise batching over `batching.slots` slots (`recursive.masked_counts` / `depthwise_counts`: a
     count, not CPU time), distinct adapters per call and the per-row LoRA multiply-adds (`lora_row_flops`).
 Hardware / wall-clock: tiny_shakespeare: 2 CPU cores shared with other runs, 3 seeds x (600 + 7 x 300) steps,
-    ~25 min (2 seeds took 17 min). smollm2: untested on CPU (~3-5 s a step there: hours); ESTIMATE for one H200: 8 arms x 300 steps
-    of 8 x 512 tokens through 30 layer-steps of a 135M model ~ 0.1-0.2 s a step, ~5-10 min with compilation.
+    ~29 min measured with another job beside it. smollm2: untested at scale (on this CPU one step of the full
+    model on 2 x 32 tokens took ~35 s); ESTIMATE for one H200, not run: 7 arms x 300 steps of 8 x 512 tokens
+    through 30 layer-steps of a 135M model in float32, ~0.1-0.2 s a step, ~10-15 min with compilation and loading.
+    `model.*` is unused when `source` names a pretrained model.
 Expected shape (PAPERS-WAVE4.md [inf]): right after conversion strict recursive >> full; after equal uptraining
     full < relaxed(large r) < relaxed(small r) < recursive, monotone in r; recursive beats truncated. Paper: recursive
     Gemma 1B beats similar-size vanilla models; up to 13.5 points few-shot over a Gemma 1B from scratch; depth-wise

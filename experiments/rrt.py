@@ -17,7 +17,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from eejax.data.lm import WindowIterator
 from eejax.data.text import load_tokens
@@ -163,7 +162,8 @@ def write_report(run, src, mcfg, specs, runs, after, batch_rows, wall_s) -> Repo
     dense, _ = rr.lora_row_flops(mcfg, 0)
     head = mcfg.d_model * mcfg.vocab_size
     t = cfg.train
-    scale = (f"pretrained model: {'trained here, ' + str(t.pretrain_steps) + ' steps' if src.model is None else cfg.source}"
+    origin = f"trained here, {t.pretrain_steps} steps" if src.model is None else cfg.source
+    scale = (f"pretrained model: {origin}"
              f" ({mcfg.depth} layers, width {mcfg.d_model}); every arm uptrained {t.steps} steps of batch "
              f"{cfg.data.batch_size} x {cfg.data.seq_len}; seeds {list(cfg.seeds)}; validation {cfg.eval.batches} x "
              f"{cfg.eval.batch} windows of {cfg.data.seq_len}; wall-clock {wall_s:.0f} s.")
@@ -188,8 +188,8 @@ def write_report(run, src, mcfg, specs, runs, after, batch_rows, wall_s) -> Repo
         "different loops need different LoRA adapters: batched per-row LoRA), that per-row LoRA's multiply-adds "
         "relative to the tied block's dense ones, and `macs_ratio`: the masked batch's block multiply-adds over "
         "depth-wise batching's with the per-row LoRA (a masked call has every row at one loop, so its adapter is "
-        f"merged into the tied weights, a cost of R / slots of a block per row left out). The head costs {head / dense:.2f} of a block per token here "
-        "(about 8 of 30 blocks in SmolLM2-135M) and every exit pays it.",
+        f"merged into the tied weights, a cost of R / slots of a block per row left out). The head costs "
+        f"{head / dense:.2f} of a block per token here (about 8 of 30 blocks in SmolLM2-135M) and every exit pays it.",
         report.markdown_table(batch_rows, list(batch_rows[0]), ".3f")])
     return Report(md, {"data": src.corpus.description, "rows": rows, "compare": compare, "batching": batch_rows,
                        "runs": runs, "head_over_block": head / dense, "wall_seconds": wall_s})
