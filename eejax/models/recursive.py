@@ -235,7 +235,7 @@ def masked_counts(exit_loop_Q, slots: int, loops: int) -> SlotCounts:
 
 
 def depthwise_counts(exit_loop_Q, slots: int, loops: int) -> SlotCounts:
-    """Continuous depth-wise batching (arXiv:2410.20672, Sec. 4): a pool of ``slots`` rows; every call runs the
+    """Continuous depth-wise batching (arXiv:2410.20672): a pool of ``slots`` rows; every call runs the
     one tied block on every occupied slot whatever loop it is at; a row leaves after its exit loop and the next
     queued row takes its slot at loop 0. Rows at different loops need different adapters in the same call:
     ``adapters_per_call`` counts them (batched per-row LoRA, :func:`lora_row_flops`)."""
