@@ -73,6 +73,20 @@ def char_lm_config(paper: str, arg: str | None, doc: str, *, seeds=(0, 1)):
     return c, arg
 
 
+# The integer fields of char_lm_config's model, data and logging (each >= 1): checked by every such paper.
+CHAR_LM_POSITIVE = ("data.batch_size", "model.d_model", "model.depth", "model.num_heads", "model.num_kv_heads",
+                    "model.mlp_dim", "log_every", "ckpt_every")
+
+
+def char_lm_smoke(c, *, depth: int = 4) -> None:
+    """The smoke sizes of char_lm_config's model (width 16, ``depth`` layers) and data (batch 8 x 16: the test
+    suite's 8 CPU devices split the batch), logging every step."""
+    c.model.update(d_model=16, depth=depth, num_heads=2, num_kv_heads=1, mlp_dim=32)
+    c.data.update(seq_len=16, batch_size=8)
+    c.log_every = 1
+    c.ckpt_every = 100
+
+
 def validate_text(c, *, positive=(), seeds: bool = False) -> Validator:
     """The checks every text-LM config makes: ``name``, ``seed`` (and ``seeds`` when it has them), the dataset, its
     tokenizer and evaluation split, ``data.seq_len``, and the ``positive`` integer fields (>= 1). Returns the

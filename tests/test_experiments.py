@@ -567,4 +567,36 @@ def check_eco_m2f(data, out, *_):
     assert len(res["timing"]) == 1 and (out / "eco_m2f_curves.png").stat().st_size > 0
 
 
+def check_rrt(data, *_):
+    """Strict recursion and truncation store the same parameters, each relaxed arm exactly its LoRA more (rank x
+    (in + out) per linear map, per tied layer and loop); the table and per-seed differences come from the runs;
+    the batching counts are proportions of the same queue, and a higher threshold never exits more tokens early."""
+    import math
+
+    from eejax.models import lm
+    from eejax.models import recursive as rr
+
+    cfg = data["config"]
+    rows = {r["arm"]: r for r in data["rows"]}
+    names = ["full", "truncated", *[f"recursive-{i}" for i in cfg["inits"]], *[f"relaxed-r{r}" for r in cfg["ranks"]]]
+    assert list(rows) == names and len(data["runs"]) == len(names) * len(cfg["seeds"])
+    mcfg = lm.LMConfig(vocab_size=65, exits=(cfg["model"]["depth"] - 1,), exit_head="final", **cfg["model"])
+    strict = rows[f"recursive-{cfg['inits'][0]}"]["unique_params"]
+    assert rows["truncated"]["unique_params"] == strict < rows["full"]["unique_params"]
+    for r in cfg["ranks"]:
+        lora = cfg["unique"] * cfg["loops"] * rr.lora_row_flops(mcfg, r)[1]
+        assert rows[f"relaxed-r{r}"]["unique_params"] == strict + lora
+    by = {(r["arm"], r["seed"]): r["ppl_uptrained"] for r in data["runs"]}
+    for c in data["compare"]:
+        assert c["ci95_lo"] <= c["ci95_hi"]
+        assert all(math.isclose(x, by[(c["arm"], s)] - by[(c["minus"], s)], rel_tol=1e-6, abs_tol=1e-9)
+                   for x, s in zip(c["per_seed"], cfg["seeds"]))
+    fracs = [b["exit_loop1_frac"] for b in sorted(data["batching"], key=lambda b: b["threshold"])]
+    assert fracs == sorted(fracs, reverse=True)
+    for b in data["batching"]:
+        assert 0 < b["masked_util"] <= 1 and 0 < b["depthwise_util"] <= 1
+        assert math.isclose(b["calls_ratio"], b["masked_calls"] / b["depthwise_calls"])
+        assert 1 <= b["adapters_per_call"] <= cfg["loops"]
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}

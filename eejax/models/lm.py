@@ -381,17 +381,21 @@ class DecoderLM(nnx.Module):
 
     def hidden_states(self, tokens_BxT: jax.Array, *, valid_BxT: jax.Array | None = None,
                       program: engine.Program | None = None, layer_mask_NxB: jax.Array | None = None,
-                      pos_mask_NxT: jax.Array | None = None, remat: bool = False) -> jax.Array:
+                      pos_mask_NxT: jax.Array | None = None, remat: bool = False,
+                      wrap_layer_fn=None) -> jax.Array:
         """Every program step's output ``S x B x T x D`` of the teacher-forced causal forward (default program:
         every layer once, so ``S = N``), like ``Encoder.hidden_states``. ``program``: any static layer program
         (skips, repeats, reorderings, half-layer steps; ``engine.sequence`` / ``prefix`` / ...);
         ``layer_mask_NxB``: per-(layer, sample) skips (LayerSkip's layer dropout: rows are masked, never removed);
-        ``pos_mask_NxT``: per-(layer, position) skips (SkipDecode's schedule)."""
+        ``pos_mask_NxT``: per-(layer, position) skips (SkipDecode's schedule); ``wrap_layer_fn(layer_fn) ->
+        layer_fn``: a hook around the sequence layer function, e.g. per-loop LoRA read through ``ctx.repeat``
+        (``eejax.models.recursive``)."""
         checks.batch_array(tokens_BxT, "tokens", ndim=2)
         if tokens_BxT.shape[1] == 0:
             raise ValueError(f"tokens of shape {tuple(tokens_BxT.shape)} hold no token (T=0)")
         valid_BxT = jnp.ones(tokens_BxT.shape, bool) if valid_BxT is None else valid_BxT
         layer_fn = sequence_layer_fn(self.positions(valid_BxT), causal_mask(valid_BxT), pos_mask_NxT)
+        layer_fn = layer_fn if wrap_layer_fn is None else wrap_layer_fn(layer_fn)
         _, h_SxBxTxD = engine.run_layers(self.layers, self.embed_tokens(tokens_BxT), layer_fn=layer_fn,
                                          layer_mask_NxB=layer_mask_NxB, program=program, remat=remat)
         return h_SxBxTxD
