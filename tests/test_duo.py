@@ -136,7 +136,7 @@ def test_router_picks_within_the_budget_and_learns_separable_labels():
     target_KxN = np.stack([[p if routing.num_big(pats[p]) == k else
                             np.flatnonzero(routing.num_big(pats) == k)[0] for p in range(8)] for k in (1, 2)])
     loss_fn = routing.router_loss(pats, (1, 2))
-    grad = jax.jit(jax.grad(lambda r: loss_fn(r, {"feat": feat, "oracle": jnp.asarray(target_KxN)}, None)[0]))
+    grad = jax.jit(jax.grad(lambda r: loss_fn(r, {"feat": feat, "oracle": jnp.asarray(target_KxN.T)}, None)[0]))
     router = routing.init_router(8, 8)
     for _ in range(200):
         router = jax.tree.map(lambda p, g: p - 1.0 * g, router, grad(router))

@@ -110,8 +110,8 @@ def router_pick(router: dict, feat_NxD: jax.Array, patterns_PxL, k: int) -> jax.
 
 
 def router_loss(patterns_PxL, budgets: Sequence[int]):
-    """``loss_fn(router, batch, ctx)`` for the Trainer: ``batch = {"feat": N x D, "oracle": K x N}`` (the oracle's
-    pattern index per token at each budget of ``budgets``); the mean over budgets of the cross-entropy of the
+    """``loss_fn(router, batch, ctx)`` for the Trainer: ``batch = {"feat": N x D, "oracle": N x K}`` (the oracle's
+    pattern index per token at each budget of ``budgets``; tokens lead, so the Trainer splits them over devices); the mean over budgets of the cross-entropy of the
     router's softmax over that budget's patterns against the oracle's."""
     masks_KxP = np.stack([_budget(patterns_PxL, k) for k in budgets])
 
@@ -121,7 +121,7 @@ def router_loss(patterns_PxL, budgets: Sequence[int]):
         ces, accs = [], []
         for i in range(len(budgets)):
             logp_NxP = jax.nn.log_softmax(_masked(logits_NxP, masks_KxP[i]), axis=-1)
-            target_N = batch["oracle"][i]
+            target_N = batch["oracle"][:, i]
             ces.append(-jnp.mean(jnp.take_along_axis(logp_NxP, target_N[:, None], axis=-1)))
             accs.append(jnp.mean(jnp.argmax(logp_NxP, -1) == target_N))
         return jnp.mean(jnp.stack(ces)), {"oracle_agree": jnp.mean(jnp.stack(accs))}
