@@ -169,3 +169,27 @@ def test_bad_routes_are_refused(model):
         routing.uniform_routes(jax.random.key(0), 3, (2,), (1, 5))
     with pytest.raises(ValueError, match="route_NxBxT"):
         costs.ffn_route_flops(CFG, np.zeros((N - 1, 1, 2), int), 8)
+
+
+def test_kv_cached_decoding_under_a_route_equals_the_teacher_forced_forward(model, tokens):
+    """One token at a time through the KV cache (``kv.forward``) with a per-token route equals the teacher-forced
+    routed forward, for the static path (``cache_layer``) and the path with a policy (``pending_layer``)."""
+    from eejax.decoding import kv
+    from eejax.exits import policies
+
+    route = np.asarray(routing.uniform_routes(jax.random.key(11), N, (B, T)))
+    ref = model.exit_logits(final_h(model, tokens, engine.ffn_route(route)), 0)
+    never = policies.fixed_exit(jnp.zeros((B,), jnp.int32))     # one exit: the policy path with pending K/V
+    for policy in (None, never):
+        state, logits = kv.empty_state(model, B, T), []
+        for t in range(T):
+            out, state = kv.forward(model, tokens[:, t:t + 1], state, engine.ffn_route(route[:, :, t:t + 1]),
+                                    kv.final_head(model, last_token=False), policy)
+            logits.append(out.out.logits_BxC)
+        np.testing.assert_allclose(jnp.concatenate(logits, 1), ref, atol=1e-4)
+
+
+def test_compacting_executors_carry_the_route_with_their_rows():
+    prog = engine.ffn_route(np.arange(2 * 4).reshape(2, 4) % 3)
+    np.testing.assert_array_equal(engine.rows_of(prog, jnp.asarray([3, 0])).ffn_SxB, [[0, 0], [1, 1]])
+    assert engine.per_row(prog) and not engine.per_row(engine.prefix(2, [1]))

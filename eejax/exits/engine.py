@@ -240,6 +240,21 @@ def ffn_route(route_NxB, exit_layers: Sequence[int] | None = None) -> Program:
     return base._replace(ffn_SxB=route_NxB.astype(jnp.int32))
 
 
+def rows_of(program: Program, idx_S: jax.Array) -> Program:
+    """The program of the rows ``idx_S`` (a compacted buffer's): the per-row tables (``row_sub_SxB``,
+    ``ffn_SxB``) taken along their row axis; a program without them is returned as it is."""
+    take = lambda x: None if x is None else jnp.take(jnp.asarray(x), idx_S, axis=1)   # noqa: E731
+    if program.row_sub_SxB is None and program.ffn_SxB is None:
+        return program
+    return program._replace(row_sub_SxB=take(program.row_sub_SxB), ffn_SxB=take(program.ffn_SxB))
+
+
+def per_row(program: Program) -> bool:
+    """Whether the program holds a per-row table (sublayer bits or FFN routes): executors that move or split rows
+    without following them refuse it."""
+    return program.row_sub_SxB is not None or program.ffn_SxB is not None
+
+
 def check_stage_path(num_layers: int, stage_size: int, keep_stages: int, swap_prob: float) -> int:
     """The number of stages of ``stage_path``'s arguments, or a ValueError naming the bad one."""
     for name, v in (("num_layers", num_layers), ("stage_size", stage_size), ("keep_stages", keep_stages)):
@@ -741,10 +756,7 @@ def _cascade_loops(r: _Runner, head, policy, num_exits, sizes, runs, c: BufferCa
         if k > 0:
             res = _flush(res, c)
             c = _compact(c, size)
-        rk = r
-        if r.program.row_sub_SxB is not None:      # a per-row program follows its rows into the buffer
-            rk = r._replace(program=r.program._replace(
-                row_sub_SxB=jnp.take(jnp.asarray(r.program.row_sub_SxB), c.row_S, axis=1)))
+        rk = r._replace(program=rows_of(r.program, c.row_S))    # a per-row program follows its rows into the buffer
         for run_ in runs:    # loops of runs already passed (or of a bucket already too big) run no iteration
             c = jax.lax.while_loop(
                 lambda c, end=run_.end, nxt=nxt: (c.e < end) & (jnp.sum(c.active_S.astype(jnp.int32)) > nxt),
@@ -761,8 +773,7 @@ def _compacted_body(r: _Runner, heads, policy, num_exits, sizes_K):
         idx_S = perm_B[:size]                      # the active rows first, then stopped rows as padding
         take = lambda x: x.at[idx_S].get(unique_indices=True, mode="promise_in_bounds")  # noqa: E731
         valid_S = take(c.active_B)
-        sub = r._replace(program=r.program if r.program.row_sub_SxB is None else r.program._replace(
-            row_sub_SxB=jnp.take(r.program.row_sub_SxB, idx_S, axis=1)))
+        sub = r._replace(program=rows_of(r.program, idx_S))
         # No row mask inside the bucket: its padding rows are discarded on scatter.
         h_S, _ = sub.segment(c.e, jax.tree.map(take, c.h), None, jnp.ones_like(valid_S))
         out_S = _switch_head(heads, c.e, h_S)
