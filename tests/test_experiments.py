@@ -599,4 +599,29 @@ def check_rrt(data, *_):
         assert 1 <= b["adapters_per_call"] <= cfg["loops"]
 
 
+def check_duo_llm(data, out, *_):
+    """Per budget: the oracle is the per-token minimum of the same pattern table the best fixed pattern is read from,
+    so it is never above it; the random routes' percentiles are ordered; FLOPs rise with k and stay below all-big;
+    the oracle's big layers per token sum to k; each oracle-vs-all-big difference is the table's."""
+    import math
+
+    depth = data["config"]["model"]["depth"]
+    rows = data["rows"]
+    assert [r["k"] for r in rows] == list(range(1, depth))
+    for r in rows:
+        assert r["oracle"] <= r["best_fixed"] + 1e-6
+        assert r["random_min_on_val"] <= r["random_p5"] <= r["random_p50"] <= r["random_p95"]
+    flops = [data["all_small_flops_rel"]] + [r["flops_rel"] for r in rows]
+    assert all(a < b for a, b in zip(flops, flops[1:])) and flops[-1] < 1
+    by_k = {r["k"]: r for r in rows}
+    for c in data["compare"]:
+        assert c["ci95_lo"] <= c["ci95_hi"]
+        if c["b"] == "all-big":
+            assert math.isclose(c["nll_diff"], by_k[c["k"]]["oracle"] - data["all_big"], abs_tol=1e-5)
+    for s in data["shapes"]:
+        assert 0 <= s["prefix_frac"] <= 1 and math.isclose(s["chance"], 1 / math.comb(depth, s["k"]))
+        assert abs(sum(float(x) for x in s["big_by_layer"].split()) - s["k"]) < 0.01 * depth + 1e-9
+    assert len(data["position"]["rows"]) == 3 and (out / "duo_llm_curves.png").stat().st_size > 0
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}

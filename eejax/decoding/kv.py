@@ -48,7 +48,7 @@ from flax import nnx
 
 from eejax import checks
 from eejax.exits import engine
-from eejax.models.lm import DecoderLM
+from eejax.models.lm import DecoderLM, mlp_step
 
 
 class KVCache(NamedTuple):
@@ -138,8 +138,8 @@ def cache_layer(layer, h_BxTxD, ctx: engine.StepCtx):
     bits: attention and cache always run in FFN-skip programs), then the MLP half where the ``MLP`` bit is set."""
     h1, aux = cache_attention(layer, h_BxTxD, ctx)
     if ctx.sub_B is None:
-        return layer.mlp_half(h1), aux
-    return engine.where_rows((ctx.sub_B & engine.MLP) > 0, layer.mlp_half(h1), h1), aux
+        return mlp_step(layer, h1, ctx), aux
+    return engine.where_rows((ctx.sub_B & engine.MLP) > 0, mlp_step(layer, h1, ctx), h1), aux
 
 
 class PendingKV(NamedTuple):
@@ -188,9 +188,9 @@ def pending_layer(cache: KVCache, start_B: jax.Array):
         h1 = layer.attn_out(h_BxTxD, q, cache.k_NxBxJxSxK[ctx.layer], cache.v_NxBxJxSxK[ctx.layer], old_BxTxS,
                             extra=[(k_new, v_new, new_BxTxT)])
         if ctx.sub_B is None:
-            return layer.mlp_half(h1), StepAux(pending, pos_BxT)
+            return mlp_step(layer, h1, ctx), StepAux(pending, pos_BxT)
         h1 = engine.where_rows((ctx.sub_B & engine.ATTN) > 0, h1, h_BxTxD)
-        return engine.where_rows((ctx.sub_B & engine.MLP) > 0, layer.mlp_half(h1), h1), StepAux(pending, pos_BxT)
+        return engine.where_rows((ctx.sub_B & engine.MLP) > 0, mlp_step(layer, h1, ctx), h1), StepAux(pending, pos_BxT)
 
     return layer_fn
 
@@ -305,8 +305,9 @@ class Unrolled(NamedTuple):
                 sub_B = jnp.broadcast_to(jnp.asarray(program.sub_S)[s], run_B.shape)
             if sub_B is not None:
                 run_B = run_B & (sub_B > 0)
+            ffn_B = None if program.ffn_SxB is None else jnp.asarray(program.ffn_SxB)[s]
             ctx = engine.StepCtx(jnp.int32(s) if isinstance(s, int) else s, l, jnp.asarray(program.repeat_S)[s],
-                                 sub_B, aux, run_B)
+                                 sub_B, aux, run_B, ffn_B)
             res = layer_fn(layer, h, ctx)
             new_h, aux = res if has_aux else (res, aux)
             return engine.where_rows(run_B, new_h, h), aux

@@ -262,7 +262,7 @@ class Continuous(NamedTuple):
         del fields   # every head output field is kept (the slots' heads run under per-exit conditionals)
         n = engine.num_layers_of(layers)
         steps = np.asarray(program.layer_S)
-        if (aux is not None or layer_fn is not engine.call_layer or program.row_sub_SxB is not None
+        if (aux is not None or layer_fn is not engine.call_layer or engine.per_row(program)
                 or program.sub_S is not None or not np.array_equal(steps, np.arange(n))):
             raise ValueError("the continuous executor runs prefix programs of whole layers, no aux state")
         exit_layers = tuple(int(s) for s in np.asarray(program.exit_step_E))

@@ -844,3 +844,23 @@ def linear_head_work(batch: int, d_model: int, num_classes: int, dtype="bfloat16
     return Work(float(batch) * linear_head_flops(d_model, num_classes),
                 d_model * num_classes * w + batch * (d_model * w + num_classes * 4), 4.0, 0.0, _dtype_name(dtype),
                 "head")
+
+
+def ffn_route_flops(cfg, route_NxBxT, small_mlp_dim: int) -> np.ndarray:
+    """FLOPs ``B x T`` per token of a decoder LM (``lm_shape(cfg)``) under a Duo-LLM FFN route (``route_NxBxT``:
+    ``engine.FFN_SKIP`` / ``FFN_SMALL`` / ``FFN_BIG`` per layer and token; arXiv:2410.10846), teacher-forced over
+    causal sequences of T tokens. Token t pays, at every layer, attention whatever its route (Q/K/V and output
+    projections, and scores and mix over its t + 1 keys: skipping an FFN is not free) and the FFN it chose (big:
+    ``mlp_dim`` wide, small: ``small_mlp_dim`` wide, skip: none), then the vocabulary head once."""
+    s = lm_shape(cfg)
+    route = np.asarray(route_NxBxT)
+    if route.ndim != 3 or route.shape[0] != s.depth:
+        raise ValueError(f"route_NxBxT must be {s.depth} x B x T (one choice per layer and token), got {route.shape}")
+    if np.any((route < 0) | (route > 2)):
+        raise ValueError("route_NxBxT holds values outside 0 (skip), 1 (small), 2 (big)")
+    d, k = s.d_model, s.head_dim
+    mats = 3 if s.mlp == "swiglu" else 2
+    keys_T = np.arange(1, route.shape[2] + 1, dtype=np.float64)
+    attn_T = 2.0 * (d * (s.num_heads + 2 * s.num_kv_heads) * k + s.num_heads * k * d) + 2.0 * 2 * s.num_heads * k * keys_T
+    ffn_C = 2.0 * mats * d * np.asarray([0, small_mlp_dim, s.mlp_dim], np.float64)
+    return s.depth * attn_T[None, :] + ffn_C[route].sum(0) + 2.0 * d * s.vocab_size

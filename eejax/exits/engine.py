@@ -58,6 +58,10 @@ from eejax import checks
 from eejax.exits import confidence as conf_lib
 
 ATTN, MLP, FULL = 1, 2, 3   # sublayer bits of a step: attention (token-mixing) half, MLP half, both
+# The FFN variant a routed step runs per row (or per row and token), Duo-LLM's module choice (arXiv:2410.10846):
+# no FFN, the layer's small FFN, its big FFN. Attention runs whatever the choice.
+FFN_SKIP, FFN_SMALL, FFN_BIG = 0, 1, 2
+FFN_VARIANTS = ("skip", "small", "big")
 
 
 class HeadOut(NamedTuple):
@@ -113,17 +117,34 @@ class StepCtx(NamedTuple):
     sub_B: jax.Array | None  # int32[B] sublayer bits (ATTN | MLP) per row; None: the whole layer for every row
     aux: Any = None        # auxiliary state carried through the loop (None when the run has none)
     run_B: jax.Array | None = None   # bool[B]: rows whose result of this step is kept (kernels may skip the rest)
+    ffn_B: jax.Array | None = None   # int32[B] or [B, T]: FFN variant (FFN_SKIP / SMALL / BIG) per row (and token)
 
 
 LayerFn = Callable[..., Any]
 
 
 def call_layer(layer: nnx.Module, h, ctx: StepCtx):
-    """Default ``layer_fn``: the whole layer, or its halves (``attn_half`` / ``mlp_half``) under sublayer bits."""
-    if ctx.sub_B is None:
+    """Default ``layer_fn``: the whole layer, or its halves (``attn_half`` / ``mlp_half``) under sublayer bits;
+    under an FFN route (``ctx.ffn_B``) the MLP half is the layer's ``mlp_routed(h, choice)``."""
+    if ctx.sub_B is None and ctx.ffn_B is None:
         return layer(h)
-    h = where_rows((ctx.sub_B & ATTN) > 0, layer.attn_half(h), h)
-    return where_rows((ctx.sub_B & MLP) > 0, layer.mlp_half(h), h)
+    sub_B = jnp.full((_batch(h),), FULL, jnp.int32) if ctx.sub_B is None else ctx.sub_B
+    h = where_rows((sub_B & ATTN) > 0, layer.attn_half(h), h)
+    mlp = layer.mlp_half(h) if ctx.ffn_B is None else layer.mlp_routed(h, ctx.ffn_B)
+    return where_rows((sub_B & MLP) > 0, mlp, h)
+
+
+def select_variant(choice, options: Sequence[Any]):
+    """``options[choice]`` per row or per row and token: ``choice`` is ``int[B]`` or ``int[B, T]`` (values in
+    ``[0, len(options))``), each option an array whose leading axes are ``choice``'s (``B x T x D`` hidden states).
+    Every option is computed; the choice selects (the masked form of per-token module choice: its cost is counted
+    by the route, ``costs.ffn_route_flops``, not by what the masked program executes)."""
+    choice = jnp.asarray(choice)
+    out = options[0]
+    for k, option in enumerate(options[1:], 1):
+        pick = (choice == k).reshape(choice.shape + (1,) * (option.ndim - choice.ndim))
+        out = jnp.where(pick, option, out)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- programs
@@ -134,7 +155,9 @@ class Program(NamedTuple):
     programs and may be traced (SkipDecode's per-position budget); ``exit_step_E`` must be static for the scan path.
 
     ``sub_S`` (all rows) and ``row_sub_SxB`` (per row; 0 = the row skips the step) are None for programs that run
-    whole layers; then ``layer_fn`` sees ``ctx.sub_B = None``.
+    whole layers; then ``layer_fn`` sees ``ctx.sub_B = None``. ``ffn_SxB`` (``ffn_route``) generalises the on/off
+    MLP bit to a small categorical per row (or per row and token): which FFN variant the step runs
+    (``FFN_VARIANTS``); ``layer_fn`` sees it as ``ctx.ffn_B``.
     """
 
     layer_S: jax.Array                 # int32[S] stored layer at step s
@@ -142,6 +165,7 @@ class Program(NamedTuple):
     exit_step_E: jax.Array             # int32[E] step after which exit e is evaluated (increasing; last = end)
     sub_S: jax.Array | None = None     # int32[S] sublayer bits of step s for every row
     row_sub_SxB: jax.Array | None = None   # int32[S, B] sublayer bits of step s for row b
+    ffn_SxB: jax.Array | None = None   # int32[S, B] or [S, B, T]: FFN variant of step s per row (and token)
 
     @property
     def num_exits(self) -> int:
@@ -198,6 +222,37 @@ def mlp_skip(skip_mlp_NxB, exit_layers: Sequence[int]) -> Program:
     skip_mlp_NxB = jnp.asarray(skip_mlp_NxB)
     base = prefix(skip_mlp_NxB.shape[0], exit_layers)
     return base._replace(row_sub_SxB=jnp.where(skip_mlp_NxB, ATTN, FULL).astype(jnp.int32))
+
+
+def ffn_route(route_NxB, exit_layers: Sequence[int] | None = None) -> Program:
+    """Duo-LLM's program (Alizadeh et al. 2024, arXiv:2410.10846): every layer in order, its attention always run,
+    its FFN chosen per row, or per row and token, among ``FFN_VARIANTS``: ``route_NxB[l, b(, t)]`` is
+    ``FFN_SKIP`` (no FFN), ``FFN_SMALL`` or ``FFN_BIG``. Exits after ``exit_layers`` (default: the last layer).
+    A route of all ``FFN_BIG`` is the dense model; ``FFN_SKIP`` is ``mlp_skip``'s attention-only step."""
+    route_NxB = jnp.asarray(route_NxB)
+    if route_NxB.ndim not in (2, 3) or not jnp.issubdtype(route_NxB.dtype, jnp.integer):
+        raise ValueError(f"route_NxB must be an integer array N x B or N x B x T, got {route_NxB.dtype} "
+                         f"{tuple(route_NxB.shape)}")
+    if checks.is_concrete(route_NxB) and not bool(jnp.all((route_NxB >= 0) & (route_NxB < len(FFN_VARIANTS)))):
+        raise ValueError(f"route_NxB holds values outside 0..{len(FFN_VARIANTS) - 1} ({FFN_VARIANTS})")
+    n = route_NxB.shape[0]
+    base = prefix(n, [n - 1] if exit_layers is None else exit_layers)
+    return base._replace(ffn_SxB=route_NxB.astype(jnp.int32))
+
+
+def rows_of(program: Program, idx_S: jax.Array) -> Program:
+    """The program of the rows ``idx_S`` (a compacted buffer's): the per-row tables (``row_sub_SxB``,
+    ``ffn_SxB``) taken along their row axis; a program without them is returned as it is."""
+    take = lambda x: None if x is None else jnp.take(jnp.asarray(x), idx_S, axis=1)   # noqa: E731
+    if program.row_sub_SxB is None and program.ffn_SxB is None:
+        return program
+    return program._replace(row_sub_SxB=take(program.row_sub_SxB), ffn_SxB=take(program.ffn_SxB))
+
+
+def per_row(program: Program) -> bool:
+    """Whether the program holds a per-row table (sublayer bits or FFN routes): executors that move or split rows
+    without following them refuse it."""
+    return program.row_sub_SxB is not None or program.ffn_SxB is not None
 
 
 def check_stage_path(num_layers: int, stage_size: int, keep_stages: int, swap_prob: float) -> int:
@@ -373,7 +428,8 @@ class _Runner(NamedTuple):
             sub_B = jnp.broadcast_to(jnp.asarray(p.sub_S)[s], (_batch(h),))
         if sub_B is not None:
             run_B = run_B & (sub_B > 0)
-        res = self.layer_fn(layer, h, StepCtx(s, l, jnp.asarray(p.repeat_S)[s], sub_B, aux, run_B))
+        ffn_B = None if p.ffn_SxB is None else jnp.asarray(p.ffn_SxB)[s]
+        res = self.layer_fn(layer, h, StepCtx(s, l, jnp.asarray(p.repeat_S)[s], sub_B, aux, run_B, ffn_B))
         new_h, aux = res if self.has_aux else (res, aux)
         if freeze:
             return where_rows(run_B, new_h, h), aux
@@ -700,10 +756,7 @@ def _cascade_loops(r: _Runner, head, policy, num_exits, sizes, runs, c: BufferCa
         if k > 0:
             res = _flush(res, c)
             c = _compact(c, size)
-        rk = r
-        if r.program.row_sub_SxB is not None:      # a per-row program follows its rows into the buffer
-            rk = r._replace(program=r.program._replace(
-                row_sub_SxB=jnp.take(jnp.asarray(r.program.row_sub_SxB), c.row_S, axis=1)))
+        rk = r._replace(program=rows_of(r.program, c.row_S))    # a per-row program follows its rows into the buffer
         for run_ in runs:    # loops of runs already passed (or of a bucket already too big) run no iteration
             c = jax.lax.while_loop(
                 lambda c, end=run_.end, nxt=nxt: (c.e < end) & (jnp.sum(c.active_S.astype(jnp.int32)) > nxt),
@@ -720,8 +773,7 @@ def _compacted_body(r: _Runner, heads, policy, num_exits, sizes_K):
         idx_S = perm_B[:size]                      # the active rows first, then stopped rows as padding
         take = lambda x: x.at[idx_S].get(unique_indices=True, mode="promise_in_bounds")  # noqa: E731
         valid_S = take(c.active_B)
-        sub = r._replace(program=r.program if r.program.row_sub_SxB is None else r.program._replace(
-            row_sub_SxB=jnp.take(r.program.row_sub_SxB, idx_S, axis=1)))
+        sub = r._replace(program=rows_of(r.program, idx_S))
         # No row mask inside the bucket: its padding rows are discarded on scatter.
         h_S, _ = sub.segment(c.e, jax.tree.map(take, c.h), None, jnp.ones_like(valid_S))
         out_S = _switch_head(heads, c.e, h_S)

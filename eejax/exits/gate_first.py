@@ -204,8 +204,9 @@ def static_program(program: engine.Program, e: int) -> engine.Program:
     """The program's steps up to exit ``e`` with one exit at its end: a static-depth model of that exit."""
     if not checks.is_concrete(program.layer_S) or not checks.is_concrete(program.exit_step_E):
         raise ValueError("grouped runs need a static program (concrete layer_S and exit_step_E)")
-    if program.row_sub_SxB is not None:
-        raise ValueError("grouped runs move rows into chunks; a per-row program (row_sub_SxB) is not supported")
+    if engine.per_row(program):
+        raise ValueError("grouped runs move rows into chunks; a per-row program (row_sub_SxB, ffn_SxB) is not "
+                         "supported")
     ends = np.asarray(program.exit_step_E)
     if not 0 <= e < ends.shape[0]:
         raise ValueError(f"exit {e} outside [0, {ends.shape[0]})")

@@ -44,7 +44,7 @@ class Sharded(NamedTuple):
         batch = jax.tree.leaves(h0)[0].shape[0]
         if batch % ndev:
             raise ValueError(f"batch {batch} not divisible by the {ndev} devices of mesh axis {self.axis_name!r}")
-        if aux is not None or program.row_sub_SxB is not None:
+        if aux is not None or engine.per_row(program):
             raise ValueError("the sharded executor splits rows only: no aux state and no per-row program")
         module_heads = all(isinstance(h, nnx.Module) for h in heads)
         graphdef, state = nnx.split((layers, tuple(heads) if module_heads else ()))
@@ -80,6 +80,8 @@ class GatedKernel(NamedTuple):
         if not isinstance(layers, Block) or layer_fn is not engine.call_layer:
             raise TypeError("GatedKernel runs stacked eejax.nn.Block layers with the default layer_fn; got "
                             f"{type(layers).__name__}")
+        if program.ffn_SxB is not None:
+            raise ValueError("GatedKernel runs the block's one MLP; an FFN route (ffn_SxB) needs the Masked executor")
         fc1, fc2 = layers.mlp.fc1, layers.mlp.fc2
         w1, b1, w2, b2 = fc1.kernel[...], fc1.bias[...], fc2.kernel[...], fc2.bias[...]
         block_rows = self.block_rows

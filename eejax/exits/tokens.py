@@ -223,9 +223,9 @@ def _check_program(program: engine.Program, heads) -> tuple[np.ndarray, np.ndarr
     except jax.errors.TracerArrayConversionError:
         raise ValueError("token exit needs a static program (numpy layer_S / exit_step_E), got a traced one") \
             from None
-    if program.sub_S is not None or program.row_sub_SxB is not None:
+    if program.sub_S is not None or engine.per_row(program):
         raise ValueError("token exit runs whole layers: the program must not carry sublayer bits (sub_S / "
-                         "row_sub_SxB)")
+                         "row_sub_SxB) or FFN routes (ffn_SxB)")
     if len(heads) != ends_E.shape[0]:
         raise ValueError(f"{len(heads)} heads for a program with {ends_E.shape[0]} exits")
     return layer_S, repeat_S, ends_E

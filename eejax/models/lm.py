@@ -77,6 +77,7 @@ class LMConfig(engine.ExitSpec):
     exit_head: str = "shared"                # "shared" | "own" | "block" | "lowrank" | "final"
     exit_rank: int = 16                      # rank of the "lowrank" exit adapter
     mlp: str = "gelu"                        # "gelu" (with biases) | "swiglu" (LLaMA: no biases)
+    small_mlp_dim: int = 0                   # > 0: each block also holds a small FFN of this width (Duo-LLM)
     norm_eps: float = 1e-6                   # epsilon of every RMSNorm
     dtype: str | None = None                 # compute dtype; None = the parameters' dtype
 
@@ -87,7 +88,7 @@ class LMConfig(engine.ExitSpec):
     def __post_init__(self):
         # Sizes first (two tokens at least: the margin measure reads the top two logits).
         checks.config_ints(self, vocab_size=2, d_model=1, depth=1, num_heads=1, num_kv_heads=1, mlp_dim=1,
-                           exit_rank=0)
+                           exit_rank=0, small_mlp_dim=0)
         checks.positive_number(self.rope_base, "rope_base")
         checks.positive_number(self.norm_eps, "norm_eps")
         if self.d_model % self.num_heads:
@@ -203,6 +204,8 @@ class Block(nnx.Module):
         if cfg.norm == "peri":
             self.post1 = _norm(cfg, rngs)
             self.post2 = _norm(cfg, rngs)
+        if cfg.small_mlp_dim:      # drawn last: a model without it keeps the weights its seed always gave
+            self.mlp_small = make_mlp(cfg.mlp, d, cfg.small_mlp_dim, rngs=rngs, dtype=cfg.compute_dtype)
 
     def _input(self, sub: int, h_BxTxD: jax.Array) -> jax.Array:
         """What sublayer ``sub`` (1 attention, 2 MLP) reads under the placement."""
@@ -251,6 +254,18 @@ class Block(nnx.Module):
         """The MLP half (position-wise; no cache)."""
         y = self.mlp(self._input(2, h_BxTxD))
         return self._residual(2, h_BxTxD, y)
+
+    def mlp_routed(self, h_BxTxD, choice) -> jax.Array:
+        """The MLP half under Duo-LLM's module choice (arXiv:2410.10846): per row (``choice`` ``int[B]``) or per
+        token (``int[B, T]``) no FFN (``engine.FFN_SKIP``: the residual passes), the small FFN (``FFN_SMALL``) or
+        the big one (``FFN_BIG``, the block's ``mlp``), both reading the same normalised input and added under the
+        same placement. Needs ``small_mlp_dim > 0``."""
+        if not hasattr(self, "mlp_small"):
+            raise ValueError("mlp_routed needs a block built with small_mlp_dim > 0 (LMConfig)")
+        x_BxTxD = self._input(2, h_BxTxD)
+        small = self._residual(2, h_BxTxD, self.mlp_small(x_BxTxD))
+        big = self._residual(2, h_BxTxD, self.mlp(x_BxTxD))
+        return engine.select_variant(choice, (h_BxTxD, small, big))
 
     def attend(self, h_BxTxD, pos_BxT, k_BxJxSxK, v_BxJxSxK, mask_BxTxS) -> jax.Array:
         """The block's output for queries ``h`` attending to the given keys/values (both halves)."""
@@ -448,9 +463,14 @@ def warmup_exit_weights(step, weights_E, warmup_steps: int) -> jax.Array:
     return weights_E.at[:-1].multiply(ramp)
 
 
-def lm_ce(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weight_BxT: jax.Array | None = None) -> jax.Array:
+def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+    """Per-token negative log-likelihood ``B x T`` (float32 softmax)."""
     logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-    nll_BxT = -jnp.take_along_axis(logp, targets_BxT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return -jnp.take_along_axis(logp, targets_BxT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def lm_ce(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weight_BxT: jax.Array | None = None) -> jax.Array:
+    nll_BxT = token_nll(logits_BxTxV, targets_BxT)
     if weight_BxT is None:
         return jnp.mean(nll_BxT)
     return jnp.sum(nll_BxT * weight_BxT) / jnp.maximum(jnp.sum(weight_BxT), 1.0)
@@ -516,6 +536,59 @@ def skip_path_lm_loss(graphdef, cfg: LMConfig, *, stage_size: int, keep_stages: 
     return loss_fn
 
 
+# ------------------------------------------------------------------------------------- Duo-LLM FFN routes
+
+
+def routed_nll(model: "DecoderLM", tokens_BxT: jax.Array, targets_BxT: jax.Array, route_NxBxT) -> jax.Array:
+    """Per-token NLL ``B x T`` at the final exit of the teacher-forced forward under a per-token FFN route
+    (``engine.ffn_route``; ``route_NxBxT`` may also be ``N x B``, one route per row)."""
+    program = engine.ffn_route(route_NxBxT)
+    h_BxTxD = model.hidden_states(tokens_BxT, program=program)[-1]
+    return token_nll(model.exit_logits(h_BxTxD, model.cfg.num_exits - 1), targets_BxT)
+
+
+def pattern_nll(model: "DecoderLM", tokens_BxT: jax.Array, targets_BxT: jax.Array, patterns_PxN,
+                batch_size: int = 8) -> jax.Array:
+    """``P x B x T``: per-token NLL with pattern p (``int[N]`` per layer) as every token's route, for all P
+    patterns in one program (``lax.map`` over the patterns, ``batch_size`` of them vectorised at a time): the table
+    the Duo-LLM oracle searches (``eejax.exits.routing.oracle``)."""
+    b, t = tokens_BxT.shape
+
+    def one(pattern_N):
+        return routed_nll(model, tokens_BxT, targets_BxT, jnp.broadcast_to(pattern_N[:, None, None],
+                                                                           (pattern_N.shape[0], b, t)))
+
+    return jax.lax.map(one, jnp.asarray(patterns_PxN, jnp.int32), batch_size=batch_size)
+
+
+def router_features(model: "DecoderLM", tokens_BxT: jax.Array) -> jax.Array:
+    """``B x T x D``: what a Duo-LLM router reads before the first routed FFN: the hidden state after layer 0's
+    attention half (context-aware; no FFN has run yet), RMS-normalised."""
+    program = engine.sequence([0])._replace(sub_S=np.asarray([engine.ATTN], np.int32))
+    return _rms_normalise(model.hidden_states(tokens_BxT, program=program)[-1])
+
+
+def duo_lm_loss(graphdef, cfg: LMConfig, *, choices: Sequence[int] = (engine.FFN_SKIP, engine.FFN_SMALL,
+                                                                       engine.FFN_BIG)):
+    """``loss_fn(params, batch, ctx)``: Duo-LLM's first stage (arXiv:2410.10846): next-token CE at the final exit
+    with a route drawn uniformly from ``choices`` per layer and token from the step's rng
+    (``routing.uniform_routes``), so every pattern of modules is trained. Needs ``cfg.small_mlp_dim > 0``."""
+    from eejax.exits import routing  # noqa: PLC0415  (routing imports the engine only)
+
+    if cfg.small_mlp_dim < 1:
+        raise ValueError(f"duo_lm_loss needs a small FFN per block: cfg.small_mlp_dim={cfg.small_mlp_dim}")
+    routing.uniform_routes(jax.random.key(0), cfg.depth, (1,), choices)      # checks choices up front
+
+    def loss_fn(params, batch, ctx):
+        tokens, targets = batch["tokens"], batch["targets"]
+        route = routing.uniform_routes(ctx.rng, cfg.depth, tokens.shape, choices)
+        nll_BxT = routed_nll(nnx.merge(graphdef, params), tokens, targets, route)
+        ce = jnp.mean(nll_BxT)
+        return ce, {"ce_routed": ce, "big_frac": jnp.mean(route == engine.FFN_BIG)}
+
+    return loss_fn
+
+
 # ------------------------------------------------------------------------------------- learned exit classifier
 
 
@@ -559,21 +632,30 @@ def classifier_loss(graphdef, model_params):
 # ------------------------------------------------------------------------------------- teacher-forced programs
 
 
+def mlp_step(layer: Block, h_BxTxD: jax.Array, ctx: engine.StepCtx) -> jax.Array:
+    """The MLP half of a program step: the block's own MLP, or under an FFN route (``ctx.ffn_B``,
+    ``engine.ffn_route``) the variant each row / token chose (``Block.mlp_routed``). Every LM layer function
+    (teacher-forced, KV-cached, pending) calls this one."""
+    return layer.mlp_half(h_BxTxD) if ctx.ffn_B is None else layer.mlp_routed(h_BxTxD, ctx.ffn_B)
+
+
 def sequence_layer_fn(pos_BxT: jax.Array, mask_BxTxT: jax.Array, pos_mask_NxT: jax.Array | None = None):
     """THE teacher-forced (uncached) layer function over whole sequences (``DecoderLM.hidden_states`` uses it): with
     it ``engine.run`` / ``engine.run_layers`` run any layer program (skips, repeats, reorderings, half-layer steps:
-    the sublayer bits ``engine.ATTN`` / ``engine.MLP``) over full sequences. A repeated stored layer computes its
+    the sublayer bits ``engine.ATTN`` / ``engine.MLP``; per-token FFN routes, ``engine.ffn_route``) over full
+    sequences. A repeated stored layer computes its
     keys/values afresh from its input at every step. ``pos_mask_NxT``: stored layer l runs at position t only
     where set (SkipDecode's per-position schedule)."""
 
     def layer_fn(layer: Block, h_BxTxD, ctx: engine.StepCtx):
         q, k, v = layer.project(h_BxTxD, pos_BxT)
+        mlp = lambda h: mlp_step(layer, h, ctx)   # noqa: E731
         if ctx.sub_B is None:
-            new_h = layer.mlp_half(layer.attn_out(h_BxTxD, q, k, v, mask_BxTxT))
+            new_h = mlp(layer.attn_out(h_BxTxD, q, k, v, mask_BxTxT))
         else:
             h1 = engine.where_rows((ctx.sub_B & engine.ATTN) > 0, layer.attn_out(h_BxTxD, q, k, v, mask_BxTxT),
                                    h_BxTxD)
-            new_h = engine.where_rows((ctx.sub_B & engine.MLP) > 0, layer.mlp_half(h1), h1)
+            new_h = engine.where_rows((ctx.sub_B & engine.MLP) > 0, mlp(h1), h1)
         if pos_mask_NxT is None:
             return new_h
         return jnp.where(jnp.asarray(pos_mask_NxT)[ctx.layer][None, :, None], new_h, h_BxTxD)
