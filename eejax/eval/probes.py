@@ -128,3 +128,27 @@ def split_games(num_games: int, num_test: int, seed: int) -> tuple[np.ndarray, n
         raise ValueError(f"num_test={num_test} must be in [1, num_games={num_games})")
     order = np.random.default_rng(seed).permutation(num_games)
     return np.sort(order[num_test:]), np.sort(order[:num_test])
+
+
+def layer_scores(h_train_LxNxD, y_train_NxC, h_test_LxMxD, y_test_MxC, *, ridge: float = 1e-3,
+                 min_count: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """``(score_LxM, used_C)``: at each read-out point a probe fitted on the train examples, scored per test
+    example (``balanced_scores``); the targets used are those usable at every read-out point (one set for all
+    layers, so the layers are compared on the same targets)."""
+    h_train_LxNxD, h_test_LxMxD = np.asarray(h_train_LxNxD), np.asarray(h_test_LxMxD)
+    if h_train_LxNxD.ndim != 3 or h_test_LxMxD.shape[::2] != h_train_LxNxD.shape[::2]:
+        raise ValueError(f"h_train_LxNxD {h_train_LxNxD.shape} and h_test_LxMxD {h_test_LxMxD.shape} must be "
+                         "L x N x D and L x M x D with the same L and D")
+    counts = class_counts(y_train_NxC)
+    fitted = [fit_probe(h, y_train_NxC, ridge=ridge) for h in h_train_LxNxD]
+    used_C = np.logical_and.reduce([balanced_scores(p, h, y_test_MxC, min_count=min_count,
+                                                    train_counts_Cx2=counts)[1]
+                                    for p, h in zip(fitted, h_test_LxMxD)])
+    if not used_C.any():
+        raise ValueError("no target is usable at every read-out point")
+    return np.stack([_scores_on(p, h, y_test_MxC, used_C) for p, h in zip(fitted, h_test_LxMxD)]), used_C
+
+
+def _scores_on(probe: Probe, x_NxD, y_NxC, used_C) -> np.ndarray:
+    kept = Probe(probe.mean_D, probe.scale_D, probe.w_DxC[:, used_C], probe.b_C[used_C], probe.threshold_C[used_C])
+    return balanced_scores(kept, x_NxD, np.asarray(y_NxC)[:, used_C], min_count=0)[0]
