@@ -133,3 +133,17 @@ def test_layer_states_are_the_model_forward():
     np.testing.assert_allclose(h[0], model.embed_tokens(tokens), atol=0)
     out = model.all_exits(tokens)
     np.testing.assert_allclose(h[-1], out.hidden_ExBxTxD[-1], atol=1e-6)
+
+
+def test_layer_scores_find_the_layer_that_holds_the_feature():
+    """A feature written into read-out 1 only: decoded exactly there, at chance at read-out 0 (pure noise)."""
+    rng = np.random.default_rng(2)
+    y = rng.random((500, 3)) < 0.3
+    h = rng.normal(size=(2, 500, 6))
+    h[1] += 5.0 * (y - 0.5) @ rng.normal(size=(3, 6))
+    train, test = probes.split_games(500, 150, seed=0)
+    score, used = probes.layer_scores(h[:, train], y[train], h[:, test], y[test])
+    assert score.shape == (2, 150) and used.all()
+    assert score[1].mean() == pytest.approx(1.0) and abs(score[0].mean() - 0.5) < 0.2
+    with pytest.raises(ValueError, match="h_train_LxNxD"):
+        probes.layer_scores(h[:, train], y[train], h[:1, test], y[test])
