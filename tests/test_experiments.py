@@ -624,4 +624,21 @@ def check_duo_llm(data, out, *_):
     assert len(data["position"]["rows"]) == 3 and (out / "duo_llm_curves.png").stat().st_size > 0
 
 
+def check_gpt_layers(data, out, *_):
+    """A heatmap per feature over every checkpoint (random init first) and read-out point (embedding + blocks); the
+    table's end and control scores are the heatmap's cells it names, inside their intervals; the plot is written."""
+    cfg = data["config"]
+    steps, depth = data["steps"], cfg["model"]["depth"]
+    assert steps == [0, *cfg["train"]["ckpt_steps"]]
+    assert [r["feature"] for r in data["rows"]] == ["edge", "occupied", "mine", "flipped", "player"]
+    for r in data["rows"]:
+        heat = np.asarray(data["heat"][r["feature"]])
+        assert heat.shape == (len(steps), depth + 1) and ((heat >= 0) & (heat <= 1)).all()
+        assert r["score_end"] == pytest.approx(heat[-1].max()) and r["control"] == pytest.approx(heat[0].max())
+        assert r["end_lo"] <= r["score_end"] <= r["end_hi"] and r["control_lo"] <= r["control"] <= r["control_hi"]
+    assert len(data["layers"]) == 5 * (depth + 1)
+    assert all(0 <= v <= 1 for row in data["legal"] for k, v in row.items() if k != "step")
+    assert (out / "gpt_layers_heatmaps.png").stat().st_size > 0
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
