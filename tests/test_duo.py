@@ -1,6 +1,5 @@
 """Duo-LLM's per-token FFN routes (arXiv:2410.10846): the routed program against plain references on a tiny LM,
 the FLOP counter against a hand count, the oracle against brute force, and the training / router losses."""
-import itertools
 
 import jax
 import jax.numpy as jnp
