@@ -35,6 +35,7 @@ from eejax.errors import ConfigError
 from eejax.eval import budgeted
 from eejax.exits import costs, engine
 from eejax.models import vit as vit_lib
+from eejax.nn import param_count
 from eejax.train import Trainer, make_optimizer
 
 TIE_EPS = 1e-5   # executed and simulated exits may differ only for scores this close to a threshold
@@ -424,8 +425,7 @@ def evaluate(graphdef, params, forward: Forward, ds, batch_size: int, *, fn=None
     return float(np.concatenate(ce).mean()), float(np.concatenate(ok).mean())
 
 
-def num_params(params) -> int:
-    return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+num_params = param_count    # the model's stored parameters (eejax.nn.param_count)
 
 
 # A plain single-head ViT trained with label-smoothed CE on its final head: JEI-DNN's frozen backbone and the

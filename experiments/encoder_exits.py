@@ -30,6 +30,7 @@ from eejax.exits import confidence as conf_lib
 from eejax.exits import costs, engine, losses, policies
 from eejax.models import encoder as enc
 from eejax.models import pretrained_encoder as pe
+from eejax.nn import param_count
 from experiments import _common_encoder as common
 from experiments._common import Report, Run, experiment
 
@@ -200,7 +201,7 @@ def main(run: Run, data) -> Report:
     for arm in cfg.arms:
         graphdef, params = build_model(cfg, tok)
         model_cfg = nnx.merge(graphdef, params).cfg
-        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+        n_params = param_count(params)
         params, train_s = common.fine_tune(make_loss(graphdef, arm, cfg.train), params, train, cfg, run.workdir / arm,
                                            f"{arm}")
         settings = policy_settings(cfg, model_cfg.ponder)

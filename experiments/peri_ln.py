@@ -27,6 +27,7 @@ from flax import nnx
 from eejax.data.lm import WindowIterator
 from eejax.eval import report
 from eejax.models import lm
+from eejax.nn import param_count
 from eejax.errors import NonFiniteLossError
 from eejax.train import Trainer, make_optimizer, one_device_mesh, read_metrics
 from experiments import _common_lm as lm_common
@@ -177,8 +178,7 @@ def layer_table(profiles: dict, key: str, depth: int, with_embedding: bool) -> s
 def write_report(cfg, su, runs, wall_s):
     rows, diffs, profiles = summarise(cfg, runs)
     m, t = cfg.model, cfg.train
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
-        lm.build(model_config(cfg, su.corpus.tokenizer.vocab_size, "pre"), 0)[1]))
+    n_params = param_count(lm.build(model_config(cfg, su.corpus.tokenizer.vocab_size, "pre"), 0)[1])
     md = "\n\n".join([
         "# Peri-LN vs Pre-LN vs Post-LN: tiny character LMs (an analysis)",
         su.prov.markdown() + f"  \nData: {su.corpus.description}; evaluation on {cfg.eval.batches} x "

@@ -36,7 +36,7 @@ from flax import nnx
 from eejax import checks
 from eejax.exits import engine, losses
 from eejax.models.lm import LMOutputs, exit_outputs, lm_ce
-from eejax.nn.layers import build as nn_build, stacked
+from eejax.nn.layers import build as nn_build, param_count, stacked
 from eejax.nn.ssm import SCANS, MambaMixer, SSMState, default_dt_rank, mixer_param_count
 
 
@@ -195,10 +195,6 @@ class MambaLM(nnx.Module):
 def build(cfg: MambaConfig, seed: int):
     """``(graphdef, params)`` of a freshly initialised ``MambaLM`` (``eejax.nn.build``)."""
     return nn_build(lambda rngs: MambaLM(cfg, rngs=rngs), seed)
-
-
-def param_count(params) -> int:
-    return int(sum(x.size for x in jax.tree.leaves(params)))
 
 
 # ------------------------------------------------------------------------------------------------- training

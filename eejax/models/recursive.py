@@ -38,6 +38,7 @@ from flax import nnx
 
 from eejax.exits import engine
 from eejax.models import lm
+from eejax.nn import param_count
 
 INITS = ("average", "stepwise", "lower")
 
@@ -192,7 +193,7 @@ def recursive_lm_loss(graphdef, loops: int, loop_weights=None):
 
 def unique_params(params) -> int:
     """Stored parameters: the tied block once, embedding / norms / head, and every adapter (LoRA counted)."""
-    return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+    return param_count(params)
 
 
 # -------------------------------------------------------------------------------- depth-wise batching (a count)

@@ -324,3 +324,9 @@ def build(make_model, seed: int):
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_model(nnx.Rngs(0))))
     params = jax.jit(lambda key: nnx.state(make_model(nnx.Rngs(key))))(jax.random.key(seed))
     return graphdef, params
+
+
+def param_count(params) -> int:
+    """Stored parameters: the number of entries over every array of a state (``build``'s ``params``, or any
+    pytree of arrays)."""
+    return int(sum(x.size for x in jax.tree.leaves(params)))
