@@ -48,7 +48,7 @@ from flax import nnx
 
 from eejax import checks
 from eejax.exits import engine
-from eejax.models.lm import DecoderLM, mlp_step
+from eejax.models.lm import DecoderLM
 
 
 class KVCache(NamedTuple):
@@ -138,8 +138,8 @@ def cache_layer(layer, h_BxTxD, ctx: engine.StepCtx):
     bits: attention and cache always run in FFN-skip programs), then the MLP half where the ``MLP`` bit is set."""
     h1, aux = cache_attention(layer, h_BxTxD, ctx)
     if ctx.sub_B is None:
-        return mlp_step(layer, h1, ctx), aux
-    return engine.where_rows((ctx.sub_B & engine.MLP) > 0, mlp_step(layer, h1, ctx), h1), aux
+        return engine.mlp_step(layer, h1, ctx), aux
+    return engine.where_rows((ctx.sub_B & engine.MLP) > 0, engine.mlp_step(layer, h1, ctx), h1), aux
 
 
 class PendingKV(NamedTuple):
@@ -188,9 +188,10 @@ def pending_layer(cache: KVCache, start_B: jax.Array):
         h1 = layer.attn_out(h_BxTxD, q, cache.k_NxBxJxSxK[ctx.layer], cache.v_NxBxJxSxK[ctx.layer], old_BxTxS,
                             extra=[(k_new, v_new, new_BxTxT)])
         if ctx.sub_B is None:
-            return mlp_step(layer, h1, ctx), StepAux(pending, pos_BxT)
+            return engine.mlp_step(layer, h1, ctx), StepAux(pending, pos_BxT)
         h1 = engine.where_rows((ctx.sub_B & engine.ATTN) > 0, h1, h_BxTxD)
-        return engine.where_rows((ctx.sub_B & engine.MLP) > 0, mlp_step(layer, h1, ctx), h1), StepAux(pending, pos_BxT)
+        h2 = engine.where_rows((ctx.sub_B & engine.MLP) > 0, engine.mlp_step(layer, h1, ctx), h1)
+        return h2, StepAux(pending, pos_BxT)
 
     return layer_fn
 

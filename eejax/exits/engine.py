@@ -130,8 +130,14 @@ def call_layer(layer: nnx.Module, h, ctx: StepCtx):
         return layer(h)
     sub_B = jnp.full((_batch(h),), FULL, jnp.int32) if ctx.sub_B is None else ctx.sub_B
     h = where_rows((sub_B & ATTN) > 0, layer.attn_half(h), h)
-    mlp = layer.mlp_half(h) if ctx.ffn_B is None else layer.mlp_routed(h, ctx.ffn_B)
-    return where_rows((sub_B & MLP) > 0, mlp, h)
+    return where_rows((sub_B & MLP) > 0, mlp_step(layer, h, ctx), h)
+
+
+def mlp_step(layer, h, ctx: StepCtx):
+    """The MLP half of a step: the layer's ``mlp_half``, or under an FFN route (``ctx.ffn_B``, ``ffn_route``) the
+    variant each row / token chose (``layer.mlp_routed``). Every layer function that runs MLP halves (this
+    module's ``call_layer``, the LM's teacher-forced, KV-cached and pending ones) calls this one."""
+    return layer.mlp_half(h) if ctx.ffn_B is None else layer.mlp_routed(h, ctx.ffn_B)
 
 
 def select_variant(choice, options: Sequence[Any]):
@@ -1098,11 +1104,12 @@ def take_exit(x_ExB_: jax.Array, exit_B: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x_ExB_, exit_B.reshape((1, -1) + (1,) * (x_ExB_.ndim - 2)), axis=0)[0]
 
 
-__all__ = ["ATTN", "MLP", "FULL", "HeadOut", "ExitOutputs", "StackedExits", "DynamicOutputs", "StepCtx", "Program",
-           "LoopCarry", "BufferCarry", "RowResults", "Masked", "BucketCascade", "Compacted", "ExitRun", "exit_runs",
-           "Scores", "IndexedHeads", "stack_heads", "head_program", "HEAD_KINDS", "call_layer", "prefix", "sequence",
-           "repeat", "row_skip", "mlp_skip", "stage_path", "check_stage_path", "check_exit_steps", "ExitSpec", "exit_layers_from",
-           "check_exits", "check_h0", "check_program", "num_layers_of", "where_rows", "mask_like", "zeros_from",
-           "exit_check", "default_buckets", "check_buckets", "run", "Simulated", "simulate", "run_layers",
-           "REMAT_POLICIES", "remat_policy", "remat_step", "scan_exits", "while_exits", "scores_from_outputs",
-           "take_exit"]
+__all__ = ["ATTN", "MLP", "FULL", "FFN_SKIP", "FFN_SMALL", "FFN_BIG", "FFN_VARIANTS", "HeadOut", "ExitOutputs",
+           "StackedExits", "DynamicOutputs", "StepCtx", "Program", "LoopCarry", "BufferCarry", "RowResults", "Masked",
+           "BucketCascade", "Compacted", "ExitRun", "exit_runs", "Scores", "IndexedHeads", "stack_heads",
+           "head_program", "HEAD_KINDS", "call_layer", "mlp_step", "select_variant", "prefix", "sequence", "repeat",
+           "row_skip", "mlp_skip", "ffn_route", "rows_of", "per_row", "stage_path", "check_stage_path",
+           "check_exit_steps", "ExitSpec", "exit_layers_from", "check_exits", "check_h0", "check_program",
+           "num_layers_of", "where_rows", "mask_like", "zeros_from", "exit_check", "default_buckets", "check_buckets",
+           "run", "Simulated", "simulate", "run_layers", "REMAT_POLICIES", "remat_policy", "remat_step", "scan_exits",
+           "while_exits", "scores_from_outputs", "take_exit"]

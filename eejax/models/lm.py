@@ -632,13 +632,6 @@ def classifier_loss(graphdef, model_params):
 # ------------------------------------------------------------------------------------- teacher-forced programs
 
 
-def mlp_step(layer: Block, h_BxTxD: jax.Array, ctx: engine.StepCtx) -> jax.Array:
-    """The MLP half of a program step: the block's own MLP, or under an FFN route (``ctx.ffn_B``,
-    ``engine.ffn_route``) the variant each row / token chose (``Block.mlp_routed``). Every LM layer function
-    (teacher-forced, KV-cached, pending) calls this one."""
-    return layer.mlp_half(h_BxTxD) if ctx.ffn_B is None else layer.mlp_routed(h_BxTxD, ctx.ffn_B)
-
-
 def sequence_layer_fn(pos_BxT: jax.Array, mask_BxTxT: jax.Array, pos_mask_NxT: jax.Array | None = None):
     """THE teacher-forced (uncached) layer function over whole sequences (``DecoderLM.hidden_states`` uses it): with
     it ``engine.run`` / ``engine.run_layers`` run any layer program (skips, repeats, reorderings, half-layer steps:
@@ -649,7 +642,7 @@ def sequence_layer_fn(pos_BxT: jax.Array, mask_BxTxT: jax.Array, pos_mask_NxT: j
 
     def layer_fn(layer: Block, h_BxTxD, ctx: engine.StepCtx):
         q, k, v = layer.project(h_BxTxD, pos_BxT)
-        mlp = lambda h: mlp_step(layer, h, ctx)   # noqa: E731
+        mlp = lambda h: engine.mlp_step(layer, h, ctx)   # noqa: E731
         if ctx.sub_B is None:
             new_h = mlp(layer.attn_out(h_BxTxD, q, k, v, mask_BxTxT))
         else:
