@@ -30,6 +30,9 @@ from experiments._common import Report, Run, experiment
 NAME = "duo_llm"
 BUCKETS = ((0, 8), (8, 2), (2, 1))   # position buckets, as fractions 1/n of T: [0, T/8), [T/8, T/2), [T/2, T)
 
+PAPER = ("arXiv:2410.10846 (abstract): trained routers behave differently from oracles and are often suboptimal; "
+         "with oracle routing, a large module in just one layer outperforms large modules in all layers")
+
 
 def windows(ids, batch: int, seq_len: int, batches: int, seed: int, shuffle: bool) -> dict:
     """``batches`` x ``batch`` windows stacked into one ``W x T`` batch of tokens and targets."""
@@ -164,7 +167,7 @@ def write_report(cfg, run, corpus, res, wall_s) -> Report:
         f"{m.mlp_dim}, small FFN {m.small_mlp_dim}; {cfg.train.steps} steps of batch {cfg.data.batch_size} x "
         f"{cfg.data.seq_len} with uniform random routes over {list(cfg.train.choices)}; validation "
         f"{cfg.eval.batches * cfg.eval.batch} windows of {cfg.data.seq_len}; {cfg.eval.random_routes} random routes per "
-        f"budget; wall-clock {wall_s:.0f} s.",
+        f"budget; wall-clock {wall_s:.0f} s.  \nPaper: {PAPER}.",
         f"Validation NLL per token (nats). All-small {res['all_small']:.4f} (FLOPs {res['all_small_flops_rel']:.3f} "
         f"of all-big), all-big {res['all_big']:.4f}. `oracle` sees the next token (an upper bound, not a method); "
         "random routes: mean, percentiles, minimum over the validation means (optimistic), and `random_best`, the "

@@ -28,6 +28,10 @@ from experiments._common import Report, Run, experiment
 NAME = "gpt_layers"
 FEATURES = tuple(othello.FEATURES)
 
+PAPER = ("arXiv:2501.07108 (abstract; no numbers): OthelloGPT's early layers capture static attributes such as board "
+         "edges, deeper layers dynamic tile changes; it probes one trained model layer by layer (the axis over "
+         "training checkpoints is this experiment's addition)")
+
 
 class ProbeSet(NamedTuple):
     """The positions of some games, flattened: tokens to run, and per valid position its targets and game id."""
@@ -156,7 +160,7 @@ def write_report(cfg, run, steps, scores, legal, test, n_pos, wall_s) -> Report:
         f"probes fitted on {n_pos[0]} positions of {d.probe_games - d.probe_test} games, scored on {n_pos[1]} "
         f"positions of {d.probe_test} other games.  \nScale: GPT of {m.depth} blocks, width {m.d_model}, batch "
         f"{d.batch_size}, checkpoints at steps {list(steps)} (0 = random init, the control); seeds "
-        f"{list(cfg.seeds)}; wall-clock {wall_s:.0f} s.",
+        f"{list(cfg.seeds)}; wall-clock {wall_s:.0f} s.  \nPaper: {PAPER}.",
         f"Per feature: first read-out (0 = embedding) whose probe reaches balanced accuracy {cfg.probe.level} at the "
         "last checkpoint, and first step at which any read-out does (per seed); the best read-out at the last "
         "checkpoint and the best of the random-init control, with bootstrap 95% intervals over probe-test games "
