@@ -34,16 +34,19 @@ def base_config(arg: str) -> ml_collections.ConfigDict:
     return c
 
 
-def validate_vision(c, *, sizes=("data.train_size", "data.test_size"), positive=()) -> Validator:
-    """The checks every vision config makes: ``name``, ``seed``, ``data.name`` (a known dataset),
-    ``data.val_fraction`` (when the config has one), the split ``sizes`` (>= 0, 0 = all) and the ``positive``
-    integer fields (>= 1). Returns the Validator for the config's own checks."""
+DIGITS = ("mnist", "fashion_mnist", "mnist_embedded")   # the 28 x 28 grey-scale digit datasets
+
+
+def validate_vision(c, *, sizes=("data.train_size", "data.test_size"), positive=(), names=None) -> Validator:
+    """The checks every vision config makes: ``name``, ``seed``, ``data.name`` (a known dataset, or one of
+    ``names``), ``data.val_fraction`` (when the config has one), the split ``sizes`` (>= 0, 0 = all) and the
+    ``positive`` integer fields (>= 1). Returns the Validator for the config's own checks."""
     from eejax.data import pipeline  # noqa: PLC0415
 
     v = Validator(c)
     v.str("name")
     v.int("seed", lo=0)
-    v.choice("data.name", pipeline.DATASETS)
+    v.choice("data.name", pipeline.DATASETS if names is None else names)
     if "val_fraction" in c.data:
         v.float("data.val_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
     for key in sizes:

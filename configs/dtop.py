@@ -34,8 +34,8 @@ Expected shape (PAPERS-WAVE4.md): background tokens exit at the first head; the 
     loss (ADE20K SegViT ViT-B 109.9 -> 86.8 GFLOPs at 49.6 -> 49.8 mIoU).
 """
 import ml_collections
+from _base_vision import DIGITS, validate_vision
 
-from eejax.harness.config import Validator
 from eejax.train import default_optim_config
 
 NOT_IN_CHECKPOINTS = ("eval",)
@@ -80,11 +80,7 @@ def validate(c):
     """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
     from eejax.models import segvit  # noqa: PLC0415
 
-    v = Validator(c)
-    v.str("name")
-    v.int("seed", lo=0)
-    v.choice("data.name", ("mnist", "fashion_mnist", "mnist_embedded"))
-    v.float("data.val_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
+    v = validate_vision(c, sizes=(), names=DIGITS)
     for key in ("data.num_train", "data.num_val", "data.num_test"):
         v.int(key, lo=2)
     lo, hi = v.ints("data.digits", 1, 4)

@@ -33,8 +33,8 @@ Expected shape (PAPERS-WAVE4.md): accuracy against the static exit layer has a k
     Paper (abstract v2): up to 45.7% less computation on LLaVA-1.5 with no performance drop.
 """
 import ml_collections
+from _base_vision import DIGITS, validate_vision
 
-from eejax.harness.config import Validator
 from eejax.train import default_optim_config
 
 NOT_IN_CHECKPOINTS = ("eval", "router")
@@ -76,11 +76,7 @@ def validate(c):
     """Every value checked when the config is loaded, before any training (called by eejax.harness.config)."""
     from eejax.models import vlm  # noqa: PLC0415
 
-    v = Validator(c)
-    v.str("name")
-    v.int("seed", lo=0)
-    v.choice("data.name", ("mnist", "fashion_mnist", "mnist_embedded"))
-    v.float("data.val_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
+    v = validate_vision(c, sizes=(), names=DIGITS)
     for key in ("data.num_train", "data.num_router", "data.num_val", "data.num_test"):
         v.int(key, lo=2)
     v.prob("data.same_fraction")

@@ -31,8 +31,8 @@ Expected shape (arXiv:2006.16581): mean exit depth falls as QF rises; the one bl
     above.
 """
 import ml_collections
+from _base_vision import DIGITS, check_image, validate_vision
 
-from eejax.harness.config import Validator
 from eejax.train import default_optim_config
 
 NOT_IN_CHECKPOINTS = ("eval",)
@@ -69,14 +69,9 @@ def get_config(arg=None):
 
 def validate(c):
     """Every value checked when the config is loaded, before any training."""
-    from eejax.data import pipeline  # noqa: PLC0415
     from eejax.models import enhancer  # noqa: PLC0415
 
-    v = Validator(c)
-    v.str("name")
-    v.int("seed", lo=0)
-    v.choice("data.name", ("mnist", "fashion_mnist", "mnist_embedded"))
-    v.float("data.val_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
+    v = validate_vision(c, sizes=(), names=DIGITS)
     for key in ("data.train_size", "data.test_size", "data.eval_batch_size", "train.steps", "train.batch_size",
                 "eval.num_thresholds", "eval.val_size", "log_every"):
         v.int(key, lo=1)
@@ -87,6 +82,5 @@ def validate(c):
     if not c.data.qualities or any(not isinstance(q, int) or isinstance(q, bool) or not 1 <= q <= 95
                                    for q in c.data.qualities) or len(set(c.data.qualities)) != len(c.data.qualities):
         v.fail("data.qualities", "must be distinct integer JPEG quality factors in [1, 95]")
-    if (c.model.image_size, c.model.image_size, c.model.channels) != pipeline.IMAGE_SHAPES[c.data.name]:
-        v.fail("model.image_size", f"with model.channels does not match {c.data.name} images")
+    check_image(v, c)
     v.build("model", lambda: enhancer.EnhancerConfig(**c.model.to_dict()))
