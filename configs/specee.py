@@ -47,13 +47,17 @@ def get_config(arg=None):
     c.drafter = ml_collections.ConfigDict(dict(exit_layer=2, k=4, workdir="runs/kangaroo-smollm2", steps=100,
                                                batch=2, lr=1e-3, topk=32))
     c.predictor = ml_collections.ConfigDict(dict(hidden=32, steps=400, lr=3e-3, static_layers=6, threshold=0.5))
-    c.decode = ml_collections.ConfigDict(dict(test_prompts=16, prompt_len=32, new_tokens=64, latency_prompts=4))
+    # head_check: when the full head runs at a scheduled layer (eejax.decoding.specee): "cond" (the paper's rule and
+    # the committed run's: only when some predictor passes; two host stops per decision point on a GPU), "always"
+    # (every scheduled layer; one stop), "auto" (the library default: the H200 cost model picks at the batch).
+    c.decode = ml_collections.ConfigDict(dict(test_prompts=16, prompt_len=32, new_tokens=64, latency_prompts=4,
+                                              head_check="cond"))
     if arg == "smoke":
         c.model.name = "random"
         c.data.update(context=16, train_windows=2, val_windows=1, cache_batch=1)
         c.drafter.update(exit_layer=1, k=3, workdir="", steps=2, topk=8)
         c.predictor.update(hidden=8, steps=5, static_layers=2)
-        c.decode.update(test_prompts=2, prompt_len=6, new_tokens=5, latency_prompts=0)
+        c.decode.update(test_prompts=2, prompt_len=6, new_tokens=5, latency_prompts=0, head_check="auto")
     elif arg != "smollm2":
         raise ValueError(f"configs/specee.py: unknown arg {arg!r}; use smollm2 or smoke")
     return c
@@ -68,6 +72,7 @@ def validate(c):
         v.int(key, lo=1)
     v.int("decode.latency_prompts", lo=0)
     v.str("drafter.workdir", nonempty=False)
+    v.choice("decode.head_check", ("auto", "cond", "always"))
     v.float("drafter.lr", 0.0, 1.0, lo_open=True)
     v.float("predictor.lr", 0.0, 1.0, lo_open=True)
     v.float("predictor.threshold", 0.0, 1.0)

@@ -168,7 +168,8 @@ def simulate(pred, feats_SxMxF, f: dict, schedule, threshold: float) -> dict:
 def decode_run(model, adapter, pred, prompt_BxP, cfg, schedule):
     dc, d = cfg.decode, cfg.drafter
     lengths = jnp.full((prompt_BxP.shape[0],), prompt_BxP.shape[1], jnp.int32)
-    f = specee.decode_fn(model.graphdef, dc.new_tokens, exit_layer=d.exit_layer, schedule=tuple(schedule), k=d.k)
+    f = specee.decode_fn(model.graphdef, dc.new_tokens, exit_layer=d.exit_layer, schedule=tuple(schedule), k=d.k,
+                         head_check=dc.head_check)
     return common.timed(f, model.params, adapter, pred, jnp.asarray(prompt_BxP), lengths)
 
 
@@ -217,6 +218,7 @@ def decode(cfg, args, model, adapter, preds, offline, schedules):
     ref, greedy_s, _ = common.greedy_decode(model, test_p, dc.new_tokens)
     ref1_s = sum(common.greedy_decode(model, test_p[i:i + 1], dc.new_tokens)[1] for i in range(dc.latency_prompts))
     print(f"full depth: batch {b} {greedy_s:.2f} s; batch 1 x {dc.latency_prompts} prompts {ref1_s:.2f} s")
+    head_check = specee.model_head_check(nnx.merge(model.graphdef, model.params), dc.head_check)   # at batch 1
     rows = [{"method": "full depth (plain greedy)", "schedule": "", "predictors": 0, "agreement": 1.0,
              "rows_identical": 1.0, "mean_layers": float(n), "batch_layers": float(n), "preds_per_token": 0.0,
              "seconds": greedy_s, "wall_speedup": 1.0, "b1_seconds": ref1_s or None, "b1_wall_speedup": 1.0 if ref1_s else None,
@@ -232,7 +234,10 @@ def decode(cfg, args, model, adapter, preds, offline, schedules):
             if method == "SpecEE" and dc.latency_prompts else None
         mean_layers = float(np.mean(exits + 1))
         preds_tok = float(np.mean(np.asarray(out.preds_BxG)[:, 1:]))
-        full_heads = offline[name]["full_head_per_token"] if method == "SpecEE" else 1.0
+        if head_check == "always":   # a full head at every scheduled layer reached, and at the last layer
+            full_heads = preds_tok + float(np.mean(exits == n - 1))
+        else:                        # only where a predictor passed (offline), and at the last layer
+            full_heads = offline[name]["full_head_per_token"] if method == "SpecEE" else 1.0
         cost = specee.cost_per_token(model.cfg, exit_layer=d.exit_layer, k=d.k, hidden=cfg.predictor.hidden,
                                      mean_layers=mean_layers, mean_preds=preds_tok, mean_full=full_heads)
         rows.append({"method": method, "schedule": name, "predictors": len(sched),
@@ -244,6 +249,7 @@ def decode(cfg, args, model, adapter, preds, offline, schedules):
                          layers=d.exit_layer + mean_layers, heads=1.0 + full_heads, drafter=1.0,   # adapter, head;
                          predictors=preds_tok, predictor_params=cost["predictor_per_eval"])).value,  # every predictor
                      "cost_model": "cost model (roofline, H200 calibrated 2026-12-04), batch 1",
+                     "head_check": head_check,
                      "compile_s": compile_s, "cost_params": cost})
         hists[f"{method} {name}"] = np.bincount(exits.reshape(-1), minlength=n).tolist()
         print(f"{method} {name}: agreement {rows[-1]['agreement']:.3f}, layers {mean_layers:.2f}, wall "

@@ -108,12 +108,12 @@ def test_specee_adds_nothing_to_its_target_step(setup):
         assert whole.host_stops(trips=trips) == (G - 1) * step.host_stops(trips=trips)
 
 
-@pytest.mark.parametrize("head_check, per_exit", [("cond", 2), ("always", 1)])
+@pytest.mark.parametrize("head_check, per_exit", [("cond", 2), ("always", 1), ("auto", 1)])
 def test_specee_target_step_has_no_loop_and_its_stops_per_scheduled_exit(setup, head_check, per_exit):
     """``kv.propagating`` (the decode executor): no data-dependent loop, a ``lax.cond`` per scheduled exit decision
     and, with ``head_check="cond"``, one per scheduled layer's full-head check (run only when some predictor
     passes); ``"always"`` runs that head without a conditional, so the decision is the only stop of a decision point
-    (issue 20's budget). The last layer's full head runs in the last stage with no conditional of its own. With the
+    (issue 20's budget); the default ``"auto"`` is ``"always"`` at this shape (a head cheaper than a stop). The last layer's full head runs in the last stage with no conditional of its own. With the
     predictor forced to 0 every one is evaluated: ``per_exit`` x S per token. The masked executor it replaced had a
     while loop over the exits and a segment loop."""
     gd, params, prompt, lengths = setup

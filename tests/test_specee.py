@@ -83,3 +83,24 @@ def test_predictor_forced_to_zero_equals_full_depth(setup):
     np.testing.assert_array_equal(np.asarray(out.tokens_BxG), np.asarray(ref))
     assert (np.asarray(out.exit_layer_BxG) == CFG.depth - 1).all()
     assert (np.asarray(out.preds_BxG)[:, 1:] == len(SCHEDULE)).all()
+
+
+def test_auto_head_check_asks_the_cost_model():
+    """``"auto"`` runs the full head at every decision point where the calibrated H200 roofline predicts it cheaper
+    than a host stop (a small head, few rows), under a cond where it is dearer (a Llama-7B-sized head, or SmolLM2's
+    at batch 128); ``"cond"`` / ``"always"`` are kept as asked; a policy refuses an unresolved mode."""
+    assert specee.resolve_head_check(CFG, batch=len(PROMPTS)) == "always"
+    smol = lm.LMConfig(vocab_size=49152, d_model=576, depth=30, num_heads=9, num_kv_heads=3, mlp_dim=1536,
+                       mlp="swiglu", dtype="bfloat16")
+    assert specee.resolve_head_check(smol, batch=1) == "always"
+    assert specee.resolve_head_check(smol, batch=128) == "cond"
+    llama_head = lm.LMConfig(vocab_size=32000, d_model=4096, depth=2, num_heads=32, mlp_dim=11008, dtype="bfloat16")
+    assert specee.resolve_head_check(llama_head, batch=1) == "cond"
+    for mode in ("cond", "always"):
+        assert specee.resolve_head_check(llama_head, mode) == mode
+    with pytest.raises(ValueError, match="head_check='sometimes'"):
+        specee.resolve_head_check(CFG, "sometimes")
+    policy = specee.SpecEEPolicy(specee.init_predictors(jax.random.key(0), 1, K), jnp.zeros((1, K), jnp.int32),
+                                 lambda x: x, head_check="auto")
+    with pytest.raises(ValueError, match="resolve_head_check"):
+        policy.decide(None, None, 0)

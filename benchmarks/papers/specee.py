@@ -10,9 +10,11 @@ CPU run (experiments/results/specee-smollm2/specee.json, the "SpecEE static" row
 defaults (schedule of 6 layers, 80% of the layers, 4 predictor evaluations per token).
 
 Rows per batch: ``greedy`` (plain full-depth greedy), ``specee_forced0`` (the SpecEE loop with every predictor
-forced to 0: full depth + the drafter + every scheduled predictor: the overhead), ``specee_forced0_head_always``
-(the same with ``head_check="always"``: the full head at every scheduled layer, one host stop per decision point
-instead of two), ``specee_executed`` (random predictors around 0.5: the loop as it runs), and ``specee_estimate``: seconds per token composed from the measured
+forced to 0, ``head_check="cond"`` as in the 2026-12-04 baseline: full depth + the drafter + every scheduled
+predictor: the overhead), ``specee_forced0_head_always`` (the same with ``head_check="always"``: the full head at
+every scheduled layer, one host stop per decision point instead of two); every SpecEE row names the mode the
+library's default ``"auto"`` picks at its batch (``head_check_auto``, from the cost model), so the two rows say
+whether that pick was right on this GPU; ``specee_executed`` (random predictors around 0.5: the loop as it runs), and ``specee_estimate``: seconds per token composed from the measured
 times, ``t_draft + (mean_layers / N) * t_greedy + (preds_per_token / S) * t_predictors`` with ``t_predictors =
 t_forced0 - t_greedy - t_draft`` (per token). Compile excluded (AOT, one warm-up call), blocked until ready.
 
@@ -90,13 +92,14 @@ def run(size: str, budget_s: float, log) -> list[dict]:
         prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, spec["prompt"])), jnp.int32)
         lengths = jnp.full((b,), spec["prompt"], jnp.int32)
         base = {"paper": PAPER, "batch": b, "new_tokens": new, "size": size, "dtype": spec["dtype"], "l": l, "k": k,
-                "schedule": list(sched)}
+                "schedule": list(sched), "head_check_auto": specee.resolve_head_check(
+                    cfg, batch=b, dtype=spec["dtype"])}
         pg, pf = {}, {}
         _, t_greedy = time_profiled(per_token.decode_fn(gd, per_token.full_depth_step, new), params, prompt, lengths,
                             profile=pg)
         rows.append({**base, "variant": "greedy", "seconds": t_greedy, "tokens_per_s": b * new / t_greedy,
                      "host_stops": pg["prof"].host_stops(per=new)})
-        f = specee.decode_fn(gd, new, exit_layer=l, schedule=sched, k=k)
+        f = specee.decode_fn(gd, new, exit_layer=l, schedule=sched, k=k, head_check="cond")
         out0, t_f0 = time_profiled(f, params, adapter, forced0, prompt, lengths, profile=pf)
         trips = (len(sched) + 1.0, depth / (len(sched) + 1.0))
         stops = pf["prof"].host_stops(trips=trips, per=new)

@@ -11,11 +11,15 @@ is above 0.5 **and** the full LM head at that layer puts its argmax on one of th
 then that argmax.
 
 When the full head runs (``head_check``) trades a host round trip against one read of the vocabulary matrix:
-``"cond"`` (default, the paper's saving) computes it only when some row's score passes, so a decision point costs
-two host stops on a GPU (that ``lax.cond`` and the executor's "is any row left?"); ``"always"`` computes it at every
-scheduled layer reached, one host stop per decision point. At decode batch sizes the head is memory-bound (SmolLM2:
-V x D = 49152 x 576 bf16, 57 MB, about 12 us of H200 bandwidth), the same order as a round trip, so which wins is a
-GPU measurement (``benchmarks/papers/specee.py`` times both); the cost model counts the heads each one runs. Rows that never fire leave at the last layer with
+``"cond"`` (the paper's saving) computes it only when some row's score passes, so a decision point costs two host
+stops on a GPU (that ``lax.cond`` and the executor's "is any row left?"); ``"always"`` computes it at every scheduled
+layer reached, one host stop per decision point. ``"auto"`` (default, ``resolve_head_check``) asks the roofline
+cost model (``eejax.exits.costs``, the calibrated H200 unless another device is named) which is cheaper at the
+model's shape and batch: ``"always"`` when one full head is predicted to take less than one host stop, else
+``"cond"``. On the calibrated H200 a SmolLM2-135M head (V x D = 49152 x 576 bf16, 57 MB) is about 19 us against a
+23 us stop up to batch 32, so ``"auto"`` is ``"always"`` there and ``"cond"`` at batch 128 or for a Llama-7B-sized
+head (``benchmarks/papers/specee.py`` times both on the GPU). Decisions and tokens are the same in every mode
+(tested); the cost model counts the heads each one runs. Rows that never fire leave at the last layer with
 the full head. So the output is near-lossless, not lossless: an exited token may differ from the full model's.
 
 K/V of exited tokens at deeper layers (the PAPERS.md red flag: SpecEE's ``AutoEE/Pure`` never writes them): CALM's
@@ -39,7 +43,7 @@ from flax import nnx
 from eejax import checks
 from eejax.decoding import kangaroo as kg
 from eejax.decoding import kv as kv_lib
-from eejax.exits import engine
+from eejax.exits import costs, engine
 from eejax.models.lm import DecoderLM
 
 
@@ -105,7 +109,29 @@ class SpecEEState(NamedTuple):
     final_tok_B: jax.Array  # the full head's argmax at the last layer, for the rows that reach it (else -1)
 
 
-HEAD_CHECKS = ("cond", "always")
+HEAD_CHECKS = ("auto", "cond", "always")
+
+
+def resolve_head_check(cfg, head_check: str = "auto", *, batch: int = 1, device="h200", dtype=None) -> str:
+    """``"cond"`` or ``"always"`` for a ``head_check`` (module docstring). ``"auto"``: ``"always"`` when the roofline
+    cost model (``costs.decode_time``, eejax's decoder as it is now: cache in the compute dtype) predicts one full
+    head of ``cfg`` at ``batch`` rows on ``device`` to take no longer than one host stop there, else ``"cond"``
+    (whose head runs only when a predictor passes, at the price of a stop at every decision point). ``dtype``: the
+    head weights' (``target_step`` passes the model's); default ``cfg.dtype``, else float32."""
+    if head_check not in HEAD_CHECKS:
+        raise ValueError(f"head_check={head_check!r}: use one of {HEAD_CHECKS}")
+    if head_check != "auto":
+        return head_check
+    dev = costs.get_device(device)
+    head = costs.decode_time(cfg, costs.TokenCounts(layers=0.0, heads=1.0), batch=int(batch), device=dev,
+                             dtype=dtype or cfg.dtype or "float32", impl=costs.DecodeImpl(cache_dtype=None))
+    return "always" if head.time_s <= dev.stop_s else "cond"
+
+
+def model_head_check(model: DecoderLM, head_check: str = "auto", *, batch: int = 1, device="h200") -> str:
+    """``resolve_head_check`` for ``model`` (its config and its head weights' dtype) at ``batch`` rows."""
+    head_w = model.embed.embedding[...] if model.cfg.tie_embeddings else model.unembed.kernel[...]
+    return resolve_head_check(model.cfg, head_check, batch=batch, device=device, dtype=head_w.dtype)
 
 
 class SpecEEPolicy(NamedTuple):
@@ -119,7 +145,7 @@ class SpecEEPolicy(NamedTuple):
     full_head: object           # normed hidden B x D -> vocabulary logits B x V
     threshold: float = 0.5
     num_exits: int | None = None
-    head_check: str = "cond"
+    head_check: str = "always"   # "cond" or "always" (resolve_head_check resolves "auto")
 
     def init(self, probe, zero_B, h0=None):
         return SpecEEState(jnp.zeros(probe.logits_BxC.shape, jnp.float32) + zero_B[:, None], zero_B - 1)
@@ -129,6 +155,9 @@ class SpecEEPolicy(NamedTuple):
             tok_B = jnp.argmax(self.full_head(out.feat_BxD), -1).astype(jnp.int32)
             zero_B = jnp.zeros(tok_B.shape, jnp.float32)
             return zero_B > 0, zero_B, state._replace(final_tok_B=tok_B)
+        if self.head_check not in ("cond", "always"):
+            raise ValueError(f"SpecEEPolicy(head_check={self.head_check!r}): use 'cond' or 'always' "
+                             "(resolve_head_check turns 'auto' into one of them)")
         f, p = features(out.logits_BxC, state.prev_p_BxK)
         s_B = score(self.pred, jnp.minimum(e, self.pred.b2_S.shape[0] - 1), f)
         want_B = s_B > self.threshold
@@ -156,15 +185,14 @@ class StepOut(NamedTuple):
 
 def target_step(model: DecoderLM, tok_B, state: kv_lib.DecodeState, cand_BxK, pred: Predictors,
                 schedule: Sequence[int], threshold: float = 0.5,
-                head_check: str = "cond") -> tuple[StepOut, kv_lib.DecodeState]:
+                head_check: str = "auto") -> tuple[StepOut, kv_lib.DecodeState]:
     """One token per row through the target with SpecEE's exit policy on the decode executor
     (``kv.propagating``: one ``lax.cond`` per scheduled exit decision, the K/V of the layers no row reached filled
     from each row's frozen exit state in the branch where the batch stops). Host round trips per token on a GPU:
-    per scheduled layer reached the decision, and with ``head_check="cond"`` the full-head check (a cond, taken
-    only when some row's score passes); the last layer's full head runs in the last stage (reached only when some
-    row is left)."""
-    if head_check not in HEAD_CHECKS:
-        raise ValueError(f"head_check={head_check!r}: use one of {HEAD_CHECKS}")
+    per scheduled layer reached the decision, and when ``head_check`` resolves to ``"cond"`` (``resolve_head_check``,
+    at this batch) the full-head check (a cond, taken only when some row's score passes); the last layer's full
+    head runs in the last stage (reached only when some row is left)."""
+    head_check = model_head_check(model, head_check, batch=tok_B.shape[0])
     n = model.cfg.depth
     program = schedule_program(n, schedule)
     num_exits = program.num_exits
@@ -196,7 +224,7 @@ class _Token(NamedTuple):
 
 def decode(model: DecoderLM, adapter: dict, prompt_BxP, lengths_B, num_new: int, *, exit_layer: int,
            pred: Predictors, schedule: Sequence[int], k: int = 4, threshold: float = 0.5,
-           head_check: str = "cond") -> SpecEEOutputs:
+           head_check: str = "auto") -> SpecEEOutputs:
     """Greedy SpecEE decoding: per token the Kangaroo drafter (``kangaroo.drafter``: first ``exit_layer`` layers +
     adapter + head, its own KV cache) proposes its top-``k``, then the target runs with SpecEE's exit policy
     (``head_check``: module docstring)."""
@@ -242,7 +270,7 @@ def decode(model: DecoderLM, adapter: dict, prompt_BxP, lengths_B, num_new: int,
 
 
 def decode_fn(graphdef, num_new: int, *, exit_layer: int, schedule: Sequence[int], k: int = 4,
-              head_check: str = "cond"):
+              head_check: str = "auto"):
     """``jit``-ready ``f(params, adapter, pred, prompt_BxP, lengths_B)``."""
 
     def f(params, adapter, pred, prompt_BxP, lengths_B):
@@ -268,6 +296,6 @@ def cost_per_token(cfg, *, exit_layer: int, k: int, hidden: int, mean_layers: fl
             "predictor_per_eval": pred, "layer": c["layer"], "head": c["head"]}
 
 
-__all__ = ["HEAD_CHECKS", "Predictors", "init_predictors", "features", "logit", "score", "head_rows", "candidate_heads", "SpecEEState",
+__all__ = ["HEAD_CHECKS", "resolve_head_check", "model_head_check", "Predictors", "init_predictors", "features", "logit", "score", "head_rows", "candidate_heads", "SpecEEState",
            "SpecEEPolicy", "schedule_program", "StepOut", "target_step", "SpecEEOutputs", "decode", "decode_fn",
            "cost_per_token"]
