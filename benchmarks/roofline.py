@@ -41,7 +41,7 @@ STOPS_20CB676 = {
     "ffn skip per layer": 1.0,         # FFN-SkipLLM: a cond around every MLP half
 }
 GPT2 = dict(depth=12, d_model=768, num_heads=12, num_kv_heads=12, mlp_dim=3072, vocab_size=32000, mlp="gelu")
-SMOLLM2 = dict(depth=30, d_model=576, num_heads=9, num_kv_heads=3, mlp_dim=1536, vocab_size=49152, mlp="swiglu")
+SMOLLM2 = costs.SMOLLM2_135M._asdict()
 # cache slots per row of each paper module's gpu preset (prompt + new tokens; benchmarks/papers/*.py at 20cb676)
 PAPER_CACHE = {"ULS": 256, "FiRST": 256, "FFN-SkipLLM": 128, "Void-LAC": 128, "CEED-VLA": 128, "kangaroo": 96,
                "specee": 96, "greedy": 128, "LayerSkip": 128, "DEL": 128}

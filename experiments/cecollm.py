@@ -27,8 +27,7 @@ from experiments._common import Report, Run, experiment
 NAME = "cecollm"
 CLOUD_KV = split.CLOUD_KV
 # The projection's decoder shape: SmolLM2-135M (30 layers, d=576, 9 / 3 heads, SwiGLU 1536, vocabulary 49,152).
-SMOLLM2_SHAPE = costs.LMShape(depth=30, d_model=576, num_heads=9, num_kv_heads=3, mlp_dim=1536, vocab_size=49152,
-                              mlp="swiglu")
+SMOLLM2_SHAPE = costs.SMOLLM2_135M
 
 
 @functools.lru_cache(maxsize=None)   # one function object per setting, so the Decoder compiles it once

@@ -22,11 +22,10 @@ import subprocess
 import sys
 
 from eejax.eval import report
+from eejax.exits import costs
 from experiments import _common_smollm2 as ss
 
-# SmolLM2-135M (the GGUF's header: 30 layers, D=576, 9 query / 3 KV heads, SwiGLU 1536, vocabulary 49,152, tied)
-SMOLLM2_135M = dict(depth=30, d_model=576, num_heads=9, num_kv_heads=3, mlp_dim=1536, vocab_size=49152,
-                    mlp="swiglu")
+SMOLLM2_135M = costs.SMOLLM2_135M
 AS_RUN = ("speedup_cost_cpu", "speedup_cost_gpu")
 MEASURED_COLS = ("drafter", "exits", "mean_draft_layers", "mean_k", "acceptance", "tokens_per_verify", "seconds",
                  "tokens_per_s", "speedup_measured", "speedup_cost_cpu", "speedup_cost_h200",
@@ -56,7 +55,7 @@ def _keep_as_run(row: dict) -> None:
 
 def recompute(results: dict) -> dict:
     """The results with every cost column recomputed (in place), the fit re-chosen under the new models."""
-    if results.get("model_depth") != SMOLLM2_135M["depth"]:
+    if results.get("model_depth") != SMOLLM2_135M.depth:
         raise ValueError(f"model_depth={results.get('model_depth')}: this recomputation knows SmolLM2-135M (30 "
                          "layers) only")
     dc = results["config"]["decode"]

@@ -22,7 +22,7 @@ from eejax.decoding import kangaroo as kg
 from eejax.decoding import specee
 from eejax.errors import ConfigError
 from eejax.eval import report as report_lib
-from eejax.exits import costs, engine
+from eejax.exits import engine
 from eejax.harness import results as result_files
 from eejax.models import lm as lm_lib
 from eejax.train import ArrayIterator, Trainer, one_device_mesh, read_metrics
@@ -222,7 +222,7 @@ def decode(cfg, args, model, adapter, preds, offline, schedules):
     rows = [{"method": "full depth (plain greedy)", "schedule": "", "predictors": 0, "agreement": 1.0,
              "rows_identical": 1.0, "mean_layers": float(n), "batch_layers": float(n), "preds_per_token": 0.0,
              "seconds": greedy_s, "wall_speedup": 1.0, "b1_seconds": ref1_s or None, "b1_wall_speedup": 1.0 if ref1_s else None,
-             "cost_speedup": 1.0}]
+             "host_stops_per_token": 0.0, "cost_speedup": 1.0}]
     hists = {}
     chk = specee.Predictors(*preds["all"])._replace(b2_S=jnp.full_like(preds["all"].b2_S, -1e9))
     runs = [("SpecEE", name, preds[name], sched) for name, sched in schedules.items()] + \
@@ -245,10 +245,12 @@ def decode(cfg, args, model, adapter, preds, offline, schedules):
                      "mean_layers": mean_layers, "batch_layers": float(np.mean(np.asarray(out.layers_run_G)[1:])),
                      "preds_per_token": preds_tok, "seconds": seconds, "wall_speedup": greedy_s / seconds,
                      "b1_seconds": b1, "b1_wall_speedup": ref1_s / b1 if b1 else None,
-                     "cost_speedup": costs.predicted_speedup(model.cfg, costs.TokenCounts(   # the drafter's l layers,
-                         layers=d.exit_layer + mean_layers, heads=1.0 + full_heads, drafter=1.0,   # adapter, head;
-                         predictors=preds_tok, predictor_params=cost["predictor_per_eval"])).value,  # every predictor
-                     "cost_model": "cost model (roofline, H200 calibrated 2026-12-04), batch 1",
+                     "cost_speedup": specee.predicted_speedup(   # the drafter, every predictor, head and stop
+                         model.cfg, exit_layer=d.exit_layer, mean_layers=mean_layers, preds_per_token=preds_tok,
+                         full_heads=full_heads, predictor_params=cost["predictor_per_eval"],
+                         head_check=head_check).value,
+                     "cost_model": "cost model (roofline, H200 calibrated 2026-12-04), batch 1, host stops counted",
+                     "host_stops_per_token": specee.host_stops_per_token(head_check, preds_tok),
                      "head_check": head_check,
                      "compile_s": compile_s, "cost_params": cost})
         hists[f"{method} {name}"] = np.bincount(exits.reshape(-1), minlength=n).tolist()
@@ -281,10 +283,13 @@ def report(run, model, drafter_src, hist_train, static, schedules, offline, trai
                                for k, v in offline.items()],
                               ["schedule", "agreement", "mean_layers", "full_head_per_token",
                                "predictor_evals_per_token"], ".3f"),
-        "## Decoding (test prompts)",
+        "## Decoding (test prompts)\n\ncost_speedup: predicted H200 speed-up over greedy at batch 1 (cost model: "
+        "roofline, H200 calibrated 2026-12-04), counting the drafter, every predictor and full head, and the host "
+        f"stops (head_check {rows[-1].get('head_check')!r}: host_stops_per_token); a prediction, not a measurement.",
         report_lib.markdown_table(rows, ["method", "schedule", "predictors", "agreement", "rows_identical",
                                      "mean_layers", "batch_layers", "preds_per_token", "seconds", "wall_speedup",
-                                     "b1_seconds", "b1_wall_speedup", "cost_speedup"], ".3f"),
+                                     "b1_seconds", "b1_wall_speedup", "host_stops_per_token", "cost_speedup"],
+                                  ".3f"),
         "## Exit-layer histograms (test, generated tokens)",
         "\n".join(f"- {k}: {v}" for k, v in hists.items()),
     ])

@@ -201,3 +201,22 @@ def test_self_speculative_recomputation_reproduces_the_committed_columns():
     assert fit["speedup_cost_gpu_as_run"] == pytest.approx(1.003, abs=1e-3)
     assert 0.70 < fit["speedup_cost_h200_floor"] < 0.75 and fit["speedup_cost_h200"] < 1.0
     assert committed["cost_recomputed"]["commit"] and again["fit"]["recomputed"] == committed["fit"]["recomputed"]
+
+
+def test_specee_predictions_reproduce_the_committed_table():
+    """``experiments/specee_costs.py``: the committed predicted-H200 table is what the shared cost model gives for
+    the SpecEE run's committed counts, and it counts the host stops: under the run's ``"cond"`` two per predictor
+    evaluation, so the every-layer schedule (25.7 evaluations per token) is predicted far below the parameter
+    ratio the run reported (0.78)."""
+    from experiments import specee_costs
+
+    folder = ROOT / "experiments" / "results" / "specee-smollm2"
+    committed = json.loads((folder / "predicted_h200.json").read_text())["rows"]
+    again = specee_costs.predict(json.loads((folder / "specee.json").read_text()))
+    assert [r["head_check"] for r in again] == [r["head_check"] for r in committed]
+    for new, old in zip(again, committed, strict=True):
+        assert [new[c] for c in ("predicted_h200", "floor_h200_spec", "host_stops_per_token")] == pytest.approx(
+            [old[c] for c in ("predicted_h200", "floor_h200_spec", "host_stops_per_token")], rel=1e-9)
+    every = next(r for r in again if r["schedule"] == "all" and r["method"] == "SpecEE" and "as run" in r["head_check"])
+    assert every["host_stops_per_token"] == pytest.approx(2 * every["preds_per_token"])
+    assert every["predicted_h200"] < 0.7 * every["as_run_param_ratio"]

