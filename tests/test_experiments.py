@@ -35,7 +35,7 @@ def _run(paper, tmp_path, shared, *extra):
 
 
 # Scripts in experiments/ that are tools over committed results, not papers (no config, no smoke run).
-TOOLS = {"intervals", "backfill_provenance", "self_speculative_costs", "specee_costs"}
+TOOLS = {"intervals", "backfill_provenance", "self_speculative_costs", "predicted_h200"}
 
 
 def test_every_experiment_has_a_smoke_variant_and_a_check():
