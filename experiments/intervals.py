@@ -22,7 +22,6 @@ The numbers in the tables are the JSONs' (nothing is typed in); the README quote
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pathlib
 from collections.abc import Callable
@@ -334,11 +333,7 @@ def write(folder: str, base: results.Provenance) -> pathlib.Path:
     name, fn = FOLDERS[folder]
     path = RESULTS / folder / name
     prov = base._replace(inputs=[])
-    data = json.loads(path.read_text())
-    src = data.get("provenance", {})
-    art = results.record_input(prov, path, "the committed result this table recomputes from",
-                               producer={k: src.get(k, results.NOT_RECORDED) for k in ("commit", "command", "date")})
-    prov.inputs[-1] = art._replace(path=path.relative_to(ROOT).as_posix())   # the repository path, not this disk's
+    data = results.read_result_input(prov, path, "the committed result this table recomputes from", root=ROOT)
     sections = fn(data)
     md = "\n\n".join(
         [f"# Intervals of the comparisons in `{folder}/README.md`", prov.markdown(),

@@ -25,7 +25,6 @@ counted. Predictions, not measurements.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 from collections.abc import Callable
 
@@ -121,14 +120,7 @@ def write(folder: str, base: results.Provenance, root: pathlib.Path = RESULTS) -
     name, fn, note = FOLDERS[folder]
     path = root / folder / name
     prov = base._replace(inputs=[])
-    data = json.loads(path.read_text())
-    src = data.get("provenance", {})
-    art = results.record_input(prov, path, "the committed result these predictions are computed from",
-                               producer={k: src.get(k, results.NOT_RECORDED) for k in ("commit", "command", "date")})
-    try:
-        prov.inputs[-1] = art._replace(path=path.resolve().relative_to(ROOT).as_posix())
-    except ValueError:   # a folder outside the repository keeps its own path
-        pass
+    data = results.read_result_input(prov, path, "the committed result these predictions are computed from", root=ROOT)
     rows = fn(data)
     md = "\n\n".join([f"# {folder}: predicted H200 speed-ups from the committed counts", prov.markdown(),
                        f"Computed by `experiments/predicted_h200.py` from `{name}` (no model run). {NOTE} {note}",

@@ -47,6 +47,26 @@ def test_a_file_without_a_record_says_so_and_a_replaced_file_is_refused(tmp_path
         results.record_input(prov, plain, "features")
 
 
+def test_a_result_json_read_as_input_names_its_own_producer(tmp_path):
+    """``read_result_input``: a committed result another run wrote is recorded with its sha256 and, as producer,
+    the commit / command / date of its own provenance; the path is relative to the repository root when inside."""
+    repo = tmp_path / "repo"
+    (repo / "results").mkdir(parents=True)
+    src = repo / "results" / "run.json"
+    src.write_text(json.dumps({"provenance": {"commit": "abc1234", "command": "python -m x", "date": "d"},
+                               "rows": [1]}))
+    prov = results.provenance("experiments.tool", [])
+    data = results.read_result_input(prov, src, "the run", root=repo)
+    assert data["rows"] == [1]
+    (rec,) = prov.inputs
+    assert (rec.path, rec.producer_commit, rec.producer_command) == ("results/run.json", "abc1234", "python -m x")
+    assert rec.sha256 == results.sha256_of(src)
+    other = tmp_path / "elsewhere.json"
+    other.write_text("{}")
+    results.read_result_input(prov, other, "no provenance", root=repo)
+    assert prov.inputs[-1].path == str(other) and prov.inputs[-1].producer_commit == results.NOT_RECORDED
+
+
 def test_directory_hash_changes_with_any_file(tmp_path):
     d = tmp_path / "ckpt"
     (d / "sub").mkdir(parents=True)

@@ -270,6 +270,23 @@ def recover_results(outdir: str | os.PathLike) -> None:
             shutil.rmtree(stage, ignore_errors=True)
 
 
+def read_result_input(prov: Provenance, path: str | os.PathLike, role: str, *,
+                      root: str | os.PathLike | None = None) -> dict:
+    """Reads a result JSON another run wrote and records it in ``prov.inputs`` (``record_input``): its sha256 and,
+    as its producer, the commit / command / date of its own provenance. The recorded path is relative to ``root``
+    (the repository) when the file lies inside it."""
+    path = pathlib.Path(path)
+    data = json.loads(path.read_text())
+    src = data.get("provenance", {})
+    art = record_input(prov, path, role, producer={k: src.get(k, NOT_RECORDED) for k in ("commit", "command", "date")})
+    if root is not None:
+        try:
+            prov.inputs[-1] = art._replace(path=path.resolve().relative_to(pathlib.Path(root).resolve()).as_posix())
+        except ValueError:   # outside the repository: its own path
+            pass
+    return data
+
+
 def write_pair(directory: str | os.PathLike, name: str, table_md: str, data_json: Any) -> ResultFiles:
     """Writes ``directory/name.md`` and ``name.json`` (each atomically), replacing whatever is there."""
     directory = pathlib.Path(directory)
