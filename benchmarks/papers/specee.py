@@ -14,8 +14,8 @@ forced to 0, ``head_check="cond"`` as in the 2026-12-04 baseline: full depth + t
 predictor: the overhead), ``specee_forced0_head_always`` (the same with ``head_check="always"``: the full head at
 every scheduled layer, one host stop per decision point instead of two); every SpecEE row names the mode the
 library's default ``"auto"`` picks at its batch (``head_check_auto``, from the cost model), so the two rows say
-whether that pick was right on this GPU; ``specee_executed`` (random predictors around 0.5: the loop as it runs), and ``specee_estimate``: seconds per token composed from the measured
-times, ``t_draft + (mean_layers / N) * t_greedy + (preds_per_token / S) * t_predictors`` with ``t_predictors =
+whether that pick was right on this GPU; ``specee_executed`` (random predictors around 0.5: the loop as it
+runs), and ``specee_estimate``: seconds per token composed from the measured times, ``t_draft + (mean_layers / N) * t_greedy + (preds_per_token / S) * t_predictors`` with ``t_predictors =
 t_forced0 - t_greedy - t_draft`` (per token). Compile excluded (AOT, one warm-up call), blocked until ready.
 
 Host stops per generated token (``eejax.exits.hlo``, from each executed row's compiled program): greedy 0; the

@@ -124,7 +124,8 @@ def resolve_head_check(cfg, head_check: str = "auto", *, batch: int = 1, device=
         return head_check
     dev = costs.get_device(device)
     head = costs.decode_time(cfg, costs.TokenCounts(layers=0.0, heads=1.0), batch=int(batch), device=dev,
-                             dtype=dtype or getattr(cfg, "dtype", None) or "float32", impl=costs.DecodeImpl(cache_dtype=None))
+                             dtype=dtype or getattr(cfg, "dtype", None) or "float32",
+                             impl=costs.DecodeImpl(cache_dtype=None))
     return "always" if head.time_s <= dev.stop_s else "cond"
 
 
@@ -317,6 +318,7 @@ def cost_per_token(cfg, *, exit_layer: int, k: int, hidden: int, mean_layers: fl
             "predictor_per_eval": pred, "layer": c["layer"], "head": c["head"]}
 
 
-__all__ = ["HEAD_CHECKS", "resolve_head_check", "model_head_check", "Predictors", "init_predictors", "features", "logit", "score", "head_rows", "candidate_heads", "SpecEEState",
-           "SpecEEPolicy", "schedule_program", "StepOut", "target_step", "SpecEEOutputs", "decode", "decode_fn",
-           "cost_per_token", "host_stops_per_token", "predicted_speedup"]
+__all__ = ["HEAD_CHECKS", "resolve_head_check", "model_head_check", "Predictors", "init_predictors", "features",
+           "logit", "score", "head_rows", "candidate_heads", "SpecEEState", "SpecEEPolicy", "schedule_program",
+           "StepOut", "target_step", "SpecEEOutputs", "decode", "decode_fn", "cost_per_token",
+           "host_stops_per_token", "predicted_speedup"]
