@@ -170,8 +170,8 @@ def kangaroo(data: dict) -> list[Section]:
     conf, acc = [], []
     rows = {(x["drafter"], x["l"], x["eta"]): x for x in data["rows"] if x["l"] is not None}
     for key, (acc_h, rej_h) in data["conf_hist"].items():
-        drafter, l_txt, eta_txt = key.split()
-        l, eta = int(l_txt[2:]), float(eta_txt[4:])
+        drafter, l_txt, _ = key.split()   # "<drafter> l=<l> eta=<eta>"
+        l = int(l_txt[2:])
         a, r = bootstrap.expand_histogram(acc_h, centres), bootstrap.expand_histogram(rej_h, centres)
         d = bootstrap.bootstrap_difference(a, r)
         conf.append(_row(f"{key}: accepted - first rejected", float(a.mean()), float(r.mean()), d,

@@ -193,8 +193,7 @@ def _reference_decode(model, clf, prompt_P, force_G, exit_layer_G, mode):
     gstates = [jax.tree.map(lambda s, e=e: s[e], clf.empty_state(1)) for e in range(cfg.num_exits - 1)]
     exit_of = list(cfg.exit_of_layer)
 
-    def token(tok, k):
-        nonlocal states, gstates
+    def token(tok, k):   # states / gstates are updated in place
         h = model.embed_tokens(jnp.asarray([tok]))
         frozen = None
         for l in range(cfg.depth):
