@@ -299,19 +299,10 @@ class Unrolled(NamedTuple):
         def step(s, h, aux, run_B):
             l = int(layer_S[s]) if static_layers and isinstance(s, int) else jnp.asarray(layer_S)[s]
             layer = nnx.merge(layer_def, jax.tree.map(lambda p: p[l], stacked))
-            sub_B = None
-            if program.row_sub_SxB is not None:
-                sub_B = jnp.asarray(program.row_sub_SxB)[s]
-            elif program.sub_S is not None:
-                sub_B = jnp.broadcast_to(jnp.asarray(program.sub_S)[s], run_B.shape)
-            if sub_B is not None:
-                run_B = run_B & (sub_B > 0)
-            ffn_B = None if program.ffn_SxB is None else jnp.asarray(program.ffn_SxB)[s]
-            ctx = engine.StepCtx(jnp.int32(s) if isinstance(s, int) else s, l, jnp.asarray(program.repeat_S)[s],
-                                 sub_B, aux, run_B, ffn_B)
+            ctx = engine.step_ctx(program, s, l, aux, run_B, step=jnp.int32(s) if isinstance(s, int) else s)
             res = layer_fn(layer, h, ctx)
             new_h, aux = res if has_aux else (res, aux)
-            return engine.where_rows(run_B, new_h, h), aux
+            return engine.where_rows(ctx.run_B, new_h, h), aux
 
         def segment(e, h, aux, run_B):
             start, end = (0 if e == 0 else int(ends_E[e - 1])), int(ends_E[e])

@@ -133,6 +133,22 @@ def call_layer(layer: nnx.Module, h, ctx: StepCtx):
     return where_rows((sub_B & MLP) > 0, mlp_step(layer, h, ctx), h)
 
 
+def step_ctx(program: "Program", s, l, aux, run_B: jax.Array, *, step=None) -> StepCtx:
+    """The ``StepCtx`` of program step ``s`` (stored layer ``l``) for the rows ``run_B`` (``bool[B]``): the step's
+    sublayer bits (per row, or one value for every row), ``run_B`` narrowed to the rows whose bits are set, the
+    step's repeat index and its FFN route. ``step``: the step index the layer function sees (default ``s``). Every
+    executor (this module's ``_Runner``, ``kv.Unrolled``) builds its steps' context here."""
+    sub_B = None
+    if program.row_sub_SxB is not None:
+        sub_B = jnp.asarray(program.row_sub_SxB)[s]
+    elif program.sub_S is not None:
+        sub_B = jnp.broadcast_to(jnp.asarray(program.sub_S)[s], run_B.shape)
+    if sub_B is not None:
+        run_B = run_B & (sub_B > 0)
+    ffn_B = None if program.ffn_SxB is None else jnp.asarray(program.ffn_SxB)[s]
+    return StepCtx(s if step is None else step, l, jnp.asarray(program.repeat_S)[s], sub_B, aux, run_B, ffn_B)
+
+
 def mlp_step(layer, h, ctx: StepCtx):
     """The MLP half of a step: the layer's ``mlp_half``, or under an FFN route (``ctx.ffn_B``, ``ffn_route``) the
     variant each row / token chose (``layer.mlp_routed``). Every layer function that runs MLP halves (this
@@ -427,19 +443,12 @@ class _Runner(NamedTuple):
         p = self.program
         l = jnp.asarray(p.layer_S)[s]
         layer = nnx.merge(self.layer_def, jax.tree.map(lambda x: x[l], self.stacked))
-        sub_B = None
-        if p.row_sub_SxB is not None:
-            sub_B = jnp.asarray(p.row_sub_SxB)[s]
-        elif p.sub_S is not None:
-            sub_B = jnp.broadcast_to(jnp.asarray(p.sub_S)[s], (_batch(h),))
-        if sub_B is not None:
-            run_B = run_B & (sub_B > 0)
-        ffn_B = None if p.ffn_SxB is None else jnp.asarray(p.ffn_SxB)[s]
-        res = self.layer_fn(layer, h, StepCtx(s, l, jnp.asarray(p.repeat_S)[s], sub_B, aux, run_B, ffn_B))
+        ctx = step_ctx(p, s, l, aux, run_B)
+        res = self.layer_fn(layer, h, ctx)
         new_h, aux = res if self.has_aux else (res, aux)
         if freeze:
-            return where_rows(run_B, new_h, h), aux
-        return (new_h if sub_B is None else where_rows(sub_B > 0, new_h, h)), aux
+            return where_rows(ctx.run_B, new_h, h), aux
+        return (new_h if ctx.sub_B is None else where_rows(ctx.sub_B > 0, new_h, h)), aux
 
     def segment(self, e, h, aux, run_B, length: int | None = None, freeze: bool = True):
         """The steps between exit ``e - 1`` and exit ``e``. ``length``: their number, when it is static (the same
@@ -1107,8 +1116,8 @@ def take_exit(x_ExB_: jax.Array, exit_B: jax.Array) -> jax.Array:
 __all__ = ["ATTN", "MLP", "FULL", "FFN_SKIP", "FFN_SMALL", "FFN_BIG", "FFN_VARIANTS", "HeadOut", "ExitOutputs",
            "StackedExits", "DynamicOutputs", "StepCtx", "Program", "LoopCarry", "BufferCarry", "RowResults", "Masked",
            "BucketCascade", "Compacted", "ExitRun", "exit_runs", "Scores", "IndexedHeads", "stack_heads",
-           "head_program", "HEAD_KINDS", "call_layer", "mlp_step", "select_variant", "prefix", "sequence", "repeat",
-           "row_skip", "mlp_skip", "ffn_route", "rows_of", "per_row", "stage_path", "check_stage_path",
+           "head_program", "HEAD_KINDS", "call_layer", "step_ctx", "mlp_step", "select_variant", "prefix", "sequence",
+           "repeat", "row_skip", "mlp_skip", "ffn_route", "rows_of", "per_row", "stage_path", "check_stage_path",
            "check_exit_steps", "ExitSpec", "exit_layers_from", "check_exits", "check_h0", "check_program",
            "num_layers_of", "where_rows", "mask_like", "zeros_from", "exit_check", "default_buckets", "check_buckets",
            "run", "Simulated", "simulate", "run_layers", "REMAT_POLICIES", "remat_policy", "remat_step", "scan_exits",
